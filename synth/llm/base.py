@@ -9,18 +9,36 @@ Conventions every backend honours:
   that message instead of opening a new turn (hf: `continue_final_message=True`; vLLM / vLLM-serve:
   `add_generation_prompt=False, continue_final_message=True`);
 - `params` is one SamplingParams for the whole batch or one per request;
-- the result has one list per request, each with exactly `n` Completions, in request order.
+- the result has one list per request, each with exactly `n` Completions, in request order;
+- with a seed, sample i is drawn with seed `sample_seed(seed, i)` (see below), so results do not depend
+  on batching, on n, or on which samples the call cache already holds;
+- backends expose `stats: CallStats` (not part of the Protocol, so test fakes need not have it) and
+  `identity: dict` (what the call cache keys on: kind, model, revision, adapter, template).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from synth.records import Completion, Message, TokenLogprob
 
-__all__ = ["Completion", "Message", "TokenLogprob", "SamplingParams", "LLM", "Request", "as_params_list"]
+__all__ = [
+    "Completion",
+    "Message",
+    "TokenLogprob",
+    "SamplingParams",
+    "LLM",
+    "Request",
+    "as_params_list",
+    "BackendError",
+    "CallStats",
+    "sample_seed",
+    "split_seeded",
+    "settings_from_config",
+]
 
 Request = Sequence[Message]
 
@@ -77,7 +95,12 @@ def is_prefill(request: Request) -> bool:
 
 @dataclass
 class CallStats:
-    """Counters a backend keeps; the pipeline copies them into manifest.json."""
+    """Counters a backend keeps (as its `stats` attribute); the pipeline copies them into manifest.json.
+
+    `requests` counts requests handed to `generate`, `calls` the `generate` calls, `retries` every retried
+    HTTP attempt with its reason in `retries_by_reason` ("429", "5xx", "timeout", "connection",
+    "malformed"), `errors` requests that failed for good by reason, `cache_hits` samples served by the
+    call cache without a backend call."""
 
     requests: int = 0
     completions: int = 0
@@ -85,3 +108,74 @@ class CallStats:
     completion_tokens: int = 0
     retries: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    calls: int = 0
+    retries_by_reason: dict[str, int] = field(default_factory=dict)
+    cache_hits: int = 0
+
+    def count_retry(self, reason: str) -> None:
+        self.retries += 1
+        self.retries_by_reason[reason] = self.retries_by_reason.get(reason, 0) + 1
+
+    def count_error(self, reason: str) -> None:
+        self.errors[reason] = self.errors.get(reason, 0) + 1
+
+    def add_completions(self, groups: Sequence[Sequence[Completion]]) -> None:
+        for group in groups:
+            for c in group:
+                self.completions += 1
+                self.prompt_tokens += c.prompt_tokens
+                self.completion_tokens += c.completion_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class BackendError(RuntimeError):
+    """A backend failed for good (retries exhausted, server misconfigured). The message names the server,
+    the model and the last failure, never a credential. The runner loses the current chunk only."""
+
+
+# --- seeds ------------------------------------------------------------------------------------------
+# Contract every backend and the call cache share: sample i of a request with seed s is drawn as its
+# own n=1 sample with seed `sample_seed(s, i)`. Sample 0 keeps s itself, so a seeded n=1 request is
+# what users expect; later samples get a hashed seed (not s+i) so that runs with seeds 0, 1, 2 do not
+# share samples. Because a sample depends only on (request, params, seed, i), the cache can ask for
+# just the missing samples and still get exactly what a fresh run would have produced.
+
+
+def sample_seed(seed: int, index: int) -> int:
+    if index == 0:
+        return seed
+    digest = hashlib.sha256(f"rlaif-forge-sample:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def split_seeded(params: SamplingParams) -> list[SamplingParams]:
+    """One params per sample when a seed is set (n=1, seed=sample_seed(seed, i)); else [params]."""
+    if params.seed is None or params.n == 1:
+        return [params]
+    return [params.replace(n=1, seed=sample_seed(params.seed, i)) for i in range(params.n)]
+
+
+# --- config validation --------------------------------------------------------------------------------
+
+_S = TypeVar("_S")
+
+
+def settings_from_config(model_cls: type[_S], cfg: Mapping[str, Any], where: str) -> _S:
+    """Validate a backend's settings with its pydantic model (extra="forbid") and turn the first error
+    into ONE line that names the key and the valid keys, e.g.
+    `llm=hf: unknown key 'batchsize'; valid keys: adapter, batch_size, ...`."""
+    from pydantic import ValidationError
+
+    try:
+        return model_cls.model_validate(dict(cfg))  # type: ignore[attr-defined]
+    except ValidationError as exc:
+        valid = ", ".join(sorted(model_cls.model_fields))  # type: ignore[attr-defined]
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            msg = f"{where}: unknown key {key!r}; valid keys: {valid}"
+        else:
+            msg = f"{where}: {key}: {err['msg']} (got {err.get('input')!r}); valid keys: {valid}"
+        raise ValueError(msg) from None
