@@ -135,6 +135,18 @@ class UnpairedRecord(Record):
     provenance: Provenance = Field(default_factory=Provenance)
 
 
+class GenerationRecord(Record):
+    """`pipeline=generate` output: n completions for one prompt."""
+
+    id: str
+    prompt: list[Message]
+    completions: list[Completion]
+    model: str
+    category: str | None = None
+    meta: dict[str, Any] = Field(default_factory=dict)
+    provenance: Provenance = Field(default_factory=Provenance)
+
+
 class SourceItem(Record):
     """One input row from a source (`source=`): a conversation prefix ending with a user turn,
     optionally a preference pair, optionally a category label."""

@@ -1,0 +1,141 @@
+"""Crash-safe, exact-once output for pipelines.
+
+A pipeline processes its inputs in chunks. `ChunkWriter.commit` appends each finished chunk to the
+output files (`sft.jsonl`, `preferences.jsonl`, `trace.jsonl`, ...) with flush + fsync, and only THEN
+appends one line to the ledger `.progress.jsonl`: the chunk's input ids, every output file's size after
+the chunk, and the chunk's counters. The ledger line is the commit point:
+
+- a crash before it leaves bytes past the last committed size; on restart every output file is cut
+  back to its committed size (this also removes a torn last line), so the chunk is redone once;
+- a crash while writing the ledger line leaves a torn ledger line, which is detected and dropped
+  (the chunk is redone, and its output bytes are cut as above).
+
+So after a `kill -9` at any moment, rerunning the same command ends with every input id present
+exactly once. Counters are summed from the ledger, so the manifest is right across resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+LEDGER = ".progress.jsonl"
+
+
+def _dumps(row: Any) -> str:
+    if isinstance(row, BaseModel):
+        return row.model_dump_json()
+    return json.dumps(row, ensure_ascii=False, default=str)
+
+
+def _fsync_append(path: Path, lines: Iterable[str]) -> int:
+    """Append lines, flush and fsync; return the file's size afterwards."""
+    with path.open("a", encoding="utf-8") as fh:
+        for line in lines:
+            fh.write(line + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+        return fh.tell()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write a JSON file through a temporary file + rename, so readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class ChunkWriter:
+    """Appends committed chunks to `<out_dir>/<name>.jsonl` files; see the module docstring."""
+
+    def __init__(self, out_dir: str | Path, files: Iterable[str], resume: bool = True):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.files = list(dict.fromkeys([*files, "trace"]))
+        self.ledger = self.out_dir / LEDGER
+        self.done_ids: set[str] = set()
+        self.counters: Counter[str] = Counter()
+        self.chunks = 0
+        self.torn_ledger_lines = 0
+        if not resume:
+            self._reset()
+        self._recover()
+
+    def path(self, name: str) -> Path:
+        return self.out_dir / f"{name}.jsonl"
+
+    def _reset(self) -> None:
+        for name in self.files:
+            self.path(name).unlink(missing_ok=True)
+        self.ledger.unlink(missing_ok=True)
+
+    def _recover(self) -> None:
+        """Read the ledger, drop a torn last line, and cut every output back to its committed size."""
+        sizes: dict[str, int] = {}
+        good: list[str] = []
+        if self.ledger.exists():
+            for line in self.ledger.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    self.torn_ledger_lines += 1
+                    continue
+                good.append(line)
+                self.done_ids.update(entry["ids"])
+                sizes.update(entry["sizes"])
+                self.counters.update(entry["counters"])
+                self.chunks += 1
+            if self.torn_ledger_lines:
+                self.ledger.write_text("".join(x + "\n" for x in good), encoding="utf-8")
+        for name in self.files:
+            p = self.path(name)
+            committed = sizes.get(name, 0)
+            if p.exists() and p.stat().st_size > committed:
+                with p.open("r+b") as fh:
+                    fh.truncate(committed)
+
+    def commit(self, ids: Iterable[str], rows: Mapping[str, Iterable[Any]], counters: Mapping[str, int]) -> None:
+        """Append one finished chunk: outputs first, then the ledger line (the commit point)."""
+        ids = list(ids)
+        unknown = set(rows) - set(self.files)
+        if unknown:
+            raise KeyError(f"pipeline produced rows for undeclared outputs {sorted(unknown)}")
+        sizes = {}
+        for name in self.files:
+            lines = [_dumps(r) for r in rows.get(name, ())]
+            # every declared file exists after the first commit, even when empty
+            sizes[name] = _fsync_append(self.path(name), lines)
+        entry = {"chunk": self.chunks, "ids": ids, "sizes": sizes, "counters": dict(counters)}
+        _fsync_append(self.ledger, [json.dumps(entry, ensure_ascii=False)])
+        self.done_ids.update(ids)
+        self.counters.update(counters)
+        self.chunks += 1
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a committed jsonl output (our own files; a torn last line is never there after recovery)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def export_dataset(path: str | Path, out_dir: str | Path):
+    """Convert one of our jsonl outputs into a `datasets` folder (save_to_disk)."""
+    import datasets
+
+    ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    ds.save_to_disk(str(out_dir))
+    return ds

@@ -1,0 +1,222 @@
+"""The pipeline contract and the chunked, resumable runner every pipeline uses.
+
+A pipeline is a class with
+- `Config`: a pydantic model of its settings (the `pipeline:` config group minus `_target_`), extra keys
+  forbidden, validated before any model loads;
+- `outputs`: the jsonl files it writes (without `.jsonl`; `trace` is always added);
+- `roles`: the model roles it calls ("policy", "judge", "attacker", ...); only these are built;
+- `process(items, ctx, state)`: turn one chunk of SourceItems into rows (`state.emit`), drops
+  (`state.drop`) and counters, making one batched backend call per stage (`synth.steps.base.run_calls`);
+- optionally `setup(ctx, writer)` (e.g. read what earlier chunks wrote, for dedup) and
+  `finalize(ctx, out_dir) -> dict` (whole-run work on the committed files, e.g. a Bradley-Terry
+  table; it must make no backend calls and be idempotent, because a finished rerun calls it again).
+
+`run_pipeline` feeds chunks, commits each one through `synth.io.ChunkWriter` (exact-once across
+crashes), shows a progress bar, and writes `manifest.json` and a one-screen summary.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from synth.io import ChunkWriter, write_json_atomic
+from synth.llm.base import LLM
+from synth.records import SourceItem
+
+
+class PipelineConfig(BaseModel):
+    """Base of every pipeline's Config: unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+@dataclass
+class Context:
+    """What a pipeline may use: lazily built role backends, the constitution, the run seed."""
+
+    factories: dict[str, Callable[[], LLM]]
+    constitution: Any = None  # synth.constitution.Constitution | None
+    seed: int = 0
+    _built: dict[str, LLM] = field(default_factory=dict)
+
+    def llm(self, role: str) -> LLM:
+        if role not in self._built:
+            if role not in self.factories:
+                raise KeyError(f"no backend for role {role!r}; configured roles: {sorted(self.factories)}")
+            self._built[role] = self.factories[role]()
+        return self._built[role]
+
+    @property
+    def language(self) -> str:
+        return getattr(self.constitution, "language", "en") if self.constitution is not None else "en"
+
+    def rng(self, *salt: Any) -> random.Random:
+        """A deterministic RNG for one item/step: resumes and reruns draw the same principles."""
+        return random.Random(f"{self.seed}|" + "|".join(map(str, salt)))
+
+    def backend_counters(self) -> Counter[str]:
+        out: Counter[str] = Counter()
+        seen: set[int] = set()
+        for role, llm in self._built.items():
+            if id(llm) in seen:  # the judge may be the policy backend itself; count it once
+                continue
+            seen.add(id(llm))
+            stats = getattr(llm, "stats", None)
+            if stats is not None:
+                out[f"retries/{role}"] += getattr(stats, "retries", 0)
+        return out
+
+
+@dataclass
+class ChunkState:
+    """Rows, trace and counters produced by one chunk; committed together."""
+
+    rows: dict[str, list[Any]] = field(default_factory=dict)
+    trace: list[dict[str, Any]] = field(default_factory=list)
+    counters: Counter[str] = field(default_factory=Counter)
+
+    def emit(self, output: str, row: Any) -> None:
+        self.rows.setdefault(output, []).append(row)
+        self.counters[f"out/{output}"] += 1
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.counters[f"drop/{reason}"] += n
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.counters[key] += n
+
+
+class Pipeline:
+    Config: ClassVar[type[PipelineConfig]] = PipelineConfig
+    outputs: ClassVar[tuple[str, ...]] = ()
+    roles: ClassVar[tuple[str, ...]] = ("policy",)
+    needs_source: ClassVar[bool] = True
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+
+    def items(self, ctx: Context, source: Iterable[SourceItem] | None) -> Iterable[SourceItem]:
+        """The inputs; pipelines without a source (red_team) override this."""
+        if source is None:
+            raise ValueError(f"pipeline {self.cfg.name!r} needs a source (source=...)")
+        return source
+
+    def setup(self, ctx: Context, writer: ChunkWriter) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def process(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> None:
+        raise NotImplementedError
+
+    def finalize(self, ctx: Context, out_dir: Path) -> dict[str, Any]:
+        return {}
+
+
+def _chunks(items: Sequence[SourceItem], size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def run_pipeline(
+    pipeline: Pipeline,
+    ctx: Context,
+    out_dir: str | Path,
+    source: Iterable[SourceItem] | None = None,
+    chunk_size: int = 32,
+    resume: bool = True,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Run `pipeline` over its inputs in committed chunks; return the manifest (also written)."""
+    from tqdm.auto import tqdm
+
+    start = time.time()
+    out_dir = Path(out_dir)
+    writer = ChunkWriter(out_dir, pipeline.outputs, resume=resume)
+    items, duplicates = _unique(pipeline.items(ctx, source))
+    todo = [it for it in items if it.id not in writer.done_ids]
+    resumed = len(items) - len(todo)
+    pipeline.setup(ctx, writer)
+    status, error = "running", None
+    bar = tqdm(total=len(items), initial=resumed, desc=pipeline.cfg.name, unit="item", disable=not show_progress)
+    try:
+        for chunk in _chunks(todo, chunk_size):
+            state = ChunkState()
+            before = ctx.backend_counters()
+            pipeline.process(chunk, ctx, state)
+            state.counters.update(ctx.backend_counters() - before)
+            writer.commit([it.id for it in chunk], {**state.rows, "trace": state.trace}, state.counters)
+            bar.update(len(chunk))
+        extra = pipeline.finalize(ctx, out_dir)
+        status = "finished"
+    except BaseException as e:  # keep what is committed; say what stopped us, then re-raise
+        status, error, extra = "failed", f"{type(e).__name__}: {e}", {}
+        raise
+    finally:
+        bar.close()
+        manifest = build_manifest(pipeline, writer, len(items), resumed, duplicates, time.time() - start, status, error, extra)
+        write_json_atomic(out_dir / "manifest.json", manifest)
+        print_summary(manifest, out_dir)
+    return manifest
+
+
+def _unique(items: Iterable[SourceItem]) -> tuple[list[SourceItem], int]:
+    seen: set[str] = set()
+    out, dups = [], 0
+    for it in items:
+        if it.id in seen:
+            dups += 1
+            continue
+        seen.add(it.id)
+        out.append(it)
+    return out, dups
+
+
+def build_manifest(pipeline, writer: ChunkWriter, n_inputs, resumed, duplicates, wall, status, error, extra) -> dict[str, Any]:
+    c = writer.counters
+
+    def group(prefix: str) -> dict[str, int]:
+        return {k[len(prefix) :]: v for k, v in sorted(c.items()) if k.startswith(prefix)}
+
+    return {
+        "pipeline": pipeline.cfg.name,
+        "status": status,
+        "error": error,
+        "inputs": n_inputs,
+        "processed": len(writer.done_ids),
+        "resumed_from_previous_runs": resumed,
+        "duplicate_inputs_skipped": duplicates,
+        "chunks": writer.chunks,
+        "outputs": {name: c.get(f"out/{name}", 0) for name in pipeline.outputs},
+        "drops": group("drop/"),
+        "parse_failures": group("parse_failed/"),
+        "truncated": group("truncated/"),
+        "calls": group("calls/"),
+        "retries": group("retries/"),
+        "tokens": group("tokens/"),
+        "per_category": group("category/"),
+        "wall_time_s_this_run": round(wall, 3),
+        **extra,
+    }
+
+
+def print_summary(m: dict[str, Any], out_dir: Path) -> None:
+    lines = [
+        f"== {m['pipeline']}: {m['status']} in {m['wall_time_s_this_run']:.1f}s -> {out_dir}",
+        f"   inputs {m['inputs']}  processed {m['processed']}  (resumed {m['resumed_from_previous_runs']}, duplicates skipped {m['duplicate_inputs_skipped']})",
+        "   outputs  " + "  ".join(f"{k}={v}" for k, v in m["outputs"].items()),
+    ]
+    for key in ("drops", "parse_failures", "truncated", "retries", "tokens"):
+        if m[key]:
+            lines.append(f"   {key:<9}" + "  ".join(f"{k}={v}" for k, v in m[key].items()))
+    if m["error"]:
+        lines.append(f"   error    {m['error']}")
+    print("\n".join(lines), file=sys.stderr if m["status"] == "failed" else sys.stdout, flush=True)

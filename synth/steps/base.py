@@ -1,0 +1,119 @@
+"""What every step shares: one batched backend call, pure parsing, a trace row per sample.
+
+A step module has three parts (DESIGN.md §2 principle 5):
+- `build_prompt(...) -> list[Message]`: pure; renders a template from synth/prompts;
+- `parse(text) -> Judgement`: pure; a failure returns parse_status "failed" and parsed None;
+- a small batched function that builds all `Call`s of the chunk and hands them to `run_calls`, which
+  makes exactly ONE `llm.generate` call for the whole stage.
+
+`run_calls` writes one trace row per (call, sample): the step, role, model, item id, the prompt, the raw
+output, finish reason, parse status and parsed value, plus the call's meta (principle id, order, ...),
+and counts parse failures as `parse_failed/<step>` in the chunk counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from synth.llm.base import SamplingParams
+from synth.records import Completion, Judgement, Message
+
+if TYPE_CHECKING:
+    from synth.pipelines.base import ChunkState, Context
+
+Parser = Callable[[str], Judgement]
+
+
+@dataclass
+class Call:
+    """One request of a stage: which input it serves, the messages, and trace metadata."""
+
+    item_id: str
+    messages: list[Message]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Sample:
+    """One completion of a call, with its parse result when the step parses."""
+
+    call: Call
+    index: int
+    completion: Completion
+    judgement: Judgement | None = None
+
+    @property
+    def text(self) -> str:
+        return self.completion.text
+
+    @property
+    def ok(self) -> bool:
+        """Usable: parsed fine (when parsed) and not truncated at max_new_tokens."""
+        parsed_ok = self.judgement is None or self.judgement.ok
+        return parsed_ok and not self.completion.truncated
+
+
+def run_calls(
+    ctx: Context,
+    state: ChunkState,
+    step: str,
+    role: str,
+    calls: Sequence[Call],
+    params: SamplingParams | Sequence[SamplingParams],
+    parse: Parser | None = None,
+) -> list[list[Sample]]:
+    """ONE backend call for the whole stage; parse every sample; trace and count. Returns, per call,
+    its n samples in order."""
+    if not calls:
+        return []
+    llm = ctx.llm(role)
+    results = llm.generate([c.messages for c in calls], params)
+    if len(results) != len(calls):
+        raise RuntimeError(f"backend {llm.kind} returned {len(results)} results for {len(calls)} requests")
+    out: list[list[Sample]] = []
+    for call, completions in zip(calls, results):
+        samples = []
+        for i, comp in enumerate(completions):
+            judgement = parse(comp.text) if parse is not None else None
+            samples.append(Sample(call, i, comp, judgement))
+            _trace(state, step, role, llm.model, call, i, comp, judgement)
+        if completions:
+            state.count("tokens/prompt", completions[0].prompt_tokens)
+        state.count("tokens/completion", sum(c.completion_tokens for c in completions))
+        out.append(samples)
+    state.count(f"calls/{step}", len(calls))
+    return out
+
+
+def _trace(state, step, role, model, call: Call, index: int, comp: Completion, judgement: Judgement | None) -> None:
+    status = judgement.parse_status if judgement is not None else "skipped"
+    if judgement is not None and not judgement.ok:
+        state.count(f"parse_failed/{step}")
+    if comp.truncated:
+        state.count(f"truncated/{step}")
+    state.trace.append(
+        {
+            "step": step,
+            "role": role,
+            "model": model,
+            "item_id": call.item_id,
+            "sample": index,
+            "prompt": [m.model_dump() for m in call.messages],
+            "output": comp.text,
+            "finish_reason": comp.finish_reason,
+            "parse_status": status,
+            "parsed": judgement.parsed if judgement is not None else None,
+            "parse_error": judgement.error if judgement is not None else None,
+            **call.meta,
+        }
+    )
+
+
+def user(content: str) -> Message:
+    return Message(role="user", content=content)
+
+
+def assistant(content: str) -> Message:
+    return Message(role="assistant", content=content)

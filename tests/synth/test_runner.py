@@ -1,0 +1,91 @@
+"""The chunked runner: exact-once commits, torn-write recovery, manifest counts, resume."""
+
+import json
+
+import pytest
+
+from synth.io import LEDGER, ChunkWriter, read_jsonl
+from synth.pipelines.base import Context, run_pipeline
+from synth.pipelines.generate import GenerateConfig, GeneratePipeline
+from synth.records import SourceItem, messages
+from tests.fakes import ScriptedLLM
+
+
+def items(n):
+    return [SourceItem(id=f"id{i}", prompt=messages(("user", f"question {i}"))) for i in range(n)]
+
+
+def ctx_with(llm):
+    return Context(factories={"policy": lambda: llm})
+
+
+def test_generate_one_backend_call_per_chunk_and_manifest(tmp_path):
+    llm = ScriptedLLM(lambda msgs, p, i: f"answer {i} to {msgs[-1].content}")
+    pipe = GeneratePipeline(GenerateConfig(n=3))
+    m = run_pipeline(pipe, ctx_with(llm), tmp_path, items(10), chunk_size=4, show_progress=False)
+    assert len(llm.calls) == 3  # chunks of 4, 4, 2: one call each, n=3 inside the params
+    assert [len(reqs) for reqs, _ in llm.calls] == [4, 4, 2]
+    assert all(p.n == 3 for _, ps in llm.calls for p in ps)
+    rows = read_jsonl(tmp_path / "completions.jsonl")
+    assert [r["id"] for r in rows] == [f"id{i}" for i in range(10)]
+    assert rows[7]["completions"][2]["text"] == "answer 2 to question 7"
+    assert m["outputs"] == {"completions": 10} and m["processed"] == 10 and m["status"] == "finished"
+    assert m["calls"] == {"generate": 10}
+    assert len(read_jsonl(tmp_path / "trace.jsonl")) == 30
+    assert json.loads((tmp_path / "manifest.json").read_text())["inputs"] == 10
+
+
+def test_rerun_of_finished_run_makes_no_calls(tmp_path):
+    llm = ScriptedLLM(lambda msgs, p, i: "x")
+    run_pipeline(GeneratePipeline(GenerateConfig()), ctx_with(llm), tmp_path, items(5), chunk_size=2, show_progress=False)
+    llm2 = ScriptedLLM(lambda msgs, p, i: "y")
+    m = run_pipeline(GeneratePipeline(GenerateConfig()), ctx_with(llm2), tmp_path, items(5), chunk_size=2, show_progress=False)
+    assert llm2.calls == []
+    assert m["resumed_from_previous_runs"] == 5 and m["outputs"] == {"completions": 5}
+    assert len(read_jsonl(tmp_path / "completions.jsonl")) == 5
+
+
+def test_failure_keeps_committed_chunks_and_resume_completes_exactly_once(tmp_path):
+    def flaky(msgs, p, i):
+        if msgs[-1].content == "question 5":
+            raise ConnectionError("server gone")
+        return "ok"
+
+    with pytest.raises(ConnectionError):
+        run_pipeline(GeneratePipeline(GenerateConfig()), ctx_with(ScriptedLLM(flaky)), tmp_path, items(8), chunk_size=2, show_progress=False)
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert m["status"] == "failed" and "server gone" in m["error"]
+    assert [r["id"] for r in read_jsonl(tmp_path / "completions.jsonl")] == ["id0", "id1", "id2", "id3"]
+    llm = ScriptedLLM(lambda msgs, p, i: "ok")
+    run_pipeline(GeneratePipeline(GenerateConfig()), ctx_with(llm), tmp_path, items(8), chunk_size=2, show_progress=False)
+    assert [len(r) for r, _ in llm.calls] == [2, 2]  # only the 4 missing inputs
+    assert sorted(r["id"] for r in read_jsonl(tmp_path / "completions.jsonl")) == [f"id{i}" for i in range(8)]
+
+
+def test_uncommitted_bytes_and_torn_lines_are_cut_on_recovery(tmp_path):
+    w = ChunkWriter(tmp_path, ["sft"])
+    w.commit(["a"], {"sft": [{"id": "a"}]}, {"out/sft": 1})
+    # a crash after writing output bytes (one whole row, one torn) but before the ledger line:
+    with (tmp_path / "sft.jsonl").open("a") as fh:
+        fh.write('{"id": "b"}\n{"id": "c", "tru')
+    with (tmp_path / LEDGER).open("a") as fh:  # and a torn ledger line
+        fh.write('{"chunk": 1, "ids": ["b", "c"], "si')
+    w2 = ChunkWriter(tmp_path, ["sft"])
+    assert w2.done_ids == {"a"} and w2.torn_ledger_lines == 1 and w2.counters["out/sft"] == 1
+    assert read_jsonl(tmp_path / "sft.jsonl") == [{"id": "a"}]
+    w2.commit(["b"], {"sft": [{"id": "b"}]}, {"out/sft": 1})
+    assert [r["id"] for r in read_jsonl(tmp_path / "sft.jsonl")] == ["a", "b"]
+    assert ChunkWriter(tmp_path, ["sft"]).done_ids == {"a", "b"}
+
+
+def test_duplicate_input_ids_processed_once(tmp_path):
+    llm = ScriptedLLM(lambda msgs, p, i: "ok")
+    its = items(3) + items(2)
+    m = run_pipeline(GeneratePipeline(GenerateConfig()), ctx_with(llm), tmp_path, its, chunk_size=10, show_progress=False)
+    assert m["duplicate_inputs_skipped"] == 2 and m["outputs"] == {"completions": 3}
+
+
+def test_undeclared_output_is_an_error(tmp_path):
+    w = ChunkWriter(tmp_path, ["sft"])
+    with pytest.raises(KeyError, match="undeclared"):
+        w.commit(["a"], {"preferences": [{}]}, {})
