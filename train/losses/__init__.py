@@ -1,0 +1,76 @@
+"""The objective catalogue: pure loss functions, one file per family (see specs/losses.md).
+
+Every function takes tensors and scalar hyperparameters as keyword arguments and returns a
+:class:`LossOutput`; none sees a config, model, tokenizer or device (DESIGN.md §2.1). This package
+imports only torch and the standard library (DESIGN.md §2.8).
+
+Keyword vocabulary (the training loop feeds a loss by inspecting its signature)
+-----------------------------------------------------------------------------
+pairwise ([B] each)
+    policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+        completion log-probs: sums, or per-token means when the YAML says ``length_normalised: true``
+    chosen_nll          per-sequence length-normalised NLL of the chosen completion (CPO/RPO/ORPO)
+    chosen_lengths, rejected_lengths   completion token counts
+    score_chosen, score_rejected       scores from the data (ODPO offsets)
+    p_chosen            soft preference labels P(chosen > rejected) when the data has them
+    sft_target_logps    ℓθ of an SFT target for the prompt (SLiC-HF regulariser; chosen if absent)
+listwise ([B, K] each)
+    policy_logps, reference_logps, lengths, scores (higher is better), mask (bool, False = padding
+    slot; a padding slot contributes nothing, whatever values it holds), nll (reserved: no current
+    objective needs it; PRO/RRHF derive their NLL terms from summed policy_logps)
+unpaired ([B] each)
+    policy_logps, reference_logps, labels (bool, True = desirable),
+    policy_kl_logps, reference_kl_logps (mismatched prompt/completion pairs, KTO's z0),
+    kl (optional precomputed, already all-reduced KTO z0 instead of the KL-pair log-probs),
+    running_mean (a :class:`RunningMean`, BCO), delta (fixed BCO shift instead), density_ratio
+    (BCO UDM weights), reduce (see below)
+token-level (Cringe) / sft
+    logits [B, T, V] (already shifted: position t predicts target_ids[:, t]), target_ids [B, T] long,
+    token_logps [B, T] (log-prob of target_ids, float32), token_mask [B, T] bool (completion tokens),
+    labels [B] bool (Cringe: True = positive sequence), generator (torch.Generator, Cringe sampling)
+reward models ([B] each)
+    rewards_chosen, rewards_rejected, margin (optional);
+    cost model: costs_chosen (the safer response), costs_rejected (the more harmful one),
+    safe_chosen, safe_rejected (bool, True = the response is safe)
+reduce
+    optional ``Callable[[Tensor], Tensor]`` that mean-all-reduces a 0-dim tensor across processes
+    (e.g. ``lambda t: accelerator.reduce(t, "mean")``). Used by KTO (z0) and BCO (δ); the default
+    ``None`` means single process.
+
+Every parameter is keyword-only. A parameter named in this vocabulary is data; every other one is
+a hyperparameter set by the YAML. A generic loop passes ``{k: batch[k] for k in signature if k in
+batch}``; optional data (default ``None``) may be omitted.
+
+Return type: :class:`LossOutput` (``losses`` [B] per example: the batch loss is ``losses.mean()``).
+
+Loop-facing YAML flags (``conf/loss/<name>.yaml``)
+--------------------------------------------------
+name                str, equals the file name
+kind                pairwise | listwise | unpaired | sft | reward: which collator/forward to use
+needs_reference     bool: the loop must supply reference_* log-probs (frozen model or cache)
+length_normalised   bool: policy_*/reference_* log-probs are per-token means (true) or sums (false)
+paper               str: citation
+fn                  ``_target_`` + ``_partial_: true`` + hyperparameters (paper defaults)
+needs_nll           optional bool: the loop must supply chosen_nll (pairwise) / nll (listwise)
+needs_kl_pairs      optional bool: the loop must run the no-grad forward on mismatched pairs and
+                    pass policy_kl_logps / reference_kl_logps (KTO); pass ``reduce`` when distributed
+needs_scores        optional bool: the data must carry score_chosen / score_rejected (ODPO)
+needs_logits        optional bool: pass full logits [B, T, V] + target_ids instead of log-probs (Cringe)
+needs_safety_labels optional bool: the data must carry safe_chosen / safe_rejected (cost model)
+stateful            optional str, ``running_mean``: the loop owns one :class:`RunningMean`, passes it
+                    as ``running_mean`` every step, saves ``state_dict()`` with each checkpoint and
+                    restores it on resume (BCO)
+"""
+
+from __future__ import annotations
+
+from train.losses._core import LossOutput, Reduce
+from train.losses.bco import RunningMean
+
+__all__ = ["LossOutput", "Reduce", "RunningMean", "VALID_KINDS", "LOOP_FLAGS"]
+
+VALID_KINDS = ("pairwise", "listwise", "unpaired", "sft", "reward")
+LOOP_FLAGS = (
+    "name", "kind", "needs_reference", "length_normalised", "paper", "fn",
+    "needs_nll", "needs_kl_pairs", "needs_scores", "needs_logits", "needs_safety_labels", "stateful",
+)

@@ -1,0 +1,62 @@
+"""Reward- and cost-model losses on scalar model outputs (spec §25, §24 cost model)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from train.losses._core import LossOutput, as_float, pair_output
+
+
+def bradley_terry_loss(
+    *,
+    rewards_chosen: Tensor,
+    rewards_rejected: Tensor,
+    margin: Tensor | None = None,
+    center_coef: float = 0.0,
+) -> LossOutput:
+    """Bradley–Terry reward loss (InstructGPT, arXiv 2203.02155, Eq. 1) with the Llama 2 margin
+    (Touvron et al. 2023, arXiv 2307.09288, Eq. 2) and the centring term of Eisenstein et al. 2023
+    (arXiv 2312.09244):
+
+    L = −log σ(r(x, y_c) − r(x, y_r) − m) + η (r(x, y_c) + r(x, y_r))²
+
+    Shapes: all [B]. ``margin`` m is data (detached; 0 when absent); η = ``center_coef`` (TRL's
+    ``center_rewards_coefficient``, 0.01 recommended, off by default).
+    """
+    r_c, r_r = as_float(rewards_chosen), as_float(rewards_rejected)
+    m = torch.zeros_like(r_c) if margin is None else as_float(margin).detach()
+    losses = -F.logsigmoid(r_c - r_r - m)
+    if center_coef:
+        losses = losses + center_coef * (r_c + r_r) ** 2
+    return pair_output(losses, r_c, r_r)
+
+
+def cost_model_loss(
+    *,
+    costs_chosen: Tensor,
+    costs_rejected: Tensor,
+    safe_chosen: Tensor,
+    safe_rejected: Tensor,
+) -> LossOutput:
+    """Safe-RLHF cost-model loss, Dai et al. 2023 (arXiv 2310.12773), Eq. 6:
+
+    L = −log σ(C(y_w) − C(y_l)) − log σ(s_w C(y_w)) − log σ(s_l C(y_l)),
+
+    where y_w is the **more harmful** response and s(y) = +1 if y is harmful, −1 if safe; the sign
+    terms anchor C = 0 at the safe/unsafe boundary. In our pair convention the *chosen* response is
+    the safer one, so y_w = rejected and y_l = chosen.
+
+    Shapes: costs_chosen (the safer response), costs_rejected (the more harmful response),
+    safe_chosen, safe_rejected (bool, True = safe): all [B]. Labels are data (no gradient).
+    ``chosen_rewards`` / ``rejected_rewards`` are the negated costs, so "accuracy" means the safer
+    response got the lower cost.
+    """
+    c_safer, c_harmful = as_float(costs_chosen), as_float(costs_rejected)
+    sign_safer = 1.0 - 2.0 * safe_chosen.to(c_safer.dtype)  # safe → −1, harmful → +1
+    sign_harmful = 1.0 - 2.0 * safe_rejected.to(c_harmful.dtype)
+    ranking = -F.logsigmoid(c_harmful - c_safer)
+    anchors = -F.logsigmoid(sign_harmful * c_harmful) - F.logsigmoid(sign_safer * c_safer)
+    # "rewards" are costs here: chosen (safer) should be lower, so report −C for margin/accuracy metrics
+    return pair_output(ranking + anchors, -c_safer, -c_harmful, ranking=ranking, sign_terms=anchors)
