@@ -107,7 +107,8 @@ class Constitution(_Strict):
         first_at: dict[str, int] = {}
         for i, p in enumerate(self.principles):
             if p.id in first_at:
-                problems.append((f"principles[{i}].id", f"duplicate id {p.id!r} (first used by principles[{first_at[p.id]}])"))
+                msg = f"duplicate id {p.id!r} (first used by principles[{first_at[p.id]}])"
+                problems.append((f"principles[{i}].id", msg))
             first_at.setdefault(p.id, i)
             if self.taxonomy and p.category not in paths:
                 problems.append((f"principles[{i}].category", _unknown_category_msg(p.category, paths)))
@@ -139,7 +140,7 @@ class Constitution(_Strict):
         """Principles of one category: an exact category ("L1/L2" or free text), or every L2 under an
         L1 when `category` is an L1 name. Unknown categories give []. L2 names alone are ambiguous
         (健康 is an L1 and an L2 under 歧视), so an L2 is always addressed by its "L1/L2" path."""
-        return [p for p in self.principles if p.category == category or p.category.startswith(category + "/")]
+        return [p for p in self.principles if _in_category(p, category)]
 
     def taxonomy_category(self, l2_path: str) -> TaxonomyCategory:
         """The L2 entry (description, red-team guidance) for an "L1/L2" path."""
@@ -179,11 +180,16 @@ class Constitution(_Strict):
                 "to its principles to use it for AI-feedback comparisons"
             )
         if category is not None:
-            pool = [p for p in pool if p.category == category or p.category.startswith(category + "/")] or pool
+            pool = [p for p in pool if _in_category(p, category)] or pool
         return rng.choice(pool)
 
 
 # -- validation helpers ------------------------------------------------------------------------
+
+
+def _in_category(p: Principle, category: str) -> bool:
+    """`category` is the principle's own category, or an ancestor of it ("歧视" for "歧视/健康")."""
+    return p.category == category or p.category.startswith(category + "/")
 
 
 def _taxonomy_problems(taxonomy: list[TaxonomyGroup]) -> list[tuple[str, str]]:
@@ -249,7 +255,9 @@ def load_constitution(name_or_path: str | os.PathLike[str]) -> Constitution:
     text = os.fspath(name_or_path)
     if not text.strip():
         raise ConstitutionError(_unknown_name_msg(text))
-    looks_like_path = isinstance(name_or_path, os.PathLike) or "/" in text or os.sep in text or text.endswith(_SUFFIXES)
+    looks_like_path = (
+        isinstance(name_or_path, os.PathLike) or "/" in text or os.sep in text or text.endswith(_SUFFIXES)
+    )
     if not looks_like_path:
         shipped = {p.stem: p for p in constitutions_dir().glob("*") if p.suffix in _SUFFIXES}
         if text in shipped:
@@ -262,7 +270,8 @@ def load_constitution(name_or_path: str | os.PathLike[str]) -> Constitution:
     path = Path(text).expanduser()
     if not path.is_file():
         raise ConstitutionError(
-            f"constitution file not found: {path} (cwd: {Path.cwd()}); shipped names: {', '.join(list_constitutions())}"
+            f"constitution file not found: {path} (cwd: {Path.cwd()}); "
+            f"shipped names: {', '.join(list_constitutions())}"
         )
     return _load_file(path)
 
@@ -270,7 +279,8 @@ def load_constitution(name_or_path: str | os.PathLike[str]) -> Constitution:
 def _unknown_name_msg(name: str) -> str:
     names = list_constitutions()
     return (
-        f"unknown constitution {name!r}{_did_you_mean(name, names)}; valid names: {', '.join(names) or '(none found)'}"
+        f"unknown constitution {name!r}{_did_you_mean(name, names)}; "
+        f"valid names: {', '.join(names) or '(none found)'}"
         " (or pass a path to your own .yaml file, e.g. constitution=/path/to/mine.yaml)"
     )
 

@@ -107,7 +107,8 @@ def test_installed_data_package_is_preferred(tmp_path):
         "print(constitutions_dir()); print(list_constitutions()); print(load_constitution('only_here').name)"
     )
     root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=root, capture_output=True, text=True, check=True)
+    cmd = [sys.executable, "-c", code, str(tmp_path)]
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.split("\n")[:3] == [str(pkg), "['only_here']", "only_here"]
 
 
@@ -260,7 +261,8 @@ def test_wrong_type_and_empty_text(tmp_path):
     msg = _malformed(tmp_path, VALID.replace("id: p2", "id: 2").replace("Make it harmless.", '""'))
     assert "principles[1].id" in msg and "quote it" in msg
     assert "principles[0].revision" in msg
-    assert "principles: List should have at least 1 item" in _malformed(tmp_path, VALID.split("principles:")[0] + "principles: []\n")
+    empty = _malformed(tmp_path, VALID.split("principles:")[0] + "principles: []\n")
+    assert "principles: List should have at least 1 item" in empty
 
 
 def test_bad_yaml_names_file_and_line(tmp_path):
@@ -329,6 +331,7 @@ def test_sample_principle_with_judge(tmp_path):
     assert {c.sample_principle(rng, with_judge=True).id for _ in range(20)} == {"p1"}
     # honesty has no judged principle, so the restriction falls back to every judged one
     assert c.sample_principle(rng, category="honesty", with_judge=True).id == "p1"
-    no_judge = load_constitution(write(tmp_path, VALID.replace("    judge: Which is less harmful?\n", ""), "nj.yaml"))
+    no_judge_text = VALID.replace("    judge: Which is less harmful?\n", "")
+    no_judge = load_constitution(write(tmp_path, no_judge_text, "nj.yaml"))
     with pytest.raises(ConstitutionError, match="judge"):
         no_judge.sample_principle(rng, with_judge=True)
