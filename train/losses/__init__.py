@@ -22,7 +22,7 @@ unpaired ([B] each)
     policy_logps, reference_logps, labels (bool, True = desirable),
     policy_kl_logps, reference_kl_logps (mismatched prompt/completion pairs, KTO's z0),
     kl (optional precomputed, already all-reduced KTO z0 instead of the KL-pair log-probs),
-    running_mean (a :class:`RunningMean`, BCO), delta (fixed BCO shift instead), density_ratio
+    running_mean (a :class:`RunningMean`, BCO), fixed_delta (a fixed BCO shift instead), density_ratio
     (BCO UDM weights), reduce (see below)
 token-level (Cringe) / sft
     logits [B, T, V] (already shifted: position t predicts target_ids[:, t]), target_ids [B, T] long,
@@ -39,7 +39,7 @@ reduce
 
 Every parameter is keyword-only. A parameter named in this vocabulary is data; every other one is
 a hyperparameter set by the YAML. A generic loop passes ``{k: batch[k] for k in signature if k in
-batch}``; optional data (default ``None``) may be omitted.
+batch}`` (``DATA_ARGS[kind]`` lists the names); optional data (default ``None``) may be omitted.
 
 Return type: :class:`LossOutput` (``losses`` [B] per example: the batch loss is ``losses.mean()``).
 
@@ -67,10 +67,28 @@ from __future__ import annotations
 from train.losses._core import LossOutput, Reduce
 from train.losses.bco import RunningMean
 
-__all__ = ["LossOutput", "Reduce", "RunningMean", "VALID_KINDS", "LOOP_FLAGS"]
+__all__ = ["DATA_ARGS", "LOOP_FLAGS", "LossOutput", "Reduce", "RunningMean", "VALID_KINDS"]
 
 VALID_KINDS = ("pairwise", "listwise", "unpaired", "sft", "reward")
 LOOP_FLAGS = (
     "name", "kind", "needs_reference", "length_normalised", "paper", "fn",
     "needs_nll", "needs_kl_pairs", "needs_scores", "needs_logits", "needs_safety_labels", "stateful",
 )
+
+_PAIR = ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps")
+# Names that are data or runtime objects, per YAML kind; every other keyword is a hyperparameter.
+DATA_ARGS: dict[str, tuple[str, ...]] = {
+    "pairwise": _PAIR + (
+        "chosen_nll", "chosen_lengths", "rejected_lengths", "score_chosen", "score_rejected", "p_chosen",
+        "sft_target_logps", "running_mean", "reduce",
+    ),
+    "listwise": ("policy_logps", "reference_logps", "lengths", "scores", "mask", "nll"),
+    "unpaired": (
+        "policy_logps", "reference_logps", "labels", "policy_kl_logps", "reference_kl_logps", "kl",
+        "running_mean", "fixed_delta", "density_ratio", "reduce", "logits", "target_ids", "token_mask", "generator",
+    ),
+    "sft": ("token_logps", "token_mask"),
+    "reward": (
+        "rewards_chosen", "rewards_rejected", "margin", "costs_chosen", "costs_rejected", "safe_chosen", "safe_rejected",
+    ),
+}

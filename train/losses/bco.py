@@ -52,7 +52,7 @@ def bco_loss(
     reference_logps: Tensor,
     labels: Tensor,
     running_mean: RunningMean | None = None,
-    delta: float | Tensor | None = None,
+    fixed_delta: float | Tensor | None = None,
     reduce: Reduce | None = None,
     density_ratio: Tensor | None = None,
     beta: float = 0.1,
@@ -65,20 +65,20 @@ def bco_loss(
 
     Shapes: policy_logps, reference_logps, labels (bool, True = desirable) [B]; summed log-probs.
     δ: either ``running_mean`` (the loop's :class:`RunningMean`; updated with this batch's mean
-    reward, all-reduced by ``reduce`` if given, *then* read, as TRL does) or a fixed ``delta``.
+    reward, all-reduced by ``reduce`` if given, *then* read, as TRL does) or a fixed ``fixed_delta``.
     ``density_ratio`` [B] (optional UDM weights p/(1−p) from a prompt classifier) multiplies the
     undesirable losses, clamped to [min_density_ratio, max_density_ratio] and detached.
     """
     labels = labels.bool()
     rewards = beta * (as_float(policy_logps) - as_float(reference_logps).detach())
-    if running_mean is not None and delta is not None:
-        raise ValueError("BCO takes either running_mean or a fixed delta, not both")
+    if running_mean is not None and fixed_delta is not None:
+        raise ValueError("BCO takes either running_mean or fixed_delta, not both")
     if running_mean is not None:
         delta_t = running_mean.update_and_read(rewards.detach().mean(), reduce)
-    elif delta is not None:
-        delta_t = torch.as_tensor(delta, dtype=rewards.dtype, device=rewards.device).detach()
+    elif fixed_delta is not None:
+        delta_t = torch.as_tensor(fixed_delta, dtype=rewards.dtype, device=rewards.device).detach()
     else:
-        raise ValueError("BCO needs running_mean (YAML stateful: running_mean) or a fixed delta")
+        raise ValueError("BCO needs running_mean (YAML stateful: running_mean) or fixed_delta")
     shifted = rewards - delta_t
     losses = torch.where(labels, -F.logsigmoid(shifted), -F.logsigmoid(-shifted))
     if density_ratio is not None:

@@ -79,7 +79,7 @@ def ipo_loss(
     if length_normalise:
         if chosen_lengths is None or rejected_lengths is None:
             raise ValueError("ipo_loss(length_normalise=True) needs chosen_lengths and rejected_lengths")
-        h = rho_w / as_float(chosen_lengths).clamp(min=1) - rho_l / as_float(rejected_lengths).clamp(min=1)
+        h = rho_w / as_float(chosen_lengths).detach().clamp(min=1) - rho_l / as_float(rejected_lengths).detach().clamp(min=1)
     else:
         h = rho_w - rho_l
     losses = (h - 1 / (2 * tau)) ** 2

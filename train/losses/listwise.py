@@ -94,7 +94,7 @@ def pro_loss(
     order = key.argsort(dim=-1, descending=True, stable=True)
     valid = mask.gather(-1, order)
     summed = _clean(policy_logps, mask).gather(-1, order)
-    r = summed / _clean(lengths, mask).gather(-1, order).clamp(min=1)
+    r = summed / _clean(lengths, mask).detach().gather(-1, order).clamp(min=1)
     big_r = _clean(scores, mask).detach().gather(-1, order)
     ranking = torch.zeros_like(r[:, 0])
     for k in range(r.shape[-1] - 1):
@@ -111,7 +111,7 @@ def pro_loss(
     sft = -summed[:, 0]
     scale = (n - 1) ** 2 if reference_code_sft_scale else 1.0
     losses = ranking + sft_weight * scale * sft
-    chosen, rejected = _best_worst(_clean(policy_logps, mask) / _clean(lengths, mask).clamp(min=1), scores, mask)
+    chosen, rejected = _best_worst(_clean(policy_logps, mask) / _clean(lengths, mask).detach().clamp(min=1), scores, mask)
     return LossOutput(losses, chosen, rejected, {"ranking": ranking.detach().mean(), "sft": sft.detach().mean()})
 
 
@@ -135,7 +135,7 @@ def rrhf_loss(
     """
     mask = mask.bool()
     summed = _clean(policy_logps, mask)
-    p = summed / _clean(lengths, mask).clamp(min=1) ** length_penalty
+    p = summed / _clean(lengths, mask).detach().clamp(min=1) ** length_penalty
     r = _clean(scores, mask).detach()
     # pairs (j, i) with r_j > r_i: penalise p_i above p_j
     hinge = torch.relu(p.unsqueeze(-2) - p.unsqueeze(-1))  # [b, j, i] = p_i − p_j
