@@ -1,0 +1,50 @@
+"""Shared fixtures for tests/train: a private RLAIF_FORGE_HOME and the tiny model (built once per session)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def forge_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every train test builds and caches into a temporary home, never the user's ~/.cache."""
+    home = tmp_path_factory.mktemp("forge_home")
+    old = os.environ.get("RLAIF_FORGE_HOME")
+    os.environ["RLAIF_FORGE_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("RLAIF_FORGE_HOME", None)
+    else:
+        os.environ["RLAIF_FORGE_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_path(forge_home: Path) -> Path:
+    from synth.tiny import tiny_model_path
+
+    return tiny_model_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_path: Path):
+    """Shared, float32, eval mode. Do not modify it: use `fresh_tiny_model` for that."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_path, dtype="float32").eval()
+
+
+@pytest.fixture
+def fresh_tiny_model(tiny_path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_path, dtype="float32").eval()
