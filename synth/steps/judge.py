@@ -1,0 +1,246 @@
+"""Judging steps for `pipeline=judge` (specs/methods.md §8.1): pairwise in both orders, listwise over
+a shuffled list, and pointwise rubric grading with m samples averaged.
+
+Pairwise follows MT-Bench's conservative swap rule: every pair is asked as (i, j) and as (j, i) in the
+same batched call, and i wins only when both orders say so; disagreement is a tie (§8.1, §8.2). With
+`logprobs`, the verdict is read from the A/B token probabilities at a prefilled "[[" stem and the two
+orders are averaged, p(i ≻ j) = ½(q_ij(A) + q_ji(B)) (RLAIF's position-debiased label, §2.2), with a
+tie band around 0.5. Parse failures are recorded and never become a winner or a score.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from synth.llm.base import SamplingParams
+from synth.pipelines.base import ChunkState, Context
+from synth.prompts import render
+from synth.records import Completion, Judgement, Message, SourceItem
+from synth.steps.base import Call, assistant, run_calls, user
+from synth.steps.candidates import Candidate
+
+PREFILL = "[["  # answer stem for log-prob verdicts; the next token is A or B
+
+
+def conversation(prompt: Sequence[Message]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in prompt]
+
+
+# --------------------------------------------------------------------------- pairwise
+
+
+def build_pairwise(language: str, prompt: Sequence[Message], a: str, b: str, direct: bool = False) -> list[Message]:
+    text = render("judge_pairwise", language, conversation=conversation(prompt), response_a=a, response_b=b, direct=direct)
+    return [user(text), assistant(PREFILL)] if direct else [user(text)]
+
+
+_VERDICT = re.compile(r"\[\[([ABC])\]\]")
+
+
+def parse_pairwise(text: str) -> Judgement:
+    """The LAST `[[A]]` / `[[B]]` / `[[C]]` (an explanation may quote the format before the verdict)."""
+    found = _VERDICT.findall(text)
+    if not found:
+        return Judgement(raw=text, error="no [[A]], [[B]] or [[C]] verdict")
+    return Judgement(raw=text, parsed=found[-1], parse_status="ok")
+
+
+def _letter(token: str) -> str | None:
+    t = token.strip()
+    return t[0] if t and t[0] in "AB" and all(ch in "]) ." for ch in t[1:]) else None
+
+
+def read_ab_logprobs(comp: Completion) -> Judgement:
+    """P(A) vs P(B) from the first generated token's top log-probs ("A", " A", "A]]" all count as A).
+    Neither letter in the top-k is a failure, never 50/50 (§0.2)."""
+    if not comp.logprobs:
+        return Judgement(raw=comp.text, error="no log-probs returned (does the backend support them?)")
+    first = comp.logprobs[0]
+    mass = {"A": 0.0, "B": 0.0}
+    for tok, lp in {first.token: first.logprob, **first.top}.items():
+        letter = _letter(tok)
+        if letter:
+            mass[letter] += math.exp(lp)
+    total = mass["A"] + mass["B"]
+    if total <= 0:
+        return Judgement(raw=comp.text, error="neither A nor B among the top log-probs")
+    return Judgement(raw=comp.text, parsed={"A": mass["A"] / total, "B": mass["B"] / total}, parse_status="ok")
+
+
+@dataclass
+class PairResult:
+    """One comparison of candidates i and j after both orders. `winner` is "i", "j", "tie", or None
+    when either order failed to parse; `verdicts` are the raw slot verdicts of order (i,j) and (j,i)."""
+
+    item: SourceItem
+    i: Candidate
+    j: Candidate
+    verdicts: tuple[str | None, str | None]
+    winner: str | None
+    p_i: float | None = None
+
+
+def combine_verdicts(v_ij: str | None, v_ji: str | None) -> str | None:
+    """Conservative rule: a win only when both orders name the same candidate; otherwise a tie."""
+    if v_ij is None or v_ji is None:
+        return None
+    w1 = {"A": "i", "B": "j", "C": "tie"}[v_ij]
+    w2 = {"A": "j", "B": "i", "C": "tie"}[v_ji]
+    return w1 if w1 == w2 else "tie"
+
+
+def combine_probs(p_ij: float, p_ji: float, tie_band: float) -> tuple[float, str]:
+    """p(i ≻ j) averaged over both orders; inside 0.5 ± tie_band it is a tie."""
+    p = 0.5 * (p_ij + p_ji)
+    return p, ("i" if p > 0.5 + tie_band else "j" if p < 0.5 - tie_band else "tie")
+
+
+def _slot_verdict(j: Judgement) -> str | None:
+    if not j.ok:
+        return None
+    if isinstance(j.parsed, dict):
+        return "A" if j.parsed["A"] > 0.5 else "B" if j.parsed["A"] < 0.5 else "C"
+    return j.parsed
+
+
+def judge_pairs(
+    ctx: Context, state: ChunkState, jobs: Sequence[tuple[SourceItem, Candidate, Candidate]],
+    params: SamplingParams, logprobs: bool = False, tie_band: float = 0.1,
+) -> list[PairResult]:
+    """ONE judge call for all pairs of the chunk in both orders."""
+    calls = []
+    for it, ci, cj in jobs:
+        for order, (a, b) in (("ij", (ci, cj)), ("ji", (cj, ci))):
+            meta = {"order": order, "slot_a": a.name, "slot_b": b.name, "candidates": [ci.index, cj.index]}
+            calls.append(Call(it.id, build_pairwise(ctx.language, it.prompt, a.text, b.text, logprobs), meta))
+    if logprobs:
+        samples = run_calls(ctx, state, "judge_pairwise", "judge", calls, params, parse_completion=read_ab_logprobs)
+    else:
+        samples = run_calls(ctx, state, "judge_pairwise", "judge", calls, params, parse=parse_pairwise)
+    out = []
+    for k, (it, ci, cj) in enumerate(jobs):
+        s_ij, s_ji = samples[2 * k][0], samples[2 * k + 1][0]
+        # a truncated text verdict is not trusted; a log-prob read is one token by design
+        usable = [s.judgement if (logprobs or not s.completion.truncated) else Judgement(raw=s.text) for s in (s_ij, s_ji)]
+        v = (_slot_verdict(usable[0]), _slot_verdict(usable[1]))
+        if logprobs and None not in v:
+            p, winner = combine_probs(usable[0].parsed["A"], usable[1].parsed["B"], tie_band)
+            out.append(PairResult(it, ci, cj, v, winner, p))
+        else:
+            out.append(PairResult(it, ci, cj, v, combine_verdicts(*v)))
+    return out
+
+
+# --------------------------------------------------------------------------- listwise
+
+
+def build_listwise(language: str, prompt: Sequence[Message], texts: Sequence[str]) -> list[Message]:
+    return [user(render("judge_listwise", language, conversation=conversation(prompt), responses=list(texts)))]
+
+
+_RANKING = re.compile(r"(?:Ranking|排序)\s*[:：]\s*([^\n]*)")
+
+
+def parse_listwise(text: str) -> Judgement:
+    """The last `Ranking: [3] > [1] > [2]` line -> [3, 1, 2] (1-based slots, best first). It must be
+    a permutation of 1..n; whether n is the number of responses shown is checked by the caller."""
+    lines = _RANKING.findall(text)
+    if not lines:
+        return Judgement(raw=text, error="no 'Ranking:' line")
+    labels = [int(x) for x in re.findall(r"\[(\d+)\]", lines[-1])]
+    if len(labels) < 2 or sorted(labels) != list(range(1, len(labels) + 1)):
+        return Judgement(raw=text, error=f"ranking {labels} is not a permutation of 1..n")
+    return Judgement(raw=text, parsed=labels, parse_status="ok")
+
+
+def listwise_orders(ctx: Context, item_id: str, k: int, samples: int) -> list[list[int]]:
+    """One shuffled presentation per judge sample (deterministic per item: resumes match)."""
+    orders = []
+    for s in range(samples):
+        perm = list(range(k))
+        ctx.rng(item_id, "listwise", s).shuffle(perm)
+        orders.append(perm)
+    return orders
+
+
+def judge_listwise(
+    ctx: Context, state: ChunkState, groups: Sequence[tuple[SourceItem, list[Candidate]]],
+    params: SamplingParams, samples: int,
+) -> list[dict[str, Any]]:
+    """ONE call for every item x sample. Per item: the de-shuffled rankings (candidate indices, best
+    first) and Borda scores (k-1 for first ... 0 for last) averaged over the valid samples, or None."""
+    calls = []
+    for it, cands in groups:
+        for perm in listwise_orders(ctx, it.id, len(cands), samples):
+            texts = [cands[p].text for p in perm]
+            calls.append(Call(it.id, build_listwise(ctx.language, it.prompt, texts), {"order": perm}))
+    results = iter(run_calls(ctx, state, "judge_listwise", "judge", calls, params, parse=parse_listwise))
+    out = []
+    for it, cands in groups:
+        k, rankings = len(cands), []
+        for _ in range(samples):
+            smp = next(results)[0]
+            if not smp.ok:
+                continue
+            if len(smp.judgement.parsed) != k:
+                state.drop("listwise_incomplete_ranking")
+                continue
+            perm = smp.call.meta["order"]
+            rankings.append([perm[label - 1] for label in smp.judgement.parsed])
+        out.append({"rankings": rankings, "scores": _borda(rankings, k)})
+    return out
+
+
+def _borda(rankings: list[list[int]], k: int) -> list[float] | None:
+    if not rankings:
+        return None
+    scores = [0.0] * k
+    for r in rankings:
+        for pos, idx in enumerate(r):
+            scores[idx] += (k - 1 - pos) / len(rankings)
+    return scores
+
+
+# --------------------------------------------------------------------------- rubric (pointwise)
+
+
+def build_rubric(language: str, prompt: Sequence[Message], response: str) -> list[Message]:
+    return [user(render("judge_rubric", language, conversation=conversation(prompt), response=response))]
+
+
+_RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
+
+
+def parse_rating(text: str) -> Judgement:
+    """The last `[[n]]` with 1 <= n <= 10 (MT-Bench single-answer grading)."""
+    found = _RATING.findall(text)
+    if not found:
+        return Judgement(raw=text, error="no [[rating]]")
+    value = float(found[-1])
+    if not 1 <= value <= 10:
+        return Judgement(raw=text, error=f"rating {value} outside 1-10")
+    return Judgement(raw=text, parsed=value, parse_status="ok")
+
+
+def judge_rubric(
+    ctx: Context, state: ChunkState, groups: Sequence[tuple[SourceItem, list[Candidate]]],
+    params: SamplingParams, samples: int, min_valid: int,
+) -> list[list[dict[str, Any]]]:
+    """ONE call: every candidate with n=samples. Per candidate: the valid ratings and their mean, or
+    mean None when fewer than `min_valid` samples parsed (that candidate is then left out)."""
+    calls = [Call(it.id, build_rubric(ctx.language, it.prompt, c.text), {"candidate": c.index})
+             for it, cands in groups for c in cands]
+    results = iter(run_calls(ctx, state, "judge_rubric", "judge", calls, params.replace(n=samples), parse=parse_rating))
+    out = []
+    for _, cands in groups:
+        per = []
+        for _ in cands:
+            vals = [s.judgement.parsed if s.ok else None for s in next(results)]
+            ok = [v for v in vals if v is not None]
+            per.append({"ratings": vals, "mean": sum(ok) / len(ok) if len(ok) >= max(min_valid, 1) else None})
+        out.append(per)
+    return out
