@@ -18,7 +18,14 @@ from train.losses.apo import apo_down_loss, apo_zero_loss
 from train.losses.bco import bco_loss
 from train.losses.calibration import hinge_loss, ipo_loss, slic_hf_loss
 from train.losses.dpo import (
-    bco_pair_loss, cdpo_loss, dpo_loss, dpop_loss, exo_pair_loss, odpo_loss, robust_dpo_loss, rpo_loss,
+    bco_pair_loss,
+    cdpo_loss,
+    dpo_loss,
+    dpop_loss,
+    exo_pair_loss,
+    odpo_loss,
+    robust_dpo_loss,
+    rpo_loss,
 )
 from train.losses.kto import kl_pair_indices, kto_loss
 from train.losses.listwise import lipo_lambda_loss, pro_loss, rrhf_loss
@@ -155,7 +162,7 @@ def test_bco_fresh_running_mean_and_given_delta() -> None:
     fresh = bco_loss(**common, running_mean=RunningMean())  # rewards 0.1, −0.1 → δ = 0
     check(fresh.metrics["delta"], 0.0, 0.0)
     check(fresh.losses[0], nls(0.1), 0.644397)
-    check(fresh.losses[1], nls(-(-0.1)), 0.644397)
+    check(fresh.losses[1], nls(-(-0.1 - 0.0)), 0.644397)  # undesirable: −log σ(−(r − δ))
     given = bco_loss(**common, fixed_delta=0.02)
     check(given.losses[0], nls(0.1 - 0.02), 0.653947)
     check(given.losses[1], nls(-(-0.1 - 0.02)), 0.634946)
@@ -169,7 +176,7 @@ def test_bco_pair_trl_head_form_is_summed() -> None:
 # ---------------------------------------------------------------- §7 CPO, §8 ORPO, §11 SimPO
 
 def test_cpo_t0_paper_nll() -> None:
-    preference = nls(BETA * (-10.0 - -12.0))
+    preference = nls(BETA * ((-10.0) - (-12.0)))
     assert preference == pytest.approx(0.598139, abs=SPEC)
     check(cpo_loss(policy_chosen_logps=t(-10.0), policy_rejected_logps=t(-12.0)).losses, preference + 10.0, 10.598139)
     # per-sequence mean NLL (|y_w| = 5): coincides with TRL's token-mean for a single sequence
@@ -179,10 +186,10 @@ def test_cpo_t0_paper_nll() -> None:
 
 
 def test_orpo_t1() -> None:
-    w, l = -1.0, -1.5
-    log_odds = (w - l) - (math.log(1 - math.exp(w)) - math.log(1 - math.exp(l)))
+    w, lo = -1.0, -1.5
+    log_odds = (w - lo) - (math.log(1 - math.exp(w)) - math.log(1 - math.exp(lo)))
     assert log_odds == pytest.approx(0.706193, abs=SPEC)
-    out = orpo_loss(policy_chosen_logps=t(w), policy_rejected_logps=t(l), chosen_nll=t(1.0), lam=0.1)
+    out = orpo_loss(policy_chosen_logps=t(w), policy_rejected_logps=t(lo), chosen_nll=t(1.0), lam=0.1)
     check(out.metrics["log_odds_ratio"], log_odds)
     check(out.metrics["odds_ratio_loss"], nls(log_odds), 0.401135)
     check(out.losses, 1.0 + 0.1 * nls(log_odds), 1.040114)
@@ -236,7 +243,8 @@ def test_rpo_t0_len() -> None:
 def test_odpo_offsets() -> None:
     check(odpo_loss(**t0(), score_chosen=t(5.0), score_rejected=t(2.0)).losses, nls(BETA * H - math.log(3.0)), 1.240167)
     check(odpo_loss(**t0(), score_chosen=t(0.9), score_rejected=t(0.4)).losses, nls(BETA * H - math.log(0.5)), 0.343140)
-    check(odpo_loss(**t0(), score_chosen=t(5.0), score_rejected=t(2.0), ratio=True).losses, nls(BETA * H - math.log(2.5)))
+    ratio = odpo_loss(**t0(), score_chosen=t(5.0), score_rejected=t(2.0), ratio=True)
+    check(ratio.losses, nls(BETA * H - math.log(2.5)))
     with pytest.raises(ValueError):
         odpo_loss(**t0(), score_chosen=t(0.4), score_rejected=t(0.9))
 
@@ -307,7 +315,8 @@ def test_pro() -> None:
     out = pro_loss(**common, sft_weight=0.05)
     check(out.metrics["ranking"], ranking, 1.833460)
     check(out.losses, ranking + 0.05 * 10.0, 2.333460)
-    check(pro_loss(**common, sft_weight=0.05, reference_code_sft_scale=True).losses, ranking + 0.05 * 4 * 10.0, 3.833460)
+    code_form = pro_loss(**common, sft_weight=0.05, reference_code_sft_scale=True)
+    check(code_form.losses, ranking + 0.05 * (3 - 1) ** 2 * 10.0, 3.833460)
     shuffled = pro_loss(policy_logps=row(-3, -10, -6), lengths=row(2, 10, 5), scores=row(0.0, 2.0, 1.0),
                         mask=torch.ones(1, 3, dtype=torch.bool), sft_weight=0.05)
     check(shuffled.losses, ranking + 0.5)  # order of slots does not matter: the function sorts by score
@@ -359,7 +368,8 @@ def test_cringe_excludes_negative_token(target: int, expected_plus: float) -> No
 def test_bradley_terry() -> None:
     r_c, r_r = t(1.5), t(0.5)
     check(bradley_terry_loss(rewards_chosen=r_c, rewards_rejected=r_r).losses, nls(1.0), 0.313262)
-    check(bradley_terry_loss(rewards_chosen=r_c, rewards_rejected=r_r, margin=t(1 / 3)).losses, nls(1 - 1 / 3), 0.414370)
+    third = bradley_terry_loss(rewards_chosen=r_c, rewards_rejected=r_r, margin=t(1 / 3))
+    check(third.losses, nls(1 - 1 / 3), 0.414370)
     check(bradley_terry_loss(rewards_chosen=r_c, rewards_rejected=r_r, margin=t(1.0)).losses, nls(0.0), 0.693147)
     check(bradley_terry_loss(rewards_chosen=r_c, rewards_rejected=r_r, center_coef=0.01).losses,
           nls(1.0) + 0.01 * 2.0 ** 2, 0.353262)

@@ -74,7 +74,8 @@ def small_batch(kind: str, mean: bool, stateful: str | None) -> dict[str, object
             margin=torch.tensor([0.0, 1 / 3, 2 / 3, 1.0]),
             costs_chosen=torch.randn(B, generator=g).requires_grad_(True),
             costs_rejected=torch.randn(B, generator=g).requires_grad_(True),
-            safe_chosen=torch.tensor([True, True, False, True]), safe_rejected=torch.tensor([False, False, False, True]),
+            safe_chosen=torch.tensor([True, True, False, True]),
+            safe_rejected=torch.tensor([False, False, False, True]),
         )
     return batch
 
@@ -109,7 +110,8 @@ def test_config_flags_match_function(path: Path) -> None:
         if key in ("_target_", "_partial_"):
             continue
         assert key in params and key not in data, f"{key} is not a hyperparameter of {fn.__name__}"
-        assert params[key].default == value, f"{path.name}: {key}={value} but the function default is {params[key].default}"
+        default = params[key].default
+        assert default == value, f"{path.name}: {key}={value} but the function default is {default}"
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=[p.stem for p in YAMLS])

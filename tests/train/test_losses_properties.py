@@ -4,8 +4,7 @@ constants detached, padding inert (specs/losses.md rules 1-5)."""
 from __future__ import annotations
 
 import functools
-import math
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -16,7 +15,14 @@ from train.losses.apo import apo_down_loss, apo_zero_loss
 from train.losses.bco import bco_loss
 from train.losses.calibration import hinge_loss, ipo_loss, slic_hf_loss
 from train.losses.dpo import (
-    bco_pair_loss, cdpo_loss, dpo_loss, dpop_loss, exo_pair_loss, odpo_loss, robust_dpo_loss, rpo_loss,
+    bco_pair_loss,
+    cdpo_loss,
+    dpo_loss,
+    dpop_loss,
+    exo_pair_loss,
+    odpo_loss,
+    robust_dpo_loss,
+    rpo_loss,
 )
 from train.losses.kto import kto_loss
 from train.losses.listwise import lipo_lambda_loss, pro_loss, rrhf_loss
@@ -149,10 +155,10 @@ def test_cpo_sequence_mean_needs_nll() -> None:
 
 def test_orpo_near_certain_logps_float32() -> None:
     w = torch.tensor([-1e-8, 0.0, -30.0], dtype=torch.float32, requires_grad=True)
-    l = torch.tensor([-30.0, -1e-8, 0.0], dtype=torch.float32, requires_grad=True)
-    out = orpo_loss(policy_chosen_logps=w, policy_rejected_logps=l, chosen_nll=torch.ones(3))
+    lo = torch.tensor([-30.0, -1e-8, 0.0], dtype=torch.float32, requires_grad=True)
+    out = orpo_loss(policy_chosen_logps=w, policy_rejected_logps=lo, chosen_nll=torch.ones(3))
     backward(out)
-    assert torch.isfinite(w.grad).all() and torch.isfinite(l.grad).all()
+    assert torch.isfinite(w.grad).all() and torch.isfinite(lo.grad).all()
 
 
 def test_log1mexp_gradient_finite_on_both_branches() -> None:
@@ -175,7 +181,8 @@ def unpaired_batch(beta_rho: list[float], beta: float = 0.1) -> dict[str, torch.
 
 
 def kto_kl() -> dict[str, torch.Tensor]:
-    return {"policy_kl_logps": leaf([-11.5, -12.2, -10.0, -9.0]), "reference_kl_logps": leaf([-11.8, -12.0, -10.0, -9.0])}
+    return {"policy_kl_logps": leaf([-11.5, -12.2, -10.0, -9.0]),
+            "reference_kl_logps": leaf([-11.8, -12.0, -10.0, -9.0])}
 
 
 UNPAIRED: dict[str, Callable[[dict], LossOutput]] = {

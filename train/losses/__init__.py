@@ -89,6 +89,7 @@ DATA_ARGS: dict[str, tuple[str, ...]] = {
     ),
     "sft": ("token_logps", "token_mask"),
     "reward": (
-        "rewards_chosen", "rewards_rejected", "margin", "costs_chosen", "costs_rejected", "safe_chosen", "safe_rejected",
+        "rewards_chosen", "rewards_rejected", "margin",
+        "costs_chosen", "costs_rejected", "safe_chosen", "safe_rejected",
     ),
 }

@@ -25,7 +25,9 @@ def apo_zero_loss(
     L = (1 − σ(βρ_w)) + σ(βρ_l).   Shapes: all [B].
     Use when the chosen outputs are better than the model's own: raises y_w, lowers y_l.
     """
-    rho_w, rho_l = log_ratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    rho_w, rho_l = log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
     losses = (1 - torch.sigmoid(beta * rho_w)) + torch.sigmoid(beta * rho_l)
     return pair_output(losses, beta * rho_w, beta * rho_l)
 
@@ -44,6 +46,8 @@ def apo_down_loss(
     Use when the chosen outputs are worse than the model's own: lowers y_w, and y_l more. The
     gradient w.r.t. ℓθ(y_w) may be positive by design.
     """
-    rho_w, rho_l = log_ratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    rho_w, rho_l = log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
     losses = torch.sigmoid(beta * rho_w) + (1 - torch.sigmoid(beta * (rho_w - rho_l)))
     return pair_output(losses, beta * rho_w, beta * rho_l)

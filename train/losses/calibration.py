@@ -50,7 +50,9 @@ def hinge_loss(
     Shapes: all [B]. Equals β·max(0, 1/β − h): margin 1/β (10 nats at β = 0.1) and no SFT
     regulariser, so it is *not* SLiC-HF (spec trap 8); RSO uses β = γ = 0.05.
     """
-    rho_w, rho_l = log_ratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    rho_w, rho_l = log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
     losses = torch.relu(1 - beta * (rho_w - rho_l))
     return pair_output(losses, beta * rho_w, beta * rho_l)
 
@@ -75,11 +77,15 @@ def ipo_loss(
     per-token-mean log-probs (YAML ``length_normalised: true``) to the paper form is the same thing;
     do not do both.
     """
-    rho_w, rho_l = log_ratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    rho_w, rho_l = log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
     if length_normalise:
         if chosen_lengths is None or rejected_lengths is None:
             raise ValueError("ipo_loss(length_normalise=True) needs chosen_lengths and rejected_lengths")
-        h = rho_w / as_float(chosen_lengths).detach().clamp(min=1) - rho_l / as_float(rejected_lengths).detach().clamp(min=1)
+        len_w = as_float(chosen_lengths).detach().clamp(min=1)
+        len_l = as_float(rejected_lengths).detach().clamp(min=1)
+        h = rho_w / len_w - rho_l / len_l
     else:
         h = rho_w - rho_l
     losses = (h - 1 / (2 * tau)) ** 2

@@ -49,7 +49,9 @@ def dpo_loss(
     token probabilities) gives the soft-label cross-entropy −p log σ(βh) − (1−p) log σ(−βh); it is
     data and is detached. Rewards β·ρ are detached.
     """
-    rho_w, rho_l = log_ratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    rho_w, rho_l = log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
     logits = beta * (rho_w - rho_l)
     if p_chosen is None:
         losses = -F.logsigmoid(logits)
@@ -74,7 +76,9 @@ def cdpo_loss(
     """
     if not 0.0 <= epsilon <= 1.0:
         raise ValueError(f"cdpo epsilon must lie in [0, 1], got {epsilon}")
-    rho_w, rho_l = log_ratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    rho_w, rho_l = log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
     losses = smoothed_sigmoid_loss(beta * (rho_w - rho_l), epsilon)
     return pair_output(losses, beta * rho_w, beta * rho_l)
 
@@ -95,7 +99,9 @@ def robust_dpo_loss(
     """
     if not 0.0 <= epsilon < 0.5:
         raise ValueError(f"robust DPO needs 0 <= epsilon < 0.5, got {epsilon}")
-    rho_w, rho_l = log_ratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    rho_w, rho_l = log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
     logits = beta * (rho_w - rho_l)
     losses = ((1 - epsilon) * -F.logsigmoid(logits) + epsilon * F.logsigmoid(-logits)) / (1 - 2 * epsilon)
     return pair_output(losses, beta * rho_w, beta * rho_l)
@@ -140,7 +146,9 @@ def dpop_loss(
     The penalty sits *inside* β(...) (spec trap 6; public ports that add it outside are wrong) and is
     active only when the policy's chosen log-prob falls below the reference's.
     """
-    rho_w, rho_l = log_ratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    rho_w, rho_l = log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
     penalty = torch.clamp(-rho_w, min=0.0)  # max(0, ℓref(y_w) − ℓθ(y_w)) = max(0, −ρ_w)
     losses = -F.logsigmoid(beta * (rho_w - rho_l - lam * penalty))
     return pair_output(losses, beta * rho_w, beta * rho_l, dpop_penalty=penalty)
@@ -170,7 +178,9 @@ def odpo_loss(
     if bool(bad.any()):
         raise ValueError("ODPO needs score_chosen > score_rejected (and > 0 with ratio=True) for every pair")
     offset = alpha * torch.log(gap)
-    rho_w, rho_l = log_ratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    rho_w, rho_l = log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
     losses = -F.logsigmoid(beta * (rho_w - rho_l) - offset)
     return pair_output(losses, beta * rho_w, beta * rho_l, offset=offset)
 
@@ -192,7 +202,9 @@ def exo_pair_loss(
     """
     if not 0.0 < epsilon < 1.0:
         raise ValueError(f"EXO needs 0 < epsilon < 1 (log epsilon), got {epsilon}")
-    rho_w, rho_l = log_ratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    rho_w, rho_l = log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
     z = beta * (rho_w - rho_l)
     log_p_w, log_p_l = math.log1p(-epsilon), math.log(epsilon)
     losses = torch.sigmoid(z) * (F.logsigmoid(z) - log_p_w) + torch.sigmoid(-z) * (F.logsigmoid(-z) - log_p_l)
@@ -216,7 +228,9 @@ def bco_pair_loss(
     batch-mean reward, updated with this batch *before* use (TRL ≤ v0.28; spec trap 4); ``reduce``
     mean-all-reduces the batch mean first. Shapes: all [B].
     """
-    rho_w, rho_l = log_ratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    rho_w, rho_l = log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
     r_w, r_l = beta * rho_w, beta * rho_l
     delta = torch.zeros((), dtype=r_w.dtype, device=r_w.device)
     if running_mean is not None:

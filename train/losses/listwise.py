@@ -58,7 +58,8 @@ def lipo_lambda_loss(
     psi = _clean(scores, mask).detach()
     with torch.no_grad():
         order = s.masked_fill(~mask, float("-inf")).argsort(dim=-1, descending=True, stable=True)
-        ranks = torch.empty_like(s).scatter_(-1, order, torch.arange(1, s.shape[-1] + 1, dtype=s.dtype, device=s.device).expand_as(s))
+        positions = torch.arange(1, s.shape[-1] + 1, dtype=s.dtype, device=s.device).expand_as(s)
+        ranks = torch.empty_like(s).scatter_(-1, order, positions)
         inv_discount = math.log(discount_base) / torch.log1p(ranks)
         gains = torch.pow(2.0, psi) - 1
         weights = (gains.unsqueeze(-1) - gains.unsqueeze(-2)).abs() * (
@@ -111,7 +112,8 @@ def pro_loss(
     sft = -summed[:, 0]
     scale = (n - 1) ** 2 if reference_code_sft_scale else 1.0
     losses = ranking + sft_weight * scale * sft
-    chosen, rejected = _best_worst(_clean(policy_logps, mask) / _clean(lengths, mask).detach().clamp(min=1), scores, mask)
+    normalised = _clean(policy_logps, mask) / _clean(lengths, mask).detach().clamp(min=1)
+    chosen, rejected = _best_worst(normalised, scores, mask)
     return LossOutput(losses, chosen, rejected, {"ranking": ranking.detach().mean(), "sft": sft.detach().mean()})
 
 
@@ -143,4 +145,5 @@ def rrhf_loss(
     best = r.masked_fill(~mask, float("-inf")).argmax(dim=-1, keepdim=True)
     ft = -summed.gather(-1, best).squeeze(-1)
     chosen, rejected = _best_worst(p, r, mask)
-    return LossOutput(rank_weight * rank + ft, chosen, rejected, {"rank": rank.detach().mean(), "ft": ft.detach().mean()})
+    metrics = {"rank": rank.detach().mean(), "ft": ft.detach().mean()}
+    return LossOutput(rank_weight * rank + ft, chosen, rejected, metrics)

@@ -54,7 +54,8 @@ def orpo_loss(
 ) -> LossOutput:
     """ORPO, Hong et al. 2024 (arXiv 2403.07691), Eq. 6-7, on **mean** log-probs ℓ̄ < 0:
 
-    log OR = (ℓ̄_w − ℓ̄_l) − (log(1 − e^ℓ̄_w) − log(1 − e^ℓ̄_l)),   L = NLL(y_w) + λ · [−log σ(log OR)]
+    log OR = (ℓ̄_w − ℓ̄_l) − (log(1 − e^ℓ̄_w) − log(1 − e^ℓ̄_l)),
+    L = NLL(y_w) + λ · [−log σ(log OR)]
 
     Shapes: all [B]. ``chosen_nll`` is the per-sequence token-mean NLL of the completion (TRL masks
     the prompt; the original repo includes prompt tokens unless --disable_prompt_loss). log(1 − e^x)
@@ -66,7 +67,8 @@ def orpo_loss(
     odds_ratio_loss = -F.logsigmoid(log_odds)
     nll = as_float(chosen_nll)
     return pair_output(
-        nll + lam * odds_ratio_loss, lam * l_w, lam * l_l, log_odds_ratio=log_odds, odds_ratio_loss=odds_ratio_loss, nll=nll
+        nll + lam * odds_ratio_loss, lam * l_w, lam * l_l,
+        log_odds_ratio=log_odds, odds_ratio_loss=odds_ratio_loss, nll=nll,
     )
 
 
