@@ -701,8 +701,11 @@ class UnpairedCollator:
         return [(r["prompt_ids"], c[:n]) for r, c, n in zip(rows, completions, room)]
 
 
-def make_collator(kind: RowKind, pad_token_id: int | None, **kwargs: Any):
+def make_collator(kind: RowKind | Literal["listwise"], pad_token_id: int | None, **kwargs: Any):
     """The collator for a row kind. `pad_token_id` None (a tokenizer without one) pads with 0: padded
     positions are masked and carry label -100, so the pad id never changes a result."""
-    classes = {"sft": SFTCollator, "pairwise": PairCollator, "ranked": RankedCollator, "unpaired": UnpairedCollator}
+    classes = {"sft": SFTCollator, "pairwise": PairCollator, "ranked": RankedCollator, "unpaired": UnpairedCollator,
+               "listwise": RankedCollator}  # "listwise" is the loss YAMLs' name for ranked rows
+    if kind not in classes:
+        raise ValueError(f"unknown row kind {kind!r}; valid: {sorted(classes)}")
     return classes[kind](pad_token_id=0 if pad_token_id is None else pad_token_id, **kwargs)
