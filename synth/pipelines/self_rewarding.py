@@ -1,0 +1,175 @@
+"""`pipeline=self_rewarding` (Yuan et al. 2024, specs/methods.md §3a): one AIFT(M_t) round.
+
+Roles: `policy` (M_t) samples k candidates per prompt and, optionally, writes new prompts by few-shot
+self-instruct; `judge` scores each candidate m times with the additive 5-point rubric. The judge
+defaults to the policy backend itself, as in the paper (self-judging by design: the manifest notes it).
+
+Per prompt: k candidates (T=0.7, top_p=0.9, k=4) -> m=3 judgements each, averaged over the ones that
+parse -> chosen = best mean, rejected = worst mean -> preferences.jsonl; ties and candidates without a
+valid judgement never form pairs. `finalize` adds length statistics of chosen vs rejected (§0.4, §8.2).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from synth.io import ChunkWriter, read_jsonl
+from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
+from synth.pipelines.generate import Sampling
+from synth.prompts import template_ref
+from synth.records import Message, PreferenceRecord, Provenance, SourceItem, stable_id
+from synth.steps.base import Call, run_calls
+from synth.steps.filters import NearDuplicateIndex
+from synth.steps.self_reward import (
+    Scored, build_self_instruct, judge_candidates, parse_task, pick_examples, select_pair,
+)
+
+
+class NewPrompts(BaseModel):
+    """Few-shot self-instruct prompt generation from the source's prompts as seeds (§3a step 1)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = False
+    per_seed: int = 1  # new prompts requested per seed item
+    shots: int = 8  # demonstrations per request (the paper uses 8-shot)
+    keep_seed_prompts: bool = False  # also build pairs for the seed prompts themselves
+    near_duplicate_threshold: float = 0.7  # character-shingle Jaccard against seeds and earlier prompts
+    sampling: Sampling = Sampling(temperature=0.6, top_p=0.9, max_new_tokens=256)  # §3a step 1 / Oxen
+
+
+class SelfRewardingConfig(PipelineConfig):
+    name: str = "self_rewarding"
+    k: int = 4  # candidates per prompt (§3a step 2)
+    sampling: Sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=1024)  # §3a step 2
+    judge_samples: int = 3  # m judgements per candidate, averaged (§3a step 3)
+    judge_sampling: Sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=512)
+    min_valid_judgements: int = 1  # spec §3a: failed judgements are dropped, the candidate only when all fail
+    length_control_rho: float = 0.0  # Meta-Rewarding's ρ (§3b); 0 = plain max vs min
+    iteration: int = 1  # t of AIFT(M_t), written on every row
+    new_prompts: NewPrompts = NewPrompts()
+
+
+class SelfRewardingPipeline(Pipeline):
+    Config = SelfRewardingConfig
+    outputs = ("preferences",)
+    roles = ("policy", "judge")
+
+    def __init__(self, cfg: SelfRewardingConfig):
+        super().__init__(cfg)
+        if cfg.new_prompts.enabled:
+            self.outputs = ("preferences", "prompts")
+        self._seeds: list[str] = []
+        self._dedup: NearDuplicateIndex | None = None
+
+    def items(self, ctx: Context, source: Iterable[SourceItem] | None) -> Iterable[SourceItem]:
+        items = list(super().items(ctx, source))
+        self._seeds = [it.prompt_text for it in items]  # the few-shot pool for new prompts
+        return items
+
+    def setup(self, ctx: Context, writer: ChunkWriter) -> None:
+        np_cfg = self.cfg.new_prompts
+        if np_cfg.enabled:  # dedup against the seeds and every prompt earlier chunks committed
+            self._dedup = NearDuplicateIndex(np_cfg.near_duplicate_threshold)
+            for i, seed in enumerate(self._seeds):
+                self._dedup.add(f"seed/{i}", seed)
+            for row in read_jsonl(writer.path("prompts")):
+                self._dedup.add(row["id"], row["prompt"][-1]["content"])
+
+    def process(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> None:
+        targets = list(items) if (not self.cfg.new_prompts.enabled or self.cfg.new_prompts.keep_seed_prompts) else []
+        if self.cfg.new_prompts.enabled:
+            targets += self._new_prompts(items, ctx, state)
+        for it in targets:
+            if it.category:
+                state.count(f"category/{it.category}")
+        groups = self._candidates(targets, ctx, state)
+        params = self.cfg.judge_sampling.params()
+        scored = judge_candidates(ctx, state, groups, params, self.cfg.judge_samples, self.cfg.min_valid_judgements)
+        for (it, _), cands in zip(groups, scored):
+            self._emit(it, cands, ctx, state)
+
+    def _new_prompts(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> list[SourceItem]:
+        cfg = self.cfg.new_prompts
+        calls = [Call(it.id, build_self_instruct(ctx.language, pick_examples(ctx, self._seeds, it.id, cfg.shots)))
+                 for it in items]
+        results = run_calls(ctx, state, "self_instruct", "policy", calls, cfg.sampling.params(n=cfg.per_seed), parse=parse_task)
+        out = []
+        for it, samples in zip(items, results):
+            for smp in samples:
+                if not smp.ok:
+                    continue  # counted as parse_failed/self_instruct (or truncated/self_instruct)
+                new = SourceItem(id=stable_id(it.id, "self_instruct", smp.index), prompt=[Message(role="user", content=smp.judgement.parsed)],
+                                 category=it.category, meta={"generated_from": it.id})
+                dup = self._dedup.check(smp.judgement.parsed)
+                if dup is not None:
+                    state.drop(f"new_prompt_{dup[0]}_duplicate")
+                    continue
+                self._dedup.add(new.id, smp.judgement.parsed)
+                state.emit("prompts", new)
+                out.append(new)
+        return out
+
+    def _candidates(self, targets: list[SourceItem], ctx: Context, state: ChunkState) -> list[tuple[SourceItem, list[str]]]:
+        calls = [Call(it.id, list(it.prompt)) for it in targets]
+        results = run_calls(ctx, state, "candidates", "policy", calls, self.cfg.sampling.params(n=self.cfg.k))
+        groups = []
+        for it, samples in zip(targets, results):
+            texts = [s.text for s in samples if not s.completion.truncated]
+            if len(texts) < len(samples):  # a truncated answer is never a training target (§0.4)
+                state.drop("truncated_candidate", len(samples) - len(texts))
+            groups.append((it, texts))
+        return groups
+
+    def _emit(self, it: SourceItem, cands: list[Scored], ctx: Context, state: ChunkState) -> None:
+        unscored = sum(c.mean is None for c in cands)
+        if unscored:
+            state.drop("candidate_without_valid_judgement", unscored)
+        pair = select_pair(cands, self.cfg.length_control_rho)
+        if pair is None:
+            state.drop("tie" if sum(c.mean is not None for c in cands) >= 2 else "fewer_than_2_scored")
+            return
+        chosen, rejected = pair
+        policy, judge = ctx.llm("policy").model, ctx.llm("judge").model
+        state.emit("preferences", PreferenceRecord(
+            id=stable_id(it.id, "self_rewarding", self.cfg.iteration), prompt=it.prompt,
+            chosen=[Message(role="assistant", content=chosen.text)], rejected=[Message(role="assistant", content=rejected.text)],
+            method="self_rewarding", score_chosen=chosen.mean, score_rejected=rejected.mean, margin=chosen.mean - rejected.mean,
+            category=it.category,
+            meta={"iteration": self.cfg.iteration, "chosen_index": chosen.index, "rejected_index": rejected.index,
+                  "candidates": [{"text": c.text, "scores": c.scores, "mean": c.mean} for c in cands],
+                  "judge_model": judge, "self_judged": judge == policy, "source_meta": it.meta},
+            provenance=Provenance(generator_model=policy, sampling={**self.cfg.sampling.model_dump(), "n": self.cfg.k},
+                                  iteration=self.cfg.iteration, **template_ref("self_reward_judge", ctx.language)),
+        ))
+
+    def finalize(self, ctx: Context, out_dir: Path) -> dict[str, Any]:
+        rows = read_jsonl(out_dir / "preferences.jsonl")
+        return {"self_rewarding": {"iteration": self.cfg.iteration, **length_stats(rows), **score_stats(rows),
+                                   "self_judged_rows": sum(bool(r["meta"].get("self_judged")) for r in rows)}}
+
+
+def length_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Chosen vs rejected length in characters (§0.4: log it every iteration; §8.2: alert when the
+    chosen answer is the longer one in more than ~70% of pairs)."""
+    if not rows:
+        return {"length": None}
+    lc = [len(r["chosen"][-1]["content"]) for r in rows]
+    lr = [len(r["rejected"][-1]["content"]) for r in rows]
+    longer = sum(a > b for a, b in zip(lc, lr)) / len(rows)
+    return {"length": {"chosen_mean_chars": round(statistics.mean(lc), 1), "rejected_mean_chars": round(statistics.mean(lr), 1),
+                       "chosen_median_chars": statistics.median(lc), "rejected_median_chars": statistics.median(lr),
+                       "chosen_longer_rate": round(longer, 4), "length_bias_alert": longer > 0.7}}
+
+
+def score_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean chosen/rejected scores and margin; a skewed score distribution shows up here (§3a)."""
+    if not rows:
+        return {"scores": None}
+    return {"scores": {"chosen_mean": round(statistics.mean(r["score_chosen"] for r in rows), 4),
+                       "rejected_mean": round(statistics.mean(r["score_rejected"] for r in rows), 4),
+                       "margin_mean": round(statistics.mean(r["margin"] for r in rows), 4)}}

@@ -1,0 +1,110 @@
+"""Self-Rewarding steps (Yuan et al. 2024, specs/methods.md §3a; the ρ selector of Meta-Rewarding §3b).
+
+- `judge_candidates`: the model judges each of its own k candidates m times with the additive 5-point
+  prompt, in ONE call (k requests per prompt, n=m); scores are averaged over the parsed judgements.
+- `select_pair`: chosen = best mean, rejected = worst mean; a tie gives no pair.
+- `build_self_instruct` / `parse_task`: few-shot generation of new prompts from seed prompts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from synth.llm.base import SamplingParams
+from synth.pipelines.base import ChunkState, Context
+from synth.prompts import render
+from synth.records import Judgement, Message, SourceItem
+from synth.steps.base import Call, run_calls, user
+from synth.steps.judge import conversation
+
+# methods.md §3a step 3: `Score:\s*([0-5](?:\.\d+)?)\s*$`, last match; 得分 is the Chinese template's marker
+_SCORE = re.compile(r"(?:Score|得分)\s*[:：]\s*([0-5](?:\.\d+)?)\s*$", re.MULTILINE)
+
+
+def build_judge(language: str, prompt: Sequence[Message], response: str) -> list[Message]:
+    return [user(render("self_reward_judge", language, conversation=conversation(prompt), response=response))]
+
+
+def parse_score(text: str) -> Judgement:
+    """The last `Score: <k>` at the end of a line, 0 <= k <= 5. Anything else is a failed judgement."""
+    found = _SCORE.findall(text)
+    if not found:
+        return Judgement(raw=text, error="no 'Score: <0-5>' line")
+    value = float(found[-1])
+    if value > 5:
+        return Judgement(raw=text, error=f"score {value} outside 0-5")
+    return Judgement(raw=text, parsed=value, parse_status="ok")
+
+
+@dataclass
+class Scored:
+    """One candidate with its m judge scores (None = a failed or truncated judgement) and their mean
+    over the valid ones (None when fewer than min_valid parsed: the candidate is then left out)."""
+
+    index: int
+    text: str
+    scores: list[float | None]
+    mean: float | None
+
+
+def judge_candidates(
+    ctx: Context, state: ChunkState, groups: Sequence[tuple[SourceItem, list[str]]],
+    params: SamplingParams, samples: int, min_valid: int,
+) -> list[list[Scored]]:
+    """ONE judge call: every candidate of every prompt, n=samples each."""
+    calls = [Call(it.id, build_judge(ctx.language, it.prompt, text), {"candidate": i})
+             for it, texts in groups for i, text in enumerate(texts)]
+    results = iter(run_calls(ctx, state, "self_reward_judge", "judge", calls, params.replace(n=samples), parse=parse_score))
+    out = []
+    for _, texts in groups:
+        scored = []
+        for i, text in enumerate(texts):
+            vals = [s.judgement.parsed if s.ok else None for s in next(results)]
+            ok = [v for v in vals if v is not None]
+            scored.append(Scored(i, text, vals, sum(ok) / len(ok) if len(ok) >= max(min_valid, 1) else None))
+        out.append(scored)
+    return out
+
+
+def select_pair(cands: Sequence[Scored], rho: float = 0.0) -> tuple[Scored, Scored] | None:
+    """Meta-Rewarding's length-controlled selection (§3b); rho=0 is Self-Rewarding's max vs min (§3a
+    step 4), with the shortest of the best and the longest of the worst breaking score ties.
+    chosen = shortest with mean >= (1-ρ)·Smax + ρ·Smin; rejected = longest with mean <= (1-ρ)·Smin + ρ·Smax.
+    None when fewer than two candidates were scored or the chosen does not score strictly higher."""
+    valid = [c for c in cands if c.mean is not None]
+    if len(valid) < 2:
+        return None
+    s_max, s_min = max(c.mean for c in valid), min(c.mean for c in valid)
+    top = [c for c in valid if c.mean >= (1 - rho) * s_max + rho * s_min - 1e-9]
+    bottom = [c for c in valid if c.mean <= (1 - rho) * s_min + rho * s_max + 1e-9]
+    chosen = min(top, key=lambda c: (len(c.text), c.index))
+    rejected = max(bottom, key=lambda c: (len(c.text), -c.index))
+    if chosen.mean <= rejected.mean:  # ties (e.g. constant scores) give no pair (§3a step 4)
+        return None
+    return chosen, rejected
+
+
+# --------------------------------------------------------------------------- new prompts (self-instruct)
+
+
+def build_self_instruct(language: str, examples: Sequence[str]) -> list[Message]:
+    return [user(render("self_instruct", language, examples=list(examples)))]
+
+
+_TASK = re.compile(r"<task>(.*?)</task>", re.DOTALL)
+
+
+def parse_task(text: str) -> Judgement:
+    """The first complete `<task>...</task>`, stripped; a missing or empty one is a failure."""
+    m = _TASK.search(text)
+    if not m or not m.group(1).strip():
+        return Judgement(raw=text, error="no non-empty <task>...</task>")
+    return Judgement(raw=text, parsed=m.group(1).strip(), parse_status="ok")
+
+
+def pick_examples(ctx: Context, seeds: Sequence[str], item_id: str, shots: int) -> list[str]:
+    """`shots` seed prompts for one generation request, drawn per item (resumes draw the same)."""
+    rng = ctx.rng(item_id, "self_instruct")
+    return rng.sample(list(seeds), min(shots, len(seeds)))
