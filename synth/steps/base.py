@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from synth.pipelines.base import ChunkState, Context
 
 Parser = Callable[[str], Judgement]
+# Parses the whole completion, for judgements read from token log-probs rather than from the text.
+CompletionParser = Callable[[Completion], Judgement]
 
 
 @dataclass
@@ -63,9 +65,10 @@ def run_calls(
     calls: Sequence[Call],
     params: SamplingParams | Sequence[SamplingParams],
     parse: Parser | None = None,
+    parse_completion: CompletionParser | None = None,
 ) -> list[list[Sample]]:
     """ONE backend call for the whole stage; parse every sample; trace and count. Returns, per call,
-    its n samples in order."""
+    its n samples in order. `parse` reads the text; `parse_completion` (instead) the whole Completion."""
     if not calls:
         return []
     llm = ctx.llm(role)
@@ -76,7 +79,7 @@ def run_calls(
     for call, completions in zip(calls, results):
         samples = []
         for i, comp in enumerate(completions):
-            judgement = parse(comp.text) if parse is not None else None
+            judgement = parse(comp.text) if parse is not None else (parse_completion(comp) if parse_completion else None)
             samples.append(Sample(call, i, comp, judgement))
             _trace(state, step, role, llm.model, call, i, comp, judgement)
         if completions:
