@@ -1,0 +1,224 @@
+"""`pipeline=critique_revision`: SL-CAI (specs/methods.md §1.2) -> sft.jsonl, preferences.jsonl.
+
+For each red-team prompt x (one batched call per stage for the whole chunk):
+1. the policy answers x after the constitution's few-shot critique/revision transcripts (incl. the
+   no-change ones, §1.1) -> r0;
+2. for k = 1..rounds, a principle is drawn AFRESH for this item and round (`ctx.rng(id, k)`; an
+   item's category narrows the pool to that category's principles), the policy critiques its last
+   reply (one call for all items) and revises it (one call) -> r_k; the transcript grows, so round k
+   critiques r_{k-1} with the earlier rounds in context, as in the paper;
+3. sft.jsonl: x -> r_K, with r0 and every (principle, critique, revision) in meta;
+   preferences.jsonl: chosen r_K, rejected r0 (the open HF recipe's split; the paper's RL-CAI pairs
+   are two policy samples judged by `pipeline=ai_feedback`), dropped when near-identical.
+
+Helpfulness prompts (§1.2: "2 samples per helpfulness prompt, no critique") are items flagged
+`meta.helpful: true` (a `helpful` field in a jsonl source) or the items of `helpful_source`; they give
+`helpful_samples` plain policy samples each, straight into sft.jsonl (method "cai_sl_helpful").
+
+An item whose reply, critique or revision is empty or truncated in any round is dropped with the
+reason `<step>_empty` / `<step>_truncated` (a revision is the training target; a critique feeds it).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from pydantic import Field
+
+from synth.llm.base import SamplingParams
+from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
+from synth.pipelines.generate import Sampling
+from synth.prompts import template_ref
+from synth.records import Message, PreferenceRecord, Provenance, SFTRecord, SourceItem, stable_id
+from synth.sources import SourceConfig, iter_source
+from synth.steps import critique as critique_step
+from synth.steps import revision as revision_step
+from synth.steps.base import Call, Sample, assistant, run_calls, user
+from synth.steps.filters import similarity
+
+
+class CritiqueRevisionConfig(PipelineConfig):
+    name: str = "critique_revision"
+    rounds: int = Field(4, ge=1, le=4)  # §1.2/§1.4: up to 4 sequential critique-revision rounds
+    few_shot: bool = True  # §1.1/§1.5: the few-shot transcripts prevent perspective confusion
+    # §1.2/§1.4: temperature 1; the HF recipe's 1500 max new tokens. Extra stop strings are added to
+    # the step's own (transcript labels, invented turns).
+    sampling: Sampling = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=1500)
+    near_identical: float = Field(0.9, gt=0, le=1)  # §0.4: no preference pair when sim(r_K, r0) >= this
+    helpful_source: SourceConfig | None = None  # helpfulness prompts (§1.2), mixed into sft.jsonl
+    helpful_samples: int = Field(2, ge=1)  # §1.2/§1.4: 2 samples per helpfulness prompt
+
+
+@dataclass
+class Conversation:
+    """One red-team item on its way through the rounds."""
+
+    item: SourceItem
+    history: list[Message]  # the transcript sent to the model, ending with the current reply
+    initial: str
+    reply: str
+    rounds: list[dict] = field(default_factory=list)
+
+
+def is_helpful(item: SourceItem) -> bool:
+    return item.meta.get("helpful") is True
+
+
+def with_prefix(prompt: Sequence[Message], prefix: Sequence[Message]) -> list[Message]:
+    """The few-shot transcript goes after any system message of the item and before its turns."""
+    system = [m for m in prompt if m.role == "system"]
+    return [*system, *prefix, *(m for m in prompt if m.role != "system")]
+
+
+def few_shot_prefix(constitution, language: str) -> list[Message]:
+    """The constitution's demonstrations as chat turns: prompt, reply, critique request, critique,
+    revision request, revision (the paper's CritiqueRevisionFewShotPrompts shape, §1.1)."""
+    out: list[Message] = []
+    for ex in constitution.few_shot:
+        p = constitution.principle(ex.principle_id)
+        out += [
+            user(ex.prompt), assistant(ex.response),
+            user(critique_step.request(p, language)), assistant(ex.critique),
+            user(revision_step.request(p, language)), assistant(ex.revision),
+        ]
+    return out
+
+
+def drop_reason(step: str, sample: Sample) -> str:
+    return f"{step}_truncated" if sample.completion.truncated else f"{step}_empty"
+
+
+class CritiqueRevisionPipeline(Pipeline):
+    Config = CritiqueRevisionConfig
+    outputs = ("sft", "preferences")
+    roles = ("policy",)
+
+    def items(self, ctx: Context, source: Iterable[SourceItem] | None) -> Iterable[SourceItem]:
+        if ctx.constitution is None:
+            raise ValueError("pipeline=critique_revision needs a constitution (constitution=<name or path>)")
+        base = super().items(ctx, source)
+        if self.cfg.helpful_source is None:
+            return base
+        helpful = (
+            it.model_copy(update={"id": stable_id("helpful", it.id), "meta": {**it.meta, "helpful": True}})
+            for it in iter_source(self.cfg.helpful_source)
+        )
+        return itertools.chain(base, helpful)
+
+    def params(self, language: str) -> SamplingParams:
+        p = self.cfg.sampling.params()
+        return p.replace(stop=(*p.stop, *critique_step.stops(language)))
+
+    def process(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> None:
+        convs = self.answer(items, ctx, state)
+        for k in range(1, self.cfg.rounds + 1):
+            convs = self.round(convs, k, ctx, state)
+        for conv in convs:
+            self.emit(conv, ctx, state)
+
+    # ------------------------------------------------------------------ stages
+
+    def answer(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> list[Conversation]:
+        """ONE call: the initial reply r0 of every red-team item (few-shot prefix, n=1) and the
+        helpful-only samples of every helpfulness item (plain prompt, n=helpful_samples)."""
+        prefix = few_shot_prefix(ctx.constitution, ctx.language) if self.cfg.few_shot else []
+        base = self.params(ctx.language)
+        calls, params = [], []
+        for it in items:
+            helpful = is_helpful(it)
+            msgs = list(it.prompt) if helpful else with_prefix(it.prompt, prefix)
+            calls.append(Call(it.id, msgs, {"kind": "helpful" if helpful else "red_team"}))
+            params.append(base.replace(n=self.cfg.helpful_samples if helpful else 1))
+        results = run_calls(ctx, state, "answer", "policy", calls, params, revision_step.parse_reply)
+        convs = []
+        for it, call, samples in zip(items, calls, results):
+            if is_helpful(it):
+                self.emit_helpful(it, samples, ctx, state)
+            elif not samples[0].ok:
+                state.drop(drop_reason("initial", samples[0]))
+            else:
+                r0 = samples[0].judgement.parsed  # type: ignore[union-attr]
+                convs.append(Conversation(it, [*call.messages, assistant(r0)], r0, r0))
+        return convs
+
+    def round(self, convs: list[Conversation], k: int, ctx: Context, state: ChunkState) -> list[Conversation]:
+        """One critique call and one revision call for every surviving item (round k)."""
+        params = self.params(ctx.language)
+        crit_in = [
+            critique_step.CritiqueInput(
+                c.item.id, c.history,
+                # A fresh principle per item AND round (§9): seeded by both, so resumes redraw the same.
+                ctx.constitution.sample_principle(ctx.rng(c.item.id, "cai_round", k), category=c.item.category),
+            )
+            for c in convs
+        ]
+        crits = critique_step.critique(ctx, state, crit_in, params, k)
+        alive, rev_in = [], []
+        for c, x, s in zip(convs, crit_in, crits):
+            if not s.ok:
+                state.drop(drop_reason("critique", s))
+                continue
+            alive.append(c)
+            rev_in.append(revision_step.RevisionInput(c.item.id, s.call.messages, s.judgement.parsed, x.principle))  # type: ignore[union-attr]
+        revs = revision_step.revise(ctx, state, rev_in, params, k)
+        out = []
+        for c, x, s in zip(alive, rev_in, revs):
+            if not s.ok:
+                state.drop(drop_reason("revision", s))
+                continue
+            c.reply = s.judgement.parsed  # type: ignore[union-attr]
+            c.history = [*s.call.messages, assistant(c.reply)]
+            c.rounds.append({"round": k, "principle_id": x.principle.id, "critique": x.critique, "revision": c.reply})
+            out.append(c)
+        return out
+
+    # ------------------------------------------------------------------ rows
+
+    def provenance(self, ctx: Context, n: int = 1) -> Provenance:
+        refs = [template_ref(name, ctx.language) for name in ("cai_critique_request", "cai_revision_request")]
+        return Provenance(
+            generator_model=ctx.llm("policy").model,
+            sampling={**self.cfg.sampling.model_dump(), "n": n},
+            template_id="+".join(r["template_id"] for r in refs),
+            template_hash="+".join(r["template_hash"] for r in refs),
+        )
+
+    def emit(self, conv: Conversation, ctx: Context, state: ChunkState) -> None:
+        it, prov = conv.item, self.provenance(ctx)
+        principle_ids = [r["principle_id"] for r in conv.rounds]
+        state.emit("sft", SFTRecord(
+            id=stable_id(it.id, "cai_sl"), messages=[*it.prompt, assistant(conv.reply)], method="cai_sl",
+            category=it.category, meta={"r0": conv.initial, "rounds": conv.rounds}, provenance=prov,
+        ))
+        if it.category:
+            state.count(f"category/{it.category}")
+        sim = similarity(conv.reply, conv.initial)
+        if sim >= self.cfg.near_identical:  # no-change revisions are fine SFT targets, not preferences
+            state.drop("preference_near_identical")
+            return
+        state.emit("preferences", PreferenceRecord(
+            id=stable_id(it.id, "cai_sl_pref"), prompt=it.prompt, chosen=[assistant(conv.reply)],
+            rejected=[assistant(conv.initial)], method="cai_sl_revision", principle_ids=principle_ids,
+            category=it.category, meta={"rounds": len(conv.rounds), "similarity": round(sim, 4)}, provenance=prov,
+        ))
+
+    def emit_helpful(self, it: SourceItem, samples: list[Sample], ctx: Context, state: ChunkState) -> None:
+        seen: set[str] = set()
+        prov = self.provenance(ctx, n=self.cfg.helpful_samples)
+        for s in samples:
+            if not s.ok:
+                state.drop(drop_reason("helpful", s))
+                continue
+            text = s.judgement.parsed  # type: ignore[union-attr]
+            if text in seen:
+                state.drop("helpful_duplicate")
+                continue
+            seen.add(text)
+            state.emit("sft", SFTRecord(
+                id=stable_id(it.id, "cai_sl_helpful", s.index), messages=[*it.prompt, assistant(text)],
+                method="cai_sl_helpful", category=it.category, meta={"sample": s.index}, provenance=prov,
+            ))
+            if it.category:
+                state.count(f"category/{it.category}")

@@ -1,0 +1,229 @@
+"""`pipeline=red_team`: taxonomy x attack families -> adversarial prompts, target answers, verdicts
+(specs/methods.md §7).
+
+Items are the constitution's taxonomy categories (safety_zh: 33 L2 categories) crossed with the
+attack families of §7.2 (no source). Per chunk, one batched call per stage:
+1. attacker: k prompts per (category, family); exact and near-duplicate prompts are removed against
+   every prompt committed so far in this output folder (loaded in `setup`) and earlier in the chunk;
+2. target: every prompt answered under every decoding setting of `decoding` (§7.2.1: greedy-only
+   safety results overstate robustness), one request per (prompt, setting) with its own params;
+3. judge: a safety verdict + violated category per answer; an unparseable verdict is no verdict
+   (counted), never "safe".
+
+Outputs: prompts.jsonl (prompt, L1/L2 category, attack family, generator config, §7's labels),
+answers.jsonl (prompt, answer, decoding setting, verdict, category), unsafe.jsonl (prompts with at
+least one unsafe answer; `prompt` + `category`, read directly by
+`pipeline=critique_revision source=jsonl source.path=<out>/unsafe.jsonl`). Harmful answers stay in
+answers.jsonl only; they are never training targets (§7).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from synth.io import ChunkWriter, read_jsonl
+from synth.llm.base import SamplingParams
+from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
+from synth.pipelines.generate import Sampling
+from synth.prompts import template_ref
+from synth.records import SourceItem, stable_id
+from synth.steps import attack as attack_step
+from synth.steps import safety_verdict
+from synth.steps.base import Call, run_calls, user
+from synth.steps.filters import NearDuplicateIndex
+
+
+class Decoding(BaseModel):
+    """One target decoding setting of the sweep (§7.2.1)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    max_new_tokens: int = 100  # §7.2.1: max_new_tokens=100
+
+    def params(self, seed: int | None) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              max_new_tokens=self.max_new_tokens, seed=seed)
+
+
+DEFAULT_DECODING = [  # §7.2.1: greedy, the "default" setting (T=0.1, top-p 0.9), and two grid points
+    Decoding(name="greedy", temperature=0.0),
+    Decoding(name="default", temperature=0.1, top_p=0.9),
+    Decoding(name="t0.7_p1.0", temperature=0.7, top_p=1.0),
+    Decoding(name="t1.0_p0.9", temperature=1.0, top_p=0.9),
+]
+
+
+class RedTeamConfig(PipelineConfig):
+    name: str = "red_team"
+    families: list[str] = list(attack_step.FAMILIES)
+    categories: list[str] = []  # "L1/L2" paths or L1 names to walk; [] = the whole taxonomy
+    prompts_per_item: int = Field(4, ge=1)  # k attacker samples per (category, family)
+    attacker_sampling: Sampling = Sampling(temperature=1.0, top_p=0.95, max_new_tokens=256)  # §7.1: nucleus p=0.95
+    near_duplicate: float = Field(0.8, gt=0, le=1)  # Jaccard of character 3-grams
+    decoding: list[Decoding] = DEFAULT_DECODING
+    target_seed: int | None = 0  # sampled settings are seeded so reruns reproduce the sweep
+    judge_sampling: Sampling = Sampling(temperature=0.0, max_new_tokens=128)  # §8.1: judge at T=0
+
+    @field_validator("families")
+    @classmethod
+    def _known_families(cls, v: list[str]) -> list[str]:
+        unknown = [f for f in v if f not in attack_step.FAMILIES]
+        if unknown or not v:
+            raise ValueError(f"unknown attack families {unknown}; valid: {list(attack_step.FAMILIES)}")
+        return v
+
+    @field_validator("decoding")
+    @classmethod
+    def _unique_names(cls, v: list[Decoding]) -> list[Decoding]:
+        names = [d.name for d in v]
+        if not v or len(set(names)) != len(names):
+            raise ValueError(f"decoding needs at least one setting and unique names, got {names}")
+        return v
+
+
+class RedTeamPipeline(Pipeline):
+    Config = RedTeamConfig
+    outputs = ("prompts", "answers", "unsafe")
+    roles = ("attacker", "target", "judge")
+    needs_source = False
+
+    def __init__(self, cfg: RedTeamConfig):
+        super().__init__(cfg)
+        self.index = NearDuplicateIndex(cfg.near_duplicate)
+
+    def items(self, ctx: Context, source: Iterable[SourceItem] | None) -> Iterable[SourceItem]:
+        for path in self.category_paths(ctx):
+            l1, l2 = path.split("/", 1)
+            for fam in self.cfg.families:
+                yield SourceItem(id=stable_id("red_team", path, fam), prompt=[], category=path,
+                                 meta={"l1": l1, "l2": l2, "attack_family": fam})
+
+    def category_paths(self, ctx: Context) -> list[str]:
+        cons = ctx.constitution
+        if cons is None or not cons.taxonomy:
+            name = getattr(cons, "name", None)
+            raise ValueError(f"pipeline=red_team walks a constitution's taxonomy; {name!r} has none "
+                             "(use constitution=safety_zh or add a taxonomy to your constitution)")
+        paths = [f"{l1}/{l2}" for l1, l2 in cons.categories()]
+        if not self.cfg.categories:
+            return paths
+        unknown = [c for c in self.cfg.categories if not any(p == c or p.startswith(c + "/") for p in paths)]
+        if unknown:
+            raise ValueError(f"pipeline.categories: {unknown} not in the taxonomy of {cons.name!r}; e.g. {paths[0]!r}")
+        return [p for p in paths if any(p == c or p.startswith(c + "/") for c in self.cfg.categories)]
+
+    def setup(self, ctx: Context, writer: ChunkWriter) -> None:
+        """Prompts committed by earlier chunks (and earlier runs into this folder) count for dedup."""
+        self.index = NearDuplicateIndex(self.cfg.near_duplicate)
+        for row in read_jsonl(writer.path("prompts")):
+            self.index.add(row["id"], row["prompt"])
+
+    def process(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> None:
+        prompts = self.attack(items, ctx, state)
+        answers = self.answer(prompts, ctx, state)
+        self.judge(prompts, answers, ctx, state)
+
+    # ------------------------------------------------------------------ stages
+
+    def attack(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> list[dict[str, Any]]:
+        cons = ctx.constitution
+        targets = [
+            attack_step.AttackTarget(it.id, it.meta["l1"], it.meta["l2"], cons.taxonomy_category(it.category).description,
+                                     cons.taxonomy_category(it.category).red_team, it.meta["attack_family"])
+            for it in items
+        ]
+        k = self.cfg.prompts_per_item
+        results = attack_step.attack(ctx, state, targets, self.cfg.attacker_sampling.params(), k)
+        generator = {"model": ctx.llm("attacker").model, "sampling": {**self.cfg.attacker_sampling.model_dump(), "n": k},
+                     **template_ref("red_team_attack", ctx.language)}
+        rows = []
+        for it, samples in zip(items, results):
+            state.count(f"category/{it.category}", 0)  # every walked category shows in the manifest
+            for s in samples:
+                if not s.ok:
+                    state.drop("attack_truncated" if s.completion.truncated else "attack_empty")
+                    continue
+                text, pid = s.judgement.parsed, stable_id(it.id, s.index, s.judgement.parsed)  # type: ignore[union-attr]
+                dup = self.index.check(text)
+                if dup is not None:
+                    state.drop(f"prompt_duplicate_{dup[0]}")
+                    continue
+                self.index.add(pid, text)
+                row = {"id": pid, "prompt": text, "category": it.category, "l1": it.meta["l1"], "l2": it.meta["l2"],
+                       "attack_family": it.meta["attack_family"], "item_id": it.id, "generator": generator}
+                state.emit("prompts", row)
+                state.count(f"category/{it.category}")
+                rows.append(row)
+        return rows
+
+    def answer(self, prompts: list[dict[str, Any]], ctx: Context, state: ChunkState) -> list[list[Any]]:
+        """ONE target call: every prompt x every decoding setting, each request with its own params."""
+        calls, params = [], []
+        for p in prompts:
+            for d in self.cfg.decoding:
+                calls.append(Call(p["id"], [user(p["prompt"])], {"decoding": d.name}))
+                params.append(d.params(None if d.temperature == 0 else self.cfg.target_seed))
+        flat = run_calls(ctx, state, "target", "target", calls, params)
+        n = len(self.cfg.decoding)
+        return [[s[0] for s in flat[i * n : (i + 1) * n]] for i in range(len(prompts))]
+
+    def judge(self, prompts: list[dict[str, Any]], answers: list[list[Any]], ctx: Context, state: ChunkState) -> None:
+        cats = [f"{a}/{b}" for a, b in ctx.constitution.categories()]
+        inputs, rows = [], []
+        for p, samples in zip(prompts, answers):
+            for d, s in zip(self.cfg.decoding, samples):
+                row = {"id": stable_id(p["id"], d.name), "prompt_id": p["id"], "prompt": p["prompt"], "answer": s.text.strip(),
+                       "finish_reason": s.completion.finish_reason, "decoding": d.model_dump(), "verdict": None,
+                       "judge_category": None, "category": p["category"], "l1": p["l1"], "l2": p["l2"],
+                       "attack_family": p["attack_family"]}
+                rows.append(row)
+                if not row["answer"]:
+                    state.drop("verdict_skipped_empty_answer")  # the row stays, verdict null
+                    continue
+                inputs.append((row, safety_verdict.VerdictInput(p["id"], p["prompt"], row["answer"], p["category"], {"decoding": d.name})))
+        verdicts = safety_verdict.judge(ctx, state, [x for _, x in inputs], cats, self.cfg.judge_sampling.params())
+        for (row, _), v in zip(inputs, verdicts):
+            if v.judgement is not None and v.judgement.ok:
+                row["verdict"], row["judge_category"] = v.judgement.parsed["verdict"], v.judgement.parsed["category"]
+        for row in rows:
+            state.emit("answers", row)
+        self.emit_unsafe(prompts, rows, state)
+
+    def emit_unsafe(self, prompts: list[dict[str, Any]], rows: list[dict[str, Any]], state: ChunkState) -> None:
+        for p in prompts:
+            mine = [r for r in rows if r["prompt_id"] == p["id"]]
+            bad = [r for r in mine if r["verdict"] == "unsafe"]
+            if not bad:
+                continue
+            state.emit("unsafe", {
+                "id": p["id"], "prompt": p["prompt"], "category": p["category"], "l1": p["l1"], "l2": p["l2"],
+                "attack_family": p["attack_family"], "unsafe_decodings": [r["decoding"]["name"] for r in bad],
+                "judge_categories": sorted({r["judge_category"] for r in bad if r["judge_category"]}),
+                "judged": sum(r["verdict"] is not None for r in mine),
+            })
+
+    def finalize(self, ctx: Context, out_dir: Path) -> dict[str, Any]:
+        """Attack yield (unsafe share of judged answers) by family, decoding setting and L1 category."""
+        rows = read_jsonl(out_dir / "answers.jsonl")
+
+        def table(key) -> dict[str, dict[str, float]]:
+            out: dict[str, dict[str, float]] = {}
+            for r in rows:
+                t = out.setdefault(key(r), {"answers": 0, "judged": 0, "unsafe": 0})
+                t["answers"] += 1
+                t["judged"] += r["verdict"] is not None
+                t["unsafe"] += r["verdict"] == "unsafe"
+            for t in out.values():
+                t["unsafe_rate"] = round(t["unsafe"] / t["judged"], 4) if t["judged"] else None  # type: ignore[assignment]
+            return dict(sorted(out.items()))
+
+        return {"red_team": {"by_family": table(lambda r: r["attack_family"]),
+                             "by_decoding": table(lambda r: r["decoding"]["name"]),
+                             "by_l1": table(lambda r: r["l1"])}}
