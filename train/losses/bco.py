@@ -24,7 +24,7 @@ class RunningMean:
 
     def update(self, values: Tensor | float) -> None:
         """Fold in ``values`` (any shape; each element weighs 1)."""
-        v = torch.as_tensor(values).detach().to(torch.float64)
+        v = torch.as_tensor(values).detach().cpu().to(torch.float64)  # cpu: MPS has no float64
         if v.numel() == 0:
             return
         total = self.count + v.numel()
@@ -59,7 +59,7 @@ def bco_loss(
     min_density_ratio: float = 0.5,
     max_density_ratio: float = 10.0,
 ) -> LossOutput:
-    """BCO, Jung et al. 2024 (arXiv 2404.04656), Eq. 9, with r = β(ℓθ(y) − ℓref(y)):
+    """BCO, Jung et al. 2024 (arXiv 2404.04656), with r = β(ℓθ(y) − ℓref(y)):
 
     desirable:   −log σ(r − δ)          undesirable:   −log σ(−(r − δ))
 

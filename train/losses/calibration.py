@@ -43,7 +43,7 @@ def hinge_loss(
     reference_rejected_logps: Tensor,
     beta: float = 0.1,
 ) -> LossOutput:
-    """TRL's ``loss_type="hinge"`` = RSO's hinge-norm, Liu et al. 2023 (arXiv 2309.06657), Eq. 10:
+    """TRL's ``loss_type="hinge"`` = RSO's hinge-norm, Liu et al. 2023 (arXiv 2309.06657):
 
     L = max(0, 1 − β h),  h = ρ_w − ρ_l  (reference-normalised).
 

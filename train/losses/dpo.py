@@ -92,7 +92,7 @@ def robust_dpo_loss(
     beta: float = 0.1,
     epsilon: float = 0.1,
 ) -> LossOutput:
-    """Robust DPO, Chowdhury et al. 2024 (arXiv 2403.00409), Eq. 4 (unbiased under flip rate ε):
+    """Robust DPO, Chowdhury et al. 2024 (arXiv 2403.00409), unbiased under flip rate ε:
 
     L = {(1−ε)[−log σ(βh)] − ε[−log σ(−βh)]} / (1 − 2ε).   Shapes: all [B].
     The flipped term is *subtracted*, so the loss can go negative; it is not clamped (spec §2).
@@ -117,7 +117,7 @@ def rpo_loss(
     beta: float = 0.1,
     alpha: float = 1.0,
 ) -> LossOutput:
-    """RPO, Pang et al. 2024 (arXiv 2404.19733), Eq. 2:  L = L_DPO + α · NLL(y_w) / |y_w|.
+    """RPO, Pang et al. 2024 (arXiv 2404.19733):  L = L_DPO + α · NLL(y_w) / |y_w|.
 
     Shapes: all [B]. ``chosen_nll`` is the per-sequence **length-normalised** NLL of the chosen
     completion (the paper's form; TRL uses one token-mean over the whole batch, spec trap 9).
@@ -166,7 +166,7 @@ def odpo_loss(
     alpha: float = 1.0,
     ratio: bool = False,
 ) -> LossOutput:
-    """ODPO, Amini et al. 2024 (arXiv 2402.10571), Eq. 7:  L = −log σ(β h − Δ),  Δ = α log(s_w − s_l).
+    """ODPO, Amini et al. 2024 (arXiv 2402.10571):  L = −log σ(β h − Δ),  Δ = α log(s_w − s_l).
 
     Shapes: all [B]. ``ratio=True`` uses Δ = α log(s_w / s_l) (reference repo option). Δ is data
     (detached) and **not** multiplied by β (spec trap 11). Requires s_w > s_l (and s_l > 0 for

@@ -26,7 +26,7 @@ def kto_reference_point(
     kl: Tensor | float | None = None,
     reduce: Reduce | None = None,
 ) -> Tensor:
-    """z0 = sg[max(0, mean_j(ℓθ(y'_j|x_j) − ℓref(y'_j|x_j)))] over mismatched pairs (paper Eq. 8).
+    """z0 = sg[max(0, mean_j(ℓθ(y'_j|x_j) − ℓref(y'_j|x_j)))] over mismatched pairs (the paper's reference point).
 
     Either the [m] KL-pair log-probs (current policy, no-grad forward: spec trap 3), mean-all-reduced
     across processes by ``reduce`` before clamping, or a precomputed, already reduced ``kl``.
@@ -56,7 +56,7 @@ def kto_loss(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
 ) -> LossOutput:
-    """KTO, Ethayarajh et al. 2024 (arXiv 2402.01306), Eq. 7/8, with r = ℓθ(y) − ℓref(y):
+    """KTO, Ethayarajh et al. 2024 (arXiv 2402.01306), Eq. 7 (per TRL), with r = ℓθ(y) − ℓref(y):
 
     desirable:   λ_D (1 − σ(β(r − z0)))       undesirable:   λ_U (1 − σ(β(z0 − r)))
 

@@ -43,7 +43,7 @@ def lipo_lambda_loss(
     beta: float = 0.05,
     discount_base: float = 2.0,
 ) -> LossOutput:
-    """LiPO-λ, Liu et al. 2024 (arXiv 2402.01878), Eq. 7-8, with s_i = β(ℓθ(y_i) − ℓref(y_i)) (summed):
+    """LiPO-λ, Liu et al. 2024 (arXiv 2402.01878), with s_i = β(ℓθ(y_i) − ℓref(y_i)) (summed):
 
     L = Σ_{ψ_i > ψ_j} Δ_ij log(1 + e^{−(s_i − s_j)}),   Δ_ij = |G_i − G_j| · |1/D(τ_i) − 1/D(τ_j)|,
     G = 2^ψ − 1 (assumes ψ ≥ 0), D(τ) = log_base(1 + τ).
@@ -80,7 +80,7 @@ def pro_loss(
     sft_weight: float = 0.05,
     reference_code_sft_scale: bool = False,
 ) -> LossOutput:
-    """PRO, Song et al. 2023 (arXiv 2306.17492), Eq. 10-12, responses sorted best-first by R:
+    """PRO, Song et al. 2023 (arXiv 2306.17492), responses sorted best-first by R:
 
     L = Σ_{k=1}^{n−1} [ log Σ_{i=k}^{n} exp(r^i t^k_i) − r^k t^k_k ] + β_sft · (−ℓθ(y^1)),
     r = ℓθ/|y| (length-normalised), t^k_i = R^k − R^i (i > k), t^k_k = max_{i>k} t^k_i.
@@ -126,7 +126,7 @@ def rrhf_loss(
     rank_weight: float = 1.0,
     length_penalty: float = 1.0,
 ) -> LossOutput:
-    """RRHF, Yuan et al. 2023 (arXiv 2304.05302), Eq. 2-4:
+    """RRHF, Yuan et al. 2023 (arXiv 2304.05302):
 
     p_i = ℓθ(y_i) / |y_i|^lp,   L = w · Σ_{r_i < r_j} max(0, p_i − p_j) + (−ℓθ(y_{i'})),  i' = argmax r.
 

@@ -52,7 +52,7 @@ def orpo_loss(
     chosen_nll: Tensor,
     lam: float = 0.1,
 ) -> LossOutput:
-    """ORPO, Hong et al. 2024 (arXiv 2403.07691), Eq. 6-7, on **mean** log-probs ℓ̄ < 0:
+    """ORPO, Hong et al. 2024 (arXiv 2403.07691), from its Eqs. 4 and 7, on **mean** log-probs ℓ̄ < 0:
 
     log OR = (ℓ̄_w − ℓ̄_l) − (log(1 − e^ℓ̄_w) − log(1 − e^ℓ̄_l)),
     L = NLL(y_w) + λ · [−log σ(log OR)]
@@ -81,7 +81,7 @@ def simpo_loss(
     gamma: float | None = None,
     label_smoothing: float = 0.0,
 ) -> LossOutput:
-    """SimPO, Meng et al. 2024 (arXiv 2405.14734), Eq. 6, on **mean** log-probs:
+    """SimPO, Meng et al. 2024 (arXiv 2405.14734), on **mean** log-probs:
 
     L = −log σ(β ℓ̄θ(y_w) − β ℓ̄θ(y_l) − γ)
 

@@ -17,7 +17,7 @@ def npo_loss(
     beta: float = 0.1,
     retain_weight: float = 0.0,
 ) -> LossOutput:
-    """NPO, Zhang et al. 2024 (arXiv 2404.05868), Eq. 3, on the forget set:
+    """NPO, Zhang et al. 2024 (arXiv 2404.05868), on the forget set:
 
     L = (2/β) log(1 + (πθ/πref)^β) = −(2/β) log σ(−β ρ),   ρ = ℓθ(y) − ℓref(y) (summed).
 
@@ -37,7 +37,7 @@ def npo_loss(
 
 
 def cringe_token_losses(logits: Tensor, targets: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
-    """softplus(s⁻ − s⁺) per token (Adolphs et al. 2022, Eq. 2), [B, T].
+    """softplus(s⁻ − s⁺) per token (Adolphs et al. 2022), [B, T].
 
     s⁻ is the logit of the negative token; s⁺ the logit of one token sampled (softmax over their
     logits) from the top-k predictions excluding the negative token. As in ParlAI, take the top-(k+1)
@@ -68,7 +68,7 @@ def cringe_loss(
     normalisation: str = "batch_token_mean",
     generator: torch.Generator | None = None,
 ) -> LossOutput:
-    """CRINGE, Adolphs et al. 2022 (arXiv 2211.05826), Eq. 3:  L = L_CE(positive) + α L_Cr(negative).
+    """CRINGE, Adolphs et al. 2022 (arXiv 2211.05826):  L = L_CE(positive) + α L_Cr(negative).
 
     Shapes: logits [B, T, V] already shifted (position t predicts target_ids[:, t]); target_ids
     [B, T] long (any value at masked positions, e.g. −100); token_mask [B, T] bool (completion tokens);
