@@ -84,7 +84,8 @@ class BpoPipeline(Pipeline):
         return SFTRecord(
             id=stable_id(it.id, "bpo"), messages=[*rewriter_messages(ctx.language, final_in), assistant(final_out)],
             method="bpo", category=it.category,
-            meta={"original_prompt": original, "optimized_prompt": optimized, "comparison": comparison, "context": context or None,
+            meta={"original_prompt": original, "optimized_prompt": optimized, "comparison": comparison,
+                  "context": context or None,
                   "good_res": it.chosen[-1].content, "bad_res": it.rejected[-1].content, "history_turns": len(it.prompt) - 1},
             provenance=Provenance(generator_model=ctx.llm("policy").model, sampling=self.cfg.sampling.model_dump(),
                                   **template_ref("bpo_construct", ctx.language)),

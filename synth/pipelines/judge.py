@@ -29,6 +29,7 @@ from synth.prompts import template_ref
 from synth.ranking import Battle, plot_ratings, position_bias, rate_pairwise
 from synth.records import Message, PreferenceRecord, Provenance, RankedRecord, SourceItem, stable_id
 from synth.steps.candidates import Candidate, CandidateSpec, data_candidates, register_candidates, sample_candidates
+from synth.steps.filters import near_identical
 from synth.steps.judge import PairResult, judge_listwise, judge_pairs, judge_rubric
 
 
@@ -143,6 +144,9 @@ class JudgePipeline(Pipeline):
             points[win.index] += 1
             p_win = None if r.p_i is None else (r.p_i if r.winner == "i" else 1 - r.p_i)
             extra = {"verdicts": {"ij": r.verdicts[0], "ji": r.verdicts[1]}, "order_ij": [r.i.name, r.j.name]}
+            if near_identical(win.text, lose.text):
+                state.drop("near_identical_pair")  # §0.4: no signal in a pair of (near-)equal texts
+                continue
             state.emit("preferences", self._pref(it, win, lose, ctx, p_chosen=p_win, meta=extra))
         if all(r.winner is not None for r in results):
             self._emit_ranked(it, cands, points, ctx, state, {"score": "wins + 0.5 x ties"})
@@ -163,6 +167,9 @@ class JudgePipeline(Pipeline):
                 if _rateable(a[0], b[0]):
                     state.emit("battles", _score_battle(it, a, b, self.cfg.mode))
             for (cw, sw), (cl, sl) in self._select(valid, state):
+                if near_identical(cw.text, cl.text):
+                    state.drop("near_identical_pair")
+                    continue
                 state.emit("preferences", self._pref(it, cw, cl, ctx, score_chosen=sw, score_rejected=sl, meta=meta))
 
     def _select(self, valid: list[tuple[Candidate, float]], state: ChunkState):

@@ -24,7 +24,7 @@ from synth.pipelines.generate import Sampling
 from synth.prompts import template_ref
 from synth.records import Message, PreferenceRecord, Provenance, SourceItem, stable_id
 from synth.steps.base import Call, run_calls
-from synth.steps.filters import NearDuplicateIndex
+from synth.steps.filters import NearDuplicateIndex, near_identical
 from synth.steps.self_reward import (
     Scored, build_self_instruct, judge_candidates, parse_task, pick_examples, select_pair,
 )
@@ -103,7 +103,8 @@ class SelfRewardingPipeline(Pipeline):
             for smp in samples:
                 if not smp.ok:
                     continue  # counted as parse_failed/self_instruct (or truncated/self_instruct)
-                new = SourceItem(id=stable_id(it.id, "self_instruct", smp.index), prompt=[Message(role="user", content=smp.judgement.parsed)],
+                text = smp.judgement.parsed
+                new = SourceItem(id=stable_id(it.id, "self_instruct", smp.index), prompt=[Message(role="user", content=text)],
                                  category=it.category, meta={"generated_from": it.id})
                 dup = self._dedup.check(smp.judgement.parsed)
                 if dup is not None:
@@ -134,6 +135,9 @@ class SelfRewardingPipeline(Pipeline):
             state.drop("tie" if sum(c.mean is not None for c in cands) >= 2 else "fewer_than_2_scored")
             return
         chosen, rejected = pair
+        if near_identical(chosen.text, rejected.text):
+            state.drop("near_identical_pair")  # §0.4: no signal in a pair of (near-)equal texts
+            return
         policy, judge = ctx.llm("policy").model, ctx.llm("judge").model
         state.emit("preferences", PreferenceRecord(
             id=stable_id(it.id, "self_rewarding", self.cfg.iteration), prompt=it.prompt,
