@@ -1,0 +1,545 @@
+"""Pure helpers shared by the loops: accelerator, batches, optimizer/scheduler, loss calls, metrics,
+checkpoints, plots. No loop logic lives here: each loop file reads top to bottom (DESIGN.md §2.3).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+CHECKPOINT_PREFIX = "step-"
+STATE_FILE = "trainer_state.json"
+
+
+# ------------------------------------------------------------------------------------ setup
+
+
+def make_accelerator(cfg):
+    """An Accelerator whose settings come from the config; `accelerate launch` adds DDP/FSDP/DeepSpeed."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    return Accelerator(
+        gradient_accumulation_steps=cfg.optim.grad_accum,
+        mixed_precision=cfg.optim.mixed_precision,
+        # we shard batches ourselves (epoch_batches) so that resume and DDP equivalence are exact
+        dataloader_config=DataLoaderConfiguration(split_batches=False),
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        pass
+
+
+def prepare_output_dir(output_dir: str | Path, resume: bool, is_main: bool) -> Path:
+    """The output folder. A folder holding a previous run's checkpoints needs resume=true (continue) or
+    another output_dir: silently mixing two runs' metrics and checkpoints helps nobody."""
+    from synth.app import ConfigError
+
+    out = Path(output_dir).expanduser()
+    if not resume and find_last_checkpoint(out) is not None:
+        raise ConfigError(f"output_dir={out} already holds checkpoints of a run; pass resume=true to continue it, "
+                          "or choose another output_dir")
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_config(out_dir: Path, resolved_yaml: str | None, accelerator) -> None:
+    """The resolved, redacted config beside the outputs (DESIGN.md §2.4)."""
+    if resolved_yaml is not None and accelerator.is_main_process:
+        (out_dir / "config.yaml").write_text(resolved_yaml)
+
+
+def instantiate_loss(spec):
+    """conf/loss/<name>.yaml `fn` -> the partial loss function. An unknown hyperparameter is one line
+    naming it and the valid ones (not a TypeError from deep inside the first step)."""
+    from hydra.utils import get_object, instantiate
+
+    from synth.app import ConfigError
+    from train.losses import DATA_ARGS
+
+    fn_cfg = dict(spec.fn)
+    target = fn_cfg.get("_target_")
+    try:
+        func = get_object(target)
+    except Exception as e:  # noqa: BLE001 - hydra raises several types for a bad path
+        raise ConfigError(f"loss={spec.name}: fn._target_={target} does not resolve ({e})") from None
+    params = inspect.signature(func).parameters
+    hyper = sorted(k for k in params if k not in DATA_ARGS.get(spec.kind, ()) and k not in _RUNTIME_ARGS)
+    unknown = [k for k in fn_cfg if not k.startswith("_") and k not in params]
+    if unknown:
+        raise ConfigError(f"loss.fn.{unknown[0]}: not a hyperparameter of {target} (valid: {', '.join(hyper)})")
+    return instantiate(fn_cfg)
+
+
+_RUNTIME_ARGS = ("reduce", "running_mean", "generator")
+
+
+@dataclass
+class TrainData:
+    train: Any  # tokenised datasets.Dataset
+    eval: Any | None
+    report: Any  # train.data.TokenisationReport of the training rows
+    eval_report: Any | None
+
+
+def load_rows(path: str, cfg, convert: Callable | None = None, limit: int | None = None):
+    """Canonical rows of a data file (train/data.py), optionally converted to the kind a loss needs."""
+    from train.data import load_records
+
+    rows = load_records(path, split=cfg.data.split, limit=limit)
+    return convert(rows, path) if convert is not None else rows
+
+
+def tokenize_config(cfg):
+    from train.data import TokenizeConfig
+
+    d = cfg.data
+    return TokenizeConfig(max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+                          truncation_mode=d.truncation_mode, assistant_turns=d.assistant_turns,
+                          chat_template=cfg.model.chat_template)
+
+
+def tokenize_checked(rows, tokenizer, cfg, kind: str, source: str):
+    """Tokenise with the configured truncation policy. Rows whose prompt alone leaves no room are an
+    error naming the file, the rows and the settings (unless data.drop_overlong); no rows left is too."""
+    from train.data import DataError, tokenize_dataset
+
+    tok, report = tokenize_dataset(rows, tokenizer, tokenize_config(cfg), kind=kind)
+    if report.dropped_prompt_too_long and not cfg.data.drop_overlong:
+        ids = ", ".join(report.dropped_ids[:5]) + (" ..." if len(report.dropped_ids) > 5 else "")
+        raise DataError(
+            f"{source}: {report.dropped_prompt_too_long} row(s) have a prompt that alone fills "
+            f"data.max_length={cfg.data.max_length} tokens (row ids: {ids}); set data.max_prompt_length=<n> to "
+            f"truncate prompts, raise data.max_length, or set data.drop_overlong=true to skip them")
+    if len(tok) == 0:
+        raise DataError(f"{source}: no rows left after tokenisation ({report.rows_in} in; "
+                        f"{report.dropped_prompt_too_long} over-long, {report.dropped_empty_completion} empty)")
+    return tok, report
+
+
+def load_data(cfg, tokenizer, kind: str, convert: Callable | None = None) -> TrainData:
+    """Training rows from data.path, evaluation rows from data.eval_path or a data.eval_split share."""
+    rows = load_rows(cfg.data.path, cfg, convert, cfg.data.limit)
+    eval_rows = None
+    if cfg.data.eval_path:
+        eval_rows = load_rows(cfg.data.eval_path, cfg, convert)
+    elif cfg.data.eval_split > 0 and len(rows) > 1:
+        split = rows.train_test_split(test_size=cfg.data.eval_split, seed=cfg.seed, shuffle=True)
+        rows, eval_rows = split["train"], split["test"]
+    train, report = tokenize_checked(rows, tokenizer, cfg, kind, cfg.data.path)
+    ev, ev_report = (None, None)
+    if eval_rows is not None and len(eval_rows):
+        ev, ev_report = tokenize_checked(eval_rows, tokenizer, cfg, kind, cfg.data.eval_path or f"{cfg.data.path} (eval split)")
+    return TrainData(train, ev, report, ev_report)
+
+
+def check_enough_rows(n_rows: int, cfg, world_size: int, source: str) -> None:
+    from train.data import DataError
+
+    need = cfg.optim.batch_size * cfg.optim.grad_accum * world_size
+    if n_rows < need:
+        raise DataError(f"{source}: {n_rows} usable row(s), but one optimizer step needs optim.batch_size x "
+                        f"optim.grad_accum x processes = {need}; lower optim.batch_size or add data")
+
+
+def truncation_counts(report) -> dict[str, int]:
+    keys = ("rows_in", "rows_out", "prompt_truncated", "completion_truncated", "dropped_prompt_too_long",
+            "dropped_empty_completion")
+    return {k: getattr(report, k) for k in keys if report is not None}
+
+
+# ------------------------------------------------------------------------------------ batches
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
+    """A deterministic permutation of range(n) for one epoch (same on every process)."""
+    if not shuffle:
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def epoch_batches(order: Sequence[int], batch_size: int, world_size: int, rank: int) -> list[list[int]]:
+    """This process's micro-batches of one epoch: global batch g = micro-batches g·W … g·W+W−1 of the
+    order, micro-batch g·W+r on process r (what accelerate's batch sharding does). A tail that cannot
+    give every process a full micro-batch is dropped, so all processes step together and every
+    micro-batch has the same size (KTO's KL pairs need ≥ 2 rows)."""
+    per_round = batch_size * world_size
+    usable = len(order) // per_round * per_round
+    batches = [list(order[i : i + batch_size]) for i in range(0, usable, batch_size)]
+    return batches[rank::world_size]
+
+
+def chunked_order(n_chunks: int, seed: int, epoch: int) -> list[int]:
+    """Order of fixed chunks for one epoch (KTO with precomputed KL pairs: chunks are shuffled, rows
+    inside a chunk stay together because their mismatched pairs were fixed at precompute time)."""
+    return epoch_order(n_chunks, seed, epoch, True)
+
+
+def to_device(batch: dict[str, Any], device) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def steps_per_epoch(n_rows: int, batch_size: int, world_size: int, grad_accum: int) -> int:
+    micro = n_rows // (batch_size * world_size)
+    return micro // grad_accum
+
+
+def total_steps(optim, steps_in_epoch: int) -> int:
+    return optim.max_steps if optim.max_steps is not None else steps_in_epoch * optim.epochs
+
+
+# ------------------------------------------------------------------------------------ optimisation
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], optim) -> torch.optim.Optimizer:
+    """AdamW; weight decay spares biases and norm weights (1-d tensors), as usual for transformers."""
+    params = list(params)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+
+
+def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Multiplier of the peak learning rate after `step` optimizer steps: linear warm-up, then
+    constant / linear decay to 0 / half-cosine to 0 at `total`."""
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_scheduler(optimizer, optim, total: int):
+    warmup = optim.warmup_steps if optim.warmup_steps is not None else int(round(optim.warmup_ratio * total))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim.scheduler, warmup, total))
+
+
+def call_loss(fn: Callable, available: dict[str, Any]):
+    """Call a loss with the keyword vocabulary it declares (train/losses/__init__.py): everything its
+    signature names and `available` holds; its hyperparameters are already bound by the partial."""
+    params = inspect.signature(fn).parameters
+    kwargs = {k: v for k, v in available.items() if k in params and v is not None}
+    missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in kwargs]
+    if missing:
+        raise ValueError(f"{getattr(fn, 'func', fn).__name__} needs {missing}, which this batch does not provide")
+    return fn(**kwargs)
+
+
+def loss_accepts(fn: Callable, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+
+@dataclass
+class StepMetrics:
+    """Per-micro-batch scalars summed until the optimizer step, then averaged (and across processes)."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)
+
+    def add(self, values: dict[str, Any], weight: float = 1.0) -> None:
+        for k, v in values.items():
+            if v is None:
+                continue
+            v = float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v)
+            if math.isnan(v):
+                continue
+            self.sums[k] = self.sums.get(k, 0.0) + v * weight
+            self.counts[k] = self.counts.get(k, 0) + weight
+
+    def reduce(self, accelerator) -> dict[str, float]:
+        """Means over micro-batches and processes (keys missing on a process count as absent there)."""
+        keys = sorted(self.sums)
+        if accelerator is not None and accelerator.num_processes > 1:
+            keys = sorted(set().union(*_gather_objects(accelerator, keys)))
+            t = torch.tensor([[self.sums.get(k, 0.0), self.counts.get(k, 0)] for k in keys], dtype=torch.float64,
+                             device=accelerator.device).reshape(-1, 2)
+            t = accelerator.reduce(t, "sum")
+            out = {k: float(s / c) for k, (s, c) in zip(keys, t.tolist()) if c > 0}
+        else:
+            out = {k: self.sums[k] / self.counts[k] for k in keys}
+        self.sums.clear(), self.counts.clear()
+        return out
+
+
+def _gather_objects(accelerator, obj) -> list:
+    from accelerate.utils import gather_object
+
+    return gather_object([obj])
+
+
+def loss_metrics(out, prefix: str = "", paired: bool = True) -> dict[str, Any]:
+    """Scalars of a LossOutput: loss, rewards chosen/rejected, margin, accuracy and the loss's own.
+    paired=False (unpaired data): chosen/rejected are different examples, so no margin or accuracy."""
+    m: dict[str, Any] = {f"{prefix}loss": out.losses.detach().mean()}
+    c, r = out.chosen_rewards, out.rejected_rewards
+    if c is not None and c.numel():
+        m[f"{prefix}rewards/chosen"] = c.mean()
+    if r is not None and r.numel():
+        m[f"{prefix}rewards/rejected"] = r.mean()
+    if paired and c is not None and r is not None and c.numel() and c.shape == r.shape:
+        m[f"{prefix}rewards/margin"] = (c - r).mean()
+        m[f"{prefix}rewards/accuracy"] = (c > r).float().mean()
+    for k, v in out.metrics.items():
+        name = {"reward_margin": "rewards/margin", "reward_accuracy": "rewards/accuracy"}.get(k, k)
+        m.setdefault(f"{prefix}{name}", v)
+    return m
+
+
+class MetricsLogger:
+    """metrics.jsonl (append; a resumed run truncates lines past its step), TensorBoard when installed,
+    and the tqdm postfix. Only the main process writes."""
+
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, resume_step: int = 0):
+        self.path = out_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step and self.path.exists():  # drop records a crashed run wrote after its last checkpoint
+            keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in keep))
+        elif self.path.exists():
+            self.path.unlink()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            except ImportError:
+                self.tb = None
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+
+
+def postfix(values: dict[str, float], keys: Sequence[str] = ("loss", "rewards/accuracy", "rewards/margin", "kl", "lr", "tokens_per_s")) -> dict[str, str]:
+    return {k.split("/")[-1]: f"{values[k]:.4g}" for k in keys if k in values}
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(metrics_path: Path, png: Path) -> Path | None:
+    """curves.png: one panel per logged quantity (train solid, eval dots) against optimizer steps."""
+    rows = read_metrics(metrics_path)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    for r in rows:
+        for k in r:
+            base = k.removeprefix("eval/")
+            if k != "step" and base not in names and isinstance(r[k], (int, float)) and base not in ("epoch", "samples"):
+                names.append(base)
+    cols = min(3, len(names))
+    nrows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 2.8 * nrows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        for key, style in ((name, "-"), (f"eval/{name}", "o--")):
+            pts = [(r["step"], r[key]) for r in rows if key in r and isinstance(r[key], (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), style, label="eval" if key.startswith("eval/") else "train", markersize=3)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if any(f"eval/{name}" in r for r in rows):
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def checkpoint_dir(out_dir: Path, step: int) -> Path:
+    return out_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / STATE_FILE).exists()]
+    return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def find_last_checkpoint(out_dir: Path) -> Path | None:
+    found = list_checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    out_dir: Path,
+    step: int,
+    *,
+    accelerator,
+    model,
+    tokenizer,
+    optimizer,
+    scheduler,
+    state: dict[str, Any],
+    tensors: dict[str, Any] | None = None,
+    keep_last: int,
+    extra_models: dict[str, Any] | None = None,
+) -> Path:
+    """A checkpoint folder: the `save_pretrained` model (adapter or full) + tokenizer, then
+    optimizer.pt / scheduler.pt / rng_<rank>.pt / tensors.pt (loss state, reference log-probs) and
+    trainer_state.json written last, so a folder without it is an interrupted save and is ignored."""
+    from train.models import save_model
+
+    ckpt = checkpoint_dir(out_dir, step)
+    save_model(model, tokenizer, ckpt, accelerator)
+    for name, extra in (extra_models or {}).items():
+        save_model(extra, None, ckpt / name, None if accelerator is None else accelerator)
+    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        accelerator.save_state(str(ckpt / "accelerate_state"))  # sharded optimizer states need accelerate's savers
+    elif accelerator.is_main_process:
+        torch.save(optimizer.state_dict(), ckpt / "optimizer.pt")
+    if accelerator.is_main_process:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        torch.save(scheduler.state_dict(), ckpt / "scheduler.pt")
+        if tensors:
+            torch.save(tensors, ckpt / "tensors.pt")
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), ckpt / f"rng_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp = ckpt / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps({"step": step, **state}, indent=1))
+        os.replace(tmp, ckpt / STATE_FILE)
+        for old in list_checkpoints(out_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return ckpt
+
+
+def load_training_state(ckpt: Path, *, accelerator, optimizer, scheduler) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore optimizer, scheduler and this process's RNG; return (trainer_state, tensors)."""
+    if (ckpt / "accelerate_state").is_dir():
+        accelerator.load_state(str(ckpt / "accelerate_state"))
+    else:
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+    rng_file = ckpt / f"rng_{accelerator.process_index}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    tensors = torch.load(ckpt / "tensors.pt", weights_only=False) if (ckpt / "tensors.pt").exists() else {}
+    return json.loads((ckpt / STATE_FILE).read_text()), tensors
+
+
+# ------------------------------------------------------------------------------------ run record
+
+
+class Throughput:
+    """Tokens and samples per second between optimizer steps (this process's tokens x processes)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.tokens = 0
+        self.samples = 0
+
+    def add(self, tokens: int, samples: int) -> None:
+        self.tokens += tokens
+        self.samples += samples
+
+    def read(self, world_size: int) -> dict[str, float]:
+        dt = max(time.perf_counter() - self.start, 1e-9)
+        out = {"tokens_per_s": self.tokens * world_size / dt, "samples_per_s": self.samples * world_size / dt}
+        self.__init__()
+        return out
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [f"done: {summary['steps']} steps, {summary['samples']} samples, {summary['time_s']:.1f}s "
+             f"-> {summary['final_dir']}"]
+    for group in ("train", "eval"):
+        vals = summary.get(f"final_{group}") or {}
+        if vals:
+            lines.append(f"  {group}: " + ", ".join(f"{k}={v:.4g}" for k, v in vals.items() if isinstance(v, (int, float))))
+    trunc = summary.get("truncation") or {}
+    if trunc:
+        lines.append("  truncation: " + ", ".join(f"{k}={v}" for k, v in trunc.items()))
+    return "\n".join(lines)

@@ -1,0 +1,519 @@
+"""loop=preference: offline preference optimisation, one objective from conf/loss.
+
+Reads top to bottom: set-up, data, policy, reference, optimiser, resume, the step loop, the end. The loss
+YAML's `kind` picks the data flow:
+
+    pairwise  chosen + rejected in ONE concatenated forward (train.logprobs.concatenated_forward)
+    listwise  k responses per prompt in one forward, regrouped to [B, K] (LiPO-λ, PRO, RRHF)
+    unpaired  prompt + completion + desirable label (KTO with its mismatched-pair KL estimate, BCO, NPO,
+              Cringe on logits)
+
+Reference log-probs (losses with `needs_reference`; the rest skip all of this), `loop.reference.mode`:
+    precomputed       one no-grad pass over the data before training, cached on disk by a hash of the
+                      model, the tokens and the settings; training holds one model (the default)
+    adapter_disabled  LoRA: the base model under `model.disable_adapter()` every step (no second copy)
+    model             a frozen copy in memory; what TR-DPO (`reference.update`) mixes the policy into
+sDPO (`sdpo_stages`) and Curry-DPO (`curriculum: curry`) train stage after stage; before each stage the
+reference log-probs are recomputed with the current policy (the previous stage's model).
+
+Any `accelerate launch` (DDP/FSDP/DeepSpeed) works unchanged: every process takes its share of each
+global batch (`epoch_batches`), gradients accumulate under `accelerator.accumulate`, metrics are
+averaged over processes, KTO's KL estimate and BCO's reward mean are all-reduced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import torch
+from datasets import Dataset
+
+from synth.app import ConfigError
+from train.data import DataError, detect_kind, make_collator
+from train.loops.common import (
+    MetricsLogger, StepMetrics, Throughput, build_optimizer, build_scheduler, call_loss, check_enough_rows,
+    epoch_batches, epoch_order, find_last_checkpoint, format_summary, instantiate_loss, load_data,
+    load_training_state, loss_metrics, make_accelerator, plot_curves, postfix, prepare_output_dir,
+    save_checkpoint, seed_everything, to_device, tokenize_checked, load_rows, truncation_counts, write_config,
+    write_json,
+)
+from train.models import count_parameters, is_peft, load_frozen, load_policy, load_tokenizer, save_model, trainable_parameters
+
+DATA_KIND = {"pairwise": "pairwise", "listwise": "ranked", "unpaired": "unpaired"}
+
+
+def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
+    started = time.perf_counter()
+    # ---------------------------------------------------------------- 1. process, output folder, loss
+    accelerator = make_accelerator(cfg)
+    seed_everything(cfg.seed)
+    out_dir = prepare_output_dir(cfg.output_dir, cfg.resume, accelerator.is_main_process)
+    write_config(out_dir, resolved_yaml, accelerator)
+    spec, loop = cfg.loss, cfg.loop
+    loss_fn = instantiate_loss(spec)
+    kind = DATA_KIND[spec.kind]
+    ref_mode = reference_mode(cfg)
+    ckpt = find_last_checkpoint(out_dir) if cfg.resume else None
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    B = cfg.optim.batch_size
+
+    # ---------------------------------------------------------------- 2. data (+ stages)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.chat_template)
+    convert = lambda rows, source: to_kind(rows, kind, source, spec.name)  # noqa: E731
+    data = load_data(cfg, tokenizer, kind, convert)
+    stages = make_stages(cfg, data.train, tokenizer)
+    fixed_kl = spec.needs_kl_pairs and ref_mode == "precomputed"
+    if fixed_kl:  # precomputed reference KL log-probs need the mismatched pairs fixed in the data
+        stages = [with_kl_pairs(s, B, cfg.seed) for s in stages]
+        data.eval = with_kl_pairs(data.eval, B, cfg.seed) if data.eval is not None else None
+    for i, s in enumerate(stages):
+        check_enough_rows(len(s), cfg, world, f"{cfg.data.path}" + (f" (stage {i + 1})" if len(stages) > 1 else ""))
+    if main:
+        print(data.report.summary(), flush=True)
+
+    # ---------------------------------------------------------------- 3. policy
+    policy = load_policy(
+        str(ckpt) if ckpt is not None and not cfg.lora.enabled else cfg.model.name_or_path,
+        revision=None if ckpt is not None and not cfg.lora.enabled else cfg.model.revision,
+        dtype=cfg.optim.dtype, lora=cfg.lora, gradient_checkpointing=cfg.optim.gradient_checkpointing,
+        adapter_path=ckpt if ckpt is not None and cfg.lora.enabled else None,
+    )
+    policy.to(accelerator.device)
+
+    # ---------------------------------------------------------------- 4. reference
+    saved = torch.load(ckpt / "tensors.pt", weights_only=False) if ckpt is not None and (ckpt / "tensors.pt").exists() else {}
+    ref_model = None
+    cache_dir = loop.reference.cache_dir or out_dir / "reference_cache"
+    settings = {"tokenize": data.report.settings, "dtype": cfg.optim.dtype, "fixed_kl": B if fixed_kl else None}
+    stage_refs = saved.get("reference_train")
+    eval_refs = saved.get("reference_eval")
+    if ref_mode == "precomputed" and (stage_refs is None or (data.eval is not None and eval_refs is None)):
+        # the initial policy is the reference (or reference.name_or_path when it differs)
+        source = policy if loop.reference.name_or_path is None and ckpt is None else load_frozen(
+            loop.reference.name_or_path or cfg.model.name_or_path, dtype=cfg.optim.dtype).to(accelerator.device)
+        with _adapter_off(source):
+            if stage_refs is None:
+                stage_refs = precompute(source, stages[0], kind, tokenizer, cfg, cache_dir, settings, accelerator)
+            if data.eval is not None and eval_refs is None:
+                eval_refs = precompute(source, data.eval, kind, tokenizer, cfg, cache_dir, settings, accelerator)
+        del source
+    if ref_mode == "model":
+        ref_path = ckpt / "reference" if ckpt is not None and (ckpt / "reference").exists() else (
+            loop.reference.name_or_path or cfg.model.name_or_path)
+        ref_model = load_frozen(str(ref_path), dtype=cfg.optim.dtype).to(accelerator.device)
+    schedule = tr_dpo_schedule(loop.reference)
+
+    # ---------------------------------------------------------------- 5. optimiser, schedule, state
+    # max_steps overrides epochs; with stages every stage runs its epochs and max_steps only caps the total
+    total = sum(len(s) // (B * world) // cfg.optim.grad_accum * cfg.optim.epochs for s in stages)
+    if cfg.optim.max_steps is not None:
+        total = cfg.optim.max_steps if len(stages) == 1 else min(total, cfg.optim.max_steps)
+    optimizer = build_optimizer(trainable_parameters(policy), cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, total)
+    model, optimizer = accelerator.prepare(policy, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    running_mean = _running_mean(spec)
+    reduce = (lambda t: accelerator.reduce(t, "mean")) if world > 1 else None  # noqa: E731
+    pos = {"step": 0, "stage": 0, "epoch": 0, "micro": 0, "samples": 0, "elapsed_s": 0.0}
+    if ckpt is not None:
+        state, tensors = load_training_state(ckpt, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler)
+        pos.update({k: state[k] for k in pos if k in state})
+        if running_mean is not None and "running_mean" in tensors:
+            running_mean.load_state_dict(tensors["running_mean"])
+    stage_ds = attach(stages[pos["stage"]], stage_refs)
+    eval_ds = attach(data.eval, eval_refs) if data.eval is not None else None
+    n_train, n_total = count_parameters(unwrapped)
+    if main:
+        print(f"policy: {n_train:,} trainable of {n_total:,} parameters; loss={spec.name} ({spec.kind}); "
+              f"reference={ref_mode}; {len(stages)} stage(s); {total} optimizer steps", flush=True)
+
+    # ---------------------------------------------------------------- 6. the step loop
+    collate = make_collator(kind, tokenizer.pad_token_id, **({"kl": spec.needs_kl_pairs} if kind == "unpaired" else {}))
+    logger = MetricsLogger(out_dir, main, cfg.log.tensorboard, resume_step=pos["step"])
+    bar = _progress(cfg, main, total, pos["step"])
+    metrics, speed = StepMetrics(), Throughput()
+    ctx = LossContext(spec, loss_fn, ref_mode, ref_model, running_mean, reduce, cfg.seed)
+    last_train: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
+    stopped = False
+    model.train()
+    while pos["step"] < total and pos["stage"] < len(stages):
+        batches = epoch_batches(_order(stage_ds, fixed_kl, B, cfg.seed, pos), B, world, rank)
+        batches = batches[: len(batches) // cfg.optim.grad_accum * cfg.optim.grad_accum]
+        for i in range(pos["micro"], len(batches)):
+            batch = to_device(collate(stage_ds.select(batches[i]).to_list()), accelerator.device)
+            with accelerator.accumulate(model):
+                out, extra = forward_loss(model, unwrapped, batch, ctx, kind, step=pos["step"])
+                accelerator.backward(out.losses.mean())
+                metrics.add({**loss_metrics(out, paired=kind != "unpaired"), **extra})
+                speed.add(int(batch["attention_mask"].sum()), len(batches[i]))
+                if accelerator.sync_gradients:
+                    if cfg.optim.max_grad_norm is not None:
+                        metrics.add({"grad_norm": accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)})
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            pos.update(step=pos["step"] + 1, micro=i + 1, samples=pos["samples"] + B * world * cfg.optim.grad_accum)
+            if schedule is not None:
+                schedule.apply(pos["step"], ref_model, unwrapped)
+            if pos["step"] % cfg.log.every_steps == 0 or pos["step"] == total:
+                last_train = {**metrics.reduce(accelerator), **speed.read(world), "lr": scheduler.get_last_lr()[0],
+                              "epoch": pos["epoch"], "stage": pos["stage"]}
+                logger.log(pos["step"], last_train)
+                bar.set_postfix(postfix(last_train))
+            bar.update(1)
+            if eval_ds is not None and cfg.eval.every_steps and pos["step"] % cfg.eval.every_steps == 0:
+                last_eval = evaluate(model, unwrapped, eval_ds, collate, ctx, kind, cfg, accelerator, fixed_kl)
+                logger.log(pos["step"], last_eval)
+            stop = cfg.checkpoint.stop_after_steps is not None and pos["step"] >= cfg.checkpoint.stop_after_steps
+            if stop or (cfg.checkpoint.every_steps and pos["step"] % cfg.checkpoint.every_steps == 0):
+                _checkpoint(out_dir, pos, started, accelerator, model, tokenizer, optimizer, scheduler, cfg,
+                            running_mean, stage_refs, eval_refs, ref_model, ref_mode)
+            if stop:
+                stopped = True
+                break
+            if pos["step"] >= total:
+                break
+        if stopped or pos["step"] >= total:
+            break
+        pos.update(epoch=pos["epoch"] + 1, micro=0)
+        if pos["epoch"] >= cfg.optim.epochs and len(stages) > 1:  # next sDPO / Curry stage
+            pos.update(stage=pos["stage"] + 1, epoch=0)
+            if pos["stage"] < len(stages):
+                stage_refs = None
+                if ref_mode == "precomputed":  # the reference becomes the policy as it is now (sDPO §22, Curry §23)
+                    stage_refs = precompute(unwrapped, stages[pos["stage"]], kind, tokenizer, cfg, cache_dir,
+                                            settings, accelerator)
+                stage_ds = attach(stages[pos["stage"]], stage_refs)
+        elif cfg.optim.max_steps is None and pos["epoch"] >= cfg.optim.epochs:
+            break
+    bar.close()
+
+    # ---------------------------------------------------------------- 7. the end
+    if stopped:
+        logger.close()
+        return {"stopped": True, "steps": pos["step"], "output_dir": str(out_dir)}
+    if eval_ds is not None:
+        last_eval = evaluate(model, unwrapped, eval_ds, collate, ctx, kind, cfg, accelerator, fixed_kl)
+        logger.log(pos["step"], last_eval)
+    logger.close()
+    final = save_model(model, tokenizer, out_dir / "final", accelerator)
+    if pos["step"] and (cfg.checkpoint.every_steps == 0 or pos["step"] % cfg.checkpoint.every_steps):
+        _checkpoint(out_dir, pos, started, accelerator, model, tokenizer, optimizer, scheduler, cfg,
+                    running_mean, stage_refs, eval_refs, ref_model, ref_mode)
+    summary = {
+        "loop": "preference", "loss": spec.name, "steps": pos["step"], "samples": pos["samples"],
+        "time_s": pos["elapsed_s"] + time.perf_counter() - started, "final_dir": str(final),
+        "final_train": last_train, "final_eval": last_eval, "reference": ref_mode, "stages": len(stages),
+        "truncation": truncation_counts(data.report), "output_dir": str(out_dir),
+    }
+    if main:
+        write_json(out_dir / "summary.json", summary)
+        if cfg.log.plot:
+            plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
+        print(format_summary(summary), flush=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+# ==================================================================== the loss on one batch
+
+
+class LossContext:
+    """What a forward needs besides the batch: the loss, the reference, the loss state, the reducer."""
+
+    def __init__(self, spec, fn, ref_mode, ref_model, running_mean, reduce, seed):
+        self.spec, self.fn, self.ref_mode, self.ref_model = spec, fn, ref_mode, ref_model
+        self.running_mean, self.reduce, self.seed = running_mean, reduce, seed
+
+
+def forward_loss(model, unwrapped, batch: dict[str, Any], ctx: LossContext, kind: str, step: int, train: bool = True):
+    """(LossOutput, extra metrics) for one micro-batch: policy forward(s), reference, the loss call."""
+    if ctx.spec.needs_logits:
+        return _cringe(model, batch, ctx, step)
+    from train.logprobs import concatenated_forward, listwise_forward, unpaired_forward
+
+    forward = {"pairwise": concatenated_forward, "ranked": listwise_forward,
+               "unpaired": lambda m, b: unpaired_forward(m, b, kl=ctx.spec.needs_kl_pairs)}[kind]
+    pol = forward(model, batch)
+    ref = reference_outputs(model, unwrapped, batch, ctx, kind, forward)
+    mean = ctx.spec.length_normalised
+    if kind == "pairwise":
+        avail = {
+            "policy_chosen_logps": pol["chosen_logps_mean" if mean else "chosen_logps"],
+            "policy_rejected_logps": pol["rejected_logps_mean" if mean else "rejected_logps"],
+            "chosen_nll": pol["chosen_nll"], "chosen_lengths": pol["chosen_n_tokens"],
+            "rejected_lengths": pol["rejected_n_tokens"],
+            "score_chosen": _scores(batch, "score_chosen", ctx), "score_rejected": _scores(batch, "score_rejected", ctx),
+            "p_chosen": _soft_labels(batch),
+        }
+        if ref is not None:
+            avail["reference_chosen_logps"] = ref["chosen_mean" if mean else "chosen"]
+            avail["reference_rejected_logps"] = ref["rejected_mean" if mean else "rejected"]
+        extra = {"logps/chosen": pol["chosen_logps"].detach().mean(), "logps/rejected": pol["rejected_logps"].detach().mean()}
+    elif kind == "ranked":
+        avail = {"policy_logps": pol["logps_mean" if mean else "logps"], "lengths": pol["n_tokens"],
+                 "scores": batch["scores"], "mask": pol["mask"]}
+        if ref is not None:
+            avail["reference_logps"] = ref["mean" if mean else "sum"]
+        extra = {}
+    else:
+        avail = {"policy_logps": pol["logps_mean" if mean else "logps"], "labels": pol["label"]}
+        if ctx.spec.needs_kl_pairs:
+            avail["policy_kl_logps"] = pol["kl_logps"]
+        if ref is not None:
+            avail["reference_logps"] = ref["mean" if mean else "sum"]
+            if ctx.spec.needs_kl_pairs:
+                avail["reference_kl_logps"] = ref["kl"]
+        extra = {}
+    avail["reduce"] = ctx.reduce
+    if ctx.running_mean is not None:
+        if train:
+            avail["running_mean"] = ctx.running_mean
+        else:  # evaluation reads δ without folding the eval rewards into it
+            avail["fixed_delta"] = ctx.running_mean.mean
+    return call_loss(ctx.fn, avail), extra
+
+
+def reference_outputs(model, unwrapped, batch, ctx: LossContext, kind: str, forward) -> dict[str, Any] | None:
+    """Reference log-probs of this batch: from the precomputed columns, the adapter-disabled base model,
+    or the frozen reference model; None for reference-free objectives."""
+    if ctx.ref_mode == "none":
+        return None
+    if ctx.ref_mode == "precomputed":
+        if kind == "pairwise":
+            return {"chosen": batch["ref_chosen_logps"], "rejected": batch["ref_rejected_logps"],
+                    "chosen_mean": batch["ref_chosen_logps_mean"], "rejected_mean": batch["ref_rejected_logps_mean"]}
+        return {"sum": batch["ref_logps"], "mean": batch["ref_logps_mean"], "kl": batch.get("ref_kl_logps")}
+    with torch.no_grad():
+        if ctx.ref_mode == "adapter_disabled":
+            with unwrapped.disable_adapter():
+                out = forward(model, batch)
+        else:
+            out = forward(ctx.ref_model, batch)
+    if kind == "pairwise":
+        return {"chosen": out["chosen_logps"], "rejected": out["rejected_logps"],
+                "chosen_mean": out["chosen_logps_mean"], "rejected_mean": out["rejected_logps_mean"]}
+    return {"sum": out["logps"], "mean": out["logps_mean"], "kl": out.get("kl_logps")}
+
+
+def _cringe(model, batch, ctx: LossContext, step: int):
+    """Token-level objectives (Cringe) see the shifted logits of the matched rows."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    targets = batch["labels"][:, 1:]
+    gen = torch.Generator(device=logits.device).manual_seed(ctx.seed * 1_000_003 + step)
+    avail = {"logits": logits[:, :-1], "target_ids": targets, "token_mask": targets != -100,
+             "labels": batch["label"], "generator": gen}
+    return call_loss(ctx.fn, avail), {}
+
+
+def _scores(batch, key: str, ctx: LossContext):
+    value = batch.get(key)
+    if value is not None and torch.isnan(value).any():
+        if ctx.spec.needs_scores:
+            raise DataError(f"loss={ctx.spec.name} needs {key} on every row; some rows lack it")
+        return None
+    if value is None and ctx.spec.needs_scores:
+        raise DataError(f"loss={ctx.spec.name} needs score_chosen and score_rejected columns in the data")
+    return value
+
+
+def _soft_labels(batch):
+    """p_chosen where the data has it; rows without one count as hard labels (p = 1)."""
+    p = batch.get("p_chosen")
+    if p is None or torch.isnan(p).all():
+        return None
+    return torch.nan_to_num(p, nan=1.0)
+
+
+@torch.no_grad()
+def evaluate(model, unwrapped, eval_ds, collate, ctx, kind, cfg, accelerator, fixed_kl) -> dict[str, float]:
+    """Loss metrics on the held-out rows, averaged over rows and processes (prefix eval/)."""
+    model.eval()
+    B = cfg.eval.batch_size or cfg.optim.batch_size
+    order = list(range(len(eval_ds)))
+    if fixed_kl:  # KL pairs were fixed in chunks of optim.batch_size: keep the chunks
+        B = cfg.optim.batch_size
+    mine = order[accelerator.process_index::accelerator.num_processes] if not fixed_kl else [
+        j for c, start in enumerate(range(0, len(order), B)) if c % accelerator.num_processes == accelerator.process_index
+        for j in order[start:start + B]]
+    metrics = StepMetrics()
+    for start in range(0, len(mine), B):
+        idx = mine[start:start + B]
+        if ctx.spec.needs_kl_pairs and len(idx) < 2:
+            continue
+        batch = to_device(collate(eval_ds.select(idx).to_list()), accelerator.device)
+        out, extra = forward_loss(model, unwrapped, batch, ctx, kind, step=0, train=False)
+        metrics.add({**loss_metrics(out, "eval/", paired=kind != "unpaired"), **{f"eval/{k}": v for k, v in extra.items()}},
+                    weight=len(idx))
+    model.train()
+    return metrics.reduce(accelerator)
+
+
+# ==================================================================== data shapes, stages, reference
+
+
+def to_kind(rows: Dataset, want: str, source: str, loss_name: str) -> Dataset:
+    """Canonical rows converted to the kind the loss trains on, where that is well defined:
+    pairs -> unpaired (chosen desirable, rejected undesirable; as TRL's unpair_preference_dataset),
+    pairs -> lists of two (scores from the data, else 1 and 0), lists -> pairs (best vs worst; ties dropped)."""
+    have = detect_kind(rows)
+    if have == want:
+        return rows
+    out: list[dict[str, Any]] = []
+    if (have, want) == ("pairwise", "unpaired"):
+        for r in rows:
+            out.append({"id": f"{r['id']}:chosen", "prompt": r["prompt"], "completion": r["chosen"], "label": True})
+            out.append({"id": f"{r['id']}:rejected", "prompt": r["prompt"], "completion": r["rejected"], "label": False})
+    elif (have, want) == ("pairwise", "ranked"):
+        for r in rows:
+            sc, sr = r.get("score_chosen"), r.get("score_rejected")
+            scores = [sc, sr] if sc is not None and sr is not None and sc > sr else [1.0, 0.0]
+            out.append({"id": r["id"], "prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]], "scores": scores})
+    elif (have, want) == ("ranked", "pairwise"):
+        for r in rows:
+            s = r["scores"]
+            best, worst = max(range(len(s)), key=s.__getitem__), min(range(len(s)), key=s.__getitem__)
+            if s[best] > s[worst]:
+                out.append({"id": r["id"], "prompt": r["prompt"], "chosen": r["responses"][best],
+                            "rejected": r["responses"][worst], "score_chosen": s[best], "score_rejected": s[worst]})
+    else:
+        raise DataError(f"{source}: {have} rows cannot train loss={loss_name}, a {DATA_KIND_NAME[want]} objective")
+    if not out:
+        raise DataError(f"{source}: no usable rows for loss={loss_name} (every list has tied scores)")
+    return Dataset.from_list(out)
+
+
+DATA_KIND_NAME = {"pairwise": "pairwise", "ranked": "listwise", "unpaired": "unpaired"}
+
+
+def make_stages(cfg, train: Dataset, tokenizer) -> list[Dataset]:
+    """sDPO chunks (in the data's order, or easiest first by score gap when the data has scores) or
+    Curry-DPO difficulty levels; one stage otherwise."""
+    from train.reference import curry_iterations, sdpo_stages
+
+    loop = cfg.loop
+    if loop.curriculum == "curry":
+        if loop.sdpo_stages > 1:
+            raise ConfigError("choose one staging: loop.curriculum=curry or loop.sdpo_stages>1, not both")
+        raw = load_rows(cfg.data.path, cfg, None, cfg.data.limit)
+        if detect_kind(raw) == "ranked":  # one level per pair rank: (R1, RK) first ... (R1, R2) last
+            levels = curry_iterations(raw)
+            return [tokenize_checked(lv, tokenizer, cfg, "pairwise", f"{cfg.data.path} (curry level {i + 1})")[0]
+                    for i, lv in enumerate(levels)]
+        gaps = _gaps(train, "loop.curriculum=curry")
+        return sdpo_stages(train, min(loop.curriculum_stages, len(train)), [-g for g in gaps])
+    if loop.sdpo_stages > 1:
+        has_scores = "score_chosen" in train.column_names and "score_rejected" in train.column_names
+        difficulty = [-g for g in _gaps(train, "")] if has_scores and None not in train["score_chosen"] else None
+        return sdpo_stages(train, loop.sdpo_stages, difficulty)
+    return [train]
+
+
+def _gaps(ds: Dataset, setting: str) -> list[float]:
+    if "score_chosen" not in ds.column_names or "score_rejected" not in ds.column_names:
+        raise DataError(f"{setting} orders pairs by score gap: the data needs score_chosen and score_rejected "
+                        "(or ranked rows with scores)")
+    return [float(a) - float(b) for a, b in zip(ds["score_chosen"], ds["score_rejected"])]
+
+
+def with_kl_pairs(ds: Dataset, batch_size: int, seed: int) -> Dataset:
+    """KTO with precomputed reference: shuffle once, then fix each chunk's mismatched pairs (data.py)."""
+    from train.data import add_kl_completions
+
+    return add_kl_completions(ds.shuffle(seed=seed).flatten_indices(), batch_size)
+
+
+def _order(ds: Dataset, fixed_kl: bool, B: int, seed: int, pos) -> list[int]:
+    """Row order of one epoch: a seeded permutation, or (fixed KL pairs) a permutation of whole chunks."""
+    key = seed + 7919 * pos["stage"]
+    if not fixed_kl:
+        return epoch_order(len(ds), key, pos["epoch"])
+    n_chunks = len(ds) // B
+    return [c * B + j for c in epoch_order(n_chunks, key, pos["epoch"]) for j in range(B)]
+
+
+def reference_mode(cfg) -> str:
+    """none | precomputed | adapter_disabled | model, from the loss and loop.reference."""
+    ref = cfg.loop.reference
+    if not cfg.loss.needs_reference:
+        return "none"
+    if ref.update != "none":
+        return "model"
+    if ref.mode == "auto":
+        staged = cfg.loop.sdpo_stages > 1 or cfg.loop.curriculum != "none"
+        return "adapter_disabled" if cfg.lora.enabled and not staged and ref.name_or_path is None else "precomputed"
+    if ref.mode == "adapter_disabled" and ref.name_or_path is not None:
+        raise ConfigError("loop.reference.mode=adapter_disabled uses the policy's own base model; "
+                          "loop.reference.name_or_path needs mode=precomputed or model")
+    return ref.mode
+
+
+def tr_dpo_schedule(ref):
+    from train.reference import TRDPOSchedule
+
+    if ref.update == "none":
+        return None
+    if ref.update == "tr_dpo_hard":
+        return TRDPOSchedule(mode="hard", tau=ref.sync_steps)
+    return TRDPOSchedule(mode="soft", alpha=ref.mixup_alpha, soft_every=ref.sync_steps)
+
+
+def precompute(model, ds: Dataset, kind: str, tokenizer, cfg, cache_dir, settings, accelerator):
+    """Reference log-probs of every row (main process first: the others read its cache file)."""
+    from train.reference import precompute_reference_logps
+
+    bs = cfg.loop.reference.batch_size or 2 * cfg.optim.batch_size
+    with accelerator.main_process_first(), accelerator.autocast():  # the same numerics as the training forward
+        ref = precompute_reference_logps(model, ds, kind=kind, pad_token_id=tokenizer.pad_token_id, cache_dir=cache_dir,
+                                         batch_size=bs, settings=settings, show_progress=cfg.progress and accelerator.is_main_process)
+    return ref.tensors
+
+
+def attach(ds: Dataset | None, tensors: dict[str, torch.Tensor] | None) -> Dataset | None:
+    from train.reference import ReferenceLogps
+
+    if ds is None or tensors is None:
+        return ds
+    return ReferenceLogps(tensors, "", None, True).attach(ds)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def _adapter_off(model):
+    """Precomputing from a fresh LoRA policy: the adapter is zero-initialised, but disable it anyway."""
+    if is_peft(model):
+        with model.disable_adapter():
+            yield
+    else:
+        yield
+
+
+def _running_mean(spec):
+    from train.losses import RunningMean
+
+    return RunningMean() if spec.stateful == "running_mean" else None
+
+
+def _checkpoint(out_dir, pos, started, accelerator, model, tokenizer, optimizer, scheduler, cfg, running_mean,
+                stage_refs, eval_refs, ref_model, ref_mode):
+    state = {**pos, "elapsed_s": pos["elapsed_s"] + time.perf_counter() - started}
+    tensors: dict[str, Any] = {}
+    if running_mean is not None:
+        tensors["running_mean"] = running_mean.state_dict()
+    if ref_mode == "precomputed":
+        tensors["reference_train"], tensors["reference_eval"] = stage_refs, eval_refs
+    save_checkpoint(out_dir, pos["step"], accelerator=accelerator, model=model, tokenizer=tokenizer,
+                    optimizer=optimizer, scheduler=scheduler, state=state, tensors=tensors,
+                    keep_last=cfg.checkpoint.keep_last,
+                    extra_models={"reference": ref_model} if ref_model is not None and cfg.loop.reference.update != "none" else None)
+
+
+def _progress(cfg, main: bool, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not (cfg.progress and main), desc="train", dynamic_ncols=True)
