@@ -109,9 +109,9 @@ def normalise_rows(rows: Iterable[Mapping[str, Any]], *, source: str = "rows",
 def detect_kind(dataset: Dataset) -> RowKind:
     """The row kind of a canonical or tokenised dataset, from its columns."""
     cols = set(dataset.column_names)
-    for kind, marker in (("ranked", "responses"), ("ranked", "response_ids"), ("pairwise", "chosen"),
-                         ("pairwise", "chosen_ids"), ("unpaired", "label"), ("sft", "messages"),
-                         ("sft", "input_ids")):
+    markers = {"responses": "ranked", "response_ids": "ranked", "chosen": "pairwise", "chosen_ids": "pairwise",
+               "label": "unpaired", "messages": "sft", "input_ids": "sft"}
+    for marker, kind in markers.items():
         if marker in cols:
             return kind  # type: ignore[return-value]
     raise DataError(f"cannot tell the row kind from columns {sorted(cols)}")
@@ -408,13 +408,6 @@ _STATUS = tuple(_STATUS_FEATURES)
 _SPLIT_RANK = {"prefix": 0, "text": 1, "diverged": 2}
 
 
-@dataclass
-class _Fitted:
-    prompt: list[int]
-    completions: list[list[int]]
-    status: dict[str, Any]
-
-
 class _Encoder:
     """Chat-template tokenisation of one row at a time (picklable, for `Dataset.map(num_proc=...)`)."""
 
@@ -471,56 +464,45 @@ class _Encoder:
             labelled += 1
         return ids, labels, lost, how
 
-    def fit(self, prompt: list[int], completions: list[list[int]]) -> _Fitted:
-        """Apply the truncation policy of `TokenizeConfig` to one prompt and its completions."""
+    def fit(self, prompt: list[int], completions: list[list[int]]) -> tuple[list[int], list[list[int]], dict]:
+        """Apply the truncation policy of `TokenizeConfig` -> (prompt, completions, status columns)."""
         cfg, longest = self.cfg, max(len(c) for c in completions)
         status = {"_prompt_cut": False, "_completion_cut": False, "_drop": "",
                   "_prompt_len": len(prompt), "_seq_len": len(prompt) + longest}
         if min(len(c) for c in completions) == 0:
-            return _Fitted(prompt, completions, {**status, "_drop": "empty_completion"})
+            return prompt, completions, {**status, "_drop": "empty_completion"}
         if cfg.max_length is None or len(prompt) + longest <= cfg.max_length:
-            return _Fitted(prompt, completions, status)
+            return prompt, completions, status
         if cfg.max_prompt_length is not None and len(prompt) > cfg.max_prompt_length:
             m = cfg.max_prompt_length
             prompt = prompt[-m:] if cfg.truncation_mode == "keep_end" else prompt[:m]
             status["_prompt_cut"] = True
         room = cfg.max_length - len(prompt)
         if room <= 0:
-            return _Fitted(prompt, completions, {**status, "_drop": "prompt_too_long"})
+            return prompt, completions, {**status, "_drop": "prompt_too_long"}
         status["_completion_cut"] = longest > room
-        return _Fitted(prompt, [c[:room] for c in completions], status)
+        return prompt, [c[:room] for c in completions], status
 
 
-def _tok_pairwise(enc: _Encoder, row: Mapping[str, Any]) -> dict[str, Any]:
-    prompt, completions, how = enc.split(row["prompt"], [row["chosen"], row["rejected"]])
-    fit = enc.fit(prompt, completions)
-    return {"prompt_ids": fit.prompt, "chosen_ids": fit.completions[0], "rejected_ids": fit.completions[1],
-            **fit.status, "_split": how}
+_COMPLETIONS = {"pairwise": ("chosen", "rejected"), "unpaired": ("completion",)}
 
 
-def _tok_ranked(enc: _Encoder, row: Mapping[str, Any]) -> dict[str, Any]:
-    prompt, completions, how = enc.split(row["prompt"], row["responses"])
-    fit = enc.fit(prompt, completions)
-    return {"prompt_ids": fit.prompt, "response_ids": fit.completions, **fit.status, "_split": how}
+def _tok_prompted(enc: _Encoder, row: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """pairwise / ranked / unpaired: one shared prompt, one or more completions."""
+    names = _COMPLETIONS.get(kind, ())
+    completions = row["responses"] if kind == "ranked" else [row[n] for n in names]
+    prompt, completions, how = enc.split(row["prompt"], completions)
+    prompt, completions, status = enc.fit(prompt, completions)
+    out = {"response_ids": completions} if kind == "ranked" else {f"{n}_ids": c for n, c in zip(names, completions)}
+    return {"prompt_ids": prompt, **out, **status, "_split": how}
 
 
-def _tok_unpaired(enc: _Encoder, row: Mapping[str, Any]) -> dict[str, Any]:
-    prompt, completions, how = enc.split(row["prompt"], [row["completion"]])
-    fit = enc.fit(prompt, completions)
-    return {"prompt_ids": fit.prompt, "completion_ids": fit.completions[0], **fit.status, "_split": how}
-
-
-def _tok_sft(enc: _Encoder, row: Mapping[str, Any]) -> dict[str, Any]:
+def _tok_sft(enc: _Encoder, row: Mapping[str, Any], kind: str = "sft") -> dict[str, Any]:
     ids, labels, lost, how = enc.sft(row["messages"])
     first = next((i for i, x in enumerate(labels) if x != IGNORE_INDEX), len(ids))  # none: dropped as empty
-    fit = enc.fit(ids[:first], [ids[first:]])
-    n = len(fit.completions[0])
-    return {"input_ids": fit.prompt + fit.completions[0],
-            "labels": [IGNORE_INDEX] * len(fit.prompt) + labels[first: first + n],
-            **fit.status, "_split": how, "_lost_turns": lost}
-
-
-_TOKENISERS = {"pairwise": _tok_pairwise, "ranked": _tok_ranked, "unpaired": _tok_unpaired, "sft": _tok_sft}
+    prompt, (rest,), status = enc.fit(ids[:first], [ids[first:]])
+    return {"input_ids": prompt + rest, "labels": [IGNORE_INDEX] * len(prompt) + labels[first: first + len(rest)],
+            **status, "_split": how, "_lost_turns": lost}
 
 
 def require_chat_template(tokenizer: Any, override: str | None = None) -> str:
@@ -539,11 +521,11 @@ def tokenize_dataset(dataset: Dataset, tokenizer: Any, config: TokenizeConfig | 
     cfg = config or TokenizeConfig()
     template = require_chat_template(tokenizer, cfg.chat_template)
     kind = kind or detect_kind(dataset)
-    enc, fn = _Encoder(tokenizer, cfg), _TOKENISERS[kind]
+    enc, fn = _Encoder(tokenizer, cfg), (_tok_sft if kind == "sft" else _tok_prompted)
 
     def tokenise(row: dict[str, Any], idx: int) -> dict[str, Any]:
         try:
-            out = fn(enc, row)
+            out = fn(enc, row, kind)
         except DataError:
             raise
         except Exception as e:  # template errors (e.g. "roles must alternate") are data errors here
@@ -701,7 +683,8 @@ class UnpairedCollator:
         return [(r["prompt_ids"], c[:n]) for r, c, n in zip(rows, completions, room)]
 
 
-def make_collator(kind: RowKind | Literal["listwise"], pad_token_id: int | None, **kwargs: Any):
+def make_collator(kind: RowKind | Literal["listwise"], pad_token_id: int | None,
+                  **kwargs: Any) -> SFTCollator | PairCollator | RankedCollator | UnpairedCollator:
     """The collator for a row kind. `pad_token_id` None (a tokenizer without one) pads with 0: padded
     positions are masked and carry label -100, so the pad id never changes a result."""
     classes = {"sft": SFTCollator, "pairwise": PairCollator, "ranked": RankedCollator, "unpaired": UnpairedCollator,
