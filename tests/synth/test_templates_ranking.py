@@ -1,0 +1,81 @@
+"""Snapshot tests of the ranking / self-improvement templates (judge, self_rewarding, bpo, rlrf), en + zh.
+
+Each template is rendered with fixed inputs and compared with tests/synth/snapshots/<name>.<lang>.txt.
+After an intended template change, regenerate with
+`UPDATE_SNAPSHOTS=1 pytest tests/synth/test_templates_ranking.py` and review the diff of the snapshots.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from synth.prompts import TEMPLATE_DIR, render
+from synth.steps.filters import has_cjk
+from synth.steps.rlrf import load_aspects
+
+SNAPSHOTS = Path(__file__).parent / "snapshots"
+
+T = {
+    "en": {"q": "How do I keep basil alive indoors?", "earlier": "I have a small flat.", "a": "Water it daily and give it sun.",
+           "b": "Basil is a plant.", "c": "Buy a new one every week.", "context": "South-facing window.",
+           "critique": "It does not say how much light."},
+    "zh": {"q": "怎样在室内养活罗勒？", "earlier": "我住的公寓很小。", "a": "每天浇水，多晒太阳。", "b": "罗勒是一种植物。",
+           "c": "每周买一盆新的。", "context": "窗户朝南。", "critique": "没有说明需要多少光照。"},
+}
+
+
+def conv(lang, turns=1):
+    t = T[lang]
+    full = [{"role": "user", "content": t["earlier"]}, {"role": "assistant", "content": "OK." if lang == "en" else "好的。"},
+            {"role": "user", "content": t["q"]}]
+    return full[-turns:]
+
+
+def renders(lang: str) -> dict[str, str]:
+    t = T[lang]
+    aspects = [a.model_dump() for a in load_aspects("default", lang)[:2]]
+    aspects.append({"id": "p1", "name": "p1", "description": t["critique"], "levels": None})
+    return {
+        "judge_pairwise": "\n---\n".join(render("judge_pairwise", lang, conversation=conv(lang, 3), response_a=t["a"], response_b=t["b"],
+                                                direct=d) for d in (False, True)),
+        "judge_listwise": render("judge_listwise", lang, conversation=conv(lang), responses=[t["a"], t["b"], t["c"]]),
+        "judge_rubric": render("judge_rubric", lang, conversation=conv(lang), response=t["a"]),
+        "self_reward_judge": "\n---\n".join(render("self_reward_judge", lang, conversation=conv(lang, n), response=t["a"]) for n in (1, 3)),
+        "self_instruct": render("self_instruct", lang, examples=[t["q"], t["earlier"]]),
+        "bpo_construct": "\n---\n".join([
+            render("bpo_construct", lang, instruction=t["q"], good=t["a"], bad=t["b"], context="", history=[]),
+            render("bpo_construct", lang, instruction=t["q"], good=t["a"], bad=t["b"], context=t["context"], history=conv(lang, 3)[:2]),
+        ]),
+        "bpo_rewriter": render("bpo_rewriter", lang, prompt=t["q"]),
+        "bpo_safety": render("bpo_safety", lang, prompt=t["q"]),
+        "rlrf_feedback": render("rlrf_feedback", lang, conversation=conv(lang), response=t["a"], aspects=aspects),
+        "rlrf_refine": render("rlrf_refine", lang, conversation=conv(lang), response=t["a"],
+                              feedback=[{"name": a["name"], "rating": 2, "critique": t["critique"]} for a in aspects]),
+    }
+
+
+CASES = [(name, lang) for lang in ("en", "zh") for name in renders(lang)]
+
+
+@pytest.mark.parametrize("name,lang", CASES, ids=[f"{n}.{lang}" for n, lang in CASES])
+def test_template_matches_snapshot(name, lang):
+    text = renders(lang)[name] + "\n"
+    path = SNAPSHOTS / f"{name}.{lang}.txt"
+    if os.environ.get("UPDATE_SNAPSHOTS") == "1":
+        path.write_text(text, encoding="utf-8")
+    assert path.exists(), f"missing snapshot {path}; run with UPDATE_SNAPSHOTS=1 to create it"
+    assert text == path.read_text(encoding="utf-8"), f"{path} differs; if intended, rerun with UPDATE_SNAPSHOTS=1"
+
+
+@pytest.mark.parametrize("name", sorted({n for n, _ in CASES}))
+def test_zh_templates_are_chinese_and_differ_from_en(name):
+    zh, en = renders("zh")[name], renders("en")[name]
+    for part in zh.split("\n---\n"):
+        assert has_cjk(part.replace(T["zh"]["q"], "").replace(T["zh"]["a"], "")), part  # Chinese beyond the inputs
+    assert zh != en
+
+
+def test_every_ranking_template_exists_in_both_languages():
+    for name in renders("en"):
+        assert (TEMPLATE_DIR / f"{name}.en.j2").exists() and (TEMPLATE_DIR / f"{name}.zh.j2").exists()
