@@ -93,11 +93,10 @@ class AIFeedbackPipeline(Pipeline):
     def process(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> None:
         pairs = self.responses(items, ctx, state)
         comps = [c for it, y1, y2 in pairs for c in self.comparisons(it, y1, y2, ctx)]
-        verdicts = compare.judge_both_orders(ctx, state, comps, self.settings())
+        judged = list(zip(comps, compare.judge_both_orders(ctx, state, comps, self.settings())))
         m = self.cfg.principles_per_pair
         for n, (it, y1, y2) in enumerate(pairs):
-            mine = list(zip(comps, verdicts))[n * m : (n + 1) * m]
-            self.emit(it, y1, y2, mine, ctx, state)
+            self.emit(it, y1, y2, judged[n * m : (n + 1) * m], ctx, state)
 
     def settings(self) -> compare.JudgeSettings:
         c = self.cfg
@@ -133,7 +132,8 @@ class AIFeedbackPipeline(Pipeline):
         return out
 
     def comparisons(self, it: SourceItem, y1: str, y2: str, ctx: Context) -> list[compare.Comparison]:
-        """`principles_per_pair` distinct judge principles, from the item's category when it has some."""
+        """`principles_per_pair` distinct judge principles, from the item's category when it has some
+        (repeats only when the pool is smaller than `principles_per_pair`)."""
         cons = ctx.constitution
         pool = [p for p in cons.principles_for(it.category) if p.judge] if it.category else []
         pool = pool or cons.judge_principles()
