@@ -79,3 +79,50 @@ def test_zh_templates_are_chinese_and_differ_from_en(name):
 def test_every_ranking_template_exists_in_both_languages():
     for name in renders("en"):
         assert (TEMPLATE_DIR / f"{name}.en.j2").exists() and (TEMPLATE_DIR / f"{name}.zh.j2").exists()
+
+
+def test_chinese_constitution_sends_only_chinese_prompts(tmp_path):
+    """With safety_zh every request of every stage is rendered from a zh template."""
+    import json
+
+    from synth.constitution import load_constitution
+    from synth.pipelines.base import Context, run_pipeline
+    from synth.pipelines.bpo import BpoConfig, BpoPipeline, BpoRewriteConfig, BpoRewritePipeline
+    from synth.pipelines.judge import JudgeConfig, JudgePipeline
+    from synth.pipelines.rlrf import RlrfConfig, RlrfPipeline
+    from synth.pipelines.self_rewarding import SelfRewardingConfig, SelfRewardingPipeline
+    from synth.records import SourceItem, messages
+    from tests.fakes import ScriptedLLM
+
+    ids = [a.id for a in load_aspects("default", "zh")]
+
+    def fn(msgs, p, i):
+        text = msgs[-1].content if msgs[-1].role == "user" else msgs[0].content
+        if "[回复 A]" in text:
+            return "[[A]]"
+        if "累加式" in text:
+            return f"理由。\n得分：{i + 1}"
+        if "<task>" in text:
+            return f"<task>新任务 {i}：如何在阳台上种番茄？</task>"
+        if "[较好的回复]" in text or "AI 安全" in text:
+            return "详细比较结果：较好。\n优化后的指令：请详细说明如何在室内养活罗勒。[END]"
+        if "细粒度" in text:
+            return json.dumps({a: {"critique": "好", "rating": 3 if "改进" in text else 1 + i % 2} for a in ids}, ensure_ascii=False)
+        if "改进后的回复" in text:
+            return "改进后的回答"
+        return f"回答 {i}：多晒太阳，{'勤' * (i + 1)}浇水。"
+
+    llm = ScriptedLLM(fn)
+    ctx = Context(factories={r: (lambda: llm) for r in ("policy", "judge", "target")}, constitution=load_constitution("safety_zh"))
+    its = [SourceItem(id="z", prompt=messages(("user", T["zh"]["q"])), chosen=messages(("assistant", T["zh"]["a"])),
+                      rejected=messages(("assistant", T["zh"]["b"])))]
+    pipes = [JudgePipeline(JudgeConfig()), SelfRewardingPipeline(SelfRewardingConfig(new_prompts={"enabled": True})),
+             BpoPipeline(BpoConfig()), BpoRewritePipeline(BpoRewriteConfig(safety=True)), RlrfPipeline(RlrfConfig())]
+    for k, pipe in enumerate(pipes):
+        m = run_pipeline(pipe, ctx, tmp_path / str(k), its, show_progress=False)
+        assert sum(m["outputs"].values()) > 0 and not m["parse_failures"], (pipe.cfg.name, m)
+    stages = [req for reqs, _ in llm.calls for req in reqs]
+    templated = [req for req in stages if req[0].content != T["zh"]["q"]]  # candidate sampling sends the bare prompt
+    assert len(templated) > 10
+    for req in templated:
+        assert has_cjk(req[0].content[:6]) and "You are" not in req[0].content, req[0].content[:80]
