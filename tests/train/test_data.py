@@ -12,7 +12,13 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
-from synth.records import PreferenceRecord, RankedRecord, SFTRecord, UnpairedRecord, messages
+from synth.records import (
+    PreferenceRecord,
+    RankedRecord,
+    SFTRecord,
+    UnpairedRecord,
+    messages,
+)
 from train.data import (
     DataError,
     TokenizeConfig,

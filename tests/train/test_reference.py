@@ -6,8 +6,13 @@ import pytest
 import torch
 from datasets import Dataset
 
-from train.data import TokenizeConfig, add_kl_completions, make_collator, normalise_rows, tokenize_dataset
-from train.logprobs import concatenated_forward, unpaired_forward
+from train.data import (
+    add_kl_completions,
+    make_collator,
+    normalise_rows,
+    tokenize_dataset,
+)
+from train.logprobs import concatenated_forward, sequence_logps, unpaired_forward
 from train.reference import (
     TRDPOSchedule,
     add_reference_adapter,
@@ -106,8 +111,6 @@ def test_ranked_reference_logps_are_per_response(tiny_model, tiny_tokenizer, tmp
     with torch.no_grad():
         single = make_collator("ranked", 0)([ds[1]])
         logits = tiny_model(input_ids=single["input_ids"], attention_mask=single["attention_mask"]).logits
-    from train.logprobs import sequence_logps
-
     torch.testing.assert_close(torch.tensor(attached[1]["ref_logps"]), sequence_logps(logits, single["labels"])[0], **TOL)
 
 
