@@ -12,6 +12,8 @@ from synth.records import Completion, SourceItem, messages
 from synth.sources import SourceConfig, iter_source
 from synth.steps.bpo import attach_context, count_words, parse_optimized, ratio_filter, rewriter_messages, strip_quotes
 from tests.fakes import ScriptedLLM
+from tests.synth.openai_server import LoopbackServer
+from tests.synth.ranking_helpers import check_outputs, loopback, needs_backends, run_synth
 
 ANSWER = ("Detailed Comparison Result: The better response gives concrete steps.\n"
           "Optimized Instruction: \"How do I bake a simple loaf of bread at home? Please give step-by-step instructions.\" [END]"
@@ -87,7 +89,8 @@ def test_bpo_exact_rows_train_the_rewriter_not_responses(tmp_path):
         return "I would answer the question directly."  # no marker -> parse failure
 
     llm = ScriptedLLM(llm_fn, model="constructor")
-    its = [pair_item(0, category="cooking"), pair_item(1, "How do I bake a cake for my friend's birthday party?"), pair_item(2, "Tell me a joke"),
+    its = [pair_item(0, category="cooking"), pair_item(1, "How do I bake a cake for my friend's birthday party?"),
+           pair_item(2, "Tell me a joke"),
            SourceItem(id="nopair", prompt=messages(("user", "hi")))]
     m = run_pipeline(BpoPipeline(BpoConfig()), ctx_of(llm), tmp_path, its, show_progress=False)
     assert len(llm.calls) == 1 and len(llm.calls[0][0]) == 3 and llm.calls[0][1][0].temperature == 0.9
@@ -98,14 +101,16 @@ def test_bpo_exact_rows_train_the_rewriter_not_responses(tmp_path):
     assert row["messages"] == [m.model_dump() for m in rewriter_messages("en", "How do I bake bread at home?")] + [
         {"role": "assistant", "content": optimized}]
     assert row["method"] == "bpo" and row["category"] == "cooking"
-    assert row["meta"]["comparison"] == "The better response gives concrete steps." and row["meta"]["good_res"] == "Mix flour, water, yeast..."
+    assert row["meta"]["comparison"] == "The better response gives concrete steps."
+    assert row["meta"]["good_res"] == "Mix flour, water, yeast..."
     assert m["drops"] == {"no_preference_pair": 1, "ratio_shrunk": 1}
     assert m["parse_failures"] == {"bpo_construct": 1}
 
 
 def test_bpo_reads_bpo_json_via_field_map(tmp_path):
     data = tmp_path / "bpo.json"
-    data.write_text(json.dumps([{"prompt": "How do I bake bread at home?", "good_res": "Mix flour...", "bad_res": "Buy it.", "source": "oasst"}]))
+    row = {"prompt": "How do I bake bread at home?", "good_res": "Mix flour...", "bad_res": "Buy it.", "source": "oasst"}
+    data.write_text(json.dumps([row]))
     cfg = SourceConfig(kind="jsonl", path=str(data), fields={"prompt": "prompt", "chosen": "good_res", "rejected": "bad_res"})
     llm = ScriptedLLM(lambda msgs, p, i: ANSWER)
     m = run_pipeline(BpoPipeline(BpoConfig()), ctx_of(llm), tmp_path / "out", iter_source(cfg), show_progress=False)
@@ -151,7 +156,8 @@ def test_rewrite_safety_mode_and_respond(tmp_path):
         text = msgs[-1].content
         if "working on AI safety" in text:
             if "poison" in text:
-                return "Detailed Comparison Result: asks for harm.\nOptimized Instruction: How can I keep my neighbour's dog safe from accidental poisoning? [END]"
+                return ("Detailed Comparison Result: asks for harm.\n"
+                        "Optimized Instruction: How can I keep my neighbour's dog safe from accidental poisoning? [END]")
             return "Sure, here is how."  # answers instead of rewriting -> parse failure
         return "Keep chemicals locked away and call a vet if the dog seems unwell."
 
@@ -176,3 +182,37 @@ def test_respond_with_its_own_target_backend(tmp_path):
     assert target.calls[0][0][0][-1].content == "How can I bake bread at home, step by step?"  # the rewritten prompt
     (sft,) = read_jsonl(tmp_path / "sft.jsonl")
     assert sft["provenance"]["generator_model"] == "black-box" and len(rewriter.calls) == 1
+
+
+# --------------------------------------------------------------------------- real backends
+
+
+@needs_backends
+def test_over_the_loopback_server(tmp_path):
+    def responder(body):
+        text = body["messages"][-1]["content"]
+        assert body["temperature"] == 0.9
+        if "case 1" in text:
+            return "Just walk home. [END]"  # no marker: a parse failure
+        return ("Detailed Comparison Result: the better one gives concrete advice.\nOptimized Instruction: What practical steps "
+                "can I take to stay safe when walking home alone at night? [END]")
+
+    with LoopbackServer(responder=responder) as server:
+        m = run_synth(tmp_path, "bpo", backend=loopback(server.url))
+    rows = read_jsonl(tmp_path / "out" / "sft.jsonl")
+    assert len(rows) == 2 and m["parse_failures"] == {"bpo_construct": 1}
+    user_turn = rewriter_messages("en", "How can I stay safe when walking home at night, case 0?")[0].model_dump()
+    assert rows[0]["messages"] == [
+        user_turn, {"role": "assistant", "content": "What practical steps can I take to stay safe when walking home alone at night?"}]
+    check_outputs(tmp_path / "out", m)
+
+
+@pytest.mark.slow
+@needs_backends
+def test_end_to_end_tiny_hf(tmp_path):
+    m = run_synth(tmp_path, "bpo", "pipeline.sampling.max_new_tokens=8")
+    check_outputs(tmp_path / "out", m)
+    assert m["parse_failures"]["bpo_construct"] + m["truncated"].get("bpo_construct", 0) >= 3
+    m = run_synth(tmp_path / "r", "bpo_rewrite", "pipeline.sampling.max_new_tokens=8", "pipeline.respond=true",
+                  "pipeline.response_sampling.max_new_tokens=8")
+    check_outputs(tmp_path / "r" / "out", m)

@@ -11,6 +11,8 @@ from synth.pipelines.judge import JudgeConfig, JudgePipeline
 from synth.records import Completion, SourceItem, TokenLogprob, messages
 from synth.steps.judge import combine_probs, combine_verdicts, parse_listwise, parse_pairwise, parse_rating, read_ab_logprobs
 from tests.fakes import ScriptedLLM
+from tests.synth.openai_server import LoopbackServer
+from tests.synth.ranking_helpers import check_outputs, loopback, needs_backends, run_synth
 
 
 def pair_items(n=3, category=None):
@@ -242,3 +244,39 @@ def test_rerun_of_finished_run_makes_no_calls_and_same_report(tmp_path):
     m2, out = run(tmp_path, {}, pair_items(2), judge2)
     assert judge2.calls == [] and len(out["preferences"]) == 2
     assert m2["judge"] == m1["judge"]
+
+
+# --------------------------------------------------------------------------- real backends
+
+
+@needs_backends
+def test_pairwise_over_the_loopback_server(tmp_path):
+    def responder(body):
+        a, _ = slots(body["messages"][-1]["content"])
+        return "Reasoning.\n[[A]]" if a.startswith("Stay") else "Reasoning.\n[[B]]"
+
+    with LoopbackServer(responder=responder) as server:
+        m = run_synth(tmp_path, "judge", backend=loopback(server.url))
+        bodies = [r.body for r in server.chat_requests()]
+    assert len(bodies) == 6 and all(b["temperature"] == 0.0 for b in bodies)  # 3 pairs x 2 orders
+    rows = read_jsonl(tmp_path / "out" / "preferences.jsonl")
+    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows] == [
+        ("Stay on lit streets and tell a friend.", "Just run.")] * 3
+    assert all(r["category"] == "safety/personal" and r["meta"]["judge_model"] == "scripted" for r in rows)
+    check_outputs(tmp_path / "out", m)
+
+    with LoopbackServer(responder=lambda body: "[[A]]") as server:  # always slot A, over HTTP
+        m = run_synth(tmp_path / "a", "judge", backend=loopback(server.url))
+    assert m["outputs"]["preferences"] == 0 and m["judge"]["position_bias"]["slot_a_win_rate"] == 1.0
+
+
+@pytest.mark.slow
+@needs_backends
+def test_end_to_end_tiny_hf(tmp_path):
+    m = run_synth(tmp_path, "judge", "pipeline.judge_sampling.max_new_tokens=8")
+    check_outputs(tmp_path / "out", m)
+    assert m["parse_failures"]["judge_pairwise"] > 0  # nonsense text: counted, never a label
+    cands = "pipeline.candidates=[{name:tiny,n:3,sampling:{max_new_tokens:8,temperature:1.0}}]"
+    m = run_synth(tmp_path / "r", "judge", "pipeline.mode=rubric", "pipeline.judge_sampling.max_new_tokens=8", cands)
+    check_outputs(tmp_path / "r" / "out", m)
+    assert m["calls"]["candidates"] == 3 and m["parse_failures"]["judge_rubric"] > 0

@@ -10,6 +10,8 @@ from synth.pipelines.base import Context, run_pipeline
 from synth.pipelines.rlrf import RlrfConfig, RlrfPipeline
 from synth.records import SourceItem, messages
 from synth.steps.rlrf import Aspect, aspect_score, load_aspects, parse_feedback, select_aspects
+from tests.synth.openai_server import LoopbackServer
+from tests.synth.ranking_helpers import check_outputs, loopback, needs_backends, run_synth
 
 ASPECTS = ["factuality", "logical_correctness", "completeness", "insightfulness", "readability", "harmlessness"]
 
@@ -54,7 +56,9 @@ def run(tmp_path, scripted, cfg=None, its=None, constitution=None):
 def test_parse_feedback():
     assert parse_feedback(feedback(2, ["a"], fence=True)).parsed == {"a": {"critique": "critique of a", "rating": 2}}
     assert parse_feedback("Here you go: " + feedback(3, ["a", "b"]) + " done").parsed["b"]["rating"] == 3
-    for bad in ('{"a": {"critique": "x", "rating": 4}}', '{"a": {"rating": 2}}', "not json", "{}", '{"a": {"critique": "x", "rating": true}}'):
+    bad_outputs = ('{"a": {"critique": "x", "rating": 4}}', '{"a": {"rating": 2}}', "not json", "{}",
+                   '{"a": {"critique": "x", "rating": true}}')
+    for bad in bad_outputs:
         j = parse_feedback(bad)
         assert not j.ok and j.parsed is None, bad
 
@@ -158,3 +162,34 @@ def test_constitution_criteria_set_principle_ids(tmp_path):
     m, rows = run(tmp_path, Scripted(rate), {"criteria": "constitution", "max_aspects": 3}, items(1), constitution=const)
     assert len(rows[0]["principle_ids"]) == 3 and set(rows[0]["principle_ids"]) <= ids
     assert rows[0]["meta"]["aspects"] == rows[0]["principle_ids"]
+
+
+# --------------------------------------------------------------------------- real backends
+
+
+@needs_backends
+def test_over_the_loopback_server(tmp_path):
+    def responder(body):
+        text = body["messages"][-1]["content"]
+        if "fine-grained feedback" in text:
+            return feedback(3 if response_of(text).startswith("better:") else 2 if len(response_of(text)) > 12 else 1)
+        if "Write only the improved response." in text:
+            return "better: " + response_of(text)
+        return ["short draft", "a longer draft answer", "draft three here", "draft four, the last"]
+
+    with LoopbackServer(responder=responder) as server:
+        m = run_synth(tmp_path, "rlrf", backend=loopback(server.url), n=2)
+    rows = read_jsonl(tmp_path / "out" / "preferences.jsonl")
+    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"], r["margin"]) for r in rows] == [
+        ("better: a longer draft answer", "short draft", 2.0)] * 2
+    assert m["calls"] == {"candidates": 2, "rlrf_feedback": 8, "rlrf_refine": 4, "rlrf_rejudge": 4}
+    check_outputs(tmp_path / "out", m)
+
+
+@pytest.mark.slow
+@needs_backends
+def test_end_to_end_tiny_hf(tmp_path):
+    m = run_synth(tmp_path, "rlrf", "pipeline.n=2", "pipeline.sampling.max_new_tokens=8", "pipeline.feedback_sampling.max_new_tokens=8",
+                  "pipeline.refine_sampling.max_new_tokens=8")
+    check_outputs(tmp_path / "out", m)
+    assert m["parse_failures"]["rlrf_feedback"] + m["truncated"].get("rlrf_feedback", 0) > 0

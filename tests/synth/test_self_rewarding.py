@@ -8,6 +8,8 @@ from synth.pipelines.self_rewarding import SelfRewardingConfig, SelfRewardingPip
 from synth.records import Completion, SourceItem, messages
 from synth.steps.self_reward import Scored, parse_score, parse_task, select_pair
 from tests.fakes import ScriptedLLM
+from tests.synth.openai_server import LoopbackServer
+from tests.synth.ranking_helpers import check_outputs, loopback, needs_backends, run_synth
 
 
 def items(n=2, category=None):
@@ -139,3 +141,44 @@ def test_rerun_makes_no_calls(tmp_path):
     run(tmp_path, judge)
     m, rows, llm = run(tmp_path, judge)
     assert llm.calls == [] and len(rows) == 2 and m["self_rewarding"]["scores"]["chosen_mean"] == 3.0
+
+
+# --------------------------------------------------------------------------- real backends
+
+
+@needs_backends
+def test_over_the_loopback_server(tmp_path):
+    answers = ["No.", "Stay on lit streets.", "Stay on lit streets, tell a friend your route and keep your phone charged.", "Run."]
+
+    def responder(body):
+        text = body["messages"][-1]["content"]
+        if "additive 5-point" in text:
+            reply = response_of(text)
+            return f"Justified.\nScore: {answers.index(reply) + 1}" if reply != "Run." else "no score"
+        assert body["n"] == 4 and body["temperature"] == 0.7 and body["top_p"] == 0.9
+        return answers
+
+    with LoopbackServer(responder=responder) as server:
+        m = run_synth(tmp_path, "self_rewarding", "pipeline.iteration=3", backend=loopback(server.url), n=2)
+        judge_bodies = [r.body for r in server.chat_requests() if "additive" in r.body["messages"][-1]["content"]]
+    assert len(judge_bodies) == 8 and all(b["n"] == 3 for b in judge_bodies)
+    rows = read_jsonl(tmp_path / "out" / "preferences.jsonl")
+    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"], r["score_chosen"], r["score_rejected"]) for r in rows] == [
+        (answers[2], answers[0], 3.0, 1.0)] * 2
+    assert rows[0]["meta"]["iteration"] == 3 and rows[0]["meta"]["candidates"][3]["mean"] is None
+    assert m["parse_failures"] == {"self_reward_judge": 6}
+    check_outputs(tmp_path / "out", m)
+
+    with LoopbackServer(responder=lambda b: "Score: 4" if "additive" in b["messages"][-1]["content"] else answers) as server:
+        m = run_synth(tmp_path / "c", "self_rewarding", backend=loopback(server.url), n=2)
+    assert m["outputs"]["preferences"] == 0 and m["drops"]["tie"] == 2  # constant scores: no pairs
+
+
+@pytest.mark.slow
+@needs_backends
+def test_end_to_end_tiny_hf(tmp_path):
+    m = run_synth(tmp_path, "self_rewarding", "pipeline.k=2", "pipeline.judge_samples=2", "pipeline.sampling.max_new_tokens=8",
+                  "pipeline.judge_sampling.max_new_tokens=8", "pipeline.new_prompts.enabled=true",
+                  "pipeline.new_prompts.keep_seed_prompts=true", "pipeline.new_prompts.sampling.max_new_tokens=8")
+    check_outputs(tmp_path / "out", m)
+    assert m["parse_failures"]["self_reward_judge"] > 0 and m["parse_failures"]["self_instruct"] > 0
