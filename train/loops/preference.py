@@ -103,6 +103,9 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         ref_path = ckpt / "reference" if ckpt is not None and (ckpt / "reference").exists() else (
             loop.reference.name_or_path or cfg.model.name_or_path)
         ref_model = load_frozen(str(ref_path), dtype=cfg.optim.dtype).to(accelerator.device)
+    if ref_mode == "model" and data.eval is not None and eval_refs is None and not spec.needs_kl_pairs:
+        # TR-DPO moves the reference: evaluate against the initial one so eval curves stay comparable
+        eval_refs = precompute(ref_model, data.eval, kind, tokenizer, cfg, cache_dir, settings, accelerator)
     schedule = tr_dpo_schedule(loop.reference)
 
     # ---------------------------------------------------------------- 5. optimiser, schedule, state
@@ -135,6 +138,9 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     bar = _progress(cfg, main, total, pos["step"])
     metrics, speed = StepMetrics(), Throughput()
     ctx = LossContext(spec, loss_fn, ref_mode, ref_model, running_mean, reduce, cfg.seed)
+    # evaluation always compares with the initial reference (precomputed columns) when there are any
+    eval_ctx = LossContext(spec, loss_fn, "precomputed" if eval_refs is not None else ref_mode, ref_model,
+                           running_mean, reduce, cfg.seed)
     last_train: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     stopped = False
@@ -167,7 +173,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
                 bar.set_postfix(postfix(last_train))
             bar.update(1)
             if eval_ds is not None and cfg.eval.every_steps and pos["step"] % cfg.eval.every_steps == 0:
-                last_eval = evaluate(model, unwrapped, eval_ds, collate, ctx, kind, cfg, accelerator, fixed_kl)
+                last_eval = evaluate(model, unwrapped, eval_ds, collate, eval_ctx, kind, cfg, accelerator, fixed_kl)
                 logger.log(pos["step"], last_eval)
             stop = cfg.checkpoint.stop_after_steps is not None and pos["step"] >= cfg.checkpoint.stop_after_steps
             if stop or (cfg.checkpoint.every_steps and pos["step"] % cfg.checkpoint.every_steps == 0):
@@ -198,7 +204,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         logger.close()
         return {"stopped": True, "steps": pos["step"], "output_dir": str(out_dir)}
     if eval_ds is not None:
-        last_eval = evaluate(model, unwrapped, eval_ds, collate, ctx, kind, cfg, accelerator, fixed_kl)
+        last_eval = evaluate(model, unwrapped, eval_ds, collate, eval_ctx, kind, cfg, accelerator, fixed_kl)
         logger.log(pos["step"], last_eval)
     logger.close()
     final = save_model(model, tokenizer, out_dir / "final", accelerator)
@@ -506,7 +512,9 @@ def _checkpoint(out_dir, pos, started, accelerator, model, tokenizer, optimizer,
     if running_mean is not None:
         tensors["running_mean"] = running_mean.state_dict()
     if ref_mode == "precomputed":
-        tensors["reference_train"], tensors["reference_eval"] = stage_refs, eval_refs
+        tensors["reference_train"] = stage_refs
+    if eval_refs is not None:
+        tensors["reference_eval"] = eval_refs
     save_checkpoint(out_dir, pos["step"], accelerator=accelerator, model=model, tokenizer=tokenizer,
                     optimizer=optimizer, scheduler=scheduler, state=state, tensors=tensors,
                     keep_last=cfg.checkpoint.keep_last,

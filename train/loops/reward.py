@@ -1,0 +1,236 @@
+"""loop=reward: a scalar reward model (Bradley–Terry, optional margin) or, with loss=cost, a Safe-RLHF
+cost model (ranking + sign terms from safety labels).
+
+Reads top to bottom: set-up, data, model, optimiser, resume, the step loop, the end. The model is the
+causal LM with a one-output score head (AutoModelForSequenceClassification, num_labels=1; the head reads
+the last non-pad token), so the result loads like any HF reward model. Chosen and rejected rows go
+through ONE forward (2B rows). Input: preference pairs (our preferences.jsonl, TRL columns, hh-rlhf) with
+an optional `margin` column; ranked lists become best-vs-worst pairs. loss=cost needs `safe_chosen` /
+`safe_rejected` booleans per pair (top-level or inside `meta`; names set by loop.safe_*_field), chosen
+being the safer response.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from datasets import Dataset
+
+from train.data import DataError, make_collator
+from train.loops.common import (
+    MetricsLogger, StepMetrics, Throughput, build_optimizer, build_scheduler, call_loss, check_enough_rows,
+    epoch_batches, epoch_order, find_last_checkpoint, format_summary, instantiate_loss, load_data,
+    load_training_state, loss_metrics, make_accelerator, plot_curves, postfix, prepare_output_dir,
+    save_checkpoint, seed_everything, to_device, truncation_counts, write_config, write_json,
+)
+from train.models import count_parameters, load_policy, load_tokenizer, save_model, trainable_parameters
+
+
+def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
+    started = time.perf_counter()
+    # ---------------------------------------------------------------- 1. process, output folder, loss
+    accelerator = make_accelerator(cfg)
+    seed_everything(cfg.seed)
+    out_dir = prepare_output_dir(cfg.output_dir, cfg.resume, accelerator.is_main_process)
+    write_config(out_dir, resolved_yaml, accelerator)
+    loss_fn = instantiate_loss(cfg.loss)
+    ckpt = find_last_checkpoint(out_dir) if cfg.resume else None
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    B, accum = cfg.optim.batch_size, cfg.optim.grad_accum
+    safety = cfg.loss.needs_safety_labels
+
+    # ---------------------------------------------------------------- 2. data
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.chat_template)
+    convert = lambda rows, source: to_pairs(rows, source, cfg, safety)  # noqa: E731
+    data = load_data(cfg, tokenizer, "pairwise", convert)
+    check_enough_rows(len(data.train), cfg, world, cfg.data.path)
+    if main:
+        print(data.report.summary(), flush=True)
+
+    # ---------------------------------------------------------------- 3. model, optimiser, resume
+    model = load_policy(
+        str(ckpt) if ckpt is not None and not cfg.lora.enabled else cfg.model.name_or_path,
+        revision=None if ckpt is not None and not cfg.lora.enabled else cfg.model.revision,
+        dtype=cfg.optim.dtype, lora=cfg.lora, gradient_checkpointing=cfg.optim.gradient_checkpointing,
+        head="score", pad_token_id=tokenizer.pad_token_id,
+        adapter_path=ckpt if ckpt is not None and cfg.lora.enabled else None,
+    )
+    total = cfg.optim.max_steps or len(data.train) // (B * world) // accum * cfg.optim.epochs
+    optimizer = build_optimizer(trainable_parameters(model), cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, total)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    pos = {"step": 0, "epoch": 0, "micro": 0, "samples": 0, "elapsed_s": 0.0}
+    if ckpt is not None:
+        state, _ = load_training_state(ckpt, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler)
+        pos.update({k: state[k] for k in pos if k in state})
+    n_train, n_total = count_parameters(accelerator.unwrap_model(model))
+    if main:
+        print(f"{'cost' if safety else 'reward'} model: {n_train:,} trainable of {n_total:,} parameters; "
+              f"loss={cfg.loss.name}; {total} optimizer steps", flush=True)
+
+    # ---------------------------------------------------------------- 4. the step loop
+    collate = PairsWithLabels(make_collator("pairwise", tokenizer.pad_token_id), safety)
+    logger = MetricsLogger(out_dir, main, cfg.log.tensorboard, resume_step=pos["step"])
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=pos["step"], disable=not (cfg.progress and main), desc="reward", dynamic_ncols=True)
+    metrics, speed = StepMetrics(), Throughput()
+    last_train: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
+    stopped = False
+    model.train()
+    while pos["step"] < total:
+        batches = epoch_batches(epoch_order(len(data.train), cfg.seed, pos["epoch"]), B, world, rank)
+        batches = batches[: len(batches) // accum * accum]
+        for i in range(pos["micro"], len(batches)):
+            batch = to_device(collate(data.train.select(batches[i]).to_list()), accelerator.device)
+            with accelerator.accumulate(model):
+                out = reward_loss(model, batch, loss_fn, cfg)
+                accelerator.backward(out.losses.mean())
+                metrics.add(loss_metrics(out))
+                speed.add(int(batch["attention_mask"].sum()), len(batches[i]))
+                if accelerator.sync_gradients:
+                    if cfg.optim.max_grad_norm is not None:
+                        metrics.add({"grad_norm": accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)})
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            pos.update(step=pos["step"] + 1, micro=i + 1, samples=pos["samples"] + B * world * accum)
+            if pos["step"] % cfg.log.every_steps == 0 or pos["step"] == total:
+                last_train = {**metrics.reduce(accelerator), **speed.read(world), "lr": scheduler.get_last_lr()[0],
+                              "epoch": pos["epoch"]}
+                logger.log(pos["step"], last_train)
+                bar.set_postfix(postfix(last_train))
+            bar.update(1)
+            if data.eval is not None and cfg.eval.every_steps and pos["step"] % cfg.eval.every_steps == 0:
+                last_eval = evaluate(model, data.eval, collate, loss_fn, cfg, accelerator)
+                logger.log(pos["step"], last_eval)
+            stop = cfg.checkpoint.stop_after_steps is not None and pos["step"] >= cfg.checkpoint.stop_after_steps
+            if stop or (cfg.checkpoint.every_steps and pos["step"] % cfg.checkpoint.every_steps == 0):
+                _checkpoint(out_dir, pos, started, accelerator, model, tokenizer, optimizer, scheduler, cfg)
+            if stop:
+                stopped = True
+                break
+            if pos["step"] >= total:
+                break
+        if stopped or pos["step"] >= total:
+            break
+        pos.update(epoch=pos["epoch"] + 1, micro=0)
+    bar.close()
+
+    # ---------------------------------------------------------------- 5. the end
+    if stopped:
+        logger.close()
+        return {"stopped": True, "steps": pos["step"], "output_dir": str(out_dir)}
+    if data.eval is not None:
+        last_eval = evaluate(model, data.eval, collate, loss_fn, cfg, accelerator)
+        logger.log(pos["step"], last_eval)
+    logger.close()
+    final = save_model(model, tokenizer, out_dir / "final", accelerator)
+    if pos["step"] and (cfg.checkpoint.every_steps == 0 or pos["step"] % cfg.checkpoint.every_steps):
+        _checkpoint(out_dir, pos, started, accelerator, model, tokenizer, optimizer, scheduler, cfg)
+    summary = {
+        "loop": "reward", "loss": cfg.loss.name, "steps": pos["step"], "samples": pos["samples"],
+        "time_s": pos["elapsed_s"] + time.perf_counter() - started, "final_dir": str(final),
+        "final_train": last_train, "final_eval": last_eval, "truncation": truncation_counts(data.report),
+        "output_dir": str(out_dir),
+    }
+    if main:
+        write_json(out_dir / "summary.json", summary)
+        if cfg.log.plot:
+            plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
+        print(format_summary(summary), flush=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def scores(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over the 2B rows -> (chosen [B], rejected [B]) scalar outputs in float32."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    r = out.logits[:, 0].float()
+    b = r.shape[0] // 2
+    return r[:b], r[b:]
+
+
+def reward_loss(model, batch, loss_fn, cfg):
+    chosen, rejected = scores(model, batch)
+    margin = batch.get("margin") if cfg.loop.use_margin else None
+    if margin is not None:
+        margin = torch.nan_to_num(margin, nan=0.0)  # rows without a margin: plain Bradley–Terry
+    avail = {"rewards_chosen": chosen, "rewards_rejected": rejected, "margin": margin,
+             "costs_chosen": chosen, "costs_rejected": rejected,
+             "safe_chosen": batch.get("safe_chosen"), "safe_rejected": batch.get("safe_rejected")}
+    return call_loss(loss_fn, avail)
+
+
+@torch.no_grad()
+def evaluate(model, eval_ds, collate, loss_fn, cfg, accelerator) -> dict[str, float]:
+    """Held-out loss and pair accuracy (chosen scored above rejected), over rows and processes."""
+    model.eval()
+    B = cfg.eval.batch_size or cfg.optim.batch_size
+    mine = list(range(len(eval_ds)))[accelerator.process_index::accelerator.num_processes]
+    metrics = StepMetrics()
+    for start in range(0, len(mine), B):
+        idx = mine[start:start + B]
+        batch = to_device(collate(eval_ds.select(idx).to_list()), accelerator.device)
+        metrics.add(loss_metrics(reward_loss(model, batch, loss_fn, cfg), "eval/"), weight=len(idx))
+    model.train()
+    return metrics.reduce(accelerator)
+
+
+class PairsWithLabels:
+    """data.PairCollator plus the pairs' safety labels (cost model)."""
+
+    def __init__(self, pairs, safety: bool):
+        self.pairs, self.safety = pairs, safety
+
+    def __call__(self, rows):
+        batch = self.pairs(rows)
+        if self.safety:
+            batch["safe_chosen"] = torch.tensor([bool(r["safe_chosen"]) for r in rows])
+            batch["safe_rejected"] = torch.tensor([bool(r["safe_rejected"]) for r in rows])
+        return batch
+
+
+def to_pairs(rows: Dataset, source: str, cfg, safety: bool) -> Dataset:
+    """Pairs for the reward model (ranked lists: best vs worst), with safety labels for the cost model."""
+    from train.data import detect_kind
+    from train.loops.preference import to_kind
+
+    pairs = to_kind(rows, "pairwise", source, "bradley_terry")
+    if not safety:
+        return pairs
+    if detect_kind(rows) != "pairwise":
+        raise DataError(f"{source}: loss=cost needs preference pairs with safety labels, not {detect_kind(rows)} rows")
+    labels = safety_labels(source, cfg.data.split, len(rows), cfg.loop.safe_chosen_field, cfg.loop.safe_rejected_field)
+    return pairs.add_column("safe_chosen", labels[0]).add_column("safe_rejected", labels[1])
+
+
+def safety_labels(source: str, split: str, n: int, chosen_field: str, rejected_field: str) -> tuple[list[bool], list[bool]]:
+    """The per-pair safety booleans, read from the raw rows (top level or `meta`), in row order.
+    train.data keeps only the canonical columns, so the labels are read beside it."""
+    from train.data import _read_rows
+
+    safe_c, safe_r = [], []
+    for i, row in zip(range(n), _read_rows(source, split)):
+        values = []
+        for name in (chosen_field, rejected_field):
+            v = row.get(name, (row.get("meta") or {}).get(name))
+            if not isinstance(v, bool) and v not in (0, 1):
+                raise DataError(f"{source}: row {i}: loss=cost needs a boolean {name!r} (True = the response is safe), "
+                                f"got {v!r}; set loop.safe_chosen_field / loop.safe_rejected_field to your column names")
+            values.append(bool(v))
+        safe_c.append(values[0])
+        safe_r.append(values[1])
+    return safe_c, safe_r
+
+
+def _checkpoint(out_dir, pos, started, accelerator, model, tokenizer, optimizer, scheduler, cfg):
+    state = {**pos, "elapsed_s": pos["elapsed_s"] + time.perf_counter() - started}
+    save_checkpoint(out_dir, pos["step"], accelerator=accelerator, model=model, tokenizer=tokenizer,
+                    optimizer=optimizer, scheduler=scheduler, state=state, keep_last=cfg.checkpoint.keep_last)

@@ -1,0 +1,188 @@
+"""loop=sft: supervised fine-tuning on chat conversations, loss only on the labelled assistant turns.
+
+Reads top to bottom: set-up, data, model, optimiser, resume, the step loop, the end. Input: `messages`
+rows (our sft.jsonl, TRL "messages" datasets); preference rows train on prompt + chosen. The loss is
+conf/loss/sft.yaml (token NLL; `loss.fn.normalisation` sequence_mean | sum | batch_token_mean).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from datasets import Dataset
+
+from train.data import DataError, detect_kind, make_collator
+from train.loops.common import (
+    MetricsLogger, StepMetrics, Throughput, build_optimizer, build_scheduler, call_loss, check_enough_rows,
+    epoch_batches, epoch_order, find_last_checkpoint, format_summary, instantiate_loss, load_data,
+    load_training_state, make_accelerator, plot_curves, postfix, prepare_output_dir, save_checkpoint,
+    seed_everything, to_device, truncation_counts, write_config, write_json,
+)
+from train.models import count_parameters, load_policy, load_tokenizer, save_model, trainable_parameters
+
+
+def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
+    started = time.perf_counter()
+    # ---------------------------------------------------------------- 1. process, output folder, loss
+    accelerator = make_accelerator(cfg)
+    seed_everything(cfg.seed)
+    out_dir = prepare_output_dir(cfg.output_dir, cfg.resume, accelerator.is_main_process)
+    write_config(out_dir, resolved_yaml, accelerator)
+    loss_fn = instantiate_loss(cfg.loss)
+    ckpt = find_last_checkpoint(out_dir) if cfg.resume else None
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    B, accum = cfg.optim.batch_size, cfg.optim.grad_accum
+
+    # ---------------------------------------------------------------- 2. data
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.chat_template)
+    data = load_data(cfg, tokenizer, "sft", to_sft)
+    check_enough_rows(len(data.train), cfg, world, cfg.data.path)
+    if main:
+        print(data.report.summary(), flush=True)
+
+    # ---------------------------------------------------------------- 3. model, optimiser, resume
+    policy = load_policy(
+        str(ckpt) if ckpt is not None and not cfg.lora.enabled else cfg.model.name_or_path,
+        revision=None if ckpt is not None and not cfg.lora.enabled else cfg.model.revision,
+        dtype=cfg.optim.dtype, lora=cfg.lora, gradient_checkpointing=cfg.optim.gradient_checkpointing,
+        adapter_path=ckpt if ckpt is not None and cfg.lora.enabled else None,
+    )
+    total = cfg.optim.max_steps or len(data.train) // (B * world) // accum * cfg.optim.epochs
+    optimizer = build_optimizer(trainable_parameters(policy), cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, total)
+    model, optimizer = accelerator.prepare(policy, optimizer)
+    pos = {"step": 0, "epoch": 0, "micro": 0, "samples": 0, "elapsed_s": 0.0}
+    if ckpt is not None:
+        state, _ = load_training_state(ckpt, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler)
+        pos.update({k: state[k] for k in pos if k in state})
+    n_train, n_total = count_parameters(accelerator.unwrap_model(model))
+    if main:
+        print(f"model: {n_train:,} trainable of {n_total:,} parameters; loss={cfg.loss.name}; {total} optimizer steps", flush=True)
+
+    # ---------------------------------------------------------------- 4. the step loop
+    collate = make_collator("sft", tokenizer.pad_token_id)
+    logger = MetricsLogger(out_dir, main, cfg.log.tensorboard, resume_step=pos["step"])
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=pos["step"], disable=not (cfg.progress and main), desc="sft", dynamic_ncols=True)
+    metrics, speed = StepMetrics(), Throughput()
+    last_train: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
+    stopped = False
+    model.train()
+    while pos["step"] < total:
+        batches = epoch_batches(epoch_order(len(data.train), cfg.seed, pos["epoch"]), B, world, rank)
+        batches = batches[: len(batches) // accum * accum]
+        for i in range(pos["micro"], len(batches)):
+            batch = to_device(collate(data.train.select(batches[i]).to_list()), accelerator.device)
+            with accelerator.accumulate(model):
+                out = sft_loss(model, batch, loss_fn)
+                accelerator.backward(out.losses.mean())
+                metrics.add({"loss": out.losses.detach().mean(), **out.metrics})
+                speed.add(int(batch["attention_mask"].sum()), len(batches[i]))
+                if accelerator.sync_gradients:
+                    if cfg.optim.max_grad_norm is not None:
+                        metrics.add({"grad_norm": accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)})
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            pos.update(step=pos["step"] + 1, micro=i + 1, samples=pos["samples"] + B * world * accum)
+            if pos["step"] % cfg.log.every_steps == 0 or pos["step"] == total:
+                last_train = {**metrics.reduce(accelerator), **speed.read(world), "lr": scheduler.get_last_lr()[0],
+                              "epoch": pos["epoch"]}
+                logger.log(pos["step"], last_train)
+                bar.set_postfix(postfix(last_train, ("loss", "tokens_per_s", "lr")))
+            bar.update(1)
+            if data.eval is not None and cfg.eval.every_steps and pos["step"] % cfg.eval.every_steps == 0:
+                last_eval = evaluate(model, data.eval, collate, loss_fn, cfg, accelerator)
+                logger.log(pos["step"], last_eval)
+            stop = cfg.checkpoint.stop_after_steps is not None and pos["step"] >= cfg.checkpoint.stop_after_steps
+            if stop or (cfg.checkpoint.every_steps and pos["step"] % cfg.checkpoint.every_steps == 0):
+                _checkpoint(out_dir, pos, started, accelerator, model, tokenizer, optimizer, scheduler, cfg)
+            if stop:
+                stopped = True
+                break
+            if pos["step"] >= total:
+                break
+        if stopped or pos["step"] >= total:
+            break
+        pos.update(epoch=pos["epoch"] + 1, micro=0)
+    bar.close()
+
+    # ---------------------------------------------------------------- 5. the end
+    if stopped:
+        logger.close()
+        return {"stopped": True, "steps": pos["step"], "output_dir": str(out_dir)}
+    if data.eval is not None:
+        last_eval = evaluate(model, data.eval, collate, loss_fn, cfg, accelerator)
+        logger.log(pos["step"], last_eval)
+    logger.close()
+    final = save_model(model, tokenizer, out_dir / "final", accelerator)
+    if pos["step"] and (cfg.checkpoint.every_steps == 0 or pos["step"] % cfg.checkpoint.every_steps):
+        _checkpoint(out_dir, pos, started, accelerator, model, tokenizer, optimizer, scheduler, cfg)
+    summary = {
+        "loop": "sft", "loss": cfg.loss.name, "steps": pos["step"], "samples": pos["samples"],
+        "time_s": pos["elapsed_s"] + time.perf_counter() - started, "final_dir": str(final),
+        "final_train": last_train, "final_eval": last_eval, "truncation": truncation_counts(data.report),
+        "output_dir": str(out_dir),
+    }
+    if main:
+        write_json(out_dir / "summary.json", summary)
+        if cfg.log.plot:
+            plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
+        print(format_summary(summary), flush=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def sft_loss(model, batch: dict[str, torch.Tensor], loss_fn):
+    """Token log-probs of the labelled tokens (float32, train.logprobs) -> the sft loss."""
+    from train.logprobs import token_logps
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logps, mask = token_logps(logits, batch["labels"])
+    return call_loss(loss_fn, {"token_logps": logps, "token_mask": mask})
+
+
+@torch.no_grad()
+def evaluate(model, eval_ds, collate, loss_fn, cfg, accelerator) -> dict[str, float]:
+    """Held-out loss (and token perplexity) averaged over rows and processes."""
+    model.eval()
+    B = cfg.eval.batch_size or cfg.optim.batch_size
+    mine = list(range(len(eval_ds)))[accelerator.process_index::accelerator.num_processes]
+    metrics = StepMetrics()
+    for start in range(0, len(mine), B):
+        idx = mine[start:start + B]
+        batch = to_device(collate(eval_ds.select(idx).to_list()), accelerator.device)
+        out = sft_loss(model, batch, loss_fn)
+        metrics.add({"eval/loss": out.losses.mean()}, weight=len(idx))
+    model.train()
+    values = metrics.reduce(accelerator)
+    if "eval/loss" in values and cfg.loss.fn.get("normalisation", "sequence_mean") != "sum":
+        values["eval/perplexity"] = math.exp(min(values["eval/loss"], 50.0))
+    return values
+
+
+def to_sft(rows: Dataset, source: str) -> Dataset:
+    """SFT rows; preference rows become prompt + chosen conversations, ranked rows prompt + best response."""
+    kind = detect_kind(rows)
+    if kind == "sft":
+        return rows
+    if kind == "pairwise":
+        return Dataset.from_list([{"id": r["id"], "messages": r["prompt"] + r["chosen"]} for r in rows])
+    if kind == "ranked":
+        best = lambda s: max(range(len(s)), key=s.__getitem__)  # noqa: E731
+        return Dataset.from_list([{"id": r["id"], "messages": r["prompt"] + r["responses"][best(r["scores"])]} for r in rows])
+    raise DataError(f"{source}: {kind} rows (prompt, completion, label) cannot train loop=sft; give `messages` rows")
+
+
+def _checkpoint(out_dir, pos, started, accelerator, model, tokenizer, optimizer, scheduler, cfg):
+    state = {**pos, "elapsed_s": pos["elapsed_s"] + time.perf_counter() - started}
+    save_checkpoint(out_dir, pos["step"], accelerator=accelerator, model=model, tokenizer=tokenizer,
+                    optimizer=optimizer, scheduler=scheduler, state=state, keep_last=cfg.checkpoint.keep_last)
