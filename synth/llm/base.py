@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from pydantic import BaseModel, ConfigDict
+
 from synth.records import Completion, Message, TokenLogprob
 
 __all__ = [
@@ -38,6 +40,8 @@ __all__ = [
     "sample_seed",
     "split_seeded",
     "settings_from_config",
+    "ModelSettings",
+    "adapter_fingerprint",
 ]
 
 Request = Sequence[Message]
@@ -157,7 +161,38 @@ def split_seeded(params: SamplingParams) -> list[SamplingParams]:
     return [params.replace(n=1, seed=sample_seed(params.seed, i)) for i in range(params.n)]
 
 
+def adapter_fingerprint(path: str | None) -> str | None:
+    """sha256 over a LoRA adapter folder's config and weights: part of the cache identity, so that an
+    adapter retrained in place does not serve stale samples."""
+    if path is None:
+        return None
+    from pathlib import Path
+
+    folder, h = Path(path), hashlib.sha256()
+    files = sorted(f for f in folder.glob("adapter_*") if f.is_file()) if folder.is_dir() else []
+    if not files:
+        raise ValueError(f"adapter {path!r}: no adapter_config.json / adapter_model.* found there")
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
 # --- config validation --------------------------------------------------------------------------------
+
+
+class ModelSettings(BaseModel):
+    """The `model` config group as backends read it. Extra keys are ignored here, not rejected: the group
+    is shared with `train`, which reads keys of its own."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name_or_path: str
+    revision: str | None = None
+    chat_template: str | None = None  # None = the tokenizer's (or server's) own template
+
 
 _S = TypeVar("_S")
 

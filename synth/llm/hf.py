@@ -1,0 +1,329 @@
+"""`llm=hf`: in-process transformers generation (CPU or CUDA), the embedded default.
+
+Every (request, sample) of a call becomes one row; rows are sorted by prompt length and generated in
+left-padded micro-batches of `batch_size`, so one call batches ALL its requests, whatever their
+sampling params. Sampling is done per row by our own logits processor, which hands HF a one-hot score
+row (HF then runs greedy). That buys three things HF's global sampler cannot give:
+- per-row temperature / top_p / top_k, so mixed params share micro-batches;
+- per-row torch generators seeded with `sample_seed(seed, i)` (base.py): a seeded sample is the same
+  alone, in any batch, and for any n, which the call cache relies on;
+- log-probs taken from the raw model distribution (log_softmax of the logits in float32, before
+  temperature and filtering), as vLLM and OpenAI report them; only the top-k per step is kept, so
+  memory does not grow with the vocabulary.
+Stop strings and per-row max_new_tokens are a per-row stopping criterion; text is cut at the first
+stop string (finish_reason "stop"); a row that hits its max_new_tokens without EOS is "length". A prompt
+longer than `max_input_tokens` is not generated: it returns empty text with finish_reason
+"prompt_too_long" (data, not an exception; DESIGN.md §2 principle 6).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from synth.llm.base import (
+    CallStats,
+    Completion,
+    ModelSettings,
+    Request,
+    SamplingParams,
+    TokenLogprob,
+    adapter_fingerprint,
+    as_params_list,
+    is_prefill,
+    sample_seed,
+)
+
+_PROGRESS_MIN_BATCHES = 4
+
+
+class HFSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["hf"] = "hf"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    batch_size: int = Field(16, ge=1)
+    adapter: str | None = None  # a LoRA adapter folder (peft)
+    max_input_tokens: int | None = Field(None, ge=1)
+
+
+@dataclass
+class _Row:
+    """One (request, sample) to generate."""
+
+    request: int
+    ids: list[int]
+    params: SamplingParams
+    seed: int | None
+    result: Completion | None = field(default=None)
+
+
+class HFBackend:
+    kind = "hf"
+
+    def __init__(self, settings: HFSettings, model: ModelSettings) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from synth.tiny import resolve_model_path
+
+        self.settings, self.model = settings, model.name_or_path
+        self.stats = CallStats()
+        path = resolve_model_path(model.name_or_path)
+        self.device = torch.device(_device(settings.device))
+        self.tokenizer = AutoTokenizer.from_pretrained(path, revision=model.revision)
+        if model.chat_template:
+            self.tokenizer.chat_template = model.chat_template
+        net = AutoModelForCausalLM.from_pretrained(path, revision=model.revision, dtype=_dtype(settings.dtype, self.device))
+        if settings.adapter:
+            from peft import PeftModel
+
+            net = PeftModel.from_pretrained(net, settings.adapter)
+        self.net = net.to(self.device).eval()
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.eos_ids = _eos_ids(self.net, self.tokenizer)
+        self.identity = {
+            "kind": self.kind, "model": _model_id(model.name_or_path, path), "revision": model.revision,
+            "adapter": adapter_fingerprint(settings.adapter), "chat_template": model.chat_template,
+        }
+
+    def __repr__(self) -> str:
+        return f"HFBackend(model={self.model!r}, device={str(self.device)!r}, batch_size={self.settings.batch_size})"
+
+    # ---- the Protocol ----------------------------------------------------------------------------
+    def generate(self, requests: Sequence[Request], params: SamplingParams | Sequence[SamplingParams]) -> list[list[Completion]]:
+        plist = as_params_list(params, len(requests))
+        prompts = [self._encode(req) for req in requests]
+        rows = [_Row(r, prompts[r], p, None if p.seed is None else sample_seed(p.seed, i))
+                for r, p in enumerate(plist) for i in range(p.n)]
+        self._generate_rows(rows)
+        out: list[list[Completion]] = [[] for _ in requests]
+        for row in rows:
+            out[row.request].append(row.result)  # type: ignore[arg-type]
+        self.stats.calls += 1
+        self.stats.requests += len(requests)
+        self.stats.add_completions(out)
+        return out
+
+    def _encode(self, request: Request) -> list[int]:
+        """Chat template -> token ids. The template adds any BOS itself, so no special tokens here."""
+        prefill = is_prefill(request)
+        text = self.tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in request], tokenize=False,
+            add_generation_prompt=not prefill, continue_final_message=prefill,
+        )
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _generate_rows(self, rows: list[_Row]) -> None:
+        limit = self.settings.max_input_tokens
+        todo = []
+        for row in rows:
+            if limit is not None and len(row.ids) > limit:
+                row.result = Completion(text="", finish_reason="prompt_too_long", prompt_tokens=len(row.ids))
+            else:
+                todo.append(row)
+        todo.sort(key=lambda r: len(r.ids))  # similar lengths together: less padding
+        bs = self.settings.batch_size
+        batches = [todo[i : i + bs] for i in range(0, len(todo), bs)]
+        for batch in _progress(batches):
+            self._generate_batch(batch)
+
+    def _generate_batch(self, rows: list[_Row]) -> None:
+        import torch
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+        input_ids, attention = self._left_pad([r.ids for r in rows])
+        top_k = max((r.params.top_logprobs for r in rows), default=0)
+        want_lp = any(r.params.logprobs or r.params.top_logprobs for r in rows)
+        sampler = _RowSampler([r.params for r in rows], [r.seed for r in rows], self.device, want_lp, top_k)
+        stopper = _RowStop(input_ids.shape[1], rows, self.tokenizer, self.device)
+        config = GenerationConfig(
+            do_sample=False, num_beams=1, max_new_tokens=max(r.params.max_new_tokens for r in rows),
+            eos_token_id=self.eos_ids, pad_token_id=self.pad_id, repetition_penalty=1.0,
+            temperature=1.0, top_p=1.0, top_k=None, return_dict_in_generate=True,
+        )
+        with torch.inference_mode():
+            out = self.net.generate(input_ids=input_ids, attention_mask=attention, generation_config=config,
+                                    logits_processor=LogitsProcessorList([sampler]),
+                                    stopping_criteria=StoppingCriteriaList([stopper]))
+        generated = out.sequences[:, input_ids.shape[1]:].tolist()
+        lps = sampler.logprobs()
+        for b, row in enumerate(rows):
+            row.result = self._finish(row, generated[b], None if lps is None else [step[b] for step in lps])
+
+    def _left_pad(self, seqs: list[list[int]]) -> tuple[Any, Any]:
+        import torch
+
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _finish(self, row: _Row, tokens: list[int], steps: list[tuple] | None) -> Completion:
+        """Cut at EOS, the first stop string or max_new_tokens; say which; attach log-probs."""
+        p = row.params
+        tokens = tokens[: p.max_new_tokens]
+        eos_at = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
+        body = tokens if eos_at is None else tokens[:eos_at]
+        text = self.tokenizer.decode(body, skip_special_tokens=True)
+        cut = _first_stop(text, p.stop)
+        if cut is not None:
+            text, used, finish = text[:cut], self._tokens_to_stop(body, p.stop), "stop"
+        elif eos_at is not None:
+            used, finish = eos_at + 1, "stop"  # the EOS token counts, as vLLM counts it
+        else:
+            used, finish = len(tokens), "length"
+        logprobs = self._logprobs(tokens[:used], steps, p) if steps is not None and (p.logprobs or p.top_logprobs) else None
+        return Completion(text=text, finish_reason=finish, prompt_tokens=len(row.ids), completion_tokens=used,
+                          logprobs=logprobs)
+
+    def _tokens_to_stop(self, tokens: list[int], stops: Sequence[str]) -> int:
+        """The fewest leading tokens whose text already contains a stop string (binary search)."""
+        lo, hi = 1, len(tokens)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _first_stop(self.tokenizer.decode(tokens[:mid], skip_special_tokens=True), stops) is None:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def _logprobs(self, tokens: list[int], steps: list[tuple], p: SamplingParams) -> list[TokenLogprob]:
+        ids = {t for t in tokens} | {i for _, _, top_ids in steps[: len(tokens)] for i in top_ids[: p.top_logprobs]}
+        text = dict(zip(ids, self.tokenizer.batch_decode([[i] for i in ids])))
+        out = []
+        for tok, (chosen_lp, top_vals, top_ids) in zip(tokens, steps):
+            top: dict[str, float] = {}
+            for i, v in zip(top_ids[: p.top_logprobs], top_vals[: p.top_logprobs]):
+                top.setdefault(text[i], v)  # two ids may decode alike: keep the likelier
+            out.append(TokenLogprob(token=text[tok], logprob=chosen_lp, top=top))
+        return out
+
+
+class _RowSampler:
+    """A logits processor that picks every row's next token itself (greedy, or sampled with that row's
+    temperature / top_k / top_p and its own generator) and returns one-hot scores. Records the chosen
+    token's log-prob and the top-k log-probs per step when asked."""
+
+    def __init__(self, params: list[SamplingParams], seeds: list[int | None], device: Any, want_lp: bool, top_k: int):
+        import torch
+
+        self.params, self.want_lp, self.top_k = params, want_lp, top_k
+        self.sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+        self.generators = {i: torch.Generator(device=device).manual_seed(
+            seeds[i] if seeds[i] is not None else random.SystemRandom().randrange(2**63)) for i in self.sampled}
+        self.steps: list[tuple[Any, Any, Any]] = []
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        logits = scores.float()
+        chosen = logits.argmax(-1)
+        for i in self.sampled:
+            chosen[i] = self._sample(i, logits[i])
+        if self.want_lp:
+            lsm = torch.log_softmax(logits, -1)
+            top = lsm.topk(max(self.top_k, 1), -1)
+            self.steps.append((lsm.gather(1, chosen[:, None])[:, 0], top.values, top.indices))
+        onehot = torch.full_like(logits, float("-inf"))
+        onehot.scatter_(1, chosen[:, None], 0.0)
+        return onehot.to(scores.dtype)
+
+    def _sample(self, i: int, logits: Any) -> Any:
+        import torch
+
+        p = self.params[i]
+        x = logits / p.temperature
+        if p.top_k:
+            kth = x.topk(min(p.top_k, x.numel())).values[-1]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_x, order = x.sort(descending=True)
+            probs = torch.softmax(sorted_x, -1)
+            drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest prefix with mass >= top_p
+            x = x.scatter(0, order, sorted_x.masked_fill(drop, float("-inf")))
+        return torch.multinomial(torch.softmax(x, -1), 1, generator=self.generators[i])[0]
+
+    def logprobs(self) -> list[list[tuple[float, list[float], list[int]]]] | None:
+        """Per step, per row: (chosen log-prob, top values, top ids), as Python lists."""
+        if not self.want_lp:
+            return None
+        return [list(zip(c.tolist(), v.tolist(), ix.tolist())) for c, v, ix in self.steps]
+
+
+class _RowStop:
+    """Per-row stopping: the row's own max_new_tokens, or a stop string in its generated text."""
+
+    def __init__(self, prompt_width: int, rows: list[_Row], tokenizer: Any, device: Any) -> None:
+        import torch
+
+        self.prompt_width, self.tokenizer = prompt_width, tokenizer
+        self.limits = torch.tensor([r.params.max_new_tokens for r in rows], device=device)
+        self.stops = [tuple(r.params.stop) for r in rows]
+        # a stop string of L characters lies within the last 2L + 4 tokens (byte-level pieces included)
+        self.window = [2 * max(map(len, s)) + 4 if s else 0 for s in self.stops]
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        done = (input_ids.shape[1] - self.prompt_width) >= self.limits
+        for i, stops in enumerate(self.stops):
+            if stops and not done[i]:
+                tail = input_ids[i, max(self.prompt_width, input_ids.shape[1] - self.window[i]):].tolist()
+                done[i] = _first_stop(self.tokenizer.decode(tail, skip_special_tokens=True), stops) is not None
+        return done
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _device(setting: str) -> str:
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ValueError("llm.device=cuda but CUDA is not available; use llm.device=cpu or auto")
+    return setting
+
+
+def _dtype(setting: str, device: Any) -> Any:
+    """auto: float32 on CPU (bf16 matmuls are slow there), bf16 on GPUs that have it, else fp16."""
+    import torch
+
+    if setting != "auto":
+        return getattr(torch, setting)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _eos_ids(net: Any, tokenizer: Any) -> list[int]:
+    ids = net.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _model_id(name: str, path: str) -> str:
+    """Cache identity: builtin models also name their build (the folder carries the spec hash)."""
+    from pathlib import Path
+
+    return f"{name}@{Path(path).name}" if name.startswith("builtin:") else name
+
+
+def _progress(batches: list) -> Any:
+    if len(batches) < _PROGRESS_MIN_BATCHES:
+        return batches
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, desc="hf generate", unit="batch", leave=False)

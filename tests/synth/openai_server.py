@@ -1,0 +1,348 @@
+"""A loopback OpenAI-compatible chat-completions server for tests, examples and benchmarks.
+
+Real HTTP/1.1 on 127.0.0.1 (keep-alive, Content-Length bodies), written on stdlib asyncio rather than
+`http.server`: one event loop serves thousands of concurrent connections with no thread per
+connection, which is what the 256-way concurrency benchmark needs on a 2-core machine, and it gives
+exact control over the faults (reset sockets, truncated bodies).
+
+    server = LoopbackServer(responder=fn, latency_s=0.2, fault_rate=0.2).start()
+    server.url            # "http://127.0.0.1:<port>/v1"
+    server.requests       # every request seen (thread-safe copy), with the fault it got
+    server.max_in_flight  # most requests being answered at the same time
+    server.stop()
+
+Endpoints: `POST /v1/chat/completions` (n, logprobs/top_logprobs, usage, finish_reason, max_tokens in
+whitespace "tokens") and `GET /v1/models`.
+
+`responder(request_json) -> str | list[str] | dict` scripts the answers: a str is every choice's text, a
+list gives choice i the item i % len (a str or a choice dict), a dict with "choices" is sent as the whole
+body, any other dict is one choice `{"text", "finish_reason"?, "logprobs"?}` (logprobs in the OpenAI
+`content` list shape). Default: an echo of the last message.
+
+Faults (FAULTS): "429" (with Retry-After), "500", "503", "reset" (socket closed with RST, no answer),
+"slow" (answer after `slow_s`, past a client's timeout), "malformed" (invalid JSON body), "truncated"
+(Content-Length promises more than is sent, then close), "empty_choices". Injected at random with
+`fault_rate` over `fault_kinds` (seeded), by `schedule` {request seq: kind}, or by `fault_fn(seq, body)`.
+
+CLI: `python tests/synth/openai_server.py --port 8000 --latency-ms 200` prints `READY <url>` and serves
+until interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+FAULTS = ("429", "500", "503", "reset", "slow", "malformed", "truncated", "empty_choices")
+Responder = Callable[[dict], "str | list | dict"]
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 429: "Too Many Requests",
+            500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+@dataclass
+class RecordedRequest:
+    seq: int
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: dict | None
+    fault: str | None
+    t: float = field(default_factory=time.monotonic)
+
+    @property
+    def authorization(self) -> str | None:
+        return self.headers.get("authorization")
+
+
+def default_responder(body: dict) -> str:
+    msgs = body.get("messages") or [{}]
+    last = str(msgs[-1].get("content", ""))[:200]
+    seed = body.get("seed")
+    return f"echo: {last}" + (f" (seed {seed})" if seed is not None else "")
+
+
+def _fake_logprobs(text: str, top: int) -> dict:
+    """OpenAI-shaped logprobs for whitespace tokens: the chosen token first, invented alternatives."""
+    content = []
+    for i, tok in enumerate(text.split(" ")):
+        alts = [{"token": tok, "logprob": -0.1, "bytes": list(tok.encode())}]
+        alts += [{"token": f"alt{j}", "logprob": -2.0 - j, "bytes": None} for j in range(max(top - 1, 0))]
+        content.append({"token": tok if i == 0 else " " + tok, "logprob": -0.1, "bytes": None,
+                        "top_logprobs": alts[:top]})
+    return {"content": content}
+
+
+def _choice(spec: Any, index: int, body: dict) -> dict:
+    spec = {"text": spec} if isinstance(spec, str) else dict(spec)
+    text, finish = spec["text"], spec.get("finish_reason", "stop")
+    limit = body.get("max_tokens") or body.get("max_completion_tokens")
+    words = text.split(" ")
+    if limit is not None and len(words) > int(limit) and "finish_reason" not in spec:
+        text, finish = " ".join(words[: int(limit)]), "length"
+    choice = {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+    if body.get("logprobs"):
+        choice["logprobs"] = spec.get("logprobs") or _fake_logprobs(text, int(body.get("top_logprobs") or 0))
+    return choice
+
+
+def build_body(body: dict, answer: Any) -> dict:
+    """The chat.completion JSON for a request given the responder's answer."""
+    if isinstance(answer, dict) and "choices" in answer:
+        return answer
+    n = int(body.get("n") or 1)
+    specs = answer if isinstance(answer, list) else [answer]
+    choices = [_choice(specs[i % len(specs)], i, body) for i in range(n)]
+    prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
+    completion_tokens = sum(len(c["message"]["content"].split()) for c in choices)
+    return {
+        "id": "chatcmpl-loopback", "object": "chat.completion", "created": int(time.time()),
+        "model": body.get("model", "loopback"), "choices": choices,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    }
+
+
+class LoopbackServer:
+    def __init__(
+        self,
+        responder: Responder | None = None,
+        *,
+        latency_s: float = 0.0,
+        fault_rate: float = 0.0,
+        fault_kinds: tuple[str, ...] = FAULTS,
+        schedule: dict[int, str] | None = None,
+        fault_fn: Callable[[int, dict | None], str | None] | None = None,
+        retry_after_s: float = 1.0,
+        slow_s: float = 30.0,
+        seed: int = 0,
+        models: tuple[str, ...] = ("test-model",),
+        host: str = "127.0.0.1",
+        port: int = 0,
+        record_bodies: bool = True,
+    ) -> None:
+        unknown = set(fault_kinds) - set(FAULTS) | set((schedule or {}).values()) - set(FAULTS)
+        if unknown:
+            raise ValueError(f"unknown fault kinds {sorted(unknown)}; valid: {FAULTS}")
+        self.responder = responder or default_responder
+        self.latency_s, self.fault_rate, self.fault_kinds = latency_s, fault_rate, tuple(fault_kinds)
+        self.schedule, self.fault_fn = dict(schedule or {}), fault_fn
+        self.retry_after_s, self.slow_s, self.models = retry_after_s, slow_s, models
+        self.host, self.port, self.record_bodies = host, port, record_bodies
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._requests: list[RecordedRequest] = []
+        self._seq = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self) -> LoopbackServer:
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve_thread, args=(ready,), daemon=True,
+                                        name="loopback-openai")
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("loopback server did not start")
+        return self
+
+    def _serve_thread(self, ready: threading.Event) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._handle, self.host, self.port, backlog=4096, limit=2**22)
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        ready.set()
+        self._loop.run_forever()
+        self._loop.close()
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)  # type: ignore[union-attr]
+        self._loop = None
+
+    async def _shutdown(self) -> None:
+        self._server.close()  # type: ignore[union-attr]
+        for w in list(self._writers):
+            w.transport.abort()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def __enter__(self) -> LoopbackServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ---- inspection ------------------------------------------------------------------------------
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self._lock:
+            return list(self._requests)
+
+    def chat_requests(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.path.endswith("/chat/completions")]
+
+    def reset(self) -> None:
+        with self._lock:
+            self._requests.clear()
+            self.max_in_flight = 0
+
+    # ---- HTTP ------------------------------------------------------------------------------------
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            while await self._one_request(reader, writer):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        except asyncio.CancelledError:  # server stopping: end quietly (the task is ours to drop)
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def _one_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Serve one request on a keep-alive connection; False when the connection must end."""
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return False
+        lines = head.decode("latin-1").split("\r\n")
+        method, path, _ = lines[0].split(" ", 2)
+        headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:] if ":" in ln)}
+        raw = await reader.readexactly(int(headers.get("content-length", 0)))
+        keep_alive = headers.get("connection", "").lower() != "close"
+        body = json.loads(raw) if raw else None
+        rec = self._record(method, path, headers, body)
+        self._enter()
+        try:
+            return await self._respond(writer, rec, body, keep_alive)
+        finally:
+            self._leave()
+
+    def _record(self, method: str, path: str, headers: dict, body: dict | None) -> RecordedRequest:
+        """Number the request, choose its fault (POSTs only) and keep it, all under one lock."""
+        with self._lock:
+            seq = self._seq
+            self._seq += 1
+            fault = self._pick_fault(seq, body) if method == "POST" else None
+            rec = RecordedRequest(seq, method, path, headers, body if self.record_bodies else None, fault)
+            self._requests.append(rec)
+        return rec
+
+    def _pick_fault(self, seq: int, body: dict | None) -> str | None:
+        if seq in self.schedule:
+            return self.schedule[seq]
+        if self.fault_fn is not None:
+            return self.fault_fn(seq, body)
+        if self.fault_rate and self._rng.random() < self.fault_rate:
+            return self._rng.choice(self.fault_kinds)
+        return None
+
+    def _enter(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+    async def _respond(self, writer: asyncio.StreamWriter, rec: RecordedRequest, body: dict, keep_alive: bool) -> bool:
+        if rec.method == "GET" and rec.path.rstrip("/").endswith("/models"):
+            data = [{"id": m, "object": "model", "owned_by": "loopback"} for m in self.models]
+            return await self._send(writer, 200, {"object": "list", "data": data}, keep_alive)
+        if rec.method != "POST" or not rec.path.rstrip("/").endswith("/chat/completions"):
+            return await self._send(writer, 404, {"error": {"message": f"no route {rec.path}"}}, keep_alive)
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        if rec.fault is not None:
+            return await self._fault(writer, rec, body, keep_alive)
+        return await self._send(writer, 200, build_body(body, self.responder(body)), keep_alive)
+
+    async def _fault(self, writer: asyncio.StreamWriter, rec: RecordedRequest, body: dict, keep_alive: bool) -> bool:
+        kind = rec.fault
+        if kind == "429":
+            hdr = {"Retry-After": f"{self.retry_after_s:g}"}
+            return await self._send(writer, 429, {"error": {"message": "rate limited"}}, keep_alive, hdr)
+        if kind in ("500", "503"):
+            return await self._send(writer, int(kind), {"error": {"message": f"injected {kind}"}}, keep_alive)
+        if kind == "reset":
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            return False
+        if kind == "slow":
+            await asyncio.sleep(self.slow_s)
+            return await self._send(writer, 200, build_body(body, self.responder(body)), keep_alive)
+        if kind == "malformed":
+            return await self._send_raw(writer, 200, b'{"id": "x", "choices": [{"index": 0, "mess', keep_alive)
+        if kind == "truncated":
+            full = json.dumps(build_body(body, self.responder(body))).encode()
+            await self._send_raw(writer, 200, full, False, cut=len(full) // 2)
+            return False
+        body = build_body(body, self.responder(body))  # empty_choices
+        return await self._send(writer, 200, {**body, "choices": []}, keep_alive)
+
+    async def _send(self, writer, status: int, obj: dict, keep_alive: bool, extra: dict | None = None) -> bool:
+        return await self._send_raw(writer, status, json.dumps(obj).encode(), keep_alive, extra=extra)
+
+    async def _send_raw(self, writer, status: int, data: bytes, keep_alive: bool, *, cut: int | None = None,
+                        extra: dict | None = None) -> bool:
+        head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'X')}", "Content-Type: application/json",
+                f"Content-Length: {len(data)}", f"Connection: {'keep-alive' if keep_alive else 'close'}"]
+        head += [f"{k}: {v}" for k, v in (extra or {}).items()]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + (data if cut is None else data[:cut]))
+        await writer.drain()
+        return keep_alive
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Loopback OpenAI-compatible server (scripted echo answers).")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0, help="0 = a free port (printed)")
+    ap.add_argument("--latency-ms", type=float, default=0.0)
+    ap.add_argument("--fault-rate", type=float, default=0.0)
+    ap.add_argument("--faults", default=",".join(FAULTS), help="comma-separated subset of " + ",".join(FAULTS))
+    ap.add_argument("--retry-after-s", type=float, default=1.0)
+    ap.add_argument("--model", default="test-model")
+    args = ap.parse_args(argv)
+    server = LoopbackServer(latency_s=args.latency_ms / 1000, fault_rate=args.fault_rate,
+                            fault_kinds=tuple(k for k in args.faults.split(",") if k),
+                            retry_after_s=args.retry_after_s, models=(args.model,), host=args.host,
+                            port=args.port, record_bodies=False).start()
+    print(f"READY {server.url}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
