@@ -23,6 +23,8 @@ Faults (FAULTS): "429" (with Retry-After), "500", "503", "reset" (socket closed 
 "slow" (answer after `slow_s`, past a client's timeout), "malformed" (invalid JSON body), "truncated"
 (Content-Length promises more than is sent, then close), "empty_choices". Injected at random with
 `fault_rate` over `fault_kinds` (seeded), by `schedule` {request seq: kind}, or by `fault_fn(seq, body)`.
+The non-transient FATAL_FAULTS "400", "401", "404" (bodies quoting the Authorization header back) are
+for schedules and fault_fn only.
 
 CLI: `python tests/synth/openai_server.py --port 8000 --latency-ms 200` prints `READY <url>` and serves
 until interrupted.
@@ -43,9 +45,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FAULTS = ("429", "500", "503", "reset", "slow", "malformed", "truncated", "empty_choices")
+# Not transient: only by schedule / fault_fn. Their bodies quote the Authorization header back, as some
+# hosted APIs quote part of a wrong key, so tests can check that clients never surface it.
+FATAL_FAULTS = ("400", "401", "404")
 Responder = Callable[[dict], "str | list | dict"]
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 429: "Too Many Requests",
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests",
             500: "Internal Server Error", 503: "Service Unavailable"}
 
 
@@ -130,9 +135,9 @@ class LoopbackServer:
         port: int = 0,
         record_bodies: bool = True,
     ) -> None:
-        unknown = set(fault_kinds) - set(FAULTS) | set((schedule or {}).values()) - set(FAULTS)
+        unknown = set(fault_kinds) - set(FAULTS) | set((schedule or {}).values()) - set(FAULTS + FATAL_FAULTS)
         if unknown:
-            raise ValueError(f"unknown fault kinds {sorted(unknown)}; valid: {FAULTS}")
+            raise ValueError(f"unknown fault kinds {sorted(unknown)}; valid: {FAULTS + FATAL_FAULTS}")
         self.responder = responder or default_responder
         self.latency_s, self.fault_rate, self.fault_kinds = latency_s, fault_rate, tuple(fault_kinds)
         self.schedule, self.fault_fn = dict(schedule or {}), fault_fn
@@ -290,6 +295,9 @@ class LoopbackServer:
             return await self._send(writer, 429, {"error": {"message": "rate limited"}}, keep_alive, hdr)
         if kind in ("500", "503"):
             return await self._send(writer, int(kind), {"error": {"message": f"injected {kind}"}}, keep_alive)
+        if kind in FATAL_FAULTS:
+            quoted = rec.headers.get("authorization", "")
+            return await self._send(writer, int(kind), {"error": {"message": f"injected {kind} for {quoted}"}}, keep_alive)
         if kind == "reset":
             sock = writer.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
