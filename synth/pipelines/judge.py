@@ -71,6 +71,7 @@ class JudgeConfig(PipelineConfig):
     rubric: RubricSettings = RubricSettings()
     pairs: Literal["best_vs_worst", "all"] = "best_vs_worst"  # listwise / rubric pair selection
     rating: RatingSettings = RatingSettings()
+    drop_truncated: bool = True  # sampled candidates cut at max_new_tokens are not judged (false: smoke tests)
 
 
 class JudgePipeline(Pipeline):
@@ -100,7 +101,7 @@ class JudgePipeline(Pipeline):
 
     def _groups(self, items, ctx: Context, state: ChunkState) -> list[tuple[SourceItem, list[Candidate]]]:
         if self.cfg.candidates:
-            sampled = sample_candidates(ctx, state, items, self.cfg.candidates)
+            sampled = sample_candidates(ctx, state, items, self.cfg.candidates, self.cfg.drop_truncated)
         else:
             sampled = {it.id: data_candidates(it, self.cfg.data_responses) for it in items}
         groups = []

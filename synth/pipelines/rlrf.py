@@ -46,6 +46,7 @@ class RlrfConfig(PipelineConfig):
     refine_sampling: Sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=1024)
     pairing: Literal["best_vs_worst", "refined_vs_original"] = "best_vs_worst"
     iteration: int = 1
+    drop_truncated: bool = True  # false only for smoke tests with models that never stop (tiny)
 
 
 @dataclass
@@ -90,7 +91,7 @@ class RlrfPipeline(Pipeline):
         results = run_calls(ctx, state, "candidates", "policy", calls, self.cfg.sampling.params(n=self.cfg.n))
         pools = {}
         for it, samples in zip(items, results):
-            kept = [s.text for s in samples if not s.completion.truncated]
+            kept = [s.text for s in samples if not (s.completion.truncated and self.cfg.drop_truncated)]
             if len(kept) < len(samples):  # never a training target (§0.4)
                 state.drop("truncated_candidate", len(samples) - len(kept))
             pools[it.id] = [Resp(i, t) for i, t in enumerate(kept)]
@@ -120,7 +121,7 @@ class RlrfPipeline(Pipeline):
                  for it, r in todo]
         results = run_calls(ctx, state, "rlrf_refine", "policy", calls, self.cfg.refine_sampling.params())
         for (it, r), (smp,) in zip(todo, results):
-            if smp.completion.truncated or not smp.text.strip():
+            if (smp.completion.truncated and self.cfg.drop_truncated) or not smp.text.strip():
                 state.drop("refinement_truncated_or_empty")
                 continue
             pool = pools[it.id]

@@ -52,6 +52,7 @@ class SelfRewardingConfig(PipelineConfig):
     length_control_rho: float = 0.0  # Meta-Rewarding's ρ (§3b); 0 = plain max vs min
     iteration: int = 1  # t of AIFT(M_t), written on every row
     new_prompts: NewPrompts = NewPrompts()
+    drop_truncated: bool = True  # false only for smoke tests with models that never stop (tiny)
 
 
 class SelfRewardingPipeline(Pipeline):
@@ -120,8 +121,8 @@ class SelfRewardingPipeline(Pipeline):
         results = run_calls(ctx, state, "candidates", "policy", calls, self.cfg.sampling.params(n=self.cfg.k))
         groups = []
         for it, samples in zip(targets, results):
-            texts = [s.text for s in samples if not s.completion.truncated]
-            if len(texts) < len(samples):  # a truncated answer is never a training target (§0.4)
+            texts = [s.text for s in samples if not (s.completion.truncated and self.cfg.drop_truncated)]
+            if len(texts) < len(samples):  # a truncated answer is not a training target (§0.4)
                 state.drop("truncated_candidate", len(samples) - len(texts))
             groups.append((it, texts))
         return groups

@@ -77,10 +77,10 @@ def _factory(spec: CandidateSpec, cache_dir: Path | None):
 
 
 def sample_candidates(
-    ctx: Context, state: ChunkState, items: Sequence[SourceItem], specs: Sequence[CandidateSpec]
+    ctx: Context, state: ChunkState, items: Sequence[SourceItem], specs: Sequence[CandidateSpec], drop_truncated: bool = True,
 ) -> dict[str, list[Candidate]]:
     """Sample every spec's n responses for every item; truncated responses are dropped (counted),
-    never judged, because they would become training targets."""
+    never judged, because they would become training targets (unless drop_truncated is off)."""
     out: dict[str, list[Candidate]] = {it.id: [] for it in items}
     for role in dict.fromkeys(s.role for s in specs):
         group = [s for s in specs if s.role == role]
@@ -88,7 +88,7 @@ def sample_candidates(
         params = [s.sampling.params(n=s.n) for _ in items for s in group]
         for call, samples in zip(calls, run_calls(ctx, state, "candidates", role, calls, params)):
             for smp in samples:
-                if smp.completion.truncated:
+                if smp.completion.truncated and drop_truncated:
                     state.drop("truncated_candidate")
                     continue
                 name = call.meta["candidate"]

@@ -28,6 +28,7 @@ RECORDS = {"preferences": PreferenceRecord, "ranked": RankedRecord, "sft": SFTRe
 def pairs_file(path: Path, n: int = 3) -> Path:
     rows = [{"prompt": f"How can I stay safe when walking home at night, case {i}?", "chosen": "Stay on lit streets and tell a friend.",
              "rejected": "Just run.", "category": "safety/personal"} for i in range(n)]
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
