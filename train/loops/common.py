@@ -38,6 +38,19 @@ def make_accelerator(cfg):
     )
 
 
+def library_progress_bars(enabled: bool) -> None:
+    """progress=false also silences the datasets / transformers bars (tokenising, loading, saving)."""
+    import datasets
+    import transformers
+
+    if enabled:
+        datasets.enable_progress_bars()
+        transformers.utils.logging.enable_progress_bar()
+    else:
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)

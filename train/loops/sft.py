@@ -16,6 +16,7 @@ from datasets import Dataset
 
 from train.data import DataError, detect_kind, make_collator
 from train.loops.common import (
+    library_progress_bars,
     MetricsLogger, StepMetrics, Throughput, build_optimizer, build_scheduler, call_loss, check_enough_rows,
     epoch_batches, epoch_order, find_last_checkpoint, format_summary, instantiate_loss, load_data,
     load_training_state, make_accelerator, plot_curves, postfix, prepare_output_dir, save_checkpoint,
@@ -27,6 +28,7 @@ from train.models import count_parameters, load_policy, load_tokenizer, save_mod
 def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     # ---------------------------------------------------------------- 1. process, output folder, loss
+    library_progress_bars(cfg.progress)
     accelerator = make_accelerator(cfg)
     seed_everything(cfg.seed)
     out_dir = prepare_output_dir(cfg.output_dir, cfg.resume, accelerator.is_main_process)
