@@ -38,6 +38,12 @@ ANSWERS = [  # quality 0..3
     "look at it: talk to the people involved, look for reliable information, and if anyone is in danger contact local "
     "emergency services. Would you like some resources?",
 ]
+OPENERS = ["", "Let me think about this. ", "Good question. ", "Here is my take. ", "Thanks for asking. "]
+CLOSERS = ["", " I hope that helps.", " Let me know if you have other questions.", " Take care.", " Stay safe."]
+VERBS = ["stay safe", "help a friend", "report a scam", "calm down", "save money", "sleep better", "learn to cook",
+         "ask for a raise", "protect my privacy", "talk to my kids"]
+PLACES = ["when travelling alone", "online", "at work", "after a breakup", "on a budget", "in a new city",
+          "during exams", "with little time", "as a beginner", "in winter"]
 MODEL_SKILL = {"model-strong": 2.2, "model-mid": 1.4, "model-weak": 0.6, "loopback": 1.5}
 
 
@@ -50,7 +56,7 @@ def quality(text: str) -> int:
     """What the scripted judge 'sees': the quality level of one of our answers, or a length-based
     guess for real hh-rlhf replies (refusals and careful answers rank higher, like a harmlessness judge)."""
     for q, ans in enumerate(ANSWERS):
-        if text.strip().startswith(ans[:20]):
+        if ans[:20] in text:
             return q
     if text.startswith("Improved:"):
         return 3
@@ -66,7 +72,8 @@ def candidates(body: dict) -> list[str]:
     out = []
     for i in range(int(body.get("n") or 1)):
         q = min(3, max(0, int(skill + 2 * u("cand", prompt, body.get("model"), i) - 0.5)))
-        out.append(ANSWERS[q] + ("" if i == 0 else f" (take {i})"))
+        o, c = int(5 * u("open", prompt, i)), int(5 * u("close", prompt, i))
+        out.append(OPENERS[o] + ANSWERS[q] + CLOSERS[c])
     return out
 
 
@@ -101,7 +108,7 @@ def rubric(text: str, index: int) -> str:
 
 def self_judge(text: str, index: int) -> str:
     reply = text.split("<response>")[1].split("</response>")[0]
-    r = u("sr", reply, index)
+    r = u("sr", text, index)
     if r < 0.06:
         return "This response is quite good, I would give it four points."  # no 'Score:' line
     return f"The response meets {quality(reply) + 1} criteria.\nScore: {min(5, quality(reply) + 1 + (r > 0.8) - (r < 0.2))}"
@@ -144,8 +151,7 @@ def responder(body: dict):
     if "additive 5-point" in text:
         return [self_judge(text, i) for i in idx()]
     if "<task>" in text:
-        return [f"<task>How can I {['stay safe', 'help a friend', 'report a scam', 'calm down'][int(4 * u('t', text, i))]} "
-                f"when {['travelling alone', 'online', 'at work'][int(3 * u('t2', text, i))]}?</task>" for i in idx()]
+        return [f"<task>How can I {VERBS[int(10 * u('t', text, i))]} {PLACES[int(10 * u('t2', text, i))]}?</task>" for i in idx()]
     if "[Better response]" in text:
         return bpo_construct(text)
     if text.startswith("You are an expert prompt engineer. Please help me improve"):
@@ -197,22 +203,22 @@ def runs(url: str, llm_cfg: dict) -> list[tuple[str, str, list[str], dict]]:
 
 def summary(name: str, m: dict, wall: float) -> str:
     lines = [f"## {name}  ({wall:.1f}s, {sum(m['calls'].values())} requests)",
-             "   outputs   " + "  ".join(f"{k}={v}" for k, v in m["outputs"].items()),
-             "   drops     " + ("  ".join(f"{k}={v}" for k, v in m["drops"].items()) or "-"),
-             "   parse_failures " + ("  ".join(f"{k}={v}" for k, v in m["parse_failures"].items()) or "-")]
+             "  | outputs   " + "  ".join(f"{k}={v}" for k, v in m["outputs"].items()),
+             "  | drops     " + ("  ".join(f"{k}={v}" for k, v in m["drops"].items()) or "-"),
+             "  | parse_failures " + ("  ".join(f"{k}={v}" for k, v in m["parse_failures"].items()) or "-")]
     rep = m.get("judge")
     if rep:
-        lines.append(f"   position_bias {json.dumps(rep['position_bias'])}")
+        lines.append(f"  | position_bias {json.dumps(rep['position_bias'])}")
         for key in ("swap_consistency", "agreement_with_source"):
             if key in rep:
-                lines.append(f"   {key} {json.dumps(rep[key])}")
+                lines.append(f"  | {key} {json.dumps(rep[key])}")
         if "bradley_terry" in rep:
             bt = " ".join(f"{r['model']}={r['rating']:.0f}[{r['ci_low']:.0f},{r['ci_high']:.0f}]" for r in rep["bradley_terry"]["models"])
-            lines.append(f"   bradley_terry {bt}")
-            lines.append("   elo           " + " ".join(f"{r['model']}={r['rating']:.0f}" for r in rep["elo"]["models"]))
+            lines.append(f"  | bradley_terry {bt}")
+            lines.append("  | elo           " + " ".join(f"{r['model']}={r['rating']:.0f}" for r in rep["elo"]["models"]))
     for key in ("self_rewarding", "rlrf"):
         if key in m:
-            lines.append(f"   {key} {json.dumps(m[key])}")
+            lines.append(f"  | {key} {json.dumps(m[key])}")
     return "\n".join(lines)
 
 
