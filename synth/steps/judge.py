@@ -20,7 +20,7 @@ from synth.llm.base import SamplingParams
 from synth.pipelines.base import ChunkState, Context
 from synth.prompts import render
 from synth.records import Completion, Judgement, Message, SourceItem
-from synth.steps.base import Call, assistant, run_calls, user
+from synth.steps.base import Call, Sample, assistant, run_calls, user
 from synth.steps.candidates import Candidate
 
 PREFILL = "[["  # answer stem for log-prob verdicts; the next token is A or B
@@ -107,6 +107,14 @@ def _slot_verdict(j: Judgement) -> str | None:
     return j.parsed
 
 
+def _usable(s: Sample, logprobs: bool) -> Judgement:
+    """A truncated text verdict is not trusted (a cut-off explanation may quote the format); a log-prob
+    read stops after one token by design, so its "length" finish is expected."""
+    if logprobs or not s.completion.truncated:
+        return s.judgement
+    return Judgement(raw=s.text, error="truncated")
+
+
 def judge_pairs(
     ctx: Context, state: ChunkState, jobs: Sequence[tuple[SourceItem, Candidate, Candidate]],
     params: SamplingParams, logprobs: bool = False, tie_band: float = 0.1,
@@ -123,9 +131,7 @@ def judge_pairs(
         samples = run_calls(ctx, state, "judge_pairwise", "judge", calls, params, parse=parse_pairwise)
     out = []
     for k, (it, ci, cj) in enumerate(jobs):
-        s_ij, s_ji = samples[2 * k][0], samples[2 * k + 1][0]
-        # a truncated text verdict is not trusted; a log-prob read is one token by design
-        usable = [s.judgement if (logprobs or not s.completion.truncated) else Judgement(raw=s.text) for s in (s_ij, s_ji)]
+        usable = [_usable(samples[2 * k][0], logprobs), _usable(samples[2 * k + 1][0], logprobs)]
         v = (_slot_verdict(usable[0]), _slot_verdict(usable[1]))
         if logprobs and None not in v:
             p, winner = combine_probs(usable[0].parsed["A"], usable[1].parsed["B"], tie_band)

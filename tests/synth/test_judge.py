@@ -126,6 +126,13 @@ def test_failed_order_gives_no_label_and_no_ranked_row(tmp_path):
     assert trace[0]["output"] == "I cannot decide" and trace[0]["parsed"] is None
 
 
+def test_truncated_text_verdict_is_not_trusted(tmp_path):
+    judge = ScriptedLLM(lambda msgs, p, i: Completion(text="Format: [[A]] or [[B]]. Reply A is", finish_reason="length"))
+    m, out = run(tmp_path, {}, pair_items(1), judge)
+    assert out["preferences"] == [] and m["drops"] == {"pair_unresolved": 1, "ranked_incomplete": 1}
+    assert m["truncated"] == {"judge_pairwise": 2}
+
+
 def test_pairwise_logprobs_averages_both_orders_with_tie_band(tmp_path):
     def judge(msgs, p, i):
         assert msgs[-1].role == "assistant" and msgs[-1].content == "[[" and p.top_logprobs == 20 and p.max_new_tokens == 1
