@@ -269,12 +269,13 @@ async def _gather_or_cancel(tasks: list[asyncio.Future]) -> list[Any]:
     if not tasks:
         return []
     done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-    failed = next((t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None), None)
-    if failed is not None:
+    # reading every finished task's exception also keeps asyncio from logging "never retrieved"
+    errors = [t.exception() for t in tasks if t in done and not t.cancelled() and t.exception() is not None]
+    if errors:
         for t in pending:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        raise failed.exception()  # type: ignore[misc]
+        raise errors[0]
     return [t.result() for t in tasks]
 
 
