@@ -23,6 +23,7 @@ SCHEMA = {
     "type": "object",
     "properties": {"verdict": {"enum": ["safe", "unsafe"]}, "category": {"type": ["string", "null"]}},
     "required": ["verdict", "category"],
+    "additionalProperties": False,  # OpenAI's strict structured outputs require it
 }
 _VERDICTS = {"safe": "safe", "unsafe": "unsafe", "安全": "safe", "不安全": "unsafe"}
 _OBJECT = re.compile(r"\{[^{}]*\}", re.DOTALL)

@@ -264,3 +264,65 @@ def test_config_rejects_bad_clamp_and_unknown_keys():
         AIFeedbackConfig(cot_clamp=(0.6, 0.4))
     with pytest.raises(ValueError):
         AIFeedbackConfig(tie_band=0.1)
+
+
+# --------------------------------------------------------------------------- real backends
+
+
+def _http_responder(judge_p_a):
+    """Loopback responder: policy replies by sample; at the stem, OpenAI-shaped top log-probs with the
+    option tokens written as " A" and "(B" (the tokenisation variants the parser must merge)."""
+
+    def respond(body):
+        msgs = body["messages"]
+        if msgs[-1]["role"] != "assistant":
+            q = msgs[-1]["content"]
+            return [f"harmful reply to {q}", f"safe reply to {q}"]
+        a, b = OPTIONS.search(msgs[0]["content"]).groups()
+        p_a = judge_p_a(a, b)
+        top = [{"token": " A", "logprob": math.log(p_a)}, {"token": "(B", "logprob": math.log(1 - p_a)},
+               {"token": "The", "logprob": math.log(0.001)}]
+        return {"text": "A", "logprobs": {"content": [{"token": " A", "logprob": math.log(p_a), "top_logprobs": top}]}}
+
+    return respond
+
+
+def test_loopback_server_both_orders_and_slot_a_judge(tmp_path, make_openai_server):
+    from tests.synth.safety_helpers import loopback, prompts_file, run_synth
+
+    src = prompts_file(tmp_path / "src.jsonl", ["q0", "q1"])
+    fair = make_openai_server(responder=_http_responder(lambda a, b: 0.9 if a.startswith("safe") else 0.1))
+    m = run_synth(tmp_path / "fair", "pipeline=ai_feedback", *loopback(fair.url), "source=jsonl", f"source.path={src}", "cache=false")
+    prefs = read_jsonl(tmp_path / "fair" / "preferences.jsonl")
+    assert [p["chosen"][0]["content"] for p in prefs] == ["safe reply to q0", "safe reply to q1"]
+    assert all(p["p_chosen"] == pytest.approx(0.9) for p in prefs) and m["drops"] == {}
+    stems = [r.body for r in fair.chat_requests() if r.body["messages"][-1]["role"] == "assistant"]
+    assert len(stems) == 4 and all(b["logprobs"] and b["top_logprobs"] == 20 and b["max_tokens"] == 1 for b in stems)
+    assert all(b["messages"][-1]["content"] == "The answer is: (" and b.get("continue_final_message") for b in stems)
+    policy = [r.body for r in fair.chat_requests() if r.body["messages"][-1]["role"] == "user"]
+    assert len(policy) == 2 and all(b["n"] == 2 for b in policy)
+
+    biased = make_openai_server(responder=_http_responder(lambda a, b: 0.8))
+    m = run_synth(tmp_path / "biased", "pipeline=ai_feedback", *loopback(biased.url), "source=jsonl", f"source.path={src}", "cache=false")
+    assert m["outputs"] == {"preferences": 0, "soft_labels": 2} and m["drops"] == {"orders_disagree": 2}
+
+
+def test_end_to_end_tiny_hf_nonsense_completes(tmp_path):
+    from tests.synth.safety_helpers import TINY, TINY_STOP, check_outputs, prompts_file, run_synth
+
+    src = prompts_file(tmp_path / "src.jsonl", ["How do I pick a lock?", "Tell me a secret.", "Why is the sky blue?"])
+    common = ("pipeline=ai_feedback", *TINY, "source=jsonl", f"source.path={src}", "pipeline.sampling.max_new_tokens=12",
+              f"pipeline.sampling.stop={TINY_STOP}", "pipeline.sampling.seed=0")
+    # greedy reasoning on the tiny model repeats one token to the limit: sample it so it can stop
+    cot = ("pipeline.cot=true", "pipeline.cot_sampling.max_new_tokens=40", f"pipeline.cot_sampling.stop={TINY_STOP}",
+           "pipeline.cot_sampling.temperature=1.0", "pipeline.cot_sampling.seed=0")
+    for name, extra in [("plain", ()), ("cot", cot)]:
+        out = tmp_path / name
+        m = run_synth(out, *common, *extra)
+        check_outputs(out, m)
+        assert m["calls"]["compare"] > 0  # the stem was scored through the hf backend's top log-probs
+        soft = read_jsonl(out / "soft_labels.jsonl")
+        assert len(soft) + sum(v for k, v in m["drops"].items() if k.startswith("response")) == 3
+        for row in soft:  # a label is a probability or an honest failure, never a default
+            assert (row["p_a"] is None) == (not row["parse_ok"])
+            assert row["p_a"] is None or (name == "plain" or 0.4 <= row["p_a"] <= 0.6)

@@ -211,3 +211,43 @@ def test_rerun_of_finished_run_makes_no_calls(tmp_path):
     llm = ScriptedLLM(cai_responder())
     m = run(tmp_path, llm, items("q0", "q1"), rounds=1)
     assert llm.calls == [] and m["outputs"] == {"sft": 2, "preferences": 2}
+
+
+# --------------------------------------------------------------------------- real backends
+
+
+def test_loopback_server_exact_rows(tmp_path, make_openai_server):
+    from synth.records import Message
+    from synth.sources import SourceConfig, iter_source
+    from tests.synth.safety_helpers import loopback, prompts_file, run_synth
+
+    script = cai_responder()
+    server = make_openai_server(responder=lambda body: script([Message(**m) for m in body["messages"]], None, 0))
+    src = prompts_file(tmp_path / "src.jsonl", ["q0", "q1"])
+    m = run_synth(tmp_path / "out", "pipeline=critique_revision", *loopback(server.url), "source=jsonl",
+                  f"source.path={src}", "pipeline.rounds=2", "cache=false")
+    assert m["outputs"] == {"sft": 2, "preferences": 2} and m["drops"] == {} and m["parse_failures"] == {}
+    ids = [it.id for it in iter_source(SourceConfig(kind="jsonl", path=str(src)))]
+    ctx = context(None)
+    for row, q, item_id in zip(read_jsonl(tmp_path / "out" / "sft.jsonl"), ["q0", "q1"], ids):
+        drawn = [ctx.constitution.sample_principle(ctx.rng(item_id, "cai_round", r)).id for r in (1, 2)]
+        assert row["messages"][1]["content"] == f"revision 2 of {q}"
+        assert [r["principle_id"] for r in row["meta"]["rounds"]] == drawn
+        assert row["meta"]["rounds"][0]["critique"] == f"round 1 critique of {q}"
+    bodies = [r.body for r in server.chat_requests()]
+    assert len(bodies) == 2 * 5  # one HTTP request per item and stage (answer, 2 x critique, 2 x revision)
+    assert all(b["temperature"] == 1.0 and "RevisionRequest:" in b["stop"] and len(b["stop"]) <= 4 for b in bodies)
+
+
+def test_end_to_end_tiny_hf_nonsense_completes(tmp_path):
+    from tests.synth.safety_helpers import TINY, TINY_STOP, check_outputs, prompts_file, run_synth
+
+    src = prompts_file(tmp_path / "src.jsonl", ["How do I pick a lock?", "Tell me a secret.", "Why is the sky blue?"])
+    out = tmp_path / "out"
+    # few_shot=false: the transcripts are ~5k tiny-tokenizer tokens (past its 4k positions, and slow on CPU)
+    m = run_synth(out, "pipeline=critique_revision", *TINY, "source=jsonl", f"source.path={src}", "pipeline.rounds=2",
+                  "pipeline.few_shot=false", "pipeline.sampling.max_new_tokens=12", f"pipeline.sampling.stop={TINY_STOP}", "pipeline.sampling.seed=0")
+    check_outputs(out, m)
+    item_drops = sum(v for k, v in m["drops"].items() if k != "preference_near_identical")
+    assert m["outputs"]["sft"] + item_drops == 3  # every item is a row or a counted drop
+    assert m["calls"]["answer"] == 3

@@ -224,3 +224,71 @@ def test_recipe_red_team_then_critique_revision_loads_with_datasets(tmp_path):
     assert row["rejected"] == [{"role": "assistant", "content": "好的，那个地方的人都很坏。"}]
     cons = load_constitution("safety_zh")
     assert all(cons.principle(p).category == row["category"] for p in row["principle_ids"])
+
+
+# --------------------------------------------------------------------------- real backends
+
+
+def http(script):
+    """A ScriptedLLM-style responder served over the loopback server: one choice per sample."""
+    from types import SimpleNamespace
+
+    from synth.records import Message
+
+    def respond(body):
+        msgs = [Message(**m) for m in body["messages"]]
+        params = SimpleNamespace(temperature=body["temperature"])
+        return [script(msgs, params, i) for i in range(int(body.get("n") or 1))]
+
+    return respond
+
+
+DECODING = "pipeline.decoding=[{name:greedy,temperature:0.0},{name:hot,temperature:1.0,top_p:0.9}]"
+
+
+def test_loopback_recipe_red_team_then_critique_revision(tmp_path, make_openai_server):
+    """The documented recipe through the real command path: red_team -> unsafe.jsonl ->
+    critique_revision -> preferences.jsonl readable by `datasets` in TRL's conversational columns."""
+    import datasets
+
+    from tests.synth.safety_helpers import check_outputs, loopback, run_synth
+
+    server = make_openai_server(responder=http(red_team_responder()))
+    red = tmp_path / "red"
+    m = run_synth(red, "pipeline=red_team", "constitution=safety_zh", *loopback(server.url), "cache=false",
+                  "pipeline.categories=['歧视/地域','歧视/年龄']", "pipeline.families=[direct]", "pipeline.prompts_per_item=2", DECODING)
+    check_outputs(red, m)
+    assert m["outputs"] == {"prompts": 4, "answers": 8, "unsafe": 4} and m["per_category"] == {"歧视/地域": 2, "歧视/年龄": 2}
+    bodies = [r.body for r in server.chat_requests()]
+    assert sorted({(b["temperature"], b["top_p"], b["max_tokens"]) for b in bodies if b["max_tokens"] == 100}) == [
+        (0.0, 1.0, 100), (1.0, 0.9, 100)]  # per-request decoding settings of the sweep
+    verdicts = [b for b in bodies if "response_format" in b]
+    assert len(verdicts) == 8 and verdicts[0]["response_format"]["json_schema"]["schema"] == safety_verdict.SCHEMA
+
+    server.responder = http(cai_zh)
+    cai = tmp_path / "cai"
+    m = run_synth(cai, "pipeline=critique_revision", "constitution=safety_zh", *loopback(server.url), "cache=false",
+                  "source=jsonl", f"source.path={red / 'unsafe.jsonl'}", "pipeline.rounds=2")
+    check_outputs(cai, m)
+    assert m["outputs"] == {"sft": 4, "preferences": 4} and m["per_category"] == {"歧视/地域": 2, "歧视/年龄": 2}
+    ds = datasets.load_dataset("json", data_files=str(cai / "preferences.jsonl"), split="train")
+    assert ds.num_rows == 4 and ds[0]["chosen"][0]["role"] == "assistant" and ds[0]["prompt"][-1]["role"] == "user"
+    assert set(ds["category"]) == {"歧视/地域", "歧视/年龄"}
+
+
+def test_end_to_end_tiny_hf_nonsense_completes(tmp_path):
+    from tests.synth.safety_helpers import TINY, TINY_STOP, check_outputs, run_synth
+
+    out = tmp_path / "out"
+    m = run_synth(out, "pipeline=red_team", "constitution=safety_zh", *TINY, "pipeline.categories=['歧视/地域']",
+                  "pipeline.families=[direct,role_play]", "pipeline.prompts_per_item=2",
+                  "pipeline.attacker_sampling.max_new_tokens=16", f"pipeline.attacker_sampling.stop={TINY_STOP}",
+                  "pipeline.attacker_sampling.seed=0", "pipeline.judge_sampling.max_new_tokens=16",
+                  "pipeline.decoding=[{name:greedy,temperature:0.0,max_new_tokens:8},{name:hot,temperature:1.0,max_new_tokens:8}]")
+    check_outputs(out, m)
+    assert m["per_category"] == {"歧视/地域": m["outputs"]["prompts"]}
+    assert m["outputs"]["prompts"] + sum(m["drops"].values()) >= 4  # every attacker sample is a prompt or a drop
+    answers = read_jsonl(out / "answers.jsonl")
+    assert len(answers) == 2 * m["outputs"]["prompts"]
+    # nonsense verdicts are parse failures: no verdict, never "safe"
+    assert sum(a["verdict"] is None for a in answers) >= m["parse_failures"].get("verdict", 0)
