@@ -23,6 +23,7 @@ def test_every_python_package_is_declared():
         for p in (REPO / top).rglob("__init__.py")
         if "__pycache__" not in p.parts
     }
+    found |= {f"rlaif_forge_conf.{d.name}" for d in (REPO / "conf").iterdir() if d.is_dir() and d.name != "__pycache__"}
     missing = found - declared_packages()
     assert not missing, f"add {sorted(missing)} to [tool.setuptools] packages in pyproject.toml"
 
