@@ -189,8 +189,8 @@ class AIFeedbackPipeline(Pipeline):
         )
 
     def finalize(self, ctx: Context, out_dir: Path) -> dict[str, Any]:
-        """Judge-health figures from the committed soft labels (§8.2: position consistency; §2.2:
-        alignment with the source's labels when `responses: source`)."""
+        """Judge-health figures from the committed files (§8.2: position consistency, slot-A rate,
+        length bias; §2.2: alignment with the source's labels when `responses: source`)."""
         rows = [r for r in read_jsonl(out_dir / "soft_labels.jsonl") if r["parse_ok"]]
         if not rows:
             return {"judge_health": {"labelled_pairs": 0}}
@@ -204,4 +204,8 @@ class AIFeedbackPipeline(Pipeline):
         }
         if self.cfg.responses == "source":  # AI labeler alignment with the dataset's chosen side
             health["source_alignment"] = round(sum(r["p_a"] > 0.5 for r in rows) / len(rows), 4)
+        prefs = read_jsonl(out_dir / "preferences.jsonl")
+        if prefs:  # §8.2 verbosity bias: worth a look when chosen is longer in more than ~70% of pairs
+            longer = sum(len(p["chosen"][-1]["content"]) > len(p["rejected"][-1]["content"]) for p in prefs)
+            health["chosen_longer_rate"] = round(longer / len(prefs), 4)
         return {"judge_health": health}

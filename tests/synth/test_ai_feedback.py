@@ -136,6 +136,7 @@ def test_exact_rows_both_orders_in_one_call(tmp_path):
         assert prefs[k]["meta"]["p_chosen_order1"] == pytest.approx(0.9)
     assert m["outputs"] == {"preferences": 2, "soft_labels": 2} and m["drops"] == {}
     assert m["judge_health"]["orders_agree_rate"] == 1.0 and m["judge_health"]["mean_p_slot_a"] == pytest.approx(0.5)
+    assert m["judge_health"]["chosen_longer_rate"] == 0.0  # "safe reply" is shorter than "harmful reply"
     trace = [t for t in read_jsonl(tmp_path / "trace.jsonl") if t["step"] == "compare"]
     assert sorted(t["order"] for t in trace) == [1, 1, 2, 2] and all(t["principle_id"] for t in trace)
 
