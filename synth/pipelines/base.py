@@ -212,11 +212,11 @@ def print_summary(m: dict[str, Any], out_dir: Path) -> None:
     lines = [
         f"== {m['pipeline']}: {m['status']} in {m['wall_time_s_this_run']:.1f}s -> {out_dir}",
         f"   inputs {m['inputs']}  processed {m['processed']}  (resumed {m['resumed_from_previous_runs']}, duplicates skipped {m['duplicate_inputs_skipped']})",
-        "   outputs  " + "  ".join(f"{k}={v}" for k, v in m["outputs"].items()),
+        "   outputs:        " + "  ".join(f"{k}={v}" for k, v in m["outputs"].items()),
     ]
     for key in ("drops", "parse_failures", "truncated", "retries", "tokens"):
         if m[key]:
-            lines.append(f"   {key:<9}" + "  ".join(f"{k}={v}" for k, v in m[key].items()))
+            lines.append(f"   {key + ':':<16}" + "  ".join(f"{k}={v}" for k, v in m[key].items()))
     if m["error"]:
-        lines.append(f"   error    {m['error']}")
+        lines.append(f"   error:          {m['error']}")
     print("\n".join(lines), file=sys.stderr if m["status"] == "failed" else sys.stdout, flush=True)
