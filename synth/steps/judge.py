@@ -22,6 +22,7 @@ from synth.prompts import render
 from synth.records import Completion, Judgement, Message, SourceItem
 from synth.steps.base import Call, Sample, assistant, run_calls, user
 from synth.steps.candidates import Candidate
+from synth.steps.compare import parse_logprobs
 
 PREFILL = "[["  # answer stem for log-prob verdicts; the next token is A or B
 
@@ -49,26 +50,16 @@ def parse_pairwise(text: str) -> Judgement:
     return Judgement(raw=text, parsed=found[-1], parse_status="ok")
 
 
-def _letter(token: str) -> str | None:
-    t = token.strip()
-    return t[0] if t and t[0] in "AB" and all(ch in "]) ." for ch in t[1:]) else None
-
-
 def read_ab_logprobs(comp: Completion) -> Judgement:
-    """P(A) vs P(B) from the first generated token's top log-probs ("A", " A", "A]]" all count as A).
-    Neither letter in the top-k is a failure, never 50/50 (§0.2)."""
-    if not comp.logprobs:
-        return Judgement(raw=comp.text, error="no log-probs returned (does the backend support them?)")
-    first = comp.logprobs[0]
-    mass = {"A": 0.0, "B": 0.0}
-    for tok, lp in {first.token: first.logprob, **first.top}.items():
-        letter = _letter(tok)
-        if letter:
-            mass[letter] += math.exp(lp)
-    total = mass["A"] + mass["B"]
-    if total <= 0:
-        return Judgement(raw=comp.text, error="neither A nor B among the top log-probs")
-    return Judgement(raw=comp.text, parsed={"A": mass["A"] / total, "B": mass["B"] / total}, parse_status="ok")
+    """P(A) vs P(B) from the first generated token's top log-probs, read exactly as RL-CAI's
+    comparisons read them (`compare.parse_logprobs`: " A", "A", "A]]" all count as A; one letter
+    missing from the top-k gets the smallest listed log-prob, flagged `bounded`; neither letter is a
+    failure, never 50/50, §0.2)."""
+    j = parse_logprobs(comp)
+    if not j.ok:
+        return j
+    p_a = j.parsed["p_a"]
+    return Judgement(raw=comp.text, parsed={"A": p_a, "B": 1.0 - p_a, "bounded": j.parsed["bounded"]}, parse_status="ok")
 
 
 @dataclass

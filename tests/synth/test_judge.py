@@ -58,6 +58,15 @@ def test_read_ab_logprobs_normalises_and_needs_a_letter():
     assert not read_ab_logprobs(Completion(text="A")).ok
 
 
+def test_read_ab_logprobs_one_letter_missing_is_a_flagged_bound_like_rl_cai():
+    # B is not in the top-k: its log-prob is at most the smallest listed one (-4.0), so p(A) is a
+    # conservative estimate (not 1.0), flagged as bounded, exactly as synth.steps.compare reads it.
+    comp = Completion(text="A]]", logprobs=[TokenLogprob(token="A]]", logprob=-0.1, top={"C": -4.0})])
+    j = read_ab_logprobs(comp)
+    assert j.ok and j.parsed["bounded"] is True
+    assert j.parsed["A"] == pytest.approx(1 / (1 + math.exp(-4.0 + 0.1)))
+
+
 def test_combine_rules():
     assert combine_verdicts("A", "B") == "i"  # i in slot A, then i in slot B: both say i
     assert combine_verdicts("B", "A") == "j"
