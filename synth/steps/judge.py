@@ -10,7 +10,6 @@ tie band around 0.5. Parse failures are recorded and never become a winner or a 
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
