@@ -16,6 +16,8 @@ import zlib
 from typing import Any
 from urllib.parse import urlsplit
 
+_timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
+
 
 class Retryable(Exception):
     """A transient failure. `reason` is one of "429", "5xx", "408", "409", "timeout", "connection",
@@ -132,7 +134,11 @@ class LeanEndpoint(_Endpoint):
     async def _post(self, body: dict) -> Any:
         payload = json.dumps(body).encode()
         try:
-            status, headers, data = await asyncio.wait_for(self._exchange(payload), self._timeout)
+            if _timeout is not None:  # 3.11+: no extra task per request (wait_for makes one)
+                async with _timeout(self._timeout):
+                    status, headers, data = await self._exchange(payload)
+            else:
+                status, headers, data = await asyncio.wait_for(self._exchange(payload), self._timeout)
         except asyncio.TimeoutError:  # before OSError: TimeoutError is an OSError on 3.11+
             raise Retryable("timeout", f"no answer within {self._timeout:g}s") from None
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:

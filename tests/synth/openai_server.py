@@ -152,7 +152,7 @@ class LoopbackServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.base_events.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._conns: set[_Connection] = set()
 
     # ---- lifecycle -------------------------------------------------------------------------------
     @property
@@ -171,7 +171,7 @@ class LoopbackServer:
     def _serve_thread(self, ready: threading.Event) -> None:
         self._loop = asyncio.new_event_loop()
         self._server = self._loop.run_until_complete(
-            asyncio.start_server(self._handle, self.host, self.port, backlog=4096, limit=2**22)
+            self._loop.create_server(lambda: _Connection(self), self.host, self.port, backlog=4096)
         )
         self.port = self._server.sockets[0].getsockname()[1]
         ready.set()
@@ -188,12 +188,8 @@ class LoopbackServer:
 
     async def _shutdown(self) -> None:
         self._server.close()  # type: ignore[union-attr]
-        for w in list(self._writers):
-            w.transport.abort()
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for conn in list(self._conns):
+            conn.abort()
 
     def __enter__(self) -> LoopbackServer:
         return self.start()
@@ -215,39 +211,7 @@ class LoopbackServer:
             self._requests.clear()
             self.max_in_flight = 0
 
-    # ---- HTTP ------------------------------------------------------------------------------------
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
-        try:
-            while await self._one_request(reader, writer):
-                pass
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
-        except asyncio.CancelledError:  # server stopping: end quietly (the task is ours to drop)
-            pass
-        finally:
-            self._writers.discard(writer)
-            writer.close()
-
-    async def _one_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        """Serve one request on a keep-alive connection; False when the connection must end."""
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError:
-            return False
-        lines = head.decode("latin-1").split("\r\n")
-        method, path, _ = lines[0].split(" ", 2)
-        headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:] if ":" in ln)}
-        raw = await reader.readexactly(int(headers.get("content-length", 0)))
-        keep_alive = headers.get("connection", "").lower() != "close"
-        body = json.loads(raw) if raw else None
-        rec = self._record(method, path, headers, body)
-        self._enter()
-        try:
-            return await self._respond(writer, rec, body, keep_alive)
-        finally:
-            self._leave()
-
+    # ---- requests (called by _Connection on the loop thread) --------------------------------------
     def _record(self, method: str, path: str, headers: dict, body: dict | None) -> RecordedRequest:
         """Number the request, choose its fault (POSTs only) and keep it, all under one lock."""
         with self._lock:
@@ -256,7 +220,13 @@ class LoopbackServer:
             fault = self._pick_fault(seq, body) if method == "POST" else None
             rec = RecordedRequest(seq, method, path, headers, body if self.record_bodies else None, fault)
             self._requests.append(rec)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
         return rec
+
+    def _done(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
 
     def _pick_fault(self, seq: int, body: dict | None) -> str | None:
         if seq in self.schedule:
@@ -267,65 +237,111 @@ class LoopbackServer:
             return self._rng.choice(self.fault_kinds)
         return None
 
-    def _enter(self) -> None:
-        with self._lock:
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
-
-    def _leave(self) -> None:
-        with self._lock:
-            self.in_flight -= 1
-
-    async def _respond(self, writer: asyncio.StreamWriter, rec: RecordedRequest, body: dict, keep_alive: bool) -> bool:
+    def _answer(self, rec: RecordedRequest, body: dict | None) -> tuple[int, bytes, dict, str]:
+        """(status, body bytes, extra headers, action) where action is "send", "reset" or "truncate"."""
         if rec.method == "GET" and rec.path.rstrip("/").endswith("/models"):
             data = [{"id": m, "object": "model", "owned_by": "loopback"} for m in self.models]
-            return await self._send(writer, 200, {"object": "list", "data": data}, keep_alive)
+            return 200, json.dumps({"object": "list", "data": data}).encode(), {}, "send"
         if rec.method != "POST" or not rec.path.rstrip("/").endswith("/chat/completions"):
-            return await self._send(writer, 404, {"error": {"message": f"no route {rec.path}"}}, keep_alive)
-        if self.latency_s:
-            await asyncio.sleep(self.latency_s)
-        if rec.fault is not None:
-            return await self._fault(writer, rec, body, keep_alive)
-        return await self._send(writer, 200, build_body(body, self.responder(body)), keep_alive)
-
-    async def _fault(self, writer: asyncio.StreamWriter, rec: RecordedRequest, body: dict, keep_alive: bool) -> bool:
+            return 404, json.dumps({"error": {"message": f"no route {rec.path}"}}).encode(), {}, "send"
         kind = rec.fault
+        if kind is None or kind == "slow":
+            return 200, json.dumps(build_body(body, self.responder(body))).encode(), {}, "send"
         if kind == "429":
-            hdr = {"Retry-After": f"{self.retry_after_s:g}"}
-            return await self._send(writer, 429, {"error": {"message": "rate limited"}}, keep_alive, hdr)
+            return 429, b'{"error": {"message": "rate limited"}}', {"Retry-After": f"{self.retry_after_s:g}"}, "send"
         if kind in ("500", "503"):
-            return await self._send(writer, int(kind), {"error": {"message": f"injected {kind}"}}, keep_alive)
+            return int(kind), json.dumps({"error": {"message": f"injected {kind}"}}).encode(), {}, "send"
         if kind in FATAL_FAULTS:
             quoted = rec.headers.get("authorization", "")
-            return await self._send(writer, int(kind), {"error": {"message": f"injected {kind} for {quoted}"}}, keep_alive)
+            return int(kind), json.dumps({"error": {"message": f"injected {kind} for {quoted}"}}).encode(), {}, "send"
         if kind == "reset":
-            sock = writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.transport.abort()
-            return False
-        if kind == "slow":
-            await asyncio.sleep(self.slow_s)
-            return await self._send(writer, 200, build_body(body, self.responder(body)), keep_alive)
+            return 0, b"", {}, "reset"
         if kind == "malformed":
-            return await self._send_raw(writer, 200, b'{"id": "x", "choices": [{"index": 0, "mess', keep_alive)
+            return 200, b'{"id": "x", "choices": [{"index": 0, "mess', {}, "send"
+        full = json.dumps(build_body(body, self.responder(body))).encode()
         if kind == "truncated":
-            full = json.dumps(build_body(body, self.responder(body))).encode()
-            await self._send_raw(writer, 200, full, False, cut=len(full) // 2)
-            return False
-        body = build_body(body, self.responder(body))  # empty_choices
-        return await self._send(writer, 200, {**body, "choices": []}, keep_alive)
+            return 200, full, {}, "truncate"
+        return 200, json.dumps({**json.loads(full), "choices": []}).encode(), {}, "send"  # empty_choices
 
-    async def _send(self, writer, status: int, obj: dict, keep_alive: bool, extra: dict | None = None) -> bool:
-        return await self._send_raw(writer, status, json.dumps(obj).encode(), keep_alive, extra=extra)
+    def _delay(self, rec: RecordedRequest) -> float:
+        if rec.method != "POST":
+            return 0.0
+        return self.latency_s + (self.slow_s if rec.fault == "slow" else 0.0)
 
-    async def _send_raw(self, writer, status: int, data: bytes, keep_alive: bool, *, cut: int | None = None,
-                        extra: dict | None = None) -> bool:
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection: parse requests from the byte stream, answer each after the
+    server's latency with `call_later` (no task or coroutine per request: cheap at high concurrency)."""
+
+    def __init__(self, server: LoopbackServer) -> None:
+        self.server, self.buf = server, b""
+        self.transport: asyncio.Transport | None = None
+        self.timers: set[asyncio.TimerHandle] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server._conns.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._conns.discard(self)
+        for timer in self.timers:
+            timer.cancel()
+            self.server._done()
+        self.timers.clear()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while (request := self._parse()) is not None:
+            method, path, headers, body = request
+            rec = self.server._record(method, path, headers, body)
+            keep_alive = headers.get("connection", "").lower() != "close"
+            delay = self.server._delay(rec)
+            if delay:
+                holder: list[asyncio.TimerHandle] = []
+                timer = asyncio.get_running_loop().call_later(delay, self._reply, rec, body, keep_alive, holder)
+                holder.append(timer)
+                self.timers.add(timer)
+            else:
+                self._reply(rec, body, keep_alive, [])
+
+    def _parse(self) -> tuple[str, str, dict, dict | None] | None:
+        """One complete request off the buffer, or None when more bytes are needed."""
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        lines = self.buf[:end].decode("latin-1").split("\r\n")
+        method, path, _ = lines[0].split(" ", 2)
+        headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:] if ":" in ln)}
+        size = int(headers.get("content-length", 0))
+        if len(self.buf) < end + 4 + size:
+            return None
+        raw, self.buf = self.buf[end + 4: end + 4 + size], self.buf[end + 4 + size:]
+        return method, path, headers, (json.loads(raw) if raw else None)
+
+    def _reply(self, rec: RecordedRequest, body: dict | None, keep_alive: bool, holder: list) -> None:
+        for timer in holder:
+            self.timers.discard(timer)
+        self.server._done()
+        if self.transport is None or self.transport.is_closing():
+            return
+        status, data, extra, action = self.server._answer(rec, body)
+        if action == "reset":  # RST, no answer
+            sock = self.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
+            return
+        keep_alive = keep_alive and action == "send"
         head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'X')}", "Content-Type: application/json",
                 f"Content-Length: {len(data)}", f"Connection: {'keep-alive' if keep_alive else 'close'}"]
-        head += [f"{k}: {v}" for k, v in (extra or {}).items()]
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + (data if cut is None else data[:cut]))
-        await writer.drain()
-        return keep_alive
+        head += [f"{k}: {v}" for k, v in extra.items()]
+        payload = data if action == "send" else data[: len(data) // 2]
+        self.transport.write(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
+        if not keep_alive:
+            self.transport.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -99,7 +99,7 @@ def test_permanent_failure_raises_backend_error_quickly(make_openai_server, tran
     assert time.monotonic() - t < 3
     msg = str(e.value)
     assert server.url in msg and "test-model" in msg and "5xx" in msg and "500" in msg
-    assert llm.stats.errors == {"5xx": 1}
+    assert set(llm.stats.errors) == {"5xx"}  # one or more requests failed for good before the rest were cancelled
     time.sleep(0.1)
     assert server.in_flight == 0 and threading.active_count() <= threads  # nothing left running
 
