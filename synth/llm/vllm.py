@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import traceback
+import weakref
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -103,6 +104,8 @@ class VLLMBackend:
             self._engines: list[Any] = [_Engine(*spec)]
         else:
             self._engines = _start_workers(spec, settings)
+        # stops the replica processes when the backend is collected or the interpreter exits
+        self._finalizer = weakref.finalize(self, _close_all, self._engines)
 
     def __repr__(self) -> str:
         s = self.settings
@@ -128,6 +131,8 @@ class VLLMBackend:
     def _run(self, jobs: list[Job]) -> list[list[Completion]]:
         """Split the jobs across the replicas (interleaved), run them all, put the results back in order."""
         k = len(self._engines)
+        if k == 0:
+            raise RuntimeError("this VLLMBackend is closed")
         if k == 1:
             return self._engines[0].run(jobs)
         for w, engine in enumerate(self._engines):
@@ -138,9 +143,13 @@ class VLLMBackend:
         return results
 
     def close(self) -> None:
-        for engine in self._engines:
-            engine.close()
-        self._engines = []
+        self._finalizer()
+
+
+def _close_all(engines: list[Any]) -> None:
+    for engine in engines:
+        engine.close()
+    engines.clear()
 
 
 class _Engine:
@@ -252,7 +261,9 @@ class _Worker:
     def __init__(self, ctx: Any, spec: tuple, gpus: list[str], rank: int) -> None:
         self.rank = rank
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, spec, gpus), daemon=True, name=f"vllm-dp{rank}")
+        # not daemonic: vLLM starts its own engine-core process, which a daemonic process may not do;
+        # VLLMBackend's finalizer stops the workers instead
+        self.proc = ctx.Process(target=_worker_main, args=(child, spec, gpus), daemon=False, name=f"vllm-dp{rank}")
         self.proc.start()
         child.close()
 
