@@ -226,3 +226,26 @@ def test_settings_are_validated():
     assert str(e.value).startswith("llm=openai: unknown key 'max_concurency'; valid keys:") and "max_concurrency" in str(e.value)
     with pytest.raises(ValueError, match="base_url"):
         build_llm({"kind": "openai", "base_url": "localhost:8000"}, {"name_or_path": "m"})
+
+
+def test_lean_reader_chunked_gzip_and_retry_after_formats():
+    import email.utils
+    import gzip
+
+    from synth.llm._http import _decompress, _read_body, _read_head, _retry_after
+
+    async def read(raw: bytes):
+        reader = asyncio.StreamReader()
+        reader.feed_data(raw)
+        reader.feed_eof()
+        status, headers = await _read_head(reader)
+        return status, _decompress(await _read_body(reader, headers), headers.get("content-encoding", ""))
+
+    body = gzip.compress(b'{"choices": []}')
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 7]), body[i:i + 7]) for i in range(0, len(body), 7))
+    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Encoding: gzip\r\n\r\n" + chunks + b"0\r\n\r\n"
+    assert asyncio.run(read(raw)) == (200, b'{"choices": []}')
+    assert asyncio.run(read(b"HTTP/1.0 503 Busy\r\n\r\nread to close")) == (503, b"read to close")
+    assert _retry_after({"retry-after-ms": "1500"}) == 1.5 and _retry_after({"retry-after": "2"}) == 2.0
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 < _retry_after({"retry-after": when}) <= 30 and _retry_after({}) is None
