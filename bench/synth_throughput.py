@@ -5,7 +5,8 @@
    R requests; prints requests/s, the ideal c / latency, their ratio and the client's CPU time per
    request (process CPU time / R). Both transports: `lean` (what transport=auto picks for a plain-http
    server) and `openai` (the AsyncOpenAI SDK).
-2. llm=hf on the tiny model: the same prompts generated in micro-batches of 16 vs one at a time.
+2. llm=hf on the tiny model: the same prompts generated in micro-batches of 16 vs one at a time
+   (greedy, alternated --repeats times, best and median; 1 torch thread unless --torch-threads).
 
     python bench/synth_throughput.py                       # full run (a few minutes on 2 cores)
     python bench/synth_throughput.py --requests 500 --skip-hf
@@ -85,23 +86,38 @@ def bench_openai(args: argparse.Namespace) -> None:
 
 
 def bench_hf(args: argparse.Namespace) -> None:
+    """Batched vs one at a time, alternated `--repeats` times; best and median of each. On a shared
+    2-core box another process's burst can make torch's OpenMP threads spin and one timing 10x slower,
+    so a single pair of timings is not a measurement."""
+    import statistics
+
     os.environ.setdefault("RLAIF_FORGE_HOME", tempfile.mkdtemp(prefix="rlaif-forge-bench-"))
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     llm = build_llm({"kind": "hf", "device": "cpu", "batch_size": 16}, {"name_or_path": "builtin:tiny"})
     reqs = [messages(("user", f"How do I bake bread at home, variant {i}? Explain step by step.")) for i in range(args.hf_prompts)]
     params = SamplingParams(temperature=0.0, max_new_tokens=args.hf_tokens)
     llm.generate(reqs[:2], params)  # warm-up
-    t = time.perf_counter()
-    batched = llm.generate(reqs, params)
-    t_batched = time.perf_counter() - t
-    t = time.perf_counter()
-    single = [llm.generate([r], params)[0] for r in reqs]
-    t_single = time.perf_counter() - t
+    times: dict[str, list[float]] = {"batched": [], "single": []}
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        batched = llm.generate(reqs, params)
+        times["batched"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        single = [llm.generate([r], params)[0] for r in reqs]
+        times["single"].append(time.perf_counter() - t)
     same = [g[0].text for g in batched] == [g[0].text for g in single]
     tokens = sum(g[0].completion_tokens for g in batched)
-    print(f"\nllm=hf tiny model, {len(reqs)} prompts x {args.hf_tokens} new tokens (greedy), CPU:")
-    print(f"  batched (batch_size 16): {t_batched:6.2f} s  ({tokens / t_batched:7.0f} tokens/s)")
-    print(f"  one at a time:           {t_single:6.2f} s  ({tokens / t_single:7.0f} tokens/s)")
-    print(f"  speed-up: {t_single / t_batched:.1f}x   identical outputs: {same}")
+    best = {k: min(v) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\nllm=hf tiny model, {len(reqs)} prompts x {args.hf_tokens} new tokens (greedy), CPU, "
+          f"{args.repeats} alternating repeats, {__import__('torch').get_num_threads()} torch threads, load avg {os.getloadavg()[0]:.2f}:")
+    for k, label in (("batched", "batched (batch_size 16)"), ("single", "one at a time")):
+        print(f"  {label:<24} best {best[k]:6.2f} s ({tokens / best[k]:6.0f} tokens/s)   median {med[k]:6.2f} s")
+    print(f"  speed-up: best {best['single'] / best['batched']:.1f}x, median {med['single'] / med['batched']:.1f}x"
+          f"   identical outputs: {same}")
 
 
 def main() -> None:
@@ -112,6 +128,11 @@ def main() -> None:
     ap.add_argument("--transports", default="lean,openai")
     ap.add_argument("--hf-prompts", type=int, default=64)
     ap.add_argument("--hf-tokens", type=int, default=32)
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="hf: torch intra-op threads for both sides (0 = torch's default). 1 by default: the tiny "
+                         "model gains nothing from a second thread, and two OpenMP threads on a shared 2-core box "
+                         "spin when another process runs, which makes single timings swing 10x")
+    ap.add_argument("--repeats", type=int, default=3, help="hf: alternating repeats (best and median shown)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-openai", action="store_true")
     args = ap.parse_args()
