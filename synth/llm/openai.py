@@ -199,7 +199,7 @@ class OpenAIBackend:
     def _fatal(self, exc: FatalHTTP, ep: Any, n: int) -> list[Completion]:
         """401/403/404 (wrong key, URL or model) and an ignored `n` abort the call. Other 4xx (e.g. a prompt longer than the
         context) are about this request only: it becomes an empty completion with finish_reason "error"
-        (a bad generation is data), unless every request of the call fails that way (checked after)."""
+        (a bad generation is data), unless every request of the call fails that way (see below)."""
         if exc.abort:
             raise BackendError(f"openai backend: {ep.url} refused model {self.model!r}: {exc}") from None
         self.stats.count_error(f"http_{exc.status}")
@@ -209,8 +209,10 @@ class OpenAIBackend:
         return [Completion(text="", finish_reason="error") for _ in range(n)]
 
     def _check_not_all_failed(self, out: list[list[Completion]]) -> None:
+        """Two or more requests, all rejected: the settings are wrong (an unsupported parameter, say), not
+        the data. One rejected request alone stays data, or one bad prompt would block a rerun forever."""
         flat = [c for group in out for c in group]
-        if flat and all(c.finish_reason == "error" for c in flat):
+        if len(out) >= 2 and all(c.finish_reason == "error" for c in flat):
             raise BackendError(f"openai backend: every request for model {self.model!r} was rejected; "
                                f"last: {self._last_rejection}")
 

@@ -155,6 +155,8 @@ def test_rejected_request_is_data_but_all_rejected_is_an_error(make_openai_serve
     worse = make_openai_server(fault_fn=lambda seq, body: "400")
     with pytest.raises(BackendError, match="every request"):
         backend(worse.url).generate(reqs(2), SamplingParams())
+    (alone,) = backend(worse.url).generate(reqs(1), SamplingParams())  # one request: still data
+    assert alone[0].finish_reason == "error"
 
 
 @pytest.mark.parametrize("kind", ["401", "404"])
