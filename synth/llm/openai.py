@@ -51,6 +51,7 @@ from synth.llm.base import (
 )
 
 log = logging.getLogger(__name__)
+_MAX_RETRY_AFTER_S = 600.0
 
 
 class OpenAISettings(BaseModel):
@@ -217,10 +218,11 @@ class OpenAIBackend:
                                f"last: {self._last_rejection}")
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
-        """Full jitter (uniform in [0, min(max, base * 2^attempt)]); a Retry-After is a lower bound."""
+        """Full jitter (uniform in [0, min(max, base * 2^attempt)]); a Retry-After is a lower bound, up to
+        10 minutes (a day-long quota reset should fail loudly after the retries, not hang the run)."""
         s = self.settings
         jitter = random.uniform(0, min(s.backoff_max_s, s.backoff_base_s * 2**attempt))
-        return max(retry_after, jitter) if retry_after is not None else jitter
+        return max(min(retry_after, _MAX_RETRY_AFTER_S), jitter) if retry_after is not None else jitter
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
