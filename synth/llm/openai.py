@@ -99,7 +99,9 @@ class OpenAIBackend:
     def __init__(self, settings: OpenAISettings, model: ModelSettings) -> None:
         self.settings = settings
         self.model = model.name_or_path
-        self.identity = {"kind": self.kind, "model": self.model, "revision": model.revision}
+        self.identity = {"kind": self.kind, "model": self.model, "revision": model.revision,
+                         "chat_template": model.chat_template}
+        self.chat_template = model.chat_template
         self.stats = CallStats()
         self._urls = settings.urls
         self._last_rejection = ""
@@ -152,6 +154,8 @@ class OpenAIBackend:
         if is_prefill(request):  # vLLM extension: continue the assistant message
             body["add_generation_prompt"] = False
             body["continue_final_message"] = True
+        if self.chat_template is not None:  # vLLM extension: model.chat_template overrides the server's
+            body["chat_template"] = self.chat_template
         return {**body, **self.settings.extra_body}
 
     # ---- async core ------------------------------------------------------------------------------

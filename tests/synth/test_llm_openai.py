@@ -46,7 +46,7 @@ def test_request_shape_and_mapping(make_openai_server, transport):
     assert b["n"] == 3 and b["temperature"] == 0.7 and b["top_p"] == 0.9 and b["top_k"] == 20
     assert b["max_tokens"] == 5 and b["stop"] == ["###"] and b["logprobs"] is True and b["top_logprobs"] == 2
     assert b["response_format"]["json_schema"]["schema"] == schema and b["repetition_penalty"] == 1.05
-    assert b["model"] == "test-model" and "add_generation_prompt" not in b
+    assert b["model"] == "test-model" and "add_generation_prompt" not in b and "chat_template" not in b
     pb = next(b for b in bodies if b["messages"][-1]["role"] == "assistant")
     assert pb["add_generation_prompt"] is False and pb["continue_final_message"] is True
     assert [len(g) for g in out] == [3, 3] and out[0][0].text == "echo: hello there"
@@ -62,6 +62,13 @@ def test_length_and_seeded_samples(openai_server):
     assert seeds == sorted([9, sample_seed(9, 1), sample_seed(9, 2)])  # one request per seeded sample
     assert [c.finish_reason for c in out[0]] == ["length"] * 3
     assert [c.text for c in out[0]] == ["echo:"] * 3
+
+
+def test_chat_template_override_is_sent(openai_server):
+    llm = build_llm({"kind": "openai", "base_url": openai_server.url, **FAST},
+                    {"name_or_path": "test-model", "chat_template": "{{ messages }}"})
+    llm.generate(reqs(1), SamplingParams())
+    assert openai_server.chat_requests()[0].body["chat_template"] == "{{ messages }}"
 
 
 def test_send_n_false_splits_samples(openai_server):
