@@ -24,7 +24,6 @@ and lives only inside the transport; it is never in a repr, a log line, an excep
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import random

@@ -26,7 +26,7 @@ from synth.constitution import Principle
 from synth.llm.base import SamplingParams
 from synth.prompts import render
 from synth.records import Completion, Judgement, Message
-from synth.steps.base import Call, Sample, assistant, run_calls, user
+from synth.steps.base import Call, assistant, run_calls, user
 from synth.steps.critique import TURN_MARKERS, cut_at
 
 OPTIONS = ("A", "B")
