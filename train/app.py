@@ -69,6 +69,7 @@ class OptimConfig(_Strict):
     dtype: Literal["float32", "bfloat16"] = "float32"
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
+    packing: bool = True
 
 
 class CheckpointConfig(_Strict):

@@ -234,6 +234,73 @@ def test_kto_reports_its_kl_estimate(files, tmp_path):
     assert "kl" in last and last["kl"] >= 0
 
 
+# ------------------------------------------------------------------------- sequence packing
+
+
+def varied_batch(tokenizer, n: int = 4):
+    from train.data import make_collator, normalise_rows, tokenize_dataset
+
+    rows = [r.model_dump() for r in toy_pairs(n)]
+    for i, r in enumerate(rows):  # lengths that differ a lot, so rows pack two or three to a bin
+        r["chosen"][0]["content"] = " ".join((WORDS * 4)[: 1 + 12 * i])
+    ds, _ = tokenize_dataset(normalise_rows([{k: r[k] for k in ("id", "prompt", "chosen", "rejected")} for r in rows]),
+                             tokenizer)
+    return make_collator("pairwise", tokenizer.pad_token_id)(ds.to_list())
+
+
+def test_packed_forward_equals_the_padded_forward(tiny_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from train.logprobs import token_logps
+    from train.loops.common import PackedLogits, pack_rows, packed_token_logps, packing_matches
+
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_path).eval()
+    b = varied_batch(tok)
+    packing = pack_rows(b["input_ids"], b["attention_mask"], b["labels"])
+    assert packing.input_ids.shape[0] < b["input_ids"].shape[0]  # fewer rows: padding is not computed
+    with torch.no_grad():
+        ref, ref_mask = token_logps(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+        got, got_mask = packed_token_logps(model, b["input_ids"], b["attention_mask"], b["labels"])
+        logits = PackedLogits(model)(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        padded = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    assert torch.equal(ref_mask, got_mask)
+    torch.testing.assert_close(got[ref_mask], ref[ref_mask], rtol=1e-5, atol=1e-5)
+    real = b["attention_mask"].bool()
+    torch.testing.assert_close(logits[real], padded[real], rtol=1e-5, atol=1e-5)
+    assert packing_matches(model, b, "float32")
+
+
+def test_packing_check_catches_a_model_that_lets_rows_see_each_other(tiny_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from train.loops.common import packing_matches
+
+    class IgnoresPositions(torch.nn.Module):  # a model whose mask does not follow position_ids
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, **kw):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    leaky = IgnoresPositions(AutoModelForCausalLM.from_pretrained(tiny_path))
+    assert not packing_matches(leaky, varied_batch(tok), "float32")
+
+
+@pytest.mark.parametrize("extra", [["loss=dpo"], ["loop=sft"], ["loss=kto"], ["loss=lipo_lambda"]], ids=lambda e: e[0])
+def test_packed_training_matches_padded_training(extra, files, tmp_path):
+    data = files["ranked"] if "lipo" in extra[0] else files["sft"] if "sft" in extra[0] else files["pairs"]
+    args = [f"data.path={data}", "optim.max_steps=3", "optim.batch_size=4", *extra]
+    train(tmp_path / "packed", *args, "optim.packing=true")
+    train(tmp_path / "padded", *args, "optim.packing=false")
+    a, b = losses(tmp_path / "packed"), losses(tmp_path / "padded")
+    assert a.keys() == b.keys()
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-4, abs=1e-5)
+
+
 # ------------------------------------------------------------------------- LoRA and reference modes
 
 

@@ -36,7 +36,9 @@ from train.loops.common import (
     library_progress_bars,
     MetricsLogger, StepMetrics, Throughput, build_optimizer, build_scheduler, call_loss, check_enough_rows,
     epoch_batches, epoch_order, find_last_checkpoint, format_summary, instantiate_loss, load_data,
-    load_training_state, loss_metrics, make_accelerator, plot_curves, postfix, prepare_output_dir,
+    PackedLogits, load_training_state, loss_metrics, make_accelerator, packed_sequence_logps, packing_ok, plot_curves,
+    postfix,
+    prepare_output_dir,
     save_checkpoint, seed_everything, to_device, tokenize_checked, load_rows, truncation_counts, write_config,
     write_json,
 )
@@ -83,6 +85,8 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         adapter_path=ckpt if ckpt is not None and cfg.lora.enabled else None,
     )
     policy.to(accelerator.device)
+    collate = make_collator(kind, tokenizer.pad_token_id, **({"kl": spec.needs_kl_pairs} if kind == "unpaired" else {}))
+    packed = cfg.optim.packing and not spec.needs_logits and packing_ok(policy, stages[0], collate, cfg, accelerator)
 
     # ---------------------------------------------------------------- 4. reference
     saved = torch.load(ckpt / "tensors.pt", weights_only=False) if ckpt is not None and (ckpt / "tensors.pt").exists() else {}
@@ -97,9 +101,9 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
             loop.reference.name_or_path or cfg.model.name_or_path, dtype=cfg.optim.dtype).to(accelerator.device)
         with _adapter_off(source):
             if stage_refs is None:
-                stage_refs = precompute(source, stages[0], kind, tokenizer, cfg, cache_dir, settings, accelerator)
+                stage_refs = precompute(source, stages[0], kind, tokenizer, cfg, cache_dir, settings, accelerator, packed)
             if data.eval is not None and eval_refs is None:
-                eval_refs = precompute(source, data.eval, kind, tokenizer, cfg, cache_dir, settings, accelerator)
+                eval_refs = precompute(source, data.eval, kind, tokenizer, cfg, cache_dir, settings, accelerator, packed)
         del source
     if ref_mode == "model":
         ref_path = ckpt / "reference" if ckpt is not None and (ckpt / "reference").exists() else (
@@ -107,7 +111,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         ref_model = load_frozen(str(ref_path), dtype=cfg.optim.dtype).to(accelerator.device)
     if ref_mode == "model" and data.eval is not None and eval_refs is None and not spec.needs_kl_pairs:
         # TR-DPO moves the reference: evaluate against the initial one so eval curves stay comparable
-        eval_refs = precompute(ref_model, data.eval, kind, tokenizer, cfg, cache_dir, settings, accelerator)
+        eval_refs = precompute(ref_model, data.eval, kind, tokenizer, cfg, cache_dir, settings, accelerator, packed)
     schedule = tr_dpo_schedule(loop.reference)
 
     # ---------------------------------------------------------------- 5. optimiser, schedule, state
@@ -135,14 +139,13 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
               f"reference={ref_mode}; {len(stages)} stage(s); {total} optimizer steps", flush=True)
 
     # ---------------------------------------------------------------- 6. the step loop
-    collate = make_collator(kind, tokenizer.pad_token_id, **({"kl": spec.needs_kl_pairs} if kind == "unpaired" else {}))
     logger = MetricsLogger(out_dir, main, cfg.log.tensorboard, resume_step=pos["step"])
     bar = _progress(cfg, main, total, pos["step"])
     metrics, speed = StepMetrics(), Throughput()
-    ctx = LossContext(spec, loss_fn, ref_mode, ref_model, running_mean, reduce, cfg.seed)
+    ctx = LossContext(spec, loss_fn, ref_mode, ref_model, running_mean, reduce, cfg.seed, packed)
     # evaluation always compares with the initial reference (precomputed columns) when there are any
     eval_ctx = LossContext(spec, loss_fn, "precomputed" if eval_refs is not None else ref_mode, ref_model,
-                           running_mean, reduce, cfg.seed)
+                           running_mean, reduce, cfg.seed, packed)
     last_train: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     stopped = False
@@ -170,6 +173,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
                 schedule.apply(pos["step"], ref_model, unwrapped)
             if pos["step"] % cfg.log.every_steps == 0 or pos["step"] == total:
                 last_train = {**metrics.reduce(accelerator), **speed.read(world), "lr": scheduler.get_last_lr()[0],
+                              "time_s": pos["elapsed_s"] + time.perf_counter() - started,
                               "epoch": pos["epoch"], "stage": pos["stage"]}
                 logger.log(pos["step"], last_train)
                 bar.set_postfix(postfix(last_train))
@@ -195,7 +199,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
                 stage_refs = None
                 if ref_mode == "precomputed":  # the reference becomes the policy as it is now (sDPO §22, Curry §23)
                     stage_refs = precompute(unwrapped, stages[pos["stage"]], kind, tokenizer, cfg, cache_dir,
-                                            settings, accelerator)
+                                            settings, accelerator, packed)
                 stage_ds = attach(stages[pos["stage"]], stage_refs)
         elif cfg.optim.max_steps is None and pos["epoch"] >= cfg.optim.epochs:
             break
@@ -235,19 +239,45 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
 class LossContext:
     """What a forward needs besides the batch: the loss, the reference, the loss state, the reducer."""
 
-    def __init__(self, spec, fn, ref_mode, ref_model, running_mean, reduce, seed):
+    def __init__(self, spec, fn, ref_mode, ref_model, running_mean, reduce, seed, packed=False):
         self.spec, self.fn, self.ref_mode, self.ref_model = spec, fn, ref_mode, ref_model
-        self.running_mean, self.reduce, self.seed = running_mean, reduce, seed
+        self.running_mean, self.reduce, self.seed, self.packed = running_mean, reduce, seed, packed
+
+
+def policy_forward(kind: str, kl: bool, packed: bool):
+    """The forward of a row kind (train.logprobs), or the same outputs computed on packed rows."""
+    from train.logprobs import concatenated_forward, listwise_forward, unpaired_forward
+
+    if not packed:
+        return {"pairwise": concatenated_forward, "ranked": listwise_forward,
+                "unpaired": lambda m, b: unpaired_forward(m, b, kl=kl)}[kind]
+    return lambda m, b: packed_forward(m, b, kind, kl)
+
+
+def packed_forward(model, batch, kind: str, kl: bool) -> dict[str, torch.Tensor]:
+    """train.logprobs' concatenated / listwise / unpaired outputs, with the forward on packed rows."""
+    total, mean, n = packed_sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    if kind == "pairwise":
+        b = total.shape[0] // 2
+        return {"chosen_logps": total[:b], "rejected_logps": total[b:], "chosen_logps_mean": mean[:b],
+                "rejected_logps_mean": mean[b:], "chosen_n_tokens": n[:b], "rejected_n_tokens": n[b:],
+                "chosen_nll": -mean[:b], "chosen_nll_token_mean": -total[:b].sum() / n[:b].sum().clamp(min=1)}
+    if kind == "ranked":
+        index, mask = batch["list_index"], batch["list_mask"]
+        return {"logps": total[index] * mask, "logps_mean": mean[index] * mask, "n_tokens": n[index] * mask, "mask": mask}
+    out = {"logps": total, "logps_mean": mean, "n_tokens": n, "label": batch["label"]}
+    if kl:  # the KL estimate is a detached constant: no graph (as train.logprobs.unpaired_forward)
+        with torch.no_grad():
+            out["kl_logps"] = packed_sequence_logps(model, batch["kl_input_ids"], batch["kl_attention_mask"],
+                                                    batch["kl_labels"])[0]
+    return out
 
 
 def forward_loss(model, unwrapped, batch: dict[str, Any], ctx: LossContext, kind: str, step: int, train: bool = True):
     """(LossOutput, extra metrics) for one micro-batch: policy forward(s), reference, the loss call."""
     if ctx.spec.needs_logits:
         return _cringe(model, batch, ctx, step)
-    from train.logprobs import concatenated_forward, listwise_forward, unpaired_forward
-
-    forward = {"pairwise": concatenated_forward, "ranked": listwise_forward,
-               "unpaired": lambda m, b: unpaired_forward(m, b, kl=ctx.spec.needs_kl_pairs)}[kind]
+    forward = policy_forward(kind, ctx.spec.needs_kl_pairs, ctx.packed)
     pol = forward(model, batch)
     ref = reference_outputs(model, unwrapped, batch, ctx, kind, forward)
     mean = ctx.spec.length_normalised
@@ -472,14 +502,19 @@ def tr_dpo_schedule(ref):
     return TRDPOSchedule(mode="soft", alpha=ref.mixup_alpha, soft_every=ref.sync_steps)
 
 
-def precompute(model, ds: Dataset, kind: str, tokenizer, cfg, cache_dir, settings, accelerator):
-    """Reference log-probs of every row (main process first: the others read its cache file)."""
-    from train.reference import precompute_reference_logps
+def precompute(model, ds: Dataset, kind: str, tokenizer, cfg, cache_dir, settings, accelerator, packed: bool = False):
+    """Reference log-probs of every row (main process first: the others read its cache file). With
+    packing the pass runs on packed rows too; the cache key is the model's own identity either way."""
+    from train.reference import model_identity, precompute_reference_logps
 
     bs = cfg.loop.reference.batch_size or 2 * cfg.optim.batch_size
+    identity = model_identity(model, name_or_path=cfg.loop.reference.name_or_path or cfg.model.name_or_path,
+                              revision=cfg.model.revision)
+    runner = PackedLogits(model) if packed else model
     with accelerator.main_process_first(), accelerator.autocast():  # the same numerics as the training forward
-        ref = precompute_reference_logps(model, ds, kind=kind, pad_token_id=tokenizer.pad_token_id, cache_dir=cache_dir,
-                                         batch_size=bs, settings=settings, show_progress=cfg.progress and accelerator.is_main_process)
+        ref = precompute_reference_logps(runner, ds, kind=kind, pad_token_id=tokenizer.pad_token_id, cache_dir=cache_dir,
+                                         batch_size=bs, settings=settings, identity=identity,
+                                         show_progress=cfg.progress and accelerator.is_main_process)
     return ref.tensors
 
 

@@ -104,6 +104,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
             pos.update(step=pos["step"] + 1, micro=i + 1, samples=pos["samples"] + B * world * accum)
             if pos["step"] % cfg.log.every_steps == 0 or pos["step"] == total:
                 last_train = {**metrics.reduce(accelerator), **speed.read(world), "lr": scheduler.get_last_lr()[0],
+                              "time_s": pos["elapsed_s"] + time.perf_counter() - started,
                               "epoch": pos["epoch"]}
                 logger.log(pos["step"], last_train)
                 bar.set_postfix(postfix(last_train))

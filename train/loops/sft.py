@@ -19,7 +19,8 @@ from train.loops.common import (
     library_progress_bars,
     MetricsLogger, StepMetrics, Throughput, build_optimizer, build_scheduler, call_loss, check_enough_rows,
     epoch_batches, epoch_order, find_last_checkpoint, format_summary, instantiate_loss, load_data,
-    load_training_state, make_accelerator, plot_curves, postfix, prepare_output_dir, save_checkpoint,
+    load_training_state, make_accelerator, packed_token_logps, packing_ok, plot_curves, postfix, prepare_output_dir,
+    save_checkpoint,
     seed_everything, to_device, truncation_counts, write_config, write_json,
 )
 from train.models import count_parameters, load_policy, load_tokenizer, save_model, trainable_parameters
@@ -66,6 +67,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
 
     # ---------------------------------------------------------------- 4. the step loop
     collate = make_collator("sft", tokenizer.pad_token_id)
+    packed = cfg.optim.packing and packing_ok(model, data.train, collate, cfg, accelerator)
     logger = MetricsLogger(out_dir, main, cfg.log.tensorboard, resume_step=pos["step"])
     from tqdm.auto import tqdm
 
@@ -81,7 +83,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         for i in range(pos["micro"], len(batches)):
             batch = to_device(collate(data.train.select(batches[i]).to_list()), accelerator.device)
             with accelerator.accumulate(model):
-                out = sft_loss(model, batch, loss_fn)
+                out = sft_loss(model, batch, loss_fn, packed)
                 accelerator.backward(out.losses.mean())
                 metrics.add({"loss": out.losses.detach().mean(), **out.metrics})
                 speed.add(int(batch["attention_mask"].sum()), len(batches[i]))
@@ -96,12 +98,13 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
             pos.update(step=pos["step"] + 1, micro=i + 1, samples=pos["samples"] + B * world * accum)
             if pos["step"] % cfg.log.every_steps == 0 or pos["step"] == total:
                 last_train = {**metrics.reduce(accelerator), **speed.read(world), "lr": scheduler.get_last_lr()[0],
+                              "time_s": pos["elapsed_s"] + time.perf_counter() - started,
                               "epoch": pos["epoch"]}
                 logger.log(pos["step"], last_train)
                 bar.set_postfix(postfix(last_train, ("loss", "tokens_per_s", "lr")))
             bar.update(1)
             if data.eval is not None and cfg.eval.every_steps and pos["step"] % cfg.eval.every_steps == 0:
-                last_eval = evaluate(model, data.eval, collate, loss_fn, cfg, accelerator)
+                last_eval = evaluate(model, data.eval, collate, loss_fn, cfg, accelerator, packed)
                 logger.log(pos["step"], last_eval)
             stop = cfg.checkpoint.stop_after_steps is not None and pos["step"] >= cfg.checkpoint.stop_after_steps
             if stop or (cfg.checkpoint.every_steps and pos["step"] % cfg.checkpoint.every_steps == 0):
@@ -121,7 +124,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         logger.close()
         return {"stopped": True, "steps": pos["step"], "output_dir": str(out_dir)}
     if data.eval is not None:
-        last_eval = evaluate(model, data.eval, collate, loss_fn, cfg, accelerator)
+        last_eval = evaluate(model, data.eval, collate, loss_fn, cfg, accelerator, packed)
         logger.log(pos["step"], last_eval)
     logger.close()
     final = save_model(model, tokenizer, out_dir / "final", accelerator)
@@ -143,17 +146,20 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     return summary
 
 
-def sft_loss(model, batch: dict[str, torch.Tensor], loss_fn):
-    """Token log-probs of the labelled tokens (float32, train.logprobs) -> the sft loss."""
+def sft_loss(model, batch: dict[str, torch.Tensor], loss_fn, packed: bool = False):
+    """Token log-probs of the labelled tokens (float32, train.logprobs; packed rows when `packed`) -> the loss."""
     from train.logprobs import token_logps
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logps, mask = token_logps(logits, batch["labels"])
+    if packed:
+        logps, mask = packed_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logps, mask = token_logps(logits, batch["labels"])
     return call_loss(loss_fn, {"token_logps": logps, "token_mask": mask})
 
 
 @torch.no_grad()
-def evaluate(model, eval_ds, collate, loss_fn, cfg, accelerator) -> dict[str, float]:
+def evaluate(model, eval_ds, collate, loss_fn, cfg, accelerator, packed: bool = False) -> dict[str, float]:
     """Held-out loss (and token perplexity) averaged over rows and processes."""
     model.eval()
     B = cfg.eval.batch_size or cfg.optim.batch_size
@@ -162,7 +168,7 @@ def evaluate(model, eval_ds, collate, loss_fn, cfg, accelerator) -> dict[str, fl
     for start in range(0, len(mine), B):
         idx = mine[start:start + B]
         batch = to_device(collate(eval_ds.select(idx).to_list()), accelerator.device)
-        out = sft_loss(model, batch, loss_fn)
+        out = sft_loss(model, batch, loss_fn, packed)
         metrics.add({"eval/loss": out.losses.mean()}, weight=len(idx))
     model.train()
     values = metrics.reduce(accelerator)
