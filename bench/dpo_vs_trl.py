@@ -243,8 +243,7 @@ def main() -> None:
         spec = dict(MODEL_20M, num_hidden_layers=2) if args.quick else MODEL_20M
         build_inputs(work, args.pairs, args.seed, spec, args.max_length, args.data)
         env = {**os.environ, "RLAIF_FORGE_HOME": str(work / "home"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_CACHE": str(work / "hf-datasets"), "TQDM_DISABLE": "1",
-               "PYTHONPATH": str(REPO)}
+               "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
         runs: dict[str, list[dict]] = {"ours": [], "trl": []}
         for r in range(args.repeats):  # alternate the sides so that machine noise hits both alike
             for side in (("ours", "trl") if r % 2 == 0 else ("trl", "ours")):
@@ -252,13 +251,16 @@ def main() -> None:
                        "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--max-length",
                        str(args.max_length), "--lr", str(args.lr), "--seed", str(args.seed)]
                 cmd += ["--no-packing"] if args.no_packing else []
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                # a cold start for both: TRL caches tokenised data and reference log-probs in the datasets cache,
+                # ours in <output_dir>/reference_cache; neither may reuse an earlier run's
+                run_env = {**env, "HF_DATASETS_CACHE": str(work / f"hf-datasets-{side}-{r}")}
+                proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if proc.returncode != 0 or line is None:
                     sys.exit(f"{side} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
                 runs[side].append(json.loads(line[len("RESULT "):]))
                 print(f"run {r + 1} {side}: {runs[side][-1]['wall_s']:.1f}s", flush=True)
-                for p in work.glob(f"out-{side}"):  # a fresh output folder (and reference cache) per run
+                for p in [*work.glob(f"out-{side}"), *work.glob("hf-datasets-*")]:
                     shutil.rmtree(p)
         results = {side: median_run(rs) for side, rs in runs.items()}
 

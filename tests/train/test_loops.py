@@ -252,7 +252,7 @@ def test_packed_forward_equals_the_padded_forward(tiny_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from train.logprobs import token_logps
-    from train.loops.common import PackedLogits, pack_rows, packed_token_logps, packing_matches
+    from train.loops.packing import PackedLogits, pack_rows, packed_token_logps, packing_matches
 
     tok = AutoTokenizer.from_pretrained(tiny_path)
     model = AutoModelForCausalLM.from_pretrained(tiny_path).eval()
@@ -274,7 +274,7 @@ def test_packed_forward_equals_the_padded_forward(tiny_path):
 def test_packing_check_catches_a_model_that_lets_rows_see_each_other(tiny_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from train.loops.common import packing_matches
+    from train.loops.packing import packing_matches
 
     class IgnoresPositions(torch.nn.Module):  # a model whose mask does not follow position_ids
         def __init__(self, inner):
@@ -476,5 +476,6 @@ def test_bf16_training_step_on_cuda(lora, files, tmp_path):
     summary = train(tmp_path, f"data.path={files['pairs']}", "optim.dtype=bfloat16", f"lora.enabled={str(lora).lower()}",
                     "optim.max_steps=2", "optim.batch_size=4", "optim.gradient_checkpointing=true")
     assert summary["steps"] == 2 and all(math.isfinite(v) for v in losses(tmp_path).values())
-    weights = state_dict(tmp_path / "final")
-    assert all(v.dtype == torch.bfloat16 for k, v in weights.items() if v.is_floating_point())
+    if not lora:  # (peft keeps LoRA factors in float32 over a bf16 base by default)
+        weights = state_dict(tmp_path / "final")
+        assert all(v.dtype == torch.bfloat16 for v in weights.values() if v.is_floating_point())

@@ -33,16 +33,16 @@ from datasets import Dataset
 from synth.app import ConfigError
 from train.data import DataError, detect_kind, make_collator
 from train.loops.common import (
-    library_progress_bars,
     MetricsLogger, StepMetrics, Throughput, build_optimizer, build_scheduler, call_loss, check_enough_rows,
-    epoch_batches, epoch_order, find_last_checkpoint, format_summary, instantiate_loss, load_data,
-    PackedLogits, load_training_state, loss_metrics, make_accelerator, packed_sequence_logps, packing_ok, plot_curves,
-    postfix,
-    prepare_output_dir,
-    save_checkpoint, seed_everything, to_device, tokenize_checked, load_rows, truncation_counts, write_config,
-    write_json,
+    epoch_batches, epoch_order, find_last_checkpoint, format_summary, instantiate_loss, library_progress_bars,
+    load_data, load_rows, load_training_state, loss_metrics, make_accelerator, plot_curves, postfix,
+    prepare_output_dir, save_checkpoint, seed_everything, to_device, tokenize_checked, truncation_counts,
+    write_config, write_json,
 )
-from train.models import count_parameters, is_peft, load_frozen, load_policy, load_tokenizer, save_model, trainable_parameters
+from train.loops.packing import PackedLogits, packed_sequence_logps, packing_ok
+from train.models import (
+    count_parameters, is_peft, load_frozen, load_policy, load_tokenizer, save_model, trainable_parameters,
+)
 
 DATA_KIND = {"pairwise": "pairwise", "listwise": "ranked", "unpaired": "unpaired"}
 
@@ -71,6 +71,9 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     fixed_kl = spec.needs_kl_pairs and ref_mode == "precomputed"
     if fixed_kl:  # precomputed reference KL log-probs need the mismatched pairs fixed in the data
         stages = [with_kl_pairs(s, B, cfg.seed) for s in stages]
+        if data.eval is not None and len(data.eval) < 2:
+            raise DataError(f"{cfg.data.path}: the eval split has {len(data.eval)} row; loss={spec.name} estimates its KL "
+                            "term from pairs of rows: raise data.eval_split or give data.eval_path")
         data.eval = with_kl_pairs(data.eval, B, cfg.seed) if data.eval is not None else None
     for i, s in enumerate(stages):
         check_enough_rows(len(s), cfg, world, f"{cfg.data.path}" + (f" (stage {i + 1})" if len(stages) > 1 else ""))

@@ -16,13 +16,12 @@ from datasets import Dataset
 
 from train.data import DataError, detect_kind, make_collator
 from train.loops.common import (
-    library_progress_bars,
     MetricsLogger, StepMetrics, Throughput, build_optimizer, build_scheduler, call_loss, check_enough_rows,
-    epoch_batches, epoch_order, find_last_checkpoint, format_summary, instantiate_loss, load_data,
-    load_training_state, make_accelerator, packed_token_logps, packing_ok, plot_curves, postfix, prepare_output_dir,
-    save_checkpoint,
+    epoch_batches, epoch_order, find_last_checkpoint, format_summary, instantiate_loss, library_progress_bars,
+    load_data, load_training_state, make_accelerator, plot_curves, postfix, prepare_output_dir, save_checkpoint,
     seed_everything, to_device, truncation_counts, write_config, write_json,
 )
+from train.loops.packing import packed_token_logps, packing_ok
 from train.models import count_parameters, load_policy, load_tokenizer, save_model, trainable_parameters
 
 

@@ -1,0 +1,146 @@
+"""Sequence packing for the loops' forwards: right-padded rows laid end to end, so no compute is spent
+on padding. The results equal the padded forward's (checked per model at start by `packing_ok`).
+
+Candidates to move into train/logprobs.py; kept here until then so that the loops own the switch
+(`optim.packing`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from train.loops.common import to_device
+
+
+@dataclass
+class Packing:
+    """Right-padded rows [N, T] laid end to end into bins [nb, W] (first-fit decreasing, bin capacity =
+    the longest row, so a bin is never wider than the padded batch). position_ids restart at 0 for each
+    row; without an attention mask, transformers' masking utilities then build a block-diagonal causal
+    mask (sdpa, eager, flash), so rows do not see each other and padding is never computed."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    src: torch.Tensor  # [nb, W] flat index i*T + t of the padded position each packed token came from, -1 for none
+    shape: tuple[int, int]
+
+
+def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, pad_id: int = 0,
+              capacity: int | None = None) -> Packing:
+    n, t = input_ids.shape
+    lengths = attention_mask.sum(-1).tolist()
+    cap = max(max(lengths), 1, capacity or 0)
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(n), key=lambda i: -lengths[i]):
+        b = next((b for b, r in enumerate(room) if lengths[i] <= r), None)
+        if b is None:
+            bins.append([]), room.append(cap)
+            b = len(bins) - 1
+        bins[b].append(i)
+        room[b] -= lengths[i]
+    width = cap - min(room)
+    src = torch.full((len(bins), width), -1, dtype=torch.long)
+    pos = torch.zeros((len(bins), width), dtype=torch.long)
+    for b, rows in enumerate(bins):
+        off = 0
+        for i in rows:
+            length = lengths[i]
+            src[b, off:off + length] = i * t + torch.arange(length)
+            pos[b, off:off + length] = torch.arange(length)
+            off += length
+        pos[b, off:] = torch.arange(width - off)  # the padding tail is a segment of its own
+    src, pos = src.to(input_ids.device), pos.to(input_ids.device)
+    valid = src >= 0
+    where = src.clamp(min=0)
+    ids = torch.where(valid, input_ids.reshape(-1)[where], torch.full_like(where, pad_id))
+    lab = torch.where(valid & (pos > 0), labels.reshape(-1)[where], torch.full_like(where, -100))
+    return Packing(ids, pos, lab, src, (n, t))
+
+
+def packed_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                       capacity: int | None = None):
+    """Like `train.logprobs.token_logps(model(...).logits, labels)` -> (logps [N, T], mask [N, T]) in the
+    padded layout, but the forward runs on packed rows (no compute on padding)."""
+    from train.logprobs import token_logps
+
+    if not bool((attention_mask[:, :-1] >= attention_mask[:, 1:]).all()):
+        raise ValueError("sequence packing needs right-padded rows")
+    pk = pack_rows(input_ids, attention_mask, labels, capacity=capacity)
+    logits = model(input_ids=pk.input_ids, position_ids=pk.position_ids, use_cache=False).logits
+    packed_logps, packed_mask = token_logps(logits, pk.labels)
+    n, t = pk.shape
+    valid = pk.src >= 0
+    flat_logps = packed_logps.new_zeros(n * t).index_put((pk.src[valid],), packed_logps[valid])
+    flat_mask = torch.zeros(n * t, dtype=torch.bool, device=packed_mask.device).index_put((pk.src[valid],), packed_mask[valid])
+    return flat_logps.view(n, t), flat_mask.view(n, t)
+
+
+class PackedLogits(torch.nn.Module):
+    """A causal LM with the same call contract for no-grad passes (`model(input_ids=, attention_mask=)
+    .logits` in the padded layout; zeros on padding) that computes on packed rows. For code that takes
+    a model, e.g. train.reference's precompute pass."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.inner = model
+
+    def forward(self, input_ids, attention_mask, **_: Any):
+        from types import SimpleNamespace
+
+        pk = pack_rows(input_ids, attention_mask, input_ids)
+        logits = self.inner(input_ids=pk.input_ids, position_ids=pk.position_ids, use_cache=False).logits
+        n, t = pk.shape
+        valid = pk.src >= 0
+        out = logits.new_zeros(n * t, logits.shape[-1])
+        out[pk.src[valid]] = logits[valid]
+        return SimpleNamespace(logits=out.view(n, t, -1))
+
+
+def packed_sequence_logps(model, input_ids, attention_mask, labels, capacity: int | None = None):
+    """(sum [N], mean [N], n_tokens [N]) like `train.logprobs.forward_logps`, on packed rows."""
+    logps, mask = packed_token_logps(model, input_ids, attention_mask, labels, capacity)
+    total, n = logps.sum(-1), mask.sum(-1)
+    return total, total / n.clamp(min=1), n
+
+
+def packing_ok(model, ds, collate, cfg, accelerator) -> bool:
+    """optim.packing on a model that honours packed position_ids (checked on the first rows, agreed by
+    every process); otherwise a warning and the padded forward."""
+    rows = ds.select(range(min(len(ds), 2))).to_list()
+    ok = packing_matches(model, to_device(collate(rows), accelerator.device), cfg.optim.dtype)
+    if accelerator.num_processes > 1:
+        ok = bool(accelerator.reduce(torch.tensor([float(ok)], device=accelerator.device), "min").item())
+    if not ok and accelerator.is_main_process:
+        print("warning: this model's attention does not separate packed rows (position_ids); "
+              "training on padded rows instead (optim.packing=false silences this)", flush=True)
+    return ok
+
+
+@torch.no_grad()
+def packing_matches(model, batch: dict[str, Any], dtype: str) -> bool:
+    """One-time check that this model honours packed position_ids (a model whose masks ignore them
+    would let rows attend to each other): per-token log-probs of the rows packed into ONE row must
+    match the padded forward (float32: 1e-3 per token; half precision: 0.1 per token, 0.01 on average)."""
+    from train.logprobs import token_logps
+
+    was = model.training
+    model.eval()
+    try:
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        ref, ref_mask = token_logps(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels)
+        got, got_mask = packed_token_logps(model, ids, mask, labels, capacity=int(mask.sum()))
+    finally:
+        model.train(was)
+    if not torch.equal(ref_mask, got_mask):
+        return False
+    diff = (ref - got)[ref_mask].abs().float()
+    if diff.numel() == 0:
+        return True
+    if dtype == "float32":
+        return bool(diff.max() <= 1e-3)
+    return bool(diff.max() <= 0.1 and diff.mean() <= 0.01)
