@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -41,7 +42,16 @@ def launch_two(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "train", *overrides]
-    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    # its own process group, so that a hang (a collective one process never reaches) kills the workers too
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"two-process run hung (killed after 240 s):\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.mark.slow
@@ -66,3 +76,16 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     # evaluation is sharded over the processes and averaged over all held-out rows
     ev1 = json.loads((one / "summary.json").read_text())["final_eval"]
     assert summary["final_eval"]["eval/loss"] == pytest.approx(ev1["eval/loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_two_process_kto_all_reduces_its_kl_estimate_and_evaluates(tmp_path):
+    """KTO's z0 is all-reduced every micro-batch; evaluation (uneven shards) must not issue per-batch
+    collectives, or the processes would wait on each other forever."""
+    data = write_records(tmp_path / "preferences.jsonl", toy_pairs(30))
+    out = tmp_path / "kto"
+    proc = launch_two(tmp_path, *FAST, f"data.path={data}", "loss=kto", "optim.max_steps=2", "optim.batch_size=4",
+                      "data.eval_split=0.3", f"output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("kl" in r for r in rows if "loss" in r) and any("eval/kl" in r for r in rows)

@@ -146,9 +146,10 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     bar = _progress(cfg, main, total, pos["step"])
     metrics, speed = StepMetrics(), Throughput()
     ctx = LossContext(spec, loss_fn, ref_mode, ref_model, running_mean, reduce, cfg.seed, packed)
-    # evaluation always compares with the initial reference (precomputed columns) when there are any
+    # evaluation always compares with the initial reference (precomputed columns) when there are any; its
+    # KL estimate stays per process (processes may hold different numbers of eval batches: no collectives)
     eval_ctx = LossContext(spec, loss_fn, "precomputed" if eval_refs is not None else ref_mode, ref_model,
-                           running_mean, reduce, cfg.seed, packed)
+                           running_mean, None, cfg.seed, packed)
     last_train: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     stopped = False
