@@ -11,17 +11,6 @@ import pytest
 from synth.io import read_jsonl
 from synth.records import PreferenceRecord, RankedRecord, SFTRecord
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
-
-
-def _have_backends() -> bool:
-    import synth.llm
-
-    return hasattr(synth.llm, "build_llm") and (CONF / "llm" / "hf.yaml").exists() and (CONF / "llm" / "openai.yaml").exists()
-
-
-needs_backends = pytest.mark.skipif(not _have_backends(), reason="synth.llm.build_llm / conf/llm not available yet")
-
 RECORDS = {"preferences": PreferenceRecord, "ranked": RankedRecord, "sft": SFTRecord}
 
 

@@ -13,7 +13,7 @@ from synth.sources import SourceConfig, iter_source
 from synth.steps.bpo import attach_context, count_words, parse_optimized, ratio_filter, rewriter_messages, strip_quotes
 from tests.fakes import ScriptedLLM
 from tests.synth.openai_server import LoopbackServer
-from tests.synth.ranking_helpers import check_outputs, loopback, needs_backends, run_synth
+from tests.synth.ranking_helpers import check_outputs, loopback, run_synth
 
 ANSWER = ("Detailed Comparison Result: The better response gives concrete steps.\n"
           "Optimized Instruction: \"How do I bake a simple loaf of bread at home? Please give step-by-step instructions.\" [END]"
@@ -187,7 +187,6 @@ def test_respond_with_its_own_target_backend(tmp_path):
 # --------------------------------------------------------------------------- real backends
 
 
-@needs_backends
 def test_over_the_loopback_server(tmp_path):
     def responder(body):
         text = body["messages"][-1]["content"]
@@ -208,7 +207,6 @@ def test_over_the_loopback_server(tmp_path):
 
 
 @pytest.mark.slow
-@needs_backends
 def test_end_to_end_tiny_hf(tmp_path):
     m = run_synth(tmp_path, "bpo", "pipeline.sampling.max_new_tokens=8")
     check_outputs(tmp_path / "out", m)

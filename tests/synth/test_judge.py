@@ -12,7 +12,7 @@ from synth.records import Completion, SourceItem, TokenLogprob, messages
 from synth.steps.judge import combine_probs, combine_verdicts, parse_listwise, parse_pairwise, parse_rating, read_ab_logprobs
 from tests.fakes import ScriptedLLM
 from tests.synth.openai_server import LoopbackServer
-from tests.synth.ranking_helpers import check_outputs, loopback, needs_backends, run_synth
+from tests.synth.ranking_helpers import check_outputs, loopback, run_synth
 
 
 def pair_items(n=3, category=None):
@@ -265,7 +265,6 @@ def test_rerun_of_finished_run_makes_no_calls_and_same_report(tmp_path):
 # --------------------------------------------------------------------------- real backends
 
 
-@needs_backends
 def test_pairwise_over_the_loopback_server(tmp_path):
     def responder(body):
         a, _ = slots(body["messages"][-1]["content"])
@@ -287,7 +286,6 @@ def test_pairwise_over_the_loopback_server(tmp_path):
 
 
 @pytest.mark.slow
-@needs_backends
 def test_end_to_end_tiny_hf(tmp_path):
     m = run_synth(tmp_path, "judge", "pipeline.judge_sampling.max_new_tokens=8")
     check_outputs(tmp_path / "out", m)

@@ -11,7 +11,7 @@ from synth.pipelines.rlrf import RlrfConfig, RlrfPipeline
 from synth.records import SourceItem, messages
 from synth.steps.rlrf import Aspect, aspect_score, load_aspects, parse_feedback, select_aspects
 from tests.synth.openai_server import LoopbackServer
-from tests.synth.ranking_helpers import check_outputs, loopback, needs_backends, run_synth
+from tests.synth.ranking_helpers import check_outputs, loopback, run_synth
 
 ASPECTS = ["factuality", "logical_correctness", "completeness", "insightfulness", "readability", "harmlessness"]
 
@@ -167,7 +167,6 @@ def test_constitution_criteria_set_principle_ids(tmp_path):
 # --------------------------------------------------------------------------- real backends
 
 
-@needs_backends
 def test_over_the_loopback_server(tmp_path):
     def responder(body):
         text = body["messages"][-1]["content"]
@@ -187,7 +186,6 @@ def test_over_the_loopback_server(tmp_path):
 
 
 @pytest.mark.slow
-@needs_backends
 def test_end_to_end_tiny_hf(tmp_path):
     m = run_synth(tmp_path, "rlrf", "pipeline.n=2", "pipeline.sampling.max_new_tokens=8", "pipeline.feedback_sampling.max_new_tokens=8",
                   "pipeline.refine_sampling.max_new_tokens=8", "pipeline.drop_truncated=false")  # the tiny model never stops
