@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from synth.io import read_jsonl
 from synth.records import PreferenceRecord, RankedRecord, SFTRecord
 
