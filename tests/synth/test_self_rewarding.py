@@ -9,7 +9,7 @@ from synth.records import Completion, SourceItem, messages
 from synth.steps.self_reward import Scored, parse_score, parse_task, select_pair
 from tests.fakes import ScriptedLLM
 from tests.synth.openai_server import LoopbackServer
-from tests.synth.ranking_helpers import check_outputs, loopback, needs_backends, run_synth
+from tests.synth.ranking_helpers import check_outputs, loopback, run_synth
 
 
 def items(n=2, category=None):
@@ -146,7 +146,6 @@ def test_rerun_makes_no_calls(tmp_path):
 # --------------------------------------------------------------------------- real backends
 
 
-@needs_backends
 def test_over_the_loopback_server(tmp_path):
     answers = ["No.", "Stay on lit streets.", "Stay on lit streets, tell a friend your route and keep your phone charged.", "Run."]
 
@@ -175,7 +174,6 @@ def test_over_the_loopback_server(tmp_path):
 
 
 @pytest.mark.slow
-@needs_backends
 def test_end_to_end_tiny_hf(tmp_path):
     m = run_synth(tmp_path, "self_rewarding", "pipeline.k=2", "pipeline.judge_samples=2", "pipeline.sampling.max_new_tokens=8",
                   "pipeline.judge_sampling.max_new_tokens=8", "pipeline.new_prompts.enabled=true",
