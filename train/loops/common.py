@@ -545,6 +545,19 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def finish_run(summary: dict[str, Any], out_dir: Path, cfg: Any, accelerator: Any) -> dict[str, Any]:
+    """The end every loop shares: summary.json, curves.png and the printed summary (main process
+    only), then a barrier and accelerate's end_training. Returns `summary`."""
+    if accelerator.is_main_process:
+        write_json(out_dir / "summary.json", summary)
+        if cfg.log.plot:
+            plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
+        print(format_summary(summary), flush=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"done: {summary['steps']} steps, {summary['samples']} samples, {summary['time_s']:.1f}s "
              f"-> {summary['final_dir']}"]

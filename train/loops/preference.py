@@ -34,10 +34,9 @@ from synth.app import ConfigError
 from train.data import DataError, detect_kind, make_collator
 from train.loops.common import (
     MetricsLogger, StepMetrics, Throughput, build_optimizer, build_scheduler, call_loss, check_enough_rows,
-    epoch_batches, epoch_order, find_last_checkpoint, format_summary, instantiate_loss, library_progress_bars,
-    load_data, load_rows, load_training_state, loss_metrics, make_accelerator, plot_curves, postfix,
-    prepare_output_dir, save_checkpoint, seed_everything, to_device, tokenize_checked, truncation_counts,
-    write_config, write_json,
+    epoch_batches, epoch_order, find_last_checkpoint, finish_run, instantiate_loss, library_progress_bars,
+    load_data, load_rows, load_training_state, loss_metrics, make_accelerator, postfix, prepare_output_dir,
+    save_checkpoint, seed_everything, to_device, tokenize_checked, truncation_counts, write_config,
 )
 from train.loops.packing import PackedLogits, packed_sequence_logps, packing_ok
 from train.models import (
@@ -227,14 +226,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         "final_train": last_train, "final_eval": last_eval, "reference": ref_mode, "stages": len(stages),
         "truncation": truncation_counts(data.report), "output_dir": str(out_dir),
     }
-    if main:
-        write_json(out_dir / "summary.json", summary)
-        if cfg.log.plot:
-            plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
-        print(format_summary(summary), flush=True)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return summary
+    return finish_run(summary, out_dir, cfg, accelerator)
 
 
 # ==================================================================== the loss on one batch

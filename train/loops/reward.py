@@ -21,9 +21,9 @@ from datasets import Dataset
 from train.data import DataError, make_collator
 from train.loops.common import (
     MetricsLogger, StepMetrics, Throughput, build_optimizer, build_scheduler, call_loss, check_enough_rows,
-    epoch_batches, epoch_order, find_last_checkpoint, format_summary, instantiate_loss, library_progress_bars,
-    load_data, load_training_state, loss_metrics, make_accelerator, plot_curves, postfix, prepare_output_dir,
-    save_checkpoint, seed_everything, to_device, truncation_counts, write_config, write_json,
+    epoch_batches, epoch_order, find_last_checkpoint, finish_run, instantiate_loss, library_progress_bars,
+    load_data, load_training_state, loss_metrics, make_accelerator, postfix, prepare_output_dir,
+    save_checkpoint, seed_everything, to_device, truncation_counts, write_config,
 )
 from train.models import count_parameters, load_policy, load_tokenizer, save_model, trainable_parameters
 
@@ -141,14 +141,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         "final_train": last_train, "final_eval": last_eval, "truncation": truncation_counts(data.report),
         "output_dir": str(out_dir),
     }
-    if main:
-        write_json(out_dir / "summary.json", summary)
-        if cfg.log.plot:
-            plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
-        print(format_summary(summary), flush=True)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return summary
+    return finish_run(summary, out_dir, cfg, accelerator)
 
 
 def scores(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
