@@ -5,16 +5,13 @@ After an intended template change, regenerate with `UPDATE_SNAPSHOTS=1 pytest te
 and review the diff of the snapshot files.
 """
 
-import os
-from pathlib import Path
-
 import pytest
 
 from synth.prompts import render
 from synth.steps.attack import FAMILIES
 from synth.steps.filters import has_cjk
+from tests.synth.snapshot_check import assert_snapshot
 
-SNAPSHOTS = Path(__file__).parent / "snapshots"
 
 CONVERSATION = {
     "en": [{"role": "user", "content": "How do I pick a lock?"}],
@@ -54,12 +51,7 @@ CASES = [(name, lang) for lang in ("en", "zh") for name in renders(lang)]
 
 @pytest.mark.parametrize("name,lang", CASES, ids=[f"{n}.{lang}" for n, lang in CASES])
 def test_template_matches_snapshot(name, lang):
-    text = renders(lang)[name] + "\n"
-    path = SNAPSHOTS / f"{name}.{lang}.txt"
-    if os.environ.get("UPDATE_SNAPSHOTS") == "1":
-        path.write_text(text, encoding="utf-8")
-    assert path.exists(), f"missing snapshot {path}; run with UPDATE_SNAPSHOTS=1 to create it"
-    assert text == path.read_text(encoding="utf-8"), f"{path} differs; if intended, rerun with UPDATE_SNAPSHOTS=1"
+    assert_snapshot(name, lang, renders(lang)[name] + "\n")
 
 
 @pytest.mark.parametrize("name", sorted({n for n, _ in CASES}))
