@@ -14,15 +14,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from synth.errors import ConfigError
 from synth.io import write_text_atomic
 from synth.sources import SourceConfig, iter_source
 
 SECRET_KEY = re.compile(r"(api_?key|token|secret|password|authorization)$", re.IGNORECASE)
 REDACTED = "***REDACTED***"
-
-
-class ConfigError(ValueError):
-    """A bad configuration: one line that names the setting and the fix."""
 
 
 class ModelConfig(BaseModel):

@@ -5,16 +5,20 @@ from __future__ import annotations
 import importlib
 import sys
 
-USER_ERRORS = ("ConfigError", "ConstitutionError", "SourceError", "DataError", "BackendError", "FileNotFoundError")
+from synth.errors import UserError
 
 
 def guarded(cfg, module: str) -> None:
-    """Run `<module>.run(cfg)`; a known user-facing error becomes `error: <message>` and exit code 2
-    (no traceback: the message names the setting, file or server to fix)."""
+    """Run `<module>.run(cfg)`; a `UserError` becomes `error: <message>` and exit code 2 (no traceback:
+    the message names the setting, file or server to fix). Ctrl-C says how to resume and exits 130."""
     try:
         importlib.import_module(module).run(cfg)
-    except Exception as e:
-        if type(e).__name__ in USER_ERRORS or any(b.__name__ in USER_ERRORS for b in type(e).__mro__):
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
-        raise
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except FileNotFoundError as e:
+        print(f"error: {e.filename or e}: no such file or folder", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr, flush=True)
+        sys.exit(130)

@@ -22,6 +22,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from synth.errors import ConstitutionError
+
 __all__ = [
     "Constitution",
     "ConstitutionError",
@@ -36,10 +38,6 @@ __all__ = [
 
 _DATA_PACKAGE = "rlaif_forge_constitutions"  # how constitutions/ ships inside the wheel (pyproject)
 _SUFFIXES = (".yaml", ".yml")
-
-
-class ConstitutionError(ValueError):
-    """A constitution could not be found, parsed or validated. The message says what to fix."""
 
 
 class _Strict(BaseModel):

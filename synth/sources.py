@@ -17,11 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from synth.errors import SourceError
 from synth.records import Message, SourceItem, stable_id
-
-
-class SourceError(ValueError):
-    """A user-facing problem with the input data (file, line and field named)."""
 
 
 class FieldMap(BaseModel):

@@ -25,6 +25,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
+from synth.errors import BackendError  # noqa: F401 - re-exported: backends raise it from here
 from synth.records import Completion, Message, TokenLogprob
 
 __all__ = [
@@ -132,11 +133,6 @@ class CallStats:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class BackendError(RuntimeError):
-    """A backend failed for good (retries exhausted, server misconfigured). The message names the server,
-    the model and the last failure, never a credential. The runner loses the current chunk only."""
 
 
 # --- seeds ------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from typing import Any, Iterable, Literal, Mapping
 
 from datasets import Dataset
 
+from synth.errors import DataError
+
 RowKind = Literal["sft", "pairwise", "ranked", "unpaired"]
 
 # Required fields per kind; pairwise `prompt` is optional (TRL's implicit-prompt format, hh-rlhf).
@@ -23,10 +25,6 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
     "sft": ("messages",),
 }
 PAIR_SCALARS = ("score_chosen", "score_rejected", "margin", "p_chosen")
-
-
-class DataError(ValueError):
-    """A user's data problem, with the file, row and field named."""
 
 
 # ----------------------------------------------------------------------------------------------- loading
