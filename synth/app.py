@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from synth.errors import ConfigError
-from synth.io import write_text_atomic
-from synth.sources import SourceConfig, iter_source
-
-SECRET_KEY = re.compile(r"(api_?key|token|secret|password|authorization)$", re.IGNORECASE)
-REDACTED = "***REDACTED***"
-
+from synth.io import check_output_dir, write_text_atomic
+from synth.llm import check_llm
+from synth.secrets import redact_config
+from synth.sources import SkipLog, SourceConfig, iter_source
 
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -47,30 +44,27 @@ class SynthConfig(BaseModel):
     attacker: RoleConfig = RoleConfig()
     constitution: str = "hhh_en"
     output_dir: str
-    seed: int = 0
-    chunk_size: int = 32
+    seed: int = Field(0, ge=0)
+    chunk_size: int = Field(32, ge=1)
     cache: bool = True
     resume: bool = True
     progress: bool = True
 
 
 def redact(obj: Any) -> Any:
-    """Copy of a config tree with secret-looking values replaced (names of env vars are kept)."""
-    if isinstance(obj, dict):
-        return {k: (REDACTED if SECRET_KEY.search(str(k)) and v else redact(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    return obj
+    """Copy of a config tree fit to save beside the outputs (synth.secrets.redact_config)."""
+    return redact_config(obj)
 
 
 def validate(raw: dict[str, Any]) -> SynthConfig:
     try:
         return SynthConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_one_line(e)) from None
+        raise ConfigError(one_line(e)) from None
 
 
-def _one_line(e: ValidationError) -> str:
+def one_line(e: ValidationError) -> str:
+    """A pydantic ValidationError as one line: `invalid config: <dotted.key>: <problem>; ...`."""
     parts = []
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"])
@@ -91,7 +85,7 @@ def build_pipeline(pcfg: dict[str, Any]):
     try:
         return cls(cls.Config.model_validate(params))
     except ValidationError as e:
-        raise ConfigError(_one_line(e).replace("invalid config: ", "invalid config: pipeline.")) from None
+        raise ConfigError(one_line(e).replace("invalid config: ", "invalid config: pipeline.")) from None
 
 
 def run_fingerprint(cfg: SynthConfig) -> str:
@@ -109,17 +103,35 @@ def run_fingerprint(cfg: SynthConfig) -> str:
 
 
 def check_resumable(out_dir: Path, cfg: SynthConfig) -> None:
+    """Refuse to resume a folder that holds a run with other settings (read-only: writes nothing)."""
     marker = out_dir / ".run.json"
-    fp = run_fingerprint(cfg)
     if marker.exists() and cfg.resume:
-        old = json.loads(marker.read_text())["fingerprint"]
-        if old != fp:
+        try:
+            old = json.loads(marker.read_text())["fingerprint"]
+        except (ValueError, KeyError):
+            old = None  # a damaged marker: the outputs' ledger still decides what is done
+        if old is not None and old != run_fingerprint(cfg):
             raise ConfigError(
                 f"{out_dir} holds a run with different settings (pipeline/model/judge/constitution/seed/source); "
                 "use another output_dir, or resume=false to start it over"
             )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(marker, json.dumps({"fingerprint": fp}) + "\n")
+
+
+def mark_run(out_dir: Path, cfg: SynthConfig, resolved_yaml: str | None) -> None:
+    """Called by the runner once every input is validated, just before outputs are (re)started."""
+    write_text_atomic(out_dir / ".run.json", json.dumps({"fingerprint": run_fingerprint(cfg)}) + "\n")
+    if resolved_yaml is not None:
+        write_text_atomic(out_dir / "config.yaml", resolved_yaml)
+
+
+def check_roles(cfg: SynthConfig) -> None:
+    """Validate every role's backend and model settings now, before any folder is touched or any model
+    is loaded (a role left as `policy` reuses the policy's settings)."""
+    check_llm(cfg.llm, cfg.model.model_dump(), "llm")
+    for name in ("judge", "attacker"):
+        rc: RoleConfig = getattr(cfg, name)
+        if rc.llm is not None or rc.model is not None:
+            check_llm(rc.llm or cfg.llm, (rc.model or cfg.model).model_dump(), f"{name}.llm")
 
 
 def make_context(cfg: SynthConfig, out_dir: Path):
@@ -149,18 +161,23 @@ def make_context(cfg: SynthConfig, out_dir: Path):
 
 
 def run_config(cfg: SynthConfig, resolved_yaml: str | None = None) -> dict[str, Any]:
+    """Validate everything (pipeline settings, constitution, every role's backend settings, the output
+    folder), then let the runner lock the folder and read the whole source before anything already in
+    the folder is reset or rewritten."""
     from synth.constitution import load_constitution
     from synth.pipelines.base import run_pipeline
 
     pipeline = build_pipeline(cfg.pipeline)  # validates pipeline settings before any model loads
     load_constitution(cfg.constitution)  # a bad name or file fails here, before any model loads
+    check_roles(cfg)
     out_dir = Path(cfg.output_dir).expanduser()
+    check_output_dir(out_dir)
     check_resumable(out_dir, cfg)
-    if resolved_yaml is not None:
-        write_text_atomic(out_dir / "config.yaml", resolved_yaml)
     ctx = make_context(cfg, out_dir)
-    source = iter_source(cfg.source) if (cfg.source is not None and pipeline.needs_source) else None
-    return run_pipeline(pipeline, ctx, out_dir, source, cfg.chunk_size, cfg.resume, cfg.progress)
+    skipped = SkipLog()
+    source = iter_source(cfg.source, skipped) if (cfg.source is not None and pipeline.needs_source) else None
+    return run_pipeline(pipeline, ctx, out_dir, source, cfg.chunk_size, cfg.resume, cfg.progress,
+                        on_start=lambda: mark_run(out_dir, cfg, resolved_yaml), source_report=skipped.report)
 
 
 def run(dcfg) -> dict[str, Any]:
@@ -169,7 +186,7 @@ def run(dcfg) -> dict[str, Any]:
 
     if isinstance(dcfg, DictConfig):
         raw = OmegaConf.to_container(dcfg, resolve=True, throw_on_missing=False)
-        _check_missing(dcfg)
+        check_missing(dcfg)
     else:
         raw = dict(dcfg)
     cfg = validate(raw)
@@ -177,7 +194,8 @@ def run(dcfg) -> dict[str, Any]:
     return run_config(cfg, resolved)
 
 
-def _check_missing(dcfg) -> None:
+def check_missing(dcfg) -> None:
+    """Required values left as `???` -> one ConfigError naming them."""
     from omegaconf import OmegaConf
 
     missing = sorted(OmegaConf.missing_keys(dcfg))

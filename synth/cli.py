@@ -6,6 +6,7 @@ import importlib
 import sys
 
 from synth.errors import UserError
+from synth.secrets import scrub
 
 
 def guarded(cfg, module: str) -> None:
@@ -14,11 +15,14 @@ def guarded(cfg, module: str) -> None:
     try:
         importlib.import_module(module).run(cfg)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {scrub(str(e))}", file=sys.stderr, flush=True)
         sys.exit(2)
     except FileNotFoundError as e:
-        print(f"error: {e.filename or e}: no such file or folder", file=sys.stderr, flush=True)
+        print(f"error: {scrub(str(e.filename or e))}: no such file or folder", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
+        # an interrupt can leave an event loop or a pipe half-closed; their complaints at garbage
+        # collection are noise here (every committed row is already on disk)
+        sys.unraisablehook = lambda *_: None
         print("interrupted; rerun the same command to resume", file=sys.stderr, flush=True)
         sys.exit(130)

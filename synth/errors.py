@@ -8,9 +8,15 @@ because that is a bug in rlaif-forge.
 
 from __future__ import annotations
 
+from synth.secrets import scrub
+
 
 class UserError(Exception):
-    """A problem the user can fix; the message is one line naming the setting, file or server."""
+    """A problem the user can fix; the message is one line naming the setting, file or server. Known
+    secrets and URL credentials are scrubbed from it when it is raised (synth.secrets)."""
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        super().__init__(scrub(str(message)), *args)
 
 
 class ConfigError(UserError, ValueError):

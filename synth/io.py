@@ -16,14 +16,21 @@ exactly once. Counters are summed from the ledger, so the manifest is right acro
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
+import shutil
+import sqlite3
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+
+from synth.errors import OutputError
 
 LEDGER = ".progress.jsonl"
 
@@ -46,15 +53,91 @@ def _fsync_append(path: Path, lines: Iterable[str]) -> int:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write a JSON file through a temporary file + rename, so readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, ensure_ascii=False, indent=2, default=str) + "\n")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Temporary file + rename; on failure (a full disk) the temporary file is removed, never left."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+# ------------------------------------------------------------------------------------- folder ownership
+
+LOCK = ".lock"
+
+
+class OutputLock:
+    """One owner per output folder: an exclusive `flock` on `<out_dir>/.lock`, held for the whole run.
+
+    The kernel drops the lock when its holder exits, however it exits (kill -9 included), so a stale
+    lock file never blocks the next run. A second process on the same folder gets `OutputError` naming
+    the holder's pid.
+    """
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.out_dir = Path(out_dir)
+        self._fd: int | None = None
+
+    def __enter__(self) -> OutputLock:
+        check_output_dir(self.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.out_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputError(
+                f"{self.out_dir} is in use by another run (pid {holder}); wait for it to finish, or pass another "
+                "output_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """An output_dir that exists must be a writable folder."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"output_dir {out_dir} exists and is not a folder; pass a folder path")
+    parent = next((p for p in [out_dir, *out_dir.parents] if p.exists()), None)
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"output_dir {out_dir}: {parent} is not writable; pass a folder you can write to")
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC / EDQUOT from a write, or sqlite's 'database or disk is full' (SQLITE_FULL)."""
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc)
+
+
+def disk_full_error(out_dir: Path, need_bytes: int) -> OutputError:
+    free = shutil.disk_usage(next(p for p in [out_dir, *out_dir.parents] if p.exists())).free
+    return OutputError(
+        f"disk full writing {out_dir} ({_mib(free)} free); free at least {_mib(need_bytes)} there, then rerun the "
+        "same command to resume (committed rows are intact)"
+    )
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 class ChunkWriter:
@@ -69,12 +152,19 @@ class ChunkWriter:
         self.counters: Counter[str] = Counter()
         self.chunks = 0
         self.torn_ledger_lines = 0
+        self.largest_chunk_bytes = 0
         if not resume:
             self._reset()
         self._recover()
 
     def path(self, name: str) -> Path:
         return self.out_dir / f"{name}.jsonl"
+
+    def touch_outputs(self) -> None:
+        """Every declared output exists from the start, even when a run has no inputs, so that the next
+        step of a recipe reads an empty dataset instead of failing on a missing file."""
+        for name in self.files:
+            self.path(name).touch(exist_ok=True)
 
     def _reset(self) -> None:
         for name in self.files:
@@ -99,6 +189,7 @@ class ChunkWriter:
                 self.chunks += 1
             if self.torn_ledger_lines:
                 self.ledger.write_text("".join(x + "\n" for x in good), encoding="utf-8")
+        self._sizes = {name: sizes.get(name, 0) for name in self.files}
         for name in self.files:
             p = self.path(name)
             committed = sizes.get(name, 0)
@@ -117,6 +208,8 @@ class ChunkWriter:
             lines = [_dumps(r) for r in rows.get(name, ())]
             # every declared file exists after the first commit, even when empty
             sizes[name] = _fsync_append(self.path(name), lines)
+        self.largest_chunk_bytes = max(self.largest_chunk_bytes, sum(sizes.values()) - sum(self._sizes.values()))
+        self._sizes = sizes
         entry = {"chunk": self.chunks, "ids": ids, "sizes": sizes, "counters": dict(counters)}
         _fsync_append(self.ledger, [json.dumps(entry, ensure_ascii=False)])
         self.done_ids.update(ids)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from synth.app import ConfigError, _check_missing, _one_line, redact
+from synth.app import ConfigError, check_missing, one_line, redact
 
 
 class _Strict(BaseModel):
@@ -158,7 +158,7 @@ def validate(raw: dict[str, Any]) -> TrainConfig:
     try:
         cfg = TrainConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_one_line(e)) from None
+        raise ConfigError(one_line(e)) from None
     check_combination(cfg)
     return cfg
 
@@ -208,7 +208,7 @@ def run(dcfg) -> dict[str, Any]:
     from omegaconf import DictConfig, OmegaConf
 
     if isinstance(dcfg, DictConfig):
-        _check_missing(dcfg)
+        check_missing(dcfg)
         raw = OmegaConf.to_container(dcfg, resolve=True, throw_on_missing=False)
     else:
         raw = dict(dcfg)

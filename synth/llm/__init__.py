@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from synth.errors import ConfigError
 from synth.llm.base import (
     LLM,
     BackendError,
@@ -36,17 +37,23 @@ BACKENDS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def build_llm(llm_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], *, cache_path: str | Path | None = None) -> LLM:
-    """Validate the settings, build the backend, wrap it in the call cache when `cache_path` is given."""
+def check_llm(llm_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], where: str = "llm") -> tuple[Any, ModelSettings]:
+    """Validate a role's backend and model settings without loading anything (ConfigError, one line).
+    `synth` calls this for every role at start-up, before it touches the output folder."""
     cfg = _plain(llm_cfg)
     kind = cfg.get("kind")
     if kind not in BACKENDS:
-        raise ValueError(f"llm.kind={kind!r} is not a backend; valid: {', '.join(sorted(BACKENDS))}")
-    module_name, settings_name, backend_name = BACKENDS[kind]
-    module = importlib.import_module(module_name)
-    settings = settings_from_config(getattr(module, settings_name), cfg, f"llm={kind}")
-    model = settings_from_config(ModelSettings, _plain(model_cfg), "model")
-    backend = getattr(module, backend_name)(settings, model)
+        raise ConfigError(f"{where}.kind={kind!r} is not a backend; valid: {', '.join(sorted(BACKENDS))}")
+    module_name, settings_name, _ = BACKENDS[kind]
+    settings = settings_from_config(getattr(importlib.import_module(module_name), settings_name), cfg, f"{where}={kind}")
+    return settings, settings_from_config(ModelSettings, _plain(model_cfg), where.replace("llm", "model"))
+
+
+def build_llm(llm_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], *, cache_path: str | Path | None = None) -> LLM:
+    """Validate the settings, build the backend, wrap it in the call cache when `cache_path` is given."""
+    settings, model = check_llm(llm_cfg, model_cfg)
+    module_name, _, backend_name = BACKENDS[settings.kind]
+    backend = getattr(importlib.import_module(module_name), backend_name)(settings, model)
     if cache_path is None:
         return backend
     from synth.llm.cache import CachedLLM
@@ -75,5 +82,6 @@ __all__ = [
     "SamplingParams",
     "as_params_list",
     "build_llm",
+    "check_llm",
     "is_prefill",
 ]

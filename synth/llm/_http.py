@@ -16,6 +16,8 @@ import zlib
 from typing import Any
 from urllib.parse import urlsplit
 
+from synth.secrets import scrub
+
 _timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
 
 
@@ -41,7 +43,8 @@ class FatalHTTP(Exception):
 
 
 def redact(text: str, key: str) -> str:
-    return text.replace(key, "***") if key and key != "EMPTY" else text
+    """`text` without the key, any 8+ character prefix of it, or URL credentials (synth.secrets)."""
+    return scrub(text, key)
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -59,18 +62,20 @@ def _retry_after(headers: Any) -> float | None:
         return max(when.timestamp() - time.time(), 0.0) if when else None
 
 
-def _server_message(text: str) -> str:
+def _server_message(text: str, key: str) -> str:
+    """The server's error message, secrets removed FIRST, then cut to 300 characters (cutting first
+    could leave a fragment of a quoted key that no longer matches the whole key)."""
     with contextlib.suppress(ValueError, AttributeError, TypeError):
         err = json.loads(text).get("error")
-        return str(err.get("message") if isinstance(err, dict) else err)[:300]
-    return text[:300]
+        return redact(str(err.get("message") if isinstance(err, dict) else err), key)[:300]
+    return redact(text, key)[:300]
 
 
 def classify_status(status: int, headers: Any, text: str, key: str) -> Exception:
     """The exception for a non-2xx answer (returned, for the caller to raise)."""
     if status in (401, 403):  # the server's message may quote part of the key: leave it out
         return FatalHTTP(status, f"HTTP {status}: authentication failed (check the env var named by llm.api_key_env)", True)
-    msg = redact(_server_message(text), key)
+    msg = _server_message(text, key)
     if status == 429:
         return Retryable("429", f"HTTP 429: {msg}", _retry_after(headers))
     if status >= 500:

@@ -19,13 +19,14 @@ Conventions every backend honours:
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
-from synth.errors import BackendError  # noqa: F401 - re-exported: backends raise it from here
+from synth.errors import BackendError, ConfigError  # noqa: F401 - BackendError is re-exported: backends raise it from here
 from synth.records import Completion, Message, TokenLogprob
 
 __all__ = [
@@ -191,6 +192,7 @@ class ModelSettings(BaseModel):
 
 
 _S = TypeVar("_S")
+_SECRETISH = re.compile(r"(_env|key|token|secret|password|url)$", re.IGNORECASE)
 
 
 def settings_from_config(model_cls: type[_S], cfg: Mapping[str, Any], where: str) -> _S:
@@ -207,6 +209,8 @@ def settings_from_config(model_cls: type[_S], cfg: Mapping[str, Any], where: str
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
         if err["type"] == "extra_forbidden":
             msg = f"{where}: unknown key {key!r}; valid keys: {valid}"
+        elif _SECRETISH.search(key):  # never quote what may be a credential
+            msg = f"{where}: {key}: {err['msg'].removeprefix('Value error, ')}"
         else:
-            msg = f"{where}: {key}: {err['msg']} (got {err.get('input')!r}); valid keys: {valid}"
-        raise ValueError(msg) from None
+            msg = f"{where}: {key}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r}); valid keys: {valid}"
+        raise ConfigError(msg) from None

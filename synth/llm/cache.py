@@ -24,6 +24,7 @@ processes draw the same unseeded sample at once both return the one that was sto
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -113,7 +114,11 @@ class CachedLLM:
             conn.executemany("INSERT OR IGNORE INTO samples (key, completion) VALUES (?, ?)", rows)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # sqlite may already have rolled back (a full disk ends the transaction); a failing ROLLBACK
+            # must not replace the error that matters
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             raise
         return self._lookup([k for k, _ in rows])  # another process may have stored some first
 

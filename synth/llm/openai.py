@@ -48,6 +48,8 @@ from synth.llm.base import (
     is_prefill,
     split_seeded,
 )
+from synth.secrets import looks_like_key, strip_url_credentials
+from synth.secrets import register as register_secret
 
 log = logging.getLogger(__name__)
 _MAX_RETRY_AFTER_S = 600.0
@@ -78,6 +80,14 @@ class OpenAISettings(BaseModel):
             raise ValueError("base_url must be an http(s) URL or a non-empty list of them")
         return v
 
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str) -> str:
+        if looks_like_key(v):  # the message must not quote the value: it is probably the key
+            raise ValueError("must be the NAME of an environment variable holding the key, and the value given "
+                             "looks like a key itself; export MY_KEY=<key> and pass llm.api_key_env=MY_KEY")
+        return v
+
     @property
     def urls(self) -> list[str]:
         return [u.rstrip("/") for u in ([self.base_url] if isinstance(self.base_url, str) else self.base_url)]
@@ -106,7 +116,8 @@ class OpenAIBackend:
         self._last_rejection = ""
 
     def __repr__(self) -> str:  # no key here, ever
-        return f"OpenAIBackend(model={self.model!r}, base_url={self._urls!r}, max_concurrency={self.settings.max_concurrency})"
+        urls = [strip_url_credentials(u) for u in self._urls]
+        return f"OpenAIBackend(model={self.model!r}, base_url={urls!r}, max_concurrency={self.settings.max_concurrency})"
 
     # ---- the Protocol ----------------------------------------------------------------------------
     def generate(self, requests: Sequence[Request], params: SamplingParams | Sequence[SamplingParams]) -> list[list[Completion]]:
@@ -172,6 +183,7 @@ class OpenAIBackend:
 
     def _endpoints(self) -> list[LeanEndpoint | SDKEndpoint]:
         key = os.environ.get(self.settings.api_key_env) or "EMPTY"
+        register_secret(key)
         s = self.settings
         make = {"lean": LeanEndpoint, "openai": SDKEndpoint}
         return [make[resolve_transport(s.transport, u)](u, key, s.timeout_s, s.max_concurrency) for u in self._urls]

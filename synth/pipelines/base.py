@@ -28,9 +28,11 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from synth.io import ChunkWriter, write_json_atomic
+from synth.errors import ConfigError, UserError
+from synth.io import ChunkWriter, OutputLock, disk_full_error, is_disk_full, write_json_atomic
 from synth.llm.base import LLM
 from synth.records import SourceItem
+from synth.secrets import scrub
 
 
 class PipelineConfig(BaseModel):
@@ -74,6 +76,7 @@ class Context:
             stats = getattr(llm, "stats", None)
             if stats is not None:
                 out[f"retries/{role}"] += getattr(stats, "retries", 0)
+                out[f"cache_hits/{role}"] += getattr(stats, "cache_hits", 0)
         return out
 
 
@@ -108,7 +111,7 @@ class Pipeline:
     def items(self, ctx: Context, source: Iterable[SourceItem] | None) -> Iterable[SourceItem]:
         """The inputs; pipelines without a source (red_team) override this."""
         if source is None:
-            raise ValueError(f"pipeline {self.cfg.name!r} needs a source (source=...)")
+            raise ConfigError(f"pipeline {self.cfg.name!r} needs a source (source=...)")
         return source
 
     def setup(self, ctx: Context, writer: ChunkWriter) -> None:  # noqa: B027 - optional hook
@@ -134,38 +137,81 @@ def run_pipeline(
     chunk_size: int = 32,
     resume: bool = True,
     show_progress: bool = True,
+    on_start: Callable[[], None] | None = None,
+    source_report: Callable[[], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Run `pipeline` over its inputs in committed chunks; return the manifest (also written)."""
+    """Run `pipeline` over its inputs in committed chunks; return the manifest (also written).
+
+    Order matters for the user's data: the folder is locked (one owner), then every input is read and
+    validated, and only then are earlier outputs reset (`resume=False`) and `on_start` called (synth
+    writes its run marker and config.yaml there). The manifest is written with status "running" at the
+    start and after every committed chunk, so a reader can trust it even after a kill -9.
+    `source_report` returns what the source skipped (bad rows), for the manifest.
+    """
     from tqdm.auto import tqdm
 
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be >= 1 (got {chunk_size})")
     start = time.time()
     out_dir = Path(out_dir)
-    writer = ChunkWriter(out_dir, pipeline.outputs, resume=resume)
-    items, duplicates = _unique(pipeline.items(ctx, source))
-    todo = [it for it in items if it.id not in writer.done_ids]
-    resumed = len(items) - len(todo)
-    pipeline.setup(ctx, writer)
-    status, error = "running", None
-    bar = tqdm(total=len(items), initial=resumed, desc=pipeline.cfg.name, unit="item", disable=not show_progress)
-    try:
-        for chunk in _chunks(todo, chunk_size):
-            state = ChunkState()
-            before = ctx.backend_counters()
-            pipeline.process(chunk, ctx, state)
-            state.counters.update(ctx.backend_counters() - before)
-            writer.commit([it.id for it in chunk], {**state.rows, "trace": state.trace}, state.counters)
-            bar.update(len(chunk))
-        extra = pipeline.finalize(ctx, out_dir)
-        status = "finished"
-    except BaseException as e:  # keep what is committed; say what stopped us, then re-raise
-        status, error, extra = "failed", f"{type(e).__name__}: {e}", {}
-        raise
-    finally:
+    with OutputLock(out_dir):
+        items, duplicates = _unique(pipeline.items(ctx, source))  # a bad input fails here, before any reset
+        if on_start is not None:
+            on_start()
+        writer = ChunkWriter(out_dir, pipeline.outputs, resume=resume)
+        writer.touch_outputs()
+        todo = [it for it in items if it.id not in writer.done_ids]
+        resumed = len(items) - len(todo)
+        pipeline.setup(ctx, writer)
+
+        def manifest(status: str, error: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+            m = build_manifest(pipeline, writer, len(items), resumed, duplicates, time.time() - start, status, error,
+                               {**(source_report() if source_report else {}), **(extra or {})})
+            write_json_atomic(out_dir / "manifest.json", m)
+            return m
+
+        bar = tqdm(total=len(items), initial=resumed, desc=pipeline.cfg.name, unit="item", disable=not show_progress)
+        try:
+            manifest("running")
+            for chunk in _chunks(todo, chunk_size):
+                state = ChunkState()
+                before = ctx.backend_counters()
+                pipeline.process(chunk, ctx, state)
+                state.counters.update(ctx.backend_counters() - before)
+                writer.commit([it.id for it in chunk], {**state.rows, "trace": state.trace}, state.counters)
+                bar.update(len(chunk))
+                manifest("running")
+            m = manifest("finished", extra=pipeline.finalize(ctx, out_dir))
+        except BaseException as e:  # keep what is committed; record what stopped us, then re-raise
+            bar.close()
+            failure = _user_facing(e, out_dir, writer)
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            _record_failure(manifest, status, failure or e, out_dir)
+            if failure is not None:
+                raise failure from None
+            raise
         bar.close()
-        manifest = build_manifest(pipeline, writer, len(items), resumed, duplicates, time.time() - start, status, error, extra)
-        write_json_atomic(out_dir / "manifest.json", manifest)
-        print_summary(manifest, out_dir)
-    return manifest
+    print_summary(m, out_dir)
+    return m
+
+
+def _user_facing(e: BaseException, out_dir: Path, writer: ChunkWriter) -> UserError | None:
+    """A full disk becomes one OutputError naming the folder and the space to free (never a chain of
+    sqlite / rollback / manifest tracebacks); other exceptions are left as they are."""
+    if is_disk_full(e):
+        return disk_full_error(out_dir, max(64 * 2**20, 4 * writer.largest_chunk_bytes))
+    return None
+
+
+def _record_failure(manifest: Callable[..., dict[str, Any]], status: str, e: BaseException, out_dir: Path) -> None:
+    """Best effort: write the failed manifest and print the summary. A second failure here (the disk is
+    still full) must not replace the error that stopped the run."""
+    try:
+        what = "interrupted by the user (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+        m = manifest(status, scrub(what))
+    except Exception:
+        return
+    print_summary(m, out_dir)
 
 
 def _unique(items: Iterable[SourceItem]) -> tuple[list[SourceItem], int]:
@@ -201,6 +247,7 @@ def build_manifest(pipeline, writer: ChunkWriter, n_inputs, resumed, duplicates,
         "truncated": group("truncated/"),
         "calls": group("calls/"),
         "retries": group("retries/"),
+        "cache_hits": group("cache_hits/"),
         "tokens": group("tokens/"),
         "per_category": group("category/"),
         "wall_time_s_this_run": round(wall, 3),
@@ -214,9 +261,9 @@ def print_summary(m: dict[str, Any], out_dir: Path) -> None:
         f"   inputs {m['inputs']}  processed {m['processed']}  (resumed {m['resumed_from_previous_runs']}, duplicates skipped {m['duplicate_inputs_skipped']})",
         "   outputs:        " + "  ".join(f"{k}={v}" for k, v in m["outputs"].items()),
     ]
-    for key in ("drops", "parse_failures", "truncated", "retries", "tokens"):
-        if m[key]:
+    for key in ("drops", "parse_failures", "truncated", "retries", "cache_hits", "tokens", "source_rows_skipped"):
+        if m.get(key):
             lines.append(f"   {key + ':':<16}" + "  ".join(f"{k}={v}" for k, v in m[key].items()))
     if m["error"]:
         lines.append(f"   error:          {m['error']}")
-    print("\n".join(lines), file=sys.stderr if m["status"] == "failed" else sys.stdout, flush=True)
+    print("\n".join(lines), file=sys.stdout if m["status"] == "finished" else sys.stderr, flush=True)

@@ -20,6 +20,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic import Field
+
 from synth.io import ChunkWriter
 from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
 from synth.pipelines.generate import Sampling
@@ -36,8 +38,8 @@ class BpoConfig(PipelineConfig):
     name: str = "bpo"
     sampling: Sampling = Sampling(temperature=0.9, max_new_tokens=1024)  # chatgpt_infer.py: T=0.9
     require_end_marker: bool = True  # an answer without "[END]" may have run on into answering (§4.7)
-    max_shrink_ratio: float = 2.0  # drop if words(orig)/words(opt) > 2 (process_optimized_prompts.py)
-    max_growth_ratio: float = 6.0  # drop if words(opt)/words(orig) > 6
+    max_shrink_ratio: float = Field(2.0, ge=1)  # drop if words(orig)/words(opt) > 2 (process_optimized_prompts.py)
+    max_growth_ratio: float = Field(6.0, ge=1)  # drop if words(opt)/words(orig) > 6
     context_field: str = "context"  # Alpaca-style context in the row (source meta), if any
 
 
@@ -99,8 +101,8 @@ class BpoRewriteConfig(PipelineConfig):
     name: str = "bpo_rewrite"
     sampling: Sampling = Sampling(temperature=0.6, top_p=0.9, max_new_tokens=1024)  # BPO README (§4.4)
     safety: bool = False  # rewrite unsafe requests into their safe intent (§4.5), general-model prompt
-    max_shrink_ratio: float = 2.0  # same filters as the training data: a rewrite that lost or
-    max_growth_ratio: float = 6.0  # ballooned the prompt is dropped (counted), not sent on
+    max_shrink_ratio: float = Field(2.0, ge=1)  # same filters as the training data: a rewrite that lost or
+    max_growth_ratio: float = Field(6.0, ge=1)  # ballooned the prompt is dropped (counted), not sent on
     respond: bool = False  # also answer the rewritten prompt with role `target` -> sft.jsonl
     # the black-box model that answers: {llm: {...}, model: {...}} as in conf/llm, conf/model; null = policy
     target: dict[str, Any] | None = None

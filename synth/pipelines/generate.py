@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from synth.llm.base import SamplingParams
 from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
@@ -19,11 +19,11 @@ class Sampling(BaseModel):
     """Sampling settings as they appear in pipeline configs."""
 
     model_config = ConfigDict(extra="forbid")
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int | None = None
-    max_new_tokens: int = 256
-    seed: int | None = None
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+    seed: int | None = Field(None, ge=0)
     stop: list[str] = []
 
     def params(self, n: int = 1, **kw) -> SamplingParams:
@@ -35,7 +35,7 @@ class Sampling(BaseModel):
 
 class GenerateConfig(PipelineConfig):
     name: str = "generate"
-    n: int = 1
+    n: int = Field(1, ge=1)
     sampling: Sampling = Sampling()
     drop_truncated: bool = False  # keep by default; every completion carries finish_reason
 

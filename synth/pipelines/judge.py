@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from synth.io import ChunkWriter, read_jsonl
 from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
@@ -39,25 +39,25 @@ class _Strict(BaseModel):
 
 class PairwiseSettings(_Strict):
     logprobs: bool = False  # soft verdict from A/B token log-probs at a "[[" prefill (RLAIF §2.2)
-    top_logprobs: int = 20  # vLLM's default --max-logprobs cap (§0.2)
-    tie_band: float = 0.1  # |p - 0.5| <= tie_band is a tie (RLAIF's optional δ filter, §2.2 step 6)
+    top_logprobs: int = Field(20, ge=1)  # vLLM's default --max-logprobs cap (§0.2)
+    tie_band: float = Field(0.1, ge=0, le=0.5)  # |p - 0.5| <= tie_band is a tie (RLAIF's optional δ filter, §2.2 step 6)
 
 
 class ListwiseSettings(_Strict):
-    samples: int = 1  # judge samples per prompt, each with its own shuffled order; Borda points averaged
+    samples: int = Field(1, ge=1)  # judge samples per prompt, each with its own shuffled order; Borda points averaged
 
 
 class RubricSettings(_Strict):
-    samples: int = 3  # m ratings per response, averaged (as Self-Rewarding's 3 judge samples, §3a)
-    temperature: float = 0.7  # > 0 so the m samples differ
-    min_valid: int = 1  # fewer parsed ratings than this leave the response out (never a default score)
+    samples: int = Field(3, ge=1)  # m ratings per response, averaged (as Self-Rewarding's 3 judge samples, §3a)
+    temperature: float = Field(0.7, ge=0)  # > 0 so the m samples differ
+    min_valid: int = Field(1, ge=1)  # fewer parsed ratings than this leave the response out (never a default score)
 
 
 class RatingSettings(_Strict):
-    bootstrap: int = 1000  # resamples for the CIs (FastChat, §8.3)
-    elo_k: float = 4.0  # online Elo K (FastChat compute_elo)
+    bootstrap: int = Field(1000, ge=1)  # resamples for the CIs (FastChat, §8.3)
+    elo_k: float = Field(4.0, gt=0)  # online Elo K (FastChat compute_elo)
     anchor: str | None = None  # model pinned to anchor_rating; null = mean 1000
-    anchor_rating: float = 1000.0
+    anchor_rating: float = Field(1000.0, gt=-1e9, lt=1e9)
 
 
 class JudgeConfig(PipelineConfig):

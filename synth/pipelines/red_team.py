@@ -25,6 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from synth.errors import ConfigError
 from synth.io import ChunkWriter, read_jsonl
 from synth.llm.base import SamplingParams
 from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
@@ -42,10 +43,10 @@ class Decoding(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int | None = None
-    max_new_tokens: int = 100  # §7.2.1: max_new_tokens=100
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    max_new_tokens: int = Field(100, ge=1)  # §7.2.1: max_new_tokens=100
 
     def params(self, seed: int | None) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
@@ -68,7 +69,7 @@ class RedTeamConfig(PipelineConfig):
     attacker_sampling: Sampling = Sampling(temperature=1.0, top_p=0.95, max_new_tokens=256)  # §7.1: nucleus p=0.95
     near_duplicate: float = Field(0.8, gt=0, le=1)  # Jaccard of character 3-grams
     decoding: list[Decoding] = DEFAULT_DECODING
-    target_seed: int | None = 0  # sampled settings are seeded so reruns reproduce the sweep
+    target_seed: int | None = Field(0, ge=0)  # sampled settings are seeded so reruns reproduce the sweep
     judge_sampling: Sampling = Sampling(temperature=0.0, max_new_tokens=128)  # §8.1: judge at T=0
 
     @field_validator("families")
@@ -109,14 +110,14 @@ class RedTeamPipeline(Pipeline):
         cons = ctx.constitution
         if cons is None or not cons.taxonomy:
             name = getattr(cons, "name", None)
-            raise ValueError(f"pipeline=red_team walks a constitution's taxonomy; {name!r} has none "
+            raise ConfigError(f"pipeline=red_team walks a constitution's taxonomy; {name!r} has none "
                              "(use constitution=safety_zh or add a taxonomy to your constitution)")
         paths = [f"{l1}/{l2}" for l1, l2 in cons.categories()]
         if not self.cfg.categories:
             return paths
         unknown = [c for c in self.cfg.categories if not any(p == c or p.startswith(c + "/") for p in paths)]
         if unknown:
-            raise ValueError(f"pipeline.categories: {unknown} not in the taxonomy of {cons.name!r}; e.g. {paths[0]!r}")
+            raise ConfigError(f"pipeline.categories: {unknown} not in the taxonomy of {cons.name!r}; e.g. {paths[0]!r}")
         return [p for p in paths if any(p == c or p.startswith(c + "/") for c in self.cfg.categories)]
 
     def setup(self, ctx: Context, writer: ChunkWriter) -> None:

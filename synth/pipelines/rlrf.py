@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import Field
+
 from synth.io import read_jsonl
 from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
 from synth.pipelines.generate import Sampling
@@ -37,15 +39,15 @@ from synth.steps.rlrf import (
 
 class RlrfConfig(PipelineConfig):
     name: str = "rlrf"
-    n: int = 4  # candidates per prompt (the paper's pool is n + m = 30 [sum]; 4 + 2 keeps runs cheap)
+    n: int = Field(4, ge=1)  # candidates per prompt (the paper's pool is n + m = 30 [sum]; 4 + 2 keeps runs cheap)
     sampling: Sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=1024)
     criteria: str = "default"  # default (shipped FLASK-style rubric) | constitution | <rubric YAML path>
-    max_aspects: int = 6  # aspects judged per prompt (category matches first, then a seeded draw)
+    max_aspects: int = Field(6, ge=1)  # aspects judged per prompt (category matches first, then a seeded draw)
     feedback_sampling: Sampling = Sampling(temperature=0.0, max_new_tokens=1024)
-    refine_top: int = 2  # m: how many of the best candidates are refined
+    refine_top: int = Field(2, ge=0)  # m: how many of the best candidates are refined
     refine_sampling: Sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=1024)
     pairing: Literal["best_vs_worst", "refined_vs_original"] = "best_vs_worst"
-    iteration: int = 1
+    iteration: int = Field(1, ge=0)
     drop_truncated: bool = True  # false only for smoke tests with models that never stop (tiny)
 
 

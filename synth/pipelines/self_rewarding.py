@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from synth.io import ChunkWriter, read_jsonl
 from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
@@ -35,22 +35,22 @@ class NewPrompts(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     enabled: bool = False
-    per_seed: int = 1  # new prompts requested per seed item
-    shots: int = 8  # demonstrations per request (the paper uses 8-shot)
+    per_seed: int = Field(1, ge=1)  # new prompts requested per seed item
+    shots: int = Field(8, ge=1)  # demonstrations per request (the paper uses 8-shot)
     keep_seed_prompts: bool = False  # also build pairs for the seed prompts themselves
-    near_duplicate_threshold: float = 0.7  # character-shingle Jaccard against seeds and earlier prompts
+    near_duplicate_threshold: float = Field(0.7, gt=0, le=1)  # character-shingle Jaccard against seeds and earlier prompts
     sampling: Sampling = Sampling(temperature=0.6, top_p=0.9, max_new_tokens=256)  # §3a step 1 / Oxen
 
 
 class SelfRewardingConfig(PipelineConfig):
     name: str = "self_rewarding"
-    k: int = 4  # candidates per prompt (§3a step 2)
+    k: int = Field(4, ge=2)  # candidates per prompt (§3a step 2)
     sampling: Sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=1024)  # §3a step 2
-    judge_samples: int = 3  # m judgements per candidate, averaged (§3a step 3)
+    judge_samples: int = Field(3, ge=1)  # m judgements per candidate, averaged (§3a step 3)
     judge_sampling: Sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=512)
-    min_valid_judgements: int = 1  # spec §3a: failed judgements are dropped, the candidate only when all fail
-    length_control_rho: float = 0.0  # Meta-Rewarding's ρ (§3b); 0 = plain max vs min
-    iteration: int = 1  # t of AIFT(M_t), written on every row
+    min_valid_judgements: int = Field(1, ge=1)  # spec §3a: failed judgements are dropped, the candidate only when all fail
+    length_control_rho: float = Field(0.0, ge=0, le=1)  # Meta-Rewarding's ρ (§3b); 0 = plain max vs min
+    iteration: int = Field(1, ge=0)  # t of AIFT(M_t), written on every row
     new_prompts: NewPrompts = NewPrompts()
     drop_truncated: bool = True  # false only for smoke tests with models that never stop (tiny)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from synth.pipelines.base import ChunkState, Context
 from synth.pipelines.generate import Sampling
@@ -40,7 +40,7 @@ class CandidateSpec(BaseModel):
     name: str
     llm: dict[str, Any] | None = None
     model: dict[str, Any] | None = None
-    n: int = 1
+    n: int = Field(1, ge=1)
     sampling: Sampling = Sampling()
 
     @model_validator(mode="after")

@@ -57,10 +57,11 @@ def test_unknown_pipeline_key_is_rejected_before_models_load(tmp_path):
 
 
 def test_resume_into_a_different_setup_is_refused(tmp_path):
-    from synth.app import check_resumable, validate
+    from synth.app import check_resumable, mark_run, validate
 
     base = {"llm": {"kind": "hf"}, "model": {"name_or_path": "m"}, "pipeline": {"name": "generate"}, "output_dir": str(tmp_path)}
     check_resumable(tmp_path, validate(base))
+    mark_run(tmp_path, validate(base), None)
     check_resumable(tmp_path, validate({**base, "chunk_size": 7}))  # chunking may change
     with pytest.raises(ConfigError, match="different settings"):
         check_resumable(tmp_path, validate({**base, "model": {"name_or_path": "other"}}))

@@ -67,7 +67,7 @@ def test_malformed_line_names_file_and_line(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"prompt": "ok"}\n{"prompt": "ok2"\n', encoding="utf-8")
     with pytest.raises(SourceError, match=r"bad.jsonl:2: malformed JSON"):
-        list(iter_source(SourceConfig(kind="jsonl", path=str(p))))
+        list(iter_source(SourceConfig(kind="jsonl", path=str(p), strict=True)))
 
 
 def test_missing_field_names_the_fix(tmp_path):

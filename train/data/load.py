@@ -3,13 +3,15 @@ normalise it (hh-rlhf texts, TRL formats, plain strings) to the canonical column
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import math
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Callable, Iterable, Literal, Mapping
 
 from datasets import Dataset
 
@@ -107,9 +109,29 @@ def _open_text(p: Path):
     return gzip.open(p, "rt", encoding="utf-8") if p.suffix == ".gz" else open(p, encoding="utf-8")
 
 
+@contextlib.contextmanager
+def _readable(p: Path, where: Callable[[], str]):
+    """Undecodable bytes or a cut gzip stream -> one DataError naming the file and where it happened."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} {where()}); "
+                        "convert it to UTF-8 (e.g. iconv -t utf-8)") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{p}: the gzip file is truncated or corrupt {where()} ({e})") from None
+
+
 def _read_jsonl(p: Path) -> Iterable[Mapping[str, Any]]:
-    with _open_text(p) as f:
-        for line_no, line in enumerate(f, 1):
+    """Rows of a JSON-lines file, decoded line by line so that a bad byte is reported at its line."""
+    line_no = 0
+    opener = gzip.open if p.suffix == ".gz" else open
+    with _readable(p, lambda: f"after line {line_no}"), opener(p, "rb") as f:
+        for line_no, raw in enumerate(f, 1):  # noqa: B007 - read by the gzip error message above
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{p}: line {line_no}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r}); "
+                                "convert it to UTF-8 (e.g. iconv -t utf-8)") from None
             if line.strip():
                 try:
                     yield json.loads(line)
@@ -118,7 +140,7 @@ def _read_jsonl(p: Path) -> Iterable[Mapping[str, Any]]:
 
 
 def _read_json(p: Path, split: str) -> Iterable[Mapping[str, Any]]:
-    with _open_text(p) as f:
+    with _readable(p, lambda: "in the file"), _open_text(p) as f:
         text = f.read()
     try:
         data = json.loads(text)
