@@ -8,11 +8,14 @@ unknown keys are rejected with one line naming them.
 from __future__ import annotations
 
 import importlib
+import os
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from synth.app import ConfigError, check_missing, one_line, redact
+from synth.io import OutputLock
 
 
 class _Strict(BaseModel):
@@ -199,8 +202,13 @@ def check_combination(cfg: TrainConfig) -> None:
 
 
 def run_config(cfg: TrainConfig, resolved_yaml: str | None = None) -> dict[str, Any]:
+    """Run the loop, its output folder locked for the whole run (one owner, as in synth). Under
+    `accelerate launch` only the global rank 0 takes the lock: the other ranks share that run."""
     loop = importlib.import_module(f"train.loops.{cfg.loop.name}")
-    return loop.run(cfg, resolved_yaml=resolved_yaml)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return loop.run(cfg, resolved_yaml=resolved_yaml)
+    with OutputLock(Path(cfg.output_dir).expanduser()):
+        return loop.run(cfg, resolved_yaml=resolved_yaml)
 
 
 def run(dcfg) -> dict[str, Any]:

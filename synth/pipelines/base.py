@@ -18,7 +18,6 @@ crashes), shows a progress bar, and writes `manifest.json` and a one-screen summ
 from __future__ import annotations
 
 import random
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -93,7 +92,13 @@ class ChunkState:
         self.counters[f"out/{output}"] += 1
 
     def drop(self, reason: str, n: int = 1) -> None:
+        """An input item that yields no row, for `reason` (manifest "drops": counts of items)."""
         self.counters[f"drop/{reason}"] += n
+
+    def drop_part(self, unit: str, reason: str, n: int = 1) -> None:
+        """A part of an item left out (a candidate, a pair, an attack prompt...) while the item may still
+        yield rows (manifest "dropped_parts": counts per unit, never added to the item drops)."""
+        self.counters[f"drop_part/{unit}/{reason}"] += n
 
     def count(self, key: str, n: int = 1) -> None:
         self.counters[key] += n
@@ -164,10 +169,15 @@ def run_pipeline(
         resumed = len(items) - len(todo)
         pipeline.setup(ctx, writer)
 
-        def manifest(status: str, error: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        def manifest(status: str, error: str | None = None, extra: dict[str, Any] | None = None,
+                     must_write: bool = True) -> dict[str, Any]:
             m = build_manifest(pipeline, writer, len(items), resumed, duplicates, time.time() - start, status, error,
                                {**(source_report() if source_report else {}), **(extra or {})})
-            write_json_atomic(out_dir / "manifest.json", m)
+            try:
+                write_json_atomic(out_dir / "manifest.json", m)
+            except OSError:
+                if must_write:
+                    raise
             return m
 
         bar = tqdm(total=len(items), initial=resumed, desc=pipeline.cfg.name, unit="item", disable=not show_progress)
@@ -206,9 +216,9 @@ def _user_facing(e: BaseException, out_dir: Path, writer: ChunkWriter) -> UserEr
 def _record_failure(manifest: Callable[..., dict[str, Any]], status: str, e: BaseException, out_dir: Path) -> None:
     """Best effort: write the failed manifest and print the summary. A second failure here (the disk is
     still full) must not replace the error that stopped the run."""
+    what = "interrupted by the user (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
     try:
-        what = "interrupted by the user (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
-        m = manifest(status, scrub(what))
+        m = manifest(status, scrub(what), must_write=False)
     except Exception:
         return
     print_summary(m, out_dir)
@@ -243,6 +253,7 @@ def build_manifest(pipeline, writer: ChunkWriter, n_inputs, resumed, duplicates,
         "chunks": writer.chunks,
         "outputs": {name: c.get(f"out/{name}", 0) for name in pipeline.outputs},
         "drops": group("drop/"),
+        "dropped_parts": _nested(group("drop_part/")),
         "parse_failures": group("parse_failed/"),
         "truncated": group("truncated/"),
         "calls": group("calls/"),
@@ -255,6 +266,15 @@ def build_manifest(pipeline, writer: ChunkWriter, n_inputs, resumed, duplicates,
     }
 
 
+def _nested(flat: dict[str, int]) -> dict[str, dict[str, int]]:
+    """{"candidate/truncated": 2} -> {"candidate": {"truncated": 2}}."""
+    out: dict[str, dict[str, int]] = {}
+    for key, n in flat.items():
+        unit, reason = key.split("/", 1)
+        out.setdefault(unit, {})[reason] = n
+    return out
+
+
 def print_summary(m: dict[str, Any], out_dir: Path) -> None:
     lines = [
         f"== {m['pipeline']}: {m['status']} in {m['wall_time_s_this_run']:.1f}s -> {out_dir}",
@@ -264,6 +284,8 @@ def print_summary(m: dict[str, Any], out_dir: Path) -> None:
     for key in ("drops", "parse_failures", "truncated", "retries", "cache_hits", "tokens", "source_rows_skipped"):
         if m.get(key):
             lines.append(f"   {key + ':':<16}" + "  ".join(f"{k}={v}" for k, v in m[key].items()))
+    for unit, reasons in (m.get("dropped_parts") or {}).items():
+        lines.append(f"   {unit + 's dropped:':<16}" + "  ".join(f"{k}={v}" for k, v in reasons.items()))
     if m["error"]:
         lines.append(f"   error:          {m['error']}")
-    print("\n".join(lines), file=sys.stdout if m["status"] == "finished" else sys.stderr, flush=True)
+    print("\n".join(lines), flush=True)  # stdout: stderr is kept for the one error line

@@ -209,11 +209,11 @@ class CritiqueRevisionPipeline(Pipeline):
         prov = self.provenance(ctx, n=self.cfg.helpful_samples)
         for s in samples:
             if not s.ok:
-                state.drop(drop_reason("helpful", s))
+                state.drop_part("helpful_sample", drop_reason("helpful", s))
                 continue
             text = s.judgement.parsed  # type: ignore[union-attr]
             if text in seen:
-                state.drop("helpful_duplicate")
+                state.drop_part("helpful_sample", "helpful_duplicate")
                 continue
             seen.add(text)
             state.emit("sft", SFTRecord(

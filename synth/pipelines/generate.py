@@ -54,7 +54,7 @@ class GeneratePipeline(Pipeline):
             comps = [s.completion for s in samples]
             if cfg.drop_truncated:
                 kept = [c for c in comps if not c.truncated]
-                state.drop("truncated", len(comps) - len(kept))
+                state.drop_part("completion", "truncated", len(comps) - len(kept))
                 comps = kept
             if it.category:
                 state.count(f"category/{it.category}")

@@ -133,11 +133,11 @@ class JudgePipeline(Pipeline):
         points = [0.0] * len(cands)
         for r in results:
             if r.winner is None:
-                state.drop("pair_unresolved")  # a parse failure in either order: no label at all
+                state.drop_part("pair", "pair_unresolved")  # a parse failure in either order: no label at all
                 continue
             state.emit("battles", _battle(it, r))
             if r.winner == "tie":
-                state.drop("pair_tie")
+                state.drop_part("pair", "pair_tie")
                 points[r.i.index] += 0.5
                 points[r.j.index] += 0.5
                 continue
@@ -146,7 +146,7 @@ class JudgePipeline(Pipeline):
             p_win = None if r.p_i is None else (r.p_i if r.winner == "i" else 1 - r.p_i)
             extra = {"verdicts": {"ij": r.verdicts[0], "ji": r.verdicts[1]}, "order_ij": [r.i.name, r.j.name]}
             if near_identical(win.text, lose.text):
-                state.drop("near_identical_pair")  # §0.4: no signal in a pair of (near-)equal texts
+                state.drop_part("pair", "near_identical_pair")  # §0.4: no signal in a pair of (near-)equal texts
                 continue
             state.emit("preferences", self._pref(it, win, lose, ctx, p_chosen=p_win, meta=extra))
         if all(r.winner is not None for r in results):

@@ -149,12 +149,12 @@ class RedTeamPipeline(Pipeline):
             state.count(f"category/{it.category}", 0)  # every walked category shows in the manifest
             for s in samples:
                 if not s.ok:
-                    state.drop("attack_truncated" if s.completion.truncated else "attack_empty")
+                    state.drop_part("attack_prompt", "attack_truncated" if s.completion.truncated else "attack_empty")
                     continue
                 text, pid = s.judgement.parsed, stable_id(it.id, s.index, s.judgement.parsed)  # type: ignore[union-attr]
                 dup = self.index.check(text)
                 if dup is not None:
-                    state.drop(f"prompt_duplicate_{dup[0]}")
+                    state.drop_part("attack_prompt", f"prompt_duplicate_{dup[0]}")
                     continue
                 self.index.add(pid, text)
                 row = {"id": pid, "prompt": text, "category": it.category, "l1": it.meta["l1"], "l2": it.meta["l2"],
@@ -186,7 +186,7 @@ class RedTeamPipeline(Pipeline):
                        "attack_family": p["attack_family"]}
                 rows.append(row)
                 if not row["answer"]:
-                    state.drop("verdict_skipped_empty_answer")  # the row stays, verdict null
+                    state.drop_part("answer", "verdict_skipped_empty_answer")  # the row stays, verdict null
                     continue
                 inputs.append((row, safety_verdict.VerdictInput(p["id"], p["prompt"], row["answer"], p["category"], {"decoding": d.name})))
         verdicts = safety_verdict.judge(ctx, state, [x for _, x in inputs], cats, self.cfg.judge_sampling.params())

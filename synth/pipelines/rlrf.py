@@ -95,7 +95,7 @@ class RlrfPipeline(Pipeline):
         for it, samples in zip(items, results):
             kept = [s.text for s in samples if not (s.completion.truncated and self.cfg.drop_truncated)]
             if len(kept) < len(samples):  # never a training target (§0.4)
-                state.drop("truncated_candidate", len(samples) - len(kept))
+                state.drop_part("candidate", "truncated_candidate", len(samples) - len(kept))
             pools[it.id] = [Resp(i, t) for i, t in enumerate(kept)]
         return pools
 
@@ -110,7 +110,7 @@ class RlrfPipeline(Pipeline):
             parsed = smp.judgement.parsed if smp.ok else None
             r.score = aspect_score(parsed, aspects[it.id])
             if parsed is not None and r.score is None:
-                state.drop("feedback_missing_aspects")  # parsed, but not every selected aspect rated
+                state.drop_part("candidate", "feedback_missing_aspects")  # parsed, but not every selected aspect rated
             r.feedback = parsed if r.score is not None else None
 
     def _refine(self, items, pools, aspects, ctx: Context, state: ChunkState) -> None:
@@ -124,7 +124,7 @@ class RlrfPipeline(Pipeline):
         results = run_calls(ctx, state, "rlrf_refine", "policy", calls, self.cfg.refine_sampling.params())
         for (it, r), (smp,) in zip(todo, results):
             if (smp.completion.truncated and self.cfg.drop_truncated) or not smp.text.strip():
-                state.drop("refinement_truncated_or_empty")
+                state.drop_part("refinement", "refinement_truncated_or_empty")
                 continue
             pool = pools[it.id]
             pool.append(Resp(len(pool), smp.text.strip(), refined_from=r.index))

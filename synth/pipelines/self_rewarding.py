@@ -109,7 +109,7 @@ class SelfRewardingPipeline(Pipeline):
                                  category=it.category, meta={"generated_from": it.id})
                 dup = self._dedup.check(smp.judgement.parsed)
                 if dup is not None:
-                    state.drop(f"new_prompt_{dup[0]}_duplicate")
+                    state.drop_part("new_prompt", f"new_prompt_{dup[0]}_duplicate")
                     continue
                 self._dedup.add(new.id, smp.judgement.parsed)
                 state.emit("prompts", new)
@@ -123,14 +123,14 @@ class SelfRewardingPipeline(Pipeline):
         for it, samples in zip(targets, results):
             texts = [s.text for s in samples if not (s.completion.truncated and self.cfg.drop_truncated)]
             if len(texts) < len(samples):  # a truncated answer is not a training target (§0.4)
-                state.drop("truncated_candidate", len(samples) - len(texts))
+                state.drop_part("candidate", "truncated_candidate", len(samples) - len(texts))
             groups.append((it, texts))
         return groups
 
     def _emit(self, it: SourceItem, cands: list[Scored], ctx: Context, state: ChunkState) -> None:
         unscored = sum(c.mean is None for c in cands)
         if unscored:
-            state.drop("candidate_without_valid_judgement", unscored)
+            state.drop_part("candidate", "candidate_without_valid_judgement", unscored)
         pair = select_pair(cands, self.cfg.length_control_rho)
         if pair is None:
             state.drop("tie" if sum(c.mean is not None for c in cands) >= 2 else "fewer_than_2_scored")

@@ -89,7 +89,7 @@ def sample_candidates(
         for call, samples in zip(calls, run_calls(ctx, state, "candidates", role, calls, params)):
             for smp in samples:
                 if smp.completion.truncated and drop_truncated:
-                    state.drop("truncated_candidate")
+                    state.drop_part("candidate", "truncated_candidate")
                     continue
                 name = call.meta["candidate"]
                 out[call.item_id].append(Candidate(name, smp.text, 0, True))

@@ -183,7 +183,7 @@ def judge_listwise(
             if not smp.ok:
                 continue
             if len(smp.judgement.parsed) != k:
-                state.drop("listwise_incomplete_ranking")
+                state.drop_part("judge_sample", "listwise_incomplete_ranking")
                 continue
             perm = smp.call.meta["order"]
             rankings.append([perm[label - 1] for label in smp.judgement.parsed])

@@ -113,7 +113,7 @@ def test_judge_that_always_prefers_slot_a_gives_no_hard_pairs(tmp_path):
     judge = ScriptedLLM(lambda msgs, p, i: "[[A]]")
     m, out = run(tmp_path, {}, pair_items(4), judge)
     assert out["preferences"] == []
-    assert m["drops"] == {"pair_tie": 4}
+    assert m["drops"] == {} and m["dropped_parts"] == {"pair": {"pair_tie": 4}}
     assert m["judge"]["position_bias"]["slot_a_win_rate"] == 1.0
     assert m["judge"]["swap_consistency"] == 0.0
     assert [b["winner"] for b in out["battles"]] == ["tie"] * 4
@@ -128,7 +128,7 @@ def test_failed_order_gives_no_label_and_no_ranked_row(tmp_path):
 
     m, out = run(tmp_path, {}, pair_items(2), judge=ScriptedLLM(judge))
     assert [r["chosen"][0]["content"] for r in out["preferences"]] == ["good answer 0"]
-    assert m["drops"] == {"pair_unresolved": 1, "ranked_incomplete": 1}
+    assert m["drops"] == {"ranked_incomplete": 1} and m["dropped_parts"] == {"pair": {"pair_unresolved": 1}}
     assert m["parse_failures"] == {"judge_pairwise": 1}
     assert len(out["battles"]) == 1 and len(out["ranked"]) == 1
     trace = [r for r in read_jsonl(tmp_path / "trace.jsonl") if r["parse_status"] == "failed"]
@@ -138,7 +138,8 @@ def test_failed_order_gives_no_label_and_no_ranked_row(tmp_path):
 def test_truncated_text_verdict_is_not_trusted(tmp_path):
     judge = ScriptedLLM(lambda msgs, p, i: Completion(text="Format: [[A]] or [[B]]. Reply A is", finish_reason="length"))
     m, out = run(tmp_path, {}, pair_items(1), judge)
-    assert out["preferences"] == [] and m["drops"] == {"pair_unresolved": 1, "ranked_incomplete": 1}
+    assert out["preferences"] == [] and m["drops"] == {"ranked_incomplete": 1}
+    assert m["dropped_parts"] == {"pair": {"pair_unresolved": 1}}
     assert m["truncated"] == {"judge_pairwise": 2}
 
 
@@ -156,7 +157,7 @@ def test_pairwise_logprobs_averages_both_orders_with_tie_band(tmp_path):
     m, out = run(tmp_path, {"pairwise": {"logprobs": True}}, pair_items(2), ScriptedLLM(judge))
     assert len(out["preferences"]) == 1
     assert out["preferences"][0]["p_chosen"] == pytest.approx(0.5 * (0.9 + 0.8))
-    assert m["drops"] == {"pair_tie": 1}
+    assert m["drops"] == {} and m["dropped_parts"] == {"pair": {"pair_tie": 1}}
     assert m["judge"]["position_bias"]["slot_a_win_rate"] == 0.75
 
 
@@ -203,7 +204,8 @@ def test_listwise_incomplete_ranking_is_dropped_not_padded(tmp_path):
     judge = ScriptedLLM(lambda msgs, p, i: "Ranking: [2] > [1]")
     m, out = run(tmp_path, {"mode": "listwise", "data_responses": "responses"}, response_items()[:2], judge)
     assert out["ranked"] == [] and out["preferences"] == []
-    assert m["drops"] == {"listwise_incomplete_ranking": 2, "fewer_than_2_scored": 2}
+    assert m["drops"] == {"fewer_than_2_scored": 2}
+    assert m["dropped_parts"] == {"judge_sample": {"listwise_incomplete_ranking": 2}}
 
 
 def test_rubric_averages_valid_samples_and_drops_ties(tmp_path):
@@ -249,7 +251,7 @@ def test_candidate_models_each_one_call_and_bt_table(tmp_path):
     assert m["judge"]["elo"]["models"][0]["model"] == "alpha"
     assert (tmp_path / "bt_scores.png").read_bytes()[:4] == b"\x89PNG"
     # alpha#0 vs alpha#1 tie (same quality): not a battle for the table, dropped as a pair
-    assert m["drops"] == {"pair_tie": 3}
+    assert m["drops"] == {} and m["dropped_parts"] == {"pair": {"pair_tie": 3}}
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["judge"]["bradley_terry"]["models"][0]["model"] == "alpha"
 

@@ -164,13 +164,13 @@ def test_duplicates_removed_within_chunk_across_chunks_and_across_runs(tmp_path)
     m = run(tmp_path, llm, chunk_size=1, categories=cats, families=["direct"], prompts_per_item=3, decoding=TWO[:1])
     # item 1: the ask kept, its near-duplicate dropped; item 2 (next chunk): the ask is an exact and its
     # variant a near duplicate of item 1's; each item keeps its own unique prompt
-    assert m["drops"] == {"prompt_duplicate_near": 2, "prompt_duplicate_exact": 1}
+    assert m["dropped_parts"]["attack_prompt"] == {"prompt_duplicate_near": 2, "prompt_duplicate_exact": 1}
     assert m["outputs"]["prompts"] == 3
     # a later run into the same folder (one more family) sees the committed prompts through setup()
     m2 = run(tmp_path, ScriptedLLM(red_team_responder(prompt_for)), categories=cats, families=["direct", "role_play"],
              prompts_per_item=3, decoding=TWO[:1])
     assert m2["outputs"]["prompts"] == 5  # counters add up over both runs
-    assert m2["drops"] == {"prompt_duplicate_near": 4, "prompt_duplicate_exact": 3}
+    assert m2["dropped_parts"]["attack_prompt"] == {"prompt_duplicate_near": 4, "prompt_duplicate_exact": 3}
     texts = [r["prompt"] for r in read_jsonl(tmp_path / "prompts.jsonl")]
     assert len(texts) == len(set(texts)) == 5
 
@@ -287,7 +287,7 @@ def test_end_to_end_tiny_hf_nonsense_completes(tmp_path):
                   "pipeline.decoding=[{name:greedy,temperature:0.0,max_new_tokens:8},{name:hot,temperature:1.0,max_new_tokens:8}]")
     check_outputs(out, m)
     assert m["per_category"] == {"歧视/地域": m["outputs"]["prompts"]}
-    assert m["outputs"]["prompts"] + sum(m["drops"].values()) >= 4  # every attacker sample is a prompt or a drop
+    assert m["outputs"]["prompts"] + sum(m["dropped_parts"].get("attack_prompt", {}).values()) >= 4  # every attacker sample is a prompt or a drop
     answers = read_jsonl(out / "answers.jsonl")
     assert len(answers) == 2 * m["outputs"]["prompts"]
     # nonsense verdicts are parse failures: no verdict, never "safe"

@@ -113,6 +113,18 @@ def test_lock_is_exclusive_in_process_and_a_stale_lock_file_does_not_block(tmp_p
     assert m["status"] == "finished" and m["processed"] == 3
 
 
+def test_train_takes_the_same_lock(tmp_path):
+    from train.app import run as train_run
+
+    out = tmp_path / "dpo"
+    cfg = {"model": {"name_or_path": "builtin:tiny"}, "data": {"path": str(tmp_path / "prefs.jsonl")},
+           "loop": {"name": "preference"}, "output_dir": str(out),
+           "loss": {"name": "dpo", "kind": "pairwise", "needs_reference": True,
+                    "fn": {"_target_": "train.losses.dpo.dpo_loss", "_partial_": True}}}
+    with OutputLock(out), pytest.raises(OutputError, match="in use by another run"):
+        train_run(cfg)
+
+
 def test_a_killed_holder_releases_the_folder(tmp_path):
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", (

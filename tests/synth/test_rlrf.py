@@ -141,7 +141,7 @@ def test_feedback_failures_are_never_scored(tmp_path):
 
     m, rows = run(tmp_path, Scripted(rate), its=items(1))
     assert m["parse_failures"] == {"rlrf_feedback": 1}
-    assert m["drops"] == {"feedback_missing_aspects": 1}
+    assert m["drops"] == {} and m["dropped_parts"] == {"candidate": {"feedback_missing_aspects": 1}}
     # only drafts 1 and 3 were scored (2.0): they are refined; the lowest is an unrefined scored draft
     assert rows[0]["rejected"][0]["content"] in {"a longer draft answer", "draft four, the last"}
     assert "short draft" not in {rows[0]["rejected"][0]["content"], rows[0]["chosen"][0]["content"]}

@@ -86,7 +86,7 @@ def test_exact_rows_one_call_per_stage_and_failed_judgements_never_scored(tmp_pa
     assert row["meta"]["iteration"] == 2 and row["provenance"]["iteration"] == 2 and row["category"] == "L1/L2"
     assert row["method"] == "self_rewarding" and row["meta"]["self_judged"] is True
     assert m["parse_failures"] == {"self_reward_judge": 2 * 4}  # per item: 3 (candidate 3) + 1 (score 9)
-    assert m["drops"] == {"candidate_without_valid_judgement": 2}
+    assert m["drops"] == {} and m["dropped_parts"] == {"candidate": {"candidate_without_valid_judgement": 2}}
     assert m["per_category"] == {"L1/L2": 2}
     stats = m["self_rewarding"]["length"]
     assert stats["chosen_mean_chars"] == len(row["chosen"][0]["content"]) and stats["chosen_longer_rate"] == 1.0
@@ -99,7 +99,8 @@ def test_constant_scores_give_no_pairs(tmp_path):
 
 def test_all_judgements_failing_give_no_pairs(tmp_path):
     m, rows, _ = run(tmp_path, lambda msgs, p, i: "no score here")
-    assert rows == [] and m["drops"] == {"candidate_without_valid_judgement": 8, "fewer_than_2_scored": 2}
+    assert rows == [] and m["drops"] == {"fewer_than_2_scored": 2}
+    assert m["dropped_parts"] == {"candidate": {"candidate_without_valid_judgement": 8}}
 
 
 def test_truncated_candidates_are_not_judged(tmp_path):
@@ -111,7 +112,7 @@ def test_truncated_candidates_are_not_judged(tmp_path):
     m, rows, llm = run(tmp_path, judge, policy_fn=policy)
     assert len(llm.calls[1][0]) == 6  # 3 candidates per prompt judged
     assert rows[0]["meta"]["candidates"][0]["text"].startswith("answer 1")
-    assert m["drops"] == {"truncated_candidate": 2}
+    assert m["drops"] == {} and m["dropped_parts"] == {"candidate": {"truncated_candidate": 2}}
 
 
 def test_new_prompts_self_instruct_with_dedup(tmp_path):
@@ -128,8 +129,9 @@ def test_new_prompts_self_instruct_with_dedup(tmp_path):
     cfg = {"new_prompts": {"enabled": True, "per_seed": 2, "shots": 8}}
     m, rows, llm = run(tmp_path, judge, cfg, items(3), policy_fn=policy)
     prompts = read_jsonl(tmp_path / "prompts.jsonl")
-    assert len(prompts) + m["drops"].get("new_prompt_exact_duplicate", 0) + m["drops"].get("new_prompt_near_duplicate", 0) == 6
-    assert m["drops"]["new_prompt_exact_duplicate"] >= 3
+    dups = m["dropped_parts"]["new_prompt"]
+    assert len(prompts) + dups.get("new_prompt_exact_duplicate", 0) + dups.get("new_prompt_near_duplicate", 0) == 6
+    assert dups["new_prompt_exact_duplicate"] >= 3
     assert all(r["prompt"][0]["content"].startswith("Explain volcano") for r in rows)  # pairs for new prompts only
     assert {r["meta"]["source_meta"]["generated_from"] for r in rows} <= {"s0", "s1", "s2"}
     assert m["outputs"]["prompts"] == len(prompts) and m["parse_failures"] == {}
