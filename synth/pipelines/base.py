@@ -285,7 +285,7 @@ def print_summary(m: dict[str, Any], out_dir: Path) -> None:
         if m.get(key):
             lines.append(f"   {key + ':':<16}" + "  ".join(f"{k}={v}" for k, v in m[key].items()))
     for unit, reasons in (m.get("dropped_parts") or {}).items():
-        lines.append(f"   {unit + 's dropped:':<16}" + "  ".join(f"{k}={v}" for k, v in reasons.items()))
+        lines.append(f"   {'parts dropped:':<16}{unit}: " + "  ".join(f"{k}={v}" for k, v in reasons.items()))
     if m["error"]:
         lines.append(f"   error:          {m['error']}")
     print("\n".join(lines), flush=True)  # stdout: stderr is kept for the one error line
