@@ -50,7 +50,7 @@ class DataConfig(_Strict):
 class LoraConfig(_Strict):
     enabled: bool = False
     r: int = Field(16, ge=1)
-    alpha: float = 32
+    alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"
     modules_to_save: list[str] | None = None
@@ -64,7 +64,7 @@ class OptimConfig(_Strict):
     lr: float = Field(5e-7, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    eps: float = Field(1e-8, gt=0)
     scheduler: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
     warmup_steps: int | None = Field(None, ge=0)
@@ -152,7 +152,7 @@ class TrainConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     log: LogConfig = LogConfig()
     output_dir: str
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     resume: bool = False
     progress: bool = True
 
