@@ -46,6 +46,7 @@ class SynthConfig(BaseModel):
     output_dir: str
     seed: int = Field(0, ge=0)
     chunk_size: int = Field(32, ge=1)
+    chunks_in_flight: int = Field(0, ge=0)  # 0 = auto (see chunks_in_flight())
     cache: bool = True
     resume: bool = True
     progress: bool = True
@@ -177,7 +178,21 @@ def run_config(cfg: SynthConfig, resolved_yaml: str | None = None) -> dict[str, 
     skipped = SkipLog()
     source = iter_source(cfg.source, skipped) if (cfg.source is not None and pipeline.needs_source) else None
     return run_pipeline(pipeline, ctx, out_dir, source, cfg.chunk_size, cfg.resume, cfg.progress,
-                        on_start=lambda: mark_run(out_dir, cfg, resolved_yaml), source_report=skipped.report)
+                        on_start=lambda: mark_run(out_dir, cfg, resolved_yaml), source_report=skipped.report,
+                        chunks_in_flight=chunks_in_flight(cfg))
+
+
+def chunks_in_flight(cfg: SynthConfig) -> int:
+    """0 (auto): 1 for in-process backends (hf, vllm: one batch at a time is all they can use), else enough
+    chunks to keep twice the largest server concurrency of any role busy: ceil(2 * C / chunk_size),
+    at most 64."""
+    if cfg.chunks_in_flight:
+        return cfg.chunks_in_flight
+    llms = [cfg.llm] + [rc.llm for rc in (cfg.judge, cfg.attacker) if rc.llm is not None]
+    conc = [int(llm.get("max_concurrency", 64)) for llm in llms if llm.get("kind") == "openai"]
+    if not conc:
+        return 1
+    return max(1, min(64, -(-2 * max(conc) // cfg.chunk_size)))
 
 
 def run(dcfg) -> dict[str, Any]:

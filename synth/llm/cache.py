@@ -6,7 +6,10 @@ sample index). Dropping `n` from the key is what lets a later call with a larger
 already drawn and ask only for the rest.
 
 On `generate`, every (request, sample index) is looked up; the missing samples go to the inner backend
-in ONE call, then are stored and everything is returned in order. How missing samples are asked for:
+in ONE call, and everything is returned in order. Answers are stored as they arrive when the backend
+reports them one request at a time (`streams_results`, the openai backend): a request that fails for
+good then loses only itself, and a rerun pays only for the requests that never got an answer. Other
+backends' answers are stored when their call returns. How missing samples are asked for:
 - no seed: one sub-request per request with n = number missing; sample indices are filled in order;
 - seed s: one n=1 sub-request per missing sample i, with seed `sample_seed(s, i)` (base.py). Every
   backend draws sample i of a seeded request with exactly that seed, so a cached sample and a freshly
@@ -50,6 +53,7 @@ class CachedLLM:
         self._identity_blob = json.dumps(self.identity, sort_keys=True, default=str)
         self._local = threading.local()
         self._own_stats = CallStats()
+        self._lock = threading.Lock()
         self._conn()  # create the file and schema now: a bad path fails at start-up
 
     def __repr__(self) -> str:
@@ -64,13 +68,23 @@ class CachedLLM:
         plist = as_params_list(params, len(requests))
         keys = [[self.key(req, p, i) for i in range(p.n)] for req, p in zip(requests, plist)]
         found = self._lookup([k for ks in keys for k in ks])
-        self.stats.cache_hits += sum(k in found for ks in keys for k in ks)
+        with self._lock:
+            self.stats.cache_hits += sum(k in found for ks in keys for k in ks)
         sub_requests, sub_params, slots = _plan_missing(requests, plist, keys, found)
         if sub_requests:
-            outs = self.inner.generate(sub_requests, sub_params)
+            stored: dict[str, Completion] = {}  # what arrived and was stored while the call ran
+
+            def keep(r: int, comps: list[Completion]) -> None:
+                stored.update(self._store(dict(zip(slots[r], comps))))
+
+            if getattr(self.inner, "streams_results", False):  # store each answer as it arrives
+                outs = self.inner.generate(sub_requests, sub_params, on_result=keep)
+            else:
+                outs = self.inner.generate(sub_requests, sub_params)
             fresh = {k: c for slot, comps in zip(slots, outs) for k, c in zip(slot, comps)}
             found.update(fresh)
-            found.update(self._store(fresh))
+            found.update(stored)
+            found.update(self._store({k: c for k, c in fresh.items() if k not in stored}))
         return [[found[k] for k in ks] for ks in keys]
 
     def key(self, request: Request, params: SamplingParams, index: int) -> str:

@@ -24,12 +24,14 @@ and lives only inside the transport; it is never in a repr, a log line, an excep
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import os
 import random
+import threading
 import urllib.request
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -114,25 +116,49 @@ class OpenAIBackend:
         self.stats = CallStats()
         self._urls = settings.urls
         self._last_rejection = ""
+        self._loop_thread: _LoopThread | None = None
+        self._sem: asyncio.Semaphore | None = None
+        self._stats_lock = threading.Lock()
 
     def __repr__(self) -> str:  # no key here, ever
         urls = [strip_url_credentials(u) for u in self._urls]
         return f"OpenAIBackend(model={self.model!r}, base_url={urls!r}, max_concurrency={self.settings.max_concurrency})"
 
     # ---- the Protocol ----------------------------------------------------------------------------
-    def generate(self, requests: Sequence[Request], params: SamplingParams | Sequence[SamplingParams]) -> list[list[Completion]]:
+    streams_results = True  # generate(..., on_result=) reports each request's answers as they arrive
+
+    def generate(self, requests: Sequence[Request], params: SamplingParams | Sequence[SamplingParams],
+                 on_result: Callable[[int, list[Completion]], None] | None = None) -> list[list[Completion]]:
+        """All requests concurrently (at most `max_concurrency` in flight over every call running at
+        once, from any thread). `on_result(r, completions)` is called as soon as request r is answered,
+        from the backend's event-loop thread, so the call cache keeps answers that arrive before a
+        later request of the same call fails for good."""
         params_list = as_params_list(params, len(requests))
         jobs = [(r, unit) for r, p in enumerate(params_list) for unit in self._units(p)]
         bodies = [self._body(requests[r], unit) for r, unit in jobs]
-        self.stats.calls += 1
-        self.stats.requests += len(requests)
-        results = _run_sync(self._run_all(bodies, [u.n for _, u in jobs]))
+        with self._stats_lock:
+            self.stats.calls += 1
+            self.stats.requests += len(requests)
+        results = self._loop().run(self._run_all(bodies, jobs, on_result))
         out: list[list[Completion]] = [[] for _ in requests]
         for (r, _), comps in zip(jobs, results):
             out[r].extend(comps)
         self._check_not_all_failed(out)
-        self.stats.add_completions(out)
+        with self._stats_lock:
+            self.stats.add_completions(out)
         return out
+
+    def _loop(self) -> _LoopThread:
+        """The backend's event loop (one per process: a forked child starts its own)."""
+        if self._loop_thread is None or not self._loop_thread.alive():
+            self._loop_thread = _LoopThread()
+            self._sem = None
+        return self._loop_thread
+
+    def close(self) -> None:
+        if self._loop_thread is not None:
+            self._loop_thread.close()
+            self._loop_thread = None
 
     def _units(self, p: SamplingParams) -> list[SamplingParams]:
         """Seeded samples go one per request (seed contract in base.py); else n in one request or k."""
@@ -169,12 +195,26 @@ class OpenAIBackend:
         return {**body, **self.settings.extra_body}
 
     # ---- async core ------------------------------------------------------------------------------
-    async def _run_all(self, bodies: list[dict], ns: list[int]) -> list[list[Completion]]:
+    async def _run_all(self, bodies: list[dict], jobs: list[tuple[int, SamplingParams]],
+                       on_result: Callable[[int, list[Completion]], None] | None) -> list[list[Completion]]:
         endpoints = self._endpoints()
-        sem = asyncio.Semaphore(self.settings.max_concurrency)
+        if self._sem is None:  # shared by every call in flight on this loop: one concurrency bound
+            self._sem = asyncio.Semaphore(self.settings.max_concurrency)
+        sem = self._sem
         bar = _progress(len(bodies), self.settings.progress)
+        results: list[list[Completion] | None] = [None] * len(bodies)
+        units_left = collections.Counter(r for r, _ in jobs)
+
+        async def one(i: int) -> list[Completion]:
+            results[i] = await self._call(endpoints, sem, bodies[i], jobs[i][1].n, bar)
+            r = jobs[i][0]
+            units_left[r] -= 1
+            if on_result is not None and units_left[r] == 0:
+                on_result(r, [c for j, (rj, _) in enumerate(jobs) if rj == r for c in results[j]])
+            return results[i]
+
         try:
-            tasks = [asyncio.ensure_future(self._call(endpoints, sem, b, n, bar)) for b, n in zip(bodies, ns)]
+            tasks = [asyncio.ensure_future(one(i)) for i in range(len(bodies))]
             return await _gather_or_cancel(tasks)
         finally:
             if bar is not None:
@@ -298,14 +338,35 @@ async def _gather_or_cancel(tasks: list[asyncio.Future]) -> list[Any]:
     return [t.result() for t in tasks]
 
 
-def _run_sync(coro: Any) -> Any:
-    """asyncio.run, also from inside a running loop (notebooks, async callers): then in a helper thread."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
+class _LoopThread:
+    """An event loop running in a daemon thread. Every `generate` of one backend runs its requests here,
+    whatever thread calls it (the runner's chunk workers, a notebook with its own running loop), so that
+    one semaphore bounds the requests in flight across all of them."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="openai-backend", daemon=True)
+        self.thread.start()
+
+    def alive(self) -> bool:
+        return self.pid == os.getpid() and self.thread.is_alive()
+
+    def run(self, coro: Any) -> Any:
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result()
+        except BaseException:  # Ctrl-C or a failure: stop this call's requests, not the loop
+            fut.cancel()
+            raise
+
+    def close(self) -> None:
+        if self.alive():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self.loop.shutdown_default_executor(), self.loop).result(10)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
+            self.loop.close()
 
 
 def _progress(total: int, enabled: bool) -> Any:

@@ -17,10 +17,14 @@ crashes), shows a progress bar, and writes `manifest.json` and a one-screen summ
 
 from __future__ import annotations
 
+import itertools
+import queue
 import random
+import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -49,13 +53,15 @@ class Context:
     constitution: Any = None  # synth.constitution.Constitution | None
     seed: int = 0
     _built: dict[str, LLM] = field(default_factory=dict)
+    _lock: threading.RLock = field(default_factory=threading.RLock)  # chunks in flight share the roles
 
     def llm(self, role: str) -> LLM:
-        if role not in self._built:
-            if role not in self.factories:
-                raise KeyError(f"no backend for role {role!r}; configured roles: {sorted(self.factories)}")
-            self._built[role] = self.factories[role]()
-        return self._built[role]
+        with self._lock:  # a role is built once, even when several chunk workers ask at the same time
+            if role not in self._built:
+                if role not in self.factories:
+                    raise KeyError(f"no backend for role {role!r}; configured roles: {sorted(self.factories)}")
+                self._built[role] = self.factories[role]()
+            return self._built[role]
 
     @property
     def language(self) -> str:
@@ -144,6 +150,7 @@ def run_pipeline(
     show_progress: bool = True,
     on_start: Callable[[], None] | None = None,
     source_report: Callable[[], dict[str, Any]] | None = None,
+    chunks_in_flight: int = 1,
 ) -> dict[str, Any]:
     """Run `pipeline` over its inputs in committed chunks; return the manifest (also written).
 
@@ -152,6 +159,11 @@ def run_pipeline(
     writes its run marker and config.yaml there). The manifest is written with status "running" at the
     start and after every committed chunk, so a reader can trust it even after a kill -9.
     `source_report` returns what the source skipped (bad rows), for the manifest.
+
+    `chunks_in_flight` > 1 processes that many chunks at once, in worker threads, so that while one
+    chunk waits at a stage for its slowest request, the others keep the backend's concurrency full (a
+    chunk's stages still run in order, one batched call each). Chunks are committed in input order, so
+    the output files are the same as with one chunk at a time; resume granularity stays one chunk.
     """
     from tqdm.auto import tqdm
 
@@ -183,11 +195,11 @@ def run_pipeline(
         bar = tqdm(total=len(items), initial=resumed, desc=pipeline.cfg.name, unit="item", disable=not show_progress)
         try:
             manifest("running")
-            for chunk in _chunks(todo, chunk_size):
-                state = ChunkState()
-                before = ctx.backend_counters()
-                pipeline.process(chunk, ctx, state)
-                state.counters.update(ctx.backend_counters() - before)
+            seen = ctx.backend_counters()
+            for chunk, state in _processed(pipeline, ctx, _chunks(todo, chunk_size), chunks_in_flight):
+                now = ctx.backend_counters()  # retries etc. since the last commit (chunks overlap)
+                state.counters.update(now - seen)
+                seen = now
                 writer.commit([it.id for it in chunk], {**state.rows, "trace": state.trace}, state.counters)
                 bar.update(len(chunk))
                 manifest("running")
@@ -203,6 +215,67 @@ def run_pipeline(
         bar.close()
     print_summary(m, out_dir)
     return m
+
+
+def _processed(pipeline: Pipeline, ctx: Context, chunks: Iterable[Sequence[SourceItem]], workers: int):
+    """(chunk, its ChunkState) in input order. One worker: each chunk is processed here, in turn. More:
+    up to `2 * workers` chunks are queued for `workers` daemon threads, so a slow chunk at the head does
+    not leave the others idle; a failure is raised when its chunk's turn to commit comes."""
+
+    def work(chunk: Sequence[SourceItem]) -> ChunkState:
+        state = ChunkState()
+        pipeline.process(chunk, ctx, state)
+        return state
+
+    if workers <= 1:
+        for chunk in chunks:
+            yield chunk, work(chunk)
+        return
+    pool, pending, source = _DaemonPool(workers), deque(), iter(chunks)
+    try:
+        for chunk in itertools.islice(source, 2 * workers):
+            pending.append((chunk, pool.submit(work, chunk)))
+        while pending:
+            chunk, future = pending.popleft()
+            state = future.result()
+            nxt = next(source, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(work, nxt)))
+            yield chunk, state
+    finally:
+        for _, future in pending:
+            future.cancel()
+        pool.shutdown()
+
+
+class _DaemonPool:
+    """A minimal thread pool of daemon threads: a Ctrl-C or a failed chunk never waits for the chunks
+    still talking to a server (their answers still reach the call cache; nothing of theirs is committed)."""
+
+    def __init__(self, n: int) -> None:
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.threads = [threading.Thread(target=self._serve, name=f"chunk-worker-{i}", daemon=True) for i in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def _serve(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            future, fn, arg = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(arg))
+            except BaseException as e:  # handed to the committing thread
+                future.set_exception(e)
+
+    def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future:
+        future: Future = Future()
+        self.jobs.put((future, fn, arg))
+        return future
+
+    def shutdown(self) -> None:
+        for _ in self.threads:
+            self.jobs.put(None)
 
 
 def _user_facing(e: BaseException, out_dir: Path, writer: ChunkWriter) -> UserError | None:

@@ -152,11 +152,10 @@ class RedTeamPipeline(Pipeline):
                     state.drop_part("attack_prompt", "attack_truncated" if s.completion.truncated else "attack_empty")
                     continue
                 text, pid = s.judgement.parsed, stable_id(it.id, s.index, s.judgement.parsed)  # type: ignore[union-attr]
-                dup = self.index.check(text)
+                dup = self.index.add_unless_duplicate(pid, text)
                 if dup is not None:
                     state.drop_part("attack_prompt", f"prompt_duplicate_{dup[0]}")
                     continue
-                self.index.add(pid, text)
                 row = {"id": pid, "prompt": text, "category": it.category, "l1": it.meta["l1"], "l2": it.meta["l2"],
                        "attack_family": it.meta["attack_family"], "item_id": it.id, "generator": generator}
                 state.emit("prompts", row)

@@ -107,11 +107,10 @@ class SelfRewardingPipeline(Pipeline):
                 text = smp.judgement.parsed
                 new = SourceItem(id=stable_id(it.id, "self_instruct", smp.index), prompt=[Message(role="user", content=text)],
                                  category=it.category, meta={"generated_from": it.id})
-                dup = self._dedup.check(smp.judgement.parsed)
+                dup = self._dedup.add_unless_duplicate(new.id, smp.judgement.parsed)
                 if dup is not None:
                     state.drop_part("new_prompt", f"new_prompt_{dup[0]}_duplicate")
                     continue
-                self._dedup.add(new.id, smp.judgement.parsed)
                 state.emit("prompts", new)
                 out.append(new)
         return out

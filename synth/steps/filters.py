@@ -9,6 +9,7 @@ Chinese), which is why they are used instead of word n-grams.
 from __future__ import annotations
 
 import re
+import threading
 import unicodedata
 from collections import defaultdict
 
@@ -55,7 +56,8 @@ def has_cjk(text: str) -> bool:
 class NearDuplicateIndex:
     """Exact + near-duplicate index over a growing set of texts.
 
-    `check(text)` returns ("exact" | "near", key of the earlier text) or None; `add(key, text)` inserts.
+    `check(text)` returns ("exact" | "near", key of the earlier text) or None; `add(key, text)` inserts;
+    `add_unless_duplicate(key, text)` does both as one step, safe when chunks run in several threads.
     Candidates come from an inverted index over shingles, so a lookup only scores texts that share at
     least one shingle instead of every text seen so far.
     """
@@ -68,6 +70,7 @@ class NearDuplicateIndex:
         self._exact: dict[str, str] = {}
         self._shingles: dict[str, frozenset[str]] = {}
         self._postings: dict[str, list[str]] = defaultdict(list)
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._shingles)
@@ -94,3 +97,11 @@ class NearDuplicateIndex:
         self._shingles[key] = sh
         for s in sh:
             self._postings[s].append(key)
+
+    def add_unless_duplicate(self, key: str, text: str) -> tuple[str, str] | None:
+        """`check`, then `add` when new, atomically: the duplicate found, or None when `text` was added."""
+        with self._lock:
+            dup = self.check(text)
+            if dup is None:
+                self.add(key, text)
+            return dup

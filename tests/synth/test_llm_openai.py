@@ -108,7 +108,9 @@ def test_permanent_failure_raises_backend_error_quickly(make_openai_server, tran
     assert server.url in msg and "test-model" in msg and "5xx" in msg and "500" in msg
     assert set(llm.stats.errors) == {"5xx"}  # one or more requests failed for good before the rest were cancelled
     time.sleep(0.1)
-    assert server.in_flight == 0 and threading.active_count() <= threads  # nothing left running
+    assert server.in_flight == 0
+    llm.close()  # ends the backend's event-loop thread (and the SDK's resolver threads on it)
+    assert threading.active_count() <= threads  # nothing left running
 
 
 def test_timeouts_are_retried_then_reported(make_openai_server):

@@ -82,9 +82,9 @@ def items(n: int) -> list[SourceItem]:
 @pytest.mark.slow
 def test_two_concurrent_runs_one_is_refused_and_rows_are_exact_once(tmp_path):
     src, out = prompts_file(tmp_path / "p.jsonl", 24), tmp_path / "out"
-    with LoopbackServer(responder=lambda b: "answer", latency_s=0.1) as server:
+    with LoopbackServer(responder=lambda b: "answer", latency_s=0.6) as server:  # the first run lasts ~7 s
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        first = subprocess.Popen(cli_args(server.url, src, out), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+        first = subprocess.Popen(cli_args(server.url, src, out, "chunks_in_flight=1"), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
         while not (out / LEDGER).exists() and first.poll() is None and time.time() < deadline:
@@ -499,7 +499,7 @@ def test_zero_inputs_still_write_every_output_file_and_cache_hits_are_reported(t
 def test_ctrl_c_is_one_line_exit_130_and_the_rerun_completes_exact_once(tmp_path):
     src, out = prompts_file(tmp_path / "p.jsonl", 20), tmp_path / "out"
     with LoopbackServer(responder=lambda b: "answer", latency_s=0.2) as server:
-        proc = subprocess.Popen(cli_args(server.url, src, out), cwd=tmp_path, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(cli_args(server.url, src, out, "chunks_in_flight=1"), cwd=tmp_path, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
         while not (out / LEDGER).exists() and time.time() < deadline:
