@@ -117,7 +117,6 @@ class OpenAIBackend:
         self._urls = settings.urls
         self._last_rejection = ""
         self._loop_thread: _LoopThread | None = None
-        self._sem: asyncio.Semaphore | None = None
         self._stats_lock = threading.Lock()
 
     def __repr__(self) -> str:  # no key here, ever
@@ -149,11 +148,12 @@ class OpenAIBackend:
         return out
 
     def _loop(self) -> _LoopThread:
-        """The backend's event loop (one per process: a forked child starts its own)."""
-        if self._loop_thread is None or not self._loop_thread.alive():
-            self._loop_thread = _LoopThread()
-            self._sem = None
-        return self._loop_thread
+        """The backend's event loop and its semaphore: one per process (a forked child starts its own),
+        created once even when several chunk workers make their first call at the same time."""
+        with self._stats_lock:
+            if self._loop_thread is None or not self._loop_thread.alive():
+                self._loop_thread = _LoopThread(self.settings.max_concurrency)
+            return self._loop_thread
 
     def close(self) -> None:
         if self._loop_thread is not None:
@@ -198,9 +198,7 @@ class OpenAIBackend:
     async def _run_all(self, bodies: list[dict], jobs: list[tuple[int, SamplingParams]],
                        on_result: Callable[[int, list[Completion]], None] | None) -> list[list[Completion]]:
         endpoints = self._endpoints()
-        if self._sem is None:  # shared by every call in flight on this loop: one concurrency bound
-            self._sem = asyncio.Semaphore(self.settings.max_concurrency)
-        sem = self._sem
+        sem = self._loop_thread.sem  # shared by every call in flight on this loop: one concurrency bound
         bar = _progress(len(bodies), self.settings.progress)
         results: list[list[Completion] | None] = [None] * len(bodies)
         units_left = collections.Counter(r for r, _ in jobs)
@@ -343,9 +341,10 @@ class _LoopThread:
     whatever thread calls it (the runner's chunk workers, a notebook with its own running loop), so that
     one semaphore bounds the requests in flight across all of them."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_concurrency: int) -> None:
         self.pid = os.getpid()
         self.loop = asyncio.new_event_loop()
+        self.sem = asyncio.Semaphore(max_concurrency)  # used only on self.loop
         self.thread = threading.Thread(target=self.loop.run_forever, name="openai-backend", daemon=True)
         self.thread.start()
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import random
 import socket
@@ -123,6 +124,7 @@ class LoopbackServer:
         responder: Responder | None = None,
         *,
         latency_s: float = 0.0,
+        jitter_s: float = 0.0,
         fault_rate: float = 0.0,
         fault_kinds: tuple[str, ...] = FAULTS,
         schedule: dict[int, str] | None = None,
@@ -140,6 +142,7 @@ class LoopbackServer:
             raise ValueError(f"unknown fault kinds {sorted(unknown)}; valid: {FAULTS + FATAL_FAULTS}")
         self.responder = responder or default_responder
         self.latency_s, self.fault_rate, self.fault_kinds = latency_s, fault_rate, tuple(fault_kinds)
+        self.jitter_s = jitter_s  # each answer waits latency_s + U(0, jitter_s) (seeded)
         self.schedule, self.fault_fn = dict(schedule or {}), fault_fn
         self.retry_after_s, self.slow_s, self.models = retry_after_s, slow_s, models
         self.host, self.port, self.record_bodies = host, port, record_bodies
@@ -266,7 +269,8 @@ class LoopbackServer:
     def _delay(self, rec: RecordedRequest) -> float:
         if rec.method != "POST":
             return 0.0
-        return self.latency_s + (self.slow_s if rec.fault == "slow" else 0.0)
+        jitter = self._rng.uniform(0, self.jitter_s) if self.jitter_s else 0.0
+        return self.latency_s + jitter + (self.slow_s if rec.fault == "slow" else 0.0)
 
 
 class _Connection(asyncio.Protocol):
@@ -349,12 +353,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0, help="0 = a free port (printed)")
     ap.add_argument("--latency-ms", type=float, default=0.0)
+    ap.add_argument("--jitter-ms", type=float, default=0.0, help="plus uniform 0..jitter per answer")
+    ap.add_argument("--responder", default=None, help="module:function scripting the answers (default: echo)")
     ap.add_argument("--fault-rate", type=float, default=0.0)
     ap.add_argument("--faults", default=",".join(FAULTS), help="comma-separated subset of " + ",".join(FAULTS))
     ap.add_argument("--retry-after-s", type=float, default=1.0)
     ap.add_argument("--model", default="test-model")
     args = ap.parse_args(argv)
-    server = LoopbackServer(latency_s=args.latency_ms / 1000, fault_rate=args.fault_rate,
+    responder = None
+    if args.responder:
+        module, _, fn = args.responder.partition(":")
+        responder = getattr(importlib.import_module(module), fn)
+    server = LoopbackServer(responder=responder, latency_s=args.latency_ms / 1000, jitter_s=args.jitter_ms / 1000,
+                            fault_rate=args.fault_rate,
                             fault_kinds=tuple(k for k in args.faults.split(",") if k),
                             retry_after_s=args.retry_after_s, models=(args.model,), host=args.host,
                             port=args.port, record_bodies=False).start()
