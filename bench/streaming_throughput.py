@@ -38,6 +38,12 @@ PIPELINES: dict[str, tuple[str, list[str]]] = {
 }
 
 
+def plain(body: dict) -> str:
+    """A content-agnostic answer for the distilabel comparison (both sides get the same server)."""
+    last = body["messages"][-1]["content"]
+    return f"A careful, safe reply of {len(last)} characters about: {last[-60:]}"
+
+
 class Server:
     """tests/synth/openai_server.py in a subprocess, answering with a bench's scripted responder."""
 
@@ -142,7 +148,7 @@ def main() -> None:
                 print(f"| {name} | {conc} | {par['requests']} | {rs:.0f} ({rs / ideal:.2f}) | {rp:.0f} ({rp / ideal:.2f}) | "
                       f"{rp / rs:.2f}x | {seq['cpu_ms_per_request']:.2f} / {par['cpu_ms_per_request']:.2f} |", flush=True)
     if args.distilabel:
-        with Server(SAFETY, args.latency_ms, args.jitter_ms) as server:
+        with Server("bench.streaming_throughput:plain", args.latency_ms, args.jitter_ms) as server:
             conc = args.concurrency[0]
             dl = run_distilabel(args.distilabel, server.url, args.rows, conc)
             ours = run_synth(server.url, out / "cai-vs-distilabel", PIPELINES["critique_revision"][1], args.rows, conc, 0)
