@@ -41,7 +41,9 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float | None, float | None, 
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return p, max(0.0, centre - half), min(1.0, centre + half)
+    lo = 0.0 if k == 0 else max(0.0, centre - half)  # exact bounds at 0/n and n/n (no rounding drift)
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return p, lo, hi
 
 
 def cluster_bootstrap(
