@@ -125,11 +125,23 @@ def headline(m: dict[str, Any]) -> dict[str, Any]:
 
 def write_plots(folder: Path, summary: dict[str, Any], rows: list[dict]) -> list[str]:
     """PNG files: safety vs over-refusal (one point per round), per-category harmful rate, lengths."""
+    import warnings
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    with warnings.catch_warnings():  # category names are Chinese; without a CJK font they draw as boxes
+        warnings.filterwarnings("ignore", message="Glyph .* missing")
+        with plt.rc_context({"font.sans-serif": [*_CJK_FONTS, *plt.rcParams["font.sans-serif"]]}):
+            return _plots(folder, summary, rows, plt)
+
+
+_CJK_FONTS = ["Noto Sans CJK SC", "Noto Sans SC", "WenQuanYi Micro Hei", "SimHei", "Microsoft YaHei", "PingFang SC"]
+
+
+def _plots(folder: Path, summary: dict[str, Any], rows: list[dict], plt) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     pts = [p for p in summary["rounds"] if p["harm"] is not None or p["over_refusal"] is not None]
