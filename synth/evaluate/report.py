@@ -66,6 +66,8 @@ def write_outputs(out_dir: Path, cfg) -> dict[str, Any]:
         warnings.append("fewer than 200 judged pairs: the length-controlled win rate is a rough estimate")
     if _v(m, "scores", "kl_negative_mean_k1"):
         warnings.append("mean k1 < 0: generation settings do not sample the policy (temperature/top_p/template?)")
+    if cfg.scores.reference and not _v(m, "scores", "kl_k1"):
+        warnings.append("KL to the reference was skipped: it needs policy samples at sampling.temperature=1.0, top_p=1.0, top_k=null")
     small = [c for c, t in (_v(m, "harm", "by_category") or {}).items() if 0 < t.get("n", 0) < SMALL_CELL]
     if small:
         warnings.append(f"{len(small)} categories have fewer than {SMALL_CELL} labelled answers: descriptive only")
