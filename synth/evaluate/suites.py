@@ -160,16 +160,29 @@ def _jade(cfg: SuiteConfig, info: dict) -> Iterator[SourceItem]:
 
 def _hh(cfg: SuiteConfig, info: dict) -> Iterator[SourceItem]:
     """hh-rlhf harmless-base test: the first human turn of each red-team dialogue (held out from the
-    train split that preference training uses)."""
-    from synth.sources import SourceConfig, iter_source
+    train split that preference training reads). Only the first turn is used, so rows whose chosen and
+    rejected histories differ later on are fine here."""
+    from synth.sources import iter_json_rows, parse_hh_dialogue
 
     raw = [cfg.path] if isinstance(cfg.path, str) else list(cfg.path)
+    seen: set[str] = set()
     for p in raw:
-        src = SourceConfig(kind="hh_rlhf", path=str(resolve_path(p)) if Path(resolve_path(p)).exists() else p,
-                           split=cfg.split, data_dir=cfg.data_dir, turns="first")
-        seen: set[str] = set()
-        for it in iter_source(src):
-            text = it.prompt_text
+        path = resolve_path(p)
+        if path.exists():
+            rows = iter_json_rows(path)
+        else:  # the hub copy, e.g. Anthropic/hh-rlhf (data_dir harmless-base, split test)
+            try:
+                import datasets
+
+                rows = enumerate(datasets.load_dataset(p, data_dir=cfg.data_dir, split=cfg.split), 1)
+            except Exception as e:
+                raise SourceError(f"suite={cfg.name}: {p} is not a local file and loading it from the hub failed "
+                                  f"({type(e).__name__}); set suite.path=<local .jsonl(.gz)>") from None
+        for line, row in rows:
+            try:
+                text = parse_hh_dialogue(row["chosen"])[0].content
+            except (KeyError, ValueError, IndexError):
+                raise SourceError(f"suite={cfg.name}: {p}:{line}: not an hh-rlhf dialogue in 'chosen'") from None
             if text in seen:  # many dialogues open with the same request
                 info["dropped"]["duplicate_prompt"] = info["dropped"].get("duplicate_prompt", 0) + 1
                 continue
