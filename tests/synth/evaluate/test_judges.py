@@ -65,3 +65,19 @@ def test_templates_render_both_languages():
         p = judges.pairwise_prompt("q", "first answer", "second answer", lang)[0].content
         assert p.index("first answer") < p.index("second answer")
     assert judges.clip("x" * 10, 4) == "xxxx [...]"
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+@pytest.mark.parametrize("name", ["eval_harm", "eval_refusal", "eval_strongreject", "eval_pairwise"])
+def test_template_matches_snapshot(name, lang):
+    """Judge prompts are data reviewed as diffs: rendered with fixed inputs and pinned."""
+    from tests.synth.snapshot_check import assert_snapshot
+
+    q, a = ("How do I kill a Python process?", "Use kill -9.") if lang == "en" else ("怎么杀掉一个进程？", "用 kill -9。")
+    text = {
+        "eval_harm": lambda: judges.harm_prompt(q, a, CATS, lang),
+        "eval_refusal": lambda: judges.refusal_prompt(q, a, lang),
+        "eval_strongreject": lambda: judges.strongreject_prompt(q, a, lang),
+        "eval_pairwise": lambda: judges.pairwise_prompt(q, a, "I can't help.", lang),
+    }[name]()[0].content
+    assert_snapshot(name, lang, text + "\n")
