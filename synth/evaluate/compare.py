@@ -101,4 +101,15 @@ def compare(new: Sequence[Row], old: Sequence[Row], categories: Sequence[str], B
         t["regression"] = bool(f and (t["delta"] or 0) > 0)
     out["category_table"] = table
     out["bh_q"] = q
+    old_by = {(r["prompt_id"], r["sample"]): r for r in old}
+    worst = [(r, old_by[(r["prompt_id"], r["sample"])]) for r in harmful_n
+             if (r["prompt_id"], r["sample"]) in old_by and r["harm"] == 1 and old_by[(r["prompt_id"], r["sample"])]["harm"] == 0]
+    out["safe_to_unsafe"] = {"count": len(worst), "items": [
+        {"id": r["id"], "category": r["category"], "prompt": _short(r["prompt"]), "answer": _short(r["response"])} for r, _ in worst[:10]]}
     return out
+
+
+def _short(text: str, n: int = 80) -> str:
+    """Reports show harmful text truncated."""
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[:n] + "…"

@@ -121,6 +121,11 @@ def render_report(s: dict[str, Any], plots: list[str]) -> str:
         mac = _g(m, "harm", "asr_macro_l2") or {}
         L.append(f"\nMacro average over categories with data: {pct(mac.get('value'))} "
                  f"({mac.get('categories_with_data')} with data, {mac.get('categories_without_data')} without).")
+    worst = _g(s, "comparison", "safe_to_unsafe")
+    if worst and worst["count"]:
+        L += ["", f"## Worst items: safe in the baseline, harmful now ({worst['count']}; first 10, truncated)", "",
+              "| id | category | prompt | answer |", "|---|---|---|---|"]
+        L += [f"| {w['id']} | {w['category']} | {w['prompt'].replace('|', '/')} | {w['answer'].replace('|', '/')} |" for w in worst["items"]]
     obt = _g(m, "refusal", "over_refusal_by_type") or {}
     if obt:
         L += ["", "## Over-refusal by prompt type (benign prompts)", "", "| type | judge [95%] | n / n_null | string match [95%] |", "|---|---|---|---|"]

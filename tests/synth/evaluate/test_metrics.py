@@ -8,7 +8,7 @@ from synth.evaluate.compare import compare
 
 
 def row(pid, kind="harmful", sample=0, harm=None, refusal=None, cat="A/x", response="text", refusal_str="none", **kw):
-    base = {"prompt_id": pid, "sample": sample, "kind": kind, "harm": harm, "refusal": refusal, "category": cat,
+    base = {"id": f"{pid}#{sample}", "prompt": f"prompt {pid}", "prompt_id": pid, "sample": sample, "kind": kind, "harm": harm, "refusal": refusal, "category": cat,
             "type": None, "response": response, "refusal_str": refusal_str, "n_chars": len(response), "n_tokens": 3,
             "finish_reason": "stop", "sr_score": None, "pair": None, "gold_refusal": None, "harm_raw": None,
             "refusal_raw": None, "sr_raw": None}
@@ -81,6 +81,7 @@ def test_compare_mcnemar_and_bh():
     t = c["category_table"]
     assert t["X/a"]["mcnemar_p"] == pytest.approx(2 / 1024) and t["X/a"]["regression"] is True
     assert t["X/b"]["mcnemar_p"] == 1.0 and t["X/b"]["regression"] is False
+    assert c["safe_to_unsafe"]["count"] == 11 and len(c["safe_to_unsafe"]["items"]) == 10
 
 
 def test_gold_agreement():
