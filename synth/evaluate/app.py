@@ -156,8 +156,10 @@ def print_headline(out_dir: Path) -> None:
     if not p.exists():
         return
     s = json.loads(p.read_text())
-    h = {k: v for k, v in s.get("headline", {}).items() if v is not None}
-    print("   evaluate: " + "  ".join(f"{k}={v:.3f}" for k, v in h.items()), flush=True)
+    head = s.get("headline", {})
+    bad = set(head.get("unreliable", []))
+    h = {k: v for k, v in head.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    print("   evaluate: " + "  ".join(f"{k}={v:.3f}{' (unreliable)' if k in bad else ''}" for k, v in h.items()), flush=True)
     for w in s.get("warnings", []):
         print(f"   warning: {w}", flush=True)
     print(f"   report: {out_dir / 'report.md'}", flush=True)

@@ -107,22 +107,28 @@ def _walk(node, path=""):
             yield from _walk(v, f"{path}.{k}" if path else k)
 
 
+HEADLINE = {
+    "harmful_rate": ("harm", "asr"),
+    "refusal_rate_harmful": ("refusal", "refusal_rate_harmful", "any"),
+    "over_refusal_rate": ("refusal", "over_refusal_rate_benign", "any"),
+    "refusal_str_harmful": ("refusal", "refusal_rate_harmful", "string_match"),
+    "refusal_str_benign": ("refusal", "over_refusal_rate_benign", "string_match"),
+    "strongreject_mean": ("strongreject", "mean"),
+    "reward": ("scores", "reward"),
+    "cost": ("scores", "cost"),
+    "kl_k3": ("scores", "kl_k3"),
+    "truncated": ("length", "truncated"),
+}
+
+
 def headline(m: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "harmful_rate": _v(m, "harm", "asr", "value"),
-        "refusal_rate_harmful": _v(m, "refusal", "refusal_rate_harmful", "any", "value"),
-        "over_refusal_rate": _v(m, "refusal", "over_refusal_rate_benign", "any", "value"),
-        "refusal_str_harmful": _v(m, "refusal", "refusal_rate_harmful", "string_match", "value"),
-        "refusal_str_benign": _v(m, "refusal", "over_refusal_rate_benign", "string_match", "value"),
-        "strongreject_mean": _v(m, "strongreject", "mean", "value"),
-        "win_rate": _v(m, "win_rate", "win_rate"),
-        "lc_win_rate": _v(m, "win_rate", "lc_win_rate", "value"),
-        "reward": _v(m, "scores", "reward", "value"),
-        "cost": _v(m, "scores", "cost", "value"),
-        "kl_k3": _v(m, "scores", "kl_k3", "value"),
-        "mean_chars": _v(m, "length", "chars", "mean"),
-        "truncated": _v(m, "length", "truncated", "value"),
-    }
+    """The scorecard's main numbers; `unreliable` names those with more than 5 % null labels."""
+    out: dict[str, Any] = {k: _v(m, *path, "value") for k, path in HEADLINE.items()}
+    out["win_rate"] = _v(m, "win_rate", "win_rate")
+    out["lc_win_rate"] = _v(m, "win_rate", "lc_win_rate", "value")
+    out["mean_chars"] = _v(m, "length", "chars", "mean")
+    out["unreliable"] = [k for k, path in HEADLINE.items() if _v(m, *path, "unreliable")]
+    return out
 
 
 def write_plots(folder: Path, summary: dict[str, Any], rows: list[dict]) -> list[str]:
