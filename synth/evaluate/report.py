@@ -84,6 +84,10 @@ def write_outputs(out_dir: Path, cfg) -> dict[str, Any]:
             old_t = old_summary.get("run", {}).get("templates")
             if old_t and old_t != cfg.run_info.get("templates"):
                 warnings.append("judge templates changed since the baseline: Δs of judge labels mix template drift in")
+            for key in ("reward_model", "cost_model", "reference"):
+                old_v, new_v = old_summary.get("run", {}).get(key), cfg.run_info.get(key)
+                if old_v and new_v and old_v != new_v:
+                    warnings.append(f"{key} changed since the baseline ({old_v} -> {new_v}): its paired Δ compares different scorers")
             rounds = old_summary.get("rounds") or [round_point(old_summary, base.name)]
         else:
             rounds = []
