@@ -45,3 +45,6 @@ def test_wheel_contains_configs_constitutions_and_templates(tmp_path):
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry).decode()
     assert "synth = synth.__main__:main" in text and "train = train.__main__:main" in text
+    assert "evaluate = synth.evaluate.__main__:main" in text
+    data = {p.relative_to(REPO).as_posix() for p in (REPO / "synth" / "evaluate" / "data").rglob("*") if p.is_file()}
+    assert data and data <= names  # suites' prompt files and licences ship
