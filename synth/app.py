@@ -17,7 +17,7 @@ from synth.errors import ConfigError
 from synth.io import check_output_dir, write_text_atomic
 from synth.llm import check_llm
 from synth.secrets import redact_config
-from synth.sources import SkipLog, SourceConfig, iter_source
+from synth.sources import SkipLog, SourceConfig, SourceStream
 
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -176,7 +176,7 @@ def run_config(cfg: SynthConfig, resolved_yaml: str | None = None) -> dict[str, 
     check_resumable(out_dir, cfg)
     ctx = make_context(cfg, out_dir)
     skipped = SkipLog()
-    source = iter_source(cfg.source, skipped) if (cfg.source is not None and pipeline.needs_source) else None
+    source = SourceStream(cfg.source, skipped) if (cfg.source is not None and pipeline.needs_source) else None
     return run_pipeline(pipeline, ctx, out_dir, source, cfg.chunk_size, cfg.resume, cfg.progress,
                         on_start=lambda: mark_run(out_dir, cfg, resolved_yaml), source_report=skipped.report,
                         chunks_in_flight=chunks_in_flight(cfg))

@@ -259,6 +259,18 @@ def iter_source(cfg: SourceConfig, skipped: SkipLog | None = None) -> Iterator[S
         raise SourceError(f"{cfg.path}: no usable input ({why})")
 
 
+class SourceStream:
+    """A source that can be read more than once, lazily each time (the runner validates every row in a
+    first pass, then reads chunk by chunk). Skipped rows are logged on the first pass only."""
+
+    def __init__(self, cfg: SourceConfig, skipped: SkipLog | None = None) -> None:
+        self.cfg, self.skipped, self._passes = cfg, skipped if skipped is not None else SkipLog(), 0
+
+    def __iter__(self) -> Iterator[SourceItem]:
+        self._passes += 1
+        return iter_source(self.cfg, self.skipped if self._passes == 1 else SkipLog())
+
+
 def _reason(e: Exception) -> str:
     return f"missing field {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
 

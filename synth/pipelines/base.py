@@ -23,7 +23,7 @@ import random
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,9 +135,10 @@ class Pipeline:
         return {}
 
 
-def _chunks(items: Sequence[SourceItem], size: int):
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+def _chunks(items: Iterable[SourceItem], size: int):
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
 
 
 def run_pipeline(
@@ -172,18 +173,24 @@ def run_pipeline(
     start = time.time()
     out_dir = Path(out_dir)
     with OutputLock(out_dir):
-        items, duplicates = _unique(pipeline.items(ctx, source))  # a bad input fails here, before any reset
+        if isinstance(source, Iterator):  # a one-shot iterator (a generator): keep what it yields
+            source = list(source)
+        ids, duplicates = _scan(pipeline.items(ctx, source))  # a bad input fails here, before any reset
+        n_items = len(ids)
         if on_start is not None:
             on_start()
         writer = ChunkWriter(out_dir, pipeline.outputs, resume=resume)
         writer.touch_outputs()
-        todo = [it for it in items if it.id not in writer.done_ids]
-        resumed = len(items) - len(todo)
+        done_before = set(writer.done_ids)
+        resumed = len(ids & done_before)
+        del ids
+        # the second pass reads the inputs lazily, one chunk ahead of the workers: memory stays bounded
+        todo = (it for it in _unique(pipeline.items(ctx, source)) if it.id not in done_before)
         pipeline.setup(ctx, writer)
 
         def manifest(status: str, error: str | None = None, extra: dict[str, Any] | None = None,
                      must_write: bool = True) -> dict[str, Any]:
-            m = build_manifest(pipeline, writer, len(items), resumed, duplicates, time.time() - start, status, error,
+            m = build_manifest(pipeline, writer, n_items, resumed, duplicates, time.time() - start, status, error,
                                {**(source_report() if source_report else {}), **(extra or {})})
             try:
                 write_json_atomic(out_dir / "manifest.json", m)
@@ -192,7 +199,7 @@ def run_pipeline(
                     raise
             return m
 
-        bar = tqdm(total=len(items), initial=resumed, desc=pipeline.cfg.name, unit="item", disable=not show_progress)
+        bar = tqdm(total=n_items, initial=resumed, desc=pipeline.cfg.name, unit="item", disable=not show_progress)
         try:
             manifest("running")
             seen = ctx.backend_counters()
@@ -297,16 +304,24 @@ def _record_failure(manifest: Callable[..., dict[str, Any]], status: str, e: Bas
     print_summary(m, out_dir)
 
 
-def _unique(items: Iterable[SourceItem]) -> tuple[list[SourceItem], int]:
-    seen: set[str] = set()
-    out, dups = [], 0
+def _scan(items: Iterable[SourceItem]) -> tuple[set[str], int]:
+    """First pass over the inputs: their ids and how many repeat an earlier id (nothing else is kept)."""
+    ids: set[str] = set()
+    dups = 0
     for it in items:
-        if it.id in seen:
+        if it.id in ids:
             dups += 1
-            continue
-        seen.add(it.id)
-        out.append(it)
-    return out, dups
+        ids.add(it.id)
+    return ids, dups
+
+
+def _unique(items: Iterable[SourceItem]) -> Iterable[SourceItem]:
+    """The inputs, each id once (the first), lazily."""
+    seen: set[str] = set()
+    for it in items:
+        if it.id not in seen:
+            seen.add(it.id)
+            yield it
 
 
 def build_manifest(pipeline, writer: ChunkWriter, n_inputs, resumed, duplicates, wall, status, error, extra) -> dict[str, Any]:

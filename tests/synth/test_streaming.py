@@ -161,3 +161,32 @@ def test_kill_9_with_overlapping_chunks_of_a_three_stage_pipeline_is_exact_once(
     m = json.loads((out / "manifest.json").read_text())
     assert m["status"] == "finished" and m["processed"] == n
     assert m["outputs"]["sft"] + sum(m["drops"].values()) == n
+
+
+def test_inputs_are_read_lazily_a_few_chunks_ahead_of_the_workers(tmp_path):
+    class CountingSource:
+        """Re-iterable; records how many items the current pass has yielded."""
+
+        def __init__(self, n):
+            self.n, self.passes, self.read = n, 0, 0
+
+        def __iter__(self):
+            self.passes += 1
+            self.read = 0
+            for i in range(self.n):
+                self.read += 1
+                yield SourceItem(id=f"id{i}", prompt=messages(("user", f"question {i}")))
+
+    src = CountingSource(2_000)
+    read_at_first_chunk = []
+
+    def respond(msgs, p, i):
+        if not read_at_first_chunk:
+            read_at_first_chunk.append(src.read)
+        return "ok"
+
+    ctx = Context(factories={"policy": lambda: ScriptedLLM(respond)})
+    m = run_pipeline(GeneratePipeline(GenerateConfig()), ctx, tmp_path, src, chunk_size=10, show_progress=False,
+                     chunks_in_flight=2)
+    assert m["processed"] == 2_000 and src.passes == 2  # one validating pass, one lazy pass
+    assert read_at_first_chunk[0] <= 10 * (2 * 2 + 1)  # not 2,000: only the queued chunks were read
