@@ -21,7 +21,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +134,7 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="streaming-bench-"))
     print(f"{args.rows} hh-rlhf rows (red_team: 33 x 5 taxonomy items); server latency {args.latency_ms:g} ms + "
           f"U(0, {args.jitter_ms:g}) ms; ideal = C / {mean_latency:.2f} s\n")
-    print(f"| pipeline | C | requests | one chunk at a time: req/s (of ideal) | chunks in flight: req/s (of ideal) | speed-up | client CPU ms/req before / after |")
+    print("| pipeline | C | requests | one chunk at a time: req/s (of ideal) | chunks in flight: req/s (of ideal) | speed-up | client CPU ms/req before / after |")
     print("|---|---|---|---|---|---|---|")
     for name in args.pipelines:
         responder, overrides = PIPELINES[name]

@@ -197,16 +197,21 @@ def chunks_in_flight(cfg: SynthConfig) -> int:
 
 def run(dcfg) -> dict[str, Any]:
     """Entry from Hydra (a DictConfig) or from code (a plain dict)."""
+    raw, resolved = plain_config(dcfg)
+    return run_config(validate(raw), resolved)
+
+
+def plain_config(dcfg) -> tuple[dict[str, Any], str]:
+    """What every entry point (synth, train, evaluate) starts with: a Hydra DictConfig (its required
+    values checked) or a plain dict -> (the plain dict, the redacted YAML to save beside the outputs)."""
     from omegaconf import DictConfig, OmegaConf
 
     if isinstance(dcfg, DictConfig):
-        raw = OmegaConf.to_container(dcfg, resolve=True, throw_on_missing=False)
         check_missing(dcfg)
+        raw = OmegaConf.to_container(dcfg, resolve=True, throw_on_missing=False)
     else:
         raw = dict(dcfg)
-    cfg = validate(raw)
-    resolved = OmegaConf.to_yaml(OmegaConf.create(redact(raw)))
-    return run_config(cfg, resolved)
+    return raw, OmegaConf.to_yaml(OmegaConf.create(redact(raw)))
 
 
 def check_missing(dcfg) -> None:

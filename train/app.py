@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from synth.app import ConfigError, check_missing, one_line, redact
+from synth.app import ConfigError, one_line, plain_config
 from synth.io import OutputLock
 
 
@@ -213,13 +213,5 @@ def run_config(cfg: TrainConfig, resolved_yaml: str | None = None) -> dict[str, 
 
 def run(dcfg) -> dict[str, Any]:
     """Entry from Hydra (a DictConfig) or from code (a plain dict)."""
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(dcfg, DictConfig):
-        check_missing(dcfg)
-        raw = OmegaConf.to_container(dcfg, resolve=True, throw_on_missing=False)
-    else:
-        raw = dict(dcfg)
-    cfg = validate(raw)
-    resolved = OmegaConf.to_yaml(OmegaConf.create(redact(raw)))
-    return run_config(cfg, resolved)
+    raw, resolved = plain_config(dcfg)
+    return run_config(validate(raw), resolved)

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from synth.app import ModelConfig, RoleConfig, check_missing, one_line, redact
+from synth.app import ModelConfig, RoleConfig, one_line, plain_config
 from synth.errors import ConfigError
 from synth.evaluate.pipeline import EvaluatePipeline, EvaluatePipelineConfig, JudgeSettings, ScoreSettings, prefix_version
 from synth.evaluate.suites import SuiteConfig, load_suite
@@ -167,13 +167,5 @@ def print_headline(out_dir: Path) -> None:
 
 def run(dcfg) -> dict[str, Any]:
     """Entry from Hydra (a DictConfig) or from code (a plain dict)."""
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(dcfg, DictConfig):
-        check_missing(dcfg)
-        raw = OmegaConf.to_container(dcfg, resolve=True, throw_on_missing=False)
-    else:
-        raw = dict(dcfg)
-    cfg = validate(raw)
-    resolved = OmegaConf.to_yaml(OmegaConf.create(redact(raw)))
-    return run_config(cfg, resolved)
+    raw, resolved = plain_config(dcfg)
+    return run_config(validate(raw), resolved)
