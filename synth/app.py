@@ -19,6 +19,7 @@ from synth.llm import check_llm
 from synth.secrets import redact_config
 from synth.sources import SkipLog, SourceConfig, SourceStream
 
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name_or_path: str

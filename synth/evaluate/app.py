@@ -17,10 +17,16 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from synth.app import ModelConfig, RoleConfig, one_line, plain_config
 from synth.errors import ConfigError
-from synth.evaluate.pipeline import EvaluatePipeline, EvaluatePipelineConfig, JudgeSettings, ScoreSettings, prefix_version
+from synth.evaluate.pipeline import (
+    EvaluatePipeline,
+    EvaluatePipelineConfig,
+    JudgeSettings,
+    ScoreSettings,
+    prefix_version,
+)
 from synth.evaluate.suites import SuiteConfig, load_suite
 from synth.io import write_text_atomic
-from synth.pipelines.generate import Sampling
+from synth.runtime import Sampling
 
 
 class EvaluateConfig(BaseModel):
@@ -85,7 +91,7 @@ def taxonomy_categories(name: str | None) -> list[str]:
 
 def make_context(cfg: EvaluateConfig, out_dir: Path):
     from synth.llm import build_llm
-    from synth.pipelines.base import Context
+    from synth.runtime import Context
 
     cache = out_dir / "cache.sqlite" if cfg.cache else None
     ctx = Context(factories={}, seed=cfg.seed)

@@ -21,8 +21,8 @@ from synth.evaluate.refusal import is_refusal, prefixes
 from synth.evaluate.stats import pairwise_outcome, strongreject_score
 from synth.io import read_jsonl
 from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
-from synth.pipelines.generate import Sampling
 from synth.records import SourceItem
+from synth.runtime import Sampling
 from synth.steps.base import Call, run_calls
 
 

@@ -37,7 +37,13 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from synth.llm._http import FatalHTTP, LeanEndpoint, Retryable, SDKEndpoint, classify_status
+from synth.llm._http import (
+    FatalHTTP,
+    LeanEndpoint,
+    Retryable,
+    SDKEndpoint,
+    classify_status,
+)
 from synth.llm.base import (
     BackendError,
     CallStats,

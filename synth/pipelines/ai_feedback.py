@@ -25,9 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from synth.io import read_jsonl
 from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
-from synth.pipelines.generate import Sampling
 from synth.prompts import template_ref
 from synth.records import Message, PreferenceRecord, Provenance, SourceItem, stable_id
+from synth.runtime import Sampling
 from synth.steps import compare
 from synth.steps.base import Call, assistant, run_calls
 from synth.steps.filters import near_identical

@@ -19,22 +19,26 @@ from __future__ import annotations
 
 import itertools
 import queue
-import random
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
 from synth.errors import ConfigError, UserError
-from synth.io import ChunkWriter, OutputLock, disk_full_error, is_disk_full, write_json_atomic
-from synth.llm.base import LLM
+from synth.io import (
+    ChunkWriter,
+    OutputLock,
+    disk_full_error,
+    is_disk_full,
+    write_json_atomic,
+)
 from synth.records import SourceItem
+from synth.runtime import ChunkState, Context  # noqa: F401 - re-exported for pipelines
 from synth.secrets import scrub
 
 
@@ -43,71 +47,6 @@ class PipelineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str
-
-
-@dataclass
-class Context:
-    """What a pipeline may use: lazily built role backends, the constitution, the run seed."""
-
-    factories: dict[str, Callable[[], LLM]]
-    constitution: Any = None  # synth.constitution.Constitution | None
-    seed: int = 0
-    _built: dict[str, LLM] = field(default_factory=dict)
-    _lock: threading.RLock = field(default_factory=threading.RLock)  # chunks in flight share the roles
-
-    def llm(self, role: str) -> LLM:
-        with self._lock:  # a role is built once, even when several chunk workers ask at the same time
-            if role not in self._built:
-                if role not in self.factories:
-                    raise KeyError(f"no backend for role {role!r}; configured roles: {sorted(self.factories)}")
-                self._built[role] = self.factories[role]()
-            return self._built[role]
-
-    @property
-    def language(self) -> str:
-        return getattr(self.constitution, "language", "en") if self.constitution is not None else "en"
-
-    def rng(self, *salt: Any) -> random.Random:
-        """A deterministic RNG for one item/step: resumes and reruns draw the same principles."""
-        return random.Random(f"{self.seed}|" + "|".join(map(str, salt)))
-
-    def backend_counters(self) -> Counter[str]:
-        out: Counter[str] = Counter()
-        seen: set[int] = set()
-        for role, llm in self._built.items():
-            if id(llm) in seen:  # the judge may be the policy backend itself; count it once
-                continue
-            seen.add(id(llm))
-            stats = getattr(llm, "stats", None)
-            if stats is not None:
-                out[f"retries/{role}"] += getattr(stats, "retries", 0)
-                out[f"cache_hits/{role}"] += getattr(stats, "cache_hits", 0)
-        return out
-
-
-@dataclass
-class ChunkState:
-    """Rows, trace and counters produced by one chunk; committed together."""
-
-    rows: dict[str, list[Any]] = field(default_factory=dict)
-    trace: list[dict[str, Any]] = field(default_factory=list)
-    counters: Counter[str] = field(default_factory=Counter)
-
-    def emit(self, output: str, row: Any) -> None:
-        self.rows.setdefault(output, []).append(row)
-        self.counters[f"out/{output}"] += 1
-
-    def drop(self, reason: str, n: int = 1) -> None:
-        """An input item that yields no row, for `reason` (manifest "drops": counts of items)."""
-        self.counters[f"drop/{reason}"] += n
-
-    def drop_part(self, unit: str, reason: str, n: int = 1) -> None:
-        """A part of an item left out (a candidate, a pair, an attack prompt...) while the item may still
-        yield rows (manifest "dropped_parts": counts per unit, never added to the item drops)."""
-        self.counters[f"drop_part/{unit}/{reason}"] += n
-
-    def count(self, key: str, n: int = 1) -> None:
-        self.counters[key] += n
 
 
 class Pipeline:

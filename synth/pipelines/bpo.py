@@ -24,7 +24,7 @@ from pydantic import Field
 
 from synth.io import ChunkWriter
 from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
-from synth.pipelines.generate import Sampling
+from synth.runtime import Sampling
 from synth.prompts import template_ref
 from synth.records import Message, Provenance, SFTRecord, SourceItem, stable_id
 from synth.steps.base import Call, assistant, run_calls

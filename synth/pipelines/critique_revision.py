@@ -29,9 +29,16 @@ from pydantic import Field
 
 from synth.llm.base import SamplingParams
 from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
-from synth.pipelines.generate import Sampling
 from synth.prompts import template_ref
-from synth.records import Message, PreferenceRecord, Provenance, SFTRecord, SourceItem, stable_id
+from synth.records import (
+    Message,
+    PreferenceRecord,
+    Provenance,
+    SFTRecord,
+    SourceItem,
+    stable_id,
+)
+from synth.runtime import Sampling
 from synth.sources import SourceConfig, iter_source
 from synth.steps import critique as critique_step
 from synth.steps import revision as revision_step

@@ -7,30 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from synth.llm.base import SamplingParams
-from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
+from synth.pipelines.base import Pipeline, PipelineConfig
 from synth.records import GenerationRecord, Provenance, SourceItem
+from synth.runtime import ChunkState, Context, Sampling  # noqa: F401 - Sampling re-exported for pipelines
 from synth.steps.base import Call, run_calls
-
-
-class Sampling(BaseModel):
-    """Sampling settings as they appear in pipeline configs."""
-
-    model_config = ConfigDict(extra="forbid")
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1)
-    max_new_tokens: int = Field(256, ge=1)
-    seed: int | None = Field(None, ge=0)
-    stop: list[str] = []
-
-    def params(self, n: int = 1, **kw) -> SamplingParams:
-        return SamplingParams(
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, max_new_tokens=self.max_new_tokens,
-            n=n, seed=self.seed, stop=tuple(self.stop), **kw,
-        )
 
 
 class GenerateConfig(PipelineConfig):

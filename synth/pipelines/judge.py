@@ -24,11 +24,24 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from synth.io import ChunkWriter, read_jsonl
 from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
-from synth.pipelines.generate import Sampling
 from synth.prompts import template_ref
 from synth.ranking import Battle, plot_ratings, position_bias, rate_pairwise
-from synth.records import Message, PreferenceRecord, Provenance, RankedRecord, SourceItem, stable_id
-from synth.steps.candidates import Candidate, CandidateSpec, data_candidates, register_candidates, sample_candidates
+from synth.records import (
+    Message,
+    PreferenceRecord,
+    Provenance,
+    RankedRecord,
+    SourceItem,
+    stable_id,
+)
+from synth.runtime import Sampling
+from synth.steps.candidates import (
+    Candidate,
+    CandidateSpec,
+    data_candidates,
+    register_candidates,
+    sample_candidates,
+)
 from synth.steps.filters import near_identical
 from synth.steps.judge import PairResult, judge_listwise, judge_pairs, judge_rubric
 

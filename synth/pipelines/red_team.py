@@ -29,7 +29,7 @@ from synth.errors import ConfigError
 from synth.io import ChunkWriter, read_jsonl
 from synth.llm.base import SamplingParams
 from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
-from synth.pipelines.generate import Sampling
+from synth.runtime import Sampling
 from synth.prompts import template_ref
 from synth.records import SourceItem, stable_id
 from synth.steps import attack as attack_step

@@ -26,14 +26,21 @@ from pydantic import Field
 
 from synth.io import read_jsonl
 from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
-from synth.pipelines.generate import Sampling
 from synth.pipelines.self_rewarding import length_stats
 from synth.prompts import template_ref
 from synth.records import Message, PreferenceRecord, Provenance, SourceItem, stable_id
+from synth.runtime import Sampling
 from synth.steps.base import Call, run_calls
 from synth.steps.filters import near_identical
 from synth.steps.rlrf import (
-    Aspect, aspect_score, build_feedback, build_refine, feedback_schema, load_aspects, parse_feedback, select_aspects,
+    Aspect,
+    aspect_score,
+    build_feedback,
+    build_refine,
+    feedback_schema,
+    load_aspects,
+    parse_feedback,
+    select_aspects,
 )
 
 

@@ -20,13 +20,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from synth.io import ChunkWriter, read_jsonl
 from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
-from synth.pipelines.generate import Sampling
 from synth.prompts import template_ref
 from synth.records import Message, PreferenceRecord, Provenance, SourceItem, stable_id
+from synth.runtime import Sampling
 from synth.steps.base import Call, run_calls
 from synth.steps.filters import NearDuplicateIndex, near_identical
 from synth.steps.self_reward import (
-    Scored, build_self_instruct, judge_candidates, parse_task, pick_examples, select_pair,
+    Scored,
+    build_self_instruct,
+    judge_candidates,
+    parse_task,
+    pick_examples,
+    select_pair,
 )
 
 

@@ -21,7 +21,7 @@ from synth.llm.base import SamplingParams
 from synth.records import Completion, Judgement, Message
 
 if TYPE_CHECKING:
-    from synth.pipelines.base import ChunkState, Context
+    from synth.runtime import ChunkState, Context
 
 Parser = Callable[[str], Judgement]
 # Parses the whole completion, for judgements read from token log-probs rather than from the text.

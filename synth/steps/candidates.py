@@ -15,9 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from synth.pipelines.base import ChunkState, Context
-from synth.pipelines.generate import Sampling
 from synth.records import SourceItem
+from synth.runtime import ChunkState, Context, Sampling
 from synth.steps.base import Call, run_calls
 
 

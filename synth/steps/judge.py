@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from synth.llm.base import SamplingParams
-from synth.pipelines.base import ChunkState, Context
+from synth.runtime import ChunkState, Context
 from synth.prompts import render
 from synth.records import Completion, Judgement, Message, SourceItem
 from synth.steps.base import Call, Sample, assistant, run_calls, user

@@ -20,9 +20,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from synth.pipelines.base import Context
 from synth.prompts import TEMPLATE_DIR, render
 from synth.records import Judgement, Message, SourceItem
+from synth.runtime import Context
 from synth.steps.base import user
 from synth.steps.judge import conversation
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from synth.llm.base import SamplingParams
-from synth.pipelines.base import ChunkState, Context
+from synth.runtime import ChunkState, Context
 from synth.prompts import render
 from synth.records import Judgement, Message, SourceItem
 from synth.steps.base import Call, run_calls, user
