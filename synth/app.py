@@ -187,13 +187,18 @@ def chunks_in_flight(cfg: SynthConfig) -> int:
     """0 (auto): 1 for in-process backends (hf, vllm: one batch at a time is all they can use), else enough
     chunks to keep twice the largest server concurrency of any role busy: ceil(2 * C / chunk_size),
     at most 64."""
-    if cfg.chunks_in_flight:
-        return cfg.chunks_in_flight
     llms = [cfg.llm] + [rc.llm for rc in (cfg.judge, cfg.attacker) if rc.llm is not None]
+    return auto_chunks_in_flight(cfg.chunks_in_flight, llms, cfg.chunk_size)
+
+
+def auto_chunks_in_flight(setting: int, llms: list[dict[str, Any]], chunk_size: int) -> int:
+    """`setting` when it is not 0 (auto), else the rule of `chunks_in_flight` over the roles' `llms`."""
+    if setting:
+        return setting
     conc = [int(llm.get("max_concurrency", 64)) for llm in llms if llm.get("kind") == "openai"]
     if not conc:
         return 1
-    return max(1, min(64, -(-2 * max(conc) // cfg.chunk_size)))
+    return max(1, min(64, -(-2 * max(conc) // chunk_size)))
 
 
 def run(dcfg) -> dict[str, Any]:

@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from synth.app import ModelConfig, RoleConfig, one_line, plain_config
+from synth.app import ModelConfig, RoleConfig, auto_chunks_in_flight, one_line, plain_config
 from synth.errors import ConfigError
 from synth.evaluate.pipeline import (
     EvaluatePipeline,
@@ -35,19 +35,20 @@ class EvaluateConfig(BaseModel):
     model: ModelConfig
     suite: SuiteConfig
     judge: RoleConfig = RoleConfig()
-    n: int = 1
+    n: int = Field(1, ge=1)
     sampling: Sampling = Sampling(temperature=0.7, top_p=0.95, max_new_tokens=512, seed=0)
     judges: JudgeSettings = JudgeSettings()
     scores: ScoreSettings = ScoreSettings()
     baseline: str | None = None
     allow_self_judge: bool = False
     output_dir: str
-    seed: int = 0
-    chunk_size: int = 16
+    seed: int = Field(0, ge=0)
+    chunk_size: int = Field(16, ge=1)
+    chunks_in_flight: int = Field(0, ge=0)  # 0 = auto, as in synth (synth.app.chunks_in_flight)
     cache: bool = True
     resume: bool = True
     progress: bool = True
-    bootstrap: int = 2000
+    bootstrap: int = Field(2000, ge=100)
 
 
 LOUD = "!" * 78
@@ -152,7 +153,9 @@ def run_config(cfg: EvaluateConfig, resolved_yaml: str | None = None) -> dict[st
         judge_is_policy=judge_is_policy, run_info=run_info, bootstrap=cfg.bootstrap,
     )
     ctx = make_context(cfg, out_dir)
-    manifest = run_pipeline(EvaluatePipeline(pcfg, items), ctx, out_dir, None, cfg.chunk_size, cfg.resume, cfg.progress)
+    llms = [cfg.llm] + ([cfg.judge.llm] if cfg.judge.llm is not None else [])
+    manifest = run_pipeline(EvaluatePipeline(pcfg, items), ctx, out_dir, None, cfg.chunk_size, cfg.resume, cfg.progress,
+                            chunks_in_flight=auto_chunks_in_flight(cfg.chunks_in_flight, llms, cfg.chunk_size))
     print_headline(out_dir)
     return manifest
 
