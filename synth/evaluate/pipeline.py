@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from synth.evaluate import judges
 from synth.evaluate.refusal import is_refusal, prefixes
@@ -32,7 +32,7 @@ class JudgeSettings(BaseModel):
     refusal: bool = True
     strongreject: bool = True
     pairwise: bool = True  # only when a baseline is given
-    max_answer_chars: int = 4000  # answers are clipped to this before a judge sees them
+    max_answer_chars: int = Field(4000, ge=1)  # answers are clipped to this before a judge sees them
     sampling: Sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=256)
 
 
@@ -44,7 +44,7 @@ class ScoreSettings(BaseModel):
     policy: str | None = None  # the policy weights for KL; null = model.name_or_path (+ llm.adapter)
     adapter: str | None = None
     device: str = "auto"
-    batch_size: int = 8
+    batch_size: int = Field(8, ge=1)
 
 
 class EvaluatePipelineConfig(PipelineConfig):

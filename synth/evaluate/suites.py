@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from synth.errors import ConfigError, SourceError
 from synth.records import Message, SourceItem, stable_id
@@ -46,14 +46,14 @@ class SuiteConfig(BaseModel):
     language: Literal["en", "zh"] = "en"
     licence: str = "unknown"
     source: str = ""
-    limit: int | None = None  # a seeded, stratification-free sample of this many prompts (null = all)
-    sample_seed: int = 0
+    limit: int | None = Field(None, ge=1)  # a seeded, stratification-free sample of this many prompts (null = all)
+    sample_seed: int = Field(0, ge=0)
     prompt_kind: Literal["harmful", "benign"] = "harmful"  # for rows without their own kind/label
     taxonomy: str | None = None  # a constitution whose L1/L2 categories the report lists (with "no data" rows)
     category_map: dict[str, str] = {}  # jade: sub-type -> "L1/L2"; "<type>/其他" keys for the catch-alls
     fields: SuiteFields = SuiteFields()
     gold: str | None = None  # xstest: labelled answers (a judge gold set), null = none
-    gold_limit: int | None = None
+    gold_limit: int | None = Field(None, ge=1)
     exclude: list[str] = []  # jsonl files whose `id` / `prompt_id` values are training data: dropped
     # hh_rlhf only
     split: str = "test"

@@ -389,9 +389,11 @@ def test_every_numeric_setting_has_a_range():
                 walk(obj)
     walk(SynthConfig)
     walk(SourceConfig)
+    from synth.evaluate.app import EvaluateConfig
     from train.app import TrainConfig
 
     walk(TrainConfig)
+    walk(EvaluateConfig)
     assert len(seen) > 25 and unbounded == []
 
 
