@@ -53,7 +53,7 @@ class SuiteConfig(BaseModel):
     category_map: dict[str, str] = {}  # jade: sub-type -> "L1/L2"; "<type>/其他" keys for the catch-alls
     fields: SuiteFields = SuiteFields()
     gold: str | None = None  # xstest: labelled answers (a judge gold set), null = none
-    gold_limit: int | None = Field(None, ge=1)
+    gold_limit: int | None = Field(None, ge=0)  # 0: no gold answers
     exclude: list[str] = []  # jsonl files whose `id` / `prompt_id` values are training data: dropped
     # hh_rlhf only
     split: str = "test"
