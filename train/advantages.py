@@ -28,37 +28,8 @@ import math
 import torch
 from torch import Tensor
 
-KL_ESTIMATORS = ("k1", "k2", "k3", "k3_ratio")
-
-
-# ------------------------------------------------------------------------------------------------ KL
-
-
-def kl_estimate(logps: Tensor, ref_logps: Tensor, estimator: str = "k1", old_logps: Tensor | None = None,
-                clamp: float | None = 10.0) -> Tensor:
-    """Per-token KL(π‖π_ref) estimate from sampled tokens. ℓ = log π − log π_ref, r = e^{−ℓ}:
-
-        k1 = ℓ            unbiased value; as a loss its gradient is zero in expectation (use it in the reward)
-        k2 = ½ℓ²          as a loss: the reverse-KL gradient
-        k3 = r − 1 + ℓ    ≥ 0, low variance; as a loss: the *forward*-KL gradient (GRPO paper, verl low_var_kl)
-        k3_ratio = k3 · π/π_old   as a loss: the reverse-KL gradient (TRL 1.16 use_bias_correction_kl)
-
-    ``ref_logps`` is a constant (detached). ``clamp`` bounds each estimate to ±clamp (OpenRLHF: 10).
-    """
-    ell = logps - ref_logps.detach()
-    if estimator == "k1":
-        est = ell
-    elif estimator == "k2":
-        est = 0.5 * ell.pow(2)
-    elif estimator in ("k3", "k3_ratio"):
-        est = torch.exp(-ell) - 1 + ell
-        if estimator == "k3_ratio":
-            if old_logps is None:
-                raise ValueError("k3_ratio needs old_logps (the importance ratio π/π_old)")
-            est = est * torch.exp(logps - old_logps.detach())
-    else:
-        raise ValueError(f"KL estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
-    return est.clamp(-clamp, clamp) if clamp is not None else est
+# KL estimators live beside the losses (train/losses imports only torch); re-exported here.
+from train.losses.policy import KL_ESTIMATORS, kl_estimate  # noqa: E402,F401
 
 
 # ------------------------------------------------------------------------------------------------ shaping

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from train import advantages as adv
-from train.losses.policy import aggregate, clipped_surrogate, ppo_clip_loss, reinforce_loss, value_loss
+from train.losses.policy import aggregate, clipped_surrogate, policy_gradient_loss as ppo_clip_loss, reinforce_loss, value_loss
+from train.losses.policy import remax_loss, rloo_loss
 
 TOL = 1e-5
 
@@ -192,7 +193,7 @@ def test_ppo_clip_worked_examples():
 
 def test_ppo_clip_loss_through_log_probs():
     lp = torch.tensor([[0.3, 0.3]], requires_grad=True)
-    out = ppo_clip_loss(logps=lp, old_logps=torch.zeros(1, 2), advantages=t(-1.0), mask=torch.tensor([[True, False]]))
+    out = ppo_clip_loss(lp, old_logps=torch.zeros(1, 2), advantages=t(-1.0), mask=torch.tensor([[True, False]]))
     assert out.losses.item() == pytest.approx(1.349859, abs=1e-6)
     out.losses.sum().backward()
     assert lp.grad.tolist()[0] == pytest.approx([1.349859, 0.0], abs=1e-6)  # unclipped branch, masked token silent
@@ -215,17 +216,17 @@ def test_aggregations_worked_example():
 def test_sequence_ratio_rloo_loss():
     # TRL RLOO: one ratio per sequence, exp(Σ log π − Σ log π_old) = e^{0.3}, clipped at 1.2 for A > 0
     lp = torch.tensor([[0.1, 0.2, 5.0]])
-    out = ppo_clip_loss(logps=lp, old_logps=torch.zeros(1, 3), advantages=t(1.0), mask=torch.tensor([[True, True, False]]),
+    out = ppo_clip_loss(lp, old_logps=torch.zeros(1, 3), advantages=t(1.0), mask=torch.tensor([[True, True, False]]),
                         ratio_level="sequence", aggregation="seq_mean")
     assert out.losses.item() == pytest.approx(-1.2, abs=1e-6)
     with pytest.raises(ValueError):
-        ppo_clip_loss(logps=lp, old_logps=lp, advantages=t(1.0), mask=lp > 0, ratio_level="sequence")
+        ppo_clip_loss(lp, old_logps=lp, advantages=t(1.0), mask=lp > 0, ratio_level="sequence")
 
 
 def test_kl_in_loss_grpo_value():
     # on-policy (ratio 1), A = 0, β = 0.04, k3 with ℓ = 0.2: loss = 0.04 · 0.018731
     lp = torch.tensor([[-1.0]], requires_grad=True)
-    out = ppo_clip_loss(logps=lp, old_logps=torch.tensor([[-1.0]]), advantages=t(0.0), mask=torch.ones(1, 1, dtype=torch.bool),
+    out = ppo_clip_loss(lp, old_logps=torch.tensor([[-1.0]]), advantages=t(0.0), mask=torch.ones(1, 1, dtype=torch.bool),
                         ref_logps=torch.tensor([[-1.2]]), kl_coef=0.04, kl_estimator="k3")
     assert out.losses.item() == pytest.approx(0.04 * 0.018731, abs=1e-7)
     out.losses.sum().backward()
@@ -238,3 +239,21 @@ def test_value_loss_worked_example():
     assert out.losses.item() == pytest.approx(0.045, abs=1e-6)
     out = value_loss(values=t(0.9)[None], old_values=t(0.5)[None], returns=t(1.0)[None], mask=torch.ones(1, 1, dtype=torch.bool), value_clip=None)
     assert out.losses.item() == pytest.approx(0.005, abs=1e-6)
+
+
+def test_remax_surrogate_gradient_is_reinforce():
+    lp = torch.tensor([[-2.0, -1.0, -3.0]], requires_grad=True)
+    mask = torch.tensor([[True, True, False]])
+    remax_loss(logps=lp, old_logps=lp.detach(), advantages=t(0.3), mask=mask).losses.sum().backward()
+    g1 = lp.grad.clone()
+    lp.grad = None
+    reinforce_loss(logps=lp, advantages=t(0.3), mask=mask).losses.sum().backward()
+    assert g1[0].tolist() == pytest.approx(lp.grad[0].tolist()) and g1[0, 0].item() == pytest.approx(-0.3)
+
+
+def test_rloo_loss_matches_sequence_formula():
+    lp = torch.tensor([[0.1, 0.2], [-0.5, 0.0]])
+    out = rloo_loss(logps=lp, old_logps=torch.zeros(2, 2), advantages=t(1.0, -2.0), mask=torch.ones(2, 2, dtype=torch.bool))
+    r = [math.exp(0.3), math.exp(-0.5)]
+    expect = [max(-1 * r[0], -1 * min(r[0], 1.2)), max(2 * r[1], 2 * max(r[1], 0.8))]
+    assert out.losses.tolist() == pytest.approx(expect, abs=1e-6)
