@@ -62,12 +62,15 @@ def overlong_penalty(lengths: Tensor, max_length: int, buffer: int, factor: floa
     return -over / buffer * factor
 
 
-def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """(x − mean) / std over the masked entries (population variance, clamped at eps; OpenRLHF). 0 off mask."""
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8, reduce=None) -> Tensor:
+    """(x − mean) / std over the masked entries (population variance, clamped at eps; OpenRLHF). 0 off
+    mask. ``reduce`` sums a tensor over processes (the statistics are then those of the whole rollout)."""
     mask = mask.bool()
-    n = mask.sum().clamp(min=1)
-    mean = torch.where(mask, x, torch.zeros_like(x)).sum() / n
-    var = torch.where(mask, (x - mean) ** 2, torch.zeros_like(x)).sum() / n
+    reduce = reduce or (lambda t: t)
+    xm = torch.where(mask, x, torch.zeros_like(x))
+    n, total = reduce(torch.stack([mask.sum().to(x.dtype), xm.sum()]))
+    mean = total / n.clamp(min=1)
+    var = reduce(torch.where(mask, (x - mean) ** 2, torch.zeros_like(x)).sum()) / n.clamp(min=1)
     out = (x - mean) if shift_mean else x
     return torch.where(mask, out * torch.rsqrt(var.clamp(min=eps)), torch.zeros_like(x))
 
