@@ -358,12 +358,22 @@ def check_online(cfg: TrainConfig) -> None:
                               "set loop.kl.placement=reward")
     elif loop.cost is not None:
         raise ConfigError(f"loop.cost is used by loop=ppo_lag only, not loop={name}")
-    ratio_level = fn.get("ratio_level", "token")
-    if ratio_level == "sequence" and kl.coef and kl.placement == "loss":
-        raise ConfigError(f"loss={cfg.loss.name} uses a sequence-level ratio: put the KL in the reward "
-                          "(loop.kl.placement=reward)")
+    if kl.coef and kl.placement == "loss" and not _takes(fn.get("_target_"), "ref_logps"):
+        raise ConfigError(f"loss={cfg.loss.name} has no per-token KL term (sequence-level ratio): put the KL in the "
+                          "reward (loop.kl.placement=reward)")
     if name == "remax" and (loop.epochs_per_rollout > 1 or loop.mini_batches > 1):
         raise ConfigError("loop=remax is REINFORCE (strictly on-policy): loop.epochs_per_rollout and loop.mini_batches must be 1")
+
+
+def _takes(target: str | None, name: str) -> bool:
+    import inspect
+
+    from hydra.utils import get_object
+
+    try:
+        return name in inspect.signature(get_object(target)).parameters
+    except Exception:  # noqa: BLE001 - an unresolvable target is reported by instantiate_loss at start-up
+        return True
 
 
 def run_config(cfg: TrainConfig, resolved_yaml: str | None = None) -> dict[str, Any]:

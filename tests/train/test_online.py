@@ -1,0 +1,201 @@
+"""Online loops (train/loops/online.py): start-up refusals, scorers, NaN handling, LoRA, reward-model
+scorer + critic, exact resume. The learning toys are in test_online_learning.py."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from synth.app import ConfigError
+from tests.train import online_helpers
+
+WORDS = "bread flour water salt yeast dough oven crust brown fox dog honest kind".split()
+FAST = ["progress=false", "log.plot=false", "log.tensorboard=false", "checkpoint.every_steps=0", "optim.scheduler=constant",
+        "optim.warmup_ratio=0", "optim.lr=1e-2", "loop.generation.max_new_tokens=8"]
+EVEN = "loop.reward.function=train.scorers:even_token_fraction"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("online") / "prompts.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": " ".join(WORDS[(i + k) % len(WORDS)] for k in range(3))}]} for i in range(32)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose, initialize_config_module
+
+    with initialize_config_module(config_module="rlaif_forge_conf", version_base=None):
+        return hydra_compose(config_name="train", overrides=list(overrides))
+
+
+def train(out: Path, prompts: Path, *overrides: str, online: bool = True) -> dict:
+    from train.app import run
+
+    fast = FAST if online else FAST[:-1]
+    return run(compose(*fast, f"data.path={prompts}", f"output_dir={out}", *overrides))
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / ("adapter_model.safetensors" if (folder / "adapter_model.safetensors").exists() else "model.safetensors")))
+
+
+# ---------------------------------------------------------------------------------------------- start-up refusals
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["loop=grpo", EVEN, "loop.samples_per_prompt=1"], "needs a group"),
+    (["loop=grpo", EVEN, "loop.kl.coef=0.1", "loop.kl.estimator=k1"], "zero gradient"),
+    (["loop=rloo", EVEN, "loop.kl.estimator=k3_ratio"], "loss-side estimator"),
+    (["loop=grpo", EVEN, "loop.kl.coef=0.1", "loop.kl.adaptive=true"], "placement=reward"),
+    (["loop=grpo", EVEN, "loop.prompts_per_step=3", "loop.mini_batches=5"], "equal mini-batches"),
+    (["loop=online_dpo", EVEN, "loop.samples_per_prompt=3"], "two responses"),
+    (["loop=online_dpo", EVEN, "loss=simpo"], "fixed SFT reference"),
+    (["loop=ppo_lag", "loop.reward.path=x", "loop.cost=null"], "needs a cost scorer"),
+    (["loop=ppo_lag", "loop.reward.path=x", "loop.cost.path=y", "loop.kl.placement=loss", "loop.kl.estimator=k2"], "placement=reward"),
+    (["loop=grpo", EVEN, "loss=dpo"], "pairwise objective"),
+    (["loop=grpo"], "needs `function`"),
+    (["loop=rloo", EVEN, "loop.kl.placement=loss", "loop.kl.estimator=k2"], "no per-token KL term"),
+    (["loop=remax", EVEN, "loop.epochs_per_rollout=2"], "on-policy"),
+    (["loop=grpo", EVEN, "loop.estimator=gae"], "does not fit"),
+    (["loop=grpo", EVEN, "+loop.cost={kind: function, function: m.f}"], "ppo_lag only"),
+    (["loop=grpo", EVEN, "optim.grad_accum=2"], "grad_accum=1"),
+])
+def test_invalid_combinations_are_refused_in_one_line(overrides, message):
+    from omegaconf import OmegaConf
+
+    from train.app import validate
+
+    cfg = compose("data.path=x", "output_dir=y", *overrides)
+    with pytest.raises(ConfigError) as e:
+        validate(OmegaConf.to_container(cfg, resolve=True))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_shapes_that_split_a_group_are_refused():
+    from train.app import OnlineLoop
+    from train.loops.online import check_shapes
+
+    loop = OnlineLoop(name="grpo", estimator="grpo", prompts_per_step=3, samples_per_prompt=4, reward={"function": "m:f"})
+    with pytest.raises(ConfigError, match="a group must stay on one process"):
+        check_shapes(loop, world=2, micro=4)
+    with pytest.raises(ConfigError, match="micro-batches"):
+        check_shapes(loop, world=1, micro=5)
+    check_shapes(loop, world=3, micro=4)
+
+
+# ---------------------------------------------------------------------------------------------- scorers
+
+
+def test_function_scorer_nan_and_signature():
+    from train.scorers import FunctionScorer
+
+    s = FunctionScorer("tests.train.online_helpers:nan_for_odd_rows", "loop.reward.function")
+    out = s([[{"role": "user", "content": "x"}]] * 3, ["a", "b", "c"], [[2, 4], [1], [1, 2]])
+    assert out[0].item() == 1.0 and math.isnan(out[1].item()) and out[2].item() == 0.5
+    with pytest.raises(ConfigError, match="cannot import"):
+        FunctionScorer("tests.train.online_helpers:nope", "loop.reward.function")
+
+
+def test_rubric_judge_one_call_and_parse_failures_are_nan():
+    from train.app import JudgeSettings
+    from train.scorers import RubricJudge
+
+    judge = RubricJudge(JudgeSettings(factory="tests.train.online_helpers:scripted_rubric"))
+    online_helpers.CALLS.clear()
+    out = judge([[{"role": "user", "content": "hi"}]] * 6, ["one two", "a", "b c d", "x", "y", "z"], [[]] * 6)
+    assert online_helpers.CALLS == [6]
+    assert torch.isnan(out).tolist() == [False, False, True, False, False, True]
+    assert not torch.isnan(out[:2]).any() and (out[~torch.isnan(out)] >= 1).all()
+
+
+def test_unscorable_samples_get_zero_advantage_not_a_score(prompts, tmp_path):
+    # every sample NaN -> all advantages 0 -> no gradient: the weights do not move
+    train(tmp_path / "nan", prompts, "loop=grpo", "loop.reward.function=tests.train.online_helpers:all_nan",
+          "optim.max_steps=2", "loop.prompts_per_step=4")
+    from synth.tiny import tiny_model_path
+
+    before, after = weights(Path(tiny_model_path())), weights(tmp_path / "nan" / "final")
+    assert all(torch.equal(before[k], after[k]) for k in after)
+    m = metrics(tmp_path / "nan")
+    assert m[0]["reward/frac_unscorable"] == 1.0 and "reward/mean" not in m[0]
+    # half unscorable: training proceeds on the rest
+    train(tmp_path / "half", prompts, "loop=grpo", "loop.reward.function=tests.train.online_helpers:nan_for_odd_rows",
+          "optim.max_steps=2", "loop.prompts_per_step=4")
+    m = metrics(tmp_path / "half")
+    assert m[0]["reward/frac_unscorable"] == 0.5 and m[0]["grad_norm"] > 0 and math.isfinite(m[0]["grad_norm"])
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def test_reward_model_scorer_and_critic_from_a_trained_reward_model(prompts, tmp_path):
+    """`train loop=reward` output scores the rollout and initialises the PPO critic."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": w}], "chosen": [{"role": "assistant", "content": "yes"}],
+                                         "rejected": [{"role": "assistant", "content": "no"}]}) + "\n" for w in WORDS[:8]))
+    rm = train(tmp_path / "rm", pairs, "loop=reward", "optim.max_steps=2", "optim.batch_size=4", "data.max_length=48", online=False)
+    out = tmp_path / "ppo"
+    s = train(out, prompts, "loop=ppo", f"loop.reward.path={rm['final_dir']}", "optim.max_steps=2", "loop.prompts_per_step=4",
+              "loop.kl.coef=0.05", "checkpoint.every_steps=1")
+    m = metrics(out)
+    assert s["steps"] == 2 and all(math.isfinite(r["reward/mean"]) and "value_loss/reward" in r for r in m)
+    assert 0 < m[-1]["beta"] != 0.05  # the adaptive controller moved β
+    ckpt = out / "checkpoints" / "step-00000002"
+    assert (ckpt / "critic_reward" / "model.safetensors").exists()
+    assert "critic_reward_optimizer" in torch.load(ckpt / "tensors.pt", weights_only=False)
+
+
+def test_lora_policy_with_adapter_disabled_reference(prompts, tmp_path):
+    s = train(tmp_path / "lora", prompts, "loop=grpo", EVEN, "lora.enabled=true", "lora.r=4", "loop.kl.coef=0.04",
+              "optim.max_steps=2", "loop.prompts_per_step=4")
+    assert (Path(s["final_dir"]) / "adapter_config.json").exists()
+    m = metrics(tmp_path / "lora")
+    assert m[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # step 1: the policy is the reference
+    assert m[-1]["kl"] != 0.0 and "kl_loss" in m[-1]
+    # one optimizer step per rollout: π_old == π_θ exactly (no dropout, same float32 forward; spec trap 9)
+    assert all(r["ratio"] == pytest.approx(1.0, abs=1e-6) for r in m)
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("loop,extra", [
+    ("grpo", [EVEN, "loop.kl.coef=0.04", "loop.mini_batches=2", "loop.epochs_per_rollout=2", "optim.batch_size=4"]),
+    ("ppo_lag", ["loop.reward.kind=function", EVEN, "loop.cost.kind=function",
+                 "loop.cost.function=train.scorers:quarter_token_fraction", "loop.critic.init_from=policy", "loop.lagrangian.window=8"]),
+])
+def test_exact_resume(prompts, tmp_path, loop, extra):
+    common = [f"loop={loop}", "optim.max_steps=4", "loop.prompts_per_step=4", *extra]
+    train(tmp_path / "straight", prompts, *common)
+    stopped = train(tmp_path / "resumed", prompts, *common, "checkpoint.stop_after_steps=2")
+    assert stopped["stopped"] and stopped["steps"] == 2
+    train(tmp_path / "resumed", prompts, *common, "resume=true")
+    a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    keys = ["reward/mean", "completions/mean_length", "loss", "kl", "beta", "lambda", "cost/mean"]
+    for ra, rb in zip(a, b):
+        for k in keys:
+            if k in ra:
+                assert ra[k] == pytest.approx(rb[k], abs=1e-6), (ra["step"], k)
+    wa, wb = weights(tmp_path / "straight" / "final"), weights(tmp_path / "resumed" / "final")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
