@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from functools import lru_cache
 
 from synth.records import Completion
 
@@ -11,9 +12,24 @@ _REPLY = re.compile(r"\[Reply A\]\n(.*?)\n\[End of reply A\].*?\[Reply B\]\n(.*?
 CALLS: list[int] = []  # number of requests per backend call (one call per step is the contract)
 
 
+@lru_cache(maxsize=1)
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    from synth.tiny import tiny_model_path
+
+    return AutoTokenizer.from_pretrained(tiny_model_path())
+
+
+def even_fraction_of_text(text: str) -> float:
+    """The judge's taste: the fraction of even token ids of the reply re-tokenised with the tiny tokenizer."""
+    ids = _tokenizer()(text, add_special_tokens=False)["input_ids"]
+    return sum(i % 2 == 0 for i in ids) / max(len(ids), 1)
+
+
 class ScriptedPairwise:
-    """Prefers the shorter reply (in characters); equal lengths are a tie [[C]]. Answers every request of
-    a batch; the loop must ask both orders and drop ties."""
+    """Prefers the reply with more even token ids (re-tokenised text); equal is a tie [[C]]. Answers every
+    request of a batch; the loop must ask both orders and drop ties."""
 
     kind, model = "scripted", "scripted-pairwise"
 
@@ -21,9 +37,9 @@ class ScriptedPairwise:
         CALLS.append(len(requests))
         out = []
         for req in requests:
-            a, b = _REPLY.search(req[-1].content).groups()
-            verdict = "C" if len(a) == len(b) else ("A" if len(a) < len(b) else "B")
-            out.append([Completion(text=f"Shorter wins. [[{verdict}]]", finish_reason="stop")])
+            a, b = (even_fraction_of_text(x) for x in _REPLY.search(req[-1].content).groups())
+            verdict = "C" if a == b else ("A" if a > b else "B")
+            out.append([Completion(text=f"More even ids wins. [[{verdict}]]", finish_reason="stop")])
         return out
 
 
