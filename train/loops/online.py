@@ -72,9 +72,6 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     ckpt = find_last_checkpoint(out_dir) if cfg.resume else None
     world, rank, main, device = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process, accelerator.device
     check_shapes(L, world, cfg.optim.batch_size)
-    if L.generation.backend != "hf":
-        raise ConfigError("loop.generation.backend=vllm is opt-in GPU code (train/vllm_generator.py) and not wired "
-                          "into this loop yet; use loop.generation.backend=hf")
 
     # ---------------------------------------------------------------- 2. prompts
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.chat_template)
@@ -102,6 +99,14 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     reward_scorer = (PairwiseJudge(L.reward.judge) if L.name == "online_dpo" and L.reward.kind == "judge"
                      else build_scorer(L.reward, device, "loop.reward"))
     cost_scorer = build_scorer(L.cost, device, "loop.cost") if L.name == "ppo_lag" else None
+    generator = None
+    if L.generation.backend == "vllm":  # colocated engine (GPU, opt-in): synced and probed every step
+        from train.models import model_path
+        from train.vllm_colocate import VLLMColocate
+
+        generator = VLLMColocate(model_path(cfg.model.name_or_path), L.generation, accelerator=accelerator,
+                                 dtype=cfg.optim.dtype, seed=cfg.seed, lora_rank=cfg.lora.r if cfg.lora.enabled else None)
+    sample = generator.generate if generator is not None else hf_generate
 
     # ---------------------------------------------------------------- 4. optimisers, resume
     updates_per_rollout = L.epochs_per_rollout * L.mini_batches
@@ -138,8 +143,9 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         # 1. sample: this process's whole groups of this step's prompts
         mine = step_prompts(state.step, len(prompts), L.prompts_per_step, cfg.seed)[rank * per_process:(rank + 1) * per_process]
-        rollout = hf_generate(model, tokenizer, [prompt_ids[i] for i in mine], L.samples_per_prompt, L.generation,
-                              seed=sample_seed(cfg.seed, state.step, rank), device=device)
+        sync = {} if generator is None else {"vllm/probe_abs_diff": generator.sync(model, prompt_ids[0], device)}
+        rollout = sample(model, tokenizer, [prompt_ids[i] for i in mine], L.samples_per_prompt, L.generation,
+                         seed=sample_seed(cfg.seed, state.step, rank), device=device)
         texts, ids_list = decode(tokenizer, rollout)
         row_prompts = [prompts[mine[g]] for g in rollout.group.tolist()]
         t_gen = time.perf_counter()
@@ -149,7 +155,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         else:
             scores = reward_scorer(row_prompts, texts, ids_list)
         costs = cost_scorer(row_prompts, texts, ids_list) if cost_scorer is not None else None
-        baseline = greedy_scores(model, tokenizer, reward_scorer, prompt_ids, mine, prompts, L, state.step, rank, device) \
+        baseline = greedy_scores(sample, model, tokenizer, reward_scorer, prompt_ids, mine, prompts, L, device) \
             if L.estimator == "remax" else None
         t_score = time.perf_counter()
         # 3-6
@@ -166,7 +172,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
                                      accelerator)
         t_update = time.perf_counter()
         # 7. controllers, log, checkpoint
-        metrics |= rollout_metrics(rollout, scores, costs, L, accelerator)
+        metrics |= rollout_metrics(rollout, scores, costs, L, accelerator) | sync
         if L.kl.adaptive and "kl" in metrics:
             n = L.prompts_per_step * L.samples_per_prompt
             state.beta = A.adaptive_kl_beta(state.beta, metrics["kl"], L.kl.target_per_sequence_nats, n, L.kl.horizon)
@@ -300,9 +306,9 @@ def label_pairs(scorer, L, prompts, texts, ids_list, rollout) -> tuple[list[int 
 
 
 @torch.no_grad()
-def greedy_scores(model, tokenizer, scorer, prompt_ids, mine, prompts, L, step, rank, device) -> torch.Tensor:
+def greedy_scores(sample, model, tokenizer, scorer, prompt_ids, mine, prompts, L, device) -> torch.Tensor:
     """ReMax baseline: the scorer's reward of one greedy decode per prompt (no KL, as verl), repeated per sample."""
-    greedy = hf_generate(model, tokenizer, [prompt_ids[i] for i in mine], 1, L.generation, seed=0, greedy=True, device=device)
+    greedy = sample(model, tokenizer, [prompt_ids[i] for i in mine], 1, L.generation, seed=0, greedy=True, device=device)
     texts, ids_list = decode(tokenizer, greedy)
     s = adjust_scores(scorer([prompts[i] for i in mine], texts, ids_list), greedy.truncated, L)
     return s.repeat_interleave(L.samples_per_prompt)
