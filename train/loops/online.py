@@ -322,15 +322,25 @@ def micro_batches(n: int, size: int) -> list[list[int]]:
 
 
 @torch.no_grad()
+def on_policy_single_update(L, reference) -> bool:
+    """π_old == π_θ exactly for the only mini-batch of the only epoch, and nothing before the update
+    needs π_old (no KL in the reward): then the π_old pass is skipped and the update uses its own
+    log-probs, detached, as π_old (TRL does the same when num_iterations == 1)."""
+    kl_in_reward = reference is not None and L.kl.placement == "reward"
+    return L.epochs_per_rollout == 1 and L.mini_batches == 1 and not kl_in_reward
+
+
 def no_grad_passes(model, reference, critics, rollout: Rollout, L, micro: int, device) -> dict[str, torch.Tensor]:
     """π_old (and entropy), π_ref and critic values over the rollout, micro-batch by micro-batch, float32."""
     T = L.generation.temperature
+    skip_old = on_policy_single_update(L, reference)
     out: dict[str, list[torch.Tensor]] = {"old_logps": [], "entropy": [], "ref_logps": [], **{f"values_{k}": [] for k in critics}}
     for idx in micro_batches(len(rollout), micro):
         mb = rollout.select(idx)
-        lp, ent = token_logps(model, mb, T, device, with_entropy=True)
-        out["old_logps"].append(lp.cpu())
-        out["entropy"].append(ent.cpu())
+        if not skip_old:
+            lp, ent = token_logps(model, mb, T, device, with_entropy=True)
+            out["old_logps"].append(lp.cpu())
+            out["entropy"].append(ent.cpu())
         if reference == "adapter":
             with accelerator_unwrap(model).disable_adapter():
                 out["ref_logps"].append(token_logps(model, mb, T, device)[0].cpu())
@@ -355,7 +365,7 @@ def estimate(batch: dict[str, torch.Tensor], rollout: Rollout, scores, costs, ba
     beta = state.beta if L.kl.coef else 0.0
     kl_tok = None
     metrics: dict[str, float] = {}
-    if "ref_logps" in batch:
+    if "ref_logps" in batch and "old_logps" in batch:
         kl_tok = A.kl_estimate(batch["old_logps"], batch["ref_logps"], L.kl.estimator if L.kl.placement == "reward" else "k1",
                                clamp=L.kl.clamp) * mask
     in_reward = kl_tok is not None and L.kl.placement == "reward"
@@ -397,9 +407,10 @@ def estimate(batch: dict[str, torch.Tensor], rollout: Rollout, scores, costs, ba
             metrics["frac_reward_zero_std"] = float(torch.isclose(groups.std(1), torch.zeros(())).float().mean()) if n > 1 else 0.0
             adv = adv[_local(accelerator, len(seq))]
         batch["advantages"] = adv
-    ent = _gather(accelerator, torch.stack([(batch["entropy"] * mask).sum(), mask.sum().float()])[None])
-    metrics["entropy"] = float(ent[:, 0].sum() / ent[:, 1].sum().clamp(min=1))
-    if kl_tok is not None:
+    if "entropy" in batch:  # else measured in the update (π_old pass skipped)
+        ent = _gather(accelerator, torch.stack([(batch["entropy"] * mask).sum(), mask.sum().float()])[None])
+        metrics["entropy"] = float(ent[:, 0].sum() / ent[:, 1].sum().clamp(min=1))
+    if kl_tok is not None and "old_logps" in batch:
         k1 = (batch["old_logps"] - batch["ref_logps"]) * mask
         metrics["kl"] = float(_gather(accelerator, k1.sum(1)).mean())  # sequence-summed k1, nats
     return metrics
@@ -454,14 +465,22 @@ def policy_update(model, critics, critic_opts, optimizer, scheduler, batch, roll
                 sync = j == len(chunks) - 1
                 with _maybe_no_sync(accelerator, [model, *critics.values()], sync):
                     data = {
-                        "old_logps": batch["old_logps"][idx].to(device), "advantages": batch["advantages"][idx].to(device),
+                        "advantages": batch["advantages"][idx].to(device),
                         "mask": mb.completion_mask.to(device), "total_tokens": total_tokens, "total_sequences": total_sequences,
                     }
                     if "ref_logps" in batch and L.kl.placement == "loss":
                         data.update(ref_logps=batch["ref_logps"][idx].to(device), kl_coef=state.beta,
                                     kl_estimator=L.kl.estimator, kl_clamp=L.kl.clamp)
                     if not critic_only:
-                        data["logps"] = token_logps(model, mb, L.generation.temperature, device)[0]
+                        on_policy = "old_logps" not in batch
+                        data["logps"], entropy = token_logps(model, mb, L.generation.temperature, device, with_entropy=on_policy)
+                        data["old_logps"] = data["logps"].detach() if on_policy else batch["old_logps"][idx].to(device)
+                        if on_policy:
+                            mask = data["mask"]
+                            metrics.add({"entropy": (entropy * mask).sum() / mask.sum().clamp(min=1)}, weight=float(mask.sum()))
+                            if "ref_logps" in batch:  # the KL metric: sequence-summed k1, nats
+                                k1 = ((data["logps"].detach() - batch["ref_logps"][idx].to(device)) * mask).sum(1)
+                                metrics.add({"kl": k1.mean()}, weight=len(idx))
                         out = call_loss(loss_fn, data)
                         loss = out.losses.sum() / total_sequences
                         accelerator.backward(loss)
