@@ -199,3 +199,36 @@ def test_exact_resume(prompts, tmp_path, loop, extra):
                 assert ra[k] == pytest.approx(rb[k], abs=1e-6), (ra["step"], k)
     wa, wb = weights(tmp_path / "straight" / "final"), weights(tmp_path / "resumed" / "final")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+# ---------------------------------------------------------------------------------------------- AI judge over HTTP
+
+
+def test_ai_judge_through_a_synth_openai_backend(prompts, tmp_path):
+    """online_dpo labelled by a judge behind an OpenAI-compatible server (the loopback test server):
+    both orders asked, a tie or an unparsable answer drops the pair; grpo scored by a rubric judge."""
+    from tests.synth.openai_server import LoopbackServer
+
+    def responder(body):
+        text = body["messages"][-1]["content"]
+        if "[Reply A]" in text:  # pairwise: the reply with more even ids wins; equal: tie
+            a, b = (online_helpers.even_fraction_of_text(x) for x in online_helpers._REPLY.search(text).groups())
+            return "No verdict here." if abs(a - b) < 0.05 else f"[[{'A' if a > b else 'B'}]]"
+        return "Rating: [[7]]" if len(text) % 2 else "I will not rate."  # rubric; half unparsable
+
+    with LoopbackServer(responder=responder) as server:
+        judge = f"{{llm: {{kind: openai, base_url: '{server.url}', api_key_env: NO_KEY_NEEDED, max_retries: 0}}, " \
+                f"model: {{name_or_path: judge}}, max_new_tokens: 32}}"
+        train(tmp_path / "dpo", prompts, "loop=online_dpo", "loop.reward.kind=judge", f"+loop.reward.judge={judge}",
+              "loop.prompts_per_step=4", "optim.max_steps=2")
+        assert len(server.chat_requests()) == 2 * 4 * 2  # 4 pairs x both orders x 2 steps
+        pairs = [json.loads(line) for line in (tmp_path / "dpo" / "pairs.jsonl").read_text().splitlines()]
+        for p in pairs:
+            a, b = online_helpers.even_fraction_of_text(p["a"]), online_helpers.even_fraction_of_text(p["b"])
+            assert p["label"] == (None if abs(a - b) < 0.05 else int(a > b))
+        server.reset()
+        train(tmp_path / "grpo", prompts, "loop=grpo", "loop.reward.kind=judge", f"+loop.reward.judge={judge}",
+              "loop.prompts_per_step=2", "optim.max_steps=1")
+        assert len(server.chat_requests()) == 8
+    m = metrics(tmp_path / "grpo")[0]
+    assert 0 < m["reward/frac_unscorable"] < 1 and m["reward/mean"] == 7.0
