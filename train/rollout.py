@@ -95,7 +95,8 @@ def hf_generate(model, tokenizer, prompts: Sequence[Sequence[int]], n: int, gen,
     rows = [list(p) for p in prompts for _ in range(n)]
     ids, mask = left_pad(rows, pad)
     device = device or next(unwrapped.parameters()).device
-    torch.manual_seed(seed)
+    if not greedy:
+        torch.manual_seed(seed)
     kwargs: dict[str, Any] = {"do_sample": False} if greedy else {
         "do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p, "top_k": gen.top_k or None}
     was_training = unwrapped.training

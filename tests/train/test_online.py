@@ -156,7 +156,8 @@ def test_reward_model_scorer_and_critic_from_a_trained_reward_model(prompts, tmp
     rm = train(tmp_path / "rm", pairs, "loop=reward", "optim.max_steps=2", "optim.batch_size=4", "data.max_length=48", online=False)
     out = tmp_path / "ppo"
     s = train(out, prompts, "loop=ppo", f"loop.reward.path={rm['final_dir']}", "optim.max_steps=2", "loop.prompts_per_step=4",
-              "loop.kl.coef=0.05", "checkpoint.every_steps=1")
+              "loop.kl.coef=0.05", "checkpoint.every_steps=1", "log.plot=true", "log.tensorboard=true")
+    assert (out / "curves.png").exists() and any((out / "tensorboard").iterdir())
     m = metrics(out)
     assert s["steps"] == 2 and all(math.isfinite(r["reward/mean"]) and "value_loss/reward" in r for r in m)
     assert 0 < m[-1]["beta"] != 0.05  # the adaptive controller moved β

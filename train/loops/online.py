@@ -172,7 +172,8 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
                                      accelerator)
         t_update = time.perf_counter()
         # 7. controllers, log, checkpoint
-        metrics |= rollout_metrics(rollout, scores, costs, L, accelerator) | sync
+        metrics |= rollout_metrics(rollout, None if L.name == "online_dpo" and L.reward.kind == "judge" else scores,
+                                   costs, L, accelerator) | sync
         if L.kl.adaptive and "kl" in metrics:
             n = L.prompts_per_step * L.samples_per_prompt
             state.beta = A.adaptive_kl_beta(state.beta, metrics["kl"], L.kl.target_per_sequence_nats, n, L.kl.horizon)
@@ -373,7 +374,8 @@ def estimate(batch: dict[str, torch.Tensor], rollout: Rollout, scores, costs, ba
     if L.estimator == "gae":
         rewards = A.shape_rewards(scores, mask, kl_tok if in_reward else None, beta)
         if L.name == "ppo_lag":
-            costs_t = A.shape_rewards(adjust_scores(costs, rollout.truncated, L), mask, -kl_tok if in_reward else None, beta)
+            c = costs.clamp(-L.score_clip, L.score_clip) if L.score_clip is not None else costs  # no EOS penalty on a cost
+            costs_t = A.shape_rewards(c, mask, -kl_tok if in_reward else None, beta)
             clip = L.lagrangian.token_clip
             if clip is not None:
                 rewards, costs_t = rewards.clamp(-clip, clip) * mask, costs_t.clamp(-clip, clip) * mask
@@ -590,14 +592,16 @@ def dpo_update(model, reference, rollout: Rollout, labels, loss_fn, optimizer, s
 
 
 def rollout_metrics(rollout: Rollout, scores, costs, L, accelerator) -> dict[str, float]:
-    s = _gather(accelerator, scores.float())
-    ok = s[~torch.isnan(s)]
+    """Rollout-level metrics over all processes (scores None: a pairwise judge gave labels, not scores)."""
     lengths = _gather(accelerator, rollout.lengths.float())
-    out = {"reward/mean": float(ok.mean()) if ok.numel() else math.nan,
-           "reward/std": float(ok.std()) if ok.numel() > 1 else 0.0,
-           "reward/frac_unscorable": float(torch.isnan(s).float().mean()),
-           "completions/mean_length": float(lengths.mean()),
+    out = {"completions/mean_length": float(lengths.mean()),
            "completions/truncated_frac": float(_gather(accelerator, rollout.truncated.float()).mean())}
+    if scores is not None:
+        s = _gather(accelerator, scores.float())
+        ok = s[~torch.isnan(s)]
+        out |= {"reward/mean": float(ok.mean()) if ok.numel() else math.nan,
+                "reward/std": float(ok.std()) if ok.numel() > 1 else 0.0,
+                "reward/frac_unscorable": float(torch.isnan(s).float().mean())}
     if costs is not None:
         c = _gather(accelerator, costs.float())
         out["cost/mean"] = float(c[~torch.isnan(c)].mean()) if (~torch.isnan(c)).any() else math.nan
