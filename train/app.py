@@ -235,6 +235,15 @@ class OnlineLoop(_Strict):
     whiten_advantages: bool = False  # token advantages whitened over the rollout (gae, reinforce_pp*)
     score_clip: float | None = Field(None, gt=0)  # clip scores to ±score_clip
     missing_eos_penalty: float | None = None  # subtracted from the score of a truncated completion
+    overlong_buffer: int | None = Field(None, ge=1)  # DAPO soft overlong penalty over the last B tokens
+    overlong_factor: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _buffer_fits(self):
+        if self.overlong_buffer is not None and self.overlong_buffer > self.generation.max_new_tokens:
+            raise ValueError(f"overlong_buffer ({self.overlong_buffer}) must be <= generation.max_new_tokens "
+                             f"({self.generation.max_new_tokens})")
+        return self
     reference: Literal["auto", "adapter_disabled", "model"] = "auto"
 
 

@@ -233,3 +233,14 @@ def test_ai_judge_through_a_synth_openai_backend(prompts, tmp_path):
         assert len(server.chat_requests()) == 8
     m = metrics(tmp_path / "grpo")[0]
     assert 0 < m["reward/frac_unscorable"] < 1 and m["reward/mean"] == 7.0
+
+
+def test_dapo_overlong_penalty_lowers_long_completions(prompts, tmp_path):
+    # every completion is truncated at 8 tokens: with a 4-token buffer the full penalty (−1) applies
+    train(tmp_path / "plain", prompts, "loop=grpo", EVEN, "optim.max_steps=1", "loop.prompts_per_step=4")
+    train(tmp_path / "dapo", prompts, "loop=grpo", EVEN, "optim.max_steps=1", "loop.prompts_per_step=4",
+          "loop.overlong_buffer=4", "loop.overlong_factor=1.0")
+    plain, dapo = metrics(tmp_path / "plain")[0], metrics(tmp_path / "dapo")[0]
+    assert plain["completions/truncated_frac"] == 1.0 and plain["completions/mean_length"] == 8.0
+    assert dapo["reward/mean"] == pytest.approx(plain["reward/mean"], abs=1e-6)  # the scorer's own scores, logged raw
+    assert dapo["reward/adjusted_mean"] == pytest.approx(plain["reward/mean"] - 1.0, abs=1e-6) and "reward/adjusted_mean" not in plain

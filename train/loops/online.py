@@ -255,6 +255,9 @@ def build_critics(cfg, ckpt, device) -> dict[str, torch.nn.Module]:
         if L.critic.init_from == "reward" and scorer.kind != "model":
             raise ConfigError(f"loop.critic.init_from=reward needs loop.{name}.kind=model (a trained scorer to start "
                               "from); set loop.critic.init_from=policy")
+        if init == scorer.path and (Path(init) / "adapter_config.json").exists():
+            raise ConfigError(f"loop.{name}.path={init} is a LoRA adapter; a critic starts from full weights: merge it "
+                              "(peft merge_and_unload + save_pretrained) or set loop.critic.init_from=policy")
         saved = Path(ckpt) / f"critic_{name}" if ckpt is not None else None
         model = load_policy(str(saved) if saved is not None and not cfg.lora.enabled else init, dtype=cfg.optim.dtype,
                             lora=cfg.lora, head="score",
@@ -284,10 +287,13 @@ def decode(tokenizer, rollout: Rollout) -> tuple[list[str], list[list[int]]]:
 # ==================================================================================== scoring helpers
 
 
-def adjust_scores(scores: torch.Tensor, truncated: torch.Tensor, L) -> torch.Tensor:
-    """Missing-EOS penalty (TRL online DPO / legacy PPO), then the score clip (OpenRLHF ±clip)."""
+def adjust_scores(scores: torch.Tensor, truncated: torch.Tensor, L, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Missing-EOS penalty (TRL online DPO / legacy PPO), DAPO's soft overlong penalty (when
+    loop.overlong_buffer is set), then the score clip (OpenRLHF ±clip)."""
     if L.missing_eos_penalty is not None:
         scores = scores - L.missing_eos_penalty * truncated.float()
+    if L.overlong_buffer is not None and lengths is not None:
+        scores = scores + A.overlong_penalty(lengths, L.generation.max_new_tokens, L.overlong_buffer, L.overlong_factor)
     if L.score_clip is not None:
         scores = scores.clamp(-L.score_clip, L.score_clip)
     return scores
@@ -299,7 +305,7 @@ def label_pairs(scorer, L, prompts, texts, ids_list, rollout) -> tuple[list[int 
     a, b = texts[0::2], texts[1::2]
     if isinstance(scorer, PairwiseJudge):
         return scorer(prompts[0::2], a, b), torch.full((len(texts),), math.nan)
-    scores = adjust_scores(scorer(prompts, texts, ids_list), rollout.truncated, L)
+    scores = adjust_scores(scorer(prompts, texts, ids_list), rollout.truncated, L, rollout.lengths)
     labels = []
     for sa, sb in zip(scores[0::2].tolist(), scores[1::2].tolist()):
         labels.append(None if math.isnan(sa) or math.isnan(sb) or sa == sb else int(sa > sb))
@@ -311,7 +317,7 @@ def greedy_scores(sample, model, tokenizer, scorer, prompt_ids, mine, prompts, L
     """ReMax baseline: the scorer's reward of one greedy decode per prompt (no KL, as verl), repeated per sample."""
     greedy = sample(model, tokenizer, [prompt_ids[i] for i in mine], 1, L.generation, seed=0, greedy=True, device=device)
     texts, ids_list = decode(tokenizer, greedy)
-    s = adjust_scores(scorer([prompts[i] for i in mine], texts, ids_list), greedy.truncated, L)
+    s = adjust_scores(scorer([prompts[i] for i in mine], texts, ids_list), greedy.truncated, L, greedy.lengths)
     return s.repeat_interleave(L.samples_per_prompt)
 
 
@@ -362,7 +368,7 @@ def estimate(batch: dict[str, torch.Tensor], rollout: Rollout, scores, costs, ba
     rows; sequence-level statistics are over the whole rollout (all processes), group statistics per group."""
     mask = rollout.completion_mask
     n = L.samples_per_prompt
-    scores = adjust_scores(scores, rollout.truncated, L)
+    raw, scores = scores, adjust_scores(scores, rollout.truncated, L, rollout.lengths)
     beta = state.beta if L.kl.coef else 0.0
     kl_tok = None
     metrics: dict[str, float] = {}
@@ -371,6 +377,9 @@ def estimate(batch: dict[str, torch.Tensor], rollout: Rollout, scores, costs, ba
                                clamp=L.kl.clamp) * mask
     in_reward = kl_tok is not None and L.kl.placement == "reward"
     reduce = _sum_reducer(accelerator)
+    if not torch.equal(torch.nan_to_num(raw, nan=0.0), torch.nan_to_num(scores, nan=0.0)):  # penalties / clip applied
+        adjusted = _gather(accelerator, scores)
+        metrics["reward/adjusted_mean"] = float(adjusted[~torch.isnan(adjusted)].mean())
     if L.estimator == "gae":
         rewards = A.shape_rewards(scores, mask, kl_tok if in_reward else None, beta)
         if L.name == "ppo_lag":
