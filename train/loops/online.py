@@ -368,7 +368,7 @@ def estimate(batch: dict[str, torch.Tensor], rollout: Rollout, scores, costs, ba
     rows; sequence-level statistics are over the whole rollout (all processes), group statistics per group."""
     mask = rollout.completion_mask
     n = L.samples_per_prompt
-    raw, scores = scores, adjust_scores(scores, rollout.truncated, L, rollout.lengths)
+    scores = adjust_scores(scores, rollout.truncated, L, rollout.lengths)
     beta = state.beta if L.kl.coef else 0.0
     kl_tok = None
     metrics: dict[str, float] = {}
@@ -377,7 +377,7 @@ def estimate(batch: dict[str, torch.Tensor], rollout: Rollout, scores, costs, ba
                                clamp=L.kl.clamp) * mask
     in_reward = kl_tok is not None and L.kl.placement == "reward"
     reduce = _sum_reducer(accelerator)
-    if not torch.equal(torch.nan_to_num(raw, nan=0.0), torch.nan_to_num(scores, nan=0.0)):  # penalties / clip applied
+    if L.missing_eos_penalty is not None or L.overlong_buffer is not None or L.score_clip is not None:
         adjusted = _gather(accelerator, scores)
         metrics["reward/adjusted_mean"] = float(adjusted[~torch.isnan(adjusted)].mean())
     if L.estimator == "gae":
