@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,9 @@ from synth.app import ConfigError
 from train import advantages as A
 from train.data.prompts import encode_prompts, load_prompts
 from train.loops.common import (
-    MetricsLogger, build_optimizer, build_scheduler, call_loss, epoch_order, find_last_checkpoint, finish_run,
-    instantiate_loss, library_progress_bars, load_training_state, make_accelerator, postfix, prepare_output_dir,
-    save_checkpoint, seed_everything, write_config,
+    MetricsLogger, Progress, build_optimizer, build_scheduler, call_loss, checkpoint_progress, epoch_order,
+    find_last_checkpoint, finish_run, instantiate_loss, library_progress_bars, make_accelerator, postfix,
+    prepare_output_dir, resume_from, seed_everything, write_config,
 )
 from train.losses.policy import value_loss
 from train.models import count_parameters, is_peft, load_frozen, load_policy, load_tokenizer, save_model, trainable_parameters
@@ -47,16 +47,16 @@ from train.scorers import PairwiseJudge, build_scorer
 
 
 @dataclass
-class OnlineState:
-    """Everything a checkpoint restores besides weights, optimizers and RNG (trainer_state.json)."""
+class OnlineState(Progress):
+    """The offline loops' Progress (step = finished rollouts) plus the controllers' state: everything a
+    checkpoint restores besides weights, optimizers and RNG (trainer_state.json)."""
 
-    step: int = 0  # finished rollouts
     optimizer_steps: int = 0
-    samples: int = 0
     beta: float = 0.0
     log_lambda: float = 0.0
     cost_window: list[float] = field(default_factory=list)
-    elapsed_s: float = 0.0
+
+    SAVED = Progress.SAVED + ("optimizer_steps", "beta", "log_lambda", "cost_window")
 
 
 def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
@@ -117,11 +117,10 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     model, optimizer = accelerator.prepare(policy, optimizer)
     for k in critics:
         critics[k], critic_opts[k] = accelerator.prepare(critics[k], critic_opts[k])
-    state = OnlineState(beta=L.kl.coef, log_lambda=math.log(L.lagrangian.lambda_init))
-    if ckpt is not None:
-        saved, tensors = load_training_state(ckpt, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler)
-        state = OnlineState(**{k: saved[k] for k in asdict(state) if k in saved})
-        for k, opt in critic_opts.items():
+    state = OnlineState(beta=L.kl.coef, log_lambda=math.log(L.lagrangian.lambda_init), started=started)
+    tensors = resume_from(ckpt, state, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler)
+    for k, opt in critic_opts.items():
+        if f"critic_{k}_optimizer" in tensors:
             opt.load_state_dict(tensors[f"critic_{k}_optimizer"])
     n_train, n_total = count_parameters(accelerator.unwrap_model(model))
     if main:
@@ -182,19 +181,18 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         last = {**metrics, "beta": state.beta, "lr": scheduler.get_last_lr()[0],
                 "time/generate_s": t_gen - t0, "time/score_s": t_score - t_gen, "time/update_s": t_update - t_score,
                 "samples_per_s": L.prompts_per_step * L.samples_per_prompt / max(t_update - t0, 1e-9),
-                "time_s": state.elapsed_s + time.perf_counter() - started}
+                "time_s": state.time_s()}
         if L.name == "ppo_lag":
             last["lambda"] = math.exp(state.log_lambda)
         last = {k: v for k, v in last.items() if not (isinstance(v, float) and math.isnan(v))}
-        if state.step % cfg.log.every_steps == 0 or state.step == total:
+        if state.log_due(cfg.log.every_steps, total):
             logger.log(state.step, last)
             bar.set_postfix(postfix(last, ("reward/mean", "kl", "loss", "lambda")))
         bar.update(1)
-        stop = cfg.checkpoint.stop_after_steps is not None and state.step >= cfg.checkpoint.stop_after_steps
-        if stop or (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0):
-            checkpoint(out_dir, state, started, accelerator, model, tokenizer, optimizer, scheduler, critics, critic_opts, cfg)
-        if stop:
-            stopped = True
+        due, stopped = state.checkpoint_due(cfg.checkpoint)
+        if due:
+            checkpoint(out_dir, state, accelerator, model, tokenizer, optimizer, scheduler, critics, critic_opts, cfg)
+        if stopped:
             break
     bar.close()
 
@@ -203,11 +201,11 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     if stopped:
         return {"stopped": True, "steps": state.step, "output_dir": str(out_dir)}
     final = save_model(model, tokenizer, out_dir / "final", accelerator)
-    if state.step and (cfg.checkpoint.every_steps == 0 or state.step % cfg.checkpoint.every_steps):
-        checkpoint(out_dir, state, started, accelerator, model, tokenizer, optimizer, scheduler, critics, critic_opts, cfg)
+    if state.final_checkpoint_due(cfg.checkpoint):
+        checkpoint(out_dir, state, accelerator, model, tokenizer, optimizer, scheduler, critics, critic_opts, cfg)
     summary = {
         "loop": L.name, "loss": cfg.loss.name, "steps": state.step, "optimizer_steps": state.optimizer_steps,
-        "samples": state.samples, "time_s": state.elapsed_s + time.perf_counter() - started, "final_dir": str(final),
+        "samples": state.samples, "time_s": state.time_s(), "final_dir": str(final),
         "final_train": last, "truncation": {"prompts_truncated": n_truncated}, "output_dir": str(out_dir),
     }
     return finish_run(summary, out_dir, cfg, accelerator)
@@ -621,12 +619,11 @@ def update_cost_window(state: OnlineState, costs: torch.Tensor, window: int) -> 
     state.cost_window = (state.cost_window + [c for c in costs.tolist() if not math.isnan(c)])[-window:]
 
 
-def checkpoint(out_dir, state: OnlineState, started, accelerator, model, tokenizer, optimizer, scheduler, critics, critic_opts, cfg):
-    saved = asdict(state) | {"elapsed_s": state.elapsed_s + time.perf_counter() - started}
+def checkpoint(out_dir, state: OnlineState, accelerator, model, tokenizer, optimizer, scheduler, critics, critic_opts, cfg):
     tensors = {f"critic_{k}_optimizer": opt.state_dict() for k, opt in critic_opts.items()}
     extra = {f"critic_{k}": accelerator.unwrap_model(c).model for k, c in critics.items()}
-    save_checkpoint(out_dir, state.step, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                    scheduler=scheduler, state=saved, tensors=tensors, keep_last=cfg.checkpoint.keep_last, extra_models=extra)
+    checkpoint_progress(out_dir, state, cfg, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                        scheduler=scheduler, tensors=tensors, extra_models=extra)
 
 
 class PairsLog:
