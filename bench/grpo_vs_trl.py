@@ -51,6 +51,12 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_s() -> float:
+    """CPU seconds of this process (all threads): steadier than wall time on a shared machine."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def even_reward(completion_ids, **_):
     return [sum(1 for t in ids if t % 2 == 0) / max(len(ids), 1) for ids in completion_ids]
 
@@ -108,14 +114,14 @@ def run_ours(args, work: Path) -> dict:
     ]
     with initialize_config_module(config_module="rlaif_forge_conf", version_base=None):
         cfg = compose(config_name="train", overrides=overrides)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_s()
     train.app.run(cfg)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, cpu_s() - c0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     gen = [r["time/generate_s"] for r in rows]
     upd = [r["time/update_s"] + r["time/score_s"] for r in rows]
     tokens = sum(r["completions/mean_length"] * args.prompts_per_step * args.group for r in rows)
-    return {"side": "ours", "wall_s": wall, "steps_s": sum(gen[1:]) + sum(upd[1:]), "gen_s": statistics.median(gen),
+    return {"side": "ours", "wall_s": wall, "cpu_s": cpu, "steps_s": sum(gen[1:]) + sum(upd[1:]), "gen_s": statistics.median(gen),
             "update_s": statistics.median(upd), "gen_tokens_per_s": tokens / sum(gen), "peak_rss_mb": rss_mb(),
             "baseline_rss_mb": baseline, "reward": [r["reward/mean"] for r in rows], "kl": [r.get("kl", 0.0) for r in rows]}
 
@@ -136,7 +142,7 @@ def run_trl(args, work: Path) -> dict:
             self.times.append(time.perf_counter())
 
     clock = StepClock()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_s()
     ds = load_dataset("json", data_files=str(work / "prompts.jsonl"), split="train")
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(work / "model")
@@ -171,11 +177,12 @@ def run_trl(args, work: Path) -> dict:
 
     trainer._generate_single_turn = timed
     trainer.train()
-    wall = time.perf_counter() - t0
+    trainer.save_model(str(work / "out-trl" / "final"))  # ours writes final/ (and a resumable checkpoint) too
+    wall, cpu = time.perf_counter() - t0, cpu_s() - c0
     logs = [h for h in trainer.state.log_history if "reward" in h]
     steps = [b - a for a, b in zip([t0] + clock.times[:-1], clock.times)]
     tokens = sum(h["completions/mean_length"] * args.prompts_per_step * args.group for h in logs)
-    return {"side": "trl", "wall_s": wall, "steps_s": clock.times[-1] - clock.times[0], "gen_s": statistics.median(gen_times),
+    return {"side": "trl", "wall_s": wall, "cpu_s": cpu, "steps_s": clock.times[-1] - clock.times[0], "gen_s": statistics.median(gen_times),
             "update_s": statistics.median([s - g for s, g in zip(steps[1:], gen_times[1:])]),
             "gen_tokens_per_s": tokens / sum(gen_times), "peak_rss_mb": rss_mb(), "baseline_rss_mb": baseline,
             "reward": [h["reward"] for h in logs], "kl": [h.get("kl", 0.0) for h in logs], "trl": trl.__version__}
@@ -234,7 +241,7 @@ def main(default_algo: str = "grpo") -> None:
                     shutil.rmtree(d, ignore_errors=True)
     res = {}
     for side, rs in runs.items():
-        med = {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "steps_s", "gen_s", "update_s", "gen_tokens_per_s")}
+        med = {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "cpu_s", "steps_s", "gen_s", "update_s", "gen_tokens_per_s")}
         med["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rs)
         med["reward"] = [statistics.mean(v) for v in zip(*(r["reward"] for r in rs))]
         med["kl"] = [statistics.mean(v) for v in zip(*(r["kl"] for r in rs))]
@@ -243,18 +250,19 @@ def main(default_algo: str = "grpo") -> None:
     print(f"\n{args.algo.upper()}, {per_step} completions/step ({args.prompts_per_step} prompts x {args.group}), "
           f"{args.max_new_tokens} new tokens, {args.steps} steps, beta {args.beta}, float32, torch {torch.__version__}, "
           f"{args.threads} thread(s), TRL {runs['trl'][0].get('trl')}, medians of {args.repeats}")
-    print(f"{'side':<6}{'e2e s':>8}{'samples/s':>11}{'steps sps':>11}{'gen s/step':>12}{'update s/step':>15}"
+    print(f"{'side':<6}{'e2e s':>8}{'CPU s':>8}{'samples/s':>11}{'steps sps':>11}{'gen s/step':>12}{'update s/step':>15}"
           f"{'gen tok/s':>11}{'peak RSS MB':>13}")
     for side, r in res.items():
         r["e2e_sps"] = args.steps * per_step / r["wall_s"]
         r["steps_sps"] = (args.steps - 1) * per_step / r["steps_s"]
-        print(f"{side:<6}{r['wall_s']:>8.1f}{r['e2e_sps']:>11.2f}{r['steps_sps']:>11.2f}{r['gen_s']:>12.2f}"
+        print(f"{side:<6}{r['wall_s']:>8.1f}{r['cpu_s']:>8.1f}{r['e2e_sps']:>11.2f}{r['steps_sps']:>11.2f}{r['gen_s']:>12.2f}"
               f"{r['update_s']:>15.2f}{r['gen_tokens_per_s']:>11.0f}{r['peak_rss_mb']:>13.0f}")
     print("mean reward per step (ours | TRL):")
     for i, (a, b) in enumerate(zip(res["ours"]["reward"], res["trl"]["reward"]), 1):
         print(f"  {i:>3}  {a:.4f} | {b:.4f}")
     o, t = res["ours"], res["trl"]
-    print(f"ours/TRL: {o['e2e_sps'] / t['e2e_sps']:.2f}x samples/s end-to-end, {o['steps_sps'] / t['steps_sps']:.2f}x steps; "
+    print(f"ours/TRL: {o['e2e_sps'] / t['e2e_sps']:.2f}x samples/s end-to-end (CPU time {t['cpu_s'] / o['cpu_s']:.2f}x), "
+          f"{o['steps_sps'] / t['steps_sps']:.2f}x steps; "
           f"generation {t['gen_s'] / o['gen_s']:.2f}x faster, update {t['update_s'] / o['update_s']:.2f}x faster; "
           f"peak RSS {o['peak_rss_mb'] / t['peak_rss_mb']:.2f}x")
 
