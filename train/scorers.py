@@ -9,8 +9,8 @@ default score; the estimators give it zero advantage).
     judge      an AI judge through a synth backend: MT-Bench rubric 1-10 (synth.steps.judge), or for
                online_dpo pairwise labels asked in both orders (ties and disagreements dropped)
 
-Built-in rule rewards for toys and benchmarks: `train.scorers:even_token_fraction`,
-`train.scorers:token_fraction` (with a marker set).
+Built-in rule functions for toys and benchmarks: `train.scorers:even_token_fraction` (a reward) and
+`train.scorers:quarter_token_fraction` (a cost that conflicts with it).
 """
 
 from __future__ import annotations
