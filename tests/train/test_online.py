@@ -244,3 +244,25 @@ def test_dapo_overlong_penalty_lowers_long_completions(prompts, tmp_path):
     assert plain["completions/truncated_frac"] == 1.0 and plain["completions/mean_length"] == 8.0
     assert dapo["reward/mean"] == pytest.approx(plain["reward/mean"], abs=1e-6)  # the scorer's own scores, logged raw
     assert dapo["reward/adjusted_mean"] == pytest.approx(plain["reward/mean"] - 1.0, abs=1e-6) and "reward/adjusted_mean" not in plain
+
+
+@pytest.mark.parametrize("loop,extra", [
+    ("ppo", ["loop.reward.kind=function", "loop.critic.init_from=policy", "loop.kl.coef=0.05"]),
+    ("grpo", ["loop.estimator=reinforce_pp"]),
+])
+def test_unscorable_samples_get_zero_advantage_with_token_level_estimators(prompts, tmp_path, loop, extra, monkeypatch):
+    """GAE and REINFORCE++ turn a NaN score into 0 reward: the loop must still zero that sample's advantage."""
+    import train.loops.online as online
+
+    seen = {}
+    update = online.policy_update
+
+    def spy(model, critics, critic_opts, optimizer, scheduler, batch, rollout, *args, **kwargs):
+        seen["adv"] = batch["advantages"].clone() if batch["advantages"] is not None else None
+        return update(model, critics, critic_opts, optimizer, scheduler, batch, rollout, *args, **kwargs)
+
+    monkeypatch.setattr(online, "policy_update", spy)
+    train(tmp_path, prompts, f"loop={loop}", "loop.reward.function=tests.train.online_helpers:nan_for_odd_rows",
+          "optim.max_steps=1", "loop.prompts_per_step=4", *extra)
+    adv = seen["adv"]
+    assert adv[1::2].abs().max() == 0 and adv[0::2].abs().max() > 0

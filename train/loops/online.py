@@ -38,7 +38,7 @@ from train.data.prompts import encode_prompts, load_prompts
 from train.loops.common import (
     MetricsLogger, Progress, build_optimizer, build_scheduler, call_loss, checkpoint_progress, epoch_order,
     find_last_checkpoint, finish_run, instantiate_loss, library_progress_bars, make_accelerator, postfix,
-    prepare_output_dir, resume_from, seed_everything, write_config,
+    prepare_output_dir, resume_from, seed_everything, total_steps, write_config,
 )
 from train.losses.policy import value_loss
 from train.models import count_parameters, is_peft, load_frozen, load_policy, load_tokenizer, save_model, trainable_parameters
@@ -81,7 +81,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     prompts = [prompts[i] for i in kept]
     if len(prompts) < L.prompts_per_step:
         raise ConfigError(f"data.path={cfg.data.path}: {len(prompts)} prompt(s), fewer than loop.prompts_per_step={L.prompts_per_step}")
-    total = cfg.optim.max_steps or len(prompts) // L.prompts_per_step * cfg.optim.epochs
+    total = total_steps(cfg.optim, len(prompts) // L.prompts_per_step)  # rollouts: max_steps, else epochs over the prompts
     per_process = L.prompts_per_step // world
 
     # ---------------------------------------------------------------- 3. models and scorers
@@ -416,6 +416,14 @@ def estimate(batch: dict[str, torch.Tensor], rollout: Rollout, scores, costs, ba
             metrics["frac_reward_zero_std"] = float(torch.isclose(groups.std(1), torch.zeros(())).float().mean()) if n > 1 else 0.0
             adv = adv[_local(accelerator, len(seq))]
         batch["advantages"] = adv
+    unscorable = torch.isnan(scores) | (torch.isnan(costs) if costs is not None else False)
+    if unscorable.any():  # NaN gets zero advantage, never the value baseline's guess (and no value target)
+        for key in ("advantages", "adv_reward", "adv_cost"):
+            if batch.get(key) is not None:
+                batch[key] = torch.where(unscorable.view(-1, *[1] * (batch[key].dim() - 1)), torch.zeros_like(batch[key]), batch[key])
+        for k in ("reward", "cost"):
+            if f"returns_{k}" in batch:
+                batch[f"returns_{k}"] = torch.where(unscorable[:, None], batch[f"values_{k}"], batch[f"returns_{k}"])
     if "entropy" in batch:  # else measured in the update (π_old pass skipped)
         ent = _gather(accelerator, torch.stack([(batch["entropy"] * mask).sum(), mask.sum().float()])[None])
         metrics["entropy"] = float(ent[:, 0].sum() / ent[:, 1].sum().clamp(min=1))
