@@ -121,21 +121,62 @@ def _logits(model, rollout: Rollout, device) -> Tensor:
     return out.logits[:, :-1]
 
 
-def token_logps(model, rollout: Rollout, temperature: float, device, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+def token_logps(model, rollout: Rollout, temperature: float, device, with_entropy: bool = False,
+                packed: bool = False) -> tuple[Tensor, Tensor | None]:
     """log π(y_t | x, y_<t) of the completion tokens from logits / T, float32 [N, Lc] (0 off mask), and
-    with_entropy the per-token entropy of the same distribution (no grad)."""
-    logits = _logits(model, rollout, device)
+    with_entropy the per-token entropy of the same distribution (no grad). packed: the rows (real prompt
+    + completion tokens only) are laid end to end (train/loops/packing.py), so no compute is spent on the
+    prompts' left padding or the completions' right padding; same values."""
+    if packed:
+        logits, index = _packed_logits(model, rollout, device)
+    else:
+        logits, index = _logits(model, rollout, device), None
     if temperature != 1.0:
         logits = logits / temperature
     mask = rollout.completion_mask.to(device)
-    logps = selective_log_softmax(logits, rollout.completion_ids.to(device), mask)
+    target = rollout.completion_ids.to(device)
+    if index is not None:  # packed: logits [P, V] of the positions predicting each completion token
+        flat = selective_log_softmax(logits, target[mask])
+        logps = torch.zeros(mask.shape, dtype=flat.dtype, device=device).masked_scatter(mask, flat)
+    else:
+        logps = selective_log_softmax(logits, target, mask)
     entropy = None
     if with_entropy:
         with torch.no_grad():
             lf = logits.detach().float()
             p = lf.softmax(-1)
-            entropy = (lf.logsumexp(-1) - (p * lf).sum(-1)) * mask
+            ent = lf.logsumexp(-1) - (p * lf).sum(-1)
+            entropy = (torch.zeros(mask.shape, dtype=ent.dtype, device=device).masked_scatter(mask, ent)
+                       if index is not None else ent * mask)
     return logps, entropy
+
+
+def _packed_logits(model, rollout: Rollout, device) -> tuple[Tensor, Tensor]:
+    """One forward over the rows packed end to end -> (logits [M, V] of the positions that predict the
+    M real completion tokens, in row-major order of completion_mask; the packed positions)."""
+    from train.loops.packing import pack_rows
+
+    plen = rollout.prompt_mask.sum(1)
+    clen = rollout.completion_mask.sum(1)
+    width = int((plen + clen).max())
+    n = len(rollout)
+    ids = torch.zeros((n, width), dtype=torch.long)
+    attn = torch.zeros((n, width), dtype=torch.long)
+    for i in range(n):
+        row = torch.cat([rollout.prompt_ids[i][rollout.prompt_mask[i].bool()], rollout.completion_ids[i][rollout.completion_mask[i]]])
+        ids[i, :len(row)] = row
+        attn[i, :len(row)] = 1
+    pk = pack_rows(ids, attn, ids)
+    logits = model(input_ids=pk.input_ids.to(device), position_ids=pk.position_ids.to(device), use_cache=False).logits
+    # padded position (i, t) sits at packed position where src == i*width + t; token j of row i's completion
+    # is predicted at padded position plen_i + j - 1
+    where = torch.full((n * width,), -1, dtype=torch.long)
+    valid = pk.src >= 0
+    where[pk.src[valid]] = torch.arange(pk.src.numel())[valid.reshape(-1)]
+    cols = plen[:, None] - 1 + torch.arange(rollout.completion_ids.shape[1])[None]
+    flat_index = (torch.arange(n)[:, None] * width + cols.clamp(max=width - 1))[rollout.completion_mask]
+    index = where[flat_index].to(device)
+    return logits.reshape(-1, logits.shape[-1])[index], index
 
 
 class TokenValues(torch.nn.Module):

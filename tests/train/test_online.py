@@ -266,3 +266,28 @@ def test_unscorable_samples_get_zero_advantage_with_token_level_estimators(promp
           "optim.max_steps=1", "loop.prompts_per_step=4", *extra)
     adv = seen["adv"]
     assert adv[1::2].abs().max() == 0 and adv[0::2].abs().max() > 0
+
+
+def test_packed_forward_equals_the_padded_one(prompts, tmp_path, tiny_path):
+    """optim.packing: the trainer's log-probs on rows packed end to end equal the padded forward's."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from train.rollout import hf_generate, token_logps
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in ("hello there friend", "a", "bread flour water salt")]
+    r = hf_generate(model, tok, ids, 3, SimpleNamespace(temperature=0.7, top_p=1.0, top_k=0, max_new_tokens=12), seed=1)
+    for i, k in enumerate([3, 12, 1, 7, 5, 12, 2, 9, 4]):  # completions of different lengths
+        r.completion_mask[i, k:] = False
+    a, ea = token_logps(model, r, 0.7, "cpu", with_entropy=True)
+    b, eb = token_logps(model, r, 0.7, "cpu", with_entropy=True, packed=True)
+    assert (a - b).abs().max() < 1e-5 and (ea - eb).abs().max() < 1e-4 and (b[~r.completion_mask] == 0).all()
+    common = ["loop=grpo", EVEN, "optim.max_steps=2", "loop.prompts_per_step=4", "loop.kl.coef=0.04"]
+    train(tmp_path / "packed", prompts, *common)
+    train(tmp_path / "padded", prompts, *common, "optim.packing=false")
+    for x, y in zip(metrics(tmp_path / "packed"), metrics(tmp_path / "padded")):
+        for k in ("loss", "grad_norm", "kl", "reward/mean"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), k

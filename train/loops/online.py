@@ -122,6 +122,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     for k, opt in critic_opts.items():
         if f"critic_{k}_optimizer" in tensors:
             opt.load_state_dict(tensors[f"critic_{k}_optimizer"])
+    packed = cfg.optim.packing and packing_check(model, prompt_ids, cfg, accelerator)
     n_train, n_total = count_parameters(accelerator.unwrap_model(model))
     if main:
         print(f"loop={L.name}: {n_train:,} trainable of {n_total:,} parameters; loss={cfg.loss.name}; {len(prompts)} prompts "
@@ -160,15 +161,15 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         # 3-6
         if L.name == "online_dpo":
             pairs_log.write(state.step, [prompts[i] for i in mine], texts, labels, accelerator)
-            metrics = dpo_update(model, reference, rollout, labels, loss_fn, optimizer, scheduler, cfg, accelerator)
+            metrics = dpo_update(model, reference, rollout, labels, loss_fn, optimizer, scheduler, cfg, accelerator, packed)
             state.optimizer_steps += updates_per_rollout
         else:
-            batch = no_grad_passes(model, reference, critics, rollout, L, cfg.optim.batch_size, device)
+            batch = no_grad_passes(model, reference, critics, rollout, L, cfg.optim.batch_size, device, packed)
             if costs is not None:  # Safe-RLHF: episode costs (scorer end scores, no KL) feed J̄_C
                 update_cost_window(state, _gather(accelerator, costs), L.lagrangian.window)
             metrics = estimate(batch, rollout, scores, costs, baseline, state, L, accelerator)
             metrics |= policy_update(model, critics, critic_opts, optimizer, scheduler, batch, rollout, loss_fn, state, L, cfg,
-                                     accelerator)
+                                     accelerator, packed)
         t_update = time.perf_counter()
         # 7. controllers, log, checkpoint
         metrics |= rollout_metrics(rollout, None if L.name == "online_dpo" and L.reward.kind == "judge" else scores,
@@ -264,6 +265,29 @@ def build_critics(cfg, ckpt, device) -> dict[str, torch.nn.Module]:
     return out
 
 
+def packing_check(model, prompt_ids: list[list[int]], cfg, accelerator) -> bool:
+    """optim.packing: the trainer's forwards run on rows laid end to end (no compute on the prompts'
+    left padding or the completions' right padding) when this model keeps packed rows apart (checked
+    once on two prompts, agreed by every process; train/loops/packing.py)."""
+    from train.loops.packing import packing_matches
+
+    rows = prompt_ids[:2]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], attn[i, :len(r)] = torch.tensor(r), 1
+    batch = {"input_ids": ids.to(accelerator.device), "attention_mask": attn.to(accelerator.device),
+             "labels": torch.where(attn.bool(), ids, torch.full_like(ids, -100)).to(accelerator.device)}
+    ok = packing_matches(getattr(model, "module", model), batch, cfg.optim.dtype)
+    if accelerator.num_processes > 1:
+        ok = bool(accelerator.reduce(torch.tensor([float(ok)], device=accelerator.device), "min").item())
+    if not ok and accelerator.is_main_process:
+        print("warning: this model's attention does not separate packed rows (position_ids); "
+              "training on padded rows instead (optim.packing=false silences this)", flush=True)
+    return ok
+
+
 def step_prompts(step: int, n_prompts: int, per_step: int, seed: int) -> list[int]:
     """The prompts of rollout `step`: consecutive slices of a per-epoch permutation (same on every process)."""
     out = []
@@ -335,7 +359,7 @@ def on_policy_single_update(L, reference) -> bool:
     return L.epochs_per_rollout == 1 and L.mini_batches == 1 and not kl_in_reward
 
 
-def no_grad_passes(model, reference, critics, rollout: Rollout, L, micro: int, device) -> dict[str, torch.Tensor]:
+def no_grad_passes(model, reference, critics, rollout: Rollout, L, micro: int, device, packed: bool = False) -> dict[str, torch.Tensor]:
     """π_old (and entropy), π_ref and critic values over the rollout, micro-batch by micro-batch, float32."""
     T = L.generation.temperature
     skip_old = on_policy_single_update(L, reference)
@@ -343,14 +367,14 @@ def no_grad_passes(model, reference, critics, rollout: Rollout, L, micro: int, d
     for idx in micro_batches(len(rollout), micro):
         mb = rollout.select(idx)
         if not skip_old:
-            lp, ent = token_logps(model, mb, T, device, with_entropy=True)
+            lp, ent = token_logps(model, mb, T, device, with_entropy=True, packed=packed)
             out["old_logps"].append(lp.cpu())
             out["entropy"].append(ent.cpu())
         if reference == "adapter":
             with accelerator_unwrap(model).disable_adapter():
-                out["ref_logps"].append(token_logps(model, mb, T, device)[0].cpu())
+                out["ref_logps"].append(token_logps(model, mb, T, device, packed=packed)[0].cpu())
         elif reference is not None:
-            out["ref_logps"].append(token_logps(reference, mb, T, device)[0].cpu())
+            out["ref_logps"].append(token_logps(reference, mb, T, device, packed=packed)[0].cpu())
         for k, c in critics.items():
             out[f"values_{k}"].append(token_values(c, mb, device).cpu())
     return {k: torch.cat(v) for k, v in out.items() if v}
@@ -453,7 +477,7 @@ def _sum_reducer(accelerator):
 
 
 def policy_update(model, critics, critic_opts, optimizer, scheduler, batch, rollout: Rollout, loss_fn, state: OnlineState,
-                  L, cfg, accelerator) -> dict[str, float]:
+                  L, cfg, accelerator, packed: bool = False) -> dict[str, float]:
     """epochs_per_rollout × mini_batches optimizer steps over this process's rows. Each mini-batch's
     token and sequence counts are summed over processes first, so the token-mean is global and the
     gradient-accumulation normalisation is applied once."""
@@ -490,7 +514,8 @@ def policy_update(model, critics, critic_opts, optimizer, scheduler, batch, roll
                                     kl_estimator=L.kl.estimator, kl_clamp=L.kl.clamp)
                     if not critic_only:
                         on_policy = "old_logps" not in batch
-                        data["logps"], entropy = token_logps(model, mb, L.generation.temperature, device, with_entropy=on_policy)
+                        data["logps"], entropy = token_logps(model, mb, L.generation.temperature, device, with_entropy=on_policy,
+                                                                     packed=packed)
                         data["old_logps"] = data["logps"].detach() if on_policy else batch["old_logps"][idx].to(device)
                         if on_policy:
                             mask = data["mask"]
@@ -548,7 +573,8 @@ def lag_step(state: OnlineState, L) -> None:
     state.log_lambda = A.lagrange_step(state.log_lambda, mean_cost, lg.cost_threshold, lg.lambda_lr, lg.lambda_max)
 
 
-def dpo_update(model, reference, rollout: Rollout, labels, loss_fn, optimizer, scheduler, cfg, accelerator) -> dict[str, float]:
+def dpo_update(model, reference, rollout: Rollout, labels, loss_fn, optimizer, scheduler, cfg, accelerator,
+               packed: bool = False) -> dict[str, float]:
     """OAIF update: the DPO-family loss (conf/loss, pairwise) on each kept pair against the fixed
     reference; dropped pairs weigh 0 and the mean is over the kept pairs of all processes."""
     from train.loops.common import StepMetrics
@@ -576,13 +602,13 @@ def dpo_update(model, reference, rollout: Rollout, labels, loss_fn, optimizer, s
                 mb = rollout.select(rows)
                 sync = j + cfg.optim.batch_size >= len(pairs)
                 with _maybe_no_sync(accelerator, [model], sync):
-                    lp = (token_logps(model, mb, L.generation.temperature, device)[0]).sum(1)
+                    lp = (token_logps(model, mb, L.generation.temperature, device, packed=packed)[0]).sum(1)
                     with torch.no_grad():
                         if reference == "adapter":
                             with accelerator_unwrap(model).disable_adapter():
-                                ref = token_logps(model, mb, L.generation.temperature, device)[0].sum(1)
+                                ref = token_logps(model, mb, L.generation.temperature, device, packed=packed)[0].sum(1)
                         else:
-                            ref = token_logps(reference, mb, L.generation.temperature, device)[0].sum(1)
+                            ref = token_logps(reference, mb, L.generation.temperature, device, packed=packed)[0].sum(1)
                     b = len(p)
                     out = call_loss(loss_fn, {"policy_chosen_logps": lp[:b], "policy_rejected_logps": lp[b:],
                                               "reference_chosen_logps": ref[:b], "reference_rejected_logps": ref[b:]})
