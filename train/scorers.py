@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from synth.app import ConfigError
+from synth.errors import ConfigError
 
 Messages = list[dict[str, str]]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from synth.app import ConfigError
+from synth.errors import ConfigError
 from tests.train import online_helpers
 
 WORDS = "bread flour water salt yeast dough oven crust brown fox dog honest kind".split()

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from synth.app import ConfigError
+from synth.errors import ConfigError
 from train import advantages as A
 from train.data.prompts import encode_prompts, load_prompts
 from train.loops.common import (
