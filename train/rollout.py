@@ -98,7 +98,9 @@ def hf_generate(model, tokenizer, prompts: Sequence[Sequence[int]], n: int, gen,
     if not greedy:
         torch.manual_seed(seed)
     kwargs: dict[str, Any] = {"do_sample": False} if greedy else {
-        "do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p, "top_k": gen.top_k or None}
+        "do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p, "top_k": gen.top_k}  # top_k 0 = off (None
+    # would fall back to the model's generation_config, 50 by default: sampling from a truncated distribution
+    # that the trainer's full-softmax log-probs do not describe)
     was_training = unwrapped.training
     unwrapped.eval()
     out = unwrapped.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=gen.max_new_tokens,
