@@ -18,7 +18,8 @@ Resume: a checkpoint is written between rollouts (policy, critics, optimizers, �
 window, the step). An interrupted rollout is not persisted: the resumed run restarts that rollout, and
 because sampling seeds derive from (seed, step, process) it draws the same completions.
 Dropout is off for the whole run (the model stays in eval mode), so π_old equals π_θ on the first
-mini-batch (TRL disable_dropout).
+mini-batch (TRL disable_dropout); when that mini-batch is the only update and no KL sits in the reward,
+the π_old pass is skipped. With optim.packing the trainer's forwards run on rows packed end to end.
 """
 
 from __future__ import annotations
