@@ -96,7 +96,7 @@ class LossSpec(_Strict):
     """A conf/loss YAML: the loop-facing flags documented in train/losses/__init__.py."""
 
     name: str
-    kind: Literal["pairwise", "listwise", "unpaired", "sft", "reward"]
+    kind: Literal["pairwise", "listwise", "unpaired", "sft", "reward", "policy"]
     needs_reference: bool = False
     length_normalised: bool = False
     paper: str | None = None
@@ -138,12 +138,130 @@ class RewardLoop(_Strict):
     safe_rejected_field: str = "safe_rejected"
 
 
-LOOP_KINDS = {"sft": ("sft",), "preference": ("pairwise", "listwise", "unpaired"), "reward": ("reward",)}
+class KLSettings(_Strict):
+    """KL to the reference: its estimator and where it acts are explicit (train/advantages.py)."""
+
+    coef: float = Field(0.0, ge=0)  # β; 0 loads no reference model (initial β when adaptive)
+    placement: Literal["reward", "loss"] = "reward"
+    estimator: Literal["k1", "k2", "k3", "k3_ratio"] = "k1"
+    clamp: float | None = Field(10.0, gt=0)  # each per-token estimate bounded to ±clamp (OpenRLHF)
+    adaptive: bool = False  # Ziegler et al. 2019 controller on β
+    target_per_sequence_nats: float = Field(6.0, gt=0)  # unit: batch mean of the sequence-summed k1 KL, nats
+    horizon: int = Field(10_000, ge=1)
+
+
+class JudgeSettings(_Strict):
+    """An AI judge through a synth backend (conf/llm + conf/model blocks) or a `module:function` factory
+    returning one (a custom backend; tests script one)."""
+
+    llm: dict[str, Any] = Field(default_factory=dict)
+    model: dict[str, Any] = Field(default_factory=dict)
+    factory: str | None = None
+    language: str = "en"
+    max_new_tokens: int = Field(512, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    cache_path: str | None = None
+
+    @model_validator(mode="after")
+    def _one_backend(self):
+        if (self.factory is None) == (not self.llm):
+            raise ValueError("give exactly one of judge.llm (a backend block) or judge.factory (module:function)")
+        return self
+
+
+class ScorerSettings(_Strict):
+    """What scores a completion, in one batched call per step. NaN = unscorable (zero advantage)."""
+
+    kind: Literal["function", "model", "judge"] = "function"
+    function: str | None = None  # module:function(prompts=, completions=, completion_ids=) -> list[float | None]
+    path: str | None = None  # a `train loop=reward` output (final/ folder: full model or LoRA adapter)
+    batch_size: int = Field(16, ge=1)  # reward-model forward chunk
+    judge: JudgeSettings | None = None  # kind=judge: rubric 1-10 score (pairwise labels for online_dpo)
+
+    @model_validator(mode="after")
+    def _fields(self):
+        need = {"function": "function", "model": "path", "judge": "judge"}[self.kind]
+        if getattr(self, need) is None:
+            raise ValueError(f"a scorer of kind {self.kind} needs `{need}`")
+        return self
+
+
+class GenerationSettings(_Strict):
+    backend: Literal["hf", "vllm"] = "hf"
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # 0: off
+    gpu_memory_utilization: float = Field(0.3, gt=0, lt=1)  # vllm
+    sleep_level: Literal[0, 1, 2] = 2  # vllm: 0 keeps the engine awake
+    lora_sync: Literal["merged", "adapter"] = "merged"  # vllm under LoRA
+
+
+class CriticSettings(_Strict):
+    """PPO value function: a separate critic with a scalar head on every token, initialised from the
+    reward model (`init_from: reward`) or from the policy's weights (`policy`), own optimizer."""
+
+    init_from: Literal["reward", "policy"] = "reward"
+    lr: float = Field(5e-6, gt=0)
+    value_clip: float | None = Field(0.2, gt=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    warmup_steps: int = Field(0, ge=0)  # rollouts during which only the critic learns
+
+
+class LagrangianSettings(_Strict):
+    """Safe-RLHF PPO-Lagrangian multiplier (safe-rlhf ppo_lag defaults of scripts/ppo-lag.sh)."""
+
+    cost_threshold: float = 0.0
+    lambda_init: float = Field(1.0, gt=0)
+    lambda_lr: float = Field(0.1, gt=0)
+    lambda_max: float | None = Field(5.0, gt=0)
+    window: int = Field(128, ge=1)  # episode costs averaged for J̄_C
+    delay_steps: int = Field(0, ge=0)
+    token_clip: float | None = Field(50.0, gt=0)  # shaped per-token reward and cost clip
+
+
+class OnlineLoop(_Strict):
+    name: Literal["ppo", "rloo", "remax", "grpo", "ppo_lag", "online_dpo"]
+    estimator: Literal["gae", "reinforce_pp", "reinforce_pp_baseline", "rloo", "grpo", "dr_grpo", "remax", "pairs"]
+    prompts_per_step: int = Field(8, ge=1)  # P, over all processes
+    samples_per_prompt: int = Field(4, ge=1)  # n
+    mini_batches: int = Field(1, ge=1)  # optimizer steps per pass over a rollout
+    epochs_per_rollout: int = Field(1, ge=1)  # passes over a rollout (μ)
+    generation: GenerationSettings = GenerationSettings()
+    kl: KLSettings = KLSettings()
+    reward: ScorerSettings
+    cost: ScorerSettings | None = None  # ppo_lag
+    critic: CriticSettings = CriticSettings()
+    lagrangian: LagrangianSettings = LagrangianSettings()
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # grpo estimator
+    whiten_advantages: bool = False  # token advantages whitened over the rollout (gae, reinforce_pp*)
+    score_clip: float | None = Field(None, gt=0)  # clip scores to ±score_clip
+    missing_eos_penalty: float | None = None  # subtracted from the score of a truncated completion
+    overlong_buffer: int | None = Field(None, ge=1)  # DAPO soft overlong penalty over the last B tokens
+    overlong_factor: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _buffer_fits(self):
+        if self.overlong_buffer is not None and self.overlong_buffer > self.generation.max_new_tokens:
+            raise ValueError(f"overlong_buffer ({self.overlong_buffer}) must be <= generation.max_new_tokens "
+                             f"({self.generation.max_new_tokens})")
+        return self
+    reference: Literal["auto", "adapter_disabled", "model"] = "auto"
+
+
+LOOP_KINDS = {"sft": ("sft",), "preference": ("pairwise", "listwise", "unpaired"), "reward": ("reward",),
+              "ppo": ("policy",), "rloo": ("policy",), "remax": ("policy",), "grpo": ("policy",), "ppo_lag": ("policy",),
+              "online_dpo": ("pairwise",)}
+ONLINE_LOOPS = ("ppo", "rloo", "remax", "grpo", "ppo_lag", "online_dpo")
+ESTIMATORS = {"ppo": ("gae",), "ppo_lag": ("gae",), "remax": ("remax",), "rloo": ("rloo",),
+              "grpo": ("grpo", "dr_grpo", "reinforce_pp", "reinforce_pp_baseline"), "online_dpo": ("pairs",)}
+GROUP_ESTIMATORS = ("rloo", "grpo", "dr_grpo", "reinforce_pp_baseline")
 
 
 class TrainConfig(_Strict):
     model: ModelConfig
-    loop: SFTLoop | PreferenceLoop | RewardLoop = Field(discriminator="name")
+    loop: SFTLoop | PreferenceLoop | RewardLoop | OnlineLoop = Field(discriminator="name")
     loss: LossSpec
     data: DataConfig
     lora: LoraConfig = LoraConfig()
@@ -170,9 +288,13 @@ def check_combination(cfg: TrainConfig) -> None:
     """Settings that are each valid but do not fit together: one line naming both."""
     kinds = LOOP_KINDS[cfg.loop.name]
     if cfg.loss.kind not in kinds:
-        fitting = {"sft": "loss=sft", "reward": "loss=bradley_terry or loss=cost"}.get(cfg.loop.name, "a pairwise, listwise or unpaired loss")
+        fitting = {"sft": "loss=sft", "reward": "loss=bradley_terry or loss=cost", "online_dpo": "a pairwise (DPO-family) loss"}.get(
+            cfg.loop.name, "a policy loss (loss=ppo, grpo, dr_grpo, rloo, remax)" if cfg.loop.name in ONLINE_LOOPS
+            else "a pairwise, listwise or unpaired loss")
         raise ConfigError(f"loss={cfg.loss.name} is a {cfg.loss.kind} objective; loop={cfg.loop.name} trains {fitting} "
                           f"(use loop={next(k for k, v in LOOP_KINDS.items() if cfg.loss.kind in v)} for loss={cfg.loss.name})")
+    if isinstance(cfg.loop, OnlineLoop):
+        check_online(cfg)
     if isinstance(cfg.loop, PreferenceLoop):
         ref = cfg.loop.reference
         if ref.mode == "adapter_disabled" and not cfg.lora.enabled:
@@ -201,10 +323,76 @@ def check_combination(cfg: TrainConfig) -> None:
                               "optim.batch_size must be >= 2")
 
 
+def check_online(cfg: TrainConfig) -> None:
+    """Online settings that do not fit together (specs: OpenRLHF/TRL/verl refuse the same at start-up).
+    The group-integrity checks that need the process count run again in train/loops/online.py."""
+    loop, kl, fn = cfg.loop, cfg.loop.kl, cfg.loss.fn
+    name = loop.name
+    if loop.estimator not in ESTIMATORS[name]:
+        raise ConfigError(f"loop.estimator={loop.estimator} does not fit loop={name} (valid: {', '.join(ESTIMATORS[name])})")
+    if loop.estimator in GROUP_ESTIMATORS and loop.samples_per_prompt < 2:
+        raise ConfigError(f"loop.estimator={loop.estimator} needs a group: loop.samples_per_prompt must be >= 2 "
+                          f"(got {loop.samples_per_prompt})")
+    if name == "online_dpo" and loop.samples_per_prompt != 2:
+        raise ConfigError(f"loop=online_dpo samples two responses per prompt: set loop.samples_per_prompt=2 "
+                          f"(got {loop.samples_per_prompt})")
+    rollout = loop.prompts_per_step * loop.samples_per_prompt
+    if rollout % loop.mini_batches:
+        raise ConfigError(f"loop.prompts_per_step x loop.samples_per_prompt = {rollout} samples do not split into "
+                          f"loop.mini_batches={loop.mini_batches} equal mini-batches")
+    if cfg.optim.grad_accum != 1:
+        raise ConfigError("online loops accumulate micro-batches (optim.batch_size rows) up to a mini-batch "
+                          "(rollout / loop.mini_batches); set optim.grad_accum=1 and use loop.mini_batches")
+    if name == "online_dpo":
+        if loop.reward.kind == "judge" and loop.reward.judge is None:
+            raise ConfigError("loop=online_dpo with loop.reward.kind=judge needs loop.reward.judge")
+        if kl.coef:
+            raise ConfigError("loop=online_dpo regularises through the DPO loss's beta (loss.fn.beta); set loop.kl.coef=0")
+        if not cfg.loss.needs_reference:
+            raise ConfigError(f"loop=online_dpo (OAIF) trains against the fixed SFT reference: loss={cfg.loss.name} "
+                              "uses none; use loss=dpo or loss=ipo")
+        return
+    if kl.coef == 0 and kl.adaptive:
+        raise ConfigError("loop.kl.adaptive=true needs an initial loop.kl.coef > 0")
+    if kl.coef and kl.placement == "loss" and kl.estimator == "k1":
+        raise ConfigError("loop.kl.placement=loss with loop.kl.estimator=k1 has zero gradient in expectation; "
+                          "use k2, k3_ratio (reverse KL) or k3 (forward KL), or put k1 in the reward")
+    if kl.placement == "reward" and kl.estimator in ("k2", "k3_ratio"):
+        raise ConfigError(f"loop.kl.estimator={kl.estimator} is a loss-side estimator; in the reward use k1 (or k3)")
+    if kl.adaptive and kl.placement != "reward":
+        raise ConfigError("loop.kl.adaptive=true (Ziegler) controls the KL penalty in the reward: set loop.kl.placement=reward")
+    if name == "ppo_lag":
+        if loop.cost is None:
+            raise ConfigError("loop=ppo_lag needs a cost scorer: loop.cost.kind=model loop.cost.path=<cost model> "
+                              "(or kind=function)")
+        if kl.coef and kl.placement != "reward":
+            raise ConfigError("loop=ppo_lag puts the KL in both reward and cost streams (±β, λ-neutral): "
+                              "set loop.kl.placement=reward")
+    elif loop.cost is not None:
+        raise ConfigError(f"loop.cost is used by loop=ppo_lag only, not loop={name}")
+    if kl.coef and kl.placement == "loss" and not _takes(fn.get("_target_"), "ref_logps"):
+        raise ConfigError(f"loss={cfg.loss.name} has no per-token KL term (sequence-level ratio): put the KL in the "
+                          "reward (loop.kl.placement=reward)")
+    if name == "remax" and (loop.epochs_per_rollout > 1 or loop.mini_batches > 1):
+        raise ConfigError("loop=remax is REINFORCE (strictly on-policy): loop.epochs_per_rollout and loop.mini_batches must be 1")
+
+
+def _takes(target: str | None, name: str) -> bool:
+    import inspect
+
+    from hydra.utils import get_object
+
+    try:
+        return name in inspect.signature(get_object(target)).parameters
+    except Exception:  # noqa: BLE001 - an unresolvable target is reported by instantiate_loss at start-up
+        return True
+
+
 def run_config(cfg: TrainConfig, resolved_yaml: str | None = None) -> dict[str, Any]:
     """Run the loop, its output folder locked for the whole run (one owner, as in synth). Under
     `accelerate launch` only the global rank 0 takes the lock: the other ranks share that run."""
-    loop = importlib.import_module(f"train.loops.{cfg.loop.name}")
+    module = "online" if cfg.loop.name in ONLINE_LOOPS else cfg.loop.name
+    loop = importlib.import_module(f"train.loops.{module}")
     if int(os.environ.get("RANK", "0")) != 0:
         return loop.run(cfg, resolved_yaml=resolved_yaml)
     with OutputLock(Path(cfg.output_dir).expanduser()):

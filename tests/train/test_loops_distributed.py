@@ -35,13 +35,13 @@ def curve(out: Path) -> list[tuple[int, float, float]]:
     return [(r["step"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
 
 
-def launch_two(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+def launch_two(tmp_path: Path, *overrides: str, module: str = "train") -> subprocess.CompletedProcess:
     launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     if launcher is None:
         pytest.skip("the accelerate launcher is not installed")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "train", *overrides]
+           "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", module, *overrides]
     # its own process group, so that a hang (a collective one process never reaches) kills the workers too
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

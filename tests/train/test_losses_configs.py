@@ -20,7 +20,7 @@ YAMLS = sorted(LOSS_CONF.glob("*.yaml"))
 REQUIRED = {
     "dpo", "cdpo", "robust_dpo", "slic_hf", "hinge", "ipo", "kto", "bco", "cpo", "orpo", "exo", "dpop", "simpo",
     "rpo", "odpo", "npo", "apo_zero", "apo_down", "lipo_lambda", "pro", "rrhf", "cringe", "sft", "bradley_terry",
-    "cost",
+    "cost", "ppo", "grpo", "dr_grpo", "rloo", "remax",
 }
 B = 4
 
@@ -76,6 +76,11 @@ def small_batch(kind: str, mean: bool, stateful: str | None) -> dict[str, object
             costs_rejected=torch.randn(B, generator=g).requires_grad_(True),
             safe_chosen=torch.tensor([True, True, False, True]),
             safe_rejected=torch.tensor([False, False, False, True]),
+        )
+    elif kind == "policy":
+        batch.update(
+            logps=logps(B, 6), old_logps=logps(B, 6).detach(), ref_logps=logps(B, 6).detach(),
+            advantages=torch.randn(B, generator=g, dtype=torch.float64), mask=torch.rand(B, 6, generator=g) > 0.3,
         )
     return batch
 

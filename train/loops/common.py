@@ -517,6 +517,88 @@ def load_training_state(ckpt: Path, *, accelerator, optimizer, scheduler) -> tup
     return json.loads((ckpt / STATE_FILE).read_text()), tensors
 
 
+# ------------------------------------------------------------------------------------ progress, step, checkpoint
+
+
+@dataclass
+class Progress:
+    """Where a run stands: the one object the loops advance, log from, checkpoint and resume (the fields
+    are trainer_state.json's). `started` is this process's clock at the start of the run; `elapsed_s`
+    adds the time of the runs this one resumed."""
+
+    step: int = 0  # optimizer steps
+    epoch: int = 0
+    micro: int = 0  # micro-batches of the current epoch already consumed
+    samples: int = 0
+    stage: int = 0  # sDPO / Curry-DPO stage (preference loop)
+    elapsed_s: float = 0.0
+    started: float = field(default_factory=time.perf_counter, compare=False)
+
+    SAVED = ("step", "epoch", "micro", "samples", "stage", "elapsed_s")
+
+    def time_s(self) -> float:
+        return self.elapsed_s + time.perf_counter() - self.started
+
+    def state(self) -> dict[str, Any]:
+        return {**{k: getattr(self, k) for k in self.SAVED}, "elapsed_s": self.time_s()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        for k in self.SAVED:
+            if k in state:
+                setattr(self, k, state[k])
+
+    def update(self, **values: Any) -> None:
+        for k, v in values.items():
+            setattr(self, k, v)
+
+    def log_due(self, every: int, total: int) -> bool:
+        return self.step % every == 0 or self.step == total
+
+    def checkpoint_due(self, ckpt_cfg) -> tuple[bool, bool]:
+        """(save now, stop after saving): every `every_steps`, and at `stop_after_steps` (a planned stop)."""
+        stop = ckpt_cfg.stop_after_steps is not None and self.step >= ckpt_cfg.stop_after_steps
+        return stop or bool(ckpt_cfg.every_steps and self.step % ckpt_cfg.every_steps == 0), stop
+
+    def final_checkpoint_due(self, ckpt_cfg) -> bool:
+        """At the end: unless the last step already wrote one."""
+        return bool(self.step) and (ckpt_cfg.every_steps == 0 or self.step % ckpt_cfg.every_steps != 0)
+
+
+def accumulate_step(accelerator, model, optimizer, scheduler, max_grad_norm: float | None, metrics: StepMetrics,
+                    loss: Callable[[], tuple[torch.Tensor, dict[str, Any]]]) -> bool:
+    """One micro-batch under accelerate's gradient accumulation: `loss()` -> (scalar, metrics) is
+    backpropagated; on the micro-batch that completes an optimizer step, the gradient is clipped (its
+    pre-clip norm logged) and the optimizer and scheduler step. Returns whether an optimizer step happened."""
+    with accelerator.accumulate(model):
+        value, values = loss()
+        accelerator.backward(value)
+        metrics.add(values)
+        if accelerator.sync_gradients:
+            if max_grad_norm is not None:
+                metrics.add({"grad_norm": accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)})
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    return accelerator.sync_gradients
+
+
+def resume_from(ckpt: Path | None, progress: Progress, *, accelerator, optimizer, scheduler) -> dict[str, Any]:
+    """Restore optimizer, scheduler, RNG and `progress` from a checkpoint; return its tensors ({} if none)."""
+    if ckpt is None:
+        return {}
+    state, tensors = load_training_state(ckpt, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler)
+    progress.restore(state)
+    return tensors
+
+
+def checkpoint_progress(out_dir: Path, progress: Progress, cfg, *, accelerator, model, tokenizer, optimizer, scheduler,
+                        tensors: dict[str, Any] | None = None, extra_models: dict[str, Any] | None = None) -> Path:
+    """save_checkpoint with the progress as trainer state."""
+    return save_checkpoint(out_dir, progress.step, accelerator=accelerator, model=model, tokenizer=tokenizer,
+                           optimizer=optimizer, scheduler=scheduler, state=progress.state(), tensors=tensors,
+                           keep_last=cfg.checkpoint.keep_last, extra_models=extra_models)
+
+
 # ------------------------------------------------------------------------------------ run record
 
 

@@ -33,10 +33,10 @@ from datasets import Dataset
 from synth.app import ConfigError
 from train.data import DataError, detect_kind, make_collator
 from train.loops.common import (
-    MetricsLogger, StepMetrics, Throughput, build_optimizer, build_scheduler, call_loss, check_enough_rows,
-    epoch_batches, epoch_order, find_last_checkpoint, finish_run, instantiate_loss, library_progress_bars,
-    load_data, load_rows, load_training_state, loss_metrics, make_accelerator, postfix, prepare_output_dir,
-    save_checkpoint, seed_everything, to_device, tokenize_checked, truncation_counts, write_config,
+    MetricsLogger, Progress, StepMetrics, Throughput, accumulate_step, build_optimizer, build_scheduler, call_loss,
+    check_enough_rows, checkpoint_progress, epoch_batches, epoch_order, find_last_checkpoint, finish_run,
+    instantiate_loss, library_progress_bars, load_data, load_rows, loss_metrics, make_accelerator, postfix,
+    prepare_output_dir, resume_from, seed_everything, to_device, tokenize_checked, truncation_counts, write_config,
 )
 from train.loops.packing import PackedLogits, packed_sequence_logps, packing_ok
 from train.models import (
@@ -127,13 +127,11 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     unwrapped = accelerator.unwrap_model(model)
     running_mean = _running_mean(spec)
     reduce = (lambda t: accelerator.reduce(t, "mean")) if world > 1 else None  # noqa: E731
-    pos = {"step": 0, "stage": 0, "epoch": 0, "micro": 0, "samples": 0, "elapsed_s": 0.0}
-    if ckpt is not None:
-        state, tensors = load_training_state(ckpt, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler)
-        pos.update({k: state[k] for k in pos if k in state})
-        if running_mean is not None and "running_mean" in tensors:
-            running_mean.load_state_dict(tensors["running_mean"])
-    stage_ds = attach(stages[pos["stage"]], stage_refs)
+    progress = Progress(started=started)
+    tensors = resume_from(ckpt, progress, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler)
+    if running_mean is not None and "running_mean" in tensors:
+        running_mean.load_state_dict(tensors["running_mean"])
+    stage_ds = attach(stages[progress.stage], stage_refs)
     eval_ds = attach(data.eval, eval_refs) if data.eval is not None else None
     n_train, n_total = count_parameters(unwrapped)
     if main:
@@ -141,8 +139,8 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
               f"reference={ref_mode}; {len(stages)} stage(s); {total} optimizer steps", flush=True)
 
     # ---------------------------------------------------------------- 6. the step loop
-    logger = MetricsLogger(out_dir, main, cfg.log.tensorboard, resume_step=pos["step"])
-    bar = _progress(cfg, main, total, pos["step"])
+    logger = MetricsLogger(out_dir, main, cfg.log.tensorboard, resume_step=progress.step)
+    bar = _progress(cfg, main, total, progress.step)
     metrics, speed = StepMetrics(), Throughput()
     ctx = LossContext(spec, loss_fn, ref_mode, ref_model, running_mean, reduce, cfg.seed, packed)
     # evaluation always compares with the initial reference (precomputed columns) when there are any; its
@@ -153,76 +151,67 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     last_eval: dict[str, float] = {}
     stopped = False
     model.train()
-    while pos["step"] < total and pos["stage"] < len(stages):
-        batches = epoch_batches(_order(stage_ds, fixed_kl, B, cfg.seed, pos), B, world, rank)
+    while progress.step < total and progress.stage < len(stages):
+        batches = epoch_batches(_order(stage_ds, fixed_kl, B, cfg.seed, progress), B, world, rank)
         batches = batches[: len(batches) // cfg.optim.grad_accum * cfg.optim.grad_accum]
-        for i in range(pos["micro"], len(batches)):
+        for i in range(progress.micro, len(batches)):
             batch = to_device(collate(stage_ds.select(batches[i]).to_list()), accelerator.device)
-            with accelerator.accumulate(model):
-                out, extra = forward_loss(model, unwrapped, batch, ctx, kind, step=pos["step"])
-                accelerator.backward(out.losses.mean())
-                metrics.add({**loss_metrics(out, paired=kind != "unpaired"), **extra})
-                speed.add(int(batch["attention_mask"].sum()), len(batches[i]))
-                if accelerator.sync_gradients:
-                    if cfg.optim.max_grad_norm is not None:
-                        metrics.add({"grad_norm": accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)})
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
+            speed.add(int(batch["attention_mask"].sum()), len(batches[i]))
+
+            def loss(batch=batch):
+                out, extra = forward_loss(model, unwrapped, batch, ctx, kind, step=progress.step)
+                return out.losses.mean(), {**loss_metrics(out, paired=kind != "unpaired"), **extra}
+
+            if not accumulate_step(accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm, metrics, loss):
                 continue
-            pos.update(step=pos["step"] + 1, micro=i + 1, samples=pos["samples"] + B * world * cfg.optim.grad_accum)
+            progress.update(step=progress.step + 1, micro=i + 1, samples=progress.samples + B * world * cfg.optim.grad_accum)
             if schedule is not None:
-                schedule.apply(pos["step"], ref_model, unwrapped)
-            if pos["step"] % cfg.log.every_steps == 0 or pos["step"] == total:
+                schedule.apply(progress.step, ref_model, unwrapped)
+            if progress.log_due(cfg.log.every_steps, total):
                 last_train = {**metrics.reduce(accelerator), **speed.read(world), "lr": scheduler.get_last_lr()[0],
-                              "time_s": pos["elapsed_s"] + time.perf_counter() - started,
-                              "epoch": pos["epoch"], "stage": pos["stage"]}
-                logger.log(pos["step"], last_train)
+                              "time_s": progress.time_s(), "epoch": progress.epoch, "stage": progress.stage}
+                logger.log(progress.step, last_train)
                 bar.set_postfix(postfix(last_train))
             bar.update(1)
-            if eval_ds is not None and cfg.eval.every_steps and pos["step"] % cfg.eval.every_steps == 0:
+            if eval_ds is not None and cfg.eval.every_steps and progress.step % cfg.eval.every_steps == 0:
                 last_eval = evaluate(model, unwrapped, eval_ds, collate, eval_ctx, kind, cfg, accelerator, fixed_kl)
-                logger.log(pos["step"], last_eval)
-            stop = cfg.checkpoint.stop_after_steps is not None and pos["step"] >= cfg.checkpoint.stop_after_steps
-            if stop or (cfg.checkpoint.every_steps and pos["step"] % cfg.checkpoint.every_steps == 0):
-                _checkpoint(out_dir, pos, started, accelerator, model, tokenizer, optimizer, scheduler, cfg,
+                logger.log(progress.step, last_eval)
+            due, stopped = progress.checkpoint_due(cfg.checkpoint)
+            if due:
+                _checkpoint(out_dir, progress, accelerator, model, tokenizer, optimizer, scheduler, cfg,
                             running_mean, stage_refs, eval_refs, ref_model, ref_mode)
-            if stop:
-                stopped = True
+            if stopped or progress.step >= total:
                 break
-            if pos["step"] >= total:
-                break
-        if stopped or pos["step"] >= total:
+        if stopped or progress.step >= total:
             break
-        pos.update(epoch=pos["epoch"] + 1, micro=0)
-        if pos["epoch"] >= cfg.optim.epochs and len(stages) > 1:  # next sDPO / Curry stage
-            pos.update(stage=pos["stage"] + 1, epoch=0)
-            if pos["stage"] < len(stages):
+        progress.update(epoch=progress.epoch + 1, micro=0)
+        if progress.epoch >= cfg.optim.epochs and len(stages) > 1:  # next sDPO / Curry stage
+            progress.update(stage=progress.stage + 1, epoch=0)
+            if progress.stage < len(stages):
                 stage_refs = None
                 if ref_mode == "precomputed":  # the reference becomes the policy as it is now (sDPO §22, Curry §23)
-                    stage_refs = precompute(unwrapped, stages[pos["stage"]], kind, tokenizer, cfg, cache_dir,
+                    stage_refs = precompute(unwrapped, stages[progress.stage], kind, tokenizer, cfg, cache_dir,
                                             settings, accelerator, packed)
-                stage_ds = attach(stages[pos["stage"]], stage_refs)
-        elif cfg.optim.max_steps is None and pos["epoch"] >= cfg.optim.epochs:
+                stage_ds = attach(stages[progress.stage], stage_refs)
+        elif cfg.optim.max_steps is None and progress.epoch >= cfg.optim.epochs:
             break
     bar.close()
 
     # ---------------------------------------------------------------- 7. the end
     if stopped:
         logger.close()
-        return {"stopped": True, "steps": pos["step"], "output_dir": str(out_dir)}
+        return {"stopped": True, "steps": progress.step, "output_dir": str(out_dir)}
     if eval_ds is not None:
         last_eval = evaluate(model, unwrapped, eval_ds, collate, eval_ctx, kind, cfg, accelerator, fixed_kl)
-        logger.log(pos["step"], last_eval)
+        logger.log(progress.step, last_eval)
     logger.close()
     final = save_model(model, tokenizer, out_dir / "final", accelerator)
-    if pos["step"] and (cfg.checkpoint.every_steps == 0 or pos["step"] % cfg.checkpoint.every_steps):
-        _checkpoint(out_dir, pos, started, accelerator, model, tokenizer, optimizer, scheduler, cfg,
+    if progress.final_checkpoint_due(cfg.checkpoint):
+        _checkpoint(out_dir, progress, accelerator, model, tokenizer, optimizer, scheduler, cfg,
                     running_mean, stage_refs, eval_refs, ref_model, ref_mode)
     summary = {
-        "loop": "preference", "loss": spec.name, "steps": pos["step"], "samples": pos["samples"],
-        "time_s": pos["elapsed_s"] + time.perf_counter() - started, "final_dir": str(final),
+        "loop": "preference", "loss": spec.name, "steps": progress.step, "samples": progress.samples,
+        "time_s": progress.time_s(), "final_dir": str(final),
         "final_train": last_train, "final_eval": last_eval, "reference": ref_mode, "stages": len(stages),
         "truncation": truncation_counts(data.report), "output_dir": str(out_dir),
     }
@@ -463,13 +452,13 @@ def with_kl_pairs(ds: Dataset, batch_size: int, seed: int) -> Dataset:
     return add_kl_completions(ds.shuffle(seed=seed).flatten_indices(), batch_size)
 
 
-def _order(ds: Dataset, fixed_kl: bool, B: int, seed: int, pos) -> list[int]:
+def _order(ds: Dataset, fixed_kl: bool, B: int, seed: int, progress) -> list[int]:
     """Row order of one epoch: a seeded permutation, or (fixed KL pairs) a permutation of whole chunks."""
-    key = seed + 7919 * pos["stage"]
+    key = seed + 7919 * progress.stage
     if not fixed_kl:
-        return epoch_order(len(ds), key, pos["epoch"])
+        return epoch_order(len(ds), key, progress.epoch)
     n_chunks = len(ds) // B
-    return [c * B + j for c in epoch_order(n_chunks, key, pos["epoch"]) for j in range(B)]
+    return [c * B + j for c in epoch_order(n_chunks, key, progress.epoch) for j in range(B)]
 
 
 def reference_mode(cfg) -> str:
@@ -538,9 +527,8 @@ def _running_mean(spec):
     return RunningMean() if spec.stateful == "running_mean" else None
 
 
-def _checkpoint(out_dir, pos, started, accelerator, model, tokenizer, optimizer, scheduler, cfg, running_mean,
+def _checkpoint(out_dir, progress, accelerator, model, tokenizer, optimizer, scheduler, cfg, running_mean,
                 stage_refs, eval_refs, ref_model, ref_mode):
-    state = {**pos, "elapsed_s": pos["elapsed_s"] + time.perf_counter() - started}
     tensors: dict[str, Any] = {}
     if running_mean is not None:
         tensors["running_mean"] = running_mean.state_dict()
@@ -548,10 +536,9 @@ def _checkpoint(out_dir, pos, started, accelerator, model, tokenizer, optimizer,
         tensors["reference_train"] = stage_refs
     if eval_refs is not None:
         tensors["reference_eval"] = eval_refs
-    save_checkpoint(out_dir, pos["step"], accelerator=accelerator, model=model, tokenizer=tokenizer,
-                    optimizer=optimizer, scheduler=scheduler, state=state, tensors=tensors,
-                    keep_last=cfg.checkpoint.keep_last,
-                    extra_models={"reference": ref_model} if ref_model is not None and cfg.loop.reference.update != "none" else None)
+    checkpoint_progress(out_dir, progress, cfg, accelerator=accelerator, model=model, tokenizer=tokenizer,
+                        optimizer=optimizer, scheduler=scheduler, tensors=tensors,
+                        extra_models={"reference": ref_model} if ref_model is not None and cfg.loop.reference.update != "none" else None)
 
 
 def _progress(cfg, main: bool, total: int, initial: int):

@@ -12,6 +12,7 @@ being the safer response.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -20,10 +21,10 @@ from datasets import Dataset
 
 from train.data import DataError, make_collator
 from train.loops.common import (
-    MetricsLogger, StepMetrics, Throughput, build_optimizer, build_scheduler, call_loss, check_enough_rows,
-    epoch_batches, epoch_order, find_last_checkpoint, finish_run, instantiate_loss, library_progress_bars,
-    load_data, load_training_state, loss_metrics, make_accelerator, postfix, prepare_output_dir,
-    save_checkpoint, seed_everything, to_device, truncation_counts, write_config,
+    MetricsLogger, Progress, StepMetrics, Throughput, accumulate_step, build_optimizer, build_scheduler, call_loss,
+    check_enough_rows, checkpoint_progress, epoch_batches, epoch_order, find_last_checkpoint, finish_run,
+    instantiate_loss, library_progress_bars, load_data, loss_metrics, make_accelerator, postfix, prepare_output_dir,
+    resume_from, seed_everything, steps_per_epoch, to_device, total_steps, truncation_counts, write_config,
 )
 from train.models import count_parameters, load_policy, load_tokenizer, save_model, trainable_parameters
 
@@ -58,14 +59,12 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         head="score", pad_token_id=tokenizer.pad_token_id,
         adapter_path=ckpt if ckpt is not None and cfg.lora.enabled else None,
     )
-    total = cfg.optim.max_steps or len(data.train) // (B * world) // accum * cfg.optim.epochs
+    total = total_steps(cfg.optim, steps_per_epoch(len(data.train), B, world, accum))
     optimizer = build_optimizer(trainable_parameters(model), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
     model, optimizer = accelerator.prepare(model, optimizer)
-    pos = {"step": 0, "epoch": 0, "micro": 0, "samples": 0, "elapsed_s": 0.0}
-    if ckpt is not None:
-        state, _ = load_training_state(ckpt, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler)
-        pos.update({k: state[k] for k in pos if k in state})
+    progress = Progress(started=started)
+    resume_from(ckpt, progress, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler)
     n_train, n_total = count_parameters(accelerator.unwrap_model(model))
     if main:
         print(f"{'cost' if safety else 'reward'} model: {n_train:,} trainable of {n_total:,} parameters; "
@@ -73,71 +72,64 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
 
     # ---------------------------------------------------------------- 4. the step loop
     collate = PairsWithLabels(make_collator("pairwise", tokenizer.pad_token_id), safety)
-    logger = MetricsLogger(out_dir, main, cfg.log.tensorboard, resume_step=pos["step"])
+    logger = MetricsLogger(out_dir, main, cfg.log.tensorboard, resume_step=progress.step)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=pos["step"], disable=not (cfg.progress and main), desc="reward", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=progress.step, disable=not (cfg.progress and main), desc="reward", dynamic_ncols=True)
     metrics, speed = StepMetrics(), Throughput()
     last_train: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     stopped = False
+    save = functools.partial(checkpoint_progress, out_dir, progress, cfg, accelerator=accelerator, model=model,
+                             tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler)
     model.train()
-    while pos["step"] < total:
-        batches = epoch_batches(epoch_order(len(data.train), cfg.seed, pos["epoch"]), B, world, rank)
+    while progress.step < total:
+        batches = epoch_batches(epoch_order(len(data.train), cfg.seed, progress.epoch), B, world, rank)
         batches = batches[: len(batches) // accum * accum]
-        for i in range(pos["micro"], len(batches)):
+        for i in range(progress.micro, len(batches)):
             batch = to_device(collate(data.train.select(batches[i]).to_list()), accelerator.device)
-            with accelerator.accumulate(model):
+            speed.add(int(batch["attention_mask"].sum()), len(batches[i]))
+
+            def loss(batch=batch):
                 out = reward_loss(model, batch, loss_fn, cfg)
-                accelerator.backward(out.losses.mean())
-                metrics.add(loss_metrics(out))
-                speed.add(int(batch["attention_mask"].sum()), len(batches[i]))
-                if accelerator.sync_gradients:
-                    if cfg.optim.max_grad_norm is not None:
-                        metrics.add({"grad_norm": accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)})
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
+                return out.losses.mean(), loss_metrics(out)
+
+            if not accumulate_step(accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm, metrics, loss):
                 continue
-            pos.update(step=pos["step"] + 1, micro=i + 1, samples=pos["samples"] + B * world * accum)
-            if pos["step"] % cfg.log.every_steps == 0 or pos["step"] == total:
+            progress.update(step=progress.step + 1, micro=i + 1, samples=progress.samples + B * world * accum)
+            if progress.log_due(cfg.log.every_steps, total):
                 last_train = {**metrics.reduce(accelerator), **speed.read(world), "lr": scheduler.get_last_lr()[0],
-                              "time_s": pos["elapsed_s"] + time.perf_counter() - started,
-                              "epoch": pos["epoch"]}
-                logger.log(pos["step"], last_train)
+                              "time_s": progress.time_s(), "epoch": progress.epoch}
+                logger.log(progress.step, last_train)
                 bar.set_postfix(postfix(last_train))
             bar.update(1)
-            if data.eval is not None and cfg.eval.every_steps and pos["step"] % cfg.eval.every_steps == 0:
+            if data.eval is not None and cfg.eval.every_steps and progress.step % cfg.eval.every_steps == 0:
                 last_eval = evaluate(model, data.eval, collate, loss_fn, cfg, accelerator)
-                logger.log(pos["step"], last_eval)
-            stop = cfg.checkpoint.stop_after_steps is not None and pos["step"] >= cfg.checkpoint.stop_after_steps
-            if stop or (cfg.checkpoint.every_steps and pos["step"] % cfg.checkpoint.every_steps == 0):
-                _checkpoint(out_dir, pos, started, accelerator, model, tokenizer, optimizer, scheduler, cfg)
-            if stop:
-                stopped = True
+                logger.log(progress.step, last_eval)
+            due, stopped = progress.checkpoint_due(cfg.checkpoint)
+            if due:
+                save()
+            if stopped or progress.step >= total:
                 break
-            if pos["step"] >= total:
-                break
-        if stopped or pos["step"] >= total:
+        if stopped or progress.step >= total:
             break
-        pos.update(epoch=pos["epoch"] + 1, micro=0)
+        progress.update(epoch=progress.epoch + 1, micro=0)
     bar.close()
 
     # ---------------------------------------------------------------- 5. the end
     if stopped:
         logger.close()
-        return {"stopped": True, "steps": pos["step"], "output_dir": str(out_dir)}
+        return {"stopped": True, "steps": progress.step, "output_dir": str(out_dir)}
     if data.eval is not None:
         last_eval = evaluate(model, data.eval, collate, loss_fn, cfg, accelerator)
-        logger.log(pos["step"], last_eval)
+        logger.log(progress.step, last_eval)
     logger.close()
     final = save_model(model, tokenizer, out_dir / "final", accelerator)
-    if pos["step"] and (cfg.checkpoint.every_steps == 0 or pos["step"] % cfg.checkpoint.every_steps):
-        _checkpoint(out_dir, pos, started, accelerator, model, tokenizer, optimizer, scheduler, cfg)
+    if progress.final_checkpoint_due(cfg.checkpoint):
+        save()
     summary = {
-        "loop": "reward", "loss": cfg.loss.name, "steps": pos["step"], "samples": pos["samples"],
-        "time_s": pos["elapsed_s"] + time.perf_counter() - started, "final_dir": str(final),
+        "loop": "reward", "loss": cfg.loss.name, "steps": progress.step, "samples": progress.samples,
+        "time_s": progress.time_s(), "final_dir": str(final),
         "final_train": last_train, "final_eval": last_eval, "truncation": truncation_counts(data.report),
         "output_dir": str(out_dir),
     }
@@ -223,9 +215,3 @@ def safety_labels(source: str, split: str, n: int, chosen_field: str, rejected_f
         safe_c.append(values[0])
         safe_r.append(values[1])
     return safe_c, safe_r
-
-
-def _checkpoint(out_dir, pos, started, accelerator, model, tokenizer, optimizer, scheduler, cfg):
-    state = {**pos, "elapsed_s": pos["elapsed_s"] + time.perf_counter() - started}
-    save_checkpoint(out_dir, pos["step"], accelerator=accelerator, model=model, tokenizer=tokenizer,
-                    optimizer=optimizer, scheduler=scheduler, state=state, keep_last=cfg.checkpoint.keep_last)

@@ -32,6 +32,10 @@ reward models ([B] each)
     rewards_chosen, rewards_rejected, margin (optional);
     cost model: costs_chosen (the safer response), costs_rejected (the more harmful one),
     safe_chosen, safe_rejected (bool, True = the response is safe)
+policy (online loops, train/losses/policy.py; [B, T] per completion position)
+    logps, old_logps, ref_logps, advantages ([B, T] or [B]), mask (bool), total_tokens /
+    total_sequences (counts of the whole optimizer step, per process), kl_coef / kl_estimator /
+    kl_clamp (loop.kl, KL in the loss)
 reduce
     optional ``Callable[[Tensor], Tensor]`` that mean-all-reduces a 0-dim tensor across processes
     (e.g. ``lambda t: accelerator.reduce(t, "mean")``). Used by KTO (z0) and BCO (δ); the default
@@ -69,7 +73,7 @@ from train.losses.bco import RunningMean
 
 __all__ = ["DATA_ARGS", "LOOP_FLAGS", "LossOutput", "Reduce", "RunningMean", "VALID_KINDS"]
 
-VALID_KINDS = ("pairwise", "listwise", "unpaired", "sft", "reward")
+VALID_KINDS = ("pairwise", "listwise", "unpaired", "sft", "reward", "policy")
 LOOP_FLAGS = (
     "name", "kind", "needs_reference", "length_normalised", "paper", "fn",
     "needs_nll", "needs_kl_pairs", "needs_scores", "needs_logits", "needs_safety_labels", "stateful",
@@ -91,5 +95,9 @@ DATA_ARGS: dict[str, tuple[str, ...]] = {
     "reward": (
         "rewards_chosen", "rewards_rejected", "margin",
         "costs_chosen", "costs_rejected", "safe_chosen", "safe_rejected",
+    ),
+    "policy": (
+        "logps", "old_logps", "advantages", "mask", "ref_logps", "total_tokens", "total_sequences",
+        "kl_coef", "kl_estimator", "kl_clamp",
     ),
 }

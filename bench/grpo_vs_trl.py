@@ -1,0 +1,271 @@
+"""GRPO (or RLOO, `--algo rloo`) throughput, peak memory and reward curves: our `train loop=grpo|rloo`
+against TRL 1.16's GRPOTrainer / RLOOTrainer, with the same settings on both sides.
+
+Same random Llama (`MODEL_20M`: 6 layers, hidden 512; `--quick`: 2 layers) with the tiny tokenizer and
+ChatML template, the same prompts in the same order (hh-rlhf harmless-base first user turns from
+../shared/data, or `--data synthetic`), the same rule reward (fraction of even token ids in the
+completion: cheap, deterministic, ~0.5 for a random policy, so group statistics are exercised), the same
+shape (8 prompts x G=4 = 32 completions per step, max 64 new tokens, T=1, top_p 1, top_k off), AdamW
+(torch, lr 1e-5 constant, no warm-up, weight decay 0, clip 1.0), eps 0.2, one generation per optimizer
+step (mu = 1, no pi_old pass), float32, no gradient checkpointing, same torch threads. TRL's own defaults
+that would handicap it on a CPU (bf16, gradient checkpointing, adamw_torch_fused) are switched off.
+GRPO: TRL loss_type="grpo" and ours loss=grpo (per-sequence token mean), scale_rewards group, KL (beta
+> 0) as k3 x ratio in the loss on both sides. RLOO: TRL's sequence-level ratio and ours loss=rloo, the
+k1 KL in the reward before the leave-one-out baseline on both sides. Each side runs in its own fresh
+subprocess; sides alternate; medians over --repeats are reported.
+
+Reported per side: end-to-end samples/s (model load to trained model), steps-only samples/s, generation
+vs update seconds per step (TRL's `_generate_single_turn` wrapped in a timer; ours from its metrics),
+generated tokens/s, peak RSS, and the mean reward per step.
+
+    python bench/grpo_vs_trl.py --repeats 3                     # 20M model, 16 steps, beta 0
+    python bench/grpo_vs_trl.py --beta 0.04                     # with the reference model
+    python bench/grpo_vs_trl.py --quick --steps 6 --max-new-tokens 32
+    python bench/rloo_vs_trl.py ...                             # the same with --algo rloo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MODEL_20M = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
+                 num_key_value_heads=8, max_position_embeddings=1024)
+HH_RLHF = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_s() -> float:
+    """CPU seconds of this process (all threads): steadier than wall time on a shared machine."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def even_reward(completion_ids, **_):
+    return [sum(1 for t in ids if t % 2 == 0) / max(len(ids), 1) for ids in completion_ids]
+
+
+def build_inputs(work: Path, args) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from synth.tiny import _CORPUS_EN, build_tokenizer
+
+    tok = build_tokenizer()
+    spec = dict(MODEL_20M, num_hidden_layers=2) if args.quick else MODEL_20M
+    config = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=False, bos_token_id=None,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **spec)
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(work / "model")
+    tok.save_pretrained(work / "model")
+    n = args.prompts
+    if args.data == "hh":
+        from train.data.prompts import load_prompts
+
+        prompts = [p[:1] for p in load_prompts(str(HH_RLHF), limit=4 * n) if len(p[0]["content"]) < 300][:n]
+    else:
+        rng = random.Random(args.seed)
+        words = _CORPUS_EN.split()
+        prompts = [[{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(8, 24)))}] for _ in range(n)]
+    (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; {len(prompts)} prompts ({args.data})",
+          flush=True)
+
+
+def run_ours(args, work: Path) -> dict:
+    import torch  # noqa: F401 - imported before the clock, as on TRL's side
+    import transformers  # noqa: F401
+    from hydra import compose, initialize_config_module
+
+    import train.app
+    import train.loops.online  # noqa: F401
+
+    baseline = rss_mb()
+    out = work / "out-ours"
+    kl = (["loop.kl.placement=loss", "loop.kl.estimator=k3_ratio"] if args.algo == "grpo"
+          else ["loop.kl.placement=reward", "loop.kl.estimator=k1"])
+    overrides = [
+        f"loop={args.algo}", f"model.name_or_path={work / 'model'}", f"data.path={work / 'prompts.jsonl'}", f"output_dir={out}",
+        "loop.reward.function=bench.grpo_vs_trl:even_reward", f"loop.prompts_per_step={args.prompts_per_step}",
+        f"loop.samples_per_prompt={args.group}", f"loop.generation.max_new_tokens={args.max_new_tokens}",
+        "loop.generation.temperature=1.0", "loop.generation.top_p=1.0", "loop.generation.top_k=0",
+        f"loop.kl.coef={args.beta}", *kl, f"optim.batch_size={args.prompts_per_step * args.group}",
+        f"optim.max_steps={args.steps}", f"optim.lr={args.lr}", "optim.scheduler=constant", "optim.warmup_ratio=0",
+        "optim.weight_decay=0", "optim.max_grad_norm=1.0", f"seed={args.seed}", "progress=false", "log.plot=false",
+        "log.tensorboard=false", "checkpoint.every_steps=0",
+    ]
+    with initialize_config_module(config_module="rlaif_forge_conf", version_base=None):
+        cfg = compose(config_name="train", overrides=overrides)
+    t0, c0 = time.perf_counter(), cpu_s()
+    train.app.run(cfg)
+    wall, cpu = time.perf_counter() - t0, cpu_s() - c0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    gen = [r["time/generate_s"] for r in rows]
+    upd = [r["time/update_s"] + r["time/score_s"] for r in rows]
+    tokens = sum(r["completions/mean_length"] * args.prompts_per_step * args.group for r in rows)
+    return {"side": "ours", "wall_s": wall, "cpu_s": cpu, "steps_s": sum(gen[1:]) + sum(upd[1:]), "gen_s": statistics.median(gen),
+            "update_s": statistics.median(upd), "gen_tokens_per_s": tokens / sum(gen), "peak_rss_mb": rss_mb(),
+            "baseline_rss_mb": baseline, "reward": [r["reward/mean"] for r in rows], "kl": [r.get("kl", 0.0) for r in rows]}
+
+
+def run_trl(args, work: Path) -> dict:
+    import torch
+    import trl
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    baseline = rss_mb()
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter())
+
+    clock = StepClock()
+    t0, c0 = time.perf_counter(), cpu_s()
+    ds = load_dataset("json", data_files=str(work / "prompts.jsonl"), split="train")
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(work / "model")
+    common = dict(
+        output_dir=str(work / "out-trl"), per_device_train_batch_size=args.prompts_per_step * args.group,
+        gradient_accumulation_steps=1, num_generations=args.group, max_completion_length=args.max_new_tokens,
+        temperature=1.0, top_p=1.0, top_k=0, min_p=None, repetition_penalty=1.0, generation_kwargs=None,
+        use_vllm=False, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        optim="adamw_torch", max_grad_norm=1.0, max_steps=args.steps, bf16=False, fp16=False,
+        gradient_checkpointing=False, use_cpu=True, beta=args.beta, epsilon=0.2, epsilon_high=None, num_iterations=1,
+        shuffle_dataset=False, seed=args.seed, dataloader_num_workers=0, log_completions=False, logging_steps=1,
+        report_to="none", save_strategy="no", eval_strategy="no", disable_dropout=True, disable_tqdm=True,
+    )
+    if args.algo == "grpo":
+        config = trl.GRPOConfig(**common, loss_type="grpo", scale_rewards="group", use_bias_correction_kl=True,
+                                importance_sampling_level="token", mask_truncated_completions=False, entropy_coef=0.0,
+                                cache_implementation=None, use_transformers_continuous_batching=False)
+        trainer_cls = trl.GRPOTrainer
+    else:
+        config = trl.RLOOConfig(**common, normalize_advantages=False, reward_clip_range=None)
+        trainer_cls = trl.RLOOTrainer
+    trainer = trainer_cls(model=model, reward_funcs=[even_reward], args=config, processing_class=tok, train_dataset=ds,
+                          callbacks=[clock])
+    gen_times = []
+    inner = trainer._generate_single_turn
+
+    def timed(*a, **k):
+        s = time.perf_counter()
+        out = inner(*a, **k)
+        gen_times.append(time.perf_counter() - s)
+        return out
+
+    trainer._generate_single_turn = timed
+    trainer.train()
+    trainer.save_model(str(work / "out-trl" / "final"))  # ours writes final/ (and a resumable checkpoint) too
+    wall, cpu = time.perf_counter() - t0, cpu_s() - c0
+    logs = [h for h in trainer.state.log_history if "reward" in h]
+    steps = [b - a for a, b in zip([t0] + clock.times[:-1], clock.times)]
+    tokens = sum(h["completions/mean_length"] * args.prompts_per_step * args.group for h in logs)
+    return {"side": "trl", "wall_s": wall, "cpu_s": cpu, "steps_s": clock.times[-1] - clock.times[0], "gen_s": statistics.median(gen_times),
+            "update_s": statistics.median([s - g for s, g in zip(steps[1:], gen_times[1:])]),
+            "gen_tokens_per_s": tokens / sum(gen_times), "peak_rss_mb": rss_mb(), "baseline_rss_mb": baseline,
+            "reward": [h["reward"] for h in logs], "kl": [h.get("kl", 0.0) for h in logs], "trl": trl.__version__}
+
+
+def child(args) -> None:
+    work = Path(args.work)
+    result = (run_ours if args.side == "ours" else run_trl)(args, work)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main(default_algo: str = "grpo") -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--algo", choices=["grpo", "rloo"], default=default_algo)
+    p.add_argument("--prompts", type=int, default=128)
+    p.add_argument("--prompts-per-step", type=int, default=8)
+    p.add_argument("--group", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--beta", type=float, default=0.0)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--data", choices=["hh", "synthetic"], default="hh" if HH_RLHF.exists() else "synthetic")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="a 2-layer model instead of the ~20M one")
+    p.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.side:
+        return child(args)
+    with tempfile.TemporaryDirectory(prefix=f"{args.algo}-bench-") as tmp:
+        work = Path(tmp)
+        build_inputs(work, args)
+        env = {**os.environ, "RLAIF_FORGE_HOME": str(work / "home"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO),
+               "OMP_NUM_THREADS": str(args.threads), "TRL_EXPERIMENTAL_SILENCE": "1"}
+        runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+        for r in range(args.repeats):  # alternate, so machine noise hits both sides alike
+            for side in (("ours", "trl") if r % 2 == 0 else ("trl", "ours")):
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--work", str(work), "--algo", args.algo,
+                       "--prompts", str(args.prompts), "--prompts-per-step", str(args.prompts_per_step), "--group",
+                       str(args.group), "--max-new-tokens", str(args.max_new_tokens), "--steps", str(args.steps), "--beta",
+                       str(args.beta), "--lr", str(args.lr), "--seed", str(args.seed), "--threads", str(args.threads)]
+                run_env = {**env, "HF_DATASETS_CACHE": str(work / f"hf-datasets-{side}-{r}")}
+                proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True, cwd=REPO)
+                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if proc.returncode != 0 or line is None:
+                    sys.exit(f"{side} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+                runs[side].append(json.loads(line[len("RESULT "):]))
+                print(f"run {r + 1} {side}: {runs[side][-1]['wall_s']:.1f}s", flush=True)
+                for d in [*work.glob(f"out-{side}"), *work.glob("hf-datasets-*")]:
+                    shutil.rmtree(d, ignore_errors=True)
+    res = {}
+    for side, rs in runs.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "cpu_s", "steps_s", "gen_s", "update_s", "gen_tokens_per_s")}
+        med["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rs)
+        med["reward"] = [statistics.mean(v) for v in zip(*(r["reward"] for r in rs))]
+        med["kl"] = [statistics.mean(v) for v in zip(*(r["kl"] for r in rs))]
+        res[side] = med
+    per_step = args.prompts_per_step * args.group
+    print(f"\n{args.algo.upper()}, {per_step} completions/step ({args.prompts_per_step} prompts x {args.group}), "
+          f"{args.max_new_tokens} new tokens, {args.steps} steps, beta {args.beta}, float32, torch {torch.__version__}, "
+          f"{args.threads} thread(s), TRL {runs['trl'][0].get('trl')}, medians of {args.repeats}")
+    print(f"{'side':<6}{'e2e s':>8}{'CPU s':>8}{'samples/s':>11}{'steps sps':>11}{'gen s/step':>12}{'update s/step':>15}"
+          f"{'gen tok/s':>11}{'peak RSS MB':>13}")
+    for side, r in res.items():
+        r["e2e_sps"] = args.steps * per_step / r["wall_s"]
+        r["steps_sps"] = (args.steps - 1) * per_step / r["steps_s"]
+        print(f"{side:<6}{r['wall_s']:>8.1f}{r['cpu_s']:>8.1f}{r['e2e_sps']:>11.2f}{r['steps_sps']:>11.2f}{r['gen_s']:>12.2f}"
+              f"{r['update_s']:>15.2f}{r['gen_tokens_per_s']:>11.0f}{r['peak_rss_mb']:>13.0f}")
+    print("mean reward per step (ours | TRL):")
+    for i, (a, b) in enumerate(zip(res["ours"]["reward"], res["trl"]["reward"]), 1):
+        print(f"  {i:>3}  {a:.4f} | {b:.4f}")
+    o, t = res["ours"], res["trl"]
+    print(f"ours/TRL: {o['e2e_sps'] / t['e2e_sps']:.2f}x samples/s end-to-end (CPU time {t['cpu_s'] / o['cpu_s']:.2f}x), "
+          f"{o['steps_sps'] / t['steps_sps']:.2f}x steps; "
+          f"generation {t['gen_s'] / o['gen_s']:.2f}x faster, update {t['update_s'] / o['update_s']:.2f}x faster; "
+          f"peak RSS {o['peak_rss_mb'] / t['peak_rss_mb']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,684 @@
+"""loop=ppo | rloo | remax | grpo | ppo_lag | online_dpo: online RL on one rollout cycle.
+
+Every step is the same cycle; only the estimator, the scorer and the extra models change:
+
+    1. sample    P prompts (whole groups per process) × n completions, token ids, from the live policy
+    2. score     one batched call per scorer (function / reward model / AI judge); NaN = unscorable
+    3. passes    no-grad: π_old log-probs (float32, logits / T), π_ref log-probs (β > 0), values (PPO)
+    4. shape     missing-EOS penalty, score clip, KL in the reward (per token) when configured
+    5. estimate  gae | reinforce_pp(_baseline) | rloo | grpo | dr_grpo | remax (train/advantages.py)
+    6. update    epochs_per_rollout × mini_batches optimizer steps, micro-batches accumulated, the loss
+                 from conf/loss (kind policy; KL in the loss when configured) + the clipped value loss
+    7. control   adaptive β (Ziegler), Lagrange λ (Safe-RLHF, per optimizer step), log, checkpoint
+
+online_dpo (OAIF) replaces 4-6 by: label each prompt's two samples (judge both orders / reward), drop
+ties, and apply the conf/loss DPO-family loss against the fixed initial policy.
+
+Resume: a checkpoint is written between rollouts (policy, critics, optimizers, β, log λ, the cost
+window, the step). An interrupted rollout is not persisted: the resumed run restarts that rollout, and
+because sampling seeds derive from (seed, step, process) it draws the same completions.
+Dropout is off for the whole run (the model stays in eval mode), so π_old equals π_θ on the first
+mini-batch (TRL disable_dropout); when that mini-batch is the only update and no KL sits in the reward,
+the π_old pass is skipped. With optim.packing the trainer's forwards run on rows packed end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from synth.errors import ConfigError
+from train import advantages as A
+from train.data.prompts import encode_prompts, load_prompts
+from train.loops.common import (
+    MetricsLogger, Progress, build_optimizer, build_scheduler, call_loss, checkpoint_progress, epoch_order,
+    find_last_checkpoint, finish_run, instantiate_loss, library_progress_bars, make_accelerator, postfix,
+    prepare_output_dir, resume_from, seed_everything, total_steps, write_config,
+)
+from train.losses.policy import value_loss
+from train.models import count_parameters, is_peft, load_frozen, load_policy, load_tokenizer, save_model, trainable_parameters
+from train.rollout import Rollout, TokenValues, hf_generate, token_logps, token_values
+from train.scorers import PairwiseJudge, build_scorer
+
+
+@dataclass
+class OnlineState(Progress):
+    """The offline loops' Progress (step = finished rollouts) plus the controllers' state: everything a
+    checkpoint restores besides weights, optimizers and RNG (trainer_state.json)."""
+
+    optimizer_steps: int = 0
+    beta: float = 0.0
+    log_lambda: float = 0.0
+    cost_window: list[float] = field(default_factory=list)
+
+    SAVED = Progress.SAVED + ("optimizer_steps", "beta", "log_lambda", "cost_window")
+
+
+def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
+    started = time.perf_counter()
+    L = cfg.loop
+    # ---------------------------------------------------------------- 1. process, output folder, loss
+    library_progress_bars(cfg.progress)
+    accelerator = make_accelerator(cfg)
+    seed_everything(cfg.seed)
+    out_dir = prepare_output_dir(cfg.output_dir, cfg.resume, accelerator.is_main_process)
+    write_config(out_dir, resolved_yaml, accelerator)
+    loss_fn = instantiate_loss(cfg.loss)
+    ckpt = find_last_checkpoint(out_dir) if cfg.resume else None
+    world, rank, main, device = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process, accelerator.device
+    check_shapes(L, world, cfg.optim.batch_size)
+
+    # ---------------------------------------------------------------- 2. prompts
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.chat_template)
+    prompts = load_prompts(cfg.data.path, cfg.data.split, cfg.data.limit)
+    prompt_ids, kept, n_truncated = encode_prompts(prompts, tokenizer, cfg.model.chat_template, cfg.data.max_prompt_length,
+                                                   cfg.data.drop_overlong)
+    prompts = [prompts[i] for i in kept]
+    if len(prompts) < L.prompts_per_step:
+        raise ConfigError(f"data.path={cfg.data.path}: {len(prompts)} prompt(s), fewer than loop.prompts_per_step={L.prompts_per_step}")
+    total = total_steps(cfg.optim, len(prompts) // L.prompts_per_step)  # rollouts: max_steps, else epochs over the prompts
+    per_process = L.prompts_per_step // world
+
+    # ---------------------------------------------------------------- 3. models and scorers
+    policy = load_policy(
+        str(ckpt) if ckpt is not None and not cfg.lora.enabled else cfg.model.name_or_path,
+        revision=None if ckpt is not None and not cfg.lora.enabled else cfg.model.revision,
+        dtype=cfg.optim.dtype, lora=cfg.lora, gradient_checkpointing=cfg.optim.gradient_checkpointing,
+        adapter_path=ckpt if ckpt is not None and cfg.lora.enabled else None,
+    )
+    needs_ref = L.name == "online_dpo" or L.kl.coef > 0
+    reference = build_reference(cfg, policy) if needs_ref else None
+    if reference is not None and reference != "adapter":
+        reference.to(device)
+    critics = build_critics(cfg, ckpt, device)
+    reward_scorer = (PairwiseJudge(L.reward.judge) if L.name == "online_dpo" and L.reward.kind == "judge"
+                     else build_scorer(L.reward, device, "loop.reward"))
+    cost_scorer = build_scorer(L.cost, device, "loop.cost") if L.name == "ppo_lag" else None
+    generator = None
+    if L.generation.backend == "vllm":  # colocated engine (GPU, opt-in): synced and probed every step
+        from train.models import model_path
+        from train.vllm_colocate import VLLMColocate
+
+        generator = VLLMColocate(model_path(cfg.model.name_or_path), L.generation, accelerator=accelerator,
+                                 dtype=cfg.optim.dtype, seed=cfg.seed, lora_rank=cfg.lora.r if cfg.lora.enabled else None)
+    sample = generator.generate if generator is not None else hf_generate
+
+    # ---------------------------------------------------------------- 4. optimisers, resume
+    updates_per_rollout = L.epochs_per_rollout * L.mini_batches
+    optimizer = build_optimizer(trainable_parameters(policy), cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, total * updates_per_rollout)
+    critic_opts = {k: build_optimizer(trainable_parameters(c), cfg.optim.model_copy(update={"lr": L.critic.lr}))
+                   for k, c in critics.items()}
+    model, optimizer = accelerator.prepare(policy, optimizer)
+    for k in critics:
+        critics[k], critic_opts[k] = accelerator.prepare(critics[k], critic_opts[k])
+    state = OnlineState(beta=L.kl.coef, log_lambda=math.log(L.lagrangian.lambda_init), started=started)
+    tensors = resume_from(ckpt, state, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler)
+    for k, opt in critic_opts.items():
+        if f"critic_{k}_optimizer" in tensors:
+            opt.load_state_dict(tensors[f"critic_{k}_optimizer"])
+    packed = cfg.optim.packing and packing_check(model, prompt_ids, cfg, accelerator)
+    n_train, n_total = count_parameters(accelerator.unwrap_model(model))
+    if main:
+        print(f"loop={L.name}: {n_train:,} trainable of {n_total:,} parameters; loss={cfg.loss.name}; {len(prompts)} prompts "
+              f"({n_truncated} truncated); {total} rollouts of {L.prompts_per_step}x{L.samples_per_prompt}", flush=True)
+
+    # ---------------------------------------------------------------- 5. the rollout cycle
+    logger = MetricsLogger(out_dir, main, cfg.log.tensorboard, resume_step=state.step)
+    pairs_log = PairsLog(out_dir / "pairs.jsonl", main, state.step) if L.name == "online_dpo" else None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=state.step, disable=not (cfg.progress and main), desc=L.name, dynamic_ncols=True)
+    last: dict[str, float] = {}
+    stopped = False
+    model.eval()  # no dropout: π_old == π_θ on the first mini-batch
+    for c in critics.values():
+        c.eval()
+    while state.step < total:
+        t0 = time.perf_counter()
+        # 1. sample: this process's whole groups of this step's prompts
+        mine = step_prompts(state.step, len(prompts), L.prompts_per_step, cfg.seed)[rank * per_process:(rank + 1) * per_process]
+        sync = {} if generator is None else {"vllm/probe_abs_diff": generator.sync(model, prompt_ids[0], device)}
+        rollout = sample(model, tokenizer, [prompt_ids[i] for i in mine], L.samples_per_prompt, L.generation,
+                         seed=sample_seed(cfg.seed, state.step, rank), device=device)
+        texts, ids_list = decode(tokenizer, rollout)
+        row_prompts = [prompts[mine[g]] for g in rollout.group.tolist()]
+        t_gen = time.perf_counter()
+        # 2. score (one batched call each); NaN = unscorable
+        if L.name == "online_dpo":
+            labels, scores = label_pairs(reward_scorer, L, row_prompts, texts, ids_list, rollout)
+        else:
+            scores = reward_scorer(row_prompts, texts, ids_list)
+        costs = cost_scorer(row_prompts, texts, ids_list) if cost_scorer is not None else None
+        baseline = greedy_scores(sample, model, tokenizer, reward_scorer, prompt_ids, mine, prompts, L, device) \
+            if L.estimator == "remax" else None
+        t_score = time.perf_counter()
+        # 3-6
+        if L.name == "online_dpo":
+            pairs_log.write(state.step, [prompts[i] for i in mine], texts, labels, accelerator)
+            metrics = dpo_update(model, reference, rollout, labels, loss_fn, optimizer, scheduler, cfg, accelerator, packed)
+            state.optimizer_steps += updates_per_rollout
+        else:
+            batch = no_grad_passes(model, reference, critics, rollout, L, cfg.optim.batch_size, device, packed)
+            if costs is not None:  # Safe-RLHF: episode costs (scorer end scores, no KL) feed J̄_C
+                update_cost_window(state, _gather(accelerator, costs), L.lagrangian.window)
+            metrics = estimate(batch, rollout, scores, costs, baseline, state, L, accelerator)
+            metrics |= policy_update(model, critics, critic_opts, optimizer, scheduler, batch, rollout, loss_fn, state, L, cfg,
+                                     accelerator, packed)
+        t_update = time.perf_counter()
+        # 7. controllers, log, checkpoint
+        metrics |= rollout_metrics(rollout, None if L.name == "online_dpo" and L.reward.kind == "judge" else scores,
+                                   costs, L, accelerator) | sync
+        if L.kl.adaptive and "kl" in metrics:
+            n = L.prompts_per_step * L.samples_per_prompt
+            state.beta = A.adaptive_kl_beta(state.beta, metrics["kl"], L.kl.target_per_sequence_nats, n, L.kl.horizon)
+        state.step += 1
+        state.samples += L.prompts_per_step * L.samples_per_prompt
+        last = {**metrics, "beta": state.beta, "lr": scheduler.get_last_lr()[0],
+                "time/generate_s": t_gen - t0, "time/score_s": t_score - t_gen, "time/update_s": t_update - t_score,
+                "samples_per_s": L.prompts_per_step * L.samples_per_prompt / max(t_update - t0, 1e-9),
+                "time_s": state.time_s()}
+        if L.name == "ppo_lag":
+            last["lambda"] = math.exp(state.log_lambda)
+        last = {k: v for k, v in last.items() if not (isinstance(v, float) and math.isnan(v))}
+        if state.log_due(cfg.log.every_steps, total):
+            logger.log(state.step, last)
+            bar.set_postfix(postfix(last, ("reward/mean", "kl", "loss", "lambda")))
+        bar.update(1)
+        due, stopped = state.checkpoint_due(cfg.checkpoint)
+        if due:
+            checkpoint(out_dir, state, accelerator, model, tokenizer, optimizer, scheduler, critics, critic_opts, cfg)
+        if stopped:
+            break
+    bar.close()
+
+    # ---------------------------------------------------------------- 6. the end
+    logger.close()
+    if stopped:
+        return {"stopped": True, "steps": state.step, "output_dir": str(out_dir)}
+    final = save_model(model, tokenizer, out_dir / "final", accelerator)
+    if state.final_checkpoint_due(cfg.checkpoint):
+        checkpoint(out_dir, state, accelerator, model, tokenizer, optimizer, scheduler, critics, critic_opts, cfg)
+    summary = {
+        "loop": L.name, "loss": cfg.loss.name, "steps": state.step, "optimizer_steps": state.optimizer_steps,
+        "samples": state.samples, "time_s": state.time_s(), "final_dir": str(final),
+        "final_train": last, "truncation": {"prompts_truncated": n_truncated}, "output_dir": str(out_dir),
+    }
+    return finish_run(summary, out_dir, cfg, accelerator)
+
+
+# ==================================================================================== set-up helpers
+
+
+def check_shapes(L, world: int, micro: int) -> None:
+    """Group integrity under data parallelism (spec trap 5): each process holds whole groups, and its
+    rollout share splits into equal mini-batches of whole micro-batches."""
+    if L.prompts_per_step % world:
+        raise ConfigError(f"loop.prompts_per_step={L.prompts_per_step} does not split over {world} processes; a group "
+                          "must stay on one process: use a multiple of the process count")
+    local = L.prompts_per_step // world * L.samples_per_prompt
+    unit = L.prompts_per_step // world if L.name == "online_dpo" else local
+    if unit % L.mini_batches or (unit // L.mini_batches) % micro:
+        what = "pairs" if L.name == "online_dpo" else "samples"
+        raise ConfigError(f"{unit} {what} per process do not split into loop.mini_batches={L.mini_batches} mini-batches "
+                          f"of whole micro-batches of optim.batch_size={micro}")
+
+
+def build_reference(cfg, policy):
+    """The KL / DPO reference: the base with the adapter disabled under LoRA (auto), else a frozen copy
+    of the initial weights (never a resumed checkpoint)."""
+    mode = cfg.loop.reference
+    if mode == "auto":
+        mode = "adapter_disabled" if cfg.lora.enabled else "model"
+    if mode == "adapter_disabled":
+        if not is_peft(policy):
+            raise ConfigError("loop.reference=adapter_disabled needs LoRA (lora.enabled=true)")
+        return "adapter"
+    return load_frozen(cfg.model.name_or_path, revision=cfg.model.revision, dtype=cfg.optim.dtype)
+
+
+def build_critics(cfg, ckpt, device) -> dict[str, torch.nn.Module]:
+    """PPO critics: a scalar head on every token, initialised from the reward (cost) model, or from the
+    policy's weights; LoRA critics when lora.enabled. ppo has `reward`, ppo_lag `reward` and `cost`."""
+    L = cfg.loop
+    names = {"ppo": ("reward",), "ppo_lag": ("reward", "cost")}.get(L.name, ())
+    out = {}
+    for name in names:
+        scorer = getattr(L, name)
+        init = scorer.path if L.critic.init_from == "reward" and scorer.kind == "model" else cfg.model.name_or_path
+        if L.critic.init_from == "reward" and scorer.kind != "model":
+            raise ConfigError(f"loop.critic.init_from=reward needs loop.{name}.kind=model (a trained scorer to start "
+                              "from); set loop.critic.init_from=policy")
+        if init == scorer.path and (Path(init) / "adapter_config.json").exists():
+            raise ConfigError(f"loop.{name}.path={init} is a LoRA adapter; a critic starts from full weights: merge it "
+                              "(peft merge_and_unload + save_pretrained) or set loop.critic.init_from=policy")
+        saved = Path(ckpt) / f"critic_{name}" if ckpt is not None else None
+        model = load_policy(str(saved) if saved is not None and not cfg.lora.enabled else init, dtype=cfg.optim.dtype,
+                            lora=cfg.lora, head="score",
+                            adapter_path=saved if saved is not None and cfg.lora.enabled else None)
+        out[name] = TokenValues(model).to(device)
+    return out
+
+
+def packing_check(model, prompt_ids: list[list[int]], cfg, accelerator) -> bool:
+    """optim.packing: the trainer's forwards run on rows laid end to end (no compute on the prompts'
+    left padding or the completions' right padding) when this model keeps packed rows apart (checked
+    once on two prompts, agreed by every process; train/loops/packing.py)."""
+    from train.loops.packing import packing_matches
+
+    rows = prompt_ids[:2]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], attn[i, :len(r)] = torch.tensor(r), 1
+    batch = {"input_ids": ids.to(accelerator.device), "attention_mask": attn.to(accelerator.device),
+             "labels": torch.where(attn.bool(), ids, torch.full_like(ids, -100)).to(accelerator.device)}
+    ok = packing_matches(getattr(model, "module", model), batch, cfg.optim.dtype)
+    if accelerator.num_processes > 1:
+        ok = bool(accelerator.reduce(torch.tensor([float(ok)], device=accelerator.device), "min").item())
+    if not ok and accelerator.is_main_process:
+        print("warning: this model's attention does not separate packed rows (position_ids); "
+              "training on padded rows instead (optim.packing=false silences this)", flush=True)
+    return ok
+
+
+def step_prompts(step: int, n_prompts: int, per_step: int, seed: int) -> list[int]:
+    """The prompts of rollout `step`: consecutive slices of a per-epoch permutation (same on every process)."""
+    out = []
+    for k in range(step * per_step, (step + 1) * per_step):
+        epoch, j = divmod(k, n_prompts)
+        out.append(epoch_order(n_prompts, seed, epoch)[j])
+    return out
+
+
+def sample_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
+
+
+def decode(tokenizer, rollout: Rollout) -> tuple[list[str], list[list[int]]]:
+    ids = [row[m].tolist() for row, m in zip(rollout.completion_ids, rollout.completion_mask)]
+    return tokenizer.batch_decode(ids, skip_special_tokens=True), ids
+
+
+# ==================================================================================== scoring helpers
+
+
+def adjust_scores(scores: torch.Tensor, truncated: torch.Tensor, L, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Missing-EOS penalty (TRL online DPO / legacy PPO), DAPO's soft overlong penalty (when
+    loop.overlong_buffer is set), then the score clip (OpenRLHF ±clip)."""
+    if L.missing_eos_penalty is not None:
+        scores = scores - L.missing_eos_penalty * truncated.float()
+    if L.overlong_buffer is not None and lengths is not None:
+        scores = scores + A.overlong_penalty(lengths, L.generation.max_new_tokens, L.overlong_buffer, L.overlong_factor)
+    if L.score_clip is not None:
+        scores = scores.clamp(-L.score_clip, L.score_clip)
+    return scores
+
+
+def label_pairs(scorer, L, prompts, texts, ids_list, rollout) -> tuple[list[int | None], torch.Tensor]:
+    """online_dpo: per prompt 1 (first sample preferred), 0 (second) or None (tie / unscorable: dropped).
+    A judge is asked in both orders; a reward function/model prefers the strictly higher score."""
+    a, b = texts[0::2], texts[1::2]
+    if isinstance(scorer, PairwiseJudge):
+        return scorer(prompts[0::2], a, b), torch.full((len(texts),), math.nan)
+    scores = adjust_scores(scorer(prompts, texts, ids_list), rollout.truncated, L, rollout.lengths)
+    labels = []
+    for sa, sb in zip(scores[0::2].tolist(), scores[1::2].tolist()):
+        labels.append(None if math.isnan(sa) or math.isnan(sb) or sa == sb else int(sa > sb))
+    return labels, scores
+
+
+@torch.no_grad()
+def greedy_scores(sample, model, tokenizer, scorer, prompt_ids, mine, prompts, L, device) -> torch.Tensor:
+    """ReMax baseline: the scorer's reward of one greedy decode per prompt (no KL, as verl), repeated per sample."""
+    greedy = sample(model, tokenizer, [prompt_ids[i] for i in mine], 1, L.generation, seed=0, greedy=True, device=device)
+    texts, ids_list = decode(tokenizer, greedy)
+    s = adjust_scores(scorer([prompts[i] for i in mine], texts, ids_list), greedy.truncated, L, greedy.lengths)
+    return s.repeat_interleave(L.samples_per_prompt)
+
+
+# ==================================================================================== passes, shaping, advantages
+
+
+def micro_batches(n: int, size: int) -> list[list[int]]:
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def on_policy_single_update(L, reference) -> bool:
+    """π_old == π_θ exactly for the only mini-batch of the only epoch, and nothing before the update
+    needs π_old (no KL in the reward): then the π_old pass is skipped and the update uses its own
+    log-probs, detached, as π_old (TRL does the same when num_iterations == 1)."""
+    kl_in_reward = reference is not None and L.kl.placement == "reward"
+    return L.epochs_per_rollout == 1 and L.mini_batches == 1 and not kl_in_reward
+
+
+def no_grad_passes(model, reference, critics, rollout: Rollout, L, micro: int, device, packed: bool = False) -> dict[str, torch.Tensor]:
+    """π_old (and entropy), π_ref and critic values over the rollout, micro-batch by micro-batch, float32."""
+    T = L.generation.temperature
+    skip_old = on_policy_single_update(L, reference)
+    out: dict[str, list[torch.Tensor]] = {"old_logps": [], "entropy": [], "ref_logps": [], **{f"values_{k}": [] for k in critics}}
+    for idx in micro_batches(len(rollout), micro):
+        mb = rollout.select(idx)
+        if not skip_old:
+            lp, ent = token_logps(model, mb, T, device, with_entropy=True, packed=packed)
+            out["old_logps"].append(lp.cpu())
+            out["entropy"].append(ent.cpu())
+        if reference == "adapter":
+            with accelerator_unwrap(model).disable_adapter():
+                out["ref_logps"].append(token_logps(model, mb, T, device, packed=packed)[0].cpu())
+        elif reference is not None:
+            out["ref_logps"].append(token_logps(reference, mb, T, device, packed=packed)[0].cpu())
+        for k, c in critics.items():
+            out[f"values_{k}"].append(token_values(c, mb, device).cpu())
+    return {k: torch.cat(v) for k, v in out.items() if v}
+
+
+def accelerator_unwrap(model):
+    return getattr(model, "module", model)
+
+
+def estimate(batch: dict[str, torch.Tensor], rollout: Rollout, scores, costs, baseline, state: OnlineState, L,
+             accelerator) -> dict[str, float]:
+    """Shape the scores and compute batch["advantages"] (and returns for the critics) on this process's
+    rows; sequence-level statistics are over the whole rollout (all processes), group statistics per group."""
+    mask = rollout.completion_mask
+    n = L.samples_per_prompt
+    scores = adjust_scores(scores, rollout.truncated, L, rollout.lengths)
+    beta = state.beta if L.kl.coef else 0.0
+    kl_tok = None
+    metrics: dict[str, float] = {}
+    if "ref_logps" in batch and "old_logps" in batch:
+        kl_tok = A.kl_estimate(batch["old_logps"], batch["ref_logps"], L.kl.estimator if L.kl.placement == "reward" else "k1",
+                               clamp=L.kl.clamp) * mask
+    in_reward = kl_tok is not None and L.kl.placement == "reward"
+    reduce = _sum_reducer(accelerator)
+    if L.missing_eos_penalty is not None or L.overlong_buffer is not None or L.score_clip is not None:
+        adjusted = _gather(accelerator, scores)
+        metrics["reward/adjusted_mean"] = float(adjusted[~torch.isnan(adjusted)].mean())
+    if L.estimator == "gae":
+        rewards = A.shape_rewards(scores, mask, kl_tok if in_reward else None, beta)
+        if L.name == "ppo_lag":
+            c = costs.clamp(-L.score_clip, L.score_clip) if L.score_clip is not None else costs  # no EOS penalty on a cost
+            costs_t = A.shape_rewards(c, mask, -kl_tok if in_reward else None, beta)
+            clip = L.lagrangian.token_clip
+            if clip is not None:
+                rewards, costs_t = rewards.clamp(-clip, clip) * mask, costs_t.clamp(-clip, clip) * mask
+            batch["adv_reward"], batch["returns_reward"] = A.gae(rewards, batch["values_reward"], mask, L.critic.gamma, L.critic.lam)
+            batch["adv_cost"], batch["returns_cost"] = A.gae(costs_t, batch["values_cost"], mask, L.critic.gamma, L.critic.lam)
+            batch["advantages"] = None  # mixed per optimizer step with the current λ
+        else:
+            adv, batch["returns_reward"] = A.gae(rewards, batch["values_reward"], mask, L.critic.gamma, L.critic.lam)
+            batch["advantages"] = A.whiten(adv, mask, reduce=reduce) if L.whiten_advantages else adv
+    elif L.estimator in ("reinforce_pp", "reinforce_pp_baseline"):
+        base = scores if L.estimator == "reinforce_pp" else A.reinforce_baseline(_gather(accelerator, scores), n)[_local(accelerator, len(scores))]
+        rewards = A.shape_rewards(base, mask, kl_tok if in_reward else None, beta)
+        batch["advantages"] = A.whiten(A.discounted_returns(rewards, mask), mask, reduce=reduce)
+    else:
+        seq = scores
+        if in_reward:  # TRL RLOO: −β Σ_t k1 in the score, before the baseline
+            seq = scores - beta * kl_tok.sum(1)
+        if L.estimator == "remax":
+            rewards = A.shape_rewards(scores, mask, kl_tok if in_reward else None, beta)
+            adv = (A.discounted_returns(rewards, mask) - torch.nan_to_num(baseline, nan=0.0)[:, None]) * mask
+            adv = torch.where(torch.isnan(scores + baseline)[:, None], torch.zeros_like(adv), adv)
+        else:
+            everyone = _gather(accelerator, seq)
+            if L.estimator == "rloo":
+                adv = A.rloo(everyone, n)
+            elif L.estimator == "dr_grpo":
+                adv = A.dr_grpo(everyone, n)
+            else:
+                adv = A.grpo(everyone, n, scale=L.scale_rewards)
+            groups = torch.nan_to_num(everyone, nan=0.0).view(-1, n)
+            metrics["frac_reward_zero_std"] = float(torch.isclose(groups.std(1), torch.zeros(())).float().mean()) if n > 1 else 0.0
+            adv = adv[_local(accelerator, len(seq))]
+        batch["advantages"] = adv
+    unscorable = torch.isnan(scores) | (torch.isnan(costs) if costs is not None else False)
+    if unscorable.any():  # NaN gets zero advantage, never the value baseline's guess (and no value target)
+        for key in ("advantages", "adv_reward", "adv_cost"):
+            if batch.get(key) is not None:
+                batch[key] = torch.where(unscorable.view(-1, *[1] * (batch[key].dim() - 1)), torch.zeros_like(batch[key]), batch[key])
+        for k in ("reward", "cost"):
+            if f"returns_{k}" in batch:
+                batch[f"returns_{k}"] = torch.where(unscorable[:, None], batch[f"values_{k}"], batch[f"returns_{k}"])
+    if "entropy" in batch:  # else measured in the update (π_old pass skipped)
+        ent = _gather(accelerator, torch.stack([(batch["entropy"] * mask).sum(), mask.sum().float()])[None])
+        metrics["entropy"] = float(ent[:, 0].sum() / ent[:, 1].sum().clamp(min=1))
+    if kl_tok is not None and "old_logps" in batch:
+        k1 = (batch["old_logps"] - batch["ref_logps"]) * mask
+        metrics["kl"] = float(_gather(accelerator, k1.sum(1)).mean())  # sequence-summed k1, nats
+    return metrics
+
+
+def _gather(accelerator, t: torch.Tensor) -> torch.Tensor:
+    if accelerator.num_processes == 1:
+        return t
+    return accelerator.gather(t.to(accelerator.device)).cpu()
+
+
+def _local(accelerator, n: int) -> slice:
+    return slice(accelerator.process_index * n, (accelerator.process_index + 1) * n)
+
+
+def _sum_reducer(accelerator):
+    if accelerator.num_processes == 1:
+        return None
+    return lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu()
+
+
+# ==================================================================================== update
+
+
+def policy_update(model, critics, critic_opts, optimizer, scheduler, batch, rollout: Rollout, loss_fn, state: OnlineState,
+                  L, cfg, accelerator, packed: bool = False) -> dict[str, float]:
+    """epochs_per_rollout × mini_batches optimizer steps over this process's rows. Each mini-batch's
+    token and sequence counts are summed over processes first, so the token-mean is global and the
+    gradient-accumulation normalisation is applied once."""
+    from train.loops.common import StepMetrics
+
+    device, world = accelerator.device, accelerator.num_processes
+    n_rows = len(rollout)
+    size = n_rows // L.mini_batches
+    metrics = StepMetrics()
+    critic_only = L.name in ("ppo", "ppo_lag") and state.step < L.critic.warmup_steps
+    for epoch in range(L.epochs_per_rollout):
+        order = epoch_order(n_rows, cfg.seed + state.step, epoch, shuffle=L.epochs_per_rollout > 1 or L.mini_batches > 1)
+        for m in range(L.mini_batches):
+            rows = order[m * size:(m + 1) * size]
+            if L.name == "ppo_lag":
+                lag_step(state, L)
+                lam = math.exp(state.log_lambda)
+                batch["advantages"] = A.mix_lagrangian(batch["adv_reward"], batch["adv_cost"], lam)
+            n_tok = rollout.completion_mask[rows].sum().float()
+            if world > 1:
+                n_tok = accelerator.reduce(n_tok.to(device), "sum").cpu()
+            total_tokens, total_sequences = float(n_tok) / world, float(len(rows))
+            chunks = [rows[i:i + cfg.optim.batch_size] for i in range(0, len(rows), cfg.optim.batch_size)]
+            for j, idx in enumerate(chunks):
+                mb = rollout.select(idx)
+                sync = j == len(chunks) - 1
+                with _maybe_no_sync(accelerator, [model, *critics.values()], sync):
+                    data = {
+                        "advantages": batch["advantages"][idx].to(device),
+                        "mask": mb.completion_mask.to(device), "total_tokens": total_tokens, "total_sequences": total_sequences,
+                    }
+                    if "ref_logps" in batch and L.kl.placement == "loss":
+                        data.update(ref_logps=batch["ref_logps"][idx].to(device), kl_coef=state.beta,
+                                    kl_estimator=L.kl.estimator, kl_clamp=L.kl.clamp)
+                    if not critic_only:
+                        on_policy = "old_logps" not in batch
+                        data["logps"], entropy = token_logps(model, mb, L.generation.temperature, device, with_entropy=on_policy,
+                                                                     packed=packed)
+                        data["old_logps"] = data["logps"].detach() if on_policy else batch["old_logps"][idx].to(device)
+                        if on_policy:
+                            mask = data["mask"]
+                            metrics.add({"entropy": (entropy * mask).sum() / mask.sum().clamp(min=1)}, weight=float(mask.sum()))
+                            if "ref_logps" in batch:  # the KL metric: sequence-summed k1, nats
+                                k1 = ((data["logps"].detach() - batch["ref_logps"][idx].to(device)) * mask).sum(1)
+                                metrics.add({"kl": k1.mean()}, weight=len(idx))
+                        out = call_loss(loss_fn, data)
+                        loss = out.losses.sum() / total_sequences
+                        accelerator.backward(loss)
+                        metrics.add({"loss": loss.detach() * len(chunks), **out.metrics})
+                    for k, critic in critics.items():
+                        v = token_values(critic, mb, device)
+                        vout = value_loss(values=v, old_values=batch[f"values_{k}"][idx].to(device),
+                                          returns=batch[f"returns_{k}"][idx].to(device), mask=data["mask"],
+                                          value_clip=L.critic.value_clip, total_tokens=total_tokens,
+                                          total_sequences=total_sequences)
+                        vloss = vout.losses.sum() / total_sequences
+                        accelerator.backward(vloss)
+                        metrics.add({f"value_loss/{k}": vloss.detach() * len(chunks), f"value_error/{k}": vout.metrics["value_error"]})
+            if not critic_only:
+                if cfg.optim.max_grad_norm is not None:
+                    metrics.add({"grad_norm": accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)})
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            for k, critic in critics.items():
+                if cfg.optim.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(critic.parameters(), cfg.optim.max_grad_norm)
+                critic_opts[k].step()
+                critic_opts[k].zero_grad(set_to_none=True)
+            state.optimizer_steps += 1
+    return metrics.reduce(accelerator)
+
+
+def _maybe_no_sync(accelerator, models, sync: bool):
+    import contextlib
+
+    if sync or accelerator.num_processes == 1:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for m in models:
+        stack.enter_context(accelerator.no_sync(m))
+    return stack
+
+
+def lag_step(state: OnlineState, L) -> None:
+    """Safe-RLHF: λ is updated before every policy optimizer step (safe-rlhf `rl_step`), from the mean of
+    the last `window` episode costs, after `delay_steps` rollouts. Every process computes the same value
+    from the same gathered window, so no broadcast is needed."""
+    lg = L.lagrangian
+    if state.step < lg.delay_steps or not state.cost_window:
+        return
+    mean_cost = sum(state.cost_window) / len(state.cost_window)
+    state.log_lambda = A.lagrange_step(state.log_lambda, mean_cost, lg.cost_threshold, lg.lambda_lr, lg.lambda_max)
+
+
+def dpo_update(model, reference, rollout: Rollout, labels, loss_fn, optimizer, scheduler, cfg, accelerator,
+               packed: bool = False) -> dict[str, float]:
+    """OAIF update: the DPO-family loss (conf/loss, pairwise) on each kept pair against the fixed
+    reference; dropped pairs weigh 0 and the mean is over the kept pairs of all processes."""
+    from train.loops.common import StepMetrics
+
+    L, device, world = cfg.loop, accelerator.device, accelerator.num_processes
+    n_pairs = len(labels)
+    keep = torch.tensor([lab is not None for lab in labels], dtype=torch.float32)
+    first_wins = torch.tensor([lab == 1 for lab in labels])
+    chosen = torch.where(first_wins, torch.arange(n_pairs) * 2, torch.arange(n_pairs) * 2 + 1)
+    rejected = torch.where(first_wins, torch.arange(n_pairs) * 2 + 1, torch.arange(n_pairs) * 2)
+    metrics = StepMetrics()
+    size = n_pairs // L.mini_batches
+    for epoch in range(L.epochs_per_rollout):
+        for m in range(L.mini_batches):
+            pairs = list(range(m * size, (m + 1) * size))
+            kept = keep[pairs].sum()
+            if world > 1:
+                kept = accelerator.reduce(kept.to(device), "sum").cpu()
+            if float(kept) == 0:
+                scheduler.step()
+                continue
+            for j in range(0, len(pairs), cfg.optim.batch_size):
+                p = pairs[j:j + cfg.optim.batch_size]
+                rows = torch.cat([chosen[p], rejected[p]])
+                mb = rollout.select(rows)
+                sync = j + cfg.optim.batch_size >= len(pairs)
+                with _maybe_no_sync(accelerator, [model], sync):
+                    lp = (token_logps(model, mb, L.generation.temperature, device, packed=packed)[0]).sum(1)
+                    with torch.no_grad():
+                        if reference == "adapter":
+                            with accelerator_unwrap(model).disable_adapter():
+                                ref = token_logps(model, mb, L.generation.temperature, device, packed=packed)[0].sum(1)
+                        else:
+                            ref = token_logps(reference, mb, L.generation.temperature, device, packed=packed)[0].sum(1)
+                    b = len(p)
+                    out = call_loss(loss_fn, {"policy_chosen_logps": lp[:b], "policy_rejected_logps": lp[b:],
+                                              "reference_chosen_logps": ref[:b], "reference_rejected_logps": ref[b:]})
+                    w = keep[p].to(device)
+                    loss = (out.losses * w).sum() * world / float(kept)
+                    accelerator.backward(loss)
+                    if w.sum() > 0:
+                        metrics.add({"loss": (out.losses.detach() * w).sum() / w.sum(),
+                                     "rewards/accuracy": ((out.chosen_rewards > out.rejected_rewards).float() * w).sum() / w.sum(),
+                                     "rewards/margin": ((out.chosen_rewards - out.rejected_rewards) * w).sum() / w.sum()})
+            if cfg.optim.max_grad_norm is not None:
+                metrics.add({"grad_norm": accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)})
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    values = metrics.reduce(accelerator)
+    values["pairs/kept_frac"] = float(_gather(accelerator, keep).mean())
+    return values
+
+
+# ==================================================================================== metrics, checkpoints
+
+
+def rollout_metrics(rollout: Rollout, scores, costs, L, accelerator) -> dict[str, float]:
+    """Rollout-level metrics over all processes (scores None: a pairwise judge gave labels, not scores)."""
+    lengths = _gather(accelerator, rollout.lengths.float())
+    out = {"completions/mean_length": float(lengths.mean()),
+           "completions/truncated_frac": float(_gather(accelerator, rollout.truncated.float()).mean())}
+    if scores is not None:
+        s = _gather(accelerator, scores.float())
+        ok = s[~torch.isnan(s)]
+        out |= {"reward/mean": float(ok.mean()) if ok.numel() else math.nan,
+                "reward/std": float(ok.std()) if ok.numel() > 1 else 0.0,
+                "reward/frac_unscorable": float(torch.isnan(s).float().mean())}
+    if costs is not None:
+        c = _gather(accelerator, costs.float())
+        out["cost/mean"] = float(c[~torch.isnan(c)].mean()) if (~torch.isnan(c)).any() else math.nan
+    return out
+
+
+def update_cost_window(state: OnlineState, costs: torch.Tensor, window: int) -> None:
+    state.cost_window = (state.cost_window + [c for c in costs.tolist() if not math.isnan(c)])[-window:]
+
+
+def checkpoint(out_dir, state: OnlineState, accelerator, model, tokenizer, optimizer, scheduler, critics, critic_opts, cfg):
+    tensors = {f"critic_{k}_optimizer": opt.state_dict() for k, opt in critic_opts.items()}
+    extra = {f"critic_{k}": accelerator.unwrap_model(c).model for k, c in critics.items()}
+    checkpoint_progress(out_dir, state, cfg, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                        scheduler=scheduler, tensors=tensors, extra_models=extra)
+
+
+class PairsLog:
+    """pairs.jsonl: every labelled online_dpo pair (prompt, both samples, label; null = dropped) for
+    offline replay. A resumed run drops the records past its checkpoint."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int):
+        self.path, self.enabled = path, enabled
+        if enabled and path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < resume_step]
+            path.write_text("".join(ln + "\n" for ln in keep))
+
+    def write(self, step: int, prompts, texts, labels, accelerator) -> None:
+        rows = [{"step": step, "prompt": p, "a": texts[2 * k], "b": texts[2 * k + 1], "label": labels[k]}
+                for k, p in enumerate(prompts)]
+        if accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            rows = gather_object(rows)
+        if self.enabled:
+            with self.path.open("a") as f:
+                for r in rows:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")

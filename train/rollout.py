@@ -1,0 +1,203 @@
+"""The rollout of the online loops: prompts in, token ids out, and the no-grad / grad forwards on them.
+
+Token-in, token-out: the policy is never fed re-tokenised text. A rollout holds N = prompts × n rows,
+each a left-padded prompt followed by a right-padded completion:
+
+    prompt_ids [N, Lp], prompt_mask [N, Lp]          left padding (generation layout)
+    completion_ids [N, Lc], completion_mask [N, Lc]  real tokens up to and including the first EOS
+    truncated [N] bool                                 no EOS within max_new_tokens
+    group [N] long                                     the prompt's index in this rollout (groups are contiguous)
+
+Log-probs are computed by the trainer in float32 from logits / T at the sampling temperature T (TRL,
+OpenRLHF, verl), with only the completion positions through the LM head (`logits_to_keep`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from train.logprobs import selective_log_softmax
+
+
+@dataclass
+class Rollout:
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    completion_ids: Tensor
+    completion_mask: Tensor
+    truncated: Tensor
+    group: Tensor
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    def select(self, idx: Sequence[int] | Tensor) -> "Rollout":
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return Rollout(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+    def forward_inputs(self) -> dict[str, Tensor]:
+        """input_ids / attention_mask / position_ids of prompt + completion (positions count real tokens
+        from 0, as generation with left padding does)."""
+        attn = torch.cat([self.prompt_mask, self.completion_mask], 1).long()
+        pos = (attn.cumsum(1) - 1).clamp(min=0)
+        return {"input_ids": torch.cat([self.prompt_ids, self.completion_ids], 1), "attention_mask": attn,
+                "position_ids": pos}
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.completion_mask.sum(1)
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def eos_mask(completion_ids: Tensor, eos_ids: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """(mask [N, Lc] bool up to and including the first EOS, truncated [N] bool). Built from the EOS
+    position, never from "first pad − 1", so pad == eos cannot drop the EOS itself (trl#3750)."""
+    is_eos = torch.zeros_like(completion_ids, dtype=torch.bool)
+    for e in eos_ids:
+        is_eos |= completion_ids == e
+    has = is_eos.any(1)
+    first = torch.where(has, is_eos.float().argmax(1), torch.full_like(has, completion_ids.shape[1], dtype=torch.long))
+    positions = torch.arange(completion_ids.shape[1]).expand_as(completion_ids)
+    return positions <= first[:, None], ~has
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+@torch.no_grad()
+def hf_generate(model, tokenizer, prompts: Sequence[Sequence[int]], n: int, gen, *, seed: int,
+                greedy: bool = False, device=None) -> Rollout:
+    """Sample n completions per prompt with the live policy module (nothing to sync): one batched
+    `generate` over prompts × n rows, left-padded, KV cache on, seeded from `seed` (the loop derives
+    it from (run seed, step, process), so a resumed run samples the same completions)."""
+    unwrapped = getattr(model, "module", model)
+    eos = eos_token_ids(unwrapped, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    rows = [list(p) for p in prompts for _ in range(n)]
+    ids, mask = left_pad(rows, pad)
+    device = device or next(unwrapped.parameters()).device
+    if not greedy:
+        torch.manual_seed(seed)
+    kwargs: dict[str, Any] = {"do_sample": False} if greedy else {
+        "do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p, "top_k": gen.top_k}  # top_k 0 = off (None
+    # would fall back to the model's generation_config, 50 by default: sampling from a truncated distribution
+    # that the trainer's full-softmax log-probs do not describe)
+    was_training = unwrapped.training
+    unwrapped.eval()
+    out = unwrapped.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=gen.max_new_tokens,
+                             pad_token_id=pad, eos_token_id=eos, use_cache=True, **kwargs)
+    unwrapped.train(was_training)
+    completion = out[:, ids.shape[1]:].cpu()
+    if completion.shape[1] == 0:
+        completion = torch.full((len(rows), 1), pad, dtype=torch.long)
+    cmask, truncated = eos_mask(completion, eos)
+    completion = torch.where(cmask, completion, torch.full_like(completion, pad))
+    group = torch.arange(len(prompts)).repeat_interleave(n)
+    return Rollout(ids, mask, completion, cmask, truncated, group)
+
+
+def _logits(model, rollout: Rollout, device) -> Tensor:
+    """Logits of the positions that predict each completion token: [N, Lc, V]."""
+    inputs = {k: v.to(device) for k, v in rollout.forward_inputs().items()}
+    lc = rollout.completion_ids.shape[1]
+    out = model(**inputs, use_cache=False, logits_to_keep=lc + 1)
+    return out.logits[:, :-1]
+
+
+def token_logps(model, rollout: Rollout, temperature: float, device, with_entropy: bool = False,
+                packed: bool = False) -> tuple[Tensor, Tensor | None]:
+    """log π(y_t | x, y_<t) of the completion tokens from logits / T, float32 [N, Lc] (0 off mask), and
+    with_entropy the per-token entropy of the same distribution (no grad). packed: the rows (real prompt
+    + completion tokens only) are laid end to end (train/loops/packing.py), so no compute is spent on the
+    prompts' left padding or the completions' right padding; same values."""
+    if packed:
+        logits, index = _packed_logits(model, rollout, device)
+    else:
+        logits, index = _logits(model, rollout, device), None
+    if temperature != 1.0:
+        logits = logits / temperature
+    mask = rollout.completion_mask.to(device)
+    target = rollout.completion_ids.to(device)
+    if index is not None:  # packed: logits [P, V] of the positions predicting each completion token
+        flat = selective_log_softmax(logits, target[mask])
+        logps = torch.zeros(mask.shape, dtype=flat.dtype, device=device).masked_scatter(mask, flat)
+    else:
+        logps = selective_log_softmax(logits, target, mask)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            lf = logits.detach().float()
+            p = lf.softmax(-1)
+            ent = lf.logsumexp(-1) - (p * lf).sum(-1)
+            entropy = (torch.zeros(mask.shape, dtype=ent.dtype, device=device).masked_scatter(mask, ent)
+                       if index is not None else ent * mask)
+    return logps, entropy
+
+
+def _packed_logits(model, rollout: Rollout, device) -> tuple[Tensor, Tensor]:
+    """One forward over the rows packed end to end -> (logits [M, V] of the positions that predict the
+    M real completion tokens, in row-major order of completion_mask; the packed positions)."""
+    from train.loops.packing import pack_rows
+
+    plen = rollout.prompt_mask.sum(1)
+    clen = rollout.completion_mask.sum(1)
+    width = int((plen + clen).max())
+    n = len(rollout)
+    ids = torch.zeros((n, width), dtype=torch.long)
+    attn = torch.zeros((n, width), dtype=torch.long)
+    for i in range(n):
+        row = torch.cat([rollout.prompt_ids[i][rollout.prompt_mask[i].bool()], rollout.completion_ids[i][rollout.completion_mask[i]]])
+        ids[i, :len(row)] = row
+        attn[i, :len(row)] = 1
+    pk = pack_rows(ids, attn, ids)
+    logits = model(input_ids=pk.input_ids.to(device), position_ids=pk.position_ids.to(device), use_cache=False).logits
+    # padded position (i, t) sits at packed position where src == i*width + t; token j of row i's completion
+    # is predicted at padded position plen_i + j - 1
+    where = torch.full((n * width,), -1, dtype=torch.long)
+    valid = pk.src >= 0
+    where[pk.src[valid]] = torch.arange(pk.src.numel())[valid.reshape(-1)]
+    cols = plen[:, None] - 1 + torch.arange(rollout.completion_ids.shape[1])[None]
+    flat_index = (torch.arange(n)[:, None] * width + cols.clamp(max=width - 1))[rollout.completion_mask]
+    index = where[flat_index].to(device)
+    return logits.reshape(-1, logits.shape[-1])[index], index
+
+
+class TokenValues(torch.nn.Module):
+    """A critic: a sequence-classification model (e.g. the reward model, `train loop=reward`) whose
+    score head is read at every position instead of the last one. Forward -> values [N, Lc] float32 of
+    the states before each completion token (OpenRLHF Critic)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, n_completion: int) -> Tensor:
+        m = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        trunk = getattr(m, m.base_model_prefix)
+        h = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+        h = h[:, -(n_completion + 1):-1]
+        return m.score(h).squeeze(-1).float()
+
+
+def token_values(critic, rollout: Rollout, device) -> Tensor:
+    inputs = {k: v.to(device) for k, v in rollout.forward_inputs().items()}
+    return critic(**inputs, n_completion=rollout.completion_ids.shape[1]) * rollout.completion_mask.to(device)
