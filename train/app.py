@@ -212,7 +212,7 @@ class CriticSettings(_Strict):
 class LagrangianSettings(_Strict):
     """Safe-RLHF PPO-Lagrangian multiplier (safe-rlhf ppo_lag defaults of scripts/ppo-lag.sh)."""
 
-    cost_threshold: float = 0.0
+    cost_threshold: float = Field(0.0, gt=-1e9, lt=1e9)  # any finite value (costs may be negative)
     lambda_init: float = Field(1.0, gt=0)
     lambda_lr: float = Field(0.1, gt=0)
     lambda_max: float | None = Field(5.0, gt=0)
@@ -237,7 +237,7 @@ class OnlineLoop(_Strict):
     scale_rewards: Literal["group", "batch", "none"] = "group"  # grpo estimator
     whiten_advantages: bool = False  # token advantages whitened over the rollout (gae, reinforce_pp*)
     score_clip: float | None = Field(None, gt=0)  # clip scores to ±score_clip
-    missing_eos_penalty: float | None = None  # subtracted from the score of a truncated completion
+    missing_eos_penalty: float | None = Field(None, ge=0)  # subtracted from the score of a truncated completion
     overlong_buffer: int | None = Field(None, ge=1)  # DAPO soft overlong penalty over the last B tokens
     overlong_factor: float = Field(1.0, ge=0)
 
