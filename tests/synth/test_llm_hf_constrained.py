@@ -1,0 +1,63 @@
+"""llm=hf constrained decoding (xgrammar) on the tiny random model: every sample of a JSON-schema or
+regex request follows it, at temperature 0 and 1, mixed with free rows in one batch, seeded samples
+the same alone or in a batch; a verdict cut off by max_new_tokens stays a failure ("length")."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from synth.llm.base import SamplingParams
+from synth.records import messages
+
+pytest.importorskip("xgrammar")
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"verdict": {"enum": ["safe", "unsafe"]}, "harmful": {"type": "boolean"},
+                   "score": {"enum": [1, 2, 3, 4, 5]}},
+    "required": ["verdict", "harmful", "score"],
+    "additionalProperties": False,
+}
+PROMPTS = [messages(("user", "Is it safe? Answer in JSON.")), messages(("user", "Rate the answer: 0 1 2 3 4 5"))]
+
+
+def valid(obj) -> bool:
+    return (isinstance(obj, dict) and set(obj) == {"verdict", "harmful", "score"} and obj["verdict"] in ("safe", "unsafe")
+            and isinstance(obj["harmful"], bool) and obj["score"] in (1, 2, 3, 4, 5))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_every_json_schema_sample_parses_and_validates(tiny_hf_llm, temperature):
+    p = SamplingParams(temperature=temperature, n=8, seed=3, max_new_tokens=64, json_schema=SCHEMA)
+    groups = tiny_hf_llm.generate(PROMPTS, p)
+    for comp in (c for g in groups for c in g):
+        assert comp.finish_reason == "stop", comp
+        assert valid(json.loads(comp.text)), comp.text
+
+
+@pytest.mark.parametrize("regex", [r"\[\[[ABC]\]\]", r"Rating: \[\[(10|[1-9])\]\]", r"[^\[]{0,40}\[\[[AB]\]\]"])
+def test_every_regex_sample_matches(tiny_hf_llm, regex):
+    p = SamplingParams(temperature=1.0, n=6, seed=5, max_new_tokens=48, regex=regex)
+    for comp in (c for g in tiny_hf_llm.generate(PROMPTS, p) for c in g):
+        assert comp.finish_reason == "stop" and re.fullmatch(regex, comp.text), comp
+
+
+def test_constrained_and_free_rows_share_a_batch_and_keep_their_seeds(tiny_hf_llm):
+    free = SamplingParams(temperature=1.0, max_new_tokens=12, seed=7)
+    json_p = free.replace(json_schema=SCHEMA, max_new_tokens=64)
+    regex_p = free.replace(regex=r"Score: [0-5]")
+    batch = tiny_hf_llm.generate(PROMPTS * 3, [free, json_p, regex_p, json_p, free, regex_p])
+    alone = [tiny_hf_llm.generate([PROMPTS[1]], json_p)[0][0].text, tiny_hf_llm.generate([PROMPTS[0]], regex_p)[0][0].text]
+    assert batch[1][0].text == batch[3][0].text == alone[0]  # same prompt, params, seed
+    assert batch[2][0].text == alone[1] and re.fullmatch(r"Score: [0-5]", alone[1])
+    assert valid(json.loads(alone[0]))
+    assert batch[0][0].text == tiny_hf_llm.generate([PROMPTS[0]], free)[0][0].text  # free rows unaffected
+
+
+def test_a_constrained_answer_cut_off_is_length_not_stop(tiny_hf_llm):
+    p = SamplingParams(temperature=0.0, max_new_tokens=3, json_schema=SCHEMA)
+    comp = tiny_hf_llm.generate(PROMPTS[:1], p)[0][0]
+    assert comp.finish_reason == "length" and comp.truncated
