@@ -180,4 +180,5 @@ def test_end_to_end_tiny_hf(tmp_path):
                   "pipeline.new_prompts.keep_seed_prompts=true", "pipeline.new_prompts.sampling.max_new_tokens=8",
                   "pipeline.drop_truncated=false")  # the tiny model never stops
     check_outputs(tmp_path / "out", m)
-    assert m["parse_failures"]["self_reward_judge"] > 0 and m["parse_failures"]["self_instruct"] > 0
+    # the judge's `...Score: n` is enforced by the hf backend (xgrammar); self-instruct stays free text
+    assert m["parse_failures"].get("self_reward_judge", 0) == 0 and m["parse_failures"]["self_instruct"] > 0
