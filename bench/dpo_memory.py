@@ -25,7 +25,7 @@ def write_pairs(source: str, n: int, path: Path) -> Path:
     from synth.records import PreferenceRecord
     from synth.sources import SourceConfig, iter_source
 
-    items = iter_source(SourceConfig(kind="hh_rlhf", path=source, limit=n))
+    items = iter_source(SourceConfig(kind="hh_rlhf", path=source, limit=n, turns="all"))
     rows = [PreferenceRecord(id=it.id, prompt=it.prompt, chosen=it.chosen, rejected=it.rejected, method="hh_rlhf")
             for it in items]
     path.parent.mkdir(parents=True, exist_ok=True)
