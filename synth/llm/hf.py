@@ -10,6 +10,12 @@ row (HF then runs greedy). That buys three things HF's global sampler cannot giv
 - log-probs taken from the raw model distribution (log_softmax of the logits in float32, before
   temperature and filtering), as vLLM and OpenAI report them; only the top-k per step is kept, so
   memory does not grow with the vocabulary.
+- constrained decoding: a request with `json_schema` or `regex` gets an xgrammar matcher
+  (https://github.com/mlc-ai/xgrammar) whose token mask is applied to its row before the choice, so
+  only text of that format can come out (judge verdicts); other rows in the batch are untouched.
+Sampling is batched across rows (one softmax, one sort for top-p); only each row's uniform draw comes
+from its own generator, so per-row randomness costs one scalar draw per step, not a vocabulary sort.
+The model is named as in synth/modelfiles.py: hub id, folder, `.gguf` file or `pkg:` file.
 Stop strings and per-row max_new_tokens are a per-row stopping criterion; text is cut at the first
 stop string (finish_reason "stop"); a row that hits its max_new_tokens without EOS is "length". A prompt
 longer than `max_input_tokens` is not generated: it returns empty text with finish_reason
