@@ -396,11 +396,11 @@ def _model_id(name: str, path: str) -> str:
 
 def _progress(rows: int) -> Any:
     """Rows done (updated per micro-batch), with the micro-batch's current token in the postfix, so a
-    long chunk never sits at 0/N. Hidden for small calls and when stderr is not a terminal."""
+    long chunk never sits at 0/N. Hidden for small calls."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=rows, desc="hf generate", unit="row", leave=False,
-                disable=True if rows < _PROGRESS_MIN_ROWS else None, mininterval=1.0)
+    return tqdm(total=rows, desc="hf generate", unit="row", leave=False, disable=rows < _PROGRESS_MIN_ROWS,
+                mininterval=1.0)
 
 
 def _constrained(p: SamplingParams) -> bool:

@@ -61,3 +61,31 @@ def test_a_constrained_answer_cut_off_is_length_not_stop(tiny_hf_llm):
     p = SamplingParams(temperature=0.0, max_new_tokens=3, json_schema=SCHEMA)
     comp = tiny_hf_llm.generate(PROMPTS[:1], p)[0][0]
     assert comp.finish_reason == "length" and comp.truncated
+
+
+def test_progress_moves_within_a_micro_batch(tiny_hf_llm, monkeypatch):
+    """One micro-batch of 8 rows: the bar's postfix names the token being generated, then the rows."""
+    import tqdm.auto
+
+    seen = []
+
+    class Bar:
+        def __init__(self, *a, total=None, **kw):
+            self.n, self.total = 0, total
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def set_postfix_str(self, s, refresh=True):
+            seen.append(s)
+
+        def update(self, k):
+            self.n += k
+            seen.append(f"rows {self.n}/{self.total}")
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    tiny_hf_llm.generate(PROMPTS * 4, SamplingParams(temperature=0.0, max_new_tokens=20))
+    assert "token 8/20" in seen and "token 16/20" in seen and seen[-1] == "rows 8/8"
