@@ -102,6 +102,9 @@ class HFBackend:
         }
         if model.gguf_file:
             self.identity["gguf_file"] = model.gguf_file
+        # the batched inverse-CDF sampler draws other samples for a seed than the per-row multinomial
+        # of earlier versions: cached samples of those must not be served as if this run made them
+        self.identity["sampler"] = 2
 
     def __repr__(self) -> str:
         return f"HFBackend(model={self.model!r}, device={str(self.device)!r}, batch_size={self.settings.batch_size})"
