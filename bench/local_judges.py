@@ -26,10 +26,12 @@ JUDGE_STEPS = ("judge_pairwise", "judge_rubric", "judge_listwise", "self_reward_
                "bpo_construct", "rlrf_rejudge")
 
 RUNS = {
-    "judge_pairwise": ["pipeline=judge", "pipeline.judge_sampling.max_new_tokens=256"],
-    "judge_rubric": ["pipeline=judge", "pipeline.mode=rubric", "pipeline.rubric.samples=2",
+    # source.turns=all: hh-rlhf keeps the chosen/rejected pair of every dialogue (not only single-turn ones)
+    "judge_pairwise": ["pipeline=judge", "source.turns=all", "pipeline.judge_sampling.max_new_tokens=256"],
+    "judge_rubric": ["pipeline=judge", "source.turns=all", "pipeline.mode=rubric", "pipeline.rubric.samples=2",
                      "pipeline.judge_sampling.max_new_tokens=256"],
-    "judge_listwise": ["pipeline=judge", "pipeline.mode=listwise", "pipeline.judge_sampling.max_new_tokens=256"],
+    "judge_listwise": ["pipeline=judge", "source.turns=all", "pipeline.mode=listwise",
+                       "pipeline.judge_sampling.max_new_tokens=256"],
     "self_rewarding": ["pipeline=self_rewarding", "pipeline.k=2", "pipeline.judge_samples=2",
                        "pipeline.sampling.max_new_tokens=128", "pipeline.judge_sampling.max_new_tokens=256",
                        "pipeline.drop_truncated=false"],
@@ -82,6 +84,8 @@ def main() -> None:
             c["parse_failed"] += row["parse_status"] == "failed"
             c["cut_off"] += row["finish_reason"] == "length"
             c["unusable"] += row["parse_status"] == "failed" or row["finish_reason"] == "length"
+            if row["step"] == "judge_pairwise" and row["parse_status"] == "ok":
+                c["verdict_" + str(row["parsed"])] += 1  # position bias shows as many A
         print(f"{name}: done in {took:.0f}s", flush=True)
     print(f"\n{'step':<20}{'samples':>8}{'parse_failed':>14}{'cut_off':>9}{'unusable':>10}{'rate':>8}")
     for step, c in totals.items():
