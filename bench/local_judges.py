@@ -41,7 +41,7 @@ RUNS = {
     "red_team": ["pipeline=red_team", "constitution=safety_zh", "pipeline.categories=['歧视/地域','歧视/年龄']",
                  "pipeline.families=[direct]", "pipeline.prompts_per_item=2", "pipeline.attacker_sampling.max_new_tokens=128",
                  "pipeline.decoding=[{name:greedy,temperature:0.0,max_new_tokens:100},{name:hot,temperature:1.0,top_p:0.9,max_new_tokens:100}]"],
-    "bpo": ["pipeline=bpo", "pipeline.sampling.max_new_tokens=256"],
+    "bpo": ["pipeline=bpo", "source.turns=all", "pipeline.sampling.max_new_tokens=256"],
 }
 
 
