@@ -46,6 +46,7 @@ from synth.llm.base import (
 )
 
 _PROGRESS_MIN_ROWS = 8
+_NUCLEUS_CANDIDATES = 1024  # top-p looks for the nucleus among these first (synth/llm/hf.py _top_p)
 
 
 class HFSettings(BaseModel):
@@ -315,14 +316,31 @@ class _RowSampler:
             limited = torch.tensor([bool(kk) for kk in self.row_top_k], device=x.device)[:, None]
             x = x.masked_fill(limited & (x < kth), float("-inf"))
         if self.any_top_p:
-            sorted_x, order = x.sort(-1, descending=True)
-            probs = torch.softmax(sorted_x, -1)
-            drop = (probs.cumsum(-1) - probs > self.top_p) & (self.top_p < 1.0)  # smallest prefix with mass >= top_p
-            x = x.scatter(1, order, sorted_x.masked_fill(drop, float("-inf")))
+            x = self._top_p(x)
         cdf = torch.softmax(x, -1).cumsum(-1)
         u = torch.stack([1.0 - torch.rand((), generator=g, device=x.device) for g in self.generators])  # (0, 1]
         picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous()).squeeze(1)
         return picked.clamp(max=x.shape[1] - 1)
+
+    def _top_p(self, x: Any) -> Any:
+        """Keep the smallest prefix (by probability) with mass >= top_p. The nucleus is looked for among
+        the 1024 likeliest tokens first (a partial top-k instead of a sort of the whole vocabulary);
+        only a row whose nucleus is larger than that takes the full sort. Exact either way."""
+        import torch
+
+        limited = self.top_p < 1.0
+        probs = torch.softmax(x, -1)
+        k = min(_NUCLEUS_CANDIDATES, x.shape[1])
+        top_vals, order = x.topk(k, -1)
+        top_probs = probs.gather(1, order)
+        if bool(((top_probs.sum(-1, keepdim=True) >= self.top_p) | ~limited).all()):
+            keep = (top_probs.cumsum(-1) - top_probs <= self.top_p) | ~limited
+            kept = torch.full_like(x, float("-inf")).scatter(1, order, top_vals.masked_fill(~keep, float("-inf")))
+            return torch.where(limited, kept, x)
+        sorted_x, order = x.sort(-1, descending=True)
+        sorted_p = probs.gather(1, order)
+        drop = (sorted_p.cumsum(-1) - sorted_p > self.top_p) & limited
+        return x.scatter(1, order, sorted_x.masked_fill(drop, float("-inf")))
 
     def logprobs(self) -> list[list[tuple[float, list[float], list[int]]]] | None:
         """Per step, per row: (chosen log-prob, top values, top ids), as Python lists."""

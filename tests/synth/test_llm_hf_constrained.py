@@ -89,3 +89,24 @@ def test_progress_moves_within_a_micro_batch(tiny_hf_llm, monkeypatch):
     monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
     tiny_hf_llm.generate(PROMPTS * 4, SamplingParams(temperature=0.0, max_new_tokens=20))
     assert "token 8/20" in seen and "token 16/20" in seen and seen[-1] == "rows 8/8"
+
+
+def test_top_p_nucleus_search_equals_the_full_sort():
+    """The partial top-k nucleus search and the full sort keep the same tokens (peaked and flat rows)."""
+    import torch
+
+    from synth.llm import hf
+
+    torch.manual_seed(0)
+    vocab = 5000
+    peaked = -1.5 * (torch.stack([torch.randperm(vocab) for _ in range(3)]).float() + 1).log()
+    flat = torch.randn(3, vocab) * 0.1  # nucleus far wider than the candidate set
+    for x in (peaked, flat, torch.cat([peaked, flat])):
+        params = [SamplingParams(temperature=1.0, top_p=tp) for tp in [0.5, 0.9, 1.0][: x.shape[0]] * 2][: x.shape[0]]
+        s = hf._RowSampler(params, [0] * len(params), torch.device("cpu"), False, 0)
+        got = s._top_p(x.clone())
+        sorted_x, order = x.sort(-1, descending=True)
+        p = torch.softmax(sorted_x, -1)
+        drop = (p.cumsum(-1) - p > s.top_p) & (s.top_p < 1.0)
+        want = x.scatter(1, order, sorted_x.masked_fill(drop, float("-inf")))
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
