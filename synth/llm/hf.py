@@ -454,7 +454,7 @@ class _Grammars:
         if self.xgr is None:
             return None
         if p.json_schema is not None:
-            key = ("json", json.dumps(p.json_schema, sort_keys=True))
+            key = ("json", json.dumps(p.json_schema))  # key order kept: it is the order the model writes
         else:
             key = ("regex", p.regex or "")
         if key not in self.compiled:
