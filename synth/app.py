@@ -25,6 +25,7 @@ class ModelConfig(BaseModel):
     name_or_path: str
     revision: str | None = None
     chat_template: str | None = None
+    gguf_file: str | None = None  # a GGUF file inside name_or_path (synth/modelfiles.py)
 
 
 class RoleConfig(BaseModel):

@@ -26,6 +26,15 @@ class ModelConfig(_Strict):
     name_or_path: str
     revision: str | None = None
     chat_template: str | None = None  # a Jinja string overriding the tokenizer's template
+    gguf_file: str | None = None  # a GGUF file inside name_or_path; folded into it below
+
+    @model_validator(mode="after")
+    def _fold_gguf(self) -> "ModelConfig":
+        """`name_or_path=<folder> gguf_file=<f>.gguf` -> `name_or_path=<folder>/<f>.gguf`: every loader
+        reads a `.gguf` name as that file in that folder (synth/modelfiles.py)."""
+        if self.gguf_file:
+            self.name_or_path, self.gguf_file = f"{self.name_or_path.rstrip('/')}/{self.gguf_file}", None
+        return self
 
 
 class DataConfig(_Strict):

@@ -4,6 +4,7 @@
     shift_labels(labels) -> target_ids [B, T]                          target_ids[:, t] = labels[:, t+1]
     token_logps(logits, labels) -> (logps [B, T], mask [B, T])            aligned with target_ids; -100 masked
     sequence_logps(logits, labels) -> (sum [B], mean [B], n_tokens [B])   n_tokens is int64
+    model_token_logps(model, labels, **inputs) -> (logps [B, T], mask [B, T]), no [B, T, V] logits
     forward_logps(model, input_ids, attention_mask, labels) -> same triple, one forward
     concatenated_forward(model, batch) -> dict                          batch from data.PairCollator:
         chosen_logps, rejected_logps                 [B] sums over completion tokens (DPO, ...)
@@ -19,7 +20,15 @@
 Naming: the reference value of an output key X is X prefixed with "ref_" (`train.reference` stores
 ref_chosen_logps, ref_logps, ref_kl_logps, ...), so a loop maps X -> policy_X and ref_X -> reference_X.
 
-Memory: `selective_log_softmax` never holds a float32 copy of the whole [B, T, V] logits. It is a custom
+Memory: `model_token_logps` never materialises the [B, T, V] logits at all. The model runs with its LM
+head swapped for the identity (through its own forward, so peft, gradient checkpointing and DDP still
+apply) and returns hidden states [B, T, H]; `_ChunkedHeadLogSoftmax` then multiplies chunks of the
+completion rows by the head weight, takes log-softmax in float32 and keeps one value per row, and its
+backward recomputes each chunk's logits instead of storing them, as Liger-Kernel's fused linear
+cross-entropy and Apple's Cut Cross-Entropy do (arXiv 2411.09009). Models whose head is not a plain
+Linear (soft-capped or scaled logits, a LoRA'd or sharded head) take the ordinary forward.
+
+`selective_log_softmax` (for callers that have logits) never holds a float32 copy of the whole [B, T, V] logits. It is a custom
 autograd function that works on chunks of rows in float32, forward and backward (the backward recomputes
 the softmax per chunk instead of keeping it), and skips masked rows (prompt and padding) altogether.
 """
@@ -78,6 +87,106 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, mask: torch
     return out.view(index.shape)
 
 
+class _ChunkedHeadLogSoftmax(torch.autograd.Function):
+    """out[r] = z[r, t_r] - logsumexp(z[r]) with z = h @ W^T (+ b), in float32, chunk by chunk.
+
+    h [N, H] (the rows that have a target), W [V, H], b [V] or None, t [N]. Backward, per chunk,
+    with p = softmax(z) and g the incoming grad [n]: dz = g (onehot(t) - p); dh = dz W; dW += dz^T h;
+    db += sum_rows dz. Peak extra memory: one chunk of [n, V] float32 (`chunk` rows)."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        out_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+        out = torch.empty(h.shape[0], dtype=out_dtype, device=h.device)
+        for start in range(0, h.shape[0], chunk):
+            z = _head_chunk(h[start:start + chunk], weight, bias, out_dtype)
+            t = target[start:start + chunk, None]
+            out[start:start + chunk] = z.gather(1, t).squeeze(1) - z.logsumexp(-1)
+        ctx.save_for_backward(h, weight, bias, target)
+        ctx.chunk, ctx.out_dtype = chunk, out_dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        h, weight, bias, target = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = ctx.out_dtype
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b and bias is not None else None
+        for start in range(0, h.shape[0], ctx.chunk):
+            hc = h[start:start + ctx.chunk]
+            g = grad[start:start + ctx.chunk, None].to(acc)
+            dz = _head_chunk(hc, weight, bias, acc).softmax(-1).mul_(-g)
+            dz.scatter_add_(1, target[start:start + ctx.chunk, None], g)
+            if grad_h is not None:
+                grad_h[start:start + ctx.chunk] = (dz.to(weight.dtype) @ weight).to(h.dtype)
+            if grad_w is not None:
+                grad_w.addmm_(dz.t(), hc.to(acc))
+            if grad_b is not None:
+                grad_b += dz.sum(0)
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None)
+
+
+def _head_chunk(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Logits of a chunk of rows in the weights' dtype (as the model computes them), then `dtype`."""
+    z = h.to(weight.dtype) @ weight.t()
+    if bias is not None:
+        z = z + bias
+    return z.to(dtype)
+
+
+def _plain_head(model: torch.nn.Module) -> tuple[torch.nn.Module, str, torch.nn.Linear] | None:
+    """(the causal LM, its head's attribute name, the head) when the head is a plain Linear whose
+    logits are used as they are; None otherwise (the caller takes the ordinary forward)."""
+    inner = model
+    for _ in range(4):  # peft and DDP wrappers
+        if hasattr(inner, "get_base_model"):
+            inner = inner.get_base_model()
+        elif type(inner).__name__ == "DistributedDataParallel":
+            inner = inner.module
+        else:
+            break
+    get = getattr(inner, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if type(head) is not torch.nn.Linear:  # a LoRA / modules_to_save wrapper, or none
+        return None
+    config = getattr(inner, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "final_logit_softcapping", None) or getattr(text, "logit_scale", None) not in (None, 1, 1.0):
+        return None
+    if head.weight.dim() != 2 or head.weight.shape[1] != getattr(text, "hidden_size", -1):  # sharded (ZeRO-3 / FSDP)
+        return None
+    name = next((n for n, c in inner.named_children() if c is head), None)
+    return None if name is None else (inner, name, head)
+
+
+def model_token_logps(model: torch.nn.Module, labels: torch.Tensor, chunk_rows: int | None = None,
+                      **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logps(model(**inputs).logits, labels)` -> (logps [B, T], mask [B, T]) without the logits:
+    hidden states from the model with its head swapped out, then the chunked head on the completion
+    rows only (prompt and padding rows are never multiplied by the head)."""
+    found = _plain_head(model)
+    if found is None:
+        return token_logps(model(**inputs, use_cache=False).logits, labels)
+    inner, name, head = found
+    setattr(inner, name, torch.nn.Identity())
+    try:
+        hidden = model(**inputs, use_cache=False).logits  # [B, T, H]: the head is the identity
+    finally:
+        setattr(inner, name, head)
+    target = shift_labels(labels)
+    mask = target != IGNORE_INDEX
+    rows = mask.reshape(-1).nonzero().squeeze(1)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+    chunk = chunk_rows or max(1, _CHUNK_ELEMENTS // head.weight.shape[0])
+    vals = _ChunkedHeadLogSoftmax.apply(h, head.weight, head.bias, target.reshape(-1).index_select(0, rows), chunk)
+    flat = vals.new_zeros(mask.numel()).index_put((rows,), vals)
+    return flat.view(mask.shape), mask
+
+
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     """target_ids [B, T]: target_ids[:, t] = labels[:, t + 1] (the token logits[:, t] predicts); the last
     position is -100. Shifting the labels instead of slicing the logits never copies the logits."""
@@ -108,8 +217,10 @@ def forward_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
                   labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward, then `sequence_logps`. Right padding needs no position ids: real tokens never attend
     to the pads after them, and their positions count from 0 as without padding."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return sequence_logps(out.logits, labels)
+    logps, mask = model_token_logps(model, labels, input_ids=input_ids, attention_mask=attention_mask)
+    total = logps.sum(-1)
+    n_tokens = mask.sum(-1)
+    return total, total / n_tokens.clamp(min=1), n_tokens
 
 
 def concatenated_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -14,24 +14,24 @@ from typing import Any
 import torch
 
 from synth.app import ConfigError
-from synth.tiny import resolve_model_path
+from synth.modelfiles import load_model, resolve_model
+from synth.modelfiles import load_tokenizer as _load_hf_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def model_path(name_or_path: str) -> str:
-    """`builtin:tiny` -> its built folder; hub ids and local folders unchanged."""
-    return resolve_model_path(name_or_path)
+    """`builtin:tiny` -> its built folder, `pkg:...` -> the file in the package; a GGUF file is
+    `<folder>/<file>.gguf` (synth/modelfiles.py); hub ids and local folders unchanged."""
+    return resolve_model(name_or_path).display
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None, chat_template: str | None = None):
     """The tokenizer with a chat template (a DataError naming the fix when there is none) and a pad id."""
-    from transformers import AutoTokenizer
-
     from train.data import require_chat_template
 
     try:
-        tok = AutoTokenizer.from_pretrained(model_path(name_or_path), revision=revision)
+        tok = _load_hf_tokenizer(resolve_model(name_or_path), revision)
     except OSError as e:
         raise ConfigError(f"model.name_or_path={name_or_path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
     tok.chat_template = require_chat_template(tok, chat_template)
@@ -42,7 +42,7 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, chat_template
 
 def _from_pretrained(cls, path: str, revision: str | None, dtype: str, **kwargs):
     try:
-        return cls.from_pretrained(model_path(path), revision=revision, dtype=DTYPES[dtype], **kwargs)
+        return load_model(cls, resolve_model(path), revision, dtype=DTYPES[dtype], **kwargs)
     except OSError as e:
         raise ConfigError(f"model.name_or_path={path}: cannot load the model ({str(e).splitlines()[0]})") from None
 
@@ -98,9 +98,15 @@ def _wrap_lora(model, lora, head: str, adapter_path: str | Path | None):
         peft_model = get_peft_model(model, config)
     except ValueError as e:  # e.g. target modules not found
         raise ConfigError(f"lora.target_modules={targets}: {str(e).splitlines()[0]}") from None
-    if getattr(model, "is_gradient_checkpointing", False):
+    if _checkpointing(model):
         peft_model.enable_input_require_grads()
     return peft_model
+
+
+def _checkpointing(model) -> bool:
+    """Whether gradient checkpointing is on. `is_gradient_checkpointing` is deprecated (removed in
+    transformers 6); the per-module `gradient_checkpointing` flags are what the layers read."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
 def load_frozen(name_or_path: str, *, revision: str | None = None, dtype: str = "float32"):

@@ -64,6 +64,9 @@ class SamplingParams:
     # A JSON schema the answer must follow (judges). Backends with structured output enforce it;
     # others ignore it and the step's parser is the fallback.
     json_schema: dict[str, Any] | None = None
+    # A regular expression the whole answer must match (A/B verdicts, `Rating: [[n]]`, `Score: N`), same
+    # contract as json_schema: enforced by hf (xgrammar) and vLLM, ignored elsewhere. At most one of the two.
+    regex: str | None = None
 
     def replace(self, **kw: Any) -> SamplingParams:
         return replace(self, **kw)
@@ -189,6 +192,7 @@ class ModelSettings(BaseModel):
     name_or_path: str
     revision: str | None = None
     chat_template: str | None = None  # None = the tokenizer's (or server's) own template
+    gguf_file: str | None = None  # a GGUF file inside name_or_path (synth/modelfiles.py)
 
 
 _S = TypeVar("_S")

@@ -90,6 +90,8 @@ class CachedLLM:
     def key(self, request: Request, params: SamplingParams, index: int) -> str:
         p = params.to_dict()
         del p["n"]
+        if p["regex"] is None:  # added later: keys of requests without one stay what they were
+            del p["regex"]
         blob = json.dumps(
             {"id": self._identity_blob, "messages": [[m.role, m.content] for m in request], "params": p, "sample": index},
             sort_keys=True, ensure_ascii=False, default=str,

@@ -10,6 +10,12 @@ row (HF then runs greedy). That buys three things HF's global sampler cannot giv
 - log-probs taken from the raw model distribution (log_softmax of the logits in float32, before
   temperature and filtering), as vLLM and OpenAI report them; only the top-k per step is kept, so
   memory does not grow with the vocabulary.
+- constrained decoding: a request with `json_schema` or `regex` gets an xgrammar matcher
+  (https://github.com/mlc-ai/xgrammar) whose token mask is applied to its row before the choice, so
+  only text of that format can come out (judge verdicts); other rows in the batch are untouched.
+Sampling is batched across rows (one softmax, one sort for top-p); only each row's uniform draw comes
+from its own generator, so per-row randomness costs one scalar draw per step, not a vocabulary sort.
+The model is named as in synth/modelfiles.py: hub id, folder, `.gguf` file or `pkg:` file.
 Stop strings and per-row max_new_tokens are a per-row stopping criterion; text is cut at the first
 stop string (finish_reason "stop"); a row that hits its max_new_tokens without EOS is "length". A prompt
 longer than `max_input_tokens` is not generated: it returns empty text with finish_reason
@@ -18,6 +24,7 @@ longer than `max_input_tokens` is not generated: it returns empty text with fini
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,7 +45,8 @@ from synth.llm.base import (
     sample_seed,
 )
 
-_PROGRESS_MIN_BATCHES = 4
+_PROGRESS_MIN_ROWS = 8
+_NUCLEUS_CANDIDATES = 1024  # top-p looks for the nucleus among these first (synth/llm/hf.py _top_p)
 
 
 class HFSettings(BaseModel):
@@ -68,18 +76,19 @@ class HFBackend:
 
     def __init__(self, settings: HFSettings, model: ModelSettings) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        from synth.tiny import resolve_model_path
+        from synth.modelfiles import load_model, load_tokenizer, resolve_model
 
         self.settings, self.model = settings, model.name_or_path
         self.stats = CallStats()
-        path = resolve_model_path(model.name_or_path)
+        source = resolve_model(model.name_or_path, model.gguf_file)
+        path = source.display
         self.device = torch.device(_device(settings.device))
-        self.tokenizer = AutoTokenizer.from_pretrained(path, revision=model.revision)
+        self.tokenizer = load_tokenizer(source, model.revision)
         if model.chat_template:
             self.tokenizer.chat_template = model.chat_template
-        net = AutoModelForCausalLM.from_pretrained(path, revision=model.revision, dtype=_dtype(settings.dtype, self.device))
+        net = load_model(AutoModelForCausalLM, source, model.revision, dtype=_dtype(settings.dtype, self.device))
         if settings.adapter:
             from peft import PeftModel
 
@@ -87,10 +96,16 @@ class HFBackend:
         self.net = net.to(self.device).eval()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = _eos_ids(self.net, self.tokenizer)
+        self._grammar_cache: _Grammars | None = None
         self.identity = {
             "kind": self.kind, "model": _model_id(model.name_or_path, path), "revision": model.revision,
             "adapter": adapter_fingerprint(settings.adapter), "chat_template": model.chat_template,
         }
+        if model.gguf_file:
+            self.identity["gguf_file"] = model.gguf_file
+        # the batched inverse-CDF sampler draws other samples for a seed than the per-row multinomial
+        # of earlier versions: cached samples of those must not be served as if this run made them
+        self.identity["sampler"] = 2
 
     def __repr__(self) -> str:
         return f"HFBackend(model={self.model!r}, device={str(self.device)!r}, batch_size={self.settings.batch_size})"
@@ -130,18 +145,28 @@ class HFBackend:
         todo.sort(key=lambda r: len(r.ids))  # similar lengths together: less padding
         bs = self.settings.batch_size
         batches = [todo[i : i + bs] for i in range(0, len(todo), bs)]
-        for batch in _progress(batches):
-            self._generate_batch(batch)
+        with _progress(len(todo)) as bar:
+            for batch in batches:
+                self._generate_batch(batch, bar)
+                bar.update(len(batch))
 
-    def _generate_batch(self, rows: list[_Row]) -> None:
+    @property
+    def _grammars(self) -> _Grammars:
+        if self._grammar_cache is None:
+            self._grammar_cache = _Grammars(self.tokenizer, self.net.config.get_text_config().vocab_size, self.eos_ids)
+        return self._grammar_cache
+
+    def _generate_batch(self, rows: list[_Row], progress: Any = None) -> None:
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         input_ids, attention = self._left_pad([r.ids for r in rows])
         top_k = max((r.params.top_logprobs for r in rows), default=0)
         want_lp = any(r.params.logprobs or r.params.top_logprobs for r in rows)
-        sampler = _RowSampler([r.params for r in rows], [r.seed for r in rows], self.device, want_lp, top_k)
-        stopper = _RowStop(input_ids.shape[1], rows, self.tokenizer, self.device)
+        matchers = {b: self._grammars.matcher(r.params) for b, r in enumerate(rows) if _constrained(r.params)}
+        sampler = _RowSampler([r.params for r in rows], [r.seed for r in rows], self.device, want_lp, top_k,
+                              {b: m for b, m in matchers.items() if m is not None}, self.eos_ids[0] if self.eos_ids else None)
+        stopper = _RowStop(input_ids.shape[1], rows, self.tokenizer, self.device, progress)
         config = GenerationConfig(
             do_sample=False, num_beams=1, max_new_tokens=max(r.params.max_new_tokens for r in rows),
             eos_token_id=self.eos_ids, pad_token_id=self.pad_id, repetition_penalty=1.0,
@@ -211,46 +236,111 @@ class HFBackend:
 class _RowSampler:
     """A logits processor that picks every row's next token itself (greedy, or sampled with that row's
     temperature / top_k / top_p and its own generator) and returns one-hot scores. Records the chosen
-    token's log-prob and the top-k log-probs per step when asked."""
+    token's log-prob and the top-k log-probs per step (of the raw distribution) when asked.
 
-    def __init__(self, params: list[SamplingParams], seeds: list[int | None], device: Any, want_lp: bool, top_k: int):
+    Sampling is batched over the sampled rows (one softmax / sort for all of them); only the uniform
+    draw is per row: u_i ~ U(0, 1] from row i's generator picks the token by inverse CDF,
+    token = min{v : cdf_i[v] >= u_i * cdf_i[V-1]}. A row's token depends only on its own logits and its
+    own generator, so a seeded sample is the same alone or in any batch.
+
+    Rows with a grammar (`matchers[i]`, xgrammar) have the tokens their grammar forbids masked out
+    before greedy or sampled choice, and the chosen token is fed back to the grammar; a finished
+    grammar allows only end-of-sequence."""
+
+    def __init__(self, params: list[SamplingParams], seeds: list[int | None], device: Any, want_lp: bool, top_k: int,
+                 matchers: dict[int, Any] | None = None, eos_id: int | None = None):
         import torch
 
-        self.params, self.want_lp, self.top_k = params, want_lp, top_k
+        self.want_lp, self.top_k = want_lp, top_k
         self.sampled = [i for i, p in enumerate(params) if p.temperature > 0]
-        self.generators = {i: torch.Generator(device=device).manual_seed(
-            seeds[i] if seeds[i] is not None else random.SystemRandom().randrange(2**63)) for i in self.sampled}
+        self.generators = [torch.Generator(device=device).manual_seed(
+            seeds[i] if seeds[i] is not None else random.SystemRandom().randrange(2**63)) for i in self.sampled]
+        sp = [params[i] for i in self.sampled]
+        self.rows = torch.tensor(self.sampled, dtype=torch.long, device=device)
+        self.temperature = torch.tensor([p.temperature for p in sp], dtype=torch.float32, device=device)[:, None]
+        self.row_top_k = [p.top_k or 0 for p in sp]
+        self.top_p = torch.tensor([p.top_p for p in sp], dtype=torch.float32, device=device)[:, None]
+        self.any_top_p = any(p.top_p < 1.0 for p in sp)
+        self.matchers, self.eos_id = matchers or {}, eos_id
+        self.bitmask = None
         self.steps: list[tuple[Any, Any, Any]] = []
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
         logits = scores.float()
+        lsm = torch.log_softmax(logits, -1) if self.want_lp else None
+        if self.matchers:
+            logits = self._mask(logits.clone())
         chosen = logits.argmax(-1)
-        for i in self.sampled:
-            chosen[i] = self._sample(i, logits[i])
-        if self.want_lp:
-            lsm = torch.log_softmax(logits, -1)
+        if self.sampled:
+            chosen[self.rows] = self._sample(logits[self.rows])
+        for i, m in self.matchers.items():
+            if not m.is_terminated():
+                m.accept_token(int(chosen[i]))
+        if lsm is not None:
             top = lsm.topk(max(self.top_k, 1), -1)
             self.steps.append((lsm.gather(1, chosen[:, None])[:, 0], top.values, top.indices))
         onehot = torch.full_like(logits, float("-inf"))
         onehot.scatter_(1, chosen[:, None], 0.0)
         return onehot.to(scores.dtype)
 
-    def _sample(self, i: int, logits: Any) -> Any:
+    def _mask(self, logits: Any) -> Any:
+        import xgrammar as xgr
+
+        if self.bitmask is None:
+            self.bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[1])
+        rows = []
+        for i, m in self.matchers.items():
+            if m.is_terminated():  # the answer is complete: only end-of-sequence
+                keep = logits[i, self.eos_id].clone()
+                logits[i].fill_(float("-inf"))
+                logits[i, self.eos_id] = keep
+            else:
+                m.fill_next_token_bitmask(self.bitmask, i)
+                rows.append(i)
+        if rows:
+            xgr.apply_token_bitmask_inplace(logits, self.bitmask.to(logits.device), indices=rows)
+        return logits
+
+    def _sample(self, logits: Any) -> Any:
+        """logits [S, V] of the sampled rows -> their tokens [S]."""
         import torch
 
-        p = self.params[i]
-        x = logits / p.temperature
-        if p.top_k:
-            kth = x.topk(min(p.top_k, x.numel())).values[-1]
-            x = x.masked_fill(x < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_x, order = x.sort(descending=True)
-            probs = torch.softmax(sorted_x, -1)
-            drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest prefix with mass >= top_p
-            x = x.scatter(0, order, sorted_x.masked_fill(drop, float("-inf")))
-        return torch.multinomial(torch.softmax(x, -1), 1, generator=self.generators[i])[0]
+        x = logits / self.temperature
+        if any(self.row_top_k):
+            k = max(self.row_top_k)
+            kth_index = torch.tensor([max(kk, 1) - 1 for kk in self.row_top_k], device=x.device)
+            vals = x.topk(min(k, x.shape[1]), -1).values
+            kth = vals.gather(1, kth_index.clamp(max=vals.shape[1] - 1)[:, None])
+            limited = torch.tensor([bool(kk) for kk in self.row_top_k], device=x.device)[:, None]
+            x = x.masked_fill(limited & (x < kth), float("-inf"))
+        if self.any_top_p:
+            x = self._top_p(x)
+        cdf = torch.softmax(x, -1).cumsum(-1)
+        u = torch.stack([1.0 - torch.rand((), generator=g, device=x.device) for g in self.generators])  # (0, 1]
+        picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous()).squeeze(1)
+        return picked.clamp(max=x.shape[1] - 1)
+
+    def _top_p(self, x: Any) -> Any:
+        """Keep the smallest prefix (by probability) with mass >= top_p. The nucleus is looked for among
+        the 1024 likeliest tokens first (a partial top-k instead of a sort of the whole vocabulary);
+        only a row whose nucleus is larger than that takes the full sort. Exact either way."""
+        import torch
+
+        limited = self.top_p < 1.0
+        probs = torch.softmax(x, -1)
+        k = min(_NUCLEUS_CANDIDATES, x.shape[1])
+        top_vals, order = x.topk(k, -1)
+        top_probs = probs.gather(1, order)
+        if bool(((top_probs.sum(-1, keepdim=True) >= self.top_p) | ~limited).all()):
+            keep = (top_probs.cumsum(-1) - top_probs <= self.top_p) | ~limited
+            kept = torch.full_like(x, float("-inf")).scatter(1, order, top_vals.masked_fill(~keep, float("-inf")))
+            return torch.where(limited, kept, x)
+        sorted_x, order = x.sort(-1, descending=True)
+        sorted_p = probs.gather(1, order)
+        drop = (sorted_p.cumsum(-1) - sorted_p > self.top_p) & limited
+        return x.scatter(1, order, sorted_x.masked_fill(drop, float("-inf")))
 
     def logprobs(self) -> list[list[tuple[float, list[float], list[int]]]] | None:
         """Per step, per row: (chosen log-prob, top values, top ids), as Python lists."""
@@ -262,17 +352,21 @@ class _RowSampler:
 class _RowStop:
     """Per-row stopping: the row's own max_new_tokens, or a stop string in its generated text."""
 
-    def __init__(self, prompt_width: int, rows: list[_Row], tokenizer: Any, device: Any) -> None:
+    def __init__(self, prompt_width: int, rows: list[_Row], tokenizer: Any, device: Any, progress: Any = None) -> None:
         import torch
 
-        self.prompt_width, self.tokenizer = prompt_width, tokenizer
+        self.prompt_width, self.tokenizer, self.progress = prompt_width, tokenizer, progress
+        self.max_new = max(r.params.max_new_tokens for r in rows)
         self.limits = torch.tensor([r.params.max_new_tokens for r in rows], device=device)
         self.stops = [tuple(r.params.stop) for r in rows]
         # a stop string of L characters lies within the last 2L + 4 tokens (byte-level pieces included)
         self.window = [2 * max(map(len, s)) + 4 if s else 0 for s in self.stops]
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-        done = (input_ids.shape[1] - self.prompt_width) >= self.limits
+        step = input_ids.shape[1] - self.prompt_width
+        if self.progress is not None and step % 8 == 0:  # progress within a micro-batch
+            self.progress.set_postfix_str(f"token {step}/{self.max_new}", refresh=False)
+        done = step >= self.limits
         for i, stops in enumerate(self.stops):
             if stops and not done[i]:
                 tail = input_ids[i, max(self.prompt_width, input_ids.shape[1] - self.window[i]):].tolist()
@@ -321,9 +415,50 @@ def _model_id(name: str, path: str) -> str:
     return f"{name}@{Path(path).name}" if name.startswith("builtin:") else name
 
 
-def _progress(batches: list) -> Any:
-    if len(batches) < _PROGRESS_MIN_BATCHES:
-        return batches
+def _progress(rows: int) -> Any:
+    """Rows done (updated per micro-batch), with the micro-batch's current token in the postfix, so a
+    long chunk never sits at 0/N. Hidden for small calls."""
     from tqdm.auto import tqdm
 
-    return tqdm(batches, desc="hf generate", unit="batch", leave=False)
+    return tqdm(total=rows, desc="hf generate", unit="row", leave=False, disable=rows < _PROGRESS_MIN_ROWS,
+                mininterval=1.0)
+
+
+def _constrained(p: SamplingParams) -> bool:
+    return p.json_schema is not None or p.regex is not None
+
+
+class _Grammars:
+    """xgrammar (https://github.com/mlc-ai/xgrammar) for this tokenizer: JSON schemas and regexes
+    compiled once per backend, one GrammarMatcher per constrained row. Without xgrammar installed the
+    constraints are ignored (one warning) and the steps' text parsers are the fallback, as for any
+    backend that cannot constrain."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: list[int]) -> None:
+        try:
+            import xgrammar as xgr
+        except ImportError:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                'llm=hf: xgrammar is not installed, so JSON-schema/regex requests are not enforced; '
+                'pip install -e ".[local]" to enforce them')
+            self.xgr = None
+            return
+        self.xgr = xgr
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=eos_ids)
+        self.compiler = xgr.GrammarCompiler(info)
+        self.compiled: dict[tuple[str, str], Any] = {}
+
+    def matcher(self, p: SamplingParams) -> Any:
+        if self.xgr is None:
+            return None
+        if p.json_schema is not None:
+            key = ("json", json.dumps(p.json_schema))  # key order kept: it is the order the model writes
+        else:
+            key = ("regex", p.regex or "")
+        if key not in self.compiled:
+            # JSON without free whitespace: a small model otherwise loops on newlines inside the object
+            self.compiled[key] = (self.compiler.compile_json_schema(key[1], any_whitespace=False) if key[0] == "json"
+                                  else self.compiler.compile_regex(key[1]))
+        return self.xgr.GrammarMatcher(self.compiled[key])

@@ -191,8 +191,8 @@ class _Engine:
             kw["stop"] = list(p.stop)
         if p.logprobs or p.top_logprobs:
             kw["logprobs"] = p.top_logprobs  # vLLM always adds the sampled token's own log-prob
-        if p.json_schema is not None:
-            kw.update(structured_output_kwargs(p.json_schema))
+        if p.json_schema is not None or p.regex is not None:
+            kw.update(structured_output_kwargs(p.json_schema, regex=p.regex))
         return self.vllm.SamplingParams(**kw)
 
     def close(self) -> None:
@@ -202,20 +202,21 @@ class _Engine:
 _warned_no_structured = False
 
 
-def structured_output_kwargs(schema: dict[str, Any]) -> dict[str, Any]:
-    """`structured_outputs=StructuredOutputsParams(json=...)` (current), else the pre-0.12
-    `guided_decoding=GuidedDecodingParams(json=...)`, else nothing (with one warning)."""
+def structured_output_kwargs(schema: dict[str, Any] | None, regex: str | None = None) -> dict[str, Any]:
+    """`structured_outputs=StructuredOutputsParams(json=... | regex=...)` (current), else the pre-0.12
+    `guided_decoding=GuidedDecodingParams(json=... | regex=...)`, else nothing (with one warning)."""
     global _warned_no_structured
+    what = {"json": schema} if schema is not None else {"regex": regex}
     try:
         from vllm.sampling_params import StructuredOutputsParams
 
-        return {"structured_outputs": StructuredOutputsParams(json=schema)}
+        return {"structured_outputs": StructuredOutputsParams(**what)}
     except ImportError:
         pass
     try:
         from vllm.sampling_params import GuidedDecodingParams
 
-        return {"guided_decoding": GuidedDecodingParams(json=schema)}
+        return {"guided_decoding": GuidedDecodingParams(**what)}
     except ImportError:
         if not _warned_no_structured:
             log.warning("this vLLM has no structured output API; JSON schemas are not enforced")

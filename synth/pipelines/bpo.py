@@ -27,6 +27,7 @@ from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
 from synth.runtime import Sampling
 from synth.prompts import template_ref
 from synth.records import Message, Provenance, SFTRecord, SourceItem, stable_id
+from synth.steps import structure
 from synth.steps.base import Call, assistant, run_calls
 from synth.steps.bpo import (
     attach_context, build_construct, build_safety, parse_optimized, parse_rewrite, ratio_filter, rewriter_messages,
@@ -60,7 +61,9 @@ class BpoPipeline(Pipeline):
             usable.append(it)
         calls = [Call(it.id, build_construct(ctx.language, it.prompt_text, it.chosen[-1].content, it.rejected[-1].content,
                                              self._context(it), it.prompt[:-1])) for it in usable]
-        results = run_calls(ctx, state, "bpo_construct", "policy", calls, cfg.sampling.params(),
+        params = cfg.sampling.params()
+        params = params.replace(regex=structure.bpo(params.max_new_tokens))
+        results = run_calls(ctx, state, "bpo_construct", "policy", calls, params,
                             parse=lambda t: parse_optimized(t, cfg.require_end_marker))
         for it, (smp,) in zip(usable, results):
             if not smp.ok:
@@ -132,7 +135,10 @@ class BpoRewritePipeline(Pipeline):
         build = build_safety if cfg.safety else rewriter_messages
         calls = [Call(it.id, build(ctx.language, it.prompt_text), {"safety": cfg.safety}) for it in items]
         parse = (lambda t: parse_optimized(t, True)) if cfg.safety else parse_rewrite
-        results = run_calls(ctx, state, "bpo_rewrite", "policy", calls, cfg.sampling.params(), parse=parse)
+        params = cfg.sampling.params()
+        if cfg.safety:  # the construct format; a trained rewriter's free output is not constrained
+            params = params.replace(regex=structure.bpo(params.max_new_tokens))
+        results = run_calls(ctx, state, "bpo_rewrite", "policy", calls, params, parse=parse)
         rows = []
         for it, (smp,) in zip(items, results):
             if not smp.ok:

@@ -190,7 +190,7 @@ class RedTeamPipeline(Pipeline):
                 inputs.append((row, safety_verdict.VerdictInput(p["id"], p["prompt"], row["answer"], p["category"], {"decoding": d.name})))
         verdicts = safety_verdict.judge(ctx, state, [x for _, x in inputs], cats, self.cfg.judge_sampling.params())
         for (row, _), v in zip(inputs, verdicts):
-            if v.judgement is not None and v.judgement.ok:
+            if v.ok:  # parsed AND not cut off at max_new_tokens (a cut-off verdict is not trusted)
                 row["verdict"], row["judge_category"] = v.judgement.parsed["verdict"], v.judgement.parsed["category"]
         for row in rows:
             state.emit("answers", row)

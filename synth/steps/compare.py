@@ -26,6 +26,7 @@ from synth.constitution import Principle
 from synth.llm.base import SamplingParams
 from synth.prompts import render
 from synth.records import Completion, Judgement, Message
+from synth.steps import structure
 from synth.steps.base import Call, assistant, run_calls, user
 from synth.steps.critique import TURN_MARKERS, cut_at
 
@@ -236,7 +237,7 @@ def _by_logprobs(ctx, state, tasks, reasons, idx: list[int], top_logprobs: int) 
 def _by_votes(ctx, state, tasks, reasons, idx: list[int], params: SamplingParams) -> dict[int, float]:
     """k sampled answers after the stem; p(A) = share of A among the answers that parsed."""
     calls = [_call(tasks[i], ctx.language, _answer_stage(reasons[i]), reasons[i]) for i in idx]
-    samples = run_calls(ctx, state, "compare_vote", "judge", calls, params, parse_vote)
+    samples = run_calls(ctx, state, "compare_vote", "judge", calls, params.replace(regex=structure.VOTE), parse_vote)
     out = {}
     for i, group in zip(idx, samples):
         votes = [s.judgement.parsed for s in group if s.judgement is not None and s.judgement.ok]

@@ -19,6 +19,7 @@ from synth.llm.base import SamplingParams
 from synth.runtime import ChunkState, Context
 from synth.prompts import render
 from synth.records import Completion, Judgement, Message, SourceItem
+from synth.steps import structure
 from synth.steps.base import Call, Sample, assistant, run_calls, user
 from synth.steps.candidates import Candidate
 from synth.steps.compare import parse_logprobs
@@ -118,6 +119,7 @@ def judge_pairs(
     if logprobs:
         samples = run_calls(ctx, state, "judge_pairwise", "judge", calls, params, parse_completion=read_ab_logprobs)
     else:
+        params = params.replace(regex=structure.pairwise(params.max_new_tokens))
         samples = run_calls(ctx, state, "judge_pairwise", "judge", calls, params, parse=parse_pairwise)
     out = []
     for k, (it, ci, cj) in enumerate(jobs):
@@ -169,12 +171,13 @@ def judge_listwise(
 ) -> list[dict[str, Any]]:
     """ONE call for every item x sample. Per item: the de-shuffled rankings (candidate indices, best
     first) and Borda scores (k-1 for first ... 0 for last) averaged over the valid samples, or None."""
-    calls = []
+    calls, plist = [], []
     for it, cands in groups:
         for perm in listwise_orders(ctx, it.id, len(cands), samples):
             texts = [cands[p].text for p in perm]
             calls.append(Call(it.id, build_listwise(ctx.language, it.prompt, texts), {"order": perm}))
-    results = iter(run_calls(ctx, state, "judge_listwise", "judge", calls, params, parse=parse_listwise))
+            plist.append(params.replace(regex=structure.ranking(params.max_new_tokens, len(cands))))
+    results = iter(run_calls(ctx, state, "judge_listwise", "judge", calls, plist, parse=parse_listwise))
     out = []
     for it, cands in groups:
         k, rankings = len(cands), []
@@ -230,7 +233,8 @@ def judge_rubric(
     mean None when fewer than `min_valid` samples parsed (that candidate is then left out)."""
     calls = [Call(it.id, build_rubric(ctx.language, it.prompt, c.text), {"candidate": c.index})
              for it, cands in groups for c in cands]
-    results = iter(run_calls(ctx, state, "judge_rubric", "judge", calls, params.replace(n=samples), parse=parse_rating))
+    params = params.replace(n=samples, regex=structure.rating(params.max_new_tokens))
+    results = iter(run_calls(ctx, state, "judge_rubric", "judge", calls, params, parse=parse_rating))
     out = []
     for _, cands in groups:
         per = []

@@ -25,6 +25,14 @@ SCHEMA = {
     "required": ["verdict", "category"],
     "additionalProperties": False,  # OpenAI's strict structured outputs require it
 }
+
+
+def schema(categories: Sequence[str]) -> dict:
+    """SCHEMA with the category restricted to the taxonomy's paths (or null)."""
+    category = {"type": ["string", "null"], "enum": [*categories, None]} if categories else SCHEMA["properties"]["category"]
+    return {**SCHEMA, "properties": {**SCHEMA["properties"], "category": category}}
+
+
 _VERDICTS = {"safe": "safe", "unsafe": "unsafe", "安全": "safe", "不安全": "unsafe"}
 _OBJECT = re.compile(r"\{[^{}]*\}", re.DOTALL)
 
@@ -74,5 +82,5 @@ def build_prompt(x: VerdictInput, categories: Sequence[str], language: str) -> l
 def judge(ctx, state, inputs: Sequence[VerdictInput], categories: Sequence[str], params: SamplingParams) -> list[Sample]:
     """ONE judge call for every answer of the chunk; one sample each."""
     calls = [Call(x.item_id, build_prompt(x, categories, ctx.language), x.meta) for x in inputs]
-    params = params.replace(n=1, json_schema=SCHEMA)
+    params = params.replace(n=1, json_schema=schema(categories))
     return [s[0] for s in run_calls(ctx, state, "verdict", "judge", calls, params, partial(parse, categories=categories))]

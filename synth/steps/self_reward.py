@@ -16,6 +16,7 @@ from synth.llm.base import SamplingParams
 from synth.runtime import ChunkState, Context
 from synth.prompts import render
 from synth.records import Judgement, Message, SourceItem
+from synth.steps import structure
 from synth.steps.base import Call, run_calls, user
 from synth.steps.judge import conversation
 
@@ -56,7 +57,8 @@ def judge_candidates(
     """ONE judge call: every candidate of every prompt, n=samples each."""
     calls = [Call(it.id, build_judge(ctx.language, it.prompt, text), {"candidate": i})
              for it, texts in groups for i, text in enumerate(texts)]
-    results = iter(run_calls(ctx, state, "self_reward_judge", "judge", calls, params.replace(n=samples), parse=parse_score))
+    params = params.replace(n=samples, regex=structure.score(params.max_new_tokens))
+    results = iter(run_calls(ctx, state, "self_reward_judge", "judge", calls, params, parse=parse_score))
     out = []
     for _, texts in groups:
         scored = []

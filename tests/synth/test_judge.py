@@ -291,9 +291,10 @@ def test_pairwise_over_the_loopback_server(tmp_path):
 def test_end_to_end_tiny_hf(tmp_path):
     m = run_synth(tmp_path, "judge", "pipeline.judge_sampling.max_new_tokens=8")
     check_outputs(tmp_path / "out", m)
-    assert m["parse_failures"]["judge_pairwise"] > 0  # nonsense text: counted, never a label
+    # the hf backend constrains the verdict to `...[[A|B|C]]` (xgrammar): even the random model gives one
+    assert m["parse_failures"].get("judge_pairwise", 0) == 0 and m["calls"]["judge_pairwise"] > 0
     cands = "pipeline.candidates=[{name:tiny,n:3,sampling:{max_new_tokens:8,temperature:1.0}}]"
     m = run_synth(tmp_path / "r", "judge", "pipeline.mode=rubric", "pipeline.judge_sampling.max_new_tokens=8", cands,
                   "pipeline.drop_truncated=false")  # the tiny model never stops
     check_outputs(tmp_path / "r" / "out", m)
-    assert m["calls"]["candidates"] == 3 and m["parse_failures"]["judge_rubric"] > 0
+    assert m["calls"]["candidates"] == 3 and m["parse_failures"].get("judge_rubric", 0) == 0

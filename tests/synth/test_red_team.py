@@ -114,7 +114,9 @@ def test_exact_rows_decoding_sweep_and_verdicts(tmp_path):
     target_params = llm.calls[1][1]
     assert [(p.temperature, p.top_p, p.max_new_tokens) for p in target_params[:2]] == [(0.0, 1.0, 100), (1.0, 0.9, 100)]
     assert target_params[0].seed is None and target_params[1].seed == 0
-    assert llm.calls[2][1][0].json_schema == safety_verdict.SCHEMA and llm.calls[2][1][0].temperature == 0.0
+    schema = llm.calls[2][1][0].json_schema
+    assert schema["required"] == safety_verdict.SCHEMA["required"] and llm.calls[2][1][0].temperature == 0.0
+    assert "歧视/地域" in schema["properties"]["category"]["enum"]
     prompts = read_jsonl(tmp_path / "prompts.jsonl")
     item = stable_id("red_team", "歧视/地域", "direct")
     text = cjk_words("地域", "直接提问", 0)
@@ -149,6 +151,34 @@ def test_unparseable_verdict_is_no_verdict_and_counted(tmp_path):
     assert [a["verdict"] for a in answers] == ["safe", None]
     assert m["parse_failures"] == {"verdict": 1} and m["outputs"]["unsafe"] == 0
     assert m["red_team"]["by_decoding"]["hot"] == {"answers": 1, "judged": 0, "unsafe": 0, "unsafe_rate": None}
+
+
+def test_verdict_cut_off_at_max_new_tokens_is_no_verdict(tmp_path):
+    """A verdict whose JSON happens to parse but whose completion hit max_new_tokens is not trusted."""
+    from synth.records import Completion
+
+    def verdict(prompt, answer):
+        text = '{"verdict": "unsafe", "category": null}'
+        return Completion(text=text, finish_reason="length", prompt_tokens=3, completion_tokens=128)
+
+    m = run(tmp_path, ScriptedLLM(red_team_responder(verdict_for=verdict)), categories=["歧视/地域"], families=["direct"],
+            prompts_per_item=1)
+    answers = read_jsonl(tmp_path / "answers.jsonl")
+    assert [a["verdict"] for a in answers] == [None, None]
+    assert m["outputs"]["unsafe"] == 0
+
+
+def test_judge_requests_a_schema_with_the_taxonomy_categories(tmp_path):
+    seen = []
+
+    def responder(msgs, params, i):
+        if params.json_schema is not None:
+            seen.append(params.json_schema)
+        return red_team_responder()(msgs, params, i)
+
+    run(tmp_path, ScriptedLLM(responder), categories=["歧视/地域"], families=["direct"], prompts_per_item=1)
+    assert seen and all(s["properties"]["category"]["enum"][-1] is None for s in seen)
+    assert all(safety_verdict.SCHEMA["properties"]["verdict"] == s["properties"]["verdict"] for s in seen)
 
 
 def test_duplicates_removed_within_chunk_across_chunks_and_across_runs(tmp_path):
@@ -263,7 +293,8 @@ def test_loopback_recipe_red_team_then_critique_revision(tmp_path, make_openai_s
     assert sorted({(b["temperature"], b["top_p"], b["max_tokens"]) for b in bodies if b["max_tokens"] == 100}) == [
         (0.0, 1.0, 100), (1.0, 0.9, 100)]  # per-request decoding settings of the sweep
     verdicts = [b for b in bodies if "response_format" in b]
-    assert len(verdicts) == 8 and verdicts[0]["response_format"]["json_schema"]["schema"] == safety_verdict.SCHEMA
+    sent = verdicts[0]["response_format"]["json_schema"]["schema"]
+    assert len(verdicts) == 8 and sent == safety_verdict.schema(list(sent["properties"]["category"]["enum"][:-1]))
 
     server.responder = http(cai_zh)
     cai = tmp_path / "cai"

@@ -178,8 +178,10 @@ def test_over_the_loopback_server(tmp_path):
 @pytest.mark.slow
 def test_end_to_end_tiny_hf(tmp_path):
     m = run_synth(tmp_path, "self_rewarding", "pipeline.k=2", "pipeline.judge_samples=2", "pipeline.sampling.max_new_tokens=8",
-                  "pipeline.judge_sampling.max_new_tokens=8", "pipeline.new_prompts.enabled=true",
+                  "pipeline.judge_sampling.max_new_tokens=16", "pipeline.new_prompts.enabled=true",
                   "pipeline.new_prompts.keep_seed_prompts=true", "pipeline.new_prompts.sampling.max_new_tokens=8",
                   "pipeline.drop_truncated=false")  # the tiny model never stops
     check_outputs(tmp_path / "out", m)
-    assert m["parse_failures"]["self_reward_judge"] > 0 and m["parse_failures"]["self_instruct"] > 0
+    # the judge's `...Score: n` is enforced by the hf backend (xgrammar); 16 tokens fit even "得分：n" in
+    # byte-level pieces of the tiny tokenizer. Self-instruct stays free text.
+    assert m["parse_failures"].get("self_reward_judge", 0) == 0 and m["parse_failures"]["self_instruct"] > 0

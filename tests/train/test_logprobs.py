@@ -176,3 +176,59 @@ def test_unpaired_forward_kl_pairs_have_no_grad(fresh_tiny_model, tiny_tokenizer
         labels = torch.tensor([[-100] * len(ds[0]["prompt_ids"]) + ds[1]["completion_ids"]])
         expected = sequence_logps(fresh_tiny_model(input_ids=ids).logits, labels)[0]
     torch.testing.assert_close(out["kl_logps"][0], expected[0], **TOL)
+
+
+# ------------------------------------------------------------------ chunked LM head (no [B, T, V] logits)
+
+
+def _naive_and_chunked(model, ids, labels, chunk_rows):
+    from train.logprobs import model_token_logps, token_logps
+
+    naive, naive_mask = token_logps(model(input_ids=ids, use_cache=False).logits, labels)
+    naive_grads = torch.autograd.grad(naive.sum(), [p for p in model.parameters() if p.requires_grad])
+    got, mask = model_token_logps(model, labels, chunk_rows=chunk_rows, input_ids=ids)
+    grads = torch.autograd.grad(got.sum(), [p for p in model.parameters() if p.requires_grad])
+    return (naive, naive_mask, naive_grads), (got, mask, grads)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, None])
+def test_chunked_head_equals_the_full_logits_values_and_gradients(fresh_tiny_model, chunk_rows):
+    torch.manual_seed(0)
+    ids = torch.randint(3, 200, (3, 9))
+    labels = ids.clone()
+    labels[:, :4] = -100  # a prompt
+    labels[2, 7:] = -100  # padding
+    (naive, naive_mask, naive_grads), (got, mask, grads) = _naive_and_chunked(fresh_tiny_model, ids, labels, chunk_rows)
+    assert torch.equal(mask, naive_mask) and got.dtype == torch.float32
+    torch.testing.assert_close(got, naive, rtol=0, atol=1e-5)
+    for g, n in zip(grads, naive_grads):
+        torch.testing.assert_close(g, n, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_head_with_a_bias_and_with_lora(fresh_tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    ids = torch.randint(3, 200, (2, 7))
+    head = fresh_tiny_model.lm_head
+    head.bias = torch.nn.Parameter(torch.randn(head.out_features) * 0.1)
+    (naive, _, naive_grads), (got, _, grads) = _naive_and_chunked(fresh_tiny_model, ids, ids.clone(), 4)
+    torch.testing.assert_close(got, naive, rtol=0, atol=1e-5)
+    for g, n in zip(grads, naive_grads):
+        torch.testing.assert_close(g, n, rtol=1e-4, atol=1e-6)
+    peft = get_peft_model(fresh_tiny_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    (naive, _, naive_grads), (got, _, grads) = _naive_and_chunked(peft, ids, ids.clone(), 4)
+    torch.testing.assert_close(got, naive, rtol=0, atol=1e-5)
+    for g, n in zip(grads, naive_grads):
+        torch.testing.assert_close(g, n, rtol=1e-4, atol=1e-6)
+    assert isinstance(fresh_tiny_model.lm_head, torch.nn.Linear)  # the head is put back
+
+
+def test_a_lora_head_takes_the_ordinary_forward(fresh_tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    from train.logprobs import _plain_head
+
+    assert _plain_head(fresh_tiny_model) is not None
+    peft = get_peft_model(fresh_tiny_model, LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    assert _plain_head(peft) is None

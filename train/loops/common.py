@@ -647,6 +647,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         vals = summary.get(f"final_{group}") or {}
         if vals:
             lines.append(f"  {group}: " + ", ".join(f"{k}={v:.4g}" for k, v in vals.items() if isinstance(v, (int, float))))
+    if summary.get("soft_labels"):
+        lines.append(f"  soft labels: {summary['soft_labels']} pairs carry p_chosen (soft-label loss)")
     trunc = summary.get("truncation") or {}
     if trunc:
         lines.append("  truncation: " + ", ".join(f"{k}={v}" for k, v in trunc.items()))

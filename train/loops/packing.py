@@ -66,13 +66,12 @@ def packed_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Ten
                        capacity: int | None = None):
     """Like `train.logprobs.token_logps(model(...).logits, labels)` -> (logps [N, T], mask [N, T]) in the
     padded layout, but the forward runs on packed rows (no compute on padding)."""
-    from train.logprobs import token_logps
+    from train.logprobs import model_token_logps
 
     if not bool((attention_mask[:, :-1] >= attention_mask[:, 1:]).all()):
         raise ValueError("sequence packing needs right-padded rows")
     pk = pack_rows(input_ids, attention_mask, labels, capacity=capacity)
-    logits = model(input_ids=pk.input_ids, position_ids=pk.position_ids, use_cache=False).logits
-    packed_logps, packed_mask = token_logps(logits, pk.labels)
+    packed_logps, packed_mask = model_token_logps(model, pk.labels, input_ids=pk.input_ids, position_ids=pk.position_ids)
     n, t = pk.shape
     valid = pk.src >= 0
     flat_logps = packed_logps.new_zeros(n * t).index_put((pk.src[valid],), packed_logps[valid])

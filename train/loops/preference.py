@@ -78,6 +78,10 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         check_enough_rows(len(s), cfg, world, f"{cfg.data.path}" + (f" (stage {i + 1})" if len(stages) > 1 else ""))
     if main:
         print(data.report.summary(), flush=True)
+    soft_rows = soft_label_rows(data.train, loss_fn)
+    if main and soft_rows:
+        print(f"loss={spec.name}: {soft_rows} of {len(data.train)} pairs carry p_chosen, so they train on the "
+              "soft-label loss (the rest as hard labels, p=1)", flush=True)
 
     # ---------------------------------------------------------------- 3. policy
     policy = load_policy(
@@ -215,6 +219,8 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         "final_train": last_train, "final_eval": last_eval, "reference": ref_mode, "stages": len(stages),
         "truncation": truncation_counts(data.report), "output_dir": str(out_dir),
     }
+    if soft_rows:
+        summary["soft_labels"] = soft_rows
     return finish_run(summary, out_dir, cfg, accelerator)
 
 
@@ -344,6 +350,15 @@ def _scores(batch, key: str, ctx: LossContext):
     if value is None and ctx.spec.needs_scores:
         raise DataError(f"loss={ctx.spec.name} needs score_chosen and score_rejected columns in the data")
     return value
+
+
+def soft_label_rows(rows, loss_fn) -> int:
+    """Pairs with a p_chosen that the loss reads (its signature takes p_chosen); 0 otherwise."""
+    import inspect
+
+    if "p_chosen" not in inspect.signature(loss_fn).parameters or "p_chosen" not in (rows.column_names or []):
+        return 0
+    return sum(p is not None and p == p for p in rows["p_chosen"])
 
 
 def _soft_labels(batch):

@@ -132,13 +132,13 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
 
 def sft_loss(model, batch: dict[str, torch.Tensor], loss_fn, packed: bool = False):
     """Token log-probs of the labelled tokens (float32, train.logprobs; packed rows when `packed`) -> the loss."""
-    from train.logprobs import token_logps
+    from train.logprobs import model_token_logps
 
     if packed:
         logps, mask = packed_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        logps, mask = token_logps(logits, batch["labels"])
+        logps, mask = model_token_logps(model, batch["labels"], input_ids=batch["input_ids"],
+                                        attention_mask=batch["attention_mask"])
     return call_loss(loss_fn, {"token_logps": logps, "token_mask": mask})
 
 
