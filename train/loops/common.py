@@ -82,6 +82,20 @@ def write_config(out_dir: Path, resolved_yaml: str | None, accelerator) -> None:
         (out_dir / "config.yaml").write_text(resolved_yaml)
 
 
+def begin_run(cfg, resolved_yaml: str | None):
+    """The opening every loop shares: progress bars, the accelerator, seeds, the output folder and its
+    config.yaml, the loss, and the checkpoint to resume from (None when starting afresh).
+    Returns (accelerator, out_dir, loss_fn, ckpt)."""
+    library_progress_bars(cfg.progress)
+    accelerator = make_accelerator(cfg)
+    seed_everything(cfg.seed)
+    out_dir = prepare_output_dir(cfg.output_dir, cfg.resume, accelerator.is_main_process)
+    write_config(out_dir, resolved_yaml, accelerator)
+    loss_fn = instantiate_loss(cfg.loss)
+    ckpt = find_last_checkpoint(out_dir) if cfg.resume else None
+    return accelerator, out_dir, loss_fn, ckpt
+
+
 def instantiate_loss(spec):
     """conf/loss/<name>.yaml `fn` -> the partial loss function. An unknown hyperparameter is one line
     naming it and the valid ones (not a TypeError from deep inside the first step)."""

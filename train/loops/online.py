@@ -37,12 +37,19 @@ from synth.errors import ConfigError
 from train import advantages as A
 from train.data.prompts import encode_prompts, load_prompts
 from train.loops.common import (
-    MetricsLogger, Progress, build_optimizer, build_scheduler, call_loss, checkpoint_progress, epoch_order,
-    find_last_checkpoint, finish_run, instantiate_loss, library_progress_bars, make_accelerator, postfix,
-    prepare_output_dir, resume_from, seed_everything, total_steps, write_config,
+    MetricsLogger, Progress, begin_run, build_optimizer, build_scheduler, call_loss, checkpoint_progress,
+    epoch_order, finish_run, postfix, resume_from, total_steps,
 )
 from train.losses.policy import value_loss
-from train.models import count_parameters, is_peft, load_frozen, load_policy, load_tokenizer, save_model, trainable_parameters
+from train.models import (
+    count_parameters,
+    is_peft,
+    load_frozen,
+    load_policy,
+    load_tokenizer,
+    save_model,
+    trainable_parameters,
+)
 from train.rollout import Rollout, TokenValues, hf_generate, token_logps, token_values
 from train.scorers import PairwiseJudge, build_scorer
 
@@ -64,13 +71,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     L = cfg.loop
     # ---------------------------------------------------------------- 1. process, output folder, loss
-    library_progress_bars(cfg.progress)
-    accelerator = make_accelerator(cfg)
-    seed_everything(cfg.seed)
-    out_dir = prepare_output_dir(cfg.output_dir, cfg.resume, accelerator.is_main_process)
-    write_config(out_dir, resolved_yaml, accelerator)
-    loss_fn = instantiate_loss(cfg.loss)
-    ckpt = find_last_checkpoint(out_dir) if cfg.resume else None
+    accelerator, out_dir, loss_fn, ckpt = begin_run(cfg, resolved_yaml)
     world, rank, main, device = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process, accelerator.device
     check_shapes(L, world, cfg.optim.batch_size)
 

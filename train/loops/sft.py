@@ -17,10 +17,9 @@ from datasets import Dataset
 
 from train.data import DataError, detect_kind, make_collator
 from train.loops.common import (
-    MetricsLogger, Progress, StepMetrics, Throughput, accumulate_step, build_optimizer, build_scheduler, call_loss,
-    check_enough_rows, checkpoint_progress, epoch_batches, epoch_order, find_last_checkpoint, finish_run,
-    instantiate_loss, library_progress_bars, load_data, make_accelerator, postfix, prepare_output_dir, resume_from,
-    seed_everything, steps_per_epoch, to_device, total_steps, truncation_counts, write_config,
+    MetricsLogger, Progress, StepMetrics, Throughput, accumulate_step, begin_run, build_optimizer, build_scheduler,
+    call_loss, check_enough_rows, checkpoint_progress, epoch_batches, epoch_order, finish_run, load_data, postfix,
+    resume_from, steps_per_epoch, to_device, total_steps, truncation_counts,
 )
 from train.loops.packing import packed_token_logps, packing_ok
 from train.models import count_parameters, load_policy, load_tokenizer, save_model, trainable_parameters
@@ -29,13 +28,7 @@ from train.models import count_parameters, load_policy, load_tokenizer, save_mod
 def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     # ---------------------------------------------------------------- 1. process, output folder, loss
-    library_progress_bars(cfg.progress)
-    accelerator = make_accelerator(cfg)
-    seed_everything(cfg.seed)
-    out_dir = prepare_output_dir(cfg.output_dir, cfg.resume, accelerator.is_main_process)
-    write_config(out_dir, resolved_yaml, accelerator)
-    loss_fn = instantiate_loss(cfg.loss)
-    ckpt = find_last_checkpoint(out_dir) if cfg.resume else None
+    accelerator, out_dir, loss_fn, ckpt = begin_run(cfg, resolved_yaml)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     B, accum = cfg.optim.batch_size, cfg.optim.grad_accum
 
