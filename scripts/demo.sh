@@ -19,16 +19,22 @@ URL=$(sed -n 's/^READY //p' "$OUT/server.log")
 [ -n "$URL" ] || { echo "demo server did not start: $(cat "$OUT/server.log")" >&2; exit 1; }
 LLM="llm=openai llm.base_url=$URL model.name_or_path=stand-in"
 
-echo "== 1/3 red team (safety_zh: 33 categories x 5 attack families, 4 decoding settings)"
+echo "== 1/4 red team (safety_zh: 33 categories x 5 attack families, 4 decoding settings)"
 synth pipeline=red_team constitution=safety_zh $LLM pipeline.prompts_per_item=1 output_dir="$OUT/red_team"
 
-echo "== 2/3 critique-revision of the prompts that drew an unsafe answer"
+echo "== 2/4 critique-revision of the prompts that drew an unsafe answer"
 synth pipeline=critique_revision constitution=safety_zh $LLM pipeline.rounds=2 \
   source=jsonl source.path="$OUT/red_team/unsafe.jsonl" output_dir="$OUT/critique_revision"
 
-echo "== 3/3 DPO on the preference pairs (tiny model, CPU)"
+echo "== 3/4 DPO on the preference pairs (tiny model, CPU)"
 train loop=preference loss=dpo model=tiny data.path="$OUT/critique_revision/preferences.jsonl" \
   data.eval_split=0.1 optim.max_steps=30 optim.lr=1e-4 optim.batch_size=8 data.max_length=256 \
   resume=true output_dir="$OUT/dpo"
 
-echo "Done. Data: $OUT/critique_revision/{sft,preferences}.jsonl  Model: $OUT/dpo/final"
+echo "== 4/4 evaluate before and after on held-out red-team prompts (never trained on)"
+EVAL="suite=redteam_heldout suite.path=$OUT/red_team/prompts.jsonl suite.exclude=[$OUT/critique_revision/preferences.jsonl]
+  suite.limit=40 sampling.max_new_tokens=48 judge=openai judge.llm.base_url=$URL judge.model.name_or_path=stand-in"
+evaluate $EVAL model=tiny output_dir="$OUT/eval/before"
+evaluate $EVAL model=tiny model.name_or_path="$OUT/dpo/final" baseline="$OUT/eval/before" output_dir="$OUT/eval/after"
+
+echo "Done. Data: $OUT/critique_revision/{sft,preferences}.jsonl  Model: $OUT/dpo/final  Report: $OUT/eval/after/report.md"

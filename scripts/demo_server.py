@@ -1,7 +1,8 @@
 """A scripted stand-in for a served chat model, used by scripts/demo.sh.
 
 It speaks the OpenAI chat-completions API on 127.0.0.1 (tests/synth/openai_server.py) and answers
-the prompts of the safety recipe (red-team attacker, target, safety judge, CAI critique and revision)
+the prompts of the safety recipe (red-team attacker, target, safety judge, CAI critique and revision,
+and the `evaluate` judges)
 with fixed Chinese or English text chosen by a hash of the request. It is not a language model: it lets
 the demo run the whole pipeline, the real HTTP client, retries and resume on a machine with no GPU and
 no network. For real data, point `llm.base_url` at a real server (vLLM serve, SGLang, TGI, ...).
@@ -53,6 +54,15 @@ def respond(body: dict) -> str | list[str]:
         return "这个回答直接提供了可能造成伤害的做法，没有指出风险，也没有给出更安全的替代建议。"
     if "请只写出改写后的回复" in last or "rewrite" in last.lower():  # CAI revision
         return "抱歉，我不能提供这方面的具体做法，因为这可能伤害他人或违反法律。如果你遇到了相关的困扰，我可以帮你了解合法、安全的解决途径。"
+    # `evaluate` judges (synth/prompts/eval_*.j2): JSON verdicts, chosen by the hash of the request
+    if "本身是否有害" in last or "Decide whether the ANSWER itself is harmful" in last:
+        return json.dumps({"verdict": "unsafe" if r < 0.3 else "safe", "category": None}, ensure_ascii=False)
+    if "full_compliance" in last and "full_refusal" in last:
+        return json.dumps({"class": "full_refusal" if r < 0.5 else "full_compliance"})
+    if "红队评估助手" in last or "refused" in last and "convincing" in last:
+        return json.dumps({"refused": int(r < 0.5), "convincing": 1 + int(r * 5) % 5, "specific": 1 + int(r * 7) % 5})
+    if "公正的评审" in last or "impartial judge" in last:
+        return json.dumps({"verdict": "A" if r < 0.4 else "B" if r < 0.8 else "tie"})
     # policy / target answer: sometimes complies, sometimes refuses
     if r < 0.5:
         return "好的，具体做法如下：第一步先准备好需要的东西，第二步按照计划进行，注意不要被发现。"

@@ -185,9 +185,9 @@ def run_config(cfg: SynthConfig, resolved_yaml: str | None = None) -> dict[str, 
 
 
 def chunks_in_flight(cfg: SynthConfig) -> int:
-    """0 (auto): 1 for in-process backends (hf, vllm: one batch at a time is all they can use), else enough
-    chunks to keep twice the largest server concurrency of any role busy: ceil(2 * C / chunk_size),
-    at most 64."""
+    """0 (auto): 1 when any role runs in-process (hf, vllm: one batch at a time is all they can use, and
+    they are not meant to be called from several threads at once); when every role is a server, enough
+    chunks to keep twice the largest server concurrency busy: ceil(2 * C / chunk_size), at most 64."""
     llms = [cfg.llm] + [rc.llm for rc in (cfg.judge, cfg.attacker) if rc.llm is not None]
     return auto_chunks_in_flight(cfg.chunks_in_flight, llms, cfg.chunk_size)
 
@@ -196,9 +196,9 @@ def auto_chunks_in_flight(setting: int, llms: list[dict[str, Any]], chunk_size: 
     """`setting` when it is not 0 (auto), else the rule of `chunks_in_flight` over the roles' `llms`."""
     if setting:
         return setting
-    conc = [int(llm.get("max_concurrency", 64)) for llm in llms if llm.get("kind") == "openai"]
-    if not conc:
+    if any(llm.get("kind") != "openai" for llm in llms):
         return 1
+    conc = [int(llm.get("max_concurrency", 64)) for llm in llms]
     return max(1, min(64, -(-2 * max(conc) // chunk_size)))
 
 

@@ -119,7 +119,8 @@ def test_auto_chunks_in_flight_follows_the_server_concurrency():
     assert chunks_in_flight(validate({**base, "llm": {"kind": "openai", "max_concurrency": 64}})) == 4
     assert chunks_in_flight(validate({**base, "llm": {"kind": "openai", "max_concurrency": 256}})) == 16
     judge = {"llm": {"kind": "openai", "max_concurrency": 128}, "model": {"name_or_path": "j"}}
-    assert chunks_in_flight(validate({**base, "llm": {"kind": "hf"}, "judge": judge})) == 8
+    assert chunks_in_flight(validate({**base, "llm": {"kind": "openai", "max_concurrency": 64}, "judge": judge})) == 8
+    assert chunks_in_flight(validate({**base, "llm": {"kind": "hf"}, "judge": judge})) == 1  # hf is never shared
     assert chunks_in_flight(validate({**base, "llm": {"kind": "hf"}, "chunks_in_flight": 3})) == 3
 
 
