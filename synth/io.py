@@ -197,24 +197,41 @@ class ChunkWriter:
                 with p.open("r+b") as fh:
                     fh.truncate(committed)
 
+    def _cut_back(self, sizes: Mapping[str, int], ledger_size: int) -> None:
+        for name in self.files:
+            _cut(self.path(name), sizes.get(name, 0))
+        _cut(self.ledger, ledger_size)
+
     def commit(self, ids: Iterable[str], rows: Mapping[str, Iterable[Any]], counters: Mapping[str, int]) -> None:
         """Append one finished chunk: outputs first, then the ledger line (the commit point)."""
         ids = list(ids)
         unknown = set(rows) - set(self.files)
         if unknown:
             raise KeyError(f"pipeline produced rows for undeclared outputs {sorted(unknown)}")
+        ledger_size = self.ledger.stat().st_size if self.ledger.exists() else 0
         sizes = {}
-        for name in self.files:
-            lines = [_dumps(r) for r in rows.get(name, ())]
-            # every declared file exists after the first commit, even when empty
-            sizes[name] = _fsync_append(self.path(name), lines)
+        try:
+            for name in self.files:
+                lines = [_dumps(r) for r in rows.get(name, ())]
+                # every declared file exists after the first commit, even when empty
+                sizes[name] = _fsync_append(self.path(name), lines)
+            entry = {"chunk": self.chunks, "ids": ids, "sizes": sizes, "counters": dict(counters)}
+            _fsync_append(self.ledger, [json.dumps(entry, ensure_ascii=False)])
+        except OSError:  # e.g. a full disk: leave every file at its last commit now, not at the next start
+            self._cut_back(self._sizes, ledger_size)
+            raise
         self.largest_chunk_bytes = max(self.largest_chunk_bytes, sum(sizes.values()) - sum(self._sizes.values()))
         self._sizes = sizes
-        entry = {"chunk": self.chunks, "ids": ids, "sizes": sizes, "counters": dict(counters)}
-        _fsync_append(self.ledger, [json.dumps(entry, ensure_ascii=False)])
         self.done_ids.update(ids)
         self.counters.update(counters)
         self.chunks += 1
+
+
+def _cut(path: Path, size: int) -> None:
+    with contextlib.suppress(OSError):  # truncating needs no free space; best effort all the same
+        if path.exists() and path.stat().st_size > size:
+            with path.open("r+b") as fh:
+                fh.truncate(size)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -207,6 +207,7 @@ def test_disk_full_while_committing_is_one_error_and_leaves_no_temp_files(tmp_pa
     assert "\n" not in msg and str(tmp_path) in msg and "free at least" in msg and "MiB" in msg
     assert info.value.__cause__ is None and info.value.__suppress_context__
     assert not list(tmp_path.glob("*.tmp"))
+    assert len(read_jsonl(tmp_path / "completions.jsonl")) == 2  # the failed chunk left no partial bytes
     monkeypatch.undo()
     m = run_pipeline(GeneratePipeline(GenerateConfig()), ctx_with(llm), tmp_path, items(8), chunk_size=2,
                      show_progress=False)
