@@ -79,6 +79,10 @@ class OpenAISettings(BaseModel):
     transport: Literal["auto", "lean", "openai"] = "auto"
     max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
     progress: bool = True  # tqdm over finished requests for large calls
+    # Regex-constrained answers (the judges' verdict formats) are a server extension, off by default so a
+    # hosted API never sees an unknown field: "structured_outputs" (vLLM >= 0.10.2 serve) or
+    # "guided_regex" (older vLLM serve, SGLang's regex is "regex"). Off: the step parses free text.
+    regex_field: Literal["none", "structured_outputs", "guided_regex", "regex"] = "none"
 
     @field_validator("base_url")
     @classmethod
@@ -193,6 +197,8 @@ class OpenAIBackend:
         if p.json_schema is not None:
             body["response_format"] = {"type": "json_schema",
                                        "json_schema": {"name": "answer", "schema": p.json_schema, "strict": True}}
+        elif p.regex is not None and self.settings.regex_field != "none":  # a server extension: opt-in
+            body.update(_regex_body(self.settings.regex_field, p.regex))
         if is_prefill(request):  # vLLM extension: continue the assistant message
             body["add_generation_prompt"] = False
             body["continue_final_message"] = True
@@ -340,6 +346,11 @@ async def _gather_or_cancel(tasks: list[asyncio.Future]) -> list[Any]:
         await asyncio.gather(*pending, return_exceptions=True)
         raise errors[0]
     return [t.result() for t in tasks]
+
+
+def _regex_body(field: str, regex: str) -> dict[str, Any]:
+    """The request-body fields that ask an OpenAI-compatible server for a regex-constrained answer."""
+    return {"structured_outputs": {"regex": regex}} if field == "structured_outputs" else {field: regex}
 
 
 class _LoopThread:

@@ -260,3 +260,15 @@ def test_lean_reader_chunked_gzip_and_retry_after_formats():
     assert _retry_after({"retry-after-ms": "1500"}) == 1.5 and _retry_after({"retry-after": "2"}) == 2.0
     when = email.utils.formatdate(time.time() + 30, usegmt=True)
     assert 25 < _retry_after({"retry-after": when}) <= 30 and _retry_after({}) is None
+
+
+@pytest.mark.parametrize("field,expect", [
+    ("none", None),
+    ("structured_outputs", {"structured_outputs": {"regex": r"\[\[(A|B)\]\]"}}),
+    ("guided_regex", {"guided_regex": r"\[\[(A|B)\]\]"}),
+])
+def test_regex_constraint_is_sent_only_when_the_server_extension_is_named(openai_server, field, expect):
+    backend(openai_server.url, regex_field=field).generate(reqs(1), SamplingParams(regex=r"\[\[(A|B)\]\]"))
+    body = openai_server.chat_requests()[0].body
+    sent = {k: body[k] for k in ("structured_outputs", "guided_regex") if k in body}
+    assert sent == (expect or {})
