@@ -25,7 +25,8 @@ from synth.evaluate.pipeline import (
     prefix_version,
 )
 from synth.evaluate.suites import SuiteConfig, load_suite
-from synth.io import write_text_atomic
+from synth.io import check_output_dir, write_text_atomic
+from synth.llm import check_llm
 from synth.runtime import Sampling
 
 
@@ -65,7 +66,10 @@ def fingerprint(cfg: EvaluateConfig) -> str:
     """What must not change between a run and its resume."""
     keep = {
         "model": cfg.model.model_dump(), "adapter": cfg.llm.get("adapter"),
-        "suite": cfg.suite.model_dump(exclude={"limit", "gold_limit"}), "judge": cfg.judge.model_dump(),
+        "suite": cfg.suite.model_dump(exclude={"limit", "gold_limit"}),
+        # the judge's identity, not how it is reached (a server's URL or concurrency may change)
+        "judge": {"model": cfg.judge.model.model_dump() if cfg.judge.model else None,
+                  "kind": (cfg.judge.llm or {}).get("kind"), "adapter": (cfg.judge.llm or {}).get("adapter")},
         "n": cfg.n, "sampling": cfg.sampling.model_dump(), "judges": cfg.judges.model_dump(),
         "scores": cfg.scores.model_dump(), "baseline": cfg.baseline, "seed": cfg.seed,
     }
@@ -73,13 +77,18 @@ def fingerprint(cfg: EvaluateConfig) -> str:
 
 
 def check_resumable(out_dir: Path, cfg: EvaluateConfig) -> None:
+    """Refuse to resume a folder holding an evaluation with other settings (read-only)."""
     marker = out_dir / ".run.json"
-    fp = fingerprint(cfg)
-    if marker.exists() and cfg.resume and json.loads(marker.read_text())["fingerprint"] != fp:
+    if marker.exists() and cfg.resume and json.loads(marker.read_text())["fingerprint"] != fingerprint(cfg):
         raise ConfigError(f"{out_dir} holds an evaluation with different settings (model/suite/judge/sampling/scores/baseline); "
                           "use another output_dir, or resume=false to start it over")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(marker, json.dumps({"fingerprint": fp}) + "\n")
+
+
+def mark_run(out_dir: Path, cfg: EvaluateConfig, resolved_yaml: str | None) -> None:
+    """Called by the runner once the folder is locked and the inputs are read, before outputs (re)start."""
+    write_text_atomic(out_dir / ".run.json", json.dumps({"fingerprint": fingerprint(cfg)}) + "\n")
+    if resolved_yaml is not None:
+        write_text_atomic(out_dir / "config.yaml", resolved_yaml)
 
 
 def taxonomy_categories(name: str | None) -> list[str]:
@@ -133,9 +142,11 @@ def run_config(cfg: EvaluateConfig, resolved_yaml: str | None = None) -> dict[st
     if info.get("unmapped_subtypes"):
         warnings.append(f"suite sub-types without a category mapping (reported as 'unmapped'): {info['unmapped_subtypes']}")
     out_dir = Path(cfg.output_dir).expanduser()
+    check_llm(cfg.llm, cfg.model.model_dump(), "llm")
+    if cfg.judge.llm is not None or cfg.judge.model is not None:
+        check_llm(cfg.judge.llm or cfg.llm, (cfg.judge.model or cfg.model).model_dump(), "judge.llm")
+    check_output_dir(out_dir)
     check_resumable(out_dir, cfg)
-    if resolved_yaml is not None:
-        write_text_atomic(out_dir / "config.yaml", resolved_yaml)
     run_info = {
         "policy": cfg.model.name_or_path, "revision": cfg.model.revision, "adapter": cfg.llm.get("adapter"),
         "backend": cfg.llm.get("kind"), "judge_is_policy": judge_is_policy,
@@ -155,6 +166,7 @@ def run_config(cfg: EvaluateConfig, resolved_yaml: str | None = None) -> dict[st
     ctx = make_context(cfg, out_dir)
     llms = [cfg.llm] + ([cfg.judge.llm] if cfg.judge.llm is not None else [])
     manifest = run_pipeline(EvaluatePipeline(pcfg, items), ctx, out_dir, None, cfg.chunk_size, cfg.resume, cfg.progress,
+                            on_start=lambda: mark_run(out_dir, cfg, resolved_yaml),
                             chunks_in_flight=auto_chunks_in_flight(cfg.chunks_in_flight, llms, cfg.chunk_size))
     print_headline(out_dir)
     return manifest

@@ -112,3 +112,18 @@ def test_overrefusal_zh_data_is_labelled():
     types = Counter(r["type"] for r in safe)
     assert len(types) == 10 and min(types.values()) >= 10  # XSTest's 10 safe types
     assert all(r["type"].startswith("contrast_") for r in rows if r["label"] == "unsafe")
+
+
+def test_rerun_through_another_judge_url_resumes_and_bad_settings_touch_nothing(tmp_path, make_openai_server):
+    first, second = make_openai_server(responder=judge_responder), make_openai_server(responder=judge_responder)
+    out = tmp_path / "eval"
+    app.run(cfg(base(out, first.url, "suite=overrefusal_zh", "suite.limit=4", "judges.strongreject=false")))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and not p.name.startswith(("cache", ".lock"))}
+    # the judge served from a new port (a restarted server) is the same judge: resume, no new call
+    app.run(cfg(base(out, second.url, "suite=overrefusal_zh", "suite.limit=4", "judges.strongreject=false")))
+    assert second.requests == []
+    with pytest.raises(ConfigError, match="judge.llm=openai: max_concurrency"):
+        app.run(cfg(base(out, second.url, "suite=overrefusal_zh", "suite.limit=4", "judges.strongreject=false",
+                         "judge.llm.max_concurrency=0", "resume=false")))
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and not p.name.startswith(("cache", ".lock"))}
+    assert after["results.jsonl"] == before["results.jsonl"] and after[".run.json"] == before[".run.json"]
