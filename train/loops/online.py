@@ -271,7 +271,7 @@ def packing_check(model, prompt_ids: list[list[int]], cfg, accelerator) -> bool:
     """optim.packing: the trainer's forwards run on rows laid end to end (no compute on the prompts'
     left padding or the completions' right padding) when this model keeps packed rows apart (checked
     once on two prompts, agreed by every process; train/loops/packing.py)."""
-    from train.loops.packing import packing_matches
+    from train.loops.packing import packing_agreed, packing_matches
 
     rows = prompt_ids[:2]
     width = max(len(r) for r in rows)
@@ -282,12 +282,7 @@ def packing_check(model, prompt_ids: list[list[int]], cfg, accelerator) -> bool:
     batch = {"input_ids": ids.to(accelerator.device), "attention_mask": attn.to(accelerator.device),
              "labels": torch.where(attn.bool(), ids, torch.full_like(ids, -100)).to(accelerator.device)}
     ok = packing_matches(getattr(model, "module", model), batch, cfg.optim.dtype)
-    if accelerator.num_processes > 1:
-        ok = bool(accelerator.reduce(torch.tensor([float(ok)], device=accelerator.device), "min").item())
-    if not ok and accelerator.is_main_process:
-        print("warning: this model's attention does not separate packed rows (position_ids); "
-              "training on padded rows instead (optim.packing=false silences this)", flush=True)
-    return ok
+    return packing_agreed(ok, accelerator)
 
 
 def step_prompts(step: int, n_prompts: int, per_step: int, seed: int) -> list[int]:

@@ -112,12 +112,7 @@ def packing_ok(model, ds, collate, cfg, accelerator) -> bool:
     every process); otherwise a warning and the padded forward."""
     rows = ds.select(range(min(len(ds), 2))).to_list()
     ok = packing_matches(model, to_device(collate(rows), accelerator.device), cfg.optim.dtype)
-    if accelerator.num_processes > 1:
-        ok = bool(accelerator.reduce(torch.tensor([float(ok)], device=accelerator.device), "min").item())
-    if not ok and accelerator.is_main_process:
-        print("warning: this model's attention does not separate packed rows (position_ids); "
-              "training on padded rows instead (optim.packing=false silences this)", flush=True)
-    return ok
+    return packing_agreed(ok, accelerator)
 
 
 @torch.no_grad()
@@ -143,3 +138,13 @@ def packing_matches(model, batch: dict[str, Any], dtype: str) -> bool:
     if dtype == "float32":
         return bool(diff.max() <= 1e-3)
     return bool(diff.max() <= 0.1 and diff.mean() <= 0.01)
+
+
+def packing_agreed(ok: bool, accelerator) -> bool:
+    """Pack only if every process's check passed; the main process says so when packing is off."""
+    if accelerator.num_processes > 1:
+        ok = bool(accelerator.reduce(torch.tensor([float(ok)], device=accelerator.device), "min").item())
+    if not ok and accelerator.is_main_process:
+        print("warning: this model's attention does not separate packed rows (position_ids); "
+              "training on padded rows instead (optim.packing=false silences this)", flush=True)
+    return ok
