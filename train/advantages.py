@@ -1,6 +1,6 @@
 """Advantage estimators, KL estimators, reward shaping and the two controllers of the online loops.
 
-Pure functions of tensors and scalars (DESIGN.md §2.1): no config, model or device. Shapes: N rollout
+Pure functions of tensors and scalars, like train/losses: no config, model or device. Shapes: N rollout
 samples, T completion positions (right-padded); ``mask`` [N, T] bool marks the real completion tokens
 (up to and including the first EOS). Scores are [N], NaN = unscorable; a NaN never becomes a number:
 it is left out of every baseline and statistic and its sample gets advantage 0 (TRL ``nan_to_num``).
