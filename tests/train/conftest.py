@@ -48,3 +48,15 @@ def fresh_tiny_model(tiny_path: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny_path, dtype="float32").eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module (timing-stable training tests); modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -27,12 +27,7 @@ FAST = ["data.max_length=48", "progress=false", "log.plot=false", "log.tensorboa
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/train/conftest.py
 
 
 def toy_pairs(n: int, seed: int = 0, marker: str = "yes", other: str = "no"):

@@ -19,12 +19,7 @@ FAST = ["progress=false", "log.plot=false", "log.tensorboard=false", "checkpoint
 EVEN = "loop.reward.function=train.scorers:even_token_fraction"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/train/conftest.py
 
 
 @pytest.fixture(scope="module")
