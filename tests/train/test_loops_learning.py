@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.test_loops import compose, one_thread, toy_pairs, toy_ranked, write_records  # noqa: F401
+from tests.train.test_loops import compose, toy_pairs, toy_ranked, write_records  # noqa: F401
 
 LEARN = ["data.max_length=48", "progress=false", "log.plot=false", "log.tensorboard=false", "checkpoint.every_steps=0",
          "optim.warmup_ratio=0", "optim.scheduler=constant", "optim.batch_size=8", "seed=1"]

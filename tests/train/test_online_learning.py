@@ -10,7 +10,7 @@ import json
 import pytest
 
 from tests.train import online_helpers
-from tests.train.test_online import EVEN, metrics, one_thread, prompts, train  # noqa: F401 - fixtures
+from tests.train.test_online import EVEN, metrics, prompts, train  # noqa: F401 - fixtures
 
 TOY = ["optim.lr=2e-2", "loop.generation.max_new_tokens=12"]
 

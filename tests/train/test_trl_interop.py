@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tests.train.test_loops import one_thread, toy_pairs, write_records  # noqa: F401
+from tests.train.test_loops import toy_pairs, write_records  # noqa: F401
 
 
 def test_trl_dpo_trainer_reads_our_preferences_and_trains(tmp_path, tiny_path):
