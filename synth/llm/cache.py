@@ -33,6 +33,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -104,8 +105,8 @@ class CachedLLM:
         conn = getattr(self._local, "conn", None)
         if conn is None or self._local.pid != os.getpid():
             conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            conn.execute("PRAGMA busy_timeout=60000")  # first, so that the WAL switch below waits too
-            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA busy_timeout=60000")
+            _switch_to_wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(_SCHEMA)
             self._local.conn, self._local.pid = conn, os.getpid()
@@ -171,3 +172,20 @@ def _plan_missing(
             sub_params.append(p.replace(n=1, seed=sample_seed(p.seed, i)))
             slots.append([k])
     return sub_requests, sub_params, slots
+
+
+def _switch_to_wal(conn: sqlite3.Connection, wait_s: float = 60.0) -> None:
+    """Put the file in WAL mode. The switch needs the file to itself and SQLite answers "database is
+    locked" at once, without the busy handler, while another process is creating or switching the same
+    file; so retry until it is WAL (done by whichever process won) or `wait_s` has passed."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                return
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
