@@ -23,6 +23,11 @@ Reported per side (medians over --repeats):
 
     python bench/dpo_vs_trl.py --repeats 2             # 256 pairs, batch 8, 32 steps (one epoch)
     python bench/dpo_vs_trl.py --quick --steps 4       # smoke run (2-layer model)
+    python bench/dpo_vs_trl.py --device cuda --size 135m --pairs 512 --batch-size 16 --repeats 3
+
+On `--device cuda` both sides train with bf16 autocast over float32 weights (ours
+optim.mixed_precision=bf16, TRL bf16=True), and the memory column is torch.cuda.max_memory_allocated;
+`--size 135m` is SmolLM2-135M's shape (30 layers, hidden 576, 9/3 heads) with random weights.
 
 The last line prints ours/TRL ratios (throughput > 1 and memory < 1 favour ours).
 """
@@ -46,6 +51,17 @@ sys.path.insert(0, str(REPO))
 
 MODEL_20M = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
                  num_key_value_heads=8, max_position_embeddings=1024)
+MODEL_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                  num_key_value_heads=3, max_position_embeddings=2048)  # SmolLM2-135M's shape
+
+
+def peak_mb(device: str) -> float:
+    """The side's peak memory: resident set on CPU, allocated device memory on CUDA."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    return rss_mb()
 
 
 def rss_mb() -> float:
@@ -133,11 +149,12 @@ def run_ours(args, model_dir: Path, data: Path, out: Path) -> dict:
     import train.loops.preference  # noqa: F401
     import train.reference  # noqa: F401
 
-    baseline = rss_mb()
+    baseline = peak_mb(args.device)
     overrides = [
         "loop=preference", "loss=dpo", f"model.name_or_path={model_dir}", f"data.path={data}", f"output_dir={out}",
         f"optim.batch_size={args.batch_size}", f"optim.max_steps={args.steps}", f"optim.lr={args.lr}",
         "optim.warmup_ratio=0", "optim.scheduler=constant", "optim.max_grad_norm=1.0", "optim.dtype=float32",
+        f"optim.mixed_precision={'bf16' if args.device == 'cuda' else 'no'}",
         f"data.max_length={args.max_length}", f"loop.reference.batch_size={2 * args.batch_size}",
         f"seed={args.seed}", "progress=false", "log.plot=false", "log.tensorboard=false", "checkpoint.every_steps=0",
         f"optim.packing={str(not args.no_packing).lower()}",
@@ -150,7 +167,7 @@ def run_ours(args, model_dir: Path, data: Path, out: Path) -> dict:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     times = [r["time_s"] for r in rows if "time_s" in r]
     return {"side": "ours", "steps": summary["steps"], "samples": summary["samples"], "wall_s": wall, "cpu_s": cpu,
-            "steps_s": times[-1] - times[0], "final_loss": rows[-1]["loss"], "peak_rss_mb": rss_mb(),
+            "steps_s": times[-1] - times[0], "final_loss": rows[-1]["loss"], "peak_rss_mb": peak_mb(args.device),
             "baseline_rss_mb": baseline}
 
 
@@ -160,7 +177,7 @@ def run_trl(args, model_dir: Path, data: Path, out: Path) -> dict:
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    baseline = rss_mb()
+    baseline = peak_mb(args.device)
 
     class StepClock(TrainerCallback):
         def __init__(self):
@@ -179,10 +196,10 @@ def run_trl(args, model_dir: Path, data: Path, out: Path) -> dict:
         output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
         weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch",
-        bf16=False, fp16=False, gradient_checkpointing=False, precompute_ref_log_probs=True,
+        bf16=args.device == "cuda", fp16=False, gradient_checkpointing=False, precompute_ref_log_probs=True,
         precompute_ref_batch_size=2 * args.batch_size, max_length=args.max_length, beta=0.1,
         loss_type=["sigmoid"], report_to=[], logging_steps=args.steps, save_strategy="no", eval_strategy="no",
-        use_cpu=True, dataloader_num_workers=0, seed=args.seed, disable_tqdm=True,
+        use_cpu=args.device == "cpu", dataloader_num_workers=0, seed=args.seed, disable_tqdm=True,
     )
     trainer = trl.DPOTrainer(model=model, args=config, train_dataset=ds, processing_class=tok, callbacks=[clock])
     result = trainer.train()
@@ -192,7 +209,7 @@ def run_trl(args, model_dir: Path, data: Path, out: Path) -> dict:
     return {"side": "trl", "steps": result.global_step, "samples": result.global_step * args.batch_size, "wall_s": wall,
             "cpu_s": cpu,
             "steps_s": clock.times[-1] - clock.times[0], "final_loss": losses[-1] if losses else None,
-            "peak_rss_mb": rss_mb(), "baseline_rss_mb": baseline, "trl": trl.__version__}
+            "peak_rss_mb": peak_mb(args.device), "baseline_rss_mb": baseline, "trl": trl.__version__}
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -229,6 +246,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="runs per side, alternating; medians reported")
     p.add_argument("--quick", action="store_true", help="a 2-layer model instead of the ~20M one (smoke run)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--size", choices=["20m", "135m"], default="20m", help="the random model's shape")
     p.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -240,16 +259,17 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="dpo-bench-") as tmp:
         work = Path(tmp)
-        spec = dict(MODEL_20M, num_hidden_layers=2) if args.quick else MODEL_20M
+        spec = MODEL_135M if args.size == "135m" else MODEL_20M
+        spec = dict(spec, num_hidden_layers=2) if args.quick else spec
         build_inputs(work, args.pairs, args.seed, spec, args.max_length, args.data)
         env = {**os.environ, "RLAIF_FORGE_HOME": str(work / "home"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
+               "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
         runs: dict[str, list[dict]] = {"ours": [], "trl": []}
         for r in range(args.repeats):  # alternate the sides so that machine noise hits both alike
             for side in (("ours", "trl") if r % 2 == 0 else ("trl", "ours")):
                 cmd = [sys.executable, __file__, "--side", side, "--work", str(work), "--pairs", str(args.pairs),
                        "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--max-length",
-                       str(args.max_length), "--lr", str(args.lr), "--seed", str(args.seed)]
+                       str(args.max_length), "--lr", str(args.lr), "--seed", str(args.seed), "--device", args.device]
                 cmd += ["--no-packing"] if args.no_packing else []
                 # a cold start for both: TRL caches tokenised data and reference log-probs in the datasets cache,
                 # ours in <output_dir>/reference_cache; neither may reuse an earlier run's
@@ -265,10 +285,10 @@ def main() -> None:
         results = {side: median_run(rs) for side, rs in runs.items()}
 
     print(f"\n{args.pairs} pairs ({args.data}), batch {args.batch_size}, {args.steps} steps, max_length {args.max_length}, "
-          f"float32, torch {torch.__version__}, {torch.get_num_threads()} threads, TRL {results['trl'].get('trl')}, "
+          f"{'bf16 autocast on cuda' if args.device == 'cuda' else 'float32'}, {args.size} model, torch {torch.__version__}, {torch.get_num_threads()} threads, TRL {results['trl'].get('trl')}, "
           f"ours {'padded' if args.no_packing else 'packed rows'}")
     print(f"{'side':<6}{'end-to-end s':>14}{'samples/s':>11}{'CPU s':>9}{'steps s':>10}{'samples/s':>11}"
-          f"{'peak RSS MB':>13}{'above import':>14}{'final loss':>12}")
+          f"{'peak MB':>13}{'above import':>14}{'final loss':>12}")
     for side, r in results.items():
         r["e2e_sps"] = r["samples"] / r["wall_s"]
         r["steps_sps"] = (r["steps"] - 1) * args.batch_size / r["steps_s"]
@@ -277,7 +297,7 @@ def main() -> None:
               f"{r['steps_sps']:>11.2f}{r['peak_rss_mb']:>13.0f}{r['above_mb']:>14.0f}{r['final_loss']:>12.4f}")
     o, t = results["ours"], results["trl"]
     print(f"ours/TRL: throughput {o['e2e_sps'] / t['e2e_sps']:.2f}x end-to-end (CPU time {t['cpu_s'] / o['cpu_s']:.2f}x), "
-          f"{o['steps_sps'] / t['steps_sps']:.2f}x training steps; peak RSS {o['peak_rss_mb'] / t['peak_rss_mb']:.2f}x "
+          f"{o['steps_sps'] / t['steps_sps']:.2f}x training steps; peak memory {o['peak_rss_mb'] / t['peak_rss_mb']:.2f}x "
           f"({o['above_mb'] / t['above_mb']:.2f}x above imports)")
 
 

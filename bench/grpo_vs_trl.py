@@ -22,6 +22,11 @@ generated tokens/s, peak RSS, and the mean reward per step.
     python bench/grpo_vs_trl.py --beta 0.04                     # with the reference model
     python bench/grpo_vs_trl.py --quick --steps 6 --max-new-tokens 32
     python bench/rloo_vs_trl.py ...                             # the same with --algo rloo
+    python bench/grpo_vs_trl.py --device cuda --size 135m --prompts-per-step 32 --group 8 --max-new-tokens 128
+
+On `--device cuda` both sides use bf16 autocast over float32 weights (ours optim.mixed_precision=bf16,
+TRL bf16=True) and the memory column is torch.cuda.max_memory_allocated; `--size 135m` is SmolLM2-135M's
+shape with random weights.
 """
 
 from __future__ import annotations
@@ -44,7 +49,18 @@ sys.path.insert(0, str(REPO))
 
 MODEL_20M = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
                  num_key_value_heads=8, max_position_embeddings=1024)
+MODEL_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                  num_key_value_heads=3, max_position_embeddings=2048)  # SmolLM2-135M's shape
 HH_RLHF = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+
+
+def peak_mb(device: str) -> float:
+    """The side's peak memory: resident set on CPU, allocated device memory on CUDA."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    return rss_mb()
 
 
 def rss_mb() -> float:
@@ -68,7 +84,8 @@ def build_inputs(work: Path, args) -> None:
     from synth.tiny import _CORPUS_EN, build_tokenizer
 
     tok = build_tokenizer()
-    spec = dict(MODEL_20M, num_hidden_layers=2) if args.quick else MODEL_20M
+    spec = MODEL_135M if args.size == "135m" else MODEL_20M
+    spec = dict(spec, num_hidden_layers=2) if args.quick else spec
     config = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=False, bos_token_id=None,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **spec)
     torch.manual_seed(args.seed)
@@ -111,6 +128,7 @@ def run_ours(args, work: Path) -> dict:
         f"optim.max_steps={args.steps}", f"optim.lr={args.lr}", "optim.scheduler=constant", "optim.warmup_ratio=0",
         "optim.weight_decay=0", "optim.max_grad_norm=1.0", f"seed={args.seed}", "progress=false", "log.plot=false",
         "log.tensorboard=false", "checkpoint.every_steps=0",
+        f"optim.mixed_precision={'bf16' if args.device == 'cuda' else 'no'}",
     ]
     with initialize_config_module(config_module="rlaif_forge_conf", version_base=None):
         cfg = compose(config_name="train", overrides=overrides)
@@ -122,7 +140,7 @@ def run_ours(args, work: Path) -> dict:
     upd = [r["time/update_s"] + r["time/score_s"] for r in rows]
     tokens = sum(r["completions/mean_length"] * args.prompts_per_step * args.group for r in rows)
     return {"side": "ours", "wall_s": wall, "cpu_s": cpu, "steps_s": sum(gen[1:]) + sum(upd[1:]), "gen_s": statistics.median(gen),
-            "update_s": statistics.median(upd), "gen_tokens_per_s": tokens / sum(gen), "peak_rss_mb": rss_mb(),
+            "update_s": statistics.median(upd), "gen_tokens_per_s": tokens / sum(gen), "peak_rss_mb": peak_mb(args.device),
             "baseline_rss_mb": baseline, "reward": [r["reward/mean"] for r in rows], "kl": [r.get("kl", 0.0) for r in rows]}
 
 
@@ -151,8 +169,8 @@ def run_trl(args, work: Path) -> dict:
         gradient_accumulation_steps=1, num_generations=args.group, max_completion_length=args.max_new_tokens,
         temperature=1.0, top_p=1.0, top_k=0, min_p=None, repetition_penalty=1.0, generation_kwargs=None,
         use_vllm=False, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        optim="adamw_torch", max_grad_norm=1.0, max_steps=args.steps, bf16=False, fp16=False,
-        gradient_checkpointing=False, use_cpu=True, beta=args.beta, epsilon=0.2, epsilon_high=None, num_iterations=1,
+        optim="adamw_torch", max_grad_norm=1.0, max_steps=args.steps, bf16=args.device == "cuda", fp16=False,
+        gradient_checkpointing=False, use_cpu=args.device == "cpu", beta=args.beta, epsilon=0.2, epsilon_high=None, num_iterations=1,
         shuffle_dataset=False, seed=args.seed, dataloader_num_workers=0, log_completions=False, logging_steps=1,
         report_to="none", save_strategy="no", eval_strategy="no", disable_dropout=True, disable_tqdm=True,
     )
@@ -184,7 +202,7 @@ def run_trl(args, work: Path) -> dict:
     tokens = sum(h["completions/mean_length"] * args.prompts_per_step * args.group for h in logs)
     return {"side": "trl", "wall_s": wall, "cpu_s": cpu, "steps_s": clock.times[-1] - clock.times[0], "gen_s": statistics.median(gen_times),
             "update_s": statistics.median([s - g for s, g in zip(steps[1:], gen_times[1:])]),
-            "gen_tokens_per_s": tokens / sum(gen_times), "peak_rss_mb": rss_mb(), "baseline_rss_mb": baseline,
+            "gen_tokens_per_s": tokens / sum(gen_times), "peak_rss_mb": peak_mb(args.device), "baseline_rss_mb": baseline,
             "reward": [h["reward"] for h in logs], "kl": [h.get("kl", 0.0) for h in logs], "trl": trl.__version__}
 
 
@@ -209,6 +227,8 @@ def main(default_algo: str = "grpo") -> None:
     p.add_argument("--data", choices=["hh", "synthetic"], default="hh" if HH_RLHF.exists() else "synthetic")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="a 2-layer model instead of the ~20M one")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--size", choices=["20m", "135m"], default="20m", help="the random model's shape")
     p.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -221,7 +241,7 @@ def main(default_algo: str = "grpo") -> None:
         work = Path(tmp)
         build_inputs(work, args)
         env = {**os.environ, "RLAIF_FORGE_HOME": str(work / "home"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO),
+               "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
                "OMP_NUM_THREADS": str(args.threads), "TRL_EXPERIMENTAL_SILENCE": "1"}
         runs: dict[str, list[dict]] = {"ours": [], "trl": []}
         for r in range(args.repeats):  # alternate, so machine noise hits both sides alike
@@ -229,7 +249,8 @@ def main(default_algo: str = "grpo") -> None:
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--work", str(work), "--algo", args.algo,
                        "--prompts", str(args.prompts), "--prompts-per-step", str(args.prompts_per_step), "--group",
                        str(args.group), "--max-new-tokens", str(args.max_new_tokens), "--steps", str(args.steps), "--beta",
-                       str(args.beta), "--lr", str(args.lr), "--seed", str(args.seed), "--threads", str(args.threads)]
+                       str(args.beta), "--lr", str(args.lr), "--seed", str(args.seed), "--threads", str(args.threads),
+                       "--device", args.device, "--size", args.size]
                 run_env = {**env, "HF_DATASETS_CACHE": str(work / f"hf-datasets-{side}-{r}")}
                 proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True, cwd=REPO)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -248,10 +269,10 @@ def main(default_algo: str = "grpo") -> None:
         res[side] = med
     per_step = args.prompts_per_step * args.group
     print(f"\n{args.algo.upper()}, {per_step} completions/step ({args.prompts_per_step} prompts x {args.group}), "
-          f"{args.max_new_tokens} new tokens, {args.steps} steps, beta {args.beta}, float32, torch {torch.__version__}, "
+          f"{args.max_new_tokens} new tokens, {args.steps} steps, beta {args.beta}, {'bf16 autocast on cuda' if args.device == 'cuda' else 'float32'}, {args.size} model, torch {torch.__version__}, "
           f"{args.threads} thread(s), TRL {runs['trl'][0].get('trl')}, medians of {args.repeats}")
     print(f"{'side':<6}{'e2e s':>8}{'CPU s':>8}{'samples/s':>11}{'steps sps':>11}{'gen s/step':>12}{'update s/step':>15}"
-          f"{'gen tok/s':>11}{'peak RSS MB':>13}")
+          f"{'gen tok/s':>11}{'peak MB':>13}")
     for side, r in res.items():
         r["e2e_sps"] = args.steps * per_step / r["wall_s"]
         r["steps_sps"] = (args.steps - 1) * per_step / r["steps_s"]
@@ -264,7 +285,7 @@ def main(default_algo: str = "grpo") -> None:
     print(f"ours/TRL: {o['e2e_sps'] / t['e2e_sps']:.2f}x samples/s end-to-end (CPU time {t['cpu_s'] / o['cpu_s']:.2f}x), "
           f"{o['steps_sps'] / t['steps_sps']:.2f}x steps; "
           f"generation {t['gen_s'] / o['gen_s']:.2f}x faster, update {t['update_s'] / o['update_s']:.2f}x faster; "
-          f"peak RSS {o['peak_rss_mb'] / t['peak_rss_mb']:.2f}x")
+          f"peak memory {o['peak_rss_mb'] / t['peak_rss_mb']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -449,7 +449,7 @@ def estimate(batch: dict[str, torch.Tensor], rollout: Rollout, scores, costs, ba
         ent = _gather(accelerator, torch.stack([(batch["entropy"] * mask).sum(), mask.sum().float()])[None])
         metrics["entropy"] = float(ent[:, 0].sum() / ent[:, 1].sum().clamp(min=1))
     if kl_tok is not None and "old_logps" in batch:
-        k1 = (batch["old_logps"] - batch["ref_logps"]) * mask
+        k1 = (batch["old_logps"] - batch["ref_logps"]).detach() * mask
         metrics["kl"] = float(_gather(accelerator, k1.sum(1)).mean())  # sequence-summed k1, nats
     return metrics
 
