@@ -162,7 +162,17 @@ def run_ours(args, model_dir: Path, data: Path, out: Path) -> dict:
     with initialize_config_module(config_module="rlaif_forge_conf", version_base=None):
         cfg = compose(config_name="train", overrides=overrides)
     t0, c0 = time.perf_counter(), cpu_s()
-    summary = train.app.run(cfg)
+    if args.profile:  # where our side's time goes: torch.profiler's op table, written to --profile
+        import torch
+
+        kinds = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if args.device == "cuda" else [])
+        with torch.profiler.profile(activities=kinds) as prof:
+            summary = train.app.run(cfg)
+        sort = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+        Path(args.profile).write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40) + "\n\n"
+                                      + prof.key_averages().table(sort_by=sort, row_limit=25))
+    else:
+        summary = train.app.run(cfg)
     wall, cpu = time.perf_counter() - t0, cpu_s() - c0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     times = [r["time_s"] for r in rows if "time_s" in r]
@@ -247,6 +257,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="runs per side, alternating; medians reported")
     p.add_argument("--quick", action="store_true", help="a 2-layer model instead of the ~20M one (smoke run)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--profile", help="write torch.profiler's op tables of our side to this file (slows it down)")
     p.add_argument("--size", choices=["20m", "135m"], default="20m", help="the random model's shape")
     p.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
@@ -270,6 +281,7 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--side", side, "--work", str(work), "--pairs", str(args.pairs),
                        "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--max-length",
                        str(args.max_length), "--lr", str(args.lr), "--seed", str(args.seed), "--device", args.device]
+                cmd += ["--profile", str(Path(args.profile).resolve())] if args.profile and side == "ours" else []
                 cmd += ["--no-packing"] if args.no_packing else []
                 # a cold start for both: TRL caches tokenised data and reference log-probs in the datasets cache,
                 # ours in <output_dir>/reference_cache; neither may reuse an earlier run's
