@@ -226,6 +226,10 @@ def run_trl(args, model_dir: Path, data: Path, out: Path) -> dict:
 
 
 def child(args) -> None:
+    if args.no_cudnn_sdp:  # both sides: leave cuDNN out of torch's attention dispatch
+        import torch
+
+        torch.backends.cuda.enable_cudnn_sdp(False)
     work = Path(args.work)
     fn = run_ours if args.side == "ours" else run_trl
     result = fn(args, work / "model", work / "preferences.jsonl", work / f"out-{args.side}")
@@ -257,6 +261,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="runs per side, alternating; medians reported")
     p.add_argument("--quick", action="store_true", help="a 2-layer model instead of the ~20M one (smoke run)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--no-cudnn-sdp", action="store_true", help="both sides: torch.backends.cuda.enable_cudnn_sdp(False)")
     p.add_argument("--profile", help="write torch.profiler's op tables of our side to this file (slows it down)")
     p.add_argument("--size", choices=["20m", "135m"], default="20m", help="the random model's shape")
     p.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
@@ -282,6 +287,7 @@ def main() -> None:
                        "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--max-length",
                        str(args.max_length), "--lr", str(args.lr), "--seed", str(args.seed), "--device", args.device]
                 cmd += ["--profile", str(Path(args.profile).resolve())] if args.profile and side == "ours" else []
+                cmd += ["--no-cudnn-sdp"] if args.no_cudnn_sdp else []
                 cmd += ["--no-packing"] if args.no_packing else []
                 # a cold start for both: TRL caches tokenised data and reference log-probs in the datasets cache,
                 # ours in <output_dir>/reference_cache; neither may reuse an earlier run's
