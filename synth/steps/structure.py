@@ -54,7 +54,8 @@ def score(max_new_tokens: int) -> str:
 
 
 def meta_winner(max_new_tokens: int) -> str:
-    return rf"[^:：]{{0,{budget(max_new_tokens)}}}(Winner: Judgement [AB]|胜者[:：] ?评审 [AB])"
+    """The verdict is 19 characters ("Winner: Judgement A"), more than the usual reserve: keep twice it."""
+    return rf"[^:：]{{0,{budget(max_new_tokens - _RESERVE)}}}(Winner: Judgement [AB]|胜者[:：] ?评审 [AB])"
 
 
 VOTE = r" ?[\(（]?[AB][\)）]?"

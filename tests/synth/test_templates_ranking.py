@@ -40,6 +40,8 @@ def renders(lang: str) -> dict[str, str]:
         "judge_rubric": render("judge_rubric", lang, conversation=conv(lang), response=t["a"]),
         "self_reward_judge": "\n---\n".join(render("self_reward_judge", lang, conversation=conv(lang, n), response=t["a"]) for n in (1, 3)),
         "self_instruct": render("self_instruct", lang, examples=[t["q"], t["earlier"]]),
+        "meta_judge": "\n---\n".join(render("meta_judge", lang, conversation=conv(lang, n), response=t["a"], judgement_a=t["critique"],
+                                              judgement_b=t["context"]) for n in (1, 3)),
         "bpo_construct": "\n---\n".join([
             render("bpo_construct", lang, instruction=t["q"], good=t["a"], bad=t["b"], context="", history=[]),
             render("bpo_construct", lang, instruction=t["q"], good=t["a"], bad=t["b"], context=t["context"], history=conv(lang, 3)[:2]),
