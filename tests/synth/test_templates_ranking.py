@@ -36,6 +36,8 @@ def renders(lang: str) -> dict[str, str]:
     return {
         "judge_pairwise": "\n---\n".join(render("judge_pairwise", lang, conversation=conv(lang, 3), response_a=t["a"], response_b=t["b"],
                                                 direct=d) for d in (False, True)),
+        "judge_joint": "\n---\n".join(render("judge_joint", lang, conversation_a=conv(lang, 3), response_a=t["a"],
+                                               conversation_b=conv(lang), response_b=t["c"], direct=d) for d in (False, True)),
         "judge_listwise": render("judge_listwise", lang, conversation=conv(lang), responses=[t["a"], t["b"], t["c"]]),
         "judge_rubric": render("judge_rubric", lang, conversation=conv(lang), response=t["a"]),
         "self_reward_judge": "\n---\n".join(render("self_reward_judge", lang, conversation=conv(lang, n), response=t["a"]) for n in (1, 3)),
