@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from synth.io import ChunkWriter, read_jsonl
 from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
@@ -78,6 +78,12 @@ class SelfRewardingConfig(PipelineConfig):
     new_prompts: NewPrompts = NewPrompts()
     meta_judge: MetaJudge = MetaJudge()
     drop_truncated: bool = True  # false only for smoke tests with models that never stop (tiny)
+
+    @model_validator(mode="after")
+    def _meta_needs_several_judgements(self) -> SelfRewardingConfig:
+        if self.meta_judge.enabled and self.judge_samples < 2:
+            raise ValueError("meta_judge.enabled needs judge_samples >= 2 (it compares judgements of one response)")
+        return self
 
 
 class SelfRewardingPipeline(Pipeline):

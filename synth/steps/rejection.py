@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import math
 import statistics
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -85,17 +86,23 @@ Prompts = Sequence[Sequence[Message]]
 
 class ModelScorer:
     """A reward model saved by `train loop=reward` (full weights or a LoRA adapter), loaded on first use
-    and scored in batches exactly as `evaluate` scores (synth.evaluate.scoring.ScalarScorer)."""
+    and scored in batches exactly as `evaluate` scores (synth.evaluate.scoring.ScalarScorer). One chunk
+    scores at a time: chunks in flight (a server policy) share the one in-process model."""
 
     def __init__(self, path: str, device: str, batch_size: int):
         self.path, self.device, self.batch_size = path, device, batch_size
         self._model = None
+        self._lock = threading.Lock()
 
     @property
     def name(self) -> str:
         return self.path
 
     def __call__(self, prompts: Prompts, texts: Sequence[str]) -> list[float | None]:
+        with self._lock:
+            return self._score(prompts, texts)
+
+    def _score(self, prompts: Prompts, texts: Sequence[str]) -> list[float | None]:
         if self._model is None:
             from synth.evaluate.scoring import ScalarScorer
 

@@ -102,3 +102,24 @@ def test_end_to_end_tiny_hf(tmp_path):
     assert m["parse_failures"] == {}  # the [[A]]/[[B]]/[[C]] verdict is enforced by constrained decoding
     for r in read_jsonl(tmp_path / "out" / "joint_preferences.jsonl"):
         JointPreferenceRecord.model_validate(r)
+
+
+def test_logprob_verdicts_give_soft_labels(tmp_path):
+    import math
+
+    from synth.records import Completion, TokenLogprob
+
+    def judge(msgs, p, i):
+        assert msgs[-1].role == "assistant" and msgs[-1].content == "[[" and p.max_new_tokens == 1 and p.logprobs
+        a, _ = exchanges(msgs[0].content)
+        p_slot_a = 0.8 if a.startswith("good") else 0.2  # a consistent judge: 0.8 for the good reply, either slot
+        la, lb = math.log(p_slot_a), math.log(1 - p_slot_a)
+        tok = "A" if la > lb else "B"
+        return Completion(text=tok, finish_reason="length", logprobs=[TokenLogprob(token=tok, logprob=max(la, lb), top={"A": la, "B": lb})])
+
+    m, rows, _ = run(tmp_path, fn=judge, cfg={"pairwise": {"logprobs": True}})
+    assert len(rows) == 2 and m["parse_failures"] == {}
+    for r in rows:
+        good_is_a = r["response_a"][0]["content"].startswith("good")
+        assert r["label"] == ("a" if good_is_a else "b")
+        assert r["p_a"] == pytest.approx(0.8 if good_is_a else 0.2)  # ½(0.8 + 0.8) or ½(0.2 + 0.2)

@@ -178,3 +178,13 @@ def test_end_to_end_tiny_hf_with_meta_judge(tmp_path):
     assert "judge_preferences" in m["outputs"] and "meta_judge" in m["self_rewarding"]
     # the meta-judge's `...Winner: Judgement X` is enforced by constrained decoding, like the judge's score
     assert m["parse_failures"].get("meta_judge", 0) == 0
+
+
+def test_meta_judge_needs_several_judgements():
+    from synth.app import build_pipeline
+    from synth.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        build_pipeline({"_target_": "synth.pipelines.self_rewarding.SelfRewardingPipeline", "judge_samples": 1,
+                        "meta_judge": {"enabled": True}})
+    assert "judge_samples >= 2" in str(e.value) and "\n" not in str(e.value)
