@@ -123,3 +123,18 @@ def test_logprob_verdicts_give_soft_labels(tmp_path):
         good_is_a = r["response_a"][0]["content"].startswith("good")
         assert r["label"] == ("a" if good_is_a else "b")
         assert r["p_a"] == pytest.approx(0.8 if good_is_a else 0.2)  # ½(0.8 + 0.8) or ½(0.2 + 0.2)
+
+
+def test_chinese_constitution_joint_prompts_are_chinese(tmp_path):
+    from synth.constitution import load_constitution
+    from synth.steps.filters import has_cjk
+
+    llm = ScriptedLLM(lambda msgs, p, i: "比较。\n[[A]]" if "[对话 A：回复]\n好" in msgs[-1].content else "[[B]]")
+    ctx = Context(factories={"policy": lambda: llm, "judge": lambda: llm}, constitution=load_constitution("safety_zh"))
+    its = [SourceItem(id=f"z{i}", prompt=messages(("user", f"问题 {i}")), chosen=messages(("assistant", "好的回答" if i else "差的回答")))
+           for i in range(2)]
+    m = run_pipeline(JudgePipeline(JudgeConfig(mode="joint")), ctx, tmp_path, its, show_progress=False)
+    reqs = llm.calls[0][0]
+    assert len(reqs) == 2 and all(has_cjk(r[0].content[:6]) and "Exchange" not in r[0].content for r in reqs)
+    rows = read_jsonl(tmp_path / "joint_preferences.jsonl")
+    assert len(rows) == 1 and rows[0][f"response_{rows[0]['label']}"][0]["content"] == "好的回答"

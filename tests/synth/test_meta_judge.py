@@ -188,3 +188,28 @@ def test_meta_judge_needs_several_judgements():
         build_pipeline({"_target_": "synth.pipelines.self_rewarding.SelfRewardingPipeline", "judge_samples": 1,
                         "meta_judge": {"enabled": True}})
     assert "judge_samples >= 2" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_chinese_constitution_meta_judge_prompts_are_chinese(tmp_path):
+    from synth.constitution import load_constitution
+    from synth.steps.filters import has_cjk
+
+    def fn(msgs, p, i):
+        text = msgs[-1].content
+        if "<judgement_a>" in text:
+            rank = {"仔细逐条核对。": 3, "粗看。": 2, "宽松。": 1}
+            a = text.split("<judgement_a>")[1].split("</judgement_a>")[0]
+            b = text.split("<judgement_b>")[1].split("</judgement_b>")[0]
+            return "理由。\n胜者：评审 " + ("A" if rank[a] > rank[b] else "B")
+        if "累加式" in text:
+            return ["粗看。\n得分：2", "宽松。\n得分：5", "仔细逐条核对。\n得分：3"][i]
+        return ["多浇水。", "晒太阳并浇水。", "买新的。", "春天种植。"][i]
+
+    llm = ScriptedLLM(fn)
+    ctx = Context(factories={"policy": lambda: llm, "judge": lambda: llm}, constitution=load_constitution("safety_zh"))
+    its = [SourceItem(id="z", prompt=messages(("user", "怎样在室内养活罗勒？")))]
+    m = run_pipeline(SelfRewardingPipeline(SelfRewardingConfig(meta_judge={"enabled": True})), ctx, tmp_path, its, show_progress=False)
+    meta_reqs = llm.calls[2][0]
+    assert len(meta_reqs) == 6 and all(has_cjk(r[0].content[:6]) and "Winner" not in r[0].content for r in meta_reqs)
+    rows = read_jsonl(tmp_path / "judge_preferences.jsonl")
+    assert m["parse_failures"] == {} and len(rows) == 1 and rows[0]["chosen"][0]["content"].startswith("仔细")
