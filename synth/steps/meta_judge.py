@@ -12,7 +12,7 @@ For one prompt, after the judge step scored every candidate m times:
    leaves the battle unresolved (left out of the table, never a default winner).
 4. `elo`: a Bradley–Terry fit over the resolved battles (ties count half a win each way), reported as
    Elo = 400·θ + 1000 (synth.ranking.fit_bt).
-5. `meta_pair`: chosen = the highest Elo, rejected = the lowest; no pair when either extreme is shared,
+5. `meta_pair`: chosen = the highest Elo, rejected = the lowest; no pair when any two Elos are equal,
    the texts are equal, either score is missing, the two scores are equal, or the chosen judgement is
    longer than the length limit (the paper's filter against ever longer judgements).
 """
@@ -154,8 +154,8 @@ def meta_pair(judged: Sequence[JudgementText], ratings: dict[int, float], max_ch
     by_index = {j.index: j for j in judged}
     order = sorted(ratings, key=lambda x: (-ratings[x], x))
     top, bottom = order[0], order[-1]
-    if np.isclose(ratings[order[0]], ratings[order[1]]) or np.isclose(ratings[order[-1]], ratings[order[-2]]):
-        return "meta_elo_not_unique"
+    if any(np.isclose(ratings[a], ratings[b]) for a, b in zip(order, order[1:])):
+        return "meta_elo_not_unique"  # any tie, as NeMo-Aligner's implementation: the ranking is not clear-cut
     chosen, rejected = by_index[top], by_index[bottom]
     if chosen.text.strip() == rejected.text.strip():
         return "meta_identical_texts"
