@@ -135,6 +135,27 @@ class UnpairedRecord(Record):
     provenance: Provenance = Field(default_factory=Provenance)
 
 
+class JointPreferenceRecord(Record):
+    """DOVE / JPO joint preference (Bansal et al. 2024, arXiv 2404.00530): two (instruction, response)
+    pairs, usually with different instructions, and which pair is preferred. `prompt_*` are message lists
+    ending with a user turn, `response_*` assistant message lists (TRL's conversational shape per side);
+    `label` "a" or "b" names the preferred pair (ties are not written). For a chosen/rejected view:
+    chosen = (prompt_<label>, response_<label>), rejected = the other side."""
+
+    id: str
+    prompt_a: list[Message]
+    response_a: list[Message]
+    prompt_b: list[Message]
+    response_b: list[Message]
+    label: Literal["a", "b"]
+    method: str
+    p_a: float | None = None  # soft label P(a preferred), when read from log-probs
+    category_a: str | None = None
+    category_b: str | None = None
+    meta: dict[str, Any] = Field(default_factory=dict)
+    provenance: Provenance = Field(default_factory=Provenance)
+
+
 class GenerationRecord(Record):
     """`pipeline=generate` output: n completions for one prompt."""
 

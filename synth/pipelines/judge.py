@@ -8,6 +8,15 @@ Outputs:
   verdict outside the tie band; listwise / rubric: best vs worst, or every strictly ordered pair);
 - `ranked.jsonl`: all k responses with scores (wins, Borda points or mean ratings), for listwise losses;
 - `battles.jsonl`: one row per resolved comparison, the input to the rating table.
+- `mode=joint` (DOVE, Bansal et al. 2024, arXiv 2404.00530) writes `joint_preferences.jsonl` instead of
+  preferences/ranked: the items of a chunk are paired at random (seeded), each contributing one
+  (instruction, response) (`joint.response_index` of its candidates: 0 = the data's chosen, or the first
+  sample), and the judge says which response serves its own instruction better, in both orders (the
+  pairwise settings apply: a win only when both orders agree, or log-prob verdicts). Row shape
+  (synth.records.JointPreferenceRecord): {"prompt_a", "response_a", "prompt_b", "response_b",
+  "label": "a" | "b", "p_a", ...}; ties and disagreements are not written. An odd item left at the end
+  of a chunk has no partner (counted). The DOVE paper trains on these joint rows together with the
+  conditional pairs of `mode=pairwise` on the same data.
 `finalize` adds to manifest.json the position-bias rate (how often slot A wins before the two orders
 are combined), the swap consistency, and, when several models compete, a Bradley–Terry table with
 bootstrap CIs and online Elo beside it (plus `bt_scores.png`).
@@ -27,6 +36,7 @@ from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
 from synth.prompts import template_ref
 from synth.ranking import Battle, plot_ratings, position_bias, rate_pairwise
 from synth.records import (
+    JointPreferenceRecord,
     Message,
     PreferenceRecord,
     Provenance,
@@ -43,7 +53,8 @@ from synth.steps.candidates import (
     sample_candidates,
 )
 from synth.steps.filters import near_identical
-from synth.steps.judge import PairResult, judge_listwise, judge_pairs, judge_rubric
+from synth.steps.base import Call
+from synth.steps.judge import PairResult, ask_both_orders, build_joint, judge_listwise, judge_pairs, judge_rubric
 
 
 class _Strict(BaseModel):
@@ -66,6 +77,10 @@ class RubricSettings(_Strict):
     min_valid: int = Field(1, ge=1)  # fewer parsed ratings than this leave the response out (never a default score)
 
 
+class JointSettings(_Strict):
+    response_index: int = Field(0, ge=0)  # which of an item's candidates it contributes (pair data: 0 = chosen)
+
+
 class RatingSettings(_Strict):
     bootstrap: int = Field(1000, ge=1)  # resamples for the CIs (FastChat, §8.3)
     elo_k: float = Field(4.0, gt=0)  # online Elo K (FastChat compute_elo)
@@ -75,13 +90,14 @@ class RatingSettings(_Strict):
 
 class JudgeConfig(PipelineConfig):
     name: str = "judge"
-    mode: Literal["pairwise", "listwise", "rubric"] = "pairwise"
+    mode: Literal["pairwise", "listwise", "rubric", "joint"] = "pairwise"
     candidates: list[CandidateSpec] = []  # empty: responses come from the data (data_responses)
     data_responses: str = "pair"  # "pair" = the source's chosen/rejected; else a list field of the rows
     judge_sampling: Sampling = Sampling(temperature=0.0, max_new_tokens=512)  # MT-Bench judges at T=0
     pairwise: PairwiseSettings = PairwiseSettings()
     listwise: ListwiseSettings = ListwiseSettings()
     rubric: RubricSettings = RubricSettings()
+    joint: JointSettings = JointSettings()
     pairs: Literal["best_vs_worst", "all"] = "best_vs_worst"  # listwise / rubric pair selection
     rating: RatingSettings = RatingSettings()
     drop_truncated: bool = True  # sampled candidates cut at max_new_tokens are not judged (false: smoke tests)
@@ -92,10 +108,18 @@ class JudgePipeline(Pipeline):
     outputs = ("preferences", "ranked", "battles")
     roles = ("policy", "judge")
 
+    def __init__(self, cfg: JudgeConfig):
+        super().__init__(cfg)
+        if cfg.mode == "joint":
+            self.outputs = ("joint_preferences", "battles")
+
     def setup(self, ctx: Context, writer: ChunkWriter) -> None:
         register_candidates(ctx, self.cfg.candidates, writer.out_dir)
 
     def process(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> None:
+        if self.cfg.mode == "joint":
+            self._joint(items, ctx, state)
+            return
         groups = self._groups(items, ctx, state)
         if self.cfg.mode == "pairwise":
             self._pairwise(groups, ctx, state)
@@ -166,6 +190,59 @@ class JudgePipeline(Pipeline):
             self._emit_ranked(it, cands, points, ctx, state, {"score": "wins + 0.5 x ties"})
         else:
             state.drop("ranked_incomplete")
+
+    # ------------------------------------------------------------------ joint (DOVE)
+
+    def _joint(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> None:
+        if self.cfg.candidates:
+            sampled = sample_candidates(ctx, state, items, self.cfg.candidates, self.cfg.drop_truncated)
+        else:
+            sampled = {it.id: data_candidates(it, self.cfg.data_responses) for it in items}
+        idx, picked = self.cfg.joint.response_index, []
+        for it in items:
+            if it.category:
+                state.count(f"category/{it.category}")
+            if len(sampled[it.id]) <= idx:
+                state.drop("joint_no_response")
+                continue
+            picked.append((it, sampled[it.id][idx]))
+        order = list(range(len(picked)))
+        ctx.rng("joint", *[it.id for it, _ in picked]).shuffle(order)  # the same chunk pairs the same way on a rerun
+        if len(order) % 2:
+            state.drop("joint_no_partner")
+            order = order[:-1]
+        pairs = [(picked[order[n]], picked[order[n + 1]]) for n in range(0, len(order), 2)]
+        pw = self.cfg.pairwise
+        params = self.cfg.judge_sampling.params()
+        if pw.logprobs:
+            params = params.replace(max_new_tokens=1, logprobs=True, top_logprobs=pw.top_logprobs)
+        calls = []
+        for (ia, ca), (ib, cb) in pairs:
+            for order_name, ((p1, r1), (p2, r2)) in (("ab", ((ia, ca), (ib, cb))), ("ba", ((ib, cb), (ia, ca)))):
+                calls.append(Call(ia.id, build_joint(ctx.language, p1.prompt, r1.text, p2.prompt, r2.text, pw.logprobs),
+                                  {"order": order_name, "items": [ia.id, ib.id], "slot_a": p1.id, "slot_b": p2.id}))
+        resolved = ask_both_orders(ctx, state, "judge_joint", calls, params, pw.logprobs, pw.tie_band)
+        for ((ia, ca), (ib, cb)), (verdicts, winner, p_a) in zip(pairs, resolved):
+            if winner is None:
+                state.drop_part("joint_pair", "pair_unresolved")
+                continue
+            state.emit("battles", {
+                "id": stable_id(ia.id, ib.id, "joint_battle"), "item_id": ia.id, "partner_id": ib.id, "kind": "joint", "mode": "joint",
+                "model_a": ia.id, "model_b": ib.id, "winner": {"i": "a", "j": "b", "tie": "tie"}[winner], "verdicts": list(verdicts),
+                "consistent": winner != "tie" or verdicts == ("C", "C"), "p_a": p_a})
+            if winner == "tie":
+                state.drop_part("joint_pair", "pair_tie")  # DOVE removes ties
+                continue
+            state.emit("joint_preferences", JointPreferenceRecord(
+                id=stable_id(ia.id, ib.id, "judge_joint"), prompt_a=ia.prompt, response_a=[Message(role="assistant", content=ca.text)],
+                prompt_b=ib.prompt, response_b=[Message(role="assistant", content=cb.text)], label="a" if winner == "i" else "b",
+                method="judge_joint", p_a=p_a, category_a=ia.category, category_b=ib.category,
+                meta={"item_a": ia.id, "item_b": ib.id, "response_a_name": ca.name, "response_b_name": cb.name,
+                      "same_instruction": ia.prompt == ib.prompt, "verdicts": {"ab": verdicts[0], "ba": verdicts[1]},
+                      "judge_model": ctx.llm("judge").model},
+                provenance=Provenance(generator_model=None, sampling=self.cfg.judge_sampling.model_dump(),
+                                      **template_ref("judge_joint", ctx.language)),
+            ))
 
     # ------------------------------------------------------------------ listwise / rubric
 
@@ -255,7 +332,7 @@ def judge_report(out_dir: Path, mode: str, rating: RatingSettings, seed: int) ->
     """Judge-health figures and ratings from the committed files (no backend calls; idempotent)."""
     battles = read_jsonl(out_dir / "battles.jsonl")
     report: dict[str, Any] = {"mode": mode, "battles": len(battles), "position_bias": _position_stats(out_dir, mode)}
-    if mode == "pairwise" and battles:
+    if mode in ("pairwise", "joint") and battles:
         report["swap_consistency"] = round(sum(b["consistent"] for b in battles) / len(battles), 4)
     rated = [Battle(b["model_a"], b["model_b"], b["winner"]) for b in battles if b["kind"] == "models"]
     if len({m for b in rated for m in (b.model_a, b.model_b)}) >= 2:
@@ -275,7 +352,7 @@ def _position_stats(out_dir: Path, mode: str) -> dict[str, Any] | None:
     """Pairwise: slot-A win rate of single-order verdicts before combining (0.5 = unbiased).
     Listwise: how often the reply shown first is ranked first, against chance (1/k)."""
     rows = [r for r in read_jsonl(out_dir / "trace.jsonl") if r["step"] == f"judge_{mode}" and r["parse_status"] == "ok"]
-    if mode == "pairwise":
+    if mode in ("pairwise", "joint"):
         verdicts = [(r["parsed"] if isinstance(r["parsed"], str) else _soft_slot(r["parsed"]["A"])) for r in rows]
         return position_bias(verdicts)
     if mode == "listwise" and rows:

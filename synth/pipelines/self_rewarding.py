@@ -7,6 +7,14 @@ defaults to the policy backend itself, as in the paper (self-judging by design: 
 Per prompt: k candidates (T=0.7, top_p=0.9, k=4) -> m=3 judgements each, averaged over the ones that
 parse -> chosen = best mean, rejected = worst mean -> preferences.jsonl; ties and candidates without a
 valid judgement never form pairs. `finalize` adds length statistics of chosen vs rejected (§0.4, §8.2).
+
+With `meta_judge.enabled` (Meta-Rewarding, Wu et al. 2024, arXiv 2407.19594 §2.2) the same judge role
+also acts as meta-judge: per prompt it takes the candidate whose judge scores vary most, compares every
+pair of its judgements in both orders (a win only when both orders agree), ranks the judgements by a
+Bradley–Terry/Elo fit and writes the best vs the worst to `judge_preferences.jsonl`: DPO pairs whose
+prompt is the exact judge prompt of the actor step and whose chosen / rejected are full judgement texts
+(score line included; it is removed only inside the meta-judge prompt). The actor pairs keep the
+length-controlled selection (`length_control_rho`). See synth/steps/meta_judge.py.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from synth.io import ChunkWriter, read_jsonl
 from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
@@ -25,8 +33,10 @@ from synth.records import Message, PreferenceRecord, Provenance, SourceItem, sta
 from synth.runtime import Sampling
 from synth.steps.base import Call, run_calls
 from synth.steps.filters import NearDuplicateIndex, near_identical
+from synth.steps.meta_judge import battles, distinct_judgements, elo, meta_pair, pick_response
 from synth.steps.self_reward import (
     Scored,
+    build_judge,
     build_self_instruct,
     judge_candidates,
     parse_task,
@@ -47,6 +57,15 @@ class NewPrompts(BaseModel):
     sampling: Sampling = Sampling(temperature=0.6, top_p=0.9, max_new_tokens=256)  # §3a step 1 / Oxen
 
 
+class MetaJudge(BaseModel):
+    """Meta-Rewarding's meta-judge (arXiv 2407.19594 §2.2): judge-preference pairs for training the judge."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = False
+    sampling: Sampling = Sampling(temperature=0.0, max_new_tokens=512)  # not fixed by the paper; greedy
+    max_chosen_chars: int | None = Field(None, ge=1)  # drop a pair whose chosen judgement is longer (length filter)
+
+
 class SelfRewardingConfig(PipelineConfig):
     name: str = "self_rewarding"
     k: int = Field(4, ge=2)  # candidates per prompt (§3a step 2)
@@ -57,7 +76,14 @@ class SelfRewardingConfig(PipelineConfig):
     length_control_rho: float = Field(0.0, ge=0, le=1)  # Meta-Rewarding's ρ (§3b); 0 = plain max vs min
     iteration: int = Field(1, ge=0)  # t of AIFT(M_t), written on every row
     new_prompts: NewPrompts = NewPrompts()
+    meta_judge: MetaJudge = MetaJudge()
     drop_truncated: bool = True  # false only for smoke tests with models that never stop (tiny)
+
+    @model_validator(mode="after")
+    def _meta_needs_several_judgements(self) -> SelfRewardingConfig:
+        if self.meta_judge.enabled and self.judge_samples < 2:
+            raise ValueError("meta_judge.enabled needs judge_samples >= 2 (it compares judgements of one response)")
+        return self
 
 
 class SelfRewardingPipeline(Pipeline):
@@ -67,8 +93,8 @@ class SelfRewardingPipeline(Pipeline):
 
     def __init__(self, cfg: SelfRewardingConfig):
         super().__init__(cfg)
-        if cfg.new_prompts.enabled:
-            self.outputs = ("preferences", "prompts")
+        self.outputs = ("preferences",) + (("prompts",) if cfg.new_prompts.enabled else ()) + (
+            ("judge_preferences",) if cfg.meta_judge.enabled else ())
         self._seeds: list[str] = []
         self._dedup: NearDuplicateIndex | None = None
 
@@ -98,6 +124,8 @@ class SelfRewardingPipeline(Pipeline):
         scored = judge_candidates(ctx, state, groups, params, self.cfg.judge_samples, self.cfg.min_valid_judgements)
         for (it, _), cands in zip(groups, scored):
             self._emit(it, cands, ctx, state)
+        if self.cfg.meta_judge.enabled:
+            self._meta_judge([it for it, _ in groups], scored, ctx, state)
 
     def _new_prompts(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> list[SourceItem]:
         cfg = self.cfg.new_prompts
@@ -156,10 +184,66 @@ class SelfRewardingPipeline(Pipeline):
                                   iteration=self.cfg.iteration, **template_ref("self_reward_judge", ctx.language)),
         ))
 
+    def _meta_judge(self, targets: list[SourceItem], scored: list[list[Scored]], ctx: Context, state: ChunkState) -> None:
+        """One meta-judge call for the chunk; at most one judge-preference pair per prompt."""
+        jobs = []
+        for it, cands in zip(targets, scored):
+            cand = pick_response(cands)
+            judged = distinct_judgements(cand) if cand is not None else []
+            if len(judged) < 2:
+                state.drop_part("meta_pair", "meta_no_disagreeing_judgements")
+                continue
+            jobs.append((it, cand, judged))
+        cfg = self.cfg.meta_judge
+        for (it, cand, judged), table in zip(jobs, battles(ctx, state, jobs, cfg.sampling.params())):
+            unresolved = sum(b.winner is None for b in table)
+            if unresolved:
+                state.drop_part("meta_battle", "meta_battle_unresolved", unresolved)
+            ratings = elo(judged, table)
+            pair = meta_pair(judged, ratings, cfg.max_chosen_chars)
+            if isinstance(pair, str):
+                state.drop_part("meta_pair", pair)
+                continue
+            chosen, rejected = pair
+            judge = ctx.llm("judge").model
+            state.emit("judge_preferences", PreferenceRecord(
+                id=stable_id(it.id, "meta_judge", self.cfg.iteration), prompt=build_judge(ctx.language, it.prompt, cand.text),
+                chosen=[Message(role="assistant", content=chosen.text)], rejected=[Message(role="assistant", content=rejected.text)],
+                method="meta_judge", score_chosen=ratings[chosen.index], score_rejected=ratings[rejected.index],
+                margin=ratings[chosen.index] - ratings[rejected.index], category=it.category,
+                meta={"iteration": self.cfg.iteration, "item_id": it.id, "candidate_index": cand.index,
+                      "judge_score_chosen": chosen.score, "judge_score_rejected": rejected.score,
+                      "elo": {str(k): round(v, 3) for k, v in ratings.items()},
+                      "battles": [{"judgements": [b.i.index, b.j.index], "verdicts": list(b.verdicts), "winner": b.winner}
+                                  for b in table],
+                      "judge_model": judge, "self_judged": judge == ctx.llm("policy").model},
+                provenance=Provenance(generator_model=judge, sampling=cfg.sampling.model_dump(), iteration=self.cfg.iteration,
+                                      **template_ref("meta_judge", ctx.language)),
+            ))
+
     def finalize(self, ctx: Context, out_dir: Path) -> dict[str, Any]:
         rows = read_jsonl(out_dir / "preferences.jsonl")
-        return {"self_rewarding": {"iteration": self.cfg.iteration, **length_stats(rows), **score_stats(rows),
-                                   "self_judged_rows": sum(bool(r["meta"].get("self_judged")) for r in rows)}}
+        report = {"iteration": self.cfg.iteration, **length_stats(rows), **score_stats(rows),
+                  "self_judged_rows": sum(bool(r["meta"].get("self_judged")) for r in rows)}
+        if self.cfg.meta_judge.enabled:
+            report["meta_judge"] = meta_judge_report(out_dir)
+        return {"self_rewarding": report}
+
+
+def meta_judge_report(out_dir: Path) -> dict[str, Any]:
+    """Judge-preference pairs and the meta-judge's known biases (arXiv 2407.19594 §4: it favours the
+    higher-scored judgement and the first slot): the share of pairs whose chosen judgement has the
+    higher score, the slot-A win rate of single-order verdicts, and the judgement lengths."""
+    from synth.ranking import position_bias
+
+    rows = read_jsonl(out_dir / "judge_preferences.jsonl")
+    verdicts = [r["parsed"] for r in read_jsonl(out_dir / "trace.jsonl") if r["step"] == "meta_judge" and r["parse_status"] == "ok"]
+    report: dict[str, Any] = {"pairs": len(rows), "position_bias": position_bias(verdicts)}
+    if rows:
+        higher = sum(r["meta"]["judge_score_chosen"] > r["meta"]["judge_score_rejected"] for r in rows)
+        report["chosen_has_higher_score_rate"] = round(higher / len(rows), 4)
+        report.update(length_stats(rows))
+    return report
 
 
 def length_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -116,21 +116,42 @@ def judge_pairs(
         for order, (a, b) in (("ij", (ci, cj)), ("ji", (cj, ci))):
             meta = {"order": order, "slot_a": a.name, "slot_b": b.name, "candidates": [ci.index, cj.index]}
             calls.append(Call(it.id, build_pairwise(ctx.language, it.prompt, a.text, b.text, logprobs), meta))
+    resolved = ask_both_orders(ctx, state, "judge_pairwise", calls, params, logprobs, tie_band)
+    return [PairResult(it, ci, cj, v, w, p) for (it, ci, cj), (v, w, p) in zip(jobs, resolved)]
+
+
+def ask_both_orders(
+    ctx: Context, state: ChunkState, step: str, calls: Sequence[Call], params: SamplingParams, logprobs: bool, tie_band: float,
+) -> list[tuple[tuple[str | None, str | None], str | None, float | None]]:
+    """Calls come in (i, j), (j, i) twos; ONE judge call for all. Per two: the slot verdicts, the
+    winner ("i", "j", "tie" or None when either order failed) and p(i ≻ j) when read from log-probs."""
     if logprobs:
-        samples = run_calls(ctx, state, "judge_pairwise", "judge", calls, params, parse_completion=read_ab_logprobs)
+        samples = run_calls(ctx, state, step, "judge", calls, params, parse_completion=read_ab_logprobs)
     else:
         params = params.replace(regex=structure.pairwise(params.max_new_tokens))
-        samples = run_calls(ctx, state, "judge_pairwise", "judge", calls, params, parse=parse_pairwise)
+        samples = run_calls(ctx, state, step, "judge", calls, params, parse=parse_pairwise)
     out = []
-    for k, (it, ci, cj) in enumerate(jobs):
+    for k in range(len(calls) // 2):
         usable = [_usable(samples[2 * k][0], logprobs), _usable(samples[2 * k + 1][0], logprobs)]
         v = (_slot_verdict(usable[0]), _slot_verdict(usable[1]))
         if logprobs and None not in v:
             p, winner = combine_probs(usable[0].parsed["A"], usable[1].parsed["B"], tie_band)
-            out.append(PairResult(it, ci, cj, v, winner, p))
+            out.append((v, winner, p))
         else:
-            out.append(PairResult(it, ci, cj, v, combine_verdicts(*v)))
+            out.append((v, combine_verdicts(*v), None))
     return out
+
+
+# --------------------------------------------------------------------------- joint (DOVE)
+
+
+def build_joint(language: str, prompt_a: Sequence[Message], a: str, prompt_b: Sequence[Message], b: str,
+                direct: bool = False) -> list[Message]:
+    """DOVE's joint comparison (Bansal et al. 2024, arXiv 2404.00530): two (instruction, response)
+    pairs with different instructions; which response serves its own instruction better."""
+    text = render("judge_joint", language, conversation_a=conversation(prompt_a), response_a=a,
+                  conversation_b=conversation(prompt_b), response_b=b, direct=direct)
+    return [user(text), assistant(PREFILL)] if direct else [user(text)]
 
 
 # --------------------------------------------------------------------------- listwise

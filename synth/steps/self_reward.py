@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from synth.llm.base import SamplingParams
 from synth.runtime import ChunkState, Context
@@ -42,12 +42,14 @@ def parse_score(text: str) -> Judgement:
 @dataclass
 class Scored:
     """One candidate with its m judge scores (None = a failed or truncated judgement) and their mean
-    over the valid ones (None when fewer than min_valid parsed: the candidate is then left out)."""
+    over the valid ones (None when fewer than min_valid parsed: the candidate is then left out), and the
+    judgement texts themselves (None where the score is None), which the meta-judge compares."""
 
     index: int
     text: str
     scores: list[float | None]
     mean: float | None
+    judgements: list[str | None] = field(default_factory=list)
 
 
 def judge_candidates(
@@ -63,9 +65,11 @@ def judge_candidates(
     for _, texts in groups:
         scored = []
         for i, text in enumerate(texts):
-            vals = [s.judgement.parsed if s.ok else None for s in next(results)]
+            judged = next(results)
+            vals = [s.judgement.parsed if s.ok else None for s in judged]
             ok = [v for v in vals if v is not None]
-            scored.append(Scored(i, text, vals, sum(ok) / len(ok) if len(ok) >= max(min_valid, 1) else None))
+            raw = [s.text if s.ok else None for s in judged]
+            scored.append(Scored(i, text, vals, sum(ok) / len(ok) if len(ok) >= max(min_valid, 1) else None, raw))
         out.append(scored)
     return out
 

@@ -8,6 +8,7 @@ the request and the same parser reads its free text. Each regex is the text form
     rubric        <explanation>[[n]], n in 1..10                   (MT-Bench single-answer grading)
     listwise      <explanation>Ranking: [i] > [j] > ...            (a permutation of 1..k when k <= 5)
     self-reward   <justification>Score: n, n in 0..5               (Self-Rewarding's additive prompt)
+    meta-judge    <reasoning>Winner: Judgement A | B               (Meta-Rewarding's meta-judge)
     vote          (A) | (B) after the answer stem                  (RLAIF / CAI multiple choice)
     bpo           Detailed Comparison Result: ...\nOptimized Instruction: ... [END]
 
@@ -50,6 +51,11 @@ def ranking(max_new_tokens: int, k: int) -> str:
 
 def score(max_new_tokens: int) -> str:
     return rf"[^:：]{{0,{budget(max_new_tokens)}}}(Score|得分)[:：] ?[0-5]"
+
+
+def meta_winner(max_new_tokens: int) -> str:
+    """The verdict is 19 characters ("Winner: Judgement A"), more than the usual reserve: keep twice it."""
+    return rf"[^:：]{{0,{budget(max_new_tokens - _RESERVE)}}}(Winner: Judgement [AB]|胜者[:：] ?评审 [AB])"
 
 
 VOTE = r" ?[\(（]?[AB][\)）]?"

@@ -36,10 +36,14 @@ def renders(lang: str) -> dict[str, str]:
     return {
         "judge_pairwise": "\n---\n".join(render("judge_pairwise", lang, conversation=conv(lang, 3), response_a=t["a"], response_b=t["b"],
                                                 direct=d) for d in (False, True)),
+        "judge_joint": "\n---\n".join(render("judge_joint", lang, conversation_a=conv(lang, 3), response_a=t["a"],
+                                               conversation_b=conv(lang), response_b=t["c"], direct=d) for d in (False, True)),
         "judge_listwise": render("judge_listwise", lang, conversation=conv(lang), responses=[t["a"], t["b"], t["c"]]),
         "judge_rubric": render("judge_rubric", lang, conversation=conv(lang), response=t["a"]),
         "self_reward_judge": "\n---\n".join(render("self_reward_judge", lang, conversation=conv(lang, n), response=t["a"]) for n in (1, 3)),
         "self_instruct": render("self_instruct", lang, examples=[t["q"], t["earlier"]]),
+        "meta_judge": "\n---\n".join(render("meta_judge", lang, conversation=conv(lang, n), response=t["a"], judgement_a=t["critique"],
+                                              judgement_b=t["context"]) for n in (1, 3)),
         "bpo_construct": "\n---\n".join([
             render("bpo_construct", lang, instruction=t["q"], good=t["a"], bad=t["b"], context="", history=[]),
             render("bpo_construct", lang, instruction=t["q"], good=t["a"], bad=t["b"], context=t["context"], history=conv(lang, 3)[:2]),
