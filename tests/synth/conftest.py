@@ -42,3 +42,19 @@ def tiny_hf_llm():
 
 
 # ---- end llm backends -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_score_model(tiny_model_dir, tmp_path_factory):
+    """A tiny causal LM with a random one-output score head, saved like a `train loop=reward` output."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("rm") / "final"
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1)
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 
 from synth.errors import ConfigError
 from synth.io import read_jsonl
@@ -165,25 +164,10 @@ def test_judge_scorer_over_the_loopback_server(tmp_path):
     assert rows[0]["meta"]["scorer"] == "judge:scripted" and m["dropped_parts"]["sample"] == {"duplicate_sample": 2}
 
 
-@pytest.fixture(scope="module")
-def reward_model(tiny_model_dir, tmp_path_factory):
-    """A tiny causal LM with a random one-output score head, saved like a `train loop=reward` output."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("rm") / "final"
-    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1)
-    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 @pytest.mark.slow
-def test_end_to_end_tiny_hf_with_a_reward_model(tmp_path, reward_model):
+def test_end_to_end_tiny_hf_with_a_reward_model(tmp_path, tiny_score_model):
     m = run_synth(tmp_path, "rs_dpo", "pipeline.k=4", "pipeline.sampling.max_new_tokens=8", "pipeline.sampling.seed=0",
-                  f"pipeline.scorer.path={reward_model}", "pipeline.scorer.device=cpu", "pipeline.eta=0.5",
+                  f"pipeline.scorer.path={tiny_score_model}", "pipeline.scorer.device=cpu", "pipeline.eta=0.5",
                   "pipeline.tau=0.001", "pipeline.drop_truncated=false")  # the tiny model never stops
     check_outputs(tmp_path / "out", m)
     ranked = read_jsonl(tmp_path / "out" / "ranked.jsonl")
@@ -194,7 +178,7 @@ def test_end_to_end_tiny_hf_with_a_reward_model(tmp_path, reward_model):
     assert len(rows) + sum(m["dropped_parts"].get("pair", {}).values()) == expected > 0
     assert all(r["score_chosen"] > r["score_rejected"] for r in rows)
     again = run_synth(tmp_path, "rs_dpo", "pipeline.k=4", "pipeline.sampling.max_new_tokens=8", "pipeline.sampling.seed=0",
-                      f"pipeline.scorer.path={reward_model}", "pipeline.scorer.device=cpu", "pipeline.eta=0.5",
+                      f"pipeline.scorer.path={tiny_score_model}", "pipeline.scorer.device=cpu", "pipeline.eta=0.5",
                       "pipeline.tau=0.001", "pipeline.drop_truncated=false")
     assert again["processed"] == m["processed"] and again["resumed_from_previous_runs"] == m["inputs"]
 

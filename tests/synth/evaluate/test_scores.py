@@ -4,28 +4,12 @@ checkpoint layout) and KL to a reference, on the tiny model (CPU)."""
 import json
 
 import pytest
-import torch
 
 from synth.evaluate import app
 
 
-@pytest.fixture(scope="module")
-def score_model(tiny_model_dir, tmp_path_factory):
-    """A tiny causal LM with a randomly initialised one-output score head, saved like `train loop=reward`."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("rm") / "final"
-    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1)
-    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 @pytest.mark.slow
-def test_reward_cost_and_kl_on_policy_samples(tmp_path, tiny_model_dir, score_model):
+def test_reward_cost_and_kl_on_policy_samples(tmp_path, tiny_model_dir, tiny_score_model):
     out = tmp_path / "ev"
     src = tmp_path / "p.jsonl"
     src.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"tell me about topic {i}"}) + "\n" for i in range(4)))
@@ -34,7 +18,7 @@ def test_reward_cost_and_kl_on_policy_samples(tmp_path, tiny_model_dir, score_mo
         "suite": {"name": "jsonl", "loader": "jsonl", "path": str(src), "prompt_kind": "benign"},
         "n": 2, "sampling": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8, "seed": 0},
         "judges": {"harm": False, "refusal": False, "strongreject": False, "pairwise": False},
-        "scores": {"reward_model": str(score_model), "cost_model": str(score_model), "reference": "builtin:tiny", "device": "cpu"},
+        "scores": {"reward_model": str(tiny_score_model), "cost_model": str(tiny_score_model), "reference": "builtin:tiny", "device": "cpu"},
         "output_dir": str(out), "progress": False, "bootstrap": 100,
     })
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
@@ -55,7 +39,7 @@ def test_reward_cost_and_kl_on_policy_samples(tmp_path, tiny_model_dir, score_mo
 
 
 @pytest.mark.slow
-def test_kl_is_skipped_off_temperature_1(tmp_path, score_model):
+def test_kl_is_skipped_off_temperature_1(tmp_path, tiny_score_model):
     out = tmp_path / "ev"
     src = tmp_path / "p.jsonl"
     src.write_text(json.dumps({"prompt": "hello"}) + "\n")
