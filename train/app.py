@@ -105,7 +105,7 @@ class LossSpec(_Strict):
     """A conf/loss YAML: the loop-facing flags documented in train/losses/__init__.py."""
 
     name: str
-    kind: Literal["pairwise", "listwise", "unpaired", "sft", "reward", "policy"]
+    kind: Literal["pairwise", "listwise", "unpaired", "sft", "reward", "reward_listwise", "policy"]
     needs_reference: bool = False
     length_normalised: bool = False
     paper: str | None = None
@@ -116,6 +116,17 @@ class LossSpec(_Strict):
     needs_logits: bool = False
     needs_safety_labels: bool = False
     stateful: Literal["running_mean"] | None = None
+    joint_distribution: bool = False
+    distinct_prompts: bool = False
+    needs_prompt_embeddings: bool = False
+    embedding_model: str | None = None
+    needs_reward_cost: bool = False
+
+    @model_validator(mode="after")
+    def _encoder(self):
+        if self.needs_prompt_embeddings and not self.embedding_model:
+            raise ValueError(f"loss={self.name} needs prompt embeddings: set loss.embedding_model (an encoder id or folder)")
+        return self
 
 
 class ReferenceConfig(_Strict):
@@ -259,7 +270,7 @@ class OnlineLoop(_Strict):
     reference: Literal["auto", "adapter_disabled", "model"] = "auto"
 
 
-LOOP_KINDS = {"sft": ("sft",), "preference": ("pairwise", "listwise", "unpaired"), "reward": ("reward",),
+LOOP_KINDS = {"sft": ("sft",), "preference": ("pairwise", "listwise", "unpaired"), "reward": ("reward", "reward_listwise"),
               "ppo": ("policy",), "rloo": ("policy",), "remax": ("policy",), "grpo": ("policy",), "ppo_lag": ("policy",),
               "online_dpo": ("pairwise",)}
 ONLINE_LOOPS = ("ppo", "rloo", "remax", "grpo", "ppo_lag", "online_dpo")
@@ -297,7 +308,7 @@ def check_combination(cfg: TrainConfig) -> None:
     """Settings that are each valid but do not fit together: one line naming both."""
     kinds = LOOP_KINDS[cfg.loop.name]
     if cfg.loss.kind not in kinds:
-        fitting = {"sft": "loss=sft", "reward": "loss=bradley_terry or loss=cost", "online_dpo": "a pairwise (DPO-family) loss"}.get(
+        fitting = {"sft": "loss=sft", "reward": "a reward-model loss (bradley_terry, cost, pointwise, bradley_terry_lm, listwise_bt, plackett_luce)", "online_dpo": "a pairwise (DPO-family) loss"}.get(
             cfg.loop.name, "a policy loss (loss=ppo, grpo, dr_grpo, rloo, remax)" if cfg.loop.name in ONLINE_LOOPS
             else "a pairwise, listwise or unpaired loss")
         raise ConfigError(f"loss={cfg.loss.name} is a {cfg.loss.kind} objective; loop={cfg.loop.name} trains {fitting} "
