@@ -190,20 +190,38 @@ class JudgeSettings(_Strict):
 
 
 class ScorerSettings(_Strict):
-    """What scores a completion, in one batched call per step. NaN = unscorable (zero advantage)."""
+    """What scores a completion, in one batched call per step. NaN = unscorable (zero advantage).
+    kind=weighted: Σ_i weight_i · (s_i − shift_i) / scale_i over `components` (e.g. helpful + harmless
+    reward models), one scorer to the loop; unscorable when any component is."""
 
-    kind: Literal["function", "model", "judge"] = "function"
+    kind: Literal["function", "model", "judge", "weighted"] = "function"
     function: str | None = None  # module:function(prompts=, completions=, completion_ids=) -> list[float | None]
     path: str | None = None  # a `train loop=reward` output (final/ folder: full model or LoRA adapter)
     batch_size: int = Field(16, ge=1)  # reward-model forward chunk
     judge: JudgeSettings | None = None  # kind=judge: rubric 1-10 score (pairwise labels for online_dpo)
+    components: list["WeightedComponent"] | None = None  # kind=weighted
 
     @model_validator(mode="after")
     def _fields(self):
-        need = {"function": "function", "model": "path", "judge": "judge"}[self.kind]
-        if getattr(self, need) is None:
+        need = {"function": "function", "model": "path", "judge": "judge", "weighted": "components"}[self.kind]
+        if not getattr(self, need):
             raise ValueError(f"a scorer of kind {self.kind} needs `{need}`")
+        if self.components and self.kind != "weighted":
+            raise ValueError(f"`components` belong to a scorer of kind weighted, not {self.kind}")
         return self
+
+
+class WeightedComponent(_Strict):
+    """One term of a weighted scorer: weight · (score − shift) / scale (shift/scale put reward models with
+    different ranges on one scale, e.g. their mean and std on the SFT policy's samples, frozen)."""
+
+    scorer: ScorerSettings
+    weight: float = Field(1.0, gt=-1e9, lt=1e9)  # negative: a cost (e.g. harmfulness) subtracted
+    shift: float = 0.0
+    scale: float = Field(1.0, gt=0)
+
+
+ScorerSettings.model_rebuild()
 
 
 class GenerationSettings(_Strict):

@@ -26,7 +26,10 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
     "unpaired": ("prompt", "completion", "label"),
     "sft": ("messages",),
 }
-PAIR_SCALARS = ("score_chosen", "score_rejected", "margin", "p_chosen")
+PAIR_SCALARS = ("score_chosen", "score_rejected", "margin", "p_chosen",
+                "reward_chosen", "reward_rejected", "cost_chosen", "cost_rejected")
+# D2O rows {prompt, samples: [K responses], rejected} become ranked lists (samples 1, the negative 0).
+_D2O_SHAPE = ("prompt", "samples", "rejected")
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -56,6 +59,11 @@ def normalise_rows(rows: Iterable[Mapping[str, Any]], *, source: str = "rows",
     return Dataset.from_list(_fill_optional(out))
 
 
+def has_distinct_prompts(dataset: Dataset) -> bool:
+    """True when some pair carries its rejected side's own prompt (a DOVE joint pair)."""
+    return "prompt_rejected" in dataset.column_names and any(p is not None for p in dataset["prompt_rejected"])
+
+
 def detect_kind(dataset: Dataset) -> RowKind:
     """The row kind of a canonical or tokenised dataset, from its columns."""
     cols = set(dataset.column_names)
@@ -69,6 +77,8 @@ def detect_kind(dataset: Dataset) -> RowKind:
 
 def _detect(keys: Iterable[str], where: str) -> RowKind:
     keys = set(keys)
+    if keys.issuperset(_D2O_SHAPE) and "chosen" not in keys:
+        return "ranked"
     for kind, required in _REQUIRED.items():
         if keys.issuperset(required):
             return kind  # type: ignore[return-value]
@@ -247,6 +257,10 @@ def _norm_pairwise(row: Mapping[str, Any], where: _Where) -> dict[str, Any]:
     out = {"id": _row_id(row, where), "prompt": prompt,
            "chosen": _completion(chosen, where, "chosen", strip=hh),
            "rejected": _completion(rejected, where, "rejected", strip=hh)}
+    if row.get("prompt_rejected") is not None:  # DOVE: the rejected side's own instruction
+        if row.get("prompt") is None:
+            raise where.error("prompt", "a row with prompt_rejected (a joint DOVE pair) needs its chosen side's prompt too")
+        out["prompt_rejected"] = _to_messages(row["prompt_rejected"], "user", where, "prompt_rejected")
     for key in PAIR_SCALARS:
         if row.get(key) is not None:
             out[key] = _number(row[key], where, key)
@@ -254,6 +268,11 @@ def _norm_pairwise(row: Mapping[str, Any], where: _Where) -> dict[str, Any]:
 
 
 def _norm_ranked(row: Mapping[str, Any], where: _Where) -> dict[str, Any]:
+    if "responses" not in row and "samples" in row:  # D2O: the K self-samples, then the human negative
+        samples = row["samples"]
+        if not isinstance(samples, list) or not samples:
+            raise where.error("samples", "expected a non-empty list of the model's own responses (D2O anchors)")
+        row = {**row, "responses": [*samples, row["rejected"]], "scores": [1.0] * len(samples) + [0.0]}
     responses, scores = row["responses"], row["scores"]
     if not isinstance(responses, list) or len(responses) < 2:
         raise where.error("responses", "expected a list of at least 2 responses")
@@ -294,7 +313,7 @@ def _number(value: Any, where: _Where, name: str) -> float:
 
 def _fill_optional(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Optional score columns exist for all rows once any row has them (None elsewhere)."""
-    optional = {k for row in rows for k in row if k in PAIR_SCALARS}
+    optional = {k for row in rows for k in row if k in PAIR_SCALARS or k == "prompt_rejected"}
     for row in rows:
         for k in optional:
             row.setdefault(k, None)
