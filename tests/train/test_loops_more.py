@@ -184,12 +184,34 @@ def test_reward_family_loop_learns(loss, tmp_path):
     assert (tmp_path / "o" / "final" / "config.json").exists()
 
 
-def test_bradley_terry_lm_is_refused_by_the_reward_loop_for_now(tmp_path):
-    from synth.app import ConfigError
+def test_bradley_terry_lm_loop_trains_both_heads(tmp_path, tiny_path):
+    """The LM regulariser's NLL comes from the reward model's own final hidden states through the tied
+    embeddings: at step 0 it equals the causal LM's per-token NLL of the chosen completion."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from train.data import PairCollator, TokenizeConfig, normalise_rows, tokenize_dataset
+    from train.loops.reward import scores_and_nll
+    from train.logprobs import forward_logps
+    from train.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_path))
+    rows, _ = tokenize_dataset(normalise_rows([json.loads(r.to_json()) for r in toy_pairs(3)]), tok, TokenizeConfig())
+    batch = PairCollator(pad_token_id=tok.pad_token_id or 0)(rows.to_list())
+    rm = AutoModelForSequenceClassification.from_pretrained(str(tiny_path), num_labels=1).eval()
+    rm.config.pad_token_id = tok.pad_token_id or 0
+    lm = AutoModelForCausalLM.from_pretrained(str(tiny_path)).eval()
+    assert lm.config.tie_word_embeddings
+    with torch.no_grad():
+        _, _, nll = scores_and_nll(rm, batch)
+        _, mean, _ = forward_logps(lm, batch["input_ids"][:3], batch["attention_mask"][:3], batch["labels"][:3])
+    assert torch.allclose(nll, -mean, atol=1e-4)
 
     data = write_records(tmp_path / "pairs.jsonl", toy_pairs(8))
-    with pytest.raises(ConfigError, match="LM head"):
-        train(tmp_path / "o", f"data.path={data}", "loop=reward", "loss=bradley_terry_lm", *SAME_BATCH)
+    train(tmp_path / "o", f"data.path={data}", "loop=reward", "loss=bradley_terry_lm", "loss.fn.lm_coef=0.5",
+          *SAME_BATCH, "optim.lr=5e-3")
+    first, last = falls(tmp_path / "o")
+    metrics = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert last < first and metrics[-1]["nll"] < metrics[0]["nll"]
 
 
 # ------------------------------------------------------------------ weighted scorer
