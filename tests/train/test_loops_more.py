@@ -232,3 +232,19 @@ def test_weighted_scorer_combines_and_keeps_unscorable():
     assert scorer([[], []], ["a", "b"], [[2, 4, 6], [1, 3, 8]]).tolist() == pytest.approx([1 - 4 / 3, 1 / 3 - 4 / 3])
     with pytest.raises(ValueError, match="components"):
         ScorerSettings.model_validate({"kind": "weighted"})
+
+
+def test_synth_joint_preference_rows_are_read_as_dove_pairs(tiny_tokenizer):
+    """synth `judge mode=joint` writes {prompt_a, response_a, prompt_b, response_b, label, p_a}."""
+    from train.data import normalise_rows
+
+    rows = normalise_rows([
+        {"id": "j0", "prompt_a": msgs("user", "ask a"), "response_a": msgs("assistant", "ans a"),
+         "prompt_b": msgs("user", "ask b"), "response_b": msgs("assistant", "ans b"), "label": "b", "p_a": 0.2,
+         "method": "judge_joint"},
+        {"id": "j1", "prompt": "ask c", "chosen": "c yes", "rejected": "c no", "meta": {"prompt_rejected": "ask d"}},
+    ])
+    assert rows[0]["prompt"] == msgs("user", "ask b") and rows[0]["chosen"] == msgs("assistant", "ans b")
+    assert rows[0]["prompt_rejected"] == msgs("user", "ask a") and rows[0]["rejected"] == msgs("assistant", "ans a")
+    assert rows[0]["p_chosen"] == pytest.approx(0.8) and rows[1]["p_chosen"] is None
+    assert rows[1]["prompt_rejected"] == msgs("user", "ask d")

@@ -17,10 +17,6 @@ from train.losses.reward import bradley_terry_loss, bradley_terry_lm_loss, point
 from train.losses.reward_rank import listwise_bradley_terry_loss, plackett_luce_loss
 
 
-def softplus(x: float) -> float:  # −log σ(−x)... written out: log(1 + e^x)
-    return math.log1p(math.exp(x))
-
-
 def nls(z: float) -> float:
     """−log σ(z) by hand."""
     return math.log1p(math.exp(-z))
@@ -321,3 +317,10 @@ def test_c_dpo_learns_the_lagrangian_preference(lam, winner):
         out.losses.mean().backward()
         opt.step()
     assert torch.softmax(logits.detach(), -1)[winner] > 0.9
+
+
+def test_dove_soft_label_golden():
+    z = 0.1 * ((-1 + 2) - (-3 + 2.5))
+    out = dove_loss(policy_chosen_logps=t(-1.0), policy_rejected_logps=t(-3.0), reference_chosen_logps=t(-2.0),
+                    reference_rejected_logps=t(-2.5), p_chosen=t(0.8), beta=0.1)
+    assert out.losses.item() == pytest.approx(0.8 * nls(z) + 0.2 * nls(-z))

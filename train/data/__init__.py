@@ -11,7 +11,8 @@ What a loop calls, top to bottom::
 
 Accepted inputs (`load_records`): jsonl / json (optionally .gz), parquet, a `save_to_disk` folder, or a
 hub dataset name. Row shapes: sft `messages`; pairwise `prompt`,`chosen`,`rejected` (+ optional `prompt_rejected`: the
-rejected side's own instruction, a DOVE joint pair; accepted only by losses with `distinct_prompts`) (TRL conversational
+rejected side's own instruction, a DOVE joint pair; accepted only by losses with `distinct_prompts`; synth's
+joint rows `prompt_a`,`response_a`,`prompt_b`,`response_b`,`label` (a|b), `p_a` are read as such pairs) (TRL conversational
 lists of {role, content}, TRL standard strings, or TRL's implicit prompt: no `prompt`, full conversations
 in `chosen`/`rejected`); hh-rlhf texts "\\n\\nHuman: ...\\n\\nAssistant: ..." (the shared message prefix
 becomes the prompt, the rest the completion); ranked `prompt`,`responses`,`scores`; D2O `prompt`,`samples`

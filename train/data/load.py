@@ -30,6 +30,10 @@ PAIR_SCALARS = ("score_chosen", "score_rejected", "margin", "p_chosen",
                 "reward_chosen", "reward_rejected", "cost_chosen", "cost_rejected")
 # D2O rows {prompt, samples: [K responses], rejected} become ranked lists (samples 1, the negative 0).
 _D2O_SHAPE = ("prompt", "samples", "rejected")
+# DOVE joint preferences as synth's judge mode=joint writes them (JointPreferenceRecord): two (instruction,
+# response) sides a and b, `label` naming the preferred one, optional soft label `p_a`; read as a pair with
+# prompt / chosen from the preferred side and prompt_rejected / rejected from the other.
+_JOINT_SHAPE = ("prompt_a", "response_a", "prompt_b", "response_b", "label")
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -79,6 +83,8 @@ def _detect(keys: Iterable[str], where: str) -> RowKind:
     keys = set(keys)
     if keys.issuperset(_D2O_SHAPE) and "chosen" not in keys:
         return "ranked"
+    if keys.issuperset(_JOINT_SHAPE):
+        return "pairwise"
     for kind, required in _REQUIRED.items():
         if keys.issuperset(required):
             return kind  # type: ignore[return-value]
@@ -245,7 +251,24 @@ def _split_shared_prefix(chosen: list[dict], rejected: list[dict], where: _Where
     return chosen[:k], chosen[k:], rejected[k:]
 
 
+def _joint_to_pair(row: Mapping[str, Any], where: _Where) -> dict[str, Any]:
+    """A JointPreferenceRecord row -> {prompt, chosen, prompt_rejected, rejected (, p_chosen)}."""
+    label = row["label"]
+    if label not in ("a", "b"):
+        raise where.error("label", f"expected 'a' or 'b' (the preferred side), got {label!r}")
+    win, lose = (label, "b" if label == "a" else "a")
+    out = {**{k: v for k, v in row.items() if k not in _JOINT_SHAPE and k != "p_a"},
+           "prompt": row[f"prompt_{win}"], "chosen": row[f"response_{win}"],
+           "prompt_rejected": row[f"prompt_{lose}"], "rejected": row[f"response_{lose}"]}
+    if row.get("p_a") is not None:
+        p_a = _number(row["p_a"], where, "p_a")
+        out["p_chosen"] = p_a if label == "a" else 1.0 - p_a
+    return out
+
+
 def _norm_pairwise(row: Mapping[str, Any], where: _Where) -> dict[str, Any]:
+    if "prompt_a" in row and "chosen" not in row:
+        row = _joint_to_pair(row, where)
     hh = any(_is_hh(row.get(k)) for k in ("prompt", "chosen", "rejected"))
     if row.get("prompt") is None:
         chosen = _to_messages(row.get("chosen"), "assistant", where, "chosen")
@@ -257,10 +280,11 @@ def _norm_pairwise(row: Mapping[str, Any], where: _Where) -> dict[str, Any]:
     out = {"id": _row_id(row, where), "prompt": prompt,
            "chosen": _completion(chosen, where, "chosen", strip=hh),
            "rejected": _completion(rejected, where, "rejected", strip=hh)}
-    if row.get("prompt_rejected") is not None:  # DOVE: the rejected side's own instruction
+    other = row.get("prompt_rejected", (row.get("meta") or {}).get("prompt_rejected"))
+    if other is not None:  # DOVE: the rejected side's own instruction (top level, or inside `meta`)
         if row.get("prompt") is None:
             raise where.error("prompt", "a row with prompt_rejected (a joint DOVE pair) needs its chosen side's prompt too")
-        out["prompt_rejected"] = _to_messages(row["prompt_rejected"], "user", where, "prompt_rejected")
+        out["prompt_rejected"] = _to_messages(other, "user", where, "prompt_rejected")
     for key in PAIR_SCALARS:
         if row.get(key) is not None:
             out[key] = _number(row[key], where, key)

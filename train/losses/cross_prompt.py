@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from train.losses._core import LossOutput, as_float, pair_output
-from train.losses.dpo import log_ratios
+from train.losses.dpo import log_ratios, smoothed_sigmoid_loss
 
 
 def dove_loss(
@@ -21,6 +21,7 @@ def dove_loss(
     policy_rejected_logps: Tensor,
     reference_chosen_logps: Tensor,
     reference_rejected_logps: Tensor,
+    p_chosen: Tensor | None = None,
     beta: float = 0.1,
 ) -> LossOutput:
     """DOVE / JPO, Bansal et al. 2024 (arXiv 2404.00530; Findings of ACL 2025 as JPO): the DPO form on
@@ -31,12 +32,16 @@ def dove_loss(
     Shapes: all [B]. ℓ is the **joint** log-probability log π(x) + log π(y | x) when the loss YAML says
     ``joint_distribution: true`` (the loop then scores the prompt tokens too, as the official
     ``joint_distribution=True`` does); otherwise the conditional log π(y | x) ("DPO across
-    prompts"). With x_w = x_l the prompt terms cancel and this is DPO exactly.
+    prompts"). With x_w = x_l the prompt terms cancel and this is DPO exactly. ``p_chosen`` [B]
+    (optional soft labels, e.g. a judge's P(pair w ≻ pair l) from log-probs) gives the soft-label
+    cross-entropy −p log σ(βh) − (1−p) log σ(−βh), as :func:`train.losses.dpo.dpo_loss`.
     """
     rho_w, rho_l = log_ratios(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
     )
-    return pair_output(-F.logsigmoid(beta * (rho_w - rho_l)), beta * rho_w, beta * rho_l)
+    logits = beta * (rho_w - rho_l)
+    losses = -F.logsigmoid(logits) if p_chosen is None else smoothed_sigmoid_loss(logits, 1 - as_float(p_chosen).detach())
+    return pair_output(losses, beta * rho_w, beta * rho_l)
 
 
 def contrast_weights(prompt_embeddings: Tensor, distance_temperature: float) -> Tensor:
