@@ -356,6 +356,9 @@ def check_combination(cfg: TrainConfig) -> None:
         if staged and ref.mode in ("adapter_disabled", "model"):
             raise ConfigError(f"sDPO/Curry-DPO stages use the previous stage's policy as reference: they need "
                               f"loop.reference.mode=precomputed or auto, not {ref.mode}")
+        if cfg.loss.needs_prompt_embeddings and cfg.optim.batch_size < 2:
+            raise ConfigError(f"loss={cfg.loss.name} contrasts the rows of a micro-batch with each other: "
+                              "optim.batch_size must be >= 2 (with 1 it is plain DPO)")
         if cfg.loss.needs_kl_pairs and cfg.optim.batch_size < 2:
             raise ConfigError(f"loss={cfg.loss.name} estimates its KL term from mismatched pairs within a micro-batch: "
                               "optim.batch_size must be >= 2")

@@ -146,6 +146,18 @@ def test_relative_po_loop_learns(tmp_path, tiny_path):
     assert last < first and 0 < rows[-1]["omega_diagonal"] < 1
 
 
+def test_relative_po_needs_a_contrast_matrix(tmp_path, tiny_path):
+    from synth.app import ConfigError
+
+    data = write_records(tmp_path / "pairs.jsonl", toy_pairs(8))
+    with pytest.raises(ConfigError, match="batch_size must be >= 2"):
+        train(tmp_path / "o", f"data.path={data}", "loss=relative_po", f"loss.embedding_model={tiny_path}",
+              "optim.batch_size=1")
+    with pytest.raises(ConfigError, match="cannot load the prompt encoder"):
+        train(tmp_path / "p", f"data.path={data}", "loss=relative_po", f"loss.embedding_model={tmp_path / 'nope'}",
+              "optim.batch_size=2", "optim.max_steps=1")
+
+
 def test_d2o_loop_learns(tmp_path):
     rows = [{"id": f"n{i}", "prompt": " ".join(WORDS[i:i + 3]), "samples": [f"{w} yes" for w in WORDS[i:i + 2]],
              "rejected": f"{WORDS[i]} no"} for i in range(8)]
