@@ -260,3 +260,24 @@ def test_synth_joint_preference_rows_are_read_as_dove_pairs(tiny_tokenizer):
     assert rows[0]["prompt_rejected"] == msgs("user", "ask a") and rows[0]["rejected"] == msgs("assistant", "ans a")
     assert rows[0]["p_chosen"] == pytest.approx(0.8) and rows[1]["p_chosen"] is None
     assert rows[1]["prompt_rejected"] == msgs("user", "ask d")
+
+
+def test_d2o_join_generations_to_negatives(tmp_path):
+    from train.data import load_records, normalise_rows
+    from train.data.d2o import d2o_rows, load_generations
+
+    gens = [{"id": "g0", "prompt": msgs("user", "how to x"), "model": "m",
+             "completions": [{"text": "safe a", "finish_reason": "stop"}, {"text": "safe a", "finish_reason": "stop"},
+                             {"text": "cut", "finish_reason": "length"}, {"text": "safe b", "finish_reason": "stop"}]},
+            {"id": "g1", "prompt": msgs("user", "how to y"), "model": "m",
+             "completions": [{"text": "cut", "finish_reason": "length"}]}]
+    gpath = write_jsonl(tmp_path / "completions.jsonl", gens)
+    negs = write_jsonl(tmp_path / "neg.jsonl", [
+        {"id": "n0", "prompt": "how to x", "chosen": "ignored", "rejected": "harmful x"},
+        {"id": "n1", "prompt": "how to y", "chosen": "ignored", "rejected": "harmful y"},
+        {"id": "n2", "prompt": "how to z", "chosen": "ignored", "rejected": "harmful z"}])
+    rows, counts = d2o_rows(load_generations(str(gpath)), load_records(negs))
+    assert counts == {"joined": 1, "no_generation": 1, "no_samples": 1, "duplicate_samples": 1, "truncated_samples": 2}
+    assert rows[0]["samples"] == ["safe a", "safe b"] and rows[0]["rejected"] == msgs("assistant", "harmful x")
+    ranked = normalise_rows(rows)
+    assert ranked[0]["scores"] == [1.0, 1.0, 0.0]
