@@ -105,7 +105,7 @@ class LossSpec(_Strict):
     """A conf/loss YAML: the loop-facing flags documented in train/losses/__init__.py."""
 
     name: str
-    kind: Literal["pairwise", "listwise", "unpaired", "sft", "reward", "policy"]
+    kind: Literal["pairwise", "listwise", "unpaired", "sft", "reward", "reward_listwise", "policy"]
     needs_reference: bool = False
     length_normalised: bool = False
     paper: str | None = None
@@ -116,6 +116,17 @@ class LossSpec(_Strict):
     needs_logits: bool = False
     needs_safety_labels: bool = False
     stateful: Literal["running_mean"] | None = None
+    joint_distribution: bool = False
+    distinct_prompts: bool = False
+    needs_prompt_embeddings: bool = False
+    embedding_model: str | None = None
+    needs_reward_cost: bool = False
+
+    @model_validator(mode="after")
+    def _encoder(self):
+        if self.needs_prompt_embeddings and not self.embedding_model:
+            raise ValueError(f"loss={self.name} needs prompt embeddings: set loss.embedding_model (an encoder id or folder)")
+        return self
 
 
 class ReferenceConfig(_Strict):
@@ -179,20 +190,38 @@ class JudgeSettings(_Strict):
 
 
 class ScorerSettings(_Strict):
-    """What scores a completion, in one batched call per step. NaN = unscorable (zero advantage)."""
+    """What scores a completion, in one batched call per step. NaN = unscorable (zero advantage).
+    kind=weighted: Σ_i weight_i · (s_i − shift_i) / scale_i over `components` (e.g. helpful + harmless
+    reward models), one scorer to the loop; unscorable when any component is."""
 
-    kind: Literal["function", "model", "judge"] = "function"
+    kind: Literal["function", "model", "judge", "weighted"] = "function"
     function: str | None = None  # module:function(prompts=, completions=, completion_ids=) -> list[float | None]
     path: str | None = None  # a `train loop=reward` output (final/ folder: full model or LoRA adapter)
     batch_size: int = Field(16, ge=1)  # reward-model forward chunk
     judge: JudgeSettings | None = None  # kind=judge: rubric 1-10 score (pairwise labels for online_dpo)
+    components: list["WeightedComponent"] | None = None  # kind=weighted
 
     @model_validator(mode="after")
     def _fields(self):
-        need = {"function": "function", "model": "path", "judge": "judge"}[self.kind]
-        if getattr(self, need) is None:
+        need = {"function": "function", "model": "path", "judge": "judge", "weighted": "components"}[self.kind]
+        if not getattr(self, need):
             raise ValueError(f"a scorer of kind {self.kind} needs `{need}`")
+        if self.components and self.kind != "weighted":
+            raise ValueError(f"`components` belong to a scorer of kind weighted, not {self.kind}")
         return self
+
+
+class WeightedComponent(_Strict):
+    """One term of a weighted scorer: weight · (score − shift) / scale (shift/scale put reward models with
+    different ranges on one scale, e.g. their mean and std on the SFT policy's samples, frozen)."""
+
+    scorer: ScorerSettings
+    weight: float = Field(1.0, gt=-1e9, lt=1e9)  # negative: a cost (e.g. harmfulness) subtracted
+    shift: float = 0.0
+    scale: float = Field(1.0, gt=0)
+
+
+ScorerSettings.model_rebuild()
 
 
 class GenerationSettings(_Strict):
@@ -259,7 +288,7 @@ class OnlineLoop(_Strict):
     reference: Literal["auto", "adapter_disabled", "model"] = "auto"
 
 
-LOOP_KINDS = {"sft": ("sft",), "preference": ("pairwise", "listwise", "unpaired"), "reward": ("reward",),
+LOOP_KINDS = {"sft": ("sft",), "preference": ("pairwise", "listwise", "unpaired"), "reward": ("reward", "reward_listwise"),
               "ppo": ("policy",), "rloo": ("policy",), "remax": ("policy",), "grpo": ("policy",), "ppo_lag": ("policy",),
               "online_dpo": ("pairwise",)}
 ONLINE_LOOPS = ("ppo", "rloo", "remax", "grpo", "ppo_lag", "online_dpo")
@@ -297,7 +326,7 @@ def check_combination(cfg: TrainConfig) -> None:
     """Settings that are each valid but do not fit together: one line naming both."""
     kinds = LOOP_KINDS[cfg.loop.name]
     if cfg.loss.kind not in kinds:
-        fitting = {"sft": "loss=sft", "reward": "loss=bradley_terry or loss=cost", "online_dpo": "a pairwise (DPO-family) loss"}.get(
+        fitting = {"sft": "loss=sft", "reward": "a reward-model loss (bradley_terry, cost, pointwise, bradley_terry_lm, listwise_bt, plackett_luce)", "online_dpo": "a pairwise (DPO-family) loss"}.get(
             cfg.loop.name, "a policy loss (loss=ppo, grpo, dr_grpo, rloo, remax)" if cfg.loop.name in ONLINE_LOOPS
             else "a pairwise, listwise or unpaired loss")
         raise ConfigError(f"loss={cfg.loss.name} is a {cfg.loss.kind} objective; loop={cfg.loop.name} trains {fitting} "
@@ -327,6 +356,9 @@ def check_combination(cfg: TrainConfig) -> None:
         if staged and ref.mode in ("adapter_disabled", "model"):
             raise ConfigError(f"sDPO/Curry-DPO stages use the previous stage's policy as reference: they need "
                               f"loop.reference.mode=precomputed or auto, not {ref.mode}")
+        if cfg.loss.needs_prompt_embeddings and cfg.optim.batch_size < 2:
+            raise ConfigError(f"loss={cfg.loss.name} contrasts the rows of a micro-batch with each other: "
+                              "optim.batch_size must be >= 2 (with 1 it is plain DPO)")
         if cfg.loss.needs_kl_pairs and cfg.optim.batch_size < 2:
             raise ConfigError(f"loss={cfg.loss.name} estimates its KL term from mismatched pairs within a micro-batch: "
                               "optim.batch_size must be >= 2")

@@ -8,6 +8,8 @@ default score; the estimators give it zero advantage).
                a LoRA adapter), scored on detokenised prompt + completion through its own chat template
     judge      an AI judge through a synth backend: MT-Bench rubric 1-10 (synth.steps.judge), or for
                online_dpo pairwise labels asked in both orders (ties and disagreements dropped)
+    weighted   several of the above as one: Σ w_i (s_i − shift_i) / scale_i (e.g. a helpfulness reward
+               model plus a harmlessness one, or a reward minus a weighted cost); NaN if any part is NaN
 
 Built-in rule functions for toys and benchmarks: `train.scorers:even_token_fraction` (a reward) and
 `train.scorers:quarter_token_fraction` (a cost that conflicts with it).
@@ -169,7 +171,38 @@ class PairwiseJudge:
         return out
 
 
+def combine_scores(columns: Sequence[Tensor], weights: Sequence[float], shifts: Sequence[float] | None = None,
+                   scales: Sequence[float] | None = None) -> Tensor:
+    """Several reward models as one: s = Σ_i w_i (s_i − shift_i) / scale_i, [N] from M columns of [N].
+    NaN (unscorable) in any column makes the combined score NaN: a missing term is never read as 0."""
+    if not columns or len(columns) != len(weights):
+        raise ValueError(f"need one weight per score column, got {len(columns)} columns and {len(weights)} weights")
+    shifts = shifts if shifts is not None else [0.0] * len(columns)
+    scales = scales if scales is not None else [1.0] * len(columns)
+    total = torch.zeros_like(columns[0], dtype=torch.float32)
+    for s, w, b, c in zip(columns, weights, shifts, scales):
+        total = total + w * (s.float() - b) / c
+    return total
+
+
+class WeightedScorer:
+    """kind=weighted: every component scores the same completions (one batched call each), then
+    :func:`combine_scores`."""
+
+    def __init__(self, components, device, where: str):
+        self.parts = [build_scorer(c.scorer, device, f"{where}.components[{i}].scorer") for i, c in enumerate(components)]
+        self.weights = [c.weight for c in components]
+        self.shifts = [c.shift for c in components]
+        self.scales = [c.scale for c in components]
+
+    def __call__(self, prompts: list[Messages], completions: list[str], completion_ids: list[list[int]]) -> Tensor:
+        columns = [part(prompts, completions, completion_ids) for part in self.parts]
+        return combine_scores(columns, self.weights, self.shifts, self.scales)
+
+
 def build_scorer(spec, device, where: str) -> Callable[[list[Messages], list[str], list[list[int]]], Tensor]:
+    if spec.kind == "weighted":
+        return WeightedScorer(spec.components, device, where)
     if spec.kind == "function":
         return FunctionScorer(spec.function, f"{where}.function")
     if spec.kind == "model":

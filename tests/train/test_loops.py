@@ -187,7 +187,8 @@ def preference_losses() -> list[str]:
 
     names = []
     for f in sorted((REPO / "conf" / "loss").glob("*.yaml")):
-        if yaml.safe_load(f.read_text())["kind"] in ("pairwise", "listwise", "unpaired"):
+        # relative_po needs a prompt encoder and c_dpo reward/cost columns: tests/train/test_loops_more.py runs them
+        if yaml.safe_load(f.read_text())["kind"] in ("pairwise", "listwise", "unpaired") and f.stem not in ("relative_po", "c_dpo"):
             names.append(f.stem)
     return names
 

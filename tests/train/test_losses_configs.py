@@ -21,6 +21,8 @@ REQUIRED = {
     "dpo", "cdpo", "robust_dpo", "slic_hf", "hinge", "ipo", "kto", "bco", "cpo", "orpo", "exo", "dpop", "simpo",
     "rpo", "odpo", "npo", "apo_zero", "apo_down", "lipo_lambda", "pro", "rrhf", "cringe", "sft", "bradley_terry",
     "cost", "ppo", "grpo", "dr_grpo", "rloo", "remax",
+    # issue 18
+    "pointwise", "bradley_terry_lm", "listwise_bt", "plackett_luce", "dove", "relative_po", "d2o", "c_dpo",
 }
 B = 4
 
@@ -49,9 +51,13 @@ def small_batch(kind: str, mean: bool, stateful: str | None) -> dict[str, object
             chosen_lengths=torch.tensor([3.0, 5.0, 7.0, 2.0]), rejected_lengths=torch.tensor([4.0, 4.0, 6.0, 9.0]),
             score_chosen=torch.tensor([5.0, 0.9, 3.0, 2.0]), score_rejected=torch.tensor([2.0, 0.4, 1.0, 1.5]),
             p_chosen=torch.tensor([1.0, 0.9, 0.7, 0.6]), sft_target_logps=logps(B),
+            prompt_embeddings=torch.randn(B, 5, generator=g), reward_chosen=torch.randn(B, generator=g),
+            reward_rejected=torch.randn(B, generator=g), cost_chosen=torch.randn(B, generator=g),
+            cost_rejected=torch.randn(B, generator=g),
         )
-    elif kind == "listwise":
+    elif kind in ("listwise", "reward_listwise"):
         batch.update(
+            rewards=torch.randn(B, 3, generator=g, dtype=torch.float64).requires_grad_(True),
             policy_logps=logps(B, 3), reference_logps=logps(B, 3).detach(),
             lengths=torch.randint(1, 9, (B, 3), generator=g).double(), scores=torch.rand(B, 3, generator=g),
             mask=torch.tensor([[True, True, True], [True, True, False], [True, True, True], [True, False, False]]),
@@ -76,6 +82,8 @@ def small_batch(kind: str, mean: bool, stateful: str | None) -> dict[str, object
             costs_rejected=torch.randn(B, generator=g).requires_grad_(True),
             safe_chosen=torch.tensor([True, True, False, True]),
             safe_rejected=torch.tensor([False, False, False, True]),
+            score_chosen=torch.tensor([5.0, 0.9, 3.0, 2.0]), score_rejected=torch.tensor([2.0, 0.4, 1.0, 1.5]),
+            chosen_nll=torch.rand(B, generator=g, dtype=torch.float64).requires_grad_(True),
         )
     elif kind == "policy":
         batch.update(
@@ -108,6 +116,9 @@ def test_config_flags_match_function(path: Path) -> None:
     assert cfg.get("needs_scores", False) == ("score_chosen" in required)
     assert cfg.get("needs_logits", False) == ("logits" in required)
     assert cfg.get("needs_safety_labels", False) == ("safe_chosen" in required)
+    assert cfg.get("needs_prompt_embeddings", False) == ("prompt_embeddings" in required)
+    assert cfg.get("needs_prompt_embeddings", False) == bool(cfg.get("embedding_model"))
+    assert cfg.get("needs_reward_cost", False) == ("reward_chosen" in required)
     if cfg.get("stateful") == "running_mean":
         assert "running_mean" in params
     # hyperparameters in the YAML are the function's own (paper) defaults: one source of truth
@@ -124,6 +135,8 @@ def test_config_instantiates_and_runs(path: Path) -> None:
     cfg = OmegaConf.load(path)
     fn = instantiate(cfg.fn)
     batch = small_batch(cfg.kind, cfg.length_normalised, cfg.get("stateful"))
+    if cfg.name == "d2o":  # every D2O list holds a negative and at least one sample (a 1-slot list is invalid data)
+        batch["mask"] = batch["mask"] | torch.tensor([False, True, False])
     names = inspect.signature(fn).parameters
     out = fn(**{k: v for k, v in batch.items() if k in names})
     assert isinstance(out, LossOutput)

@@ -10,26 +10,33 @@ What a loop calls, top to bottom::
     loader = DataLoader(tok_ds, batch_size=B, shuffle=True, collate_fn=collate)
 
 Accepted inputs (`load_records`): jsonl / json (optionally .gz), parquet, a `save_to_disk` folder, or a
-hub dataset name. Row shapes: sft `messages`; pairwise `prompt`,`chosen`,`rejected` (TRL conversational
+hub dataset name. Row shapes: sft `messages`; pairwise `prompt`,`chosen`,`rejected` (+ optional `prompt_rejected`: the
+rejected side's own instruction, a DOVE joint pair; accepted only by losses with `distinct_prompts`; synth's
+joint rows `prompt_a`,`response_a`,`prompt_b`,`response_b`,`label` (a|b), `p_a` are read as such pairs) (TRL conversational
 lists of {role, content}, TRL standard strings, or TRL's implicit prompt: no `prompt`, full conversations
 in `chosen`/`rejected`); hh-rlhf texts "\\n\\nHuman: ...\\n\\nAssistant: ..." (the shared message prefix
-becomes the prompt, the rest the completion); ranked `prompt`,`responses`,`scores`; unpaired
+becomes the prompt, the rest the completion); ranked `prompt`,`responses`,`scores`; D2O `prompt`,`samples`
+(the model's own K responses), `rejected` (the human negative), read as a ranked list of K+1 (samples score 1,
+the negative 0); unpaired
 `prompt`,`completion`,`label`. Plain strings become one message (user for prompts, assistant otherwise).
 
 Canonical columns (messages are lists of {"role", "content"}); every kind also has `id` (str):
     sft       messages
-    pairwise  prompt, chosen, rejected (+ score_chosen, score_rejected, margin, p_chosen when present)
+    pairwise  prompt, chosen, rejected (+ prompt_rejected, score_chosen, score_rejected, margin, p_chosen,
+              reward_chosen, reward_rejected, cost_chosen, cost_rejected when present)
     ranked    prompt, responses (list of message lists), scores (list of float)
     unpaired  prompt, completion, label (bool)
 Tokenised columns (`tokenize_dataset`; metadata columns are kept):
     sft       input_ids, labels (-100 outside the labelled assistant turns)
-    pairwise  prompt_ids, chosen_ids, rejected_ids
+    pairwise  prompt_ids, chosen_ids, rejected_ids (+ rejected_prompt_ids: DOVE, the rejected side's prompt;
+              with joint scoring each prompt is folded into its completion and prompt_ids is empty)
     ranked    prompt_ids, response_ids (list of lists)
     unpaired  prompt_ids, completion_ids (+ kl_completion_ids after `add_kl_completions`)
 Batch keys (right padding; `labels` is -100 on prompt and padding; pad ids never matter):
     sft       input_ids, attention_mask, labels                                       [B, T]
     pairwise  input_ids, attention_mask, labels [2B, T]: rows 0..B-1 chosen, B..2B-1 rejected;
-              optional [B] floats: score_chosen, score_rejected, margin, p_chosen, ref_chosen_logps,
+              optional [B, D] prompt_embeddings (rows with a `prompt_embedding` column, Relative PO);
+              optional [B] floats: score_chosen, score_rejected, margin, p_chosen, reward_/cost_chosen/rejected, ref_chosen_logps,
               ref_rejected_logps, ref_chosen_logps_mean, ref_rejected_logps_mean (NaN where a row lacks it)
     ranked    input_ids, attention_mask, labels [sum(k), T]; list_index [B, Kmax] (row of each
               response in the flat batch, 0 where padded), list_mask [B, Kmax] bool, scores [B, Kmax];
@@ -63,6 +70,7 @@ from train.data.load import (
     RowKind,
     _read_rows,  # train/loops/reward.py reads raw rows (with their extra columns) through it
     detect_kind,
+    has_distinct_prompts,
     hh_to_messages,
     load_records,
     normalise_rows,
@@ -79,6 +87,6 @@ from train.data.tokenize import (
 __all__ = [
     "IGNORE_INDEX", "PAIR_REF", "PAIR_SCALARS", "UNPAIRED_REF", "DataError", "PairCollator", "RankedCollator",
     "RowKind", "SFTCollator", "TokenisationReport", "TokenizeConfig", "UnpairedCollator", "_read_rows",
-    "add_kl_completions", "detect_kind", "hh_to_messages", "load_records", "make_collator", "normalise_rows",
+    "add_kl_completions", "detect_kind", "has_distinct_prompts", "hh_to_messages", "load_records", "make_collator", "normalise_rows",
     "require_chat_template", "tokenize_dataset",
 ]

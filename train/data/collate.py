@@ -55,15 +55,19 @@ class SFTCollator:
 
 @dataclass
 class PairCollator:
-    """Chosen and rejected in one batch of 2B rows (first B chosen, then B rejected)."""
+    """Chosen and rejected in one batch of 2B rows (first B chosen, then B rejected). A DOVE row's
+    rejected side uses its own prompt (`rejected_prompt_ids`) when the row has one."""
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        pairs = [(r["prompt_ids"], r["chosen_ids"]) for r in rows] + [(r["prompt_ids"], r["rejected_ids"]) for r in rows]
-        return {**_sequences(pairs, self.pad_token_id, self.pad_to_multiple_of),
-                **_scalars(rows, PAIR_SCALARS + PAIR_REF)}
+        pairs = [(r["prompt_ids"], r["chosen_ids"]) for r in rows] + [
+            (r.get("rejected_prompt_ids") or r["prompt_ids"], r["rejected_ids"]) for r in rows]
+        batch = {**_sequences(pairs, self.pad_token_id, self.pad_to_multiple_of), **_scalars(rows, PAIR_SCALARS + PAIR_REF)}
+        if "prompt_embedding" in rows[0]:  # Relative PO: [B, D] frozen prompt embeddings (train.embeddings)
+            batch["prompt_embeddings"] = torch.tensor([r["prompt_embedding"] for r in rows], dtype=torch.float32)
+        return batch
 
 
 @dataclass

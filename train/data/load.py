@@ -26,7 +26,14 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
     "unpaired": ("prompt", "completion", "label"),
     "sft": ("messages",),
 }
-PAIR_SCALARS = ("score_chosen", "score_rejected", "margin", "p_chosen")
+PAIR_SCALARS = ("score_chosen", "score_rejected", "margin", "p_chosen",
+                "reward_chosen", "reward_rejected", "cost_chosen", "cost_rejected")
+# D2O rows {prompt, samples: [K responses], rejected} become ranked lists (samples 1, the negative 0).
+_D2O_SHAPE = ("prompt", "samples", "rejected")
+# DOVE joint preferences as synth's judge mode=joint writes them (JointPreferenceRecord): two (instruction,
+# response) sides a and b, `label` naming the preferred one, optional soft label `p_a`; read as a pair with
+# prompt / chosen from the preferred side and prompt_rejected / rejected from the other.
+_JOINT_SHAPE = ("prompt_a", "response_a", "prompt_b", "response_b", "label")
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -56,6 +63,11 @@ def normalise_rows(rows: Iterable[Mapping[str, Any]], *, source: str = "rows",
     return Dataset.from_list(_fill_optional(out))
 
 
+def has_distinct_prompts(dataset: Dataset) -> bool:
+    """True when some pair carries its rejected side's own prompt (a DOVE joint pair)."""
+    return "prompt_rejected" in dataset.column_names and any(p is not None for p in dataset["prompt_rejected"])
+
+
 def detect_kind(dataset: Dataset) -> RowKind:
     """The row kind of a canonical or tokenised dataset, from its columns."""
     cols = set(dataset.column_names)
@@ -69,6 +81,10 @@ def detect_kind(dataset: Dataset) -> RowKind:
 
 def _detect(keys: Iterable[str], where: str) -> RowKind:
     keys = set(keys)
+    if keys.issuperset(_D2O_SHAPE) and "chosen" not in keys:
+        return "ranked"
+    if keys.issuperset(_JOINT_SHAPE):
+        return "pairwise"
     for kind, required in _REQUIRED.items():
         if keys.issuperset(required):
             return kind  # type: ignore[return-value]
@@ -235,7 +251,24 @@ def _split_shared_prefix(chosen: list[dict], rejected: list[dict], where: _Where
     return chosen[:k], chosen[k:], rejected[k:]
 
 
+def _joint_to_pair(row: Mapping[str, Any], where: _Where) -> dict[str, Any]:
+    """A JointPreferenceRecord row -> {prompt, chosen, prompt_rejected, rejected (, p_chosen)}."""
+    label = row["label"]
+    if label not in ("a", "b"):
+        raise where.error("label", f"expected 'a' or 'b' (the preferred side), got {label!r}")
+    win, lose = (label, "b" if label == "a" else "a")
+    out = {**{k: v for k, v in row.items() if k not in _JOINT_SHAPE and k != "p_a"},
+           "prompt": row[f"prompt_{win}"], "chosen": row[f"response_{win}"],
+           "prompt_rejected": row[f"prompt_{lose}"], "rejected": row[f"response_{lose}"]}
+    if row.get("p_a") is not None:
+        p_a = _number(row["p_a"], where, "p_a")
+        out["p_chosen"] = p_a if label == "a" else 1.0 - p_a
+    return out
+
+
 def _norm_pairwise(row: Mapping[str, Any], where: _Where) -> dict[str, Any]:
+    if "prompt_a" in row and "chosen" not in row:
+        row = _joint_to_pair(row, where)
     hh = any(_is_hh(row.get(k)) for k in ("prompt", "chosen", "rejected"))
     if row.get("prompt") is None:
         chosen = _to_messages(row.get("chosen"), "assistant", where, "chosen")
@@ -247,6 +280,11 @@ def _norm_pairwise(row: Mapping[str, Any], where: _Where) -> dict[str, Any]:
     out = {"id": _row_id(row, where), "prompt": prompt,
            "chosen": _completion(chosen, where, "chosen", strip=hh),
            "rejected": _completion(rejected, where, "rejected", strip=hh)}
+    other = row.get("prompt_rejected", (row.get("meta") or {}).get("prompt_rejected"))
+    if other is not None:  # DOVE: the rejected side's own instruction (top level, or inside `meta`)
+        if row.get("prompt") is None:
+            raise where.error("prompt", "a row with prompt_rejected (a joint DOVE pair) needs its chosen side's prompt too")
+        out["prompt_rejected"] = _to_messages(other, "user", where, "prompt_rejected")
     for key in PAIR_SCALARS:
         if row.get(key) is not None:
             out[key] = _number(row[key], where, key)
@@ -254,6 +292,11 @@ def _norm_pairwise(row: Mapping[str, Any], where: _Where) -> dict[str, Any]:
 
 
 def _norm_ranked(row: Mapping[str, Any], where: _Where) -> dict[str, Any]:
+    if "responses" not in row and "samples" in row:  # D2O: the K self-samples, then the human negative
+        samples = row["samples"]
+        if not isinstance(samples, list) or not samples:
+            raise where.error("samples", "expected a non-empty list of the model's own responses (D2O anchors)")
+        row = {**row, "responses": [*samples, row["rejected"]], "scores": [1.0] * len(samples) + [0.0]}
     responses, scores = row["responses"], row["scores"]
     if not isinstance(responses, list) or len(responses) < 2:
         raise where.error("responses", "expected a list of at least 2 responses")
@@ -294,7 +337,7 @@ def _number(value: Any, where: _Where, name: str) -> float:
 
 def _fill_optional(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Optional score columns exist for all rows once any row has them (None elsewhere)."""
-    optional = {k for row in rows for k in row if k in PAIR_SCALARS}
+    optional = {k for row in rows for k in row if k in PAIR_SCALARS or k == "prompt_rejected"}
     for row in rows:
         for k in optional:
             row.setdefault(k, None)

@@ -10,10 +10,10 @@ from typing import Any, Literal, Mapping
 
 from datasets import Dataset, Features, List, Value
 
-from train.data.load import DataError, RowKind, detect_kind
+from train.data.load import DataError, RowKind, detect_kind, has_distinct_prompts
 
 IGNORE_INDEX = -100
-_MESSAGE_COLUMNS = ("messages", "prompt", "chosen", "rejected", "responses", "completion")
+_MESSAGE_COLUMNS = ("messages", "prompt", "chosen", "rejected", "responses", "completion", "prompt_rejected")
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,11 @@ class TokenizeConfig:
     truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
     assistant_turns: Literal["all", "last"] = "all"  # SFT: which assistant turns are labelled
     chat_template: str | None = None  # overrides the tokenizer's template (a Jinja string)
+    # DOVE (pairwise only): `distinct_prompts` accepts rows whose rejected side has its own prompt
+    # (`prompt_rejected`); each side is then split and truncated on its own. `joint_prompts` labels the
+    # prompt tokens too (ℓ = log π(x) + log π(y|x)): the prompt moves into each completion, prompt_ids = [].
+    distinct_prompts: bool = False
+    joint_prompts: bool = False
 
     def __post_init__(self) -> None:
         if self.truncation_mode not in ("keep_end", "keep_start"):
@@ -54,6 +59,7 @@ class TokenisationReport:
     rows_in: int
     rows_out: int
     prompt_truncated: int = 0  # rows whose prompt was cut to max_prompt_length
+    rejected_prompt_truncated: int = 0  # DOVE rows whose rejected side's own prompt was cut
     completion_truncated: int = 0  # rows with at least one completion cut to fit max_length
     dropped_prompt_too_long: int = 0  # prompt alone >= max_length
     dropped_empty_completion: int = 0  # a completion rendered to zero tokens
@@ -83,7 +89,7 @@ _TOKEN_FEATURES = {"pairwise": {"prompt_ids": _IDS, "chosen_ids": _IDS, "rejecte
                    "ranked": {"prompt_ids": _IDS, "response_ids": List(_IDS)},
                    "unpaired": {"prompt_ids": _IDS, "completion_ids": _IDS},
                    "sft": {"input_ids": _IDS, "labels": _IDS}}
-_STATUS_FEATURES = {"_prompt_cut": Value("bool"), "_completion_cut": Value("bool"), "_drop": Value("string"),
+_STATUS_FEATURES = {"_prompt_cut": Value("bool"), "_rprompt_cut": Value("bool"), "_completion_cut": Value("bool"), "_drop": Value("string"),
                     "_split": Value("string"), "_lost_turns": Value("int64"), "_prompt_len": Value("int64"),
                     "_seq_len": Value("int64")}
 _STATUS = tuple(_STATUS_FEATURES)
@@ -169,8 +175,28 @@ class _Encoder:
 _COMPLETIONS = {"pairwise": ("chosen", "rejected"), "unpaired": ("completion",)}
 
 
+def _tok_two_prompts(enc: _Encoder, row: Mapping[str, Any]) -> dict[str, Any]:
+    """DOVE pairs: each side (prompt, completion) is split and truncated on its own (its own lengths, not
+    the chosen side's). Joint scoring moves each prompt into its completion so every token is labelled."""
+    sides = []
+    for prompt, name in ((row["prompt"], "chosen"), (row.get("prompt_rejected") or row["prompt"], "rejected")):
+        p, (c,), how = enc.split(prompt, [row[name]])
+        p, (c,), status = enc.fit(p, [c])
+        sides.append((p, c, how, status))
+    (pc, cc, how_c, st_c), (pr, cr, how_r, st_r) = sides
+    status = {"_prompt_cut": st_c["_prompt_cut"], "_rprompt_cut": st_r["_prompt_cut"],
+              "_completion_cut": st_c["_completion_cut"] or st_r["_completion_cut"],
+              "_drop": st_c["_drop"] or st_r["_drop"], "_prompt_len": max(st_c["_prompt_len"], st_r["_prompt_len"]),
+              "_seq_len": max(st_c["_seq_len"], st_r["_seq_len"]), "_split": max(how_c, how_r, key=_SPLIT_RANK.get)}
+    if enc.cfg.joint_prompts:
+        return {"prompt_ids": [], "chosen_ids": pc + cc, "rejected_ids": pr + cr, **status}
+    return {"prompt_ids": pc, "chosen_ids": cc, "rejected_prompt_ids": pr, "rejected_ids": cr, **status}
+
+
 def _tok_prompted(enc: _Encoder, row: Mapping[str, Any], kind: str) -> dict[str, Any]:
     """pairwise / ranked / unpaired: one shared prompt, one or more completions."""
+    if kind == "pairwise" and (enc.cfg.joint_prompts or enc.cfg.distinct_prompts):
+        return _tok_two_prompts(enc, row)
     names = _COMPLETIONS.get(kind, ())
     completions = row["responses"] if kind == "ranked" else [row[n] for n in names]
     prompt, completions, how = enc.split(row["prompt"], completions)
@@ -203,6 +229,9 @@ def tokenize_dataset(dataset: Dataset, tokenizer: Any, config: TokenizeConfig | 
     cfg = config or TokenizeConfig()
     template = require_chat_template(tokenizer, cfg.chat_template)
     kind = kind or detect_kind(dataset)
+    if kind == "pairwise" and not cfg.distinct_prompts and has_distinct_prompts(dataset):
+        raise DataError("the rows carry prompt_rejected (joint DOVE pairs with two instructions): train them with "
+                        "loss=dove, or drop that column for a loss that compares responses to one prompt")
     enc, fn = _Encoder(tokenizer, cfg), (_tok_sft if kind == "sft" else _tok_prompted)
 
     def tokenise(row: dict[str, Any], idx: int) -> dict[str, Any]:
@@ -212,15 +241,18 @@ def tokenize_dataset(dataset: Dataset, tokenizer: Any, config: TokenizeConfig | 
             raise
         except Exception as e:  # template errors (e.g. "roles must alternate") are data errors here
             raise DataError(f"row {idx} (id {row.get('id')!r}): the chat template failed: {e}") from e
-        return {"_lost_turns": 0, **out}
+        return {"_lost_turns": 0, "_rprompt_cut": False, **out}
 
     fingerprint = hashlib.sha256(json.dumps(
         [dataset._fingerprint, asdict(cfg), template, getattr(tokenizer, "name_or_path", ""), len(tokenizer), kind]
     ).encode()).hexdigest()[:16]
     removed = [c for c in _MESSAGE_COLUMNS if c in dataset.column_names]
     # Explicit features: an empty list in the first rows must not fix a column's type to list<null>.
+    tokens = dict(_TOKEN_FEATURES[kind])
+    if kind == "pairwise" and cfg.distinct_prompts and not cfg.joint_prompts:
+        tokens["rejected_prompt_ids"] = _IDS
     features = Features({**{k: v for k, v in dataset.features.items() if k not in removed},
-                         **_TOKEN_FEATURES[kind], **_STATUS_FEATURES})
+                         **tokens, **_STATUS_FEATURES})
     tokenised = dataset.map(tokenise, with_indices=True, num_proc=num_proc, desc=f"Tokenising ({kind})",
                             remove_columns=removed, features=features, new_fingerprint=fingerprint)
     report = _report(tokenised, kind, cfg)
@@ -234,7 +266,8 @@ def _report(tokenised: Dataset, kind: str, cfg: TokenizeConfig) -> TokenisationR
     drops = s["_drop"]
     return TokenisationReport(
         kind=kind, rows_in=len(drops), rows_out=sum(not d for d in drops),
-        prompt_truncated=sum(s["_prompt_cut"]), completion_truncated=sum(s["_completion_cut"]),
+        prompt_truncated=sum(s["_prompt_cut"]), rejected_prompt_truncated=sum(s["_rprompt_cut"]),
+        completion_truncated=sum(s["_completion_cut"]),
         dropped_prompt_too_long=drops.count("prompt_too_long"),
         dropped_empty_completion=drops.count("empty_completion"),
         dropped_ids=[i for i, d in zip(s["id"], drops) if d],

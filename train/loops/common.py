@@ -149,7 +149,8 @@ def tokenize_config(cfg):
     d = cfg.data
     return TokenizeConfig(max_length=d.max_length, max_prompt_length=d.max_prompt_length,
                           truncation_mode=d.truncation_mode, assistant_turns=d.assistant_turns,
-                          chat_template=cfg.model.chat_template)
+                          chat_template=cfg.model.chat_template,
+                          distinct_prompts=cfg.loss.distinct_prompts, joint_prompts=cfg.loss.joint_distribution)
 
 
 def tokenize_checked(rows, tokenizer, cfg, kind: str, source: str):
@@ -196,8 +197,8 @@ def check_enough_rows(n_rows: int, cfg, world_size: int, source: str) -> None:
 
 
 def truncation_counts(report) -> dict[str, int]:
-    keys = ("rows_in", "rows_out", "prompt_truncated", "completion_truncated", "dropped_prompt_too_long",
-            "dropped_empty_completion")
+    keys = ("rows_in", "rows_out", "prompt_truncated", "rejected_prompt_truncated", "completion_truncated",
+            "dropped_prompt_too_long", "dropped_empty_completion")
     return {k: getattr(report, k) for k in keys if report is not None}
 
 

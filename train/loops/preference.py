@@ -31,7 +31,7 @@ import torch
 from datasets import Dataset
 
 from synth.app import ConfigError
-from train.data import DataError, detect_kind, make_collator
+from train.data import DataError, detect_kind, has_distinct_prompts, make_collator
 from train.loops.common import (
     MetricsLogger, Progress, StepMetrics, Throughput, accumulate_step, build_optimizer, build_scheduler, call_loss,
     check_enough_rows, checkpoint_progress, epoch_batches, epoch_order, find_last_checkpoint, finish_run,
@@ -64,7 +64,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
 
     # ---------------------------------------------------------------- 2. data (+ stages)
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.chat_template)
-    convert = lambda rows, source: to_kind(rows, kind, source, spec.name)  # noqa: E731
+    convert = lambda rows, source: with_embeddings(to_kind(rows, kind, source, spec.name), spec)  # noqa: E731
     data = load_data(cfg, tokenizer, kind, convert)
     stages = make_stages(cfg, data.train, tokenizer)
     fixed_kl = spec.needs_kl_pairs and ref_mode == "precomputed"
@@ -279,7 +279,8 @@ def forward_loss(model, unwrapped, batch: dict[str, Any], ctx: LossContext, kind
             "chosen_nll": pol["chosen_nll"], "chosen_lengths": pol["chosen_n_tokens"],
             "rejected_lengths": pol["rejected_n_tokens"],
             "score_chosen": _scores(batch, "score_chosen", ctx), "score_rejected": _scores(batch, "score_rejected", ctx),
-            "p_chosen": _soft_labels(batch),
+            "p_chosen": _soft_labels(batch), "prompt_embeddings": batch.get("prompt_embeddings"),
+            **{k: _reward_cost(batch, k, ctx) for k in REWARD_COST},
         }
         if ref is not None:
             avail["reference_chosen_logps"] = ref["chosen_mean" if mean else "chosen"]
@@ -352,6 +353,29 @@ def _scores(batch, key: str, ctx: LossContext):
     return value
 
 
+REWARD_COST = ("reward_chosen", "reward_rejected", "cost_chosen", "cost_rejected")
+
+
+def _reward_cost(batch, key: str, ctx: LossContext):
+    """Precomputed reward / cost scores (C-DPO): required on every row when the loss needs them."""
+    value = batch.get(key)
+    if not ctx.spec.needs_reward_cost:
+        return None
+    if value is None or torch.isnan(value).any():
+        raise DataError(f"loss={ctx.spec.name} needs {', '.join(REWARD_COST)} (precomputed reward- and cost-model "
+                        f"scores) on every pair; {key} is missing on some rows")
+    return value
+
+
+def with_embeddings(rows: Dataset, spec) -> Dataset:
+    """Relative PO: each row's frozen prompt embedding, computed once before training (train.embeddings)."""
+    if not spec.needs_prompt_embeddings:
+        return rows
+    from train.embeddings import with_prompt_embeddings
+
+    return with_prompt_embeddings(rows, spec.embedding_model)
+
+
 def soft_label_rows(rows, loss_fn) -> int:
     """Pairs with a p_chosen that the loss reads (its signature takes p_chosen); 0 otherwise."""
     import inspect
@@ -403,6 +427,9 @@ def to_kind(rows: Dataset, want: str, source: str, loss_name: str) -> Dataset:
     have = detect_kind(rows)
     if have == want:
         return rows
+    if has_distinct_prompts(rows):
+        raise DataError(f"{source}: the pairs carry prompt_rejected (joint DOVE pairs with two instructions); "
+                        f"loss={loss_name} trains {DATA_KIND_NAME[want]} rows; use loss=dove")
     out: list[dict[str, Any]] = []
     if (have, want) == ("pairwise", "unpaired"):
         for r in rows:

@@ -1,5 +1,6 @@
-"""loop=reward: a scalar reward model (Bradley–Terry, optional margin) or, with loss=cost, a Safe-RLHF
-cost model (ranking + sign terms from safety labels).
+"""loop=reward: a scalar reward model (Bradley–Terry, optional margin; pointwise regression on scores;
+listwise: InstructGPT all-pairs or Plackett–Luce over ranked lists) or, with loss=cost, a Safe-RLHF cost
+model (ranking + sign terms from safety labels).
 
 Reads top to bottom: set-up, data, model, optimiser, resume, the step loop, the end. The model is the
 causal LM with a one-output score head (AutoModelForSequenceClassification, num_labels=1; the head reads
@@ -7,7 +8,10 @@ the last non-pad token), so the result loads like any HF reward model. Chosen an
 through ONE forward (2B rows). Input: preference pairs (our preferences.jsonl, TRL columns, hh-rlhf) with
 an optional `margin` column; ranked lists become best-vs-worst pairs. loss=cost needs `safe_chosen` /
 `safe_rejected` booleans per pair (top-level or inside `meta`; names set by loop.safe_*_field), chosen
-being the safer response.
+being the safer response. loss=bradley_terry_lm also trains the LM head (the tied input embeddings) on the
+chosen completion from the same forward. loss=pointwise needs `score_chosen` / `score_rejected` on every pair. Listwise
+losses (kind reward_listwise) read ranked rows {prompt, responses, scores} (pairs become lists of two): all
+responses of a list go through the same forward and are regrouped to [B, K].
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 
+from synth.errors import ConfigError
 from train.data import DataError, make_collator
 from train.loops.common import (
     MetricsLogger, Progress, StepMetrics, Throughput, accumulate_step, begin_run, build_optimizer, build_scheduler,
@@ -35,11 +40,17 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     B, accum = cfg.optim.batch_size, cfg.optim.grad_accum
     safety = cfg.loss.needs_safety_labels
+    listwise = cfg.loss.kind == "reward_listwise"  # ranked lists: every response scored, [B, K] rewards
 
     # ---------------------------------------------------------------- 2. data
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.chat_template)
-    convert = lambda rows, source: to_pairs(rows, source, cfg, safety)  # noqa: E731
-    data = load_data(cfg, tokenizer, "pairwise", convert)
+    if listwise:
+        from train.loops.preference import to_kind
+
+        convert = lambda rows, source: to_kind(rows, "ranked", source, cfg.loss.name)  # noqa: E731
+    else:
+        convert = lambda rows, source: to_pairs(rows, source, cfg, safety)  # noqa: E731
+    data = load_data(cfg, tokenizer, "ranked" if listwise else "pairwise", convert)
     check_enough_rows(len(data.train), cfg, world, cfg.data.path)
     if main:
         print(data.report.summary(), flush=True)
@@ -55,6 +66,10 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     total = total_steps(cfg.optim, steps_per_epoch(len(data.train), B, world, accum))
     optimizer = build_optimizer(trainable_parameters(model), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
+    if cfg.loss.needs_nll and not getattr(model.config, "tie_word_embeddings", False):
+        raise ConfigError(f"loss={cfg.loss.name} needs the LM head beside the score head; loop=reward rebuilds it from "
+                          f"the tied input embeddings, and {cfg.model.name_or_path} does not tie them; use "
+                          "loss=bradley_terry for this model")
     model, optimizer = accelerator.prepare(model, optimizer)
     progress = Progress(started=started)
     resume_from(ckpt, progress, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler)
@@ -64,7 +79,8 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
               f"loss={cfg.loss.name}; {total} optimizer steps", flush=True)
 
     # ---------------------------------------------------------------- 4. the step loop
-    collate = PairsWithLabels(make_collator("pairwise", tokenizer.pad_token_id), safety)
+    collate = make_collator("ranked", tokenizer.pad_token_id) if listwise else PairsWithLabels(
+        make_collator("pairwise", tokenizer.pad_token_id), safety)
     logger = MetricsLogger(out_dir, main, cfg.log.tensorboard, resume_step=progress.step)
     from tqdm.auto import tqdm
 
@@ -137,14 +153,57 @@ def scores(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.T
     return r[:b], r[b:]
 
 
+def scores_and_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen [B], rejected [B], chosen NLL per token [B]) from ONE forward: the score head reads the last
+    token as usual; the LM head (the tied input embeddings, trained with the backbone) scores the chosen
+    completion from the same final hidden states (GRM's text-generation regulariser)."""
+    from train.logprobs import sequence_logps
+
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                output_hidden_states=True)
+    r = out.logits[:, 0].float()
+    b = r.shape[0] // 2
+    weight = getattr(model, "module", model).get_input_embeddings().weight
+    lm_logits = out.hidden_states[-1][:b].float() @ weight.float().T  # the final (normed) hidden states
+    _, mean, _ = sequence_logps(lm_logits, batch["labels"][:b])
+    return r[:b], r[b:], -mean
+
+
+def list_scores(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One forward over the sum(k) responses of a RankedCollator batch -> [B, Kmax] rewards (0 at padding)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    r = out.logits[:, 0].float()
+    return torch.where(batch["list_mask"], r[batch["list_index"]], 0.0)
+
+
+def _targets(batch, key: str, cfg):
+    """Pointwise targets: required on every pair when the loss regresses on them."""
+    value = batch.get(key)
+    if not cfg.loss.needs_scores:
+        return None
+    if value is None or torch.isnan(value).any():
+        raise DataError(f"loss={cfg.loss.name} regresses on score_chosen and score_rejected: every pair needs both "
+                        f"({key} is missing on some rows)")
+    return value
+
+
 def reward_loss(model, batch, loss_fn, cfg):
-    chosen, rejected = scores(model, batch)
+    if cfg.loss.kind == "reward_listwise":
+        rewards = list_scores(model, batch)
+        return call_loss(loss_fn, {"rewards": rewards, "scores": batch["scores"], "mask": batch["list_mask"]})
+    chosen_nll = None
+    if cfg.loss.needs_nll:
+        chosen, rejected, chosen_nll = scores_and_nll(model, batch)
+    else:
+        chosen, rejected = scores(model, batch)
     margin = batch.get("margin") if cfg.loop.use_margin else None
     if margin is not None:
         margin = torch.nan_to_num(margin, nan=0.0)  # rows without a margin: plain Bradley–Terry
     avail = {"rewards_chosen": chosen, "rewards_rejected": rejected, "margin": margin,
              "costs_chosen": chosen, "costs_rejected": rejected,
-             "safe_chosen": batch.get("safe_chosen"), "safe_rejected": batch.get("safe_rejected")}
+             "safe_chosen": batch.get("safe_chosen"), "safe_rejected": batch.get("safe_rejected"),
+             "score_chosen": _targets(batch, "score_chosen", cfg), "score_rejected": _targets(batch, "score_rejected", cfg),
+             "chosen_nll": chosen_nll}
     return call_loss(loss_fn, avail)
 
 

@@ -14,6 +14,9 @@ pairwise ([B] each)
     score_chosen, score_rejected       scores from the data (ODPO offsets)
     p_chosen            soft preference labels P(chosen > rejected) when the data has them
     sft_target_logps    ℓθ of an SFT target for the prompt (SLiC-HF regulariser; chosen if absent)
+    prompt_embeddings   [B, D] frozen sentence-encoder embeddings of each row's prompt (Relative PO)
+    reward_chosen, reward_rejected, cost_chosen, cost_rejected
+                        precomputed reward-model / cost-model scores of each response (C-DPO)
 listwise ([B, K] each)
     policy_logps, reference_logps, lengths, scores (higher is better), mask (bool, False = padding
     slot; a padding slot contributes nothing, whatever values it holds), nll (reserved: no current
@@ -30,8 +33,12 @@ token-level (Cringe) / sft
     labels [B] bool (Cringe: True = positive sequence), generator (torch.Generator, Cringe sampling)
 reward models ([B] each)
     rewards_chosen, rewards_rejected, margin (optional);
+    score_chosen, score_rejected (pointwise regression targets), chosen_nll (the LM loss of the chosen
+    response, length-normalised: the LM-regularised reward model);
     cost model: costs_chosen (the safer response), costs_rejected (the more harmful one),
     safe_chosen, safe_rejected (bool, True = the response is safe)
+listwise reward models ([B, K] each)
+    rewards (scalar head per response), scores (higher is better), mask (bool, False = padding slot)
 policy (online loops, train/losses/policy.py; [B, T] per completion position)
     logps, old_logps, ref_logps, advantages ([B, T] or [B]), mask (bool), total_tokens /
     total_sequences (counts of the whole optimizer step, per process), kl_coef / kl_estimator /
@@ -50,7 +57,8 @@ Return type: :class:`LossOutput` (``losses`` [B] per example: the batch loss is 
 Loop-facing YAML flags (``conf/loss/<name>.yaml``)
 --------------------------------------------------
 name                str, equals the file name
-kind                pairwise | listwise | unpaired | sft | reward: which collator/forward to use
+kind                pairwise | listwise | unpaired | sft | reward | reward_listwise | policy: which
+                    collator/forward to use
 needs_reference     bool: the loop must supply reference_* log-probs (frozen model or cache)
 length_normalised   bool: policy_*/reference_* log-probs are per-token means (true) or sums (false)
 paper               str: citation
@@ -61,6 +69,14 @@ needs_kl_pairs      optional bool: the loop must run the no-grad forward on mism
 needs_scores        optional bool: the data must carry score_chosen / score_rejected (ODPO)
 needs_logits        optional bool: pass full logits [B, T, V] + target_ids instead of log-probs (Cringe)
 needs_safety_labels optional bool: the data must carry safe_chosen / safe_rejected (cost model)
+joint_distribution  optional bool: score the prompt tokens too, ℓ = log π(x) + log π(y|x) (DOVE)
+distinct_prompts    optional bool: a pair may carry its rejected side's own prompt (`prompt_rejected`, DOVE);
+                    losses without it refuse such rows
+needs_prompt_embeddings  optional bool: the loop embeds every row's prompt with `embedding_model` (a
+                    frozen encoder, mean-pooled, L2-normalised) and passes prompt_embeddings (Relative PO)
+embedding_model     optional str: the encoder for needs_prompt_embeddings (a hub id or a local folder)
+needs_reward_cost   optional bool: pairs must carry reward_chosen / reward_rejected / cost_chosen /
+                    cost_rejected (C-DPO)
 stateful            optional str, ``running_mean``: the loop owns one :class:`RunningMean`, passes it
                     as ``running_mean`` every step, saves ``state_dict()`` with each checkpoint and
                     restores it on resume (BCO)
@@ -73,10 +89,11 @@ from train.losses.bco import RunningMean
 
 __all__ = ["DATA_ARGS", "LOOP_FLAGS", "LossOutput", "Reduce", "RunningMean", "VALID_KINDS"]
 
-VALID_KINDS = ("pairwise", "listwise", "unpaired", "sft", "reward", "policy")
+VALID_KINDS = ("pairwise", "listwise", "unpaired", "sft", "reward", "reward_listwise", "policy")
 LOOP_FLAGS = (
     "name", "kind", "needs_reference", "length_normalised", "paper", "fn",
     "needs_nll", "needs_kl_pairs", "needs_scores", "needs_logits", "needs_safety_labels", "stateful",
+    "joint_distribution", "distinct_prompts", "needs_prompt_embeddings", "embedding_model", "needs_reward_cost",
 )
 
 _PAIR = ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps")
@@ -84,7 +101,8 @@ _PAIR = ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps
 DATA_ARGS: dict[str, tuple[str, ...]] = {
     "pairwise": _PAIR + (
         "chosen_nll", "chosen_lengths", "rejected_lengths", "score_chosen", "score_rejected", "p_chosen",
-        "sft_target_logps", "running_mean", "reduce",
+        "sft_target_logps", "running_mean", "reduce", "prompt_embeddings",
+        "reward_chosen", "reward_rejected", "cost_chosen", "cost_rejected",
     ),
     "listwise": ("policy_logps", "reference_logps", "lengths", "scores", "mask", "nll"),
     "unpaired": (
@@ -95,7 +113,9 @@ DATA_ARGS: dict[str, tuple[str, ...]] = {
     "reward": (
         "rewards_chosen", "rewards_rejected", "margin",
         "costs_chosen", "costs_rejected", "safe_chosen", "safe_rejected",
+        "score_chosen", "score_rejected", "chosen_nll",
     ),
+    "reward_listwise": ("rewards", "scores", "mask"),
     "policy": (
         "logps", "old_logps", "advantages", "mask", "ref_logps", "total_tokens", "total_sequences",
         "kl_coef", "kl_estimator", "kl_clamp",

@@ -60,3 +60,62 @@ def cost_model_loss(
     anchors = -F.logsigmoid(sign_harmful * c_harmful) - F.logsigmoid(sign_safer * c_safer)
     # "rewards" are costs here: chosen (safer) should be lower, so report −C for margin/accuracy metrics
     return pair_output(ranking + anchors, -c_safer, -c_harmful, ranking=ranking, sign_terms=anchors)
+
+
+# ------------------------------------------------------------------ the reward-model family beside BT
+
+
+def pointwise_regression_loss(
+    *,
+    rewards_chosen: Tensor,
+    rewards_rejected: Tensor,
+    score_chosen: Tensor,
+    score_rejected: Tensor,
+    target_shift: float = 0.0,
+    target_scale: float = 1.0,
+) -> LossOutput:
+    """Pointwise reward model: least-squares regression of r(x, y) on an absolute score, as the
+    regression reward models of SteerLM (Dong et al. 2023, arXiv 2310.05344, §3.1: MSE on attribute
+    scores) and HelpSteer (Wang et al. 2023, arXiv 2311.09528) are trained:
+
+    L = ½ [(r(x, y_c) − t_c)² + (r(x, y_r) − t_r)²],   t = (s − shift) / scale.
+
+    Shapes: all [B]. Both responses of a pair are regressed on their own score (e.g. our judge's
+    rubric scores, score_chosen / score_rejected); the pair order plays no role. Scores are data
+    (detached). ``target_shift`` / ``target_scale`` map the score range onto the head's (e.g. a 1–10
+    rubric with shift 5.5, scale 4.5 lands in [−1, 1]); scale must be > 0.
+    """
+    if target_scale <= 0:
+        raise ValueError(f"target_scale must be > 0, got {target_scale}")
+    r_c, r_r = as_float(rewards_chosen), as_float(rewards_rejected)
+    t_c = (as_float(score_chosen).detach() - target_shift) / target_scale
+    t_r = (as_float(score_rejected).detach() - target_shift) / target_scale
+    losses = 0.5 * ((r_c - t_c) ** 2 + (r_r - t_r) ** 2)
+    return pair_output(losses, r_c, r_r, abs_error=((r_c - t_c).abs() + (r_r - t_r).abs()) / 2)
+
+
+def bradley_terry_lm_loss(
+    *,
+    rewards_chosen: Tensor,
+    rewards_rejected: Tensor,
+    chosen_nll: Tensor,
+    margin: Tensor | None = None,
+    lm_coef: float = 0.01,
+) -> LossOutput:
+    """Bradley–Terry reward loss regularised by the language-model loss on the best answer, as in the
+    Generalizable Reward Model (Yang et al. 2024, arXiv 2406.10216: the LM head is kept and a
+    text-generation loss on the chosen response regularises the shared hidden states against reward
+    over-optimisation; SFT regularisation was their most stable variant):
+
+    L = (1 − α) [−log σ(r(x, y_c) − r(x, y_r) − m)] + α · NLL(y_c | x) / |y_c|
+
+    Shapes: all [B]. ``chosen_nll`` is the per-sequence **length-normalised** NLL of the chosen
+    (best) response under the model's LM head; ``margin`` m as in :func:`bradley_terry_loss`.
+    α = ``lm_coef`` in [0, 1]; α = 0 is plain Bradley–Terry.
+    """
+    if not 0.0 <= lm_coef <= 1.0:
+        raise ValueError(f"lm_coef must lie in [0, 1], got {lm_coef}")
+    bt = bradley_terry_loss(rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected, margin=margin)
+    nll = as_float(chosen_nll)
+    metrics = {**bt.metrics, "bt": bt.losses.detach().mean(), "nll": nll.detach().mean()}
+    return LossOutput((1 - lm_coef) * bt.losses + lm_coef * nll, bt.chosen_rewards, bt.rejected_rewards, metrics)
