@@ -262,6 +262,21 @@ def test_synth_joint_preference_rows_are_read_as_dove_pairs(tiny_tokenizer):
     assert rows[1]["prompt_rejected"] == msgs("user", "ask d")
 
 
+def test_the_synth_record_itself_reads_as_a_dove_pair():
+    """The row exactly as synth serialises a JointPreferenceRecord (provenance, categories, meta included)."""
+    from synth.records import JointPreferenceRecord, Message
+    from train.data import normalise_rows
+
+    rec = JointPreferenceRecord(id="j", prompt_a=[Message(role="user", content="ask a")],
+                                response_a=[Message(role="assistant", content="ans a")],
+                                prompt_b=[Message(role="user", content="ask b")],
+                                response_b=[Message(role="assistant", content="ans b")], label="a", method="judge_joint",
+                                category_a="c1", meta={"pair": 0})
+    (row,) = normalise_rows([json.loads(rec.model_dump_json())])
+    assert row["prompt"] == msgs("user", "ask a") and row["chosen"] == msgs("assistant", "ans a")
+    assert row["prompt_rejected"] == msgs("user", "ask b") and row["rejected"] == msgs("assistant", "ans b")
+
+
 def test_d2o_join_generations_to_negatives(tmp_path):
     from train.data import load_records, normalise_rows
     from train.data.d2o import d2o_rows, load_generations
