@@ -29,13 +29,17 @@ def make_accelerator(cfg):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
-    return Accelerator(
+    from train.distributed import check_launch
+
+    accelerator = Accelerator(
         gradient_accumulation_steps=cfg.optim.grad_accum,
         mixed_precision=cfg.optim.mixed_precision,
         # we shard batches ourselves (epoch_batches) so that resume and DDP equivalence are exact
         dataloader_config=DataLoaderConfiguration(split_batches=False),
         step_scheduler_with_optimizer=False,
     )
+    check_launch(accelerator)  # refuse launches that would silently train otherwise (FSDP/DeepSpeed on CPU)
+    return accelerator
 
 
 def library_progress_bars(enabled: bool) -> None:
