@@ -326,3 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     progress = args.get("progress", "true").lower() not in {"false", "0", "no"}
     guarded_call(lambda: merge_shards(args["output_dir"], show_progress=progress))
+
+
+if __name__ == "__main__":
+    main()
