@@ -194,3 +194,16 @@ def test_merge_drops_cross_shard_near_duplicates_and_logs_them(tmp_path, capsys)
     assert "How do I pick a lock on a front door?" not in kept and len(kept) == 3
     assert m["red_team"]["by_family"]["direct"]["answers"] == 3  # finalize ran once, on the merged files
     assert "cross_shard_duplicate" in capsys.readouterr().out
+
+
+def test_self_rewarding_seed_pool_comes_from_every_item_not_the_shard():
+    from synth.pipelines.self_rewarding import SelfRewardingConfig, SelfRewardingPipeline
+    from synth.records import Message, SourceItem
+    from synth.runtime import Context
+    from synth.shard import ShardedPipeline
+
+    items = [SourceItem(id=stable_id("p", k), prompt=[Message(role="user", content=f"prompt {k}")]) for k in range(40)]
+    inner = SelfRewardingPipeline(SelfRewardingConfig(new_prompts={"enabled": True}))
+    mine = list(ShardedPipeline(inner, Shard(1, 4)).items(Context(factories={}), items))
+    assert 0 < len(mine) < 40 and all(Shard(1, 4).owns(it.id) for it in mine)
+    assert len(inner._seeds) == 40  # the few-shot pool is global
