@@ -180,8 +180,7 @@ def run_config(cfg: SynthConfig, resolved_yaml: str | None = None, build_llm=Non
     the folder is reset or rewritten."""
     from synth.constitution import load_constitution
     from synth.pipelines.base import run_pipeline
-
-    from synth.shard import ShardedPipeline, check_shard_count
+    from synth.shard import Shard, ShardedPipeline, check_shard_count
 
     pipeline = build_pipeline(cfg.pipeline)  # validates pipeline settings before any model loads
     load_constitution(cfg.constitution)  # a bad name or file fails here, before any model loads
@@ -193,7 +192,7 @@ def run_config(cfg: SynthConfig, resolved_yaml: str | None = None, build_llm=Non
         return launch(cfg, resolved_yaml)
     if cfg.merge:
         return merge_config(cfg)
-    shard = shard_of_config(cfg)
+    shard = Shard.parse(cfg.shard)  # "i/n": this run is one shard of n (synth/shard.py)
     on_start = [lambda: mark_run(out_dir, cfg, resolved_yaml)]
     if shard is not None:
         from synth.merge import write_shard_info
@@ -209,13 +208,6 @@ def run_config(cfg: SynthConfig, resolved_yaml: str | None = None, build_llm=Non
     return run_pipeline(pipeline, ctx, out_dir, source, cfg.chunk_size, cfg.resume, cfg.progress,
                         on_start=lambda: [f() for f in on_start], source_report=skipped.report,
                         chunks_in_flight=chunks_in_flight(cfg))
-
-
-def shard_of_config(cfg: SynthConfig):
-    """`shard=i/n` parsed (None when unsharded); see synth/shard.py."""
-    from synth.shard import Shard
-
-    return Shard.parse(cfg.shard)
 
 
 def merge_config(cfg: SynthConfig) -> dict[str, Any]:
