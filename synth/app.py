@@ -52,6 +52,9 @@ class SynthConfig(BaseModel):
     cache: bool = True
     resume: bool = True
     progress: bool = True
+    shard: str | None = None  # "i/n": run only the items whose id hashes to i (synth/shard.py)
+    merge: bool = False  # merge output_dir/shards/* into output_dir (synth/merge.py)
+    launcher: dict[str, Any] | None = None  # launcher=local|ray|slurm: run every shard, then merge (synth/launch/)
 
 
 def redact(obj: Any) -> Any:
@@ -102,6 +105,10 @@ def run_fingerprint(cfg: SynthConfig) -> str:
         "seed": cfg.seed,
         "source": cfg.source.model_dump(exclude={"limit"}) if cfg.source else None,
     }
+    if cfg.shard is not None:  # shards of another n hold other items: never resumed as these
+        from synth.shard import Shard
+
+        keep["shards"] = Shard.parse(cfg.shard).count  # type: ignore[union-attr]
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -137,10 +144,14 @@ def check_roles(cfg: SynthConfig) -> None:
             check_llm(rc.llm or cfg.llm, (rc.model or cfg.model).model_dump(), f"{name}.llm")
 
 
-def make_context(cfg: SynthConfig, out_dir: Path):
+def make_context(cfg: SynthConfig, out_dir: Path, build_llm=None):
+    """`build_llm(llm, model, cache_path=...)` defaults to synth.llm.build_llm (the Ray launcher passes one
+    that reuses an actor's loaded backends across shards)."""
     from synth.constitution import load_constitution
-    from synth.llm import build_llm
     from synth.pipelines.base import Context
+
+    if build_llm is None:
+        from synth.llm import build_llm
 
     cache = out_dir / "cache.sqlite" if cfg.cache else None
     constitution = load_constitution(cfg.constitution)
@@ -163,25 +174,52 @@ def make_context(cfg: SynthConfig, out_dir: Path):
     return ctx
 
 
-def run_config(cfg: SynthConfig, resolved_yaml: str | None = None) -> dict[str, Any]:
+def run_config(cfg: SynthConfig, resolved_yaml: str | None = None, build_llm=None) -> dict[str, Any]:
     """Validate everything (pipeline settings, constitution, every role's backend settings, the output
     folder), then let the runner lock the folder and read the whole source before anything already in
     the folder is reset or rewritten."""
     from synth.constitution import load_constitution
     from synth.pipelines.base import run_pipeline
+    from synth.shard import Shard, ShardedPipeline, check_shard_count
 
     pipeline = build_pipeline(cfg.pipeline)  # validates pipeline settings before any model loads
     load_constitution(cfg.constitution)  # a bad name or file fails here, before any model loads
     check_roles(cfg)
     out_dir = Path(cfg.output_dir).expanduser()
+    if cfg.launcher is not None:
+        from synth.launch import launch
+
+        return launch(cfg, resolved_yaml)
+    if cfg.merge:
+        return merge_config(cfg)
+    shard = Shard.parse(cfg.shard)  # "i/n": this run is one shard of n (synth/shard.py)
+    on_start = [lambda: mark_run(out_dir, cfg, resolved_yaml)]
+    if shard is not None:
+        from synth.merge import write_shard_info
+
+        check_shard_count(out_dir, shard)
+        out_dir, pipeline = shard.folder(out_dir), ShardedPipeline(pipeline, shard)
+        on_start.append(lambda: write_shard_info(out_dir, shard, run_fingerprint(cfg), cfg.pipeline, cfg.constitution, cfg.seed))
     check_output_dir(out_dir)
     check_resumable(out_dir, cfg)
-    ctx = make_context(cfg, out_dir)
+    ctx = make_context(cfg, out_dir, build_llm)
     skipped = SkipLog()
     source = SourceStream(cfg.source, skipped) if (cfg.source is not None and pipeline.needs_source) else None
     return run_pipeline(pipeline, ctx, out_dir, source, cfg.chunk_size, cfg.resume, cfg.progress,
-                        on_start=lambda: mark_run(out_dir, cfg, resolved_yaml), source_report=skipped.report,
+                        on_start=lambda: [f() for f in on_start], source_report=skipped.report,
                         chunks_in_flight=chunks_in_flight(cfg))
+
+
+def merge_config(cfg: SynthConfig) -> dict[str, Any]:
+    """`synth ... merge=true`: merge output_dir/shards/* after checking they ran with these settings."""
+    from synth.merge import find_shards, merge_shards
+
+    if cfg.shard is not None:
+        raise ConfigError("merge=true merges every shard of output_dir; drop shard=")
+    out_dir = Path(cfg.output_dir).expanduser()
+    n, _ = find_shards(out_dir)
+    expected = run_fingerprint(cfg.model_copy(update={"shard": f"0/{n}"}))
+    return merge_shards(out_dir, expected, cfg.progress)
 
 
 def chunks_in_flight(cfg: SynthConfig) -> int:

@@ -12,8 +12,13 @@ from synth.secrets import scrub
 def guarded(cfg, module: str) -> None:
     """Run `<module>.run(cfg)`; a `UserError` becomes `error: <message>` and exit code 2 (no traceback:
     the message names the setting, file or server to fix). Ctrl-C says how to resume and exits 130."""
+    guarded_call(lambda: importlib.import_module(module).run(cfg))
+
+
+def guarded_call(fn) -> None:
+    """`guarded` for any callable (e.g. `synth-merge`, which has no Hydra config)."""
     try:
-        importlib.import_module(module).run(cfg)
+        fn()
     except UserError as e:
         print(f"error: {scrub(str(e))}", file=sys.stderr, flush=True)
         sys.exit(2)

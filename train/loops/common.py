@@ -29,6 +29,8 @@ def make_accelerator(cfg):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
+    from train.distributed import check_launch
+
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.optim.grad_accum,
         mixed_precision=cfg.optim.mixed_precision,
@@ -36,6 +38,7 @@ def make_accelerator(cfg):
         dataloader_config=DataLoaderConfiguration(split_batches=False),
         step_scheduler_with_optimizer=False,
     )
+    check_launch(accelerator)  # refuse launches that would silently train otherwise (FSDP/DeepSpeed on CPU)
     if accelerator.device.type == "cuda":
         # Every batch has a new shape (and packed rows a block-diagonal mask): torch's cuDNN attention
         # backend builds a new plan for each, ~2 ms of CPU per call. Measured on an H200 (107M model, DPO,

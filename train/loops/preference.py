@@ -38,6 +38,7 @@ from train.loops.common import (
     instantiate_loss, library_progress_bars, load_data, load_rows, loss_metrics, make_accelerator, postfix,
     prepare_output_dir, resume_from, seed_everything, to_device, tokenize_checked, truncation_counts, write_config,
 )
+from train.distributed import check_sharded_reference
 from train.loops.packing import PackedLogits, packed_sequence_logps, packing_ok
 from train.models import (
     count_parameters, is_peft, load_frozen, load_policy, load_tokenizer, save_model, trainable_parameters,
@@ -67,6 +68,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     convert = lambda rows, source: with_embeddings(to_kind(rows, kind, source, spec.name), spec)  # noqa: E731
     data = load_data(cfg, tokenizer, kind, convert)
     stages = make_stages(cfg, data.train, tokenizer)
+    check_sharded_reference(accelerator, loop.reference.update != "none", len(stages) > 1 and ref_mode == "precomputed")
     fixed_kl = spec.needs_kl_pairs and ref_mode == "precomputed"
     if fixed_kl:  # precomputed reference KL log-probs need the mismatched pairs fixed in the data
         stages = [with_kl_pairs(s, B, cfg.seed) for s in stages]
