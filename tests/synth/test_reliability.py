@@ -502,8 +502,10 @@ def test_zero_inputs_still_write_every_output_file_and_cache_hits_are_reported(t
 def test_ctrl_c_is_one_line_exit_130_and_the_rerun_completes_exact_once(tmp_path):
     src, out = prompts_file(tmp_path / "p.jsonl", 20), tmp_path / "out"
     with LoopbackServer(responder=lambda b: "answer", latency_s=0.2) as server:
+        # a child inherits an ignored SIGINT (pytest started with `nohup ... &`): restore the default first
         proc = subprocess.Popen(cli_args(server.url, src, out, "chunks_in_flight=1"), cwd=tmp_path, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
         deadline = time.time() + 120
         while not (out / LEDGER).exists() and time.time() < deadline:
             time.sleep(0.02)
