@@ -68,12 +68,12 @@ from train.data.load import (
     PAIR_SCALARS,
     DataError,
     RowKind,
-    _read_rows,  # train/loops/reward.py reads raw rows (with their extra columns) through it
     detect_kind,
     has_distinct_prompts,
     hh_to_messages,
     load_records,
     normalise_rows,
+    read_rows,  # the raw rows with their extra columns (train/loops/reward.py reads safety labels so)
 )
 from train.data.tokenize import (
     IGNORE_INDEX,
@@ -86,7 +86,7 @@ from train.data.tokenize import (
 
 __all__ = [
     "IGNORE_INDEX", "PAIR_REF", "PAIR_SCALARS", "UNPAIRED_REF", "DataError", "PairCollator", "RankedCollator",
-    "RowKind", "SFTCollator", "TokenisationReport", "TokenizeConfig", "UnpairedCollator", "_read_rows",
+    "RowKind", "SFTCollator", "TokenisationReport", "TokenizeConfig", "UnpairedCollator", "read_rows",
     "add_kl_completions", "detect_kind", "has_distinct_prompts", "hh_to_messages", "load_records", "make_collator", "normalise_rows",
     "require_chat_template", "tokenize_dataset",
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable, Mapping
 
-from train.data.load import DataError, _read_rows
+from train.data.load import DataError, read_rows
 
 
 def _key(messages: list[Mapping[str, Any]]) -> str:
@@ -23,7 +23,7 @@ def _key(messages: list[Mapping[str, Any]]) -> str:
 
 
 def load_generations(path: str) -> list[Mapping[str, Any]]:
-    rows = list(_read_rows(path, "train"))
+    rows = list(read_rows(path, "train"))
     for i, r in enumerate(rows):
         if not isinstance(r.get("prompt"), list) or not isinstance(r.get("completions"), list):
             raise DataError(f"{path}: row {i}: expected synth generate output (prompt messages + completions)")

@@ -42,7 +42,7 @@ _JOINT_SHAPE = ("prompt_a", "response_a", "prompt_b", "response_b", "label")
 def load_records(path: str | Path, *, split: str = "train", kind: RowKind | None = None,
                  limit: int | None = None) -> Dataset:
     """Load a file / `save_to_disk` folder / hub dataset and return it with the canonical columns."""
-    rows = _read_rows(path, split)
+    rows = read_rows(path, split)
     if limit is not None:
         rows = (row for i, row in zip(range(limit), rows))
     return normalise_rows(rows, source=str(path), kind=kind)
@@ -98,7 +98,7 @@ def _detect(keys: Iterable[str], where: str) -> RowKind:
                     f"(keys present: {sorted(keys)}; accepted shapes: {shapes})")
 
 
-def _read_rows(path: str | Path, split: str) -> Iterable[Mapping[str, Any]]:
+def read_rows(path: str | Path, split: str) -> Iterable[Mapping[str, Any]]:
     p = Path(path)
     if p.is_dir():
         from datasets import DatasetDict, load_from_disk

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from synth.errors import DataError
-from train.data.load import _is_hh, _read_rows, hh_to_messages
+from train.data.load import _is_hh, hh_to_messages, read_rows
 
 Messages = list[dict[str, str]]
 
@@ -41,7 +41,7 @@ def row_prompt(row: Mapping[str, Any], where: str) -> Messages:
 
 def load_prompts(path: str, split: str = "train", limit: int | None = None) -> list[Messages]:
     prompts = []
-    for i, row in enumerate(_read_rows(path, split)):
+    for i, row in enumerate(read_rows(path, split)):
         if limit is not None and i >= limit:
             break
         prompts.append(row_prompt(row, f"{path}: row {i}"))

@@ -227,12 +227,6 @@ def epoch_batches(order: Sequence[int], batch_size: int, world_size: int, rank: 
     return batches[rank::world_size]
 
 
-def chunked_order(n_chunks: int, seed: int, epoch: int) -> list[int]:
-    """Order of fixed chunks for one epoch (KTO with precomputed KL pairs: chunks are shuffled, rows
-    inside a chunk stay together because their mismatched pairs were fixed at precompute time)."""
-    return epoch_order(n_chunks, seed, epoch, True)
-
-
 def to_device(batch: dict[str, Any], device) -> dict[str, Any]:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
@@ -287,10 +281,6 @@ def call_loss(fn: Callable, available: dict[str, Any]):
     if missing:
         raise ValueError(f"{getattr(fn, 'func', fn).__name__} needs {missing}, which this batch does not provide")
     return fn(**kwargs)
-
-
-def loss_accepts(fn: Callable, name: str) -> bool:
-    return name in inspect.signature(fn).parameters
 
 
 # ------------------------------------------------------------------------------------ metrics

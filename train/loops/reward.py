@@ -24,7 +24,7 @@ import torch
 from datasets import Dataset
 
 from synth.errors import ConfigError
-from train.data import DataError, make_collator
+from train.data import DataError, make_collator, read_rows
 from train.loops.common import (
     MetricsLogger, Progress, StepMetrics, Throughput, accumulate_step, begin_run, build_optimizer, build_scheduler,
     call_loss, check_enough_rows, checkpoint_progress, epoch_batches, epoch_order, finish_run, load_data,
@@ -253,10 +253,8 @@ def to_pairs(rows: Dataset, source: str, cfg, safety: bool) -> Dataset:
 def safety_labels(source: str, split: str, n: int, chosen_field: str, rejected_field: str) -> tuple[list[bool], list[bool]]:
     """The per-pair safety booleans, read from the raw rows (top level or `meta`), in row order.
     train.data keeps only the canonical columns, so the labels are read beside it."""
-    from train.data import _read_rows
-
     safe_c, safe_r = [], []
-    for i, row in zip(range(n), _read_rows(source, split)):
+    for i, row in zip(range(n), read_rows(source, split)):
         values = []
         for name in (chosen_field, rejected_field):
             v = row.get(name, (row.get("meta") or {}).get(name))
