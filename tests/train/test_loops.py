@@ -217,6 +217,8 @@ def test_metrics_eval_curves_summary_and_config(files, tmp_path):
     assert [r["step"] for r in evals] == [2, 3] and "eval/rewards/accuracy" in evals[-1]
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert any((tmp_path / "tensorboard").iterdir())
+    assert summary["eval_truncation"]["rows_in"] > 0  # the held-out rows' tokenisation is reported too
+    assert summary["eval_truncation"]["rows_in"] + summary["truncation"]["rows_in"] == len(files["pairs"].read_text().splitlines())
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["steps"] == 3 and saved["truncation"]["rows_in"] == 18 and saved["final_eval"]["eval/loss"] > 0
     assert summary["reference"] == "precomputed"

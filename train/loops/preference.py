@@ -80,6 +80,8 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         check_enough_rows(len(s), cfg, world, f"{cfg.data.path}" + (f" (stage {i + 1})" if len(stages) > 1 else ""))
     if main:
         print(data.report.summary(), flush=True)
+        if data.eval_report is not None:
+            print("eval split, " + data.eval_report.summary(), flush=True)
     soft_rows = soft_label_rows(data.train, loss_fn)
     if main and soft_rows:
         print(f"loss={spec.name}: {soft_rows} of {len(data.train)} pairs carry p_chosen, so they train on the "
@@ -220,6 +222,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         "time_s": progress.time_s(), "final_dir": str(final),
         "final_train": last_train, "final_eval": last_eval, "reference": ref_mode, "stages": len(stages),
         "truncation": truncation_counts(data.report), "output_dir": str(out_dir),
+        "eval_truncation": truncation_counts(data.eval_report),  # the held-out rows' cuts, beside the training ones
     }
     if soft_rows:
         summary["soft_labels"] = soft_rows

@@ -38,6 +38,8 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     check_enough_rows(len(data.train), cfg, world, cfg.data.path)
     if main:
         print(data.report.summary(), flush=True)
+        if data.eval_report is not None:
+            print("eval split, " + data.eval_report.summary(), flush=True)
 
     # ---------------------------------------------------------------- 3. model, optimiser, resume
     policy = load_policy(
@@ -118,6 +120,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         "loop": "sft", "loss": cfg.loss.name, "steps": progress.step, "samples": progress.samples,
         "time_s": progress.time_s(), "final_dir": str(final),
         "final_train": last_train, "final_eval": last_eval, "truncation": truncation_counts(data.report),
+        "eval_truncation": truncation_counts(data.eval_report),  # the held-out rows' cuts, beside the training ones
         "output_dir": str(out_dir),
     }
     return finish_run(summary, out_dir, cfg, accelerator)
