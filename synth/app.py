@@ -207,7 +207,7 @@ def run_config(cfg: SynthConfig, resolved_yaml: str | None = None, build_llm=Non
     source = SourceStream(cfg.source, skipped) if (cfg.source is not None and pipeline.needs_source) else None
     return run_pipeline(pipeline, ctx, out_dir, source, cfg.chunk_size, cfg.resume, cfg.progress,
                         on_start=lambda: [f() for f in on_start], source_report=skipped.report,
-                        chunks_in_flight=chunks_in_flight(cfg))
+                        chunks_in_flight=chunks_in_flight(cfg, pipeline.roles))
 
 
 def merge_config(cfg: SynthConfig) -> dict[str, Any]:
@@ -222,12 +222,13 @@ def merge_config(cfg: SynthConfig) -> dict[str, Any]:
     return merge_shards(out_dir, expected, cfg.progress)
 
 
-def chunks_in_flight(cfg: SynthConfig) -> int:
-    """0 (auto): 1 when any role runs in-process (hf, vllm: one batch at a time is all they can use, and
-    they are not meant to be called from several threads at once); when every role is a server, enough
-    chunks to keep twice the largest server concurrency busy: ceil(2 * C / chunk_size), at most 64."""
-    llms = [cfg.llm] + [rc.llm for rc in (cfg.judge, cfg.attacker) if rc.llm is not None]
-    return auto_chunks_in_flight(cfg.chunks_in_flight, llms, cfg.chunk_size)
+def chunks_in_flight(cfg: SynthConfig, roles: tuple[str, ...] = ("policy", "judge", "attacker")) -> int:
+    """0 (auto): 1 when any role the pipeline calls (`Pipeline.roles`) runs in-process (hf, vllm: one
+    batch at a time is all they can use, and they are not meant to be called from several threads at
+    once); when every such role is a server, enough chunks to keep twice the largest server concurrency
+    busy: ceil(2 * C / chunk_size), at most 64. A judge or attacker the pipeline never calls does not count."""
+    own = [rc.llm for name, rc in (("judge", cfg.judge), ("attacker", cfg.attacker)) if name in roles and rc.llm is not None]
+    return auto_chunks_in_flight(cfg.chunks_in_flight, [cfg.llm, *own], cfg.chunk_size)
 
 
 def auto_chunks_in_flight(setting: int, llms: list[dict[str, Any]], chunk_size: int) -> int:

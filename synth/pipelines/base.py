@@ -4,7 +4,8 @@ A pipeline is a class with
 - `Config`: a pydantic model of its settings (the `pipeline:` config group minus `_target_`), extra keys
   forbidden, validated before any model loads;
 - `outputs`: the jsonl files it writes (without `.jsonl`; `trace` is always added);
-- `roles`: the model roles it calls ("policy", "judge", "attacker", ...); only these are built;
+- `roles`: the model roles it calls ("policy", "judge", "attacker", ...); roles are built lazily at their
+  first call, and the automatic `chunks_in_flight` looks at these roles only;
 - `process(items, ctx, state)`: turn one chunk of SourceItems into rows (`state.emit`), drops
   (`state.drop`) and counters, making one batched backend call per stage (`synth.steps.base.run_calls`);
 - optionally `setup(ctx, writer)` (e.g. read what earlier chunks wrote, for dedup) and

@@ -122,6 +122,11 @@ def test_auto_chunks_in_flight_follows_the_server_concurrency():
     assert chunks_in_flight(validate({**base, "llm": {"kind": "openai", "max_concurrency": 64}, "judge": judge})) == 8
     assert chunks_in_flight(validate({**base, "llm": {"kind": "hf"}, "judge": judge})) == 1  # hf is never shared
     assert chunks_in_flight(validate({**base, "llm": {"kind": "hf"}, "chunks_in_flight": 3})) == 3
+    # only the roles the pipeline calls count: generate never calls an in-process judge
+    local_judge = {"llm": {"kind": "hf"}, "model": {"name_or_path": "j"}}
+    served = {**base, "llm": {"kind": "openai", "max_concurrency": 64}, "judge": local_judge}
+    assert chunks_in_flight(validate(served), roles=("policy",)) == 4
+    assert chunks_in_flight(validate(served), roles=("policy", "judge")) == 1
 
 
 def critique_responder(body):
