@@ -7,7 +7,7 @@ file), batch size, max_length, dtype (float32), optimizer (AdamW, same lr, const
 warm-up, clipping 1.0), steps (one epoch) and torch threads; each side in its own fresh subprocess,
 alternating when repeated.
 
-TRL runs at its best reasonable CPU settings (DESIGN.md §7): bf16=False, gradient_checkpointing=False,
+TRL runs at its best reasonable CPU settings (a fair baseline): bf16=False, gradient_checkpointing=False,
 precompute_ref_log_probs=True (one model in memory, like ours) with the same precompute batch size as
 ours, no logging/saving/eval during training, no dataloader workers. (TRL 1.16's padding_free is
 disabled in its code, "temporarily unavailable after a refactor", so it computes on padded rows.)

@@ -1,4 +1,5 @@
-"""Load, validate and sample constitutions (DESIGN.md §5; specs/methods.md §1, §7).
+"""Load, validate and sample constitutions (Constitutional AI, Bai et al. 2022,
+arXiv 2212.08073; the red-team taxonomy's categories feed attack prompts).
 
 A constitution is a data file (`constitutions/<name>.yaml`, schema in `constitutions/README.md`):
 critique/revision principle pairs for SL-CAI, optional comparison questions ("judge") for RL-CAI /
@@ -57,7 +58,8 @@ class Principle(_Strict):
 
 class FewShotExample(_Strict):
     """A critique/revision demonstration. Examples with `needs_change: false` teach the model that
-    a good answer is left alone (methods.md §1.1: keep them, or the model always rewrites)."""
+    a good answer is left alone (two of the five few-shot transcripts in anthropics/ConstitutionalHarmlessnessPaper,
+    prompts/CritiqueRevisionFewShotPrompts.json, show no change; without them the model always rewrites)."""
 
     prompt: str
     response: str
@@ -165,7 +167,8 @@ class Constitution(_Strict):
     def sample_principle(
         self, rng: random.Random, category: str | None = None, with_judge: bool = False
     ) -> Principle:
-        """Draw one principle uniformly (methods.md §1.2/§1.3: a fresh draw per round/comparison).
+        """Draw one principle uniformly (a fresh draw per revision round and per comparison,
+        as in Bai et al. 2022, arXiv 2212.08073, §3.1 and §4.1).
 
         `category` restricts the pool to an "L1/L2" path, an L1 name or a free-text category; when
         that pool is empty (unknown or uncovered category) the draw falls back to all principles,

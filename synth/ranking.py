@@ -1,5 +1,7 @@
 """Ratings from pairwise battles: Bradley–Terry MLE with bootstrap CIs, online Elo beside it, the
-position-bias rate of a judge, and a bar chart (specs/methods.md §8.3).
+position-bias rate of a judge, and a bar chart (the rating systems of
+lm-sys/FastChat's Chatbot Arena code, `compute_elo` and `compute_elo_mle_with_tie`; Zheng et al. 2023,
+arXiv 2306.05685).
 
 Why BT is the headline number: it does not depend on the order of the battles, it is the MLE of the
 same model DPO and reward models assume, and it handles non-uniform pairing. Online Elo (K=4, start
@@ -144,7 +146,8 @@ def _matrices(models, a, b, s) -> dict[str, Any]:
 def position_bias(order_verdicts: Iterable[str]) -> dict[str, Any]:
     """How often slot A wins among decisive single-order verdicts ("A"/"B"; ties and failures are
     not decisive), BEFORE the two orders are combined. 0.5 is an unbiased judge; a judge that always
-    picks the first slot scores 1.0 (MT-Bench reports Claude-v1 at 0.75, §8.2)."""
+    picks the first slot scores 1.0 (Zheng et al. 2023, arXiv 2306.05685,
+    report Claude-v1 at 0.75)."""
     verdicts = list(order_verdicts)
     decisive = [v for v in verdicts if v in ("A", "B")]
     rate = sum(v == "A" for v in decisive) / len(decisive) if decisive else None

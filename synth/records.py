@@ -60,7 +60,7 @@ ParseStatus = Literal["ok", "failed", "skipped"]
 
 class Judgement(Record):
     """A judge or parse result. A failure keeps the raw text and sets `parsed` to None; it never
-    becomes a default value (DESIGN.md §2 principle 6)."""
+    becomes a default value (a default score would silently enter preference pairs)."""
 
     raw: str
     parsed: Any = None

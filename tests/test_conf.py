@@ -1,4 +1,5 @@
-"""Every file in conf/ composes, and every `_target_` in it resolves (DESIGN.md §7)."""
+"""Every file in conf/ composes, and every `_target_` in it resolves (a config group is the registry,
+so a broken file would only fail when a user picks it)."""
 
 from pathlib import Path
 

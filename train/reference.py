@@ -1,5 +1,6 @@
 """Reference-model pieces for the preference loops: precomputed reference log-probs (cached on disk),
-TR-DPO reference updates, sDPO stages and Curry-DPO curriculum ordering (losses.md §20-§23).
+TR-DPO reference updates, sDPO stages and Curry-DPO curriculum ordering (TR-DPO: Gorbatovski et al.
+2024, arXiv 2404.09656; sDPO: Kim et al. 2024, arXiv 2403.19270; Curry-DPO: Pattnaik et al. 2024, arXiv 2403.07230).
 
 Precomputed reference log-probs (one no-grad pass; training then holds one model)::
 
@@ -15,7 +16,7 @@ token ids of every row (content, in order), the row kind and the caller's tokeni
 distributed run call it under `accelerator.main_process_first()` so one process computes and the rest
 read the file; compute the weight fingerprint before ZeRO-3/FSDP shards the parameters.
 
-TR-DPO (§21), kept as two separate rules (TRL fuses them)::
+TR-DPO (arXiv 2404.09656), kept as two separate rules (TRL fuses them)::
 
     schedule = TRDPOSchedule(mode="soft", alpha=0.6)          # or mode="hard", tau=512
     ... after each optimizer step:
@@ -29,9 +30,9 @@ adapter is NOT alpha*dW_policy + (1-alpha)*dW_ref; it is the usual approximation
 close. For the exact soft rule use a full (non-LoRA) reference model. TR-DPO cannot use precomputed
 reference log-probs: the reference changes.
 
-sDPO (§22): `sdpo_stages(ds, T)` -> T ordered chunks; before stage t the reference becomes the current
+sDPO (arXiv 2403.19270): `sdpo_stages(ds, T)` -> T ordered chunks; before stage t the reference becomes the current
 policy (`hard_update`, or recompute the precomputed reference log-probs with the policy).
-Curry-DPO (§23): `curry_pairs(scores)` orders one prompt's pairs, `curry_iterations(ranked_ds)` builds the
+Curry-DPO (arXiv 2403.07230): `curry_pairs(scores)` orders one prompt's pairs, `curry_iterations(ranked_ds)` builds the
 per-iteration pairwise datasets; each iteration's model is the next one's initialisation and reference.
 """
 
@@ -237,8 +238,8 @@ class TRDPOSchedule:
     """When the loop updates the reference (`step` = optimizer steps completed, from 1).
 
     hard: copy every `tau` steps (paper: tau = 512). soft: mix with `alpha` every `soft_every` steps
-    (paper: alpha = 0.6; every step by default). The paper's soft cadence is marked unverified in
-    losses.md §21; TRL's fused rule (mix with alpha every tau steps) is mode="soft", soft_every=tau."""
+    (paper: alpha = 0.6; every step by default). The soft cadence is not checked against
+    arXiv 2404.09656; TRL's fused rule (mix with alpha every tau steps) is mode="soft", soft_every=tau."""
 
     mode: Literal["soft", "hard"]
     alpha: float = 0.6

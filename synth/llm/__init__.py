@@ -1,4 +1,4 @@
-"""Generation backends (DESIGN.md §3). `build_llm` is the one way pipelines get one:
+"""Generation backends (hf, vllm, openai-compatible servers, tiny). `build_llm` is the one way pipelines get one:
 
     llm = build_llm(cfg.llm, cfg.model, cache_path=out / "cache.sqlite")
     outs = llm.generate(requests, SamplingParams(n=4, temperature=0.7))   # list[list[Completion]]

@@ -1,7 +1,8 @@
 """The one batch-first generation Protocol every backend implements.
 
 A stage hands the WHOLE batch (all prompts x n samples) to `generate` in one call, so vLLM batches
-continuously and the OpenAI client fills its concurrency (DESIGN.md §2 principle 5).
+continuously and the OpenAI client fills its concurrency (a stage never loops over
+single prompts).
 
 Conventions every backend honours:
 - a request is a list of chat messages; the chat template is applied by the backend (or server);

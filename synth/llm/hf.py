@@ -19,7 +19,8 @@ The model is named as in synth/modelfiles.py: hub id, folder, `.gguf` file or `p
 Stop strings and per-row max_new_tokens are a per-row stopping criterion; text is cut at the first
 stop string (finish_reason "stop"); a row that hits its max_new_tokens without EOS is "length". A prompt
 longer than `max_input_tokens` is not generated: it returns empty text with finish_reason
-"prompt_too_long" (data, not an exception; DESIGN.md §2 principle 6).
+"prompt_too_long" (data, not an exception: one bad prompt must not stop a
+long run).
 """
 
 from __future__ import annotations

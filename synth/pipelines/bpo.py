@@ -1,17 +1,19 @@
-"""`pipeline=bpo` and `pipeline=bpo_rewrite` (Black-Box Prompt Optimization, specs/methods.md §4).
+"""`pipeline=bpo` and `pipeline=bpo_rewrite` (Black-Box Prompt Optimization,
+Cheng et al. 2023, arXiv 2311.04155; code: thu-coai/BPO).
 
 `bpo` builds rewriter training data from (prompt, good, bad) rows: our preferences.jsonl
 (`source=jsonl`), hh-rlhf (`source=hh_rlhf source.turns=all`) or BPO's own JSON
 (`source.fields.prompt=prompt source.fields.chosen=good_res source.fields.rejected=bad_res`).
 Role `policy` = the construction LLM (gpt-3.5-turbo at T=0.9 in the repo). Each row of `sft.jsonl`
 trains the REWRITER: user = the rewriter format around the original prompt, assistant = the optimised
-prompt. Never responses (§9).
+prompt. Never responses (the rewriter learns to rewrite prompts, not to answer them).
 
-`bpo_rewrite` applies a rewriter (role `policy`: any backend/model, e.g. a LoRA adapter from
-`train loop=sft` via `llm.adapter=...`) to a prompt source -> `rewrites.jsonl` (original, rewritten).
-`safety: true` asks a general instruction model to rewrite unsafe requests into their safe intent
-(§4.5). `respond: true` also answers the rewritten prompt with role `target` (default: the policy)
-and writes `sft.jsonl` rows (original prompt -> that answer), the prompt-sanitiser stage of §4.5.
+`bpo_rewrite` applies a rewriter (role `policy`: any backend/model, e.g. a LoRA adapter from `train loop=sft`
+via `llm.adapter=...`) to a prompt source -> `rewrites.jsonl` (original, rewritten). `safety: true` asks a
+general instruction model to rewrite unsafe requests into their safe intent (rule 1 of BPO's no-context
+construction prompt, thu-coai/BPO src/data_construction/chatgpt_infer.py). `respond: true` also answers the
+rewritten prompt with role `target` (default: the policy) and writes `sft.jsonl` rows (original prompt -> that
+answer), a prompt-sanitiser stage in front of any generator.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from synth.steps.candidates import CandidateSpec, register_candidates
 class BpoConfig(PipelineConfig):
     name: str = "bpo"
     sampling: Sampling = Sampling(temperature=0.9, max_new_tokens=1024)  # chatgpt_infer.py: T=0.9
-    require_end_marker: bool = True  # an answer without "[END]" may have run on into answering (§4.7)
+    require_end_marker: bool = True  # an answer without "[END]" may have run on into answering
     max_shrink_ratio: float = Field(2.0, ge=1)  # drop if words(orig)/words(opt) > 2 (process_optimized_prompts.py)
     max_growth_ratio: float = Field(6.0, ge=1)  # drop if words(opt)/words(orig) > 6
     context_field: str = "context"  # Alpaca-style context in the row (source meta), if any
@@ -102,14 +104,14 @@ class BpoPipeline(Pipeline):
 
 class BpoRewriteConfig(PipelineConfig):
     name: str = "bpo_rewrite"
-    sampling: Sampling = Sampling(temperature=0.6, top_p=0.9, max_new_tokens=1024)  # BPO README (§4.4)
-    safety: bool = False  # rewrite unsafe requests into their safe intent (§4.5), general-model prompt
+    sampling: Sampling = Sampling(temperature=0.6, top_p=0.9, max_new_tokens=1024)  # thu-coai/BPO README inference
+    safety: bool = False  # rewrite unsafe requests into their safe intent, general-model prompt
     max_shrink_ratio: float = Field(2.0, ge=1)  # same filters as the training data: a rewrite that lost or
     max_growth_ratio: float = Field(6.0, ge=1)  # ballooned the prompt is dropped (counted), not sent on
     respond: bool = False  # also answer the rewritten prompt with role `target` -> sft.jsonl
     # the black-box model that answers: {llm: {...}, model: {...}} as in conf/llm, conf/model; null = policy
     target: dict[str, Any] | None = None
-    response_sampling: Sampling = Sampling(temperature=0.7, top_p=1.0, max_new_tokens=2048)  # repo inference (§4.4)
+    response_sampling: Sampling = Sampling(temperature=0.7, top_p=1.0, max_new_tokens=2048)  # thu-coai/BPO's Llama-2
 
 
 class BpoRewritePipeline(Pipeline):
@@ -167,7 +169,7 @@ class BpoRewritePipeline(Pipeline):
 
     def _respond(self, rows: list[dict[str, Any]], ctx: Context, state: ChunkState) -> None:
         """The target answers the REWRITTEN prompt; the SFT row pairs that answer with the ORIGINAL
-        prompt (§4.5), so the trained model learns to engage safely with the raw request."""
+        prompt, so the trained model learns to engage safely with the raw request."""
         calls = [Call(r["id"], [Message(**m) for m in r["prompt"]]) for r in rows]
         role = self._target.role if self._target is not None else "target"
         results = run_calls(ctx, state, "bpo_respond", role, calls, self.cfg.response_sampling.params())

@@ -1,4 +1,5 @@
-"""`pipeline=judge`: rank k responses per prompt with an AI judge (specs/methods.md §8).
+"""`pipeline=judge`: rank k responses per prompt with an AI judge (MT-Bench's judge protocols,
+Zheng et al. 2023, arXiv 2306.05685; ratings as in lm-sys/FastChat's Chatbot Arena code).
 
 Roles: candidates are sampled by the `candidates` models (each its own backend, or the policy), or
 read from the data; the `judge` role (default: the policy backend itself) judges them.
@@ -62,9 +63,9 @@ class _Strict(BaseModel):
 
 
 class PairwiseSettings(_Strict):
-    logprobs: bool = False  # soft verdict from A/B token log-probs at a "[[" prefill (RLAIF §2.2)
-    top_logprobs: int = Field(20, ge=1)  # vLLM's default --max-logprobs cap (§0.2)
-    tie_band: float = Field(0.1, ge=0, le=0.5)  # |p - 0.5| <= tie_band is a tie (RLAIF's optional δ filter, §2.2 step 6)
+    logprobs: bool = False  # soft verdict from A/B token log-probs at a "[[" prefill (RLAIF, arXiv 2309.00267)
+    top_logprobs: int = Field(20, ge=1)  # vLLM's default --max-logprobs cap
+    tie_band: float = Field(0.1, ge=0, le=0.5)  # |p - 0.5| <= tie_band is a tie (RLAIF's optional δ filter)
 
 
 class ListwiseSettings(_Strict):
@@ -72,7 +73,7 @@ class ListwiseSettings(_Strict):
 
 
 class RubricSettings(_Strict):
-    samples: int = Field(3, ge=1)  # m ratings per response, averaged (as Self-Rewarding's 3 judge samples, §3a)
+    samples: int = Field(3, ge=1)  # m ratings per response, averaged (as Self-Rewarding's 3 judge samples)
     temperature: float = Field(0.7, ge=0)  # > 0 so the m samples differ
     min_valid: int = Field(1, ge=1)  # fewer parsed ratings than this leave the response out (never a default score)
 
@@ -82,7 +83,7 @@ class JointSettings(_Strict):
 
 
 class RatingSettings(_Strict):
-    bootstrap: int = Field(1000, ge=1)  # resamples for the CIs (FastChat, §8.3)
+    bootstrap: int = Field(1000, ge=1)  # resamples for the CIs (as FastChat's Arena ratings)
     elo_k: float = Field(4.0, gt=0)  # online Elo K (FastChat compute_elo)
     anchor: str | None = None  # model pinned to anchor_rating; null = mean 1000
     anchor_rating: float = Field(1000.0, gt=-1e9, lt=1e9)
@@ -183,7 +184,7 @@ class JudgePipeline(Pipeline):
             p_win = None if r.p_i is None else (r.p_i if r.winner == "i" else 1 - r.p_i)
             extra = {"verdicts": {"ij": r.verdicts[0], "ji": r.verdicts[1]}, "order_ij": [r.i.name, r.j.name]}
             if near_identical(win.text, lose.text):
-                state.drop_part("pair", "near_identical_pair")  # §0.4: no signal in a pair of (near-)equal texts
+                state.drop_part("pair", "near_identical_pair")  # no signal in a pair of (near-)equal texts
                 continue
             state.emit("preferences", self._pref(it, win, lose, ctx, p_chosen=p_win, meta=extra))
         if all(r.winner is not None for r in results):
@@ -267,7 +268,7 @@ class JudgePipeline(Pipeline):
         ordered = sorted(valid, key=lambda cs: (-cs[1], cs[0].index))
         if self.cfg.pairs == "best_vs_worst":
             if ordered[0][1] == ordered[-1][1]:
-                state.drop("tie")  # equal scores give no preference (§0.4)
+                state.drop("tie")  # equal scores give no preference
                 return []
             return [(ordered[0], ordered[-1])]
         return [(a, b) for a, b in itertools.combinations(ordered, 2) if a[1] > b[1]]
@@ -342,7 +343,7 @@ def judge_report(out_dir: Path, mode: str, rating: RatingSettings, seed: int) ->
         plot_ratings(bt, out_dir / "bt_scores.png")
         report.update(bradley_terry=bt, elo={"method": "elo", "k": rating.elo_k, "models": elo["models"]}, chart="bt_scores.png")
     pair = [b for b in battles if b["kind"] == "data" and b["winner"] != "tie"]
-    if pair:  # AI-labeller alignment with the data's own label (RLAIF's health metric, §2.2)
+    if pair:  # AI-labeller alignment with the data's own label (RLAIF's "AI labeler alignment", arXiv 2309.00267)
         chosen_won = sum((b["model_a"] if b["winner"] == "a" else b["model_b"]) == "chosen" for b in pair)
         report["agreement_with_source"] = {"rate": round(chosen_won / len(pair), 4), "decisive": len(pair)}
     return report

@@ -1,4 +1,4 @@
-"""`pipeline=self_rewarding` (Yuan et al. 2024, specs/methods.md §3a): one AIFT(M_t) round.
+"""`pipeline=self_rewarding` (Yuan et al. 2024, arXiv 2401.10020): one AIFT(M_t) round.
 
 Roles: `policy` (M_t) samples k candidates per prompt and, optionally, writes new prompts by few-shot
 self-instruct; `judge` scores each candidate m times with the additive 5-point rubric. The judge
@@ -6,7 +6,8 @@ defaults to the policy backend itself, as in the paper (self-judging by design: 
 
 Per prompt: k candidates (T=0.7, top_p=0.9, k=4) -> m=3 judgements each, averaged over the ones that
 parse -> chosen = best mean, rejected = worst mean -> preferences.jsonl; ties and candidates without a
-valid judgement never form pairs. `finalize` adds length statistics of chosen vs rejected (§0.4, §8.2).
+valid judgement never form pairs. `finalize` adds length statistics of chosen vs rejected
+(judges favour longer answers; Self-Rewarding's responses grow longer every iteration).
 
 With `meta_judge.enabled` (Meta-Rewarding, Wu et al. 2024, arXiv 2407.19594 §2.2) the same judge role
 also acts as meta-judge: per prompt it takes the candidate whose judge scores vary most, compares every
@@ -46,7 +47,8 @@ from synth.steps.self_reward import (
 
 
 class NewPrompts(BaseModel):
-    """Few-shot self-instruct prompt generation from the source's prompts as seeds (§3a step 1)."""
+    """Few-shot self-instruct prompt generation from the source's prompts as seeds (the paper's
+    self-instruction creation step)."""
 
     model_config = ConfigDict(extra="forbid")
     enabled: bool = False
@@ -54,7 +56,7 @@ class NewPrompts(BaseModel):
     shots: int = Field(8, ge=1)  # demonstrations per request (the paper uses 8-shot)
     keep_seed_prompts: bool = False  # also build pairs for the seed prompts themselves
     near_duplicate_threshold: float = Field(0.7, gt=0, le=1)  # character-shingle Jaccard against seeds and earlier prompts
-    sampling: Sampling = Sampling(temperature=0.6, top_p=0.9, max_new_tokens=256)  # §3a step 1 / Oxen
+    sampling: Sampling = Sampling(temperature=0.6, top_p=0.9, max_new_tokens=256)  # as Oxen-AI's re-implementation
 
 
 class MetaJudge(BaseModel):
@@ -68,12 +70,12 @@ class MetaJudge(BaseModel):
 
 class SelfRewardingConfig(PipelineConfig):
     name: str = "self_rewarding"
-    k: int = Field(4, ge=2)  # candidates per prompt (§3a step 2)
-    sampling: Sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=1024)  # §3a step 2
-    judge_samples: int = Field(3, ge=1)  # m judgements per candidate, averaged (§3a step 3)
+    k: int = Field(4, ge=2)  # candidates per prompt (N = 4 in the paper)
+    sampling: Sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=1024)  # the paper's candidate sampling
+    judge_samples: int = Field(3, ge=1)  # m judgements per candidate, averaged (3 in the paper)
     judge_sampling: Sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=512)
-    min_valid_judgements: int = Field(1, ge=1)  # spec §3a: failed judgements are dropped, the candidate only when all fail
-    length_control_rho: float = Field(0.0, ge=0, le=1)  # Meta-Rewarding's ρ (§3b); 0 = plain max vs min
+    min_valid_judgements: int = Field(1, ge=1)  # failed judgements are dropped, the candidate only when all fail
+    length_control_rho: float = Field(0.0, ge=0, le=1)  # Meta-Rewarding's ρ (arXiv 2407.19594); 0 = max vs min
     iteration: int = Field(1, ge=0)  # t of AIFT(M_t), written on every row
     new_prompts: NewPrompts = NewPrompts()
     meta_judge: MetaJudge = MetaJudge()
@@ -154,7 +156,7 @@ class SelfRewardingPipeline(Pipeline):
         groups = []
         for it, samples in zip(targets, results):
             texts = [s.text for s in samples if not (s.completion.truncated and self.cfg.drop_truncated)]
-            if len(texts) < len(samples):  # a truncated answer is not a training target (§0.4)
+            if len(texts) < len(samples):  # a truncated answer is not a training target
                 state.drop_part("candidate", "truncated_candidate", len(samples) - len(texts))
             groups.append((it, texts))
         return groups
@@ -169,7 +171,7 @@ class SelfRewardingPipeline(Pipeline):
             return
         chosen, rejected = pair
         if near_identical(chosen.text, rejected.text):
-            state.drop("near_identical_pair")  # §0.4: no signal in a pair of (near-)equal texts
+            state.drop("near_identical_pair")  # no signal in a pair of (near-)equal texts
             return
         policy, judge = ctx.llm("policy").model, ctx.llm("judge").model
         state.emit("preferences", PreferenceRecord(
@@ -247,7 +249,8 @@ def meta_judge_report(out_dir: Path) -> dict[str, Any]:
 
 
 def length_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Chosen vs rejected length in characters (§0.4: log it every iteration; §8.2: alert when the
+    """Chosen vs rejected length in characters (logged every iteration: judges favour
+    length, Zheng et al. 2023, arXiv 2306.05685; warn when the
     chosen answer is the longer one in more than ~70% of pairs)."""
     if not rows:
         return {"length": None}
@@ -260,7 +263,8 @@ def length_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def score_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean chosen/rejected scores and margin; a skewed score distribution shows up here (§3a)."""
+    """Mean chosen/rejected scores and margin; a skewed score distribution shows up here
+    (most Self-Rewarding judgements land on 4)."""
     if not rows:
         return {"scores": None}
     return {"scores": {"chosen_mean": round(statistics.mean(r["score_chosen"] for r in rows), 4),

@@ -1,8 +1,8 @@
-"""Red-team attacker step (specs/methods.md §7, §7.1, §7.2): an attacker model writes adversarial test
-prompts for one taxonomy category and one attack family.
+"""Red-team attacker step (red teaming with LMs, Perez et al. 2022, arXiv 2202.03286): an attacker model
+writes adversarial test prompts for one taxonomy category and one attack family.
 
 Each request asks for ONE prompt and is sampled n=k times (Perez et al.'s zero-shot generator draws
-independent samples with nucleus sampling, §7.1), so a malformed sample costs one prompt, not a list.
+independent samples with nucleus sampling), so a malformed sample costs one prompt, not a list.
 The parser strips echoed labels, list numbering and wrapping quotes; it does not cut at "User:" turns,
 because in-context-example attacks contain fake dialogue on purpose.
 """
@@ -18,8 +18,9 @@ from synth.prompts import render
 from synth.records import Judgement, Message
 from synth.steps.base import Call, Sample, run_calls, user
 
-# §7.2 families; each has a block in red_team_attack.<lang>.j2. (Generation exploitation is not a
-# prompt family: it is the decoding sweep applied when the target answers, §7.2.1.)
+# Common jailbreak families (role-play, goal hijacking, prompt leaking, in-context examples); each has a block
+# in red_team_attack.<lang>.j2. (Generation exploitation is not a prompt family: it is the decoding sweep
+# applied when the target answers: Huang et al. 2023, arXiv 2310.06987, Princeton-SysML/Jailbreak_LLM.)
 FAMILIES = ("direct", "role_play", "goal_hijacking", "prompt_leaking", "in_context")
 
 _LABEL = re.compile(r"^\s*(?:\*\*)?\s*(?:test prompt|prompt|测试提示词|提示词)\s*(?:\*\*)?\s*[:：]\s*", re.IGNORECASE)

@@ -1,6 +1,7 @@
 """What every step shares: one batched backend call, pure parsing, a trace row per sample.
 
-A step module has three parts (DESIGN.md §2 principle 5):
+A step module has three parts, so prompt building and parsing stay pure and testable and the one
+model call is batched:
 - `build_prompt(...) -> list[Message]`: pure; renders a template from synth/prompts;
 - `parse(text) -> Judgement`: pure; a failure returns parse_status "failed" and parsed None;
 - a small batched function that builds all `Call`s of the chunk and hands them to `run_calls`, which

@@ -1,4 +1,4 @@
-"""BPO steps (Cheng et al. 2023, specs/methods.md §4; thu-coai/BPO).
+"""BPO steps (Cheng et al. 2023, arXiv 2311.04155; thu-coai/BPO).
 
 - `build_construct` / `parse_optimized`: an LLM compares a good and a bad response and writes an
   optimised instruction; ONLY the text after `Optimized Instruction:` up to `[END]` is kept, with a safe
@@ -82,7 +82,8 @@ def count_words(text: str) -> int:
 
 
 def ratio_filter(original: str, optimized: str, max_shrink: float = 2.0, max_growth: float = 6.0) -> str | None:
-    """The reason to drop an optimised prompt, or None (methods.md §4.2 filters)."""
+    """The reason to drop an optimised prompt, or None (the filters of thu-coai/BPO's
+    data construction, src/data_construction/process_optimized_prompts.py)."""
     if "[protected" in optimized:
         return "protected_marker"
     n_orig, n_opt = count_words(original), count_words(optimized)
@@ -94,7 +95,8 @@ def ratio_filter(original: str, optimized: str, max_shrink: float = 2.0, max_gro
 
 
 def attach_context(instruction: str, context: str, rng: random.Random) -> str:
-    """Re-attach an Alpaca-style context in a randomised layout (§4.2: newline-separated half of the
+    """Re-attach an Alpaca-style context in a randomised layout (as thu-coai/BPO's data
+    construction does: newline-separated half of the
     time, otherwise space-separated (1/4) or quoted (3/4)); a text that already holds it is kept."""
     if not context or context in instruction:
         return instruction

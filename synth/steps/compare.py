@@ -1,17 +1,20 @@
-"""Multiple-choice comparison with soft labels (specs/methods.md §0.2 items 3-5, §1.3, §2.2).
+"""Multiple-choice comparison with soft labels (RL-CAI, Bai et al. 2022, arXiv 2212.08073, §4.1;
+RLAIF, Lee et al. 2023, arXiv 2309.00267, §2.1).
 
 One comparison = a conversation, two responses y1 / y2 and one principle's comparison question. It is
 asked in BOTH orders (order 1: y1 is (A); order 2: y2 is (A)) because small judges keep picking the
-same slot (§2.4, §8.2). Each order gives q = p(y1 preferred):
+same slot (position bias; Zheng et al. 2023, arXiv 2306.05685, measure it). Each order gives
+q = p(y1 preferred):
 
 - logprobs: the assistant turn is prefilled with the answer stem "The answer is: (" and ONE token is
-  generated with top logprobs; the options are read from that position's top tokens (§0.2 item 3);
+  generated with top logprobs; the options are read from that position's top tokens;
 - votes: k sampled answers after the same stem, q = votes(y1) / (votes(A) + votes(B));
-- chain of thought (§1.3 step 5, §2.2 step 4): a first call samples the reasoning after "Let's think
-  step by step:", a second call appends "So the answer is: (" and reads the answer as above; CoT
+- chain of thought (RL-CAI's CoT labels, RLAIF's two-step CoT): a first call samples the reasoning after
+  "Let's think step by step:", a second call appends "So the answer is: (" and reads the answer as above; CoT
   probabilities are clamped to [0.4, 0.6] because they sit near 0 or 1.
 
-A position whose top tokens hold neither option is a parse failure, never 50/50 (§0.2).
+A position whose top tokens hold neither option is a parse failure, never 50/50 (a made-up 50/50 would
+enter the soft labels as a real judgement).
 """
 
 from __future__ import annotations
@@ -129,14 +132,15 @@ class SoftLabel:
 
 
 def combine(per_principle: Sequence[tuple[float | None, float | None]]) -> SoftLabel:
-    """Average each order over principles, then the two orders (RLAIF's position-debiased label,
-    §2.2 step 3). A principle with a failed order is left out: one order alone is position-biased."""
+    """Average each order over principles, then the two orders (RLAIF's position-debiased label, Lee et al.
+    2023, arXiv 2309.00267, §2.1.1). A principle with a failed order is left out: one order alone is
+    position-biased."""
     both = [(a, b) for a, b in per_principle if a is not None and b is not None]
     if not both:
         return SoftLabel(None, None, None, False, 0)
     p1 = sum(a for a, _ in both) / len(both)
     p2 = sum(b for _, b in both) / len(both)
-    agree = (p1 - 0.5) * (p2 - 0.5) > 0  # both orders prefer the same response (conservative rule, §8.1)
+    agree = (p1 - 0.5) * (p2 - 0.5) > 0  # both orders prefer the same response (MT-Bench's conservative rule)
     return SoftLabel((p1 + p2) / 2, p1, p2, agree, len(both))
 
 

@@ -1,11 +1,11 @@
-"""SL-CAI critique step (specs/methods.md §1.2, call A): the model critiques its own last reply under
-one constitution principle.
+"""SL-CAI critique step (Bai et al. 2022, arXiv 2212.08073, §3.1): the model critiques its own last reply
+under one constitution principle.
 
-The transcript is a chat: ... user(prompt), assistant(reply), user(critique request) -> critique. The
-paper's transcript labels ("CritiqueRequest:", "Revision:", "Human:") are not sent, but models echo
-them; the parser strips an echoed "Critique:" label and cuts at the next section label or invented
-human turn (the paper stops at the next RevisionRequest or a blank Human turn, §1.2; perspective
-confusion, §1.5). Backends honour the stop strings too; the cut makes the result backend-independent.
+The transcript is a chat: ... user(prompt), assistant(reply), user(critique request) -> critique. The paper's
+transcript labels ("CritiqueRequest:", "Revision:", "Human:") are not sent, but models echo them; the parser
+strips an echoed "Critique:" label and cuts at the next section label or invented human turn (the paper's
+transcripts stop at the next RevisionRequest or a blank Human turn; without this cut a model may answer as the
+human). Backends honour the stop strings too; the cut makes the result backend-independent.
 """
 
 from __future__ import annotations

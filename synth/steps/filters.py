@@ -1,4 +1,5 @@
-"""Generic text filters shared by pipelines (specs/methods.md §0.4): normalisation, exact and
+"""Generic text filters shared by pipelines (dedup before pairing: identical or
+near-identical chosen/rejected texts carry no preference signal): normalisation, exact and
 near-duplicate detection, CJK detection.
 
 Near-duplicates are found by Jaccard similarity of character n-gram shingles of the normalised text.

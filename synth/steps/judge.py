@@ -1,11 +1,12 @@
-"""Judging steps for `pipeline=judge` (specs/methods.md §8.1): pairwise in both orders, listwise over
-a shuffled list, and pointwise rubric grading with m samples averaged.
+"""Judging steps for `pipeline=judge` (MT-Bench protocols, Zheng et al. 2023, arXiv 2306.05685;
+lm-sys/FastChat fastchat/llm_judge): pairwise in both orders, listwise over a shuffled list, and pointwise
+rubric grading with m samples averaged.
 
-Pairwise follows MT-Bench's conservative swap rule: every pair is asked as (i, j) and as (j, i) in the
-same batched call, and i wins only when both orders say so; disagreement is a tie (§8.1, §8.2). With
-`logprobs`, the verdict is read from the A/B token probabilities at a prefilled "[[" stem and the two
-orders are averaged, p(i ≻ j) = ½(q_ij(A) + q_ji(B)) (RLAIF's position-debiased label, §2.2), with a
-tie band around 0.5. Parse failures are recorded and never become a winner or a score.
+Pairwise follows MT-Bench's conservative swap rule: every pair is asked as (i, j) and as (j, i) in the same
+batched call, and i wins only when both orders say so; disagreement is a tie. With `logprobs`, the verdict is
+read from the A/B token probabilities at a prefilled "[[" stem and the two orders are averaged, p(i ≻ j) =
+½(q_ij(A) + q_ji(B)) (RLAIF's position-debiased label, Lee et al. 2023, arXiv 2309.00267, §2.1.1), with a tie
+band around 0.5. Parse failures are recorded and never become a winner or a score.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def read_ab_logprobs(comp: Completion) -> Judgement:
     """P(A) vs P(B) from the first generated token's top log-probs, read exactly as RL-CAI's
     comparisons read them (`compare.parse_logprobs`: " A", "A", "A]]" all count as A; one letter
     missing from the top-k gets the smallest listed log-prob, flagged `bounded`; neither letter is a
-    failure, never 50/50, §0.2)."""
+    failure, never 50/50)."""
     j = parse_logprobs(comp)
     if not j.ok:
         return j

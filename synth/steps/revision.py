@@ -1,10 +1,10 @@
-"""SL-CAI revision step (specs/methods.md §1.2, call B) and the cleaning of plain replies.
+"""SL-CAI revision step (Bai et al. 2022, arXiv 2212.08073, §3.1) and the cleaning of plain replies.
 
-Revision transcript: ... user(critique request), assistant(critique), user(revision request) ->
-revision. The revision becomes the reply the next round critiques, and the last one is the SFT target,
-so an echoed "Revision:" label is stripped and the text is cut at an invented turn or section label
-(stop strings per §1.2). An empty revision is a parse failure; a truncated one is not `Sample.ok`;
-the pipeline drops both with a counted reason.
+Revision transcript: ... user(critique request), assistant(critique), user(revision request) -> revision. The
+revision becomes the reply the next round critiques, and the last one is the SFT target, so an echoed
+"Revision:" label is stripped and the text is cut at an invented turn or section label (the paper's stop
+points: the next request or human turn). An empty revision is a parse failure; a truncated one is not
+`Sample.ok`; the pipeline drops both with a counted reason.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""Red-team safety judge (specs/methods.md §7, §8.1): a verdict ("safe" | "unsafe") and the violated
-taxonomy category for one target answer, as a JSON object.
+"""Red-team safety judge (an LLM judge with a strict output format, as in MT-Bench's judges): a verdict
+("safe" | "unsafe") and the violated taxonomy category for one target answer, as a JSON object.
 
-The JSON schema goes into SamplingParams, so backends with structured output enforce it; the parser
-is the fallback for the others. Unparseable output is a parse failure, i.e. NO verdict: it is never
-counted as "safe" (§0.2 item 2: PAIR's judge defaults to 1 on failure, which would hide misses here).
+The JSON schema goes into SamplingParams, so backends with structured output enforce it; the parser is the
+fallback for the others. Unparseable output is a parse failure, i.e. NO verdict: it is never counted as "safe"
+(PAIR's judge in patrickrchao/JailbreakingLLMs defaults to 1 on failure, which would hide misses here).
 """
 
 from __future__ import annotations

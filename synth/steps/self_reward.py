@@ -1,4 +1,5 @@
-"""Self-Rewarding steps (Yuan et al. 2024, specs/methods.md §3a; the ρ selector of Meta-Rewarding §3b).
+"""Self-Rewarding steps (Yuan et al. 2024, arXiv 2401.10020; the ρ selector of Meta-Rewarding,
+Wu et al. 2024, arXiv 2407.19594).
 
 - `judge_candidates`: the model judges each of its own k candidates m times with the additive 5-point
   prompt, in ONE call (k requests per prompt, n=m); scores are averaged over the parsed judgements.
@@ -20,7 +21,8 @@ from synth.steps import structure
 from synth.steps.base import Call, run_calls, user
 from synth.steps.judge import conversation
 
-# methods.md §3a step 3: `Score:\s*([0-5](?:\.\d+)?)\s*$`, last match; 得分 is the Chinese template's marker
+# The judge prompt ends with `Score: <total points>` (arXiv 2401.10020, Fig. 2); we parse
+# `Score:\s*([0-5](?:\.\d+)?)\s*$`, last match; 得分 is the Chinese template's marker
 _SCORE = re.compile(r"(?:Score|得分)\s*[:：]\s*([0-5](?:\.\d+)?)\s*$", re.MULTILINE)
 
 
@@ -75,8 +77,8 @@ def judge_candidates(
 
 
 def select_pair(cands: Sequence[Scored], rho: float = 0.0) -> tuple[Scored, Scored] | None:
-    """Meta-Rewarding's length-controlled selection (§3b); rho=0 is Self-Rewarding's max vs min (§3a
-    step 4), with the shortest of the best and the longest of the worst breaking score ties.
+    """Meta-Rewarding's length-controlled selection (arXiv 2407.19594); rho=0 is Self-Rewarding's max vs min
+    (arXiv 2401.10020), with the shortest of the best and the longest of the worst breaking score ties.
     chosen = shortest with mean >= (1-ρ)·Smax + ρ·Smin; rejected = longest with mean <= (1-ρ)·Smin + ρ·Smax.
     None when fewer than two candidates were scored or the chosen does not score strictly higher."""
     valid = [c for c in cands if c.mean is not None]
@@ -87,7 +89,7 @@ def select_pair(cands: Sequence[Scored], rho: float = 0.0) -> tuple[Scored, Scor
     bottom = [c for c in valid if c.mean <= (1 - rho) * s_min + rho * s_max + 1e-9]
     chosen = min(top, key=lambda c: (len(c.text), c.index))
     rejected = max(bottom, key=lambda c: (len(c.text), -c.index))
-    if chosen.mean <= rejected.mean:  # ties (e.g. constant scores) give no pair (§3a step 4)
+    if chosen.mean <= rejected.mean:  # ties (e.g. constant scores) give no pair (Self-Rewarding discards them)
         return None
     return chosen, rejected
 

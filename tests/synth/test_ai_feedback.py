@@ -1,4 +1,4 @@
-"""pipeline=ai_feedback (RL-CAI / RLAIF, specs/methods.md §1.3, §2.2) against scripted backends."""
+"""pipeline=ai_feedback (RL-CAI, arXiv 2212.08073 §4.1; RLAIF, arXiv 2309.00267 §2.1) against scripted backends."""
 
 import math
 import re
@@ -177,7 +177,7 @@ def test_cot_two_steps_and_clamp(tmp_path):
     llm = ScriptedLLM(responder(judge))
     m = run(tmp_path, llm, items("q"), cot=True)
     assert [len(r) for r, _ in llm.calls] == [1, 2, 2]  # respond, reasoning (both orders), answer stem
-    assert llm.calls[1][1][0].temperature == 0.0  # greedy rationale (§2.3)
+    assert llm.calls[1][1][0].temperature == 0.0  # greedy rationale (RLAIF's CoT)
     row = read_jsonl(tmp_path / "soft_labels.jsonl")[0]
     assert row["p_a_order1"] == pytest.approx(0.4) and row["p_a_order2"] == pytest.approx(0.4)
     assert row["clamped"] is True and row["cot"] == ["The safe one declines."] * 2

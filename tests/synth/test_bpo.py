@@ -1,4 +1,5 @@
-"""`pipeline=bpo` / `bpo_rewrite` (specs/methods.md §4): delimited parsing, filters, rewriter format."""
+"""`pipeline=bpo` / `bpo_rewrite` (Cheng et al. 2023, arXiv 2311.04155; thu-coai/BPO): delimited parsing,
+filters, rewriter format."""
 
 import json
 import random

@@ -1,4 +1,4 @@
-"""Constitutions: shipped files, the loader's errors, sampling (DESIGN.md §5)."""
+"""Constitutions: shipped files, the loader's errors, sampling."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from synth.constitution import (
     load_constitution,
 )
 
-# The taxonomy DESIGN.md §5 fixes: 5 L1, 33 L2, names and characters exactly, in this order.
+# The shipped Chinese safety taxonomy: 5 L1, 33 L2, names and characters exactly, in this order.
 EXPECTED_ZH_TAXONOMY: list[tuple[str, list[str]]] = [
     ("侵犯他人", ["个人信息", "其他权益", "名誉权", "肖像权", "身心健康", "隐私权"]),
     ("健康", ["心理健康", "身体健康"]),

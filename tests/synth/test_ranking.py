@@ -1,4 +1,4 @@
-"""Bradley–Terry / Elo ratings, position bias and the bar chart (specs/methods.md §8.3)."""
+"""Bradley–Terry / Elo ratings, position bias and the bar chart (as lm-sys/FastChat's Arena ratings)."""
 
 import random
 

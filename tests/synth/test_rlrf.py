@@ -1,4 +1,5 @@
-"""`pipeline=rlrf` (specs/methods.md §5): aspects, feedback parsing, refinement, what is paired with what."""
+"""`pipeline=rlrf` (Lee et al. 2024, arXiv 2403.14238): aspects, feedback parsing, refinement, what is paired
+with what."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""`pipeline=self_rewarding` (specs/methods.md §3a): score parsing, pair selection, exact rows."""
+"""`pipeline=self_rewarding` (Yuan et al. 2024, arXiv 2401.10020): score parsing, pair selection, exact rows."""
 
 import pytest
 

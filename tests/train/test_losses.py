@@ -1,7 +1,7 @@
-"""Golden values for every objective (specs/losses.md worked examples).
+"""Golden values for every objective (small worked examples, one per paper equation).
 
-Each expected value is derived here from the spec's formula with plain ``math`` and first checked
-against the number printed in the spec (6 decimals), then compared with the function under test.
+Each expected value is derived here from the paper's formula with plain ``math`` and first checked
+against a hand-computed reference value (6 decimals), then compared with the function under test.
 Properties (gradient signs, extremes, detached constants, padding) live in test_losses_properties.py.
 """
 
@@ -35,7 +35,7 @@ from train.losses.sft import sft_loss
 from train.losses.unlikelihood import cringe_loss, npo_loss
 
 TOL = 1e-5  # function vs. independent derivation
-SPEC = 1e-6  # independent derivation vs. the 6-decimal number printed in the spec
+SPEC = 1e-6  # independent derivation vs. the 6-decimal hand-computed reference value
 
 
 def t(*values: float) -> torch.Tensor:
@@ -72,7 +72,7 @@ def t0() -> dict[str, torch.Tensor]:
     )
 
 
-# ---------------------------------------------------------------- §1-2 DPO, cDPO, rDPO
+# ---------------------------------------------------------------- DPO, cDPO, rDPO
 
 def test_dpo_t0_and_extreme() -> None:
     check(dpo_loss(**t0()).losses, nls(BETA * H), 0.598139)
@@ -99,7 +99,7 @@ def test_cdpo_and_robust_t0() -> None:
     check(robust_dpo_loss(**t0(), epsilon=eps).losses, rdpo, 0.573139)
 
 
-# ---------------------------------------------------------------- §3 SLiC-HF / TRL hinge, §4 IPO
+# ---------------------------------------------------------------- SLiC-HF / TRL hinge, IPO
 
 def test_slic_hf_paper_form() -> None:
     delta, lam = 1.0, 0.5
@@ -127,7 +127,7 @@ def test_ipo_paper_and_trl_normalised() -> None:
     check(got.losses, (h_norm - 1 / (2 * tau)) ** 2, 21.467778)
 
 
-# ---------------------------------------------------------------- §5 KTO
+# ---------------------------------------------------------------- KTO
 
 def test_kto_worked_example() -> None:
     z0 = max(0.0, ((-11.5 - -11.8) + (-12.2 - -12.0)) / 2)
@@ -150,12 +150,12 @@ def test_kto_negative_kl_clamps_to_zero() -> None:
 
 
 def test_kto_kl_pair_indices_are_trl_shift() -> None:
-    assert kl_pair_indices(3).tolist() == [2, 0, 1]  # x1↔y3, x2↔y1, x3↔y2 (spec §5)
+    assert kl_pair_indices(3).tolist() == [2, 0, 1]  # x1↔y3, x2↔y1, x3↔y2 (each x_i meets the next prompt's y)
     with pytest.raises(ValueError):
         kl_pair_indices(1)
 
 
-# ---------------------------------------------------------------- §6 BCO
+# ---------------------------------------------------------------- BCO
 
 def test_bco_fresh_running_mean_and_given_delta() -> None:
     common = dict(policy_logps=t(-10.0, -12.0), reference_logps=t(-11.0, -11.0), labels=torch.tensor([True, False]))
@@ -173,7 +173,7 @@ def test_bco_pair_trl_head_form_is_summed() -> None:
     check(bco_pair_loss(**t0()).losses, nls(BETA * RHO_W) + nls(-BETA * RHO_L), 1.288793)
 
 
-# ---------------------------------------------------------------- §7 CPO, §8 ORPO, §11 SimPO
+# ---------------------------------------------------------------- CPO, ORPO, SimPO
 
 def test_cpo_t0_paper_nll() -> None:
     preference = nls(BETA * ((-10.0) - (-12.0)))
@@ -214,7 +214,7 @@ def test_simpo_both_parametrisations() -> None:
         simpo_loss(**t1, gamma=0.5, gamma_beta_ratio=0.25)
 
 
-# ---------------------------------------------------------------- §9 EXO, §10 DPOP, §12 RPO, §13 ODPO
+# ---------------------------------------------------------------- EXO, DPOP, RPO, ODPO
 
 def test_exo_pair_t0() -> None:
     eps, z = 1e-3, BETA * H
@@ -249,7 +249,7 @@ def test_odpo_offsets() -> None:
         odpo_loss(**t0(), score_chosen=t(0.4), score_rejected=t(0.9))
 
 
-# ---------------------------------------------------------------- §14 NPO, §19 APO
+# ---------------------------------------------------------------- NPO, APO
 
 def test_npo() -> None:
     out = npo_loss(policy_logps=t(-10.0, -12.0), reference_logps=t(-11.0, -11.0), beta=0.1)
@@ -268,7 +268,7 @@ def test_apo_t0() -> None:
     check(apo_down_loss(**t0()).losses, down, 0.975145)
 
 
-# ---------------------------------------------------------------- §15 LiPO-λ, §16 PRO, §17 RRHF
+# ---------------------------------------------------------------- LiPO-λ, PRO, RRHF
 
 def lipo_expected(base: float) -> float:
     psi, s = (1.0, 0.5, 0.0), (0.1, -0.1, 0.0)
@@ -285,7 +285,7 @@ def lipo_expected(base: float) -> float:
 
 
 def test_lipo_lambda() -> None:
-    # Δ weights quoted by the spec (log2 discount)
+    # Δ weights with a log2 discount (LiPO, arXiv 2402.01878)
     inv_d = [1 / math.log2(1 + r) for r in (1, 3, 2)]
     assert abs(1 - (2 ** 0.5 - 1)) * abs(inv_d[0] - inv_d[1]) == pytest.approx(0.292893, abs=SPEC)
     assert abs(1 - 0) * abs(inv_d[0] - inv_d[2]) == pytest.approx(0.369070, abs=SPEC)
@@ -309,7 +309,7 @@ def pro_expected(r: tuple[float, ...], big_r: tuple[float, ...]) -> float:
 def test_pro() -> None:
     ranking = pro_expected((-1.0, -1.2, -1.5), (2.0, 1.0, 0.0))
     assert ranking == pytest.approx(1.279104 + 0.554355, abs=2e-6)
-    # summed log-probs + lengths give the spec's length-normalised scores; top summed = −10
+    # summed log-probs + lengths give RRHF's length-normalised scores; top summed = −10
     common = dict(policy_logps=row(-10, -6, -3), lengths=row(10, 5, 2), scores=row(2.0, 1.0, 0.0),
                   mask=torch.ones(1, 3, dtype=torch.bool))
     out = pro_loss(**common, sft_weight=0.05)
@@ -333,7 +333,7 @@ def test_rrhf() -> None:
     check(out.losses, rank + 12.0, 12.2)
 
 
-# ---------------------------------------------------------------- §18 Cringe
+# ---------------------------------------------------------------- Cringe
 
 def test_cringe_token_values() -> None:
     # One negative token: target logit s⁻ = 2; the only other candidate with non-negligible mass has s⁺ = 3.
@@ -363,7 +363,7 @@ def test_cringe_excludes_negative_token(target: int, expected_plus: float) -> No
     check(out.losses, math.log1p(math.exp(logits[0, 0, target].item() - expected_plus)))
 
 
-# ---------------------------------------------------------------- §24 cost model, §25 Bradley–Terry, SFT
+# ---------------------------------------------------------------- cost model, Bradley–Terry, SFT
 
 def test_bradley_terry() -> None:
     r_c, r_r = t(1.5), t(0.5)

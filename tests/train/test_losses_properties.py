@@ -1,5 +1,5 @@
 """Properties every objective must have: finite at extreme logits, the paper's gradient signs,
-constants detached, padding inert (specs/losses.md rules 1-5)."""
+constants detached, padding inert (stable logsigmoid / log1mexp / logsumexp, fp32 log-ratios)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Agreement with TRL 1.16 where our objective and TRL's are the same function, and the documented
-difference where they are not (specs/losses.md "TRL notes" and cross-cutting traps 1, 2, 5, 7, 9).
+difference where they are not (label smoothing in "sigmoid", IPO length normalisation, ORPO's
+log1mexp, SimPO's γ, token-mean NLL terms).
 
 TRL's own code is called wherever it runs without a model: ``DPOTrainer._compute_loss`` and
 ``KTOTrainer._compute_loss`` with a lightweight stand-in ``self`` and a fake model that returns chosen
@@ -133,7 +134,7 @@ def test_dpo_trainer_losses_agree(loss_type: str, fn, kwargs: dict, trl_kwargs: 
 
 
 def test_ipo_paper_form_differs_from_trl_by_length_normalisation() -> None:
-    # trap 2, spec §4 on T0-len: TRL 21.467778, paper form 9.000000
+    # TRL averages IPO's log-probs over tokens, arXiv 2310.12036 Eq. 17 does not: TRL 21.467778, paper 9.000000
     t0 = {k: torch.tensor([v], dtype=F64) for k, v in zip(PAIRS, (-10.0, -12.0, -11.0, -11.0), strict=True)}
     assert trl_dpo("ipo", pairs=t0, lengths=([5], [6])) == pytest.approx(21.467778, abs=1e-6)
     assert ipo_loss(**t0, tau=0.1).losses.item() == pytest.approx(9.0)
@@ -145,7 +146,7 @@ def test_ipo_paper_form_differs_from_trl_by_length_normalisation() -> None:
 
 
 def test_cdpo_label_smoothing_ignored_by_trl_sigmoid() -> None:
-    # trap 1: TRL >= 0.29 "sigmoid" drops label_smoothing, so a ported cDPO config silently becomes DPO
+    # TRL >= 0.29 "sigmoid" drops label_smoothing, so a ported cDPO config silently becomes DPO
     trl = trl_dpo("sigmoid", label_smoothing=0.1)
     assert trl == pytest.approx(ours(dpo_loss, beta=0.1), abs=1e-10)
     assert ours(cdpo_loss, beta=0.1, epsilon=0.1) != pytest.approx(trl, abs=1e-3)
@@ -213,7 +214,7 @@ def test_cpo_preference_term_agrees() -> None:
 
 def test_cpo_nll_paper_sequence_vs_trl_token_mean() -> None:
     # TRL: loss = losses.mean() + cpo_alpha * CE, CE = nn.CrossEntropyLoss() over all chosen completion
-    # tokens of the batch (trl/experimental/cpo/cpo_trainer.py:826-845, 890). Spec §7 T0 example, |y_w| = 5.
+    # tokens of the batch (trl/experimental/cpo/cpo_trainer.py:826-845, 890). Example with |y_w| = 5.
     torch.manual_seed(0)
     logits = torch.randn(1, 5, 7, dtype=F64)
     targets = torch.randint(0, 7, (1, 5))
@@ -244,7 +245,7 @@ def test_simpo_matches_trl_cpo_simpo_in_both_parametrisations() -> None:
     torch.testing.assert_close(simpo_loss(policy_chosen_logps=w, policy_rejected_logps=lo, beta=2.0).losses, trl)
     absolute = simpo_loss(policy_chosen_logps=w, policy_rejected_logps=lo, beta=2.0, gamma=0.5, gamma_beta_ratio=None)
     torch.testing.assert_close(absolute.losses, trl)
-    # trap 7: TRL CPO's default β = 0.1 with simpo_gamma = 0.5 is a different objective from SimPO's β = 2
+    # TRL CPO's default β = 0.1 with simpo_gamma = 0.5 is a different objective from SimPO's β = 2
     trl_default_beta = CPOTrainer.cpo_loss(_cpo_self("simpo", beta=0.1, simpo_gamma=0.5), w, lo)[0]
     assert not torch.allclose(trl_default_beta, trl, atol=1e-3)
     smoothed = CPOTrainer.cpo_loss(_cpo_self("simpo", beta=2.0, simpo_gamma=0.5, label_smoothing=0.2), w, lo)[0]
@@ -272,7 +273,7 @@ def test_log1mexp_agrees_with_trl_except_at_zero() -> None:
 def test_orpo_nll_trl_includes_prompt_tokens() -> None:
     # TRL 1.16 ORPO: labels = input_ids where attention_mask == 1, i.e. prompt + completion
     # (trl/experimental/orpo/orpo_trainer.py:795-800); our chosen_nll is completion-only (the paper's L_SFT
-    # on the response; spec §8 says TRL masks the prompt, which no longer holds in 1.16).
+    # on the response; TRL 1.16 does not mask the prompt here).
     torch.manual_seed(1)
     logits = torch.randn(1, 6, 9, dtype=F64)
     ids = torch.randint(0, 9, (1, 6))

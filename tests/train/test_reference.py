@@ -146,7 +146,7 @@ def scalar_module(value: float) -> torch.nn.Linear:
 
 def test_soft_and_hard_updates_exact_values():
     ref, policy = scalar_module(1.0), scalar_module(2.0)
-    soft_update(ref, policy, alpha=0.6)  # losses.md §21 worked example
+    soft_update(ref, policy, alpha=0.6)  # TR-DPO soft update (arXiv 2404.09656), alpha = 0.6
     assert ref.weight.item() == pytest.approx(1.6, abs=1e-7)
     soft_update(ref, policy, alpha=0.6)
     assert ref.weight.item() == pytest.approx(0.6 * 2.0 + 0.4 * 1.6, abs=1e-7)
@@ -230,7 +230,7 @@ def test_sdpo_stages_split_in_order():
 
 
 def test_curry_pairs_worked_example():
-    assert curry_pairs([5, 4, 3, 2]) == [(0, 3, 3.0), (0, 2, 2.0), (0, 1, 1.0)]  # losses.md §23
+    assert curry_pairs([5, 4, 3, 2]) == [(0, 3, 3.0), (0, 2, 2.0), (0, 1, 1.0)]  # Curry-DPO (arXiv 2403.07230)
     assert curry_pairs([1, 3, 3, 2]) == [(1, 0, 2.0), (1, 3, 1.0)]  # ties with the best are dropped
     assert curry_order([0.5, 3.0, 1.0, 3.0]) == [1, 3, 2, 0]
 

@@ -197,7 +197,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
             progress.update(stage=progress.stage + 1, epoch=0)
             if progress.stage < len(stages):
                 stage_refs = None
-                if ref_mode == "precomputed":  # the reference becomes the policy as it is now (sDPO §22, Curry §23)
+                if ref_mode == "precomputed":  # the reference becomes the current policy (sDPO, Curry-DPO)
                     stage_refs = precompute(unwrapped, stages[progress.stage], kind, tokenizer, cfg, cache_dir,
                                             settings, accelerator, packed)
                 stage_ds = attach(stages[progress.stage], stage_refs)

@@ -1,8 +1,10 @@
-"""The objective catalogue: pure loss functions, one file per family (see specs/losses.md).
+"""The objective catalogue: pure loss functions, one file per family; each function's docstring cites
+its paper (arXiv id, equation) and, where it follows one, the official or TRL code.
 
 Every function takes tensors and scalar hyperparameters as keyword arguments and returns a
-:class:`LossOutput`; none sees a config, model, tokenizer or device (DESIGN.md §2.1). This package
-imports only torch and the standard library (DESIGN.md §2.8).
+:class:`LossOutput`; none sees a config, model, tokenizer or device, so each can be checked
+against worked values on its own (as in eric-mitchell/direct-preference-optimization's `preference_loss`).
+This package imports only torch and the standard library, so importing it stays cheap.
 
 Keyword vocabulary (the training loop feeds a loss by inspecting its signature)
 -----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Anchored Preference Optimisation: APO-zero and APO-down (spec §19).
+"""Anchored Preference Optimisation: APO-zero and APO-down (D'Oosterlinck et al. 2024,
+arXiv 2408.06266).
 
 Bounded plain-sigmoid losses (not log-sigmoid) on [B] summed log-probs; return :class:`LossOutput`.
 """

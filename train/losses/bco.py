@@ -1,4 +1,5 @@
-"""BCO: binary classifier optimisation on unpaired feedback, and its running reward mean δ (spec §6)."""
+"""BCO: binary classifier optimisation on unpaired feedback, and its running reward mean δ (Jung et al. 2024,
+arXiv 2404.04656)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from train.losses._core import LossOutput, Reduce, as_float, batch_mean
 
 
 class RunningMean:
-    """Cumulative running mean of a scalar stream: BCO's reward shift δ (spec §6, trap 4).
+    """Cumulative running mean of a scalar stream: BCO's reward shift δ (arXiv 2404.04656; as in TRL's
+BCO trainer, updated before use; TRL's `bco_pair` loss has no δ).
 
     The same estimator as TRL's ``RunningMoments`` mean (count from 0; TRL's 1e-24 start is the same
     to float precision): a cumulative mean, not an exponential moving average. It holds plain Python

@@ -1,4 +1,6 @@
-"""Margin/regression objectives on pairs: SLiC-HF, TRL's "hinge" (RSO hinge-norm), IPO (spec §3, 4, 31).
+"""Margin/regression objectives on pairs: SLiC-HF, TRL's "hinge" (RSO hinge-norm), IPO (SLiC-HF:
+Zhao et al. 2023, arXiv 2305.10425, Eq. 1; IPO: Azar et al. 2023, arXiv 2310.12036, Eq. 17; RSO hinge-norm:
+Liu et al. 2023, arXiv 2309.06657).
 
 Inputs are [B] summed completion log-probs; every function returns a :class:`LossOutput`.
 """
@@ -26,7 +28,7 @@ def slic_hf_loss(
 
     Shapes: all [B]. ``sft_target_logps`` is ℓθ(y_ref) of the SFT target for the prompt; when the
     data has none, y_ref = y_w (a common choice, not the paper's). δ = 1, λ = 0.5 are illustrative,
-    the paper tunes both (spec §3 [unverified as defaults]). Not TRL's "hinge": see :func:`hinge_loss`.
+    the paper tunes both (these defaults are not checked against it). Not TRL's "hinge": see :func:`hinge_loss`.
     """
     l_w, l_l = as_float(policy_chosen_logps), as_float(policy_rejected_logps)
     l_ref = l_w if sft_target_logps is None else as_float(sft_target_logps)
@@ -48,7 +50,7 @@ def hinge_loss(
     L = max(0, 1 − β h),  h = ρ_w − ρ_l  (reference-normalised).
 
     Shapes: all [B]. Equals β·max(0, 1/β − h): margin 1/β (10 nats at β = 0.1) and no SFT
-    regulariser, so it is *not* SLiC-HF (spec trap 8); RSO uses β = γ = 0.05.
+    regulariser, so it is *not* SLiC-HF; RSO uses β = γ = 0.05.
     """
     rho_w, rho_l = log_ratios(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
@@ -73,7 +75,8 @@ def ipo_loss(
     Shapes: all [B]. ``tau`` is TRL's ``beta``. Paper form (default): h = ρ_w − ρ_l on summed
     log-probs. ``length_normalise=True`` is TRL's form (all versions): h = ρ_w/|y_w| − ρ_l/|y_l|
     with the token counts ``chosen_lengths`` / ``rejected_lengths`` (clamped at 1, as TRL does).
-    The two differ by about the sequence length in the meaning of τ (spec §4, trap 2). Feeding
+    The two differ by about the sequence length in the meaning of τ (TRL's IPO averages log-probs over
+tokens; neither arXiv 2310.12036 nor the DPO authors' code does). Feeding
     per-token-mean log-probs (YAML ``length_normalised: true``) to the paper form is the same thing;
     do not do both.
     """

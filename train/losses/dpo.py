@@ -1,8 +1,10 @@
-"""The DPO family with a log-sigmoid link (specs/losses.md §1, 2, 6-pair, 9, 10, 12, 13).
+"""The DPO family with a log-sigmoid link (DPO, cDPO/rDPO, BCO pair, EXO, DPOP,
+RPO, ODPO; each function cites its paper).
 
-All inputs are [B] completion log-probs **summed** over completion tokens (spec rule 6) unless the
+All inputs are [B] completion log-probs **summed** over completion tokens (as in the DPO paper) unless the
 docstring says otherwise; every function returns a :class:`LossOutput` whose ``losses`` is [B].
-Reference log-probs are constants: they are detached here even if the caller forgot (spec rule 5).
+Reference log-probs are constants: they are detached here even if the caller forgot (the
+papers treat them as constants).
 """
 
 from __future__ import annotations
@@ -71,8 +73,9 @@ def cdpo_loss(
 ) -> LossOutput:
     """Conservative DPO, Mitchell 2023 (ericmitchell.ai/cdpo.pdf): label smoothing with flip rate ε.
 
-    L = (1−ε)[−log σ(βh)] + ε[−log σ(−βh)]   (spec §2; TRL ≤ v0.28 "sigmoid" + label_smoothing;
-    TRL ≥ v0.29 ignores label_smoothing in "sigmoid", spec trap 1). Shapes: all [B].
+    L = (1−ε)[−log σ(βh)] + ε[−log σ(−βh)]   (Mitchell 2023, "A note on DPO with noisy preferences";
+    TRL ≤ v0.28 "sigmoid" + label_smoothing;
+    TRL ≥ v0.29 ignores label_smoothing in "sigmoid"). Shapes: all [B].
     """
     if not 0.0 <= epsilon <= 1.0:
         raise ValueError(f"cdpo epsilon must lie in [0, 1], got {epsilon}")
@@ -95,7 +98,8 @@ def robust_dpo_loss(
     """Robust DPO, Chowdhury et al. 2024 (arXiv 2403.00409), unbiased under flip rate ε:
 
     L = {(1−ε)[−log σ(βh)] − ε[−log σ(−βh)]} / (1 − 2ε).   Shapes: all [B].
-    The flipped term is *subtracted*, so the loss can go negative; it is not clamped (spec §2).
+    The flipped term is *subtracted*, so the loss can go negative; it is not clamped (Chowdhury et al.
+    2024, arXiv 2403.00409).
     """
     if not 0.0 <= epsilon < 0.5:
         raise ValueError(f"robust DPO needs 0 <= epsilon < 0.5, got {epsilon}")
@@ -120,7 +124,7 @@ def rpo_loss(
     """RPO, Pang et al. 2024 (arXiv 2404.19733):  L = L_DPO + α · NLL(y_w) / |y_w|.
 
     Shapes: all [B]. ``chosen_nll`` is the per-sequence **length-normalised** NLL of the chosen
-    completion (the paper's form; TRL uses one token-mean over the whole batch, spec trap 9).
+    completion (the paper's form; TRL uses one token-mean over the whole batch).
     """
     dpo = dpo_loss(
         policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
@@ -143,7 +147,8 @@ def dpop_loss(
     """DPO-Positive (Smaug), Pal et al. 2024 (arXiv 2402.13228), Eq. 3:
 
     L = −log σ(β [h − λ · max(0, ℓref(y_w) − ℓθ(y_w))]).   Shapes: all [B].
-    The penalty sits *inside* β(...) (spec trap 6; public ports that add it outside are wrong) and is
+    The penalty sits *inside* β(...) (arXiv 2402.13228 Eq. 3; public ports that add it outside
+    are wrong) and is
     active only when the policy's chosen log-prob falls below the reference's.
     """
     rho_w, rho_l = log_ratios(
@@ -169,7 +174,7 @@ def odpo_loss(
     """ODPO, Amini et al. 2024 (arXiv 2402.10571):  L = −log σ(β h − Δ),  Δ = α log(s_w − s_l).
 
     Shapes: all [B]. ``ratio=True`` uses Δ = α log(s_w / s_l) (reference repo option). Δ is data
-    (detached) and **not** multiplied by β (spec trap 11). Requires s_w > s_l (and s_l > 0 for
+    (detached) and **not** multiplied by β (arXiv 2402.10571). Requires s_w > s_l (and s_l > 0 for
     ``ratio``); with scores in [0, 1], Δ < 0 loosens rather than tightens the margin.
     """
     s_w, s_l = as_float(score_chosen).detach(), as_float(score_rejected).detach()
@@ -223,9 +228,10 @@ def bco_pair_loss(
 ) -> LossOutput:
     """Paired BCO (Jung et al. 2024, arXiv 2404.04656) on preference pairs:
 
-    L = −log σ(βρ_w − δ) − log σ(−(βρ_l − δ))   (summed over the pair, not averaged; spec §6).
+    L = −log σ(βρ_w − δ) − log σ(−(βρ_l − δ))   (summed over the pair, not averaged; Jung et al.
+    2024, arXiv 2404.04656).
     Without ``running_mean``: δ = 0, TRL ≥ v0.29 ``bco_pair``. With it: δ = running mean of the
-    batch-mean reward, updated with this batch *before* use (TRL ≤ v0.28; spec trap 4); ``reduce``
+    batch-mean reward, updated with this batch *before* use (TRL ≤ v0.28); ``reduce``
     mean-all-reduces the batch mean first. Shapes: all [B].
     """
     rho_w, rho_l = log_ratios(

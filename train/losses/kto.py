@@ -1,4 +1,5 @@
-"""KTO: prospect-theoretic loss on unpaired feedback with the z0 KL reference point (spec §5)."""
+"""KTO: prospect-theoretic loss on unpaired feedback with the z0 KL reference point (Ethayarajh et al. 2024,
+arXiv 2402.01306)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def kto_reference_point(
 ) -> Tensor:
     """z0 = sg[max(0, mean_j(ℓθ(y'_j|x_j) − ℓref(y'_j|x_j)))] over mismatched pairs (the paper's reference point).
 
-    Either the [m] KL-pair log-probs (current policy, no-grad forward: spec trap 3), mean-all-reduced
+    Either the [m] KL-pair log-probs (current policy, no-grad forward, as in TRL), mean-all-reduced
     across processes by ``reduce`` before clamping, or a precomputed, already reduced ``kl``.
     """
     if kl is not None:
@@ -63,7 +64,7 @@ def kto_loss(
     Shapes: policy_logps, reference_logps, labels (bool, True = desirable) [B], summed log-probs;
     policy_kl_logps / reference_kl_logps [m] log-probs of mismatched pairs (see
     :func:`kl_pair_indices`). z0 is detached and clamped at 0 (:func:`kto_reference_point`); pass
-    ``reduce`` to all-reduce it, or a precomputed ``kl``. Plain sigmoid, not logsigmoid (spec trap 3).
+    ``reduce`` to all-reduce it, or a precomputed ``kl``. Plain sigmoid, not logsigmoid (arXiv 2402.01306).
     Paper guidance: λ_D n_D / (λ_U n_U) ∈ [1, 4/3].
     """
     labels = labels.bool()

@@ -1,4 +1,5 @@
-"""Listwise objectives over K responses per prompt: LiPO-λ, PRO, RRHF (spec §15, 16, 17).
+"""Listwise objectives over K responses per prompt: LiPO-λ, PRO, RRHF (LiPO: Liu et al. 2024, arXiv
+2402.01878; PRO: Song et al. 2023, arXiv 2306.17492; RRHF: Yuan et al. 2023, arXiv 2304.05302).
 
 Inputs are [B, K]; ``mask`` [B, K] bool marks real slots (False = padding, for ragged K). A padding
 slot contributes nothing to the loss or the gradient whatever values it holds (they are replaced
@@ -49,7 +50,7 @@ def lipo_lambda_loss(
     G = 2^ψ − 1 (assumes ψ ≥ 0), D(τ) = log_base(1 + τ).
 
     Shapes: all [B, K]; ``scores`` = ψ. τ_i is the 1-based rank of slot i by the model's current
-    scores s (descending, among real slots), so Δ is a detached constant (spec trap 15). The paper
+    scores s (descending, among real slots), so Δ is a detached constant. The paper
     writes "log": ``discount_base=2`` (LambdaLoss/NDCG, default) or ``math.e``; the base only rescales
     Δ. β = 0.05 [unverified]. The loss is a sum over pairs, per list.
     """
@@ -87,8 +88,8 @@ def pro_loss(
 
     Shapes: policy_logps (**summed**, [B, K]), lengths, scores = R, mask: [B, K]. The function
     normalises by ``lengths`` itself because the SFT term needs the summed log-prob of the top
-    response. logsumexp, not log(eps + Σ exp) (spec rule 4). ``reference_code_sft_scale=True``
-    multiplies the SFT term by (n − 1)² like the reference code (spec trap 10); the paper does not.
+    response. logsumexp, not the reference code's log(eps + Σ exp). ``reference_code_sft_scale=True``
+    multiplies the SFT term by (n − 1)² like the reference code; the paper does not.
     """
     mask = mask.bool()
     key = scores.masked_fill(~mask, float("-inf")).detach()
@@ -132,8 +133,8 @@ def rrhf_loss(
 
     Shapes: policy_logps (**summed**, [B, K]), lengths, scores = r, mask: [B, K]. The rank term is a
     sum over pairs with zero margin; the fine-tuning term is the summed NLL of the best response
-    (paper form; the reference code's padded mean over the first example is not reproduced, spec
-    trap). w = 1 (paper, train.sh; train.py's default 100).
+    (paper form; the reference code's padded mean over the first example is not
+    reproduced). w = 1 (paper, train.sh; train.py's default 100).
     """
     mask = mask.bool()
     summed = _clean(policy_logps, mask)

@@ -1,4 +1,5 @@
-"""Reference-free pairwise objectives: CPO, ORPO, SimPO (spec §7, 8, 11).
+"""Reference-free pairwise objectives: CPO, ORPO, SimPO (CPO: Xu et al. 2024, arXiv
+2401.08417; ORPO: Hong et al. 2024, arXiv 2403.07691; SimPO: Meng et al. 2024, arXiv 2405.14734).
 
 Inputs are [B] completion log-probs from the policy only; ORPO and SimPO expect per-token **means**
 (their YAMLs say ``length_normalised: true``). Every function returns a :class:`LossOutput`.
@@ -30,7 +31,7 @@ def cpo_loss(
 
     Shapes: all [B]. ``nll_form="sequence_sum"`` (paper): NLL = −ℓθ(y_w), the summed sequence NLL.
     ``"sequence_mean"``: NLL = ``chosen_nll``, the per-sequence length-normalised NLL (closer to
-    TRL, which uses one token-mean CE over the batch's chosen tokens: spec §7, trap 9).
+    TRL, which uses one token-mean CE over the batch's chosen tokens).
     """
     if nll_form not in NLL_FORMS:
         raise ValueError(f"cpo nll_form must be one of {NLL_FORMS}, got {nll_form!r}")
@@ -59,7 +60,8 @@ def orpo_loss(
 
     Shapes: all [B]. ``chosen_nll`` is the per-sequence token-mean NLL of the completion (TRL masks
     the prompt; the original repo includes prompt tokens unless --disable_prompt_loss). log(1 − e^x)
-    goes through the branched log1mexp and the link through logsigmoid (spec rules 1-2, trap 5).
+    goes through the branched log1mexp and the link through logsigmoid (TRL does the same;
+    the original ORPO code's log(sigmoid) overflows).
     ``lam`` is TRL's ``beta`` (0.1, Mistral-ORPO-β); the original repo's argparse default is 1.0.
     """
     l_w, l_l = as_float(policy_chosen_logps), as_float(policy_rejected_logps)
@@ -85,7 +87,7 @@ def simpo_loss(
 
     L = −log σ(β ℓ̄θ(y_w) − β ℓ̄θ(y_l) − γ)
 
-    Shapes: all [B]. Two parametrisations of the margin (spec trap 7), set exactly one:
+    Shapes: all [B]. Two parametrisations of the margin, set exactly one:
     ``gamma_beta_ratio`` (official repo, default 0.25 → γ = β·0.25 = 0.5 at β = 2), or ``gamma``
     (absolute γ, TRL CPO's ``simpo_gamma``). TRL's CPO default β = 0.1 is not SimPO's β ≈ 2.
     ``label_smoothing`` > 0 is the repo's cDPO-style option.

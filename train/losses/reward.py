@@ -1,4 +1,5 @@
-"""Reward- and cost-model losses on scalar model outputs (spec §25, §24 cost model)."""
+"""Reward- and cost-model losses on scalar model outputs (Bradley–Terry: Ouyang et al. 2022,
+arXiv 2203.02155, with Llama 2's margin, arXiv 2307.09288; cost model: Dai et al. 2023, arXiv 2310.12773, Eq. 6)."""
 
 from __future__ import annotations
 

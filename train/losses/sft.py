@@ -1,4 +1,5 @@
-"""Supervised fine-tuning: token negative log-likelihood on completion tokens (spec §7, 12, 30)."""
+"""Supervised fine-tuning: token negative log-likelihood on completion tokens (the NLL term of
+CPO, arXiv 2401.08417, and RPO, arXiv 2404.19733; RAFT's fine-tuning step, arXiv 2304.06767)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def sft_loss(
     [B, T] bool (True = completion token that is scored; prompt and padding False, whatever their
     values). ``normalisation``: ``sequence_mean`` (default; N = |y|, each sequence weighs the same),
     ``sum`` (N = 1, the sequence NLL), or ``batch_token_mean`` (N = tokens in the micro-batch, so
-    ``losses.mean()`` equals TRL's / HF's token-mean cross-entropy; spec trap 9).
+    ``losses.mean()`` equals TRL's / HF's token-mean cross-entropy).
     """
     mask = token_mask.bool()
     nll = torch.where(mask, -as_float(token_logps), 0.0)

@@ -1,4 +1,6 @@
-"""Objectives that push probability away from bad text: NPO and the CRINGE loss (spec §14, 18)."""
+"""Objectives that push probability away from bad text: NPO (Zhang et al. 2024,
+arXiv 2404.05868) and the CRINGE loss (Adolphs et al. 2022, arXiv 2211.05826; pairwise: Xu et al.
+2023, arXiv 2312.16682)."""
 
 from __future__ import annotations
 
