@@ -6,7 +6,7 @@ Per step (the pattern of TRL colocate, OpenRLHF and verl):
     2. sync                             merged: every parameter through the model's `load_weights` (PEFT:
                                         merge_adapter → names cleaned → unmerge_adapter); adapter: the LoRA
                                         adapter saved to a versioned folder and served as a new LoRARequest
-    3. reset_prefix_cache()             stale keys must not serve the new weights (spec trap 10)
+    3. reset_prefix_cache()             stale cached prefixes must not serve the new weights
     4. probe                            vLLM's log-prob of a fixed token sequence must equal the trainer's
                                         (float32, |Δ| ≤ probe_tol): proof that the engine holds the new
                                         weights (a silent no-op sync samples the initial policy forever,

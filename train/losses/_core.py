@@ -30,12 +30,12 @@ class LossOutput:
 
 
 def as_float(x: Tensor) -> Tensor:
-    """Upcast half/bfloat16 to float32 (spec rule 3: log-ratios in fp32); keep float64 as is."""
+    """Upcast half/bfloat16 to float32 (log-ratios are differences of large log-probs: in half precision they lose their digits); keep float64 as is."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def log1mexp(x: Tensor) -> Tensor:
-    """log(1 - exp(x)) for x < 0, branched at -ln 2 (spec rule 2; Mächler 2012).
+    """log(1 - exp(x)) for x < 0, branched at -ln 2 (Mächler 2012, "Accurately computing log(1 - exp(-|a|))").
 
     ``log1p(-exp(x))`` is exact for very negative x but gives -inf near 0; ``log(-expm1(x))`` is exact
     near 0 but rounds to 0 for very negative x. x = 0 (probability 1) is clamped to the largest
@@ -74,7 +74,7 @@ def aggregate_tokens(token_losses: Tensor, token_mask: Tensor, normalisation: st
     sequence_mean:    Σ_t l_t / |y|            (per-sequence mean; empty sequences give 0)
     sum:              Σ_t l_t
     batch_token_mean: B · Σ_t l_t / Σ_batch |y|, so ``losses.mean()`` is the token-mean over the
-                      micro-batch (TRL's CE / ParlAI's Cringe normalisation, spec trap 9)
+                      micro-batch (TRL's CE / ParlAI's Cringe normalisation)
     """
     if normalisation not in TOKEN_NORMALISATIONS:
         raise ValueError(f"normalisation must be one of {TOKEN_NORMALISATIONS}, got {normalisation!r}")
