@@ -246,7 +246,7 @@ def listwise_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
 
 def unpaired_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], kl: bool = True) -> dict[str, torch.Tensor]:
     """KTO/BCO forward. The KL forward over the mismatched pairs runs without grad: the KL estimate z0
-    is a detached constant (KTO, Ethayarajh et al. 2024, arXiv 2402.01306 §4.1: no gradient flows through
+    is a detached constant (KTO, Ethayarajh et al. 2024, arXiv 2402.01306, does not backpropagate through
     z0), so keeping its graph would only cost memory."""
     total, mean, n = forward_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     out = {"logps": total, "logps_mean": mean, "n_tokens": n, "label": batch["label"]}
