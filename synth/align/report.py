@@ -46,7 +46,7 @@ def rounds_table(out: Path, ledger) -> list[dict[str, Any]]:
             continue
         s = json.loads(p.read_text())
         row = {"round": k, "dir": e["dir"], **{label: point(_get(s, path)) for label, path in COLUMNS}}
-        if k == 0 or not s.get("baseline"):
+        if k == 0 or not (_get(s, ("metrics", "win_rate")) or {}).get("n"):
             row["win rate vs prev"] = {"value": None, "ci": None}
         train = [st for key, st in ledger.data["stages"].items() if key.startswith(f"{k}/") and st["tool"] == "train"]
         row["train steps"] = sum(st.get("steps") or 0 for st in train)
