@@ -24,12 +24,17 @@ STAGE_SMALL = {  # per pipeline: a handful of items
 
 
 def compose_align(out: Path, url: str, recipe: str, *extra: str) -> dict[str, Any]:
+    """The composed config; the pseudo-override `no_evaluate` leaves the recipe's evaluate stage out."""
     from synth.align.stages import compose
 
+    no_eval = "no_evaluate" in extra
+    extra = tuple(e for e in extra if e != "no_evaluate")
     raw = compose("align", [f"recipe={recipe}", "llm=openai", f"llm.base_url={url}", "llm.progress=false", "llm.max_retries=1",
                             "judge=openai", f"judge.llm.base_url={url}", "judge.model.name_or_path=scripted-judge",
                             "judge.llm.progress=false", "judge.llm.max_retries=1", f"output_dir={out}", "progress=false",
                             "stop.rule=none", *extra], "test")
+    if no_eval:
+        raw["recipe"]["stages"] = [s for s in raw["recipe"]["stages"] if s["tool"] != "evaluate"]
     raw["overrides"]["train"] += TRAIN_SMALL
     raw["overrides"]["evaluate"] += EVAL_SMALL
     for stage in raw["recipe"]["stages"]:
