@@ -33,7 +33,7 @@ from synth.io import OutputLock, check_output_dir, read_jsonl, write_json_atomic
 class Served(BaseModel):
     model_config = ConfigDict(extra="forbid")
     base: str | None = None  # llm=openai: the initial model's served name (null: model.name_or_path)
-    adapter: str = "{recipe}-round{round}"  # llm=openai: the served name of round k's model
+    adapter: str = "{recipe}-r{round}-{stage}"  # llm=openai: the served name of the model stage <stage> of round k trained
     load: bool = False  # POST <base_url>/load_lora_adapter before using round k's adapter (vLLM serve)
 
 

@@ -6,7 +6,8 @@ adapter (`lora.init_adapter`), so one server or engine can hold every round:
 
     hf       llm.adapter=<round k adapter>                      (peft, in-process)
     vllm     llm.adapter=<round k adapter>                      (a LoRARequest with every request)
-    openai   model.name_or_path=<served name of round k>       (align.served.adapter; with
+    openai   model.name_or_path=<served name of round k>       (align.served.adapter, e.g.
+             cai_rounds-r1-dpo: the adapter of round 1's stage dpo; with
              align.served.load=true it is loaded first: POST <base_url>/load_lora_adapter, vLLM serve
              with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)
 
@@ -31,12 +32,13 @@ class ModelRef(BaseModel):
     base: dict[str, Any]  # a model block: name_or_path, revision, chat_template, gguf_file
     adapter: str | None = None
     round: int = 0  # the round whose training produced it (0 = the initial model)
+    stage: str | None = None  # the train stage that produced it (a round may train twice: SFT then DPO)
 
 
 def served_name(ref: ModelRef, served: dict[str, Any], recipe: str) -> str:
     if ref.round == 0:
         return served.get("base") or ref.base["name_or_path"]
-    return str(served["adapter"]).format(recipe=recipe, round=ref.round)
+    return str(served["adapter"]).format(recipe=recipe, round=ref.round, stage=ref.stage)
 
 
 def policy_blocks(ref: ModelRef, llm: dict[str, Any], served: dict[str, Any], recipe: str) -> tuple[dict, dict]:
@@ -92,14 +94,14 @@ def merged_copy(ref: ModelRef, out: Path) -> str:
     return str(out)
 
 
-def trained_ref(final: Path, start: ModelRef, lora: bool, round_: int) -> ModelRef:
+def trained_ref(final: Path, start: ModelRef, lora: bool, round_: int, stage: str) -> ModelRef:
     """The model a train stage produced from `start`."""
     if not final.exists():
         raise ConfigError(f"{final}: the train stage wrote no final/ folder")
     if lora:
-        return ModelRef(base=start.base, adapter=str(final), round=round_)
+        return ModelRef(base=start.base, adapter=str(final), round=round_, stage=stage)
     return ModelRef(base={"name_or_path": str(final), "revision": None, "chat_template": start.base.get("chat_template"),
-                          "gguf_file": None}, round=round_)
+                          "gguf_file": None}, round=round_, stage=stage)
 
 
 def is_adapter(path: str | Path) -> bool:

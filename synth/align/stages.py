@@ -164,7 +164,7 @@ def run_train(rnd, stage: Stage, out: Path, ledger) -> dict[str, Any]:
     summary = json.loads((out / "summary.json").read_text())
     entry: dict[str, Any] = {"steps": summary.get("steps"), "final_train": summary.get("final_train"), "loop": loop}
     if produces == "policy":
-        entry["model"] = trained_ref(out / "final", start, lora, rnd.k).model_dump()
+        entry["model"] = trained_ref(out / "final", start, lora, rnd.k, stage.name).model_dump()
     else:
         entry["scorer"] = str(out / "final")  # train.scorers loads full weights or a LoRA adapter
     return entry

@@ -56,9 +56,8 @@ def answer(body: dict, i: int) -> str:
     if (m := REPLY.search(text)) is not None:  # pairwise: the shorter reply wins, in both orders
         a, b = m.group(1), m.group(2)
         return "[[C]]" if len(a) == len(b) else ("[[A]]" if len(a) < len(b) else "[[B]]")
-    judged = judge_responder(body)
-    if judged != "unexpected request":
-        return judged
+    if any(k in text for k in ("[Answer A]", "【回答 A】", "partial_refusal", "convincing", "verdict")):
+        return judge_responder(body)  # the evaluate judges
     return f"answer by {model}: " + " ".join(WORDS[h(text, model, i, j) % len(WORDS)] for j in range(6))
 
 

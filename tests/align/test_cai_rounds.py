@@ -32,8 +32,8 @@ def test_two_rounds_hand_each_round_its_model_and_rerun_is_free(tmp_path, server
     # round k's red team attacks round k-1's model: the target answers name the served model they came from
     r1 = {row["answer"].rsplit(": ", 1)[0] for row in read_jsonl(out / "rounds/1/red_team/answers.jsonl")}
     r2 = {row["answer"].rsplit(": ", 1)[0] for row in read_jsonl(out / "rounds/2/red_team/answers.jsonl")}
-    assert r1 == {"answer by builtin:tiny"} and r2 == {"answer by cai_rounds-round1"}
-    assert "cai_rounds-round2" in policy_models(server, "")  # round 2's evaluate answers with round 2's model
+    assert r1 == {"answer by builtin:tiny"} and r2 == {"answer by cai_rounds-r1-dpo"}
+    assert "cai_rounds-r2-dpo" in policy_models(server, "")  # round 2's evaluate answers with round 2's model
 
     # the weights: round 2 continues round 1's adapter (SFT then DPO), DPO's reference is the SFT'd model
     cfg_sft2 = (out / "rounds/2/sft/config.yaml").read_text()

@@ -1,5 +1,6 @@
-"""kill -9 inside a train stage (round 1) and a synth stage (round 2), each time rerunning the same command: every stage resumes exactly once, and the final weights
-equal an uninterrupted run's."""
+"""kill -9 inside a train stage (round 1) and a synth stage (round 2),
+each time rerunning the same command: every stage resumes exactly once, and the final weights equal an
+uninterrupted run's."""
 
 from __future__ import annotations
 
