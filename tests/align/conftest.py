@@ -34,3 +34,19 @@ def data_dir(tmp_path_factory):
     prefs_file(d / "prefs.jsonl", 4)
     sft_file(d / "sft.jsonl", 4)
     return d
+
+
+@pytest.fixture
+def make_server():
+    """`make_server(responder)` -> a started loopback server, stopped after the test."""
+    from tests.synth.openai_server import LoopbackServer
+
+    servers = []
+
+    def make(fn):
+        servers.append(LoopbackServer(responder=fn).start())
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.stop()
