@@ -23,8 +23,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from synth.align.models import ModelRef, merged_copy, policy_blocks, trained_ref
-from synth.align.recipe import Recipe, Stage, StopRule, load_recipe
+from synth.align.models import ModelRef
+from synth.align.recipe import Recipe, StopRule, load_recipe
 from synth.app import ModelConfig, RoleConfig, one_line, plain_config
 from synth.errors import ConfigError, DataError
 from synth.io import OutputLock, check_output_dir, read_jsonl, write_json_atomic, write_text_atomic
@@ -183,6 +183,8 @@ def run_config(cfg: AlignConfig, resolved_yaml: str | None = None) -> dict[str, 
     started = time.perf_counter()
     with OutputLock(out):
         ledger = Ledger.open(out, recipe.name, fingerprint(cfg, recipe), cfg.force)
+        if cfg.stop.rule == "none":  # an earlier stop is lifted by asking for every round
+            ledger.data["stopped"] = None
         if resolved_yaml is not None:
             write_text_atomic(out / "config.yaml", resolved_yaml)
         ledger.save()

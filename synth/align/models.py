@@ -16,7 +16,6 @@ Full fine-tuning (lora.enabled=false) hands the round's `final/` folder itself a
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -102,14 +101,3 @@ def trained_ref(final: Path, start: ModelRef, lora: bool, round_: int, stage: st
         return ModelRef(base=start.base, adapter=str(final), round=round_, stage=stage)
     return ModelRef(base={"name_or_path": str(final), "revision": None, "chat_template": start.base.get("chat_template"),
                           "gguf_file": None}, round=round_, stage=stage)
-
-
-def is_adapter(path: str | Path) -> bool:
-    return (Path(path) / "adapter_config.json").exists()
-
-
-def adapter_base(path: str | Path) -> str | None:
-    try:
-        return json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError):
-        return None

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from synth.errors import ConfigError, DataError
+from synth.errors import ConfigError
 from synth.io import read_jsonl, write_text_atomic
 from synth.records import Message, PreferenceRecord, Provenance, SFTRecord, stable_id
 

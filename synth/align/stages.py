@@ -205,7 +205,7 @@ def reference(rnd, stage: Stage, raw: dict[str, Any], lora: bool, out: Path) -> 
                               "(lora.enabled=true: the base with the adapter disabled)")
         return
     if lora:
-        raw["loop"]["reference"].update(mode="adapter_disabled" if raw["loop"]["reference"].get("update", "none") == "none" else "auto")
+        raw["loop"]["reference"]["mode"] = "adapter_disabled"  # the base = the initial model
     elif start.round > 0:
         raw["loop"]["reference"].update(mode="precomputed", name_or_path=rnd.initial.base["name_or_path"])
 

@@ -4,7 +4,6 @@ changed settings between rounds are refused unless forced."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
