@@ -171,6 +171,18 @@ def check_rows(path: Path, stage: str, k: int) -> None:
                     "train on an empty file: see its manifest.json and trace.jsonl")
 
 
+def check_stage(cfg: AlignConfig, stage, raw: dict[str, Any] | None) -> None:
+    """Combinations that would only fail rounds later, refused before round 1."""
+    self_judged = cfg.judge.llm is None and cfg.judge.model is None
+    if stage.tool == "evaluate" and stage.baseline and raw["judges"]["pairwise"] and self_judged and not raw["allow_self_judge"]:
+        raise ConfigError(f"recipe stage {stage.name}: the win rate against the previous round would be judged by the policy "
+                          "itself; pick a judge (judge=openai judge.llm.base_url=... judge.model.name_or_path=...), or accept "
+                          "self-judging with overrides.evaluate=['allow_self_judge=true']")
+    if stage.tool == "train" and stage.reference == "previous" and isinstance((raw["loop"] or {}).get("reference"), str):
+        raise ConfigError(f"recipe stage {stage.name}: loop={raw['loop']['name']} keeps the initial model as its reference "
+                          "(OAIF); use reference: initial")
+
+
 def run_config(cfg: AlignConfig, resolved_yaml: str | None = None) -> dict[str, Any]:
     from synth.align import report, stages
 
@@ -179,7 +191,7 @@ def run_config(cfg: AlignConfig, resolved_yaml: str | None = None) -> dict[str, 
     out = Path(cfg.output_dir).expanduser()
     check_output_dir(out)
     for s in recipe.stages:  # every stage composes (unknown pipelines, losses, suites fail now)
-        stages.compose_stage(cfg, s)
+        check_stage(cfg, s, stages.compose_stage(cfg, s))
     started = time.perf_counter()
     with OutputLock(out):
         ledger = Ledger.open(out, recipe.name, fingerprint(cfg, recipe), cfg.force)

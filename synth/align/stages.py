@@ -189,11 +189,7 @@ def reference(rnd, stage: Stage, raw: dict[str, Any], lora: bool, out: Path) -> 
     online = isinstance(raw["loop"].get("reference"), str)
     start = rnd.model
     if stage.reference == "previous":
-        if online:
-            raw["loop"]["reference"] = "model" if not lora else raw["loop"]["reference"]
-            if lora and start.adapter is not None:
-                raise ConfigError(f"recipe stage {stage.name}: an online loop under LoRA keeps the initial model as its "
-                                  "reference; use reference: initial")
+        if online:  # refused at start (synth/align/app.py check_stage)
             return
         if lora and start.adapter is not None:
             raw["loop"]["reference"].update(mode="precomputed", name_or_path=merged_copy(start, out.parent / f"{stage.name}.reference"))

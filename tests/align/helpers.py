@@ -30,8 +30,9 @@ def compose_align(out: Path, url: str, recipe: str, *extra: str) -> dict[str, An
     no_eval = "no_evaluate" in extra
     extra = tuple(e for e in extra if e != "no_evaluate")
     policy = [] if "llm=hf" in extra else ["llm=openai", f"llm.base_url={url}", "llm.progress=false", "llm.max_retries=1"]
-    raw = compose("align", [f"recipe={recipe}", *policy, "judge=openai", f"judge.llm.base_url={url}", "judge.model.name_or_path=scripted-judge",
-                            "judge.llm.progress=false", "judge.llm.max_retries=1", f"output_dir={out}", "progress=false",
+    judge = [] if "judge=policy" in extra else ["judge=openai", f"judge.llm.base_url={url}", "judge.model.name_or_path=scripted-judge",
+                                                "judge.llm.progress=false", "judge.llm.max_retries=1"]
+    raw = compose("align", [f"recipe={recipe}", *policy, *judge, f"output_dir={out}", "progress=false",
                             "stop.rule=none", *extra], "test")
     if no_eval:
         raw["recipe"]["stages"] = [s for s in raw["recipe"]["stages"] if s["tool"] != "evaluate"]

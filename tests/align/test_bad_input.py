@@ -37,6 +37,13 @@ def test_unknown_names_list_the_valid_ones_before_anything_runs(tmp_path, change
     assert not (tmp_path / "x" / "ledger.json").exists()
 
 
+def test_a_self_judged_win_rate_is_refused_before_round_one(tmp_path):
+    raw = compose_align(tmp_path / "x", "http://127.0.0.1:9/v1", "cai_rounds", "judge=policy")
+    with pytest.raises(ConfigError, match=r"stage evaluate: the win rate .* judged by the policy itself"):
+        app.run(raw)
+    assert not (tmp_path / "x" / "rounds").exists()
+
+
 def test_unknown_loss_in_a_later_stage_fails_at_start(tmp_path):
     raw = compose_align(tmp_path / "x", "http://127.0.0.1:9/v1", "cai_rounds")
     raw["recipe"]["stages"][3]["overrides"].append("loss=nope")
