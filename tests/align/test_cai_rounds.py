@@ -62,11 +62,14 @@ def test_two_rounds_hand_each_round_its_model_and_rerun_is_free(tmp_path, server
     assert json.loads((out / "ledger.json").read_text())["stages"] == json.loads(before)["stages"]
 
 
-def test_win_rate_stop_rule_stops_after_a_round_without_a_significant_win(tmp_path, server):
+def test_win_rate_stop_rule_stops_after_a_round_without_a_significant_win(tmp_path, server, data_dir):
     out = tmp_path / "stop"
-    raw = compose_align(out, server.url, "cai_rounds", "stop.rule=win_rate", "rounds=3")
+    raw = compose_align(out, server.url, "oaif", "stop.rule=win_rate", "rounds=2",
+                        f"recipe.data.prompts.path={data_dir / 'prompts.jsonl'}")
     summary = app.run(raw)
-    # the scripted pairwise judge always picks slot A: both orders disagree -> ties -> 0.5, not above 0.5
+    # the scripted evaluate judge always picks slot A: the two orders disagree -> ties -> 0.5, not above 0.5
     assert summary["stopped"]["round"] == 1 and "not above 0.5" in summary["stopped"]["reason"]
     assert not (out / "rounds/2").exists()
     assert "stopped after round 1" in (out / "report.md").read_text()
+    raw["stop"]["rule"] = "none"  # asking for every round lifts the stop
+    assert app.run(raw)["rounds_done"] == 2
