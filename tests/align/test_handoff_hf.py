@@ -38,3 +38,15 @@ def test_round_two_generates_with_round_one_adapter(tmp_path, server, data_dir):
     # ... and the base model alone (what a broken hand-off would use) writes something else
     synth_run({**cfg2, "llm": {**cfg2["llm"], "adapter": None}, "output_dir": str(tmp_path / "base"), "cache": False})
     assert texts(tmp_path / "base") != got
+
+
+def test_full_finetuning_hands_the_final_folder_on(tmp_path, server, data_dir):
+    out = tmp_path / "spin_full"
+    raw = compose_align(out, server.url, "spin", "no_evaluate", "overrides.train=['lora.enabled=false']",
+                        f"recipe.data.sft.path={data_dir / 'sft_pairs.jsonl'}")
+    assert app.run(raw)["model"]["base"]["name_or_path"] == str(out / "rounds/2/dpo/final")
+    cfg = yaml.safe_load((out / "rounds/2/dpo/config.yaml").read_text())
+    assert cfg["model"]["name_or_path"] == str(out / "rounds/1/dpo/final") and not cfg["lora"]["enabled"]
+    assert cfg["loop"]["reference"]["name_or_path"] is None  # precomputed from the start weights = the previous iterate
+    assert (out / "rounds/2/dpo/final/model.safetensors").exists()
+    assert {r.body["model"] for r in server.chat_requests()} == {"builtin:tiny", "spin-r1-dpo"}
