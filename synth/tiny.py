@@ -124,8 +124,9 @@ def build_tiny(path: Path) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(TINY_SPEC["seed"])
-    model = LlamaForCausalLM(config)
+    with torch.random.fork_rng():  # building it (on first use, maybe mid-run) must not reseed the caller's RNG
+        torch.manual_seed(TINY_SPEC["seed"])
+        model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
     )

@@ -63,6 +63,7 @@ class LoraConfig(_Strict):
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"
     modules_to_save: list[str] | None = None
+    init_adapter: str | None = None  # start from this saved LoRA adapter (trainable), e.g. the previous round's
 
 
 class OptimConfig(_Strict):

@@ -83,8 +83,16 @@ def load_policy(
 def _wrap_lora(model, lora, head: str, adapter_path: str | Path | None):
     from peft import LoraConfig, PeftModel, get_peft_model
 
+    # a checkpoint being resumed wins over `init_adapter` (the adapter a new run starts from)
+    if adapter_path is None and head == "causal_lm":
+        adapter_path = getattr(lora, "init_adapter", None)
     if adapter_path is not None:
-        return PeftModel.from_pretrained(model, str(adapter_path), is_trainable=True)
+        if not (Path(adapter_path) / "adapter_config.json").exists():
+            raise ConfigError(f"lora.init_adapter={adapter_path}: no adapter_config.json there (a LoRA adapter folder)")
+        peft_model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=True)
+        if _checkpointing(model):
+            peft_model.enable_input_require_grads()
+        return peft_model
     targets = lora.target_modules
     config = LoraConfig(
         r=lora.r,

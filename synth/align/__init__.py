@@ -1,0 +1,1 @@
+"""`align`: iterative self-alignment rounds (recipes of synth / train / evaluate stages, in-process)."""
