@@ -59,6 +59,19 @@ def test_rso_rejection_sampled_pairs_labelled_by_reward(tmp_path, server, data_d
     assert served(server, "rso-r1-dpo")
 
 
+def test_rs_dpo_pairs_by_reward_gap_from_the_round_1_reward_model(tmp_path, server, data_dir):
+    out = run2(tmp_path, server, "rs_dpo", f"recipe.data.prompts.path={data_dir / 'prompts.jsonl'}",
+               f"recipe.data.preferences.path={data_dir / 'prefs.jsonl'}", "recipe.stages.1.overrides.1='pipeline.k=4'",
+               "recipe.stages.1.overrides.3='pipeline.scorer.device=cpu'",
+               "recipe.stages.1.overrides.4='pipeline.eta=0.5'")  # any positive gap: the tiny reward model is random
+    assert "1/reward" in ledger(out)["stages"] and "2/reward" not in ledger(out)["stages"]  # trained once
+    for k in (1, 2):
+        rows = read_jsonl(out / f"rounds/{k}/pairs/preferences.jsonl")
+        assert rows and all(r["score_chosen"] > r["score_rejected"] and r["method"] == "rs_dpo" for r in rows)
+        assert all(r["meta"]["sigmoid_gap"] > r["meta"]["eta"] for r in rows)
+    assert served(server, "rs_dpo-r1-dpo")  # round 2 samples from round 1's model
+
+
 def test_self_rewarding_sft_once_then_self_judged_dpo_rounds(tmp_path, server, data_dir):
     out = run2(tmp_path, server, "self_rewarding", f"recipe.data.prompts.path={data_dir / 'prompts.jsonl'}",
                f"recipe.data.sft.path={data_dir / 'sft.jsonl'}")
