@@ -63,8 +63,10 @@ class OnlineState(Progress):
     beta: float = 0.0
     log_lambda: float = 0.0
     cost_window: list[float] = field(default_factory=list)
+    reward_moments: list[float] = field(default_factory=lambda: [0, 0.0, 1.0])  # running (count, mean, var) of raw scores
+    cost_moments: list[float] = field(default_factory=lambda: [0, 0.0, 1.0])
 
-    SAVED = Progress.SAVED + ("optimizer_steps", "beta", "log_lambda", "cost_window")
+    SAVED = Progress.SAVED + ("optimizer_steps", "beta", "log_lambda", "cost_window", "reward_moments", "cost_moments")
 
 
 def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
@@ -159,6 +161,11 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         costs = cost_scorer(row_prompts, texts, ids_list) if cost_scorer is not None else None
         baseline = greedy_scores(sample, model, tokenizer, reward_scorer, prompt_ids, mine, prompts, L, device) \
             if L.estimator == "remax" else None
+        raw_scores, raw_costs = scores, costs  # logged, and the cost window keeps the threshold's unit
+        if L.normalize_reward != "none":
+            scores, baseline = normalize(state, "reward_moments", scores, baseline, L.normalize_reward, L.normalize_eps, accelerator)
+        if costs is not None and L.normalize_cost != "none":
+            costs, _ = normalize(state, "cost_moments", costs, None, L.normalize_cost, L.normalize_eps, accelerator)
         t_score = time.perf_counter()
         # 3-6
         if L.name == "online_dpo":
@@ -168,14 +175,16 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         else:
             batch = no_grad_passes(model, reference, critics, rollout, L, cfg.optim.batch_size, device, packed)
             if costs is not None:  # Safe-RLHF: episode costs (scorer end scores, no KL) feed J̄_C
-                update_cost_window(state, _gather(accelerator, costs), L.lagrangian.window)
+                update_cost_window(state, _gather(accelerator, raw_costs), L.lagrangian.window)
             metrics = estimate(batch, rollout, scores, costs, baseline, state, L, accelerator)
             metrics |= policy_update(model, critics, critic_opts, optimizer, scheduler, batch, rollout, loss_fn, state, L, cfg,
                                      accelerator, packed)
         t_update = time.perf_counter()
         # 7. controllers, log, checkpoint
-        metrics |= rollout_metrics(rollout, None if L.name == "online_dpo" and L.reward.kind == "judge" else scores,
-                                   costs, L, accelerator) | sync
+        metrics |= rollout_metrics(rollout, None if L.name == "online_dpo" and L.reward.kind == "judge" else raw_scores,
+                                   raw_costs, L, accelerator) | sync
+        if L.normalize_reward != "none":
+            metrics |= {"reward/running_mean": state.reward_moments[1], "reward/running_std": math.sqrt(state.reward_moments[2])}
         if L.kl.adaptive and "kl" in metrics:
             n = L.prompts_per_step * L.samples_per_prompt
             state.beta = A.adaptive_kl_beta(state.beta, metrics["kl"], L.kl.target_per_sequence_nats, n, L.kl.horizon)
@@ -318,6 +327,16 @@ def adjust_scores(scores: torch.Tensor, truncated: torch.Tensor, L, lengths: tor
     return scores
 
 
+def normalize(state: OnlineState, key: str, scores: torch.Tensor, baseline, function: str, eps: float, accelerator):
+    """Opt-in running normaliser of raw scorer outputs (safe-rlhf `Normalizer`, RunningMeanStd): fold this
+    step's scores of all processes into the running (count, mean, var), then normalise this process's
+    scores (and a ReMax greedy baseline, which does not update the statistics) with them. NaN stays NaN."""
+    moments = A.running_moments(tuple(getattr(state, key)), _gather(accelerator, scores))
+    setattr(state, key, list(moments))
+    norm = A.normalize_scores(scores, moments, function, eps)
+    return norm, (A.normalize_scores(baseline, moments, function, eps) if baseline is not None else None)
+
+
 def label_pairs(scorer, L, prompts, texts, ids_list, rollout) -> tuple[list[int | None], torch.Tensor]:
     """online_dpo: per prompt 1 (first sample preferred), 0 (second) or None (tie / unscorable: dropped).
     A judge is asked in both orders; a reward function/model prefers the strictly higher score."""
@@ -347,7 +366,6 @@ def micro_batches(n: int, size: int) -> list[list[int]]:
     return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
 
 
-@torch.no_grad()
 def on_policy_single_update(L, reference) -> bool:
     """π_old == π_θ exactly for the only mini-batch of the only epoch, and nothing before the update
     needs π_old (no KL in the reward): then the π_old pass is skipped and the update uses its own
@@ -356,8 +374,10 @@ def on_policy_single_update(L, reference) -> bool:
     return L.epochs_per_rollout == 1 and L.mini_batches == 1 and not kl_in_reward
 
 
+@torch.no_grad()
 def no_grad_passes(model, reference, critics, rollout: Rollout, L, micro: int, device, packed: bool = False) -> dict[str, torch.Tensor]:
-    """π_old (and entropy), π_ref and critic values over the rollout, micro-batch by micro-batch, float32."""
+    """π_old (and entropy), π_ref and critic values over the rollout, micro-batch by micro-batch, float32,
+    without autograd (a recorded graph here would keep the pass's activations alive through the update)."""
     T = L.generation.temperature
     skip_old = on_policy_single_update(L, reference)
     out: dict[str, list[torch.Tensor]] = {"old_logps": [], "entropy": [], "ref_logps": [], **{f"values_{k}": [] for k in critics}}
@@ -493,18 +513,22 @@ def policy_update(model, critics, critic_opts, optimizer, scheduler, batch, roll
                 lag_step(state, L)
                 lam = math.exp(state.log_lambda)
                 batch["advantages"] = A.mix_lagrangian(batch["adv_reward"], batch["adv_cost"], lam)
-            n_tok = rollout.completion_mask[rows].sum().float()
+            counts = torch.stack([loss_mask(rollout, L)[rows].sum(), rollout.completion_mask[rows].sum()]).float()
             if world > 1:
-                n_tok = accelerator.reduce(n_tok.to(device), "sum").cpu()
-            total_tokens, total_sequences = float(n_tok) / world, float(len(rows))
+                counts = accelerator.reduce(counts.to(device), "sum").cpu()
+            # policy tokens (no truncated rows under mask_truncated_completions) and critic tokens; >= 1 so an
+            # all-truncated mini-batch gives a zero loss, not 0/0
+            total_tokens, value_tokens = (max(float(c) / world, 1.0 / world) for c in counts)
+            total_sequences = float(len(rows))
             chunks = [rows[i:i + cfg.optim.batch_size] for i in range(0, len(rows), cfg.optim.batch_size)]
             for j, idx in enumerate(chunks):
                 mb = rollout.select(idx)
                 sync = j == len(chunks) - 1
                 with _maybe_no_sync(accelerator, [model, *critics.values()], sync):
+                    keep = loss_mask(mb, L)
                     data = {
-                        "advantages": batch["advantages"][idx].to(device),
-                        "mask": mb.completion_mask.to(device), "total_tokens": total_tokens, "total_sequences": total_sequences,
+                        "advantages": (batch["advantages"][idx] * keep.any(1).view(-1, *[1] * (batch["advantages"].dim() - 1))).to(device),
+                        "mask": keep.to(device), "total_tokens": total_tokens, "total_sequences": total_sequences,
                     }
                     if "ref_logps" in batch and L.kl.placement == "loss":
                         data.update(ref_logps=batch["ref_logps"][idx].to(device), kl_coef=state.beta,
@@ -516,7 +540,8 @@ def policy_update(model, critics, critic_opts, optimizer, scheduler, batch, roll
                         data["old_logps"] = data["logps"].detach() if on_policy else batch["old_logps"][idx].to(device)
                         if on_policy:
                             mask = data["mask"]
-                            metrics.add({"entropy": (entropy * mask).sum() / mask.sum().clamp(min=1)}, weight=float(mask.sum()))
+                            if mask.any():  # (none under mask_truncated_completions when every row is truncated)
+                                metrics.add({"entropy": (entropy * mask).sum() / mask.sum().clamp(min=1)}, weight=float(mask.sum()))
                             if "ref_logps" in batch:  # the KL metric: sequence-summed k1, nats
                                 k1 = ((data["logps"].detach() - batch["ref_logps"][idx].to(device)) * mask).sum(1)
                                 metrics.add({"kl": k1.mean()}, weight=len(idx))
@@ -527,8 +552,8 @@ def policy_update(model, critics, critic_opts, optimizer, scheduler, batch, roll
                     for k, critic in critics.items():
                         v = token_values(critic, mb, device)
                         vout = value_loss(values=v, old_values=batch[f"values_{k}"][idx].to(device),
-                                          returns=batch[f"returns_{k}"][idx].to(device), mask=data["mask"],
-                                          value_clip=L.critic.value_clip, total_tokens=total_tokens,
+                                          returns=batch[f"returns_{k}"][idx].to(device), mask=mb.completion_mask.to(device),
+                                          value_clip=L.critic.value_clip, total_tokens=value_tokens,
                                           total_sequences=total_sequences)
                         vloss = vout.losses.sum() / total_sequences
                         accelerator.backward(vloss)
@@ -546,6 +571,15 @@ def policy_update(model, critics, critic_opts, optimizer, scheduler, batch, roll
                 critic_opts[k].zero_grad(set_to_none=True)
             state.optimizer_steps += 1
     return metrics.reduce(accelerator)
+
+
+def loss_mask(rollout: Rollout, L) -> torch.Tensor:
+    """[N, Lc] bool: the completion tokens that carry policy loss. loop.mask_truncated_completions (DAPO,
+    Yu et al. 2025 §3.4; TRL `mask_truncated_completions`): a completion that hit max_new_tokens without
+    EOS gets none (it is still scored and still counts in its group's baseline); the critic still fits it."""
+    if not L.mask_truncated_completions:
+        return rollout.completion_mask
+    return rollout.completion_mask & ~rollout.truncated[:, None]
 
 
 def _maybe_no_sync(accelerator, models, sync: bool):
