@@ -280,6 +280,18 @@ def test_packed_forward_equals_the_padded_one(prompts, tmp_path, tiny_path):
     a, ea = token_logps(model, r, 0.7, "cpu", with_entropy=True)
     b, eb = token_logps(model, r, 0.7, "cpu", with_entropy=True, packed=True)
     assert (a - b).abs().max() < 1e-5 and (ea - eb).abs().max() < 1e-4 and (b[~r.completion_mask] == 0).all()
+    # the LM head on completion positions only: same log-probs, entropies and gradients
+    from train.rollout import Packed, head_only_matches
+
+    assert head_only_matches(model, r, "cpu")
+    grads = []
+    for packed in (True, Packed(head_only=True)):
+        model.zero_grad()
+        lp, ent = token_logps(model, r, 0.7, "cpu", with_entropy=True, packed=packed)
+        (lp * torch.linspace(-1, 1, lp.numel()).view_as(lp)).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        assert (lp.detach() - a).abs().max() < 1e-5 and (ent - ea).abs().max() < 1e-4
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().sum() > 0
     common = ["loop=grpo", EVEN, "optim.max_steps=2", "loop.prompts_per_step=4", "loop.kl.coef=0.04"]
     train(tmp_path / "packed", prompts, *common)
     train(tmp_path / "padded", prompts, *common, "optim.packing=false")

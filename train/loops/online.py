@@ -50,7 +50,7 @@ from train.models import (
     save_model,
     trainable_parameters,
 )
-from train.rollout import Rollout, TokenValues, hf_generate, token_logps, token_values
+from train.rollout import Packed, Rollout, TokenValues, head_only_matches, hf_generate, left_pad, token_logps, token_values
 from train.scorers import PairwiseJudge, build_scorer
 
 
@@ -127,10 +127,14 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         if f"critic_{k}_optimizer" in tensors:
             opt.load_state_dict(tensors[f"critic_{k}_optimizer"])
     packed = cfg.optim.packing and packing_check(model, prompt_ids, cfg, accelerator)
+    if packed:  # and the LM head only on completion positions, when this model's forward allows it
+        packed = Packed(head_only=head_check(model, prompt_ids, accelerator))
     n_train, n_total = count_parameters(accelerator.unwrap_model(model))
     if main:
         print(f"loop={L.name}: {n_train:,} trainable of {n_total:,} parameters; loss={cfg.loss.name}; {len(prompts)} prompts "
-              f"({n_truncated} truncated); {total} rollouts of {L.prompts_per_step}x{L.samples_per_prompt}", flush=True)
+              f"({n_truncated} truncated); {total} rollouts of {L.prompts_per_step}x{L.samples_per_prompt}; forwards: "
+              f"{'packed' if packed else 'padded'}{', LM head on completions only' if getattr(packed, 'head_only', False) else ''}",
+              flush=True)
 
     # ---------------------------------------------------------------- 5. the rollout cycle
     logger = MetricsLogger(out_dir, main, cfg.log.tensorboard, resume_step=state.step)
@@ -292,6 +296,24 @@ def packing_check(model, prompt_ids: list[list[int]], cfg, accelerator) -> bool:
              "labels": torch.where(attn.bool(), ids, torch.full_like(ids, -100)).to(accelerator.device)}
     ok = packing_matches(getattr(model, "module", model), batch, cfg.optim.dtype)
     return packing_agreed(ok, accelerator)
+
+
+def head_check(model, prompt_ids: list[list[int]], accelerator) -> bool:
+    """Packed forwards may run the LM head on completion positions only (train/rollout.py `_head_on`):
+    checked once against the padded forward on two prompts whose last tokens act as completions, agreed
+    by every process."""
+    rows = [list(r) for r in prompt_ids[:2] if len(r) >= 2]
+    if not rows:
+        return False
+    k = min(4, min(len(r) for r in rows) - 1)
+    p_ids, p_mask = left_pad([r[:-k] for r in rows], 0)
+    c_ids = torch.tensor([r[-k:] for r in rows])
+    probe = Rollout(p_ids, p_mask, c_ids, torch.ones_like(c_ids, dtype=torch.bool), torch.zeros(len(rows), dtype=torch.bool),
+                    torch.arange(len(rows)))
+    ok = head_only_matches(model, probe, accelerator.device)
+    if accelerator.num_processes > 1:
+        ok = bool(accelerator.reduce(torch.tensor([float(ok)], device=accelerator.device), "min").item())
+    return ok
 
 
 def step_prompts(step: int, n_prompts: int, per_step: int, seed: int) -> list[int]:
