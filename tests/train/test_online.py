@@ -179,6 +179,7 @@ def test_lora_policy_with_adapter_disabled_reference(prompts, tmp_path):
     ("grpo", [EVEN, "loop.kl.coef=0.04", "loop.mini_batches=2", "loop.epochs_per_rollout=2", "optim.batch_size=4"]),
     ("ppo_lag", ["loop.reward.kind=function", EVEN, "loop.cost.kind=function",
                  "loop.cost.function=train.scorers:quarter_token_fraction", "loop.critic.init_from=policy", "loop.lagrangian.window=8"]),
+    ("rloo", [EVEN, "loop.normalize_reward=affine", "loop.mask_truncated_completions=true"]),  # running moments restored
 ])
 def test_exact_resume(prompts, tmp_path, loop, extra):
     common = [f"loop={loop}", "optim.max_steps=4", "loop.prompts_per_step=4", *extra]
@@ -188,7 +189,7 @@ def test_exact_resume(prompts, tmp_path, loop, extra):
     train(tmp_path / "resumed", prompts, *common, "resume=true")
     a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
-    keys = ["reward/mean", "completions/mean_length", "loss", "kl", "beta", "lambda", "cost/mean"]
+    keys = ["reward/mean", "completions/mean_length", "loss", "kl", "beta", "lambda", "cost/mean", "reward/running_std"]
     for ra, rb in zip(a, b):
         for k in keys:
             if k in ra:
