@@ -299,3 +299,18 @@ def test_packed_forward_equals_the_padded_one(prompts, tmp_path, tiny_path):
     for x, y in zip(metrics(tmp_path / "packed"), metrics(tmp_path / "padded")):
         for k in ("loss", "grad_norm", "kl", "reward/mean"):
             assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), k
+
+
+def test_fused_old_pass_equals_a_separate_one(prompts, tmp_path):
+    """RLOO with the KL in the reward: the update's own forward as π_old (one micro-batch) gives the same
+    run as a separate no-grad π_old pass (two micro-batches)."""
+    from train.loops.online import fused_old_pass
+
+    common = ["loop=rloo", EVEN, "optim.max_steps=2", "loop.prompts_per_step=4", "loop.kl.coef=0.05"]
+    train(tmp_path / "fused", prompts, *common, "optim.batch_size=16")
+    train(tmp_path / "separate", prompts, *common, "optim.batch_size=8")
+    L = compose(*common).loop
+    assert fused_old_pass(L, "ref", {}, 16, 16) and not fused_old_pass(L, "ref", {}, 16, 8)
+    for x, y in zip(metrics(tmp_path / "fused"), metrics(tmp_path / "separate")):
+        for k in ("loss", "grad_norm", "kl", "entropy", "reward/mean"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), k

@@ -177,12 +177,20 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
             metrics = dpo_update(model, reference, rollout, labels, loss_fn, optimizer, scheduler, cfg, accelerator, packed)
             state.optimizer_steps += updates_per_rollout
         else:
-            batch = no_grad_passes(model, reference, critics, rollout, L, cfg.optim.batch_size, device, packed)
+            # π_old == π_θ for a single on-policy update: when the whole local rollout is one micro-batch, the
+            # update's own forward (kept with its graph) supplies π_old for the KL in the reward: one forward less
+            live = (token_logps(model, rollout, L.generation.temperature, device, with_entropy=True, packed=packed)
+                    if fused_old_pass(L, reference, critics, len(rollout), cfg.optim.batch_size) else None)
+            batch = no_grad_passes(model, reference, critics, rollout, L, cfg.optim.batch_size, device, packed,
+                                   skip_old=live is not None)
+            if live is not None:
+                batch["old_logps"], batch["entropy"] = live[0].detach().cpu(), live[1].cpu()
             if costs is not None:  # Safe-RLHF: episode costs (scorer end scores, no KL) feed J̄_C
                 update_cost_window(state, _gather(accelerator, raw_costs), L.lagrangian.window)
             metrics = estimate(batch, rollout, scores, costs, baseline, state, L, accelerator)
             metrics |= policy_update(model, critics, critic_opts, optimizer, scheduler, batch, rollout, loss_fn, state, L, cfg,
-                                     accelerator, packed)
+                                     accelerator, packed, live_logps=live[0] if live is not None else None)
+            del live
         t_update = time.perf_counter()
         # 7. controllers, log, checkpoint
         metrics |= rollout_metrics(rollout, None if L.name == "online_dpo" and L.reward.kind == "judge" else raw_scores,
@@ -396,12 +404,21 @@ def on_policy_single_update(L, reference) -> bool:
     return L.epochs_per_rollout == 1 and L.mini_batches == 1 and not kl_in_reward
 
 
+def fused_old_pass(L, reference, critics, n_local: int, micro: int) -> bool:
+    """The π_old pass is needed before the update only for the KL in the reward; with one on-policy update
+    of one micro-batch (no critic), the update's forward gives the same log-probs (dropout off), so the
+    loop runs that forward first, with its graph, and uses its detached values as π_old."""
+    return (L.epochs_per_rollout == 1 and L.mini_batches == 1 and reference is not None and L.kl.placement == "reward"
+            and not critics and n_local <= micro)
+
+
 @torch.no_grad()
-def no_grad_passes(model, reference, critics, rollout: Rollout, L, micro: int, device, packed: bool = False) -> dict[str, torch.Tensor]:
+def no_grad_passes(model, reference, critics, rollout: Rollout, L, micro: int, device, packed: bool = False,
+                   skip_old: bool = False) -> dict[str, torch.Tensor]:
     """π_old (and entropy), π_ref and critic values over the rollout, micro-batch by micro-batch, float32,
     without autograd (a recorded graph here would keep the pass's activations alive through the update)."""
     T = L.generation.temperature
-    skip_old = on_policy_single_update(L, reference)
+    skip_old = skip_old or on_policy_single_update(L, reference)
     out: dict[str, list[torch.Tensor]] = {"old_logps": [], "entropy": [], "ref_logps": [], **{f"values_{k}": [] for k in critics}}
     for idx in micro_batches(len(rollout), micro):
         mb = rollout.select(idx)
@@ -516,8 +533,9 @@ def _sum_reducer(accelerator):
 
 
 def policy_update(model, critics, critic_opts, optimizer, scheduler, batch, rollout: Rollout, loss_fn, state: OnlineState,
-                  L, cfg, accelerator, packed: bool = False) -> dict[str, float]:
-    """epochs_per_rollout × mini_batches optimizer steps over this process's rows. Each mini-batch's
+                  L, cfg, accelerator, packed: bool = False, live_logps: torch.Tensor | None = None) -> dict[str, float]:
+    """live_logps: this rollout's log-probs already computed with their graph (`fused_old_pass`; one
+    micro-batch). epochs_per_rollout × mini_batches optimizer steps over this process's rows. Each mini-batch's
     token and sequence counts are summed over processes first, so the token-mean is global and the
     gradient-accumulation normalisation is applied once."""
     from train.loops.common import StepMetrics
@@ -557,8 +575,11 @@ def policy_update(model, critics, critic_opts, optimizer, scheduler, batch, roll
                                     kl_estimator=L.kl.estimator, kl_clamp=L.kl.clamp)
                     if not critic_only:
                         on_policy = "old_logps" not in batch
-                        data["logps"], entropy = token_logps(model, mb, L.generation.temperature, device, with_entropy=on_policy,
-                                                                     packed=packed)
+                        if live_logps is not None and len(chunks) == 1 and len(idx) == n_rows:
+                            data["logps"], entropy = live_logps[torch.as_tensor(idx, device=live_logps.device)], None
+                        else:
+                            data["logps"], entropy = token_logps(model, mb, L.generation.temperature, device,
+                                                                 with_entropy=on_policy, packed=packed)
                         data["old_logps"] = data["logps"].detach() if on_policy else batch["old_logps"][idx].to(device)
                         if on_policy:
                             mask = data["mask"]
