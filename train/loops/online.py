@@ -19,7 +19,11 @@ window, the step). An interrupted rollout is not persisted: the resumed run rest
 because sampling seeds derive from (seed, step, process) it draws the same completions.
 Dropout is off for the whole run (the model stays in eval mode), so π_old equals π_θ on the first
 mini-batch (TRL disable_dropout); when that mini-batch is the only update and no KL sits in the reward,
-the π_old pass is skipped. With optim.packing the trainer's forwards run on rows packed end to end.
+the π_old pass is skipped; when the KL sits in the reward and the rollout is one micro-batch, the
+update's own forward (run first, graph kept) supplies π_old. With optim.packing the trainer's forwards
+run on rows packed end to end, with the LM head on completion positions only.
+Opt-in score options: mask_truncated_completions (DAPO: no policy loss on a completion without EOS) and
+a running mean/std normaliser of raw reward / cost scores (safe-rlhf Normalizer, restored on resume).
 """
 
 from __future__ import annotations
