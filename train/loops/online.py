@@ -184,7 +184,8 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
             # π_old == π_θ for a single on-policy update: when the whole local rollout is one micro-batch, the
             # update's own forward (kept with its graph) supplies π_old for the KL in the reward: one forward less
             live = (token_logps(model, rollout, L.generation.temperature, device, with_entropy=True, packed=packed)
-                    if fused_old_pass(L, reference, critics, len(rollout), cfg.optim.batch_size) else None)
+                    if fused_old_pass(L, reference, critics, len(rollout), cfg.optim.batch_size)
+                    and (reference != "adapter" or world == 1) else None)  # (no DDP forward between forward and backward)
             batch = no_grad_passes(model, reference, critics, rollout, L, cfg.optim.batch_size, device, packed,
                                    skip_old=live is not None)
             if live is not None:
