@@ -19,6 +19,8 @@ Group estimators take the N samples as N/n contiguous groups of n (what the samp
     adaptive_kl_beta(beta, kl, target, n, horizon)      float    Ziegler et al. 2019, §2.2
     lagrange_step(log_lambda, mean_cost, threshold, lr) float    Dai et al. 2023 (Safe RLHF) code semantics
     mix_lagrangian(adv_r, adv_c, lam)                   tensor   (A_R − λ A_C) / (1 + λ)
+    running_moments(stats, scores)                      stats    running mean / variance (Chan et al. parallel update)
+    normalize_scores(scores, stats, function, eps)      [N]      affine | scale | translate (safe-rlhf Normalizer)
 """
 
 from __future__ import annotations
@@ -216,3 +218,42 @@ def lagrange_step(log_lambda: float, mean_cost: float, threshold: float, lr: flo
 def mix_lagrangian(adv_reward: Tensor, adv_cost: Tensor, lam: float) -> Tensor:
     """Safe-RLHF mixed advantage (A_R − λ·A_C)/(1 + λ) (Dai et al. 2023, Eq. 11, code ppo_lag trainer)."""
     return (adv_reward - lam * adv_cost) / (1.0 + lam)
+
+
+# ------------------------------------------------------------------------------------------------ score normaliser
+
+
+def running_moments(stats: tuple[int, float, float], scores: Tensor) -> tuple[int, float, float]:
+    """(count, mean, var) after folding in this batch's non-NaN scores, by Chan et al.'s parallel update
+    as safe-rlhf's `RunningMeanStd.update`: the batch contributes its mean and its unbiased (n−1)
+    variance, the merged variance is M2 / total count. Start from (0, 0.0, 1.0) (safe-rlhf's buffers).
+
+        δ = μ_b − μ,  N' = N + n,  μ' = μ + δ·n/N',  σ'² = (σ²·N + σ_b²·n + δ²·N·n/N') / N'
+    """
+    x = scores[~torch.isnan(scores)].double()
+    n = int(x.numel())
+    if n == 0:
+        return stats
+    count, mean, var = stats
+    b_mean = float(x.mean())
+    b_var = float(x.var()) if n > 1 else 0.0
+    total = count + n
+    delta = b_mean - mean
+    m2 = var * count + b_var * n + delta * delta * count * n / total
+    return total, mean + delta * n / total, m2 / total
+
+
+def normalize_scores(scores: Tensor, stats: tuple[int, float, float], function: str, eps: float = 1e-8) -> Tensor:
+    """safe-rlhf `Normalizer.normalize`: affine (x − μ)/(σ + eps), scale x/(σ + eps), translate x − μ,
+    none x; NaN stays NaN."""
+    _, mean, var = stats
+    std = math.sqrt(max(var, 0.0))
+    if function == "affine":
+        return (scores - mean) / (std + eps)
+    if function == "scale":
+        return scores / (std + eps)
+    if function == "translate":
+        return scores - mean
+    if function == "none":
+        return scores
+    raise ValueError(f"normalize function {function!r}: affine | scale | translate | none")

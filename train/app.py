@@ -279,6 +279,10 @@ class OnlineLoop(_Strict):
     missing_eos_penalty: float | None = Field(None, ge=0)  # subtracted from the score of a truncated completion
     overlong_buffer: int | None = Field(None, ge=1)  # DAPO soft overlong penalty over the last B tokens
     overlong_factor: float = Field(1.0, ge=0)
+    mask_truncated_completions: bool = False  # DAPO / TRL: completions without EOS get no policy loss
+    normalize_reward: Literal["none", "affine", "scale", "translate"] = "none"  # running mean/std (safe-rlhf Normalizer)
+    normalize_cost: Literal["none", "affine", "scale", "translate"] = "none"  # ppo_lag cost scorer, same normaliser
+    normalize_eps: float = Field(1e-8, gt=0, le=1.0)  # (x - mean) / (std + eps)
 
     @model_validator(mode="after")
     def _buffer_fits(self):
@@ -385,6 +389,11 @@ def check_online(cfg: TrainConfig) -> None:
     if cfg.optim.grad_accum != 1:
         raise ConfigError("online loops accumulate micro-batches (optim.batch_size rows) up to a mini-batch "
                           "(rollout / loop.mini_batches); set optim.grad_accum=1 and use loop.mini_batches")
+    if name == "online_dpo" and (loop.mask_truncated_completions or loop.normalize_reward != "none"):
+        raise ConfigError("loop=online_dpo labels pairs (no advantages): loop.mask_truncated_completions and "
+                          "loop.normalize_reward apply to the policy-gradient loops; use loop.missing_eos_penalty")
+    if loop.normalize_cost != "none" and name != "ppo_lag":
+        raise ConfigError(f"loop.normalize_cost normalises the ppo_lag cost scorer; loop={name} has none (set it to none)")
     if name == "online_dpo":
         if loop.reward.kind == "judge" and loop.reward.judge is None:
             raise ConfigError("loop=online_dpo with loop.reward.kind=judge needs loop.reward.judge")

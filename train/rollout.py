@@ -14,6 +14,7 @@ OpenRLHF, verl), with only the completion positions through the LM head (`logits
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
@@ -128,9 +129,12 @@ def token_logps(model, rollout: Rollout, temperature: float, device, with_entrop
     """log π(y_t | x, y_<t) of the completion tokens from logits / T, float32 [N, Lc] (0 off mask), and
     with_entropy the per-token entropy of the same distribution (no grad). packed: the rows (real prompt
     + completion tokens only) are laid end to end (train/loops/packing.py), so no compute is spent on the
-    prompts' left padding or the completions' right padding; same values."""
+    prompts' left padding or the completions' right padding; same values. A `Packed(head_only=True)` also
+    runs the LM head on the M positions that predict completion tokens only, not on the prompts'
+    (logits [M, V] instead of [rows, width, V]: the head's compute and the logits' memory scale with the
+    completion, which matters at a 49k vocabulary); the loop enables it after `head_only_matches`."""
     if packed:
-        logits, index = _packed_logits(model, rollout, device)
+        logits, index = _packed_logits(model, rollout, device, head_only=getattr(packed, "head_only", False))
     else:
         logits, index = _logits(model, rollout, device), None
     if temperature != 1.0:
@@ -153,7 +157,43 @@ def token_logps(model, rollout: Rollout, temperature: float, device, with_entrop
     return logps, entropy
 
 
-def _packed_logits(model, rollout: Rollout, device) -> tuple[Tensor, Tensor]:
+@dataclass(frozen=True)
+class Packed:
+    """token_logps(packed=Packed(...)): rows packed end to end; head_only: LM head on completion positions."""
+
+    head_only: bool = False
+
+
+@contextlib.contextmanager
+def _head_on(model, index: Tensor):
+    """While active, the model's output embedding (LM head) sees only hidden[..., index, :] flattened:
+    a forward pre-hook, so the call still goes through the (DDP / PEFT) wrapper and the model's own
+    post-processing of the logits (e.g. soft-capping) applies."""
+    head = getattr(model, "module", model).get_output_embeddings()
+
+    def select(_module, args):
+        h = args[0]
+        return (h.reshape(-1, h.shape[-1])[index],) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def head_only_matches(model, rollout: Rollout, device, tol: float = 1e-4) -> bool:
+    """One-time check (per model) that the completion-only LM head gives the padded forward's log-probs."""
+    try:
+        with torch.no_grad():
+            ref = token_logps(model, rollout, 1.0, device)[0]
+            got = token_logps(model, rollout, 1.0, device, packed=Packed(head_only=True))[0]
+        return got.shape == ref.shape and bool((got - ref).abs().max() <= tol)
+    except Exception:  # a model whose forward reshapes the head's output: keep the full head
+        return False
+
+
+def _packed_logits(model, rollout: Rollout, device, head_only: bool = False) -> tuple[Tensor, Tensor]:
     """One forward over the rows packed end to end -> (logits [M, V] of the positions that predict the
     M real completion tokens, in row-major order of completion_mask; the packed positions)."""
     from train.loops.packing import pack_rows
@@ -169,7 +209,6 @@ def _packed_logits(model, rollout: Rollout, device) -> tuple[Tensor, Tensor]:
         ids[i, :len(row)] = row
         attn[i, :len(row)] = 1
     pk = pack_rows(ids, attn, ids)
-    logits = model(input_ids=pk.input_ids.to(device), position_ids=pk.position_ids.to(device), use_cache=False).logits
     # padded position (i, t) sits at packed position where src == i*width + t; token j of row i's completion
     # is predicted at padded position plen_i + j - 1
     where = torch.full((n * width,), -1, dtype=torch.long)
@@ -178,6 +217,12 @@ def _packed_logits(model, rollout: Rollout, device) -> tuple[Tensor, Tensor]:
     cols = plen[:, None] - 1 + torch.arange(rollout.completion_ids.shape[1])[None]
     flat_index = (torch.arange(n)[:, None] * width + cols.clamp(max=width - 1))[rollout.completion_mask]
     index = where[flat_index].to(device)
+    inputs = {"input_ids": pk.input_ids.to(device), "position_ids": pk.position_ids.to(device), "use_cache": False}
+    if head_only:
+        with _head_on(model, index):
+            logits = model(**inputs).logits
+        return logits.reshape(-1, logits.shape[-1]), index
+    logits = model(**inputs).logits
     return logits.reshape(-1, logits.shape[-1])[index], index
 
 

@@ -257,3 +257,24 @@ def test_rloo_loss_matches_sequence_formula():
     r = [math.exp(0.3), math.exp(-0.5)]
     expect = [max(-1 * r[0], -1 * min(r[0], 1.2)), max(2 * r[1], 2 * max(r[1], 0.8))]
     assert out.losses.tolist() == pytest.approx(expect, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ score normaliser
+
+
+def test_running_moments_golden_safe_rlhf_update():
+    # safe-rlhf RunningMeanStd from (count 0, mean 0, var 1): batch [1, 2, 3] -> (3, 2, 1);
+    # then [4, 5] (mean 4.5, unbiased var 0.5): mean 2 + 2.5*2/5 = 3, var (1*3 + 0.5*2 + 2.5²*3*2/5)/5 = 2.3
+    s = adv.running_moments((0, 0.0, 1.0), torch.tensor([1.0, float("nan"), 2.0, 3.0]))  # NaN left out
+    assert s == (3, pytest.approx(2.0), pytest.approx(1.0))
+    s = adv.running_moments(s, torch.tensor([4.0, 5.0]))
+    assert s == (5, pytest.approx(3.0), pytest.approx(2.3))
+    assert adv.running_moments(s, torch.tensor([float("nan")])) == s  # nothing scorable: unchanged
+    x = torch.tensor([4.0, float("nan")])
+    assert adv.normalize_scores(x, s, "affine")[0].item() == pytest.approx(0.659380, abs=1e-6)
+    assert adv.normalize_scores(x, s, "scale")[0].item() == pytest.approx(2.637522, abs=1e-6)
+    assert adv.normalize_scores(x, s, "translate")[0].item() == pytest.approx(1.0)
+    assert adv.normalize_scores(x, s, "none")[0].item() == 4.0
+    assert all(torch.isnan(adv.normalize_scores(x, s, f)[1]) for f in ("affine", "scale", "translate"))
+    with pytest.raises(ValueError, match="affine"):
+        adv.normalize_scores(x, s, "whiten")

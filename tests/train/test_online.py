@@ -179,6 +179,7 @@ def test_lora_policy_with_adapter_disabled_reference(prompts, tmp_path):
     ("grpo", [EVEN, "loop.kl.coef=0.04", "loop.mini_batches=2", "loop.epochs_per_rollout=2", "optim.batch_size=4"]),
     ("ppo_lag", ["loop.reward.kind=function", EVEN, "loop.cost.kind=function",
                  "loop.cost.function=train.scorers:quarter_token_fraction", "loop.critic.init_from=policy", "loop.lagrangian.window=8"]),
+    ("rloo", [EVEN, "loop.normalize_reward=affine", "loop.mask_truncated_completions=true"]),  # running moments restored
 ])
 def test_exact_resume(prompts, tmp_path, loop, extra):
     common = [f"loop={loop}", "optim.max_steps=4", "loop.prompts_per_step=4", *extra]
@@ -188,7 +189,7 @@ def test_exact_resume(prompts, tmp_path, loop, extra):
     train(tmp_path / "resumed", prompts, *common, "resume=true")
     a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
-    keys = ["reward/mean", "completions/mean_length", "loss", "kl", "beta", "lambda", "cost/mean"]
+    keys = ["reward/mean", "completions/mean_length", "loss", "kl", "beta", "lambda", "cost/mean", "reward/running_std"]
     for ra, rb in zip(a, b):
         for k in keys:
             if k in ra:
@@ -280,9 +281,36 @@ def test_packed_forward_equals_the_padded_one(prompts, tmp_path, tiny_path):
     a, ea = token_logps(model, r, 0.7, "cpu", with_entropy=True)
     b, eb = token_logps(model, r, 0.7, "cpu", with_entropy=True, packed=True)
     assert (a - b).abs().max() < 1e-5 and (ea - eb).abs().max() < 1e-4 and (b[~r.completion_mask] == 0).all()
+    # the LM head on completion positions only: same log-probs, entropies and gradients
+    from train.rollout import Packed, head_only_matches
+
+    assert head_only_matches(model, r, "cpu")
+    grads = []
+    for packed in (True, Packed(head_only=True)):
+        model.zero_grad()
+        lp, ent = token_logps(model, r, 0.7, "cpu", with_entropy=True, packed=packed)
+        (lp * torch.linspace(-1, 1, lp.numel()).view_as(lp)).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        assert (lp.detach() - a).abs().max() < 1e-5 and (ent - ea).abs().max() < 1e-4
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().sum() > 0
     common = ["loop=grpo", EVEN, "optim.max_steps=2", "loop.prompts_per_step=4", "loop.kl.coef=0.04"]
     train(tmp_path / "packed", prompts, *common)
     train(tmp_path / "padded", prompts, *common, "optim.packing=false")
     for x, y in zip(metrics(tmp_path / "packed"), metrics(tmp_path / "padded")):
         for k in ("loss", "grad_norm", "kl", "reward/mean"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), k
+
+
+def test_fused_old_pass_equals_a_separate_one(prompts, tmp_path):
+    """RLOO with the KL in the reward: the update's own forward as π_old (one micro-batch) gives the same
+    run as a separate no-grad π_old pass (two micro-batches)."""
+    from train.loops.online import fused_old_pass
+
+    common = ["loop=rloo", EVEN, "optim.max_steps=2", "loop.prompts_per_step=4", "loop.kl.coef=0.05"]
+    train(tmp_path / "fused", prompts, *common, "optim.batch_size=16")
+    train(tmp_path / "separate", prompts, *common, "optim.batch_size=8")
+    L = compose(*common).loop
+    assert fused_old_pass(L, "ref", {}, 16, 16) and not fused_old_pass(L, "ref", {}, 16, 8)
+    for x, y in zip(metrics(tmp_path / "fused"), metrics(tmp_path / "separate")):
+        for k in ("loss", "grad_norm", "kl", "entropy", "reward/mean"):
             assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), k

@@ -19,7 +19,11 @@ window, the step). An interrupted rollout is not persisted: the resumed run rest
 because sampling seeds derive from (seed, step, process) it draws the same completions.
 Dropout is off for the whole run (the model stays in eval mode), so π_old equals π_θ on the first
 mini-batch (TRL disable_dropout); when that mini-batch is the only update and no KL sits in the reward,
-the π_old pass is skipped. With optim.packing the trainer's forwards run on rows packed end to end.
+the π_old pass is skipped; when the KL sits in the reward and the rollout is one micro-batch, the
+update's own forward (run first, graph kept) supplies π_old. With optim.packing the trainer's forwards
+run on rows packed end to end, with the LM head on completion positions only.
+Opt-in score options: mask_truncated_completions (DAPO: no policy loss on a completion without EOS) and
+a running mean/std normaliser of raw reward / cost scores (safe-rlhf Normalizer, restored on resume).
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from train.models import (
     save_model,
     trainable_parameters,
 )
-from train.rollout import Rollout, TokenValues, hf_generate, token_logps, token_values
+from train.rollout import Packed, Rollout, TokenValues, head_only_matches, hf_generate, left_pad, token_logps, token_values
 from train.scorers import PairwiseJudge, build_scorer
 
 
@@ -63,8 +67,10 @@ class OnlineState(Progress):
     beta: float = 0.0
     log_lambda: float = 0.0
     cost_window: list[float] = field(default_factory=list)
+    reward_moments: list[float] = field(default_factory=lambda: [0, 0.0, 1.0])  # running (count, mean, var) of raw scores
+    cost_moments: list[float] = field(default_factory=lambda: [0, 0.0, 1.0])
 
-    SAVED = Progress.SAVED + ("optimizer_steps", "beta", "log_lambda", "cost_window")
+    SAVED = Progress.SAVED + ("optimizer_steps", "beta", "log_lambda", "cost_window", "reward_moments", "cost_moments")
 
 
 def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
@@ -125,10 +131,14 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         if f"critic_{k}_optimizer" in tensors:
             opt.load_state_dict(tensors[f"critic_{k}_optimizer"])
     packed = cfg.optim.packing and packing_check(model, prompt_ids, cfg, accelerator)
+    if packed:  # and the LM head only on completion positions, when this model's forward allows it
+        packed = Packed(head_only=head_check(model, prompt_ids, accelerator))
     n_train, n_total = count_parameters(accelerator.unwrap_model(model))
     if main:
         print(f"loop={L.name}: {n_train:,} trainable of {n_total:,} parameters; loss={cfg.loss.name}; {len(prompts)} prompts "
-              f"({n_truncated} truncated); {total} rollouts of {L.prompts_per_step}x{L.samples_per_prompt}", flush=True)
+              f"({n_truncated} truncated); {total} rollouts of {L.prompts_per_step}x{L.samples_per_prompt}; forwards: "
+              f"{'packed' if packed else 'padded'}{', LM head on completions only' if getattr(packed, 'head_only', False) else ''}",
+              flush=True)
 
     # ---------------------------------------------------------------- 5. the rollout cycle
     logger = MetricsLogger(out_dir, main, cfg.log.tensorboard, resume_step=state.step)
@@ -159,6 +169,11 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         costs = cost_scorer(row_prompts, texts, ids_list) if cost_scorer is not None else None
         baseline = greedy_scores(sample, model, tokenizer, reward_scorer, prompt_ids, mine, prompts, L, device) \
             if L.estimator == "remax" else None
+        raw_scores, raw_costs = scores, costs  # logged, and the cost window keeps the threshold's unit
+        if L.normalize_reward != "none":
+            scores, baseline = normalize(state, "reward_moments", scores, baseline, L.normalize_reward, L.normalize_eps, accelerator)
+        if costs is not None and L.normalize_cost != "none":
+            costs, _ = normalize(state, "cost_moments", costs, None, L.normalize_cost, L.normalize_eps, accelerator)
         t_score = time.perf_counter()
         # 3-6
         if L.name == "online_dpo":
@@ -166,16 +181,27 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
             metrics = dpo_update(model, reference, rollout, labels, loss_fn, optimizer, scheduler, cfg, accelerator, packed)
             state.optimizer_steps += updates_per_rollout
         else:
-            batch = no_grad_passes(model, reference, critics, rollout, L, cfg.optim.batch_size, device, packed)
+            # π_old == π_θ for a single on-policy update: when the whole local rollout is one micro-batch, the
+            # update's own forward (kept with its graph) supplies π_old for the KL in the reward: one forward less
+            live = (token_logps(model, rollout, L.generation.temperature, device, with_entropy=True, packed=packed)
+                    if fused_old_pass(L, reference, critics, len(rollout), cfg.optim.batch_size)
+                    and (reference != "adapter" or world == 1) else None)  # (no DDP forward between forward and backward)
+            batch = no_grad_passes(model, reference, critics, rollout, L, cfg.optim.batch_size, device, packed,
+                                   skip_old=live is not None)
+            if live is not None:
+                batch["old_logps"], batch["entropy"] = live[0].detach().cpu(), live[1].cpu()
             if costs is not None:  # Safe-RLHF: episode costs (scorer end scores, no KL) feed J̄_C
-                update_cost_window(state, _gather(accelerator, costs), L.lagrangian.window)
+                update_cost_window(state, _gather(accelerator, raw_costs), L.lagrangian.window)
             metrics = estimate(batch, rollout, scores, costs, baseline, state, L, accelerator)
             metrics |= policy_update(model, critics, critic_opts, optimizer, scheduler, batch, rollout, loss_fn, state, L, cfg,
-                                     accelerator, packed)
+                                     accelerator, packed, live_logps=live[0] if live is not None else None)
+            del live
         t_update = time.perf_counter()
         # 7. controllers, log, checkpoint
-        metrics |= rollout_metrics(rollout, None if L.name == "online_dpo" and L.reward.kind == "judge" else scores,
-                                   costs, L, accelerator) | sync
+        metrics |= rollout_metrics(rollout, None if L.name == "online_dpo" and L.reward.kind == "judge" else raw_scores,
+                                   raw_costs, L, accelerator) | sync
+        if L.normalize_reward != "none":
+            metrics |= {"reward/running_mean": state.reward_moments[1], "reward/running_std": math.sqrt(state.reward_moments[2])}
         if L.kl.adaptive and "kl" in metrics:
             n = L.prompts_per_step * L.samples_per_prompt
             state.beta = A.adaptive_kl_beta(state.beta, metrics["kl"], L.kl.target_per_sequence_nats, n, L.kl.horizon)
@@ -285,6 +311,24 @@ def packing_check(model, prompt_ids: list[list[int]], cfg, accelerator) -> bool:
     return packing_agreed(ok, accelerator)
 
 
+def head_check(model, prompt_ids: list[list[int]], accelerator) -> bool:
+    """Packed forwards may run the LM head on completion positions only (train/rollout.py `_head_on`):
+    checked once against the padded forward on two prompts whose last tokens act as completions, agreed
+    by every process."""
+    rows = [list(r) for r in prompt_ids[:2] if len(r) >= 2]
+    if not rows:
+        return False
+    k = min(4, min(len(r) for r in rows) - 1)
+    p_ids, p_mask = left_pad([r[:-k] for r in rows], 0)
+    c_ids = torch.tensor([r[-k:] for r in rows])
+    probe = Rollout(p_ids, p_mask, c_ids, torch.ones_like(c_ids, dtype=torch.bool), torch.zeros(len(rows), dtype=torch.bool),
+                    torch.arange(len(rows)))
+    ok = head_only_matches(model, probe, accelerator.device)
+    if accelerator.num_processes > 1:
+        ok = bool(accelerator.reduce(torch.tensor([float(ok)], device=accelerator.device), "min").item())
+    return ok
+
+
 def step_prompts(step: int, n_prompts: int, per_step: int, seed: int) -> list[int]:
     """The prompts of rollout `step`: consecutive slices of a per-epoch permutation (same on every process)."""
     out = []
@@ -318,6 +362,16 @@ def adjust_scores(scores: torch.Tensor, truncated: torch.Tensor, L, lengths: tor
     return scores
 
 
+def normalize(state: OnlineState, key: str, scores: torch.Tensor, baseline, function: str, eps: float, accelerator):
+    """Opt-in running normaliser of raw scorer outputs (safe-rlhf `Normalizer`, RunningMeanStd): fold this
+    step's scores of all processes into the running (count, mean, var), then normalise this process's
+    scores (and a ReMax greedy baseline, which does not update the statistics) with them. NaN stays NaN."""
+    moments = A.running_moments(tuple(getattr(state, key)), _gather(accelerator, scores))
+    setattr(state, key, list(moments))
+    norm = A.normalize_scores(scores, moments, function, eps)
+    return norm, (A.normalize_scores(baseline, moments, function, eps) if baseline is not None else None)
+
+
 def label_pairs(scorer, L, prompts, texts, ids_list, rollout) -> tuple[list[int | None], torch.Tensor]:
     """online_dpo: per prompt 1 (first sample preferred), 0 (second) or None (tie / unscorable: dropped).
     A judge is asked in both orders; a reward function/model prefers the strictly higher score."""
@@ -347,7 +401,6 @@ def micro_batches(n: int, size: int) -> list[list[int]]:
     return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
 
 
-@torch.no_grad()
 def on_policy_single_update(L, reference) -> bool:
     """π_old == π_θ exactly for the only mini-batch of the only epoch, and nothing before the update
     needs π_old (no KL in the reward): then the π_old pass is skipped and the update uses its own
@@ -356,10 +409,21 @@ def on_policy_single_update(L, reference) -> bool:
     return L.epochs_per_rollout == 1 and L.mini_batches == 1 and not kl_in_reward
 
 
-def no_grad_passes(model, reference, critics, rollout: Rollout, L, micro: int, device, packed: bool = False) -> dict[str, torch.Tensor]:
-    """π_old (and entropy), π_ref and critic values over the rollout, micro-batch by micro-batch, float32."""
+def fused_old_pass(L, reference, critics, n_local: int, micro: int) -> bool:
+    """The π_old pass is needed before the update only for the KL in the reward; with one on-policy update
+    of one micro-batch (no critic), the update's forward gives the same log-probs (dropout off), so the
+    loop runs that forward first, with its graph, and uses its detached values as π_old."""
+    return (L.epochs_per_rollout == 1 and L.mini_batches == 1 and reference is not None and L.kl.placement == "reward"
+            and not critics and n_local <= micro)
+
+
+@torch.no_grad()
+def no_grad_passes(model, reference, critics, rollout: Rollout, L, micro: int, device, packed: bool = False,
+                   skip_old: bool = False) -> dict[str, torch.Tensor]:
+    """π_old (and entropy), π_ref and critic values over the rollout, micro-batch by micro-batch, float32,
+    without autograd (a recorded graph here would keep the pass's activations alive through the update)."""
     T = L.generation.temperature
-    skip_old = on_policy_single_update(L, reference)
+    skip_old = skip_old or on_policy_single_update(L, reference)
     out: dict[str, list[torch.Tensor]] = {"old_logps": [], "entropy": [], "ref_logps": [], **{f"values_{k}": [] for k in critics}}
     for idx in micro_batches(len(rollout), micro):
         mb = rollout.select(idx)
@@ -474,8 +538,9 @@ def _sum_reducer(accelerator):
 
 
 def policy_update(model, critics, critic_opts, optimizer, scheduler, batch, rollout: Rollout, loss_fn, state: OnlineState,
-                  L, cfg, accelerator, packed: bool = False) -> dict[str, float]:
-    """epochs_per_rollout × mini_batches optimizer steps over this process's rows. Each mini-batch's
+                  L, cfg, accelerator, packed: bool = False, live_logps: torch.Tensor | None = None) -> dict[str, float]:
+    """live_logps: this rollout's log-probs already computed with their graph (`fused_old_pass`; one
+    micro-batch). epochs_per_rollout × mini_batches optimizer steps over this process's rows. Each mini-batch's
     token and sequence counts are summed over processes first, so the token-mean is global and the
     gradient-accumulation normalisation is applied once."""
     from train.loops.common import StepMetrics
@@ -493,30 +558,38 @@ def policy_update(model, critics, critic_opts, optimizer, scheduler, batch, roll
                 lag_step(state, L)
                 lam = math.exp(state.log_lambda)
                 batch["advantages"] = A.mix_lagrangian(batch["adv_reward"], batch["adv_cost"], lam)
-            n_tok = rollout.completion_mask[rows].sum().float()
+            counts = torch.stack([loss_mask(rollout, L)[rows].sum(), rollout.completion_mask[rows].sum()]).float()
             if world > 1:
-                n_tok = accelerator.reduce(n_tok.to(device), "sum").cpu()
-            total_tokens, total_sequences = float(n_tok) / world, float(len(rows))
+                counts = accelerator.reduce(counts.to(device), "sum").cpu()
+            # policy tokens (no truncated rows under mask_truncated_completions) and critic tokens; >= 1 so an
+            # all-truncated mini-batch gives a zero loss, not 0/0
+            total_tokens, value_tokens = (max(float(c) / world, 1.0 / world) for c in counts)
+            total_sequences = float(len(rows))
             chunks = [rows[i:i + cfg.optim.batch_size] for i in range(0, len(rows), cfg.optim.batch_size)]
             for j, idx in enumerate(chunks):
                 mb = rollout.select(idx)
                 sync = j == len(chunks) - 1
                 with _maybe_no_sync(accelerator, [model, *critics.values()], sync):
+                    keep = loss_mask(mb, L)
                     data = {
-                        "advantages": batch["advantages"][idx].to(device),
-                        "mask": mb.completion_mask.to(device), "total_tokens": total_tokens, "total_sequences": total_sequences,
+                        "advantages": (batch["advantages"][idx] * keep.any(1).view(-1, *[1] * (batch["advantages"].dim() - 1))).to(device),
+                        "mask": keep.to(device), "total_tokens": total_tokens, "total_sequences": total_sequences,
                     }
                     if "ref_logps" in batch and L.kl.placement == "loss":
                         data.update(ref_logps=batch["ref_logps"][idx].to(device), kl_coef=state.beta,
                                     kl_estimator=L.kl.estimator, kl_clamp=L.kl.clamp)
                     if not critic_only:
                         on_policy = "old_logps" not in batch
-                        data["logps"], entropy = token_logps(model, mb, L.generation.temperature, device, with_entropy=on_policy,
-                                                                     packed=packed)
+                        if live_logps is not None and len(chunks) == 1 and len(idx) == n_rows:
+                            data["logps"], entropy = live_logps[torch.as_tensor(idx, device=live_logps.device)], None
+                        else:
+                            data["logps"], entropy = token_logps(model, mb, L.generation.temperature, device,
+                                                                 with_entropy=on_policy, packed=packed)
                         data["old_logps"] = data["logps"].detach() if on_policy else batch["old_logps"][idx].to(device)
                         if on_policy:
                             mask = data["mask"]
-                            metrics.add({"entropy": (entropy * mask).sum() / mask.sum().clamp(min=1)}, weight=float(mask.sum()))
+                            if mask.any():  # (none under mask_truncated_completions when every row is truncated)
+                                metrics.add({"entropy": (entropy * mask).sum() / mask.sum().clamp(min=1)}, weight=float(mask.sum()))
                             if "ref_logps" in batch:  # the KL metric: sequence-summed k1, nats
                                 k1 = ((data["logps"].detach() - batch["ref_logps"][idx].to(device)) * mask).sum(1)
                                 metrics.add({"kl": k1.mean()}, weight=len(idx))
@@ -527,8 +600,8 @@ def policy_update(model, critics, critic_opts, optimizer, scheduler, batch, roll
                     for k, critic in critics.items():
                         v = token_values(critic, mb, device)
                         vout = value_loss(values=v, old_values=batch[f"values_{k}"][idx].to(device),
-                                          returns=batch[f"returns_{k}"][idx].to(device), mask=data["mask"],
-                                          value_clip=L.critic.value_clip, total_tokens=total_tokens,
+                                          returns=batch[f"returns_{k}"][idx].to(device), mask=mb.completion_mask.to(device),
+                                          value_clip=L.critic.value_clip, total_tokens=value_tokens,
                                           total_sequences=total_sequences)
                         vloss = vout.losses.sum() / total_sequences
                         accelerator.backward(vloss)
@@ -546,6 +619,15 @@ def policy_update(model, critics, critic_opts, optimizer, scheduler, batch, roll
                 critic_opts[k].zero_grad(set_to_none=True)
             state.optimizer_steps += 1
     return metrics.reduce(accelerator)
+
+
+def loss_mask(rollout: Rollout, L) -> torch.Tensor:
+    """[N, Lc] bool: the completion tokens that carry policy loss. loop.mask_truncated_completions (DAPO,
+    Yu et al. 2025 §3.4; TRL `mask_truncated_completions`): a completion that hit max_new_tokens without
+    EOS gets none (it is still scored and still counts in its group's baseline); the critic still fits it."""
+    if not L.mask_truncated_completions:
+        return rollout.completion_mask
+    return rollout.completion_mask & ~rollout.truncated[:, None]
 
 
 def _maybe_no_sync(accelerator, models, sync: bool):
