@@ -240,12 +240,27 @@ def total_steps(optim, steps_in_epoch: int) -> int:
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], optim) -> torch.optim.Optimizer:
-    """AdamW; weight decay spares biases and norm weights (1-d tensors), as usual for transformers."""
+    """AdamW; weight decay spares biases and norm weights (1-d tensors), as usual for transformers.
+
+    The fused kernel (`fused=True`, CPU and CUDA) where every parameter allows it: the same update
+    element by element, without the default multi-tensor path's temporary of one full parameter copy
+    (sqrt of the second moment; +0.54 GB on a 135M model in float32) and, measured on one CPU thread,
+    about 5x faster per step (bench/dpo_memory.py, the module docstring)."""
     params = list(params)
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    kwargs = {"fused": True} if _fused_adamw_ok(params) else {}
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                             **kwargs)
+
+
+def _fused_adamw_ok(params: list[torch.nn.Parameter]) -> bool:
+    """Plain float tensors, all on CPU or all on one kind of CUDA device (what the fused kernel takes)."""
+    kinds = {p.device.type for p in params}
+    return (len(kinds) == 1 and kinds <= {"cpu", "cuda"}
+            and all(type(p) is torch.nn.Parameter and p.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+                    for p in params))
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
