@@ -82,3 +82,27 @@ def test_packing_check_still_passes_with_the_chunked_head(tiny_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_path).train()
     assert packing_matches(model, varied_batch(tok), "float32")
     assert model.training  # restored
+
+
+def test_freed_blocks_leave_the_resident_set(monkeypatch):
+    import sys
+
+    import psutil
+
+    from train.loops.common import return_freed_memory
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert not return_freed_memory()  # the user's own setting wins
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    applied = return_freed_memory()
+    if not sys.platform.startswith("linux") or not applied:
+        return  # another C library: nothing to check
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    # 300 x 2 MiB, touched; blocks the heap already has free are reused (resident before, so not counted),
+    # the rest is mmapped and must leave the resident set when freed (glibc's default keeps it all)
+    blocks = [torch.ones(512 * 1024) for _ in range(300)]
+    grown = proc.memory_info().rss - before
+    del blocks
+    kept = proc.memory_info().rss - before
+    assert kept < 30 * 2**20, (grown, kept)
