@@ -7,6 +7,12 @@ Writes the first `--pairs` hh-rlhf harmless-base test pairs (the local copy in .
 preference rows, runs `python -m train loss=dpo ...` for `--steps` steps, and prints the child's peak
 resident memory (getrusage ru_maxrss) and its per-step losses, so that two checkouts can be compared
 row for row (same data, same seed, same steps). The machine's other load does not change RSS.
+
+`--phases` runs the child through bench/_memprobe.py, which prints its resident memory and high-water
+mark after each phase (tokenizer, data, policy load, packing check, reference pass, optimizer, and the
+forward / backward / optimizer step / zero_grad of every step), to find where a peak comes from:
+
+    python bench/dpo_memory.py --phases --steps 3 [--extra optim.gradient_checkpointing=true]
 """
 
 from __future__ import annotations
