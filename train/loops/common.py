@@ -283,9 +283,9 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], optim) -> torch.optim.
 def _fused_adamw_ok(params: list[torch.nn.Parameter]) -> bool:
     """Plain float tensors, all on CPU or all on one kind of CUDA device (what the fused kernel takes)."""
     kinds = {p.device.type for p in params}
-    return (len(kinds) == 1 and kinds <= {"cpu", "cuda"}
-            and all(type(p) is torch.nn.Parameter and p.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-                    for p in params))
+    floats = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    return len(kinds) == 1 and kinds <= {"cpu", "cuda"} and all(type(p) is torch.nn.Parameter and p.dtype in floats
+                                                                  for p in params)
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
