@@ -7,6 +7,12 @@ Writes the first `--pairs` hh-rlhf harmless-base test pairs (the local copy in .
 preference rows, runs `python -m train loss=dpo ...` for `--steps` steps, and prints the child's peak
 resident memory (getrusage ru_maxrss) and its per-step losses, so that two checkouts can be compared
 row for row (same data, same seed, same steps). The machine's other load does not change RSS.
+
+`--phases` runs the child through bench/_memprobe.py, which prints its resident memory and high-water
+mark after each phase (tokenizer, data, policy load, packing check, reference pass, optimizer, and the
+forward / backward / optimizer step / zero_grad of every step), to find where a peak comes from:
+
+    python bench/dpo_memory.py --phases --steps 3 [--extra optim.gradient_checkpointing=true]
 """
 
 from __future__ import annotations
@@ -45,11 +51,14 @@ def main() -> None:
                                               / "hh-rlhf-harmless-base-test.jsonl.gz"))
     ap.add_argument("--out", default="/tmp/dpo_memory")
     ap.add_argument("--extra", nargs="*", default=[], help="more train overrides")
+    ap.add_argument("--phases", action="store_true",
+                    help="print the child's RSS and high-water mark after each phase (bench/_memprobe.py)")
     args = ap.parse_args()
     out = Path(args.out)
     data = write_pairs(args.source, args.pairs, out / "pairs.jsonl")
     model = [f"model.name_or_path={args.model_path}"] if args.model_path else [f"model={args.model}"]
-    cmd = [sys.executable, "-m", "train", "loss=dpo", *model, f"data.path={data}", f"data.max_length={args.max_length}",
+    child = [str(Path(__file__).with_name("_memprobe.py"))] if args.phases else ["-m", "train"]
+    cmd = [sys.executable, *child, "loss=dpo", *model, f"data.path={data}", f"data.max_length={args.max_length}",
            f"optim.batch_size={args.batch_size}", "optim.grad_accum=1", f"optim.max_steps={args.steps}",
            f"output_dir={out / 'run'}", "progress=false", "log.plot=false", "log.tensorboard=false",
            "checkpoint.every_steps=0", "seed=0", *args.extra]
@@ -62,6 +71,8 @@ def main() -> None:
     took = time.time() - t0
     if proc.returncode != 0:
         sys.exit(f"train failed rc={proc.returncode}\n{proc.stderr[-3000:]}")
+    if args.phases:
+        print("".join(line + "\n" for line in proc.stderr.splitlines() if line.startswith("phase ")), end="")
     peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2  # KiB on Linux
     losses = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in losses if "loss" in r}

@@ -73,8 +73,12 @@ def load_policy(
     else:
         model = _from_pretrained(AutoModelForCausalLM, name_or_path, revision, dtype)
     model.config.use_cache = False
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if gradient_checkpointing:  # `activation_checkpointing_enable` from transformers 5.x; the old name goes in v6
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora is not None and lora.enabled:
         model = _wrap_lora(model, lora, head, adapter_path)
     return model

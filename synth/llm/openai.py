@@ -56,6 +56,7 @@ from synth.llm.base import (
     is_prefill,
     split_seeded,
 )
+from synth.llm.schema import for_openai_strict
 from synth.secrets import looks_like_key, strip_url_credentials
 from synth.secrets import register as register_secret
 
@@ -195,8 +196,9 @@ class OpenAIBackend:
             body["logprobs"] = True
             body["top_logprobs"] = p.top_logprobs
         if p.json_schema is not None:
+            schema = for_openai_strict(p.json_schema)  # strict mode rejects maxLength / minLength
             body["response_format"] = {"type": "json_schema",
-                                       "json_schema": {"name": "answer", "schema": p.json_schema, "strict": True}}
+                                       "json_schema": {"name": "answer", "schema": schema, "strict": True}}
         elif p.regex is not None and self.settings.regex_field != "none":  # a server extension: opt-in
             body.update(_regex_body(self.settings.regex_field, p.regex))
         if is_prefill(request):  # vLLM extension: continue the assistant message

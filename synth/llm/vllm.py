@@ -12,6 +12,15 @@ Structured output follows the current API (`SamplingParams(structured_outputs=St
 json=schema))`, vLLM >= 0.10.2; the old `guided_decoding=GuidedDecodingParams(...)` was removed in
 0.12) and falls back to the old one, then to none (the step's parser still validates the answer).
 
+Model names resolve as in `llm=hf` (synth/modelfiles.py): a hub id or folder is passed as it is; a GGUF
+(`<folder>/<f>.gguf`, `pkg:<module>/<f>.gguf`, a folder holding one `.gguf`, or `model.gguf_file`)
+becomes `LLM(model=<the .gguf file>, tokenizer=...)`, since vLLM loads a single GGUF file, not a folder
+(vLLM docs, "GGUF"; a GGUF in a hub repo is downloaded first with `huggingface_hub.hf_hub_download`).
+The tokenizer is `llm.tokenizer` when set (vLLM recommends the base model's HF tokenizer: converting a
+GGUF's own tokenizer is slow for large vocabularies), else the HF tokenizer files beside the GGUF, else
+the GGUF file itself. GGUF support in vLLM is experimental; recent releases ship it in the separate
+`vllm-gguf-plugin` package.
+
 `data_parallel_size > 1`: vLLM's offline `LLM` refuses single-process data parallelism, so we start
 one worker process per replica (each sees its own `tensor_parallel_size * pipeline_parallel_size`
 GPUs through CUDA_VISIBLE_DEVICES), split the batch across them and make one `chat` call per kind in
@@ -25,6 +34,7 @@ import os
 import traceback
 import weakref
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from synth.llm.base import (
     BackendError,
     CallStats,
+    ConfigError,
     Completion,
     ModelSettings,
     Request,
@@ -67,14 +78,42 @@ class VLLMSettings(BaseModel):
     max_logprobs: int = Field(20, ge=0)
     enable_prefix_caching: bool = True
     use_tqdm: bool = True
+    tokenizer: str | None = None  # HF tokenizer (hub id or folder); default: the model's own (see the docstring)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # any other vllm.LLM / EngineArgs keyword
 
 
-def engine_kwargs(settings: VLLMSettings, path: str, model: ModelSettings) -> dict[str, Any]:
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def model_files(settings: VLLMSettings, model: ModelSettings) -> tuple[str, str, str | None]:
+    """(model, tokenizer, revision) for `vllm.LLM`: a folder / hub id as it is, a GGUF as its file path
+    (downloaded from the hub when it is not local; the revision then went into the download)."""
+    from synth.modelfiles import require_gguf, resolve_model
+
+    source = resolve_model(model.name_or_path, model.gguf_file)
+    if not source.gguf_file:
+        return source.path, settings.tokenizer or source.path, model.revision
+    require_gguf(source)  # vLLM reads GGUF metadata with the same `gguf` package
+    folder = Path(source.path)
+    if folder.is_dir():
+        file = folder / source.gguf_file
+        if not file.is_file():
+            raise ConfigError(f"model.gguf_file={source.gguf_file}: no such file in {folder}")
+        own = any((folder / name).is_file() for name in _TOKENIZER_FILES)
+        return str(file), settings.tokenizer or str(folder if own else file), None
+    from huggingface_hub import hf_hub_download
+
+    local = hf_hub_download(source.path, source.gguf_file, revision=model.revision)
+    return local, settings.tokenizer or local, None
+
+
+def engine_kwargs(settings: VLLMSettings, model: ModelSettings) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM(...)` (engine_kwargs last: they win)."""
     lora = settings.enable_lora or settings.adapter is not None
+    path, tokenizer, revision = model_files(settings, model)
     kw: dict[str, Any] = {
-        "model": path, "tokenizer": path, "revision": model.revision, "tokenizer_revision": model.revision,
+        "model": path, "tokenizer": tokenizer, "revision": revision,
+        "tokenizer_revision": revision if tokenizer == path else None,
         "tensor_parallel_size": settings.tensor_parallel_size,
         "pipeline_parallel_size": settings.pipeline_parallel_size,
         "gpu_memory_utilization": settings.gpu_memory_utilization, "max_model_len": settings.max_model_len,
@@ -92,14 +131,15 @@ class VLLMBackend:
     kind = "vllm"
 
     def __init__(self, settings: VLLMSettings, model: ModelSettings) -> None:
-        from synth.tiny import resolve_model_path
-
         self.settings, self.model = settings, model.name_or_path
         self.stats = CallStats()
-        path = resolve_model_path(model.name_or_path)
         self.identity = {"kind": self.kind, "model": model.name_or_path, "revision": model.revision,
                          "adapter": adapter_fingerprint(settings.adapter), "chat_template": model.chat_template}
-        spec = (engine_kwargs(settings, path, model), settings.adapter, model.chat_template, settings.use_tqdm)
+        if model.gguf_file:
+            self.identity["gguf_file"] = model.gguf_file
+        if settings.tokenizer:
+            self.identity["tokenizer"] = settings.tokenizer
+        spec = (engine_kwargs(settings, model), settings.adapter, model.chat_template, settings.use_tqdm)
         if settings.data_parallel_size == 1:
             self._engines: list[Any] = [_Engine(*spec)]
         else:

