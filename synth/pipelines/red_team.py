@@ -12,9 +12,10 @@ attack families of §7.2 (no source). Per chunk, one batched call per stage:
 
 Outputs: prompts.jsonl (prompt, L1/L2 category, attack family, generator config, §7's labels),
 answers.jsonl (prompt, answer, decoding setting, verdict, category), unsafe.jsonl (prompts with at
-least one unsafe answer; `prompt` + `category`, read directly by
-`pipeline=critique_revision source=jsonl source.path=<out>/unsafe.jsonl`). Harmful answers stay in
-answers.jsonl only; they are never training targets (§7).
+least one unsafe answer; `prompt` + `category` + `answer`, the first answer judged unsafe in the order
+of `decoding`, read directly by `pipeline=critique_revision source=jsonl source.path=<out>/unsafe.jsonl`,
+which critiques and revises that very answer, as in SL-CAI where the red-team response is revised).
+Harmful answers are never SFT targets: critique_revision uses them only as the rejected side (§7).
 """
 
 from __future__ import annotations
@@ -202,9 +203,11 @@ class RedTeamPipeline(Pipeline):
             bad = [r for r in mine if r["verdict"] == "unsafe"]
             if not bad:
                 continue
+            first = bad[0]  # decoding order: greedy first in the default sweep
             state.emit("unsafe", {
                 "id": p["id"], "prompt": p["prompt"], "category": p["category"], "l1": p["l1"], "l2": p["l2"],
-                "attack_family": p["attack_family"], "unsafe_decodings": [r["decoding"]["name"] for r in bad],
+                "attack_family": p["attack_family"], "answer": first["answer"], "answer_id": first["id"],
+                "answer_decoding": first["decoding"]["name"], "unsafe_decodings": [r["decoding"]["name"] for r in bad],
                 "judge_categories": sorted({r["judge_category"] for r in bad if r["judge_category"]}),
                 "judged": sum(r["verdict"] is not None for r in mine),
             })
