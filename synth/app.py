@@ -45,6 +45,7 @@ class SynthConfig(BaseModel):
     judge: RoleConfig = RoleConfig()
     attacker: RoleConfig = RoleConfig()
     constitution: str = "hhh_en"
+    preset: str = "default"  # conf/preset/<name>.yaml: settings by model size, already merged into `pipeline`
     output_dir: str
     seed: int = Field(0, ge=0)
     chunk_size: int = Field(32, ge=1)
@@ -171,7 +172,8 @@ def run_config(cfg: SynthConfig, resolved_yaml: str | None = None) -> dict[str, 
     from synth.pipelines.base import run_pipeline
 
     pipeline = build_pipeline(cfg.pipeline)  # validates pipeline settings before any model loads
-    load_constitution(cfg.constitution)  # a bad name or file fails here, before any model loads
+    # a bad name or file, or one that lacks what the pipeline needs, fails here, before any model loads
+    pipeline.check_constitution(load_constitution(cfg.constitution))
     check_roles(cfg)
     out_dir = Path(cfg.output_dir).expanduser()
     check_output_dir(out_dir)

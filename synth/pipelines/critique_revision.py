@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from synth.errors import ConstitutionError
 from synth.io import read_jsonl
 from synth.llm.base import SamplingParams
 from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
@@ -114,9 +115,12 @@ class CritiqueRevisionPipeline(Pipeline):
     outputs = ("sft", "preferences")
     roles = ("policy",)
 
+    def check_constitution(self, constitution) -> None:
+        if constitution is None:
+            raise ConstitutionError("pipeline=critique_revision needs a constitution (constitution=<name or path>)")
+
     def items(self, ctx: Context, source: Iterable[SourceItem] | None) -> Iterable[SourceItem]:
-        if ctx.constitution is None:
-            raise ValueError("pipeline=critique_revision needs a constitution (constitution=<name or path>)")
+        self.check_constitution(ctx.constitution)
         base = super().items(ctx, source)
         if self.cfg.helpful_source is None:
             return base
@@ -125,6 +129,12 @@ class CritiqueRevisionPipeline(Pipeline):
             for it in iter_source(self.cfg.helpful_source)
         )
         return itertools.chain(base, helpful)
+
+    def estimate(self, n_items: int) -> dict[str, int]:
+        """Per item: an initial answer (none when the item carries one) and a critique and a revision per
+        round; a helpfulness item takes `helpful_samples` answers instead (upper bounds)."""
+        per_item = max(1 + 2 * self.cfg.rounds, self.cfg.helpful_samples)
+        return {"requests": n_items * per_item, "new_tokens": n_items * per_item * self.cfg.sampling.max_new_tokens}
 
     def params(self, language: str) -> SamplingParams:
         p = self.cfg.sampling.params()

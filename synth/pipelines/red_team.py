@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from synth.errors import ConfigError
+from synth.errors import ConfigError, ConstitutionError
 from synth.io import ChunkWriter, read_jsonl
 from synth.llm.base import SamplingParams
 from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
@@ -107,12 +107,19 @@ class RedTeamPipeline(Pipeline):
                 yield SourceItem(id=stable_id("red_team", path, fam), prompt=[], category=path,
                                  meta={"l1": l1, "l2": l2, "attack_family": fam})
 
+    def check_constitution(self, constitution) -> None:
+        self.category_paths_of(constitution)
+
     def category_paths(self, ctx: Context) -> list[str]:
-        cons = ctx.constitution
+        return self.category_paths_of(ctx.constitution)
+
+    def category_paths_of(self, cons) -> list[str]:
         if cons is None or not cons.taxonomy:
             name = getattr(cons, "name", None)
-            raise ConfigError(f"pipeline=red_team walks a constitution's taxonomy; {name!r} has none "
-                             "(use constitution=safety_zh or add a taxonomy to your constitution)")
+            raise ConstitutionError(
+                f"pipeline=red_team walks a constitution's harm taxonomy and constitution={name} has none; "
+                "use constitution=safety_en (English) or constitution=safety_zh, or add a `taxonomy:` to your file "
+                "(constitutions/README.md)")
         paths = [f"{l1}/{l2}" for l1, l2 in cons.categories()]
         if not self.cfg.categories:
             return paths
@@ -120,6 +127,14 @@ class RedTeamPipeline(Pipeline):
         if unknown:
             raise ConfigError(f"pipeline.categories: {unknown} not in the taxonomy of {cons.name!r}; e.g. {paths[0]!r}")
         return [p for p in paths if any(p == c or p.startswith(c + "/") for c in self.cfg.categories)]
+
+    def estimate(self, n_items: int) -> dict[str, int]:
+        """Per item: one attacker request (k samples); per prompt, one target request per decoding setting
+        and one verdict per answer (upper bounds: duplicates and failures only lower them)."""
+        k, d = self.cfg.prompts_per_item, len(self.cfg.decoding)
+        answers = n_items * k * d
+        tokens = n_items * k * (self.cfg.attacker_sampling.max_new_tokens + sum(x.max_new_tokens for x in self.cfg.decoding))
+        return {"requests": n_items + 2 * answers, "new_tokens": tokens + answers * self.cfg.judge_sampling.max_new_tokens}
 
     def setup(self, ctx: Context, writer: ChunkWriter) -> None:
         """Prompts committed by earlier chunks (and earlier runs into this folder) count for dedup."""
