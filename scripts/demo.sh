@@ -1,13 +1,61 @@
 #!/usr/bin/env bash
-# The main job, end to end on a CPU machine with no network:
-#   red-team prompts over the 33 categories of constitution=safety_zh -> target answers + safety verdicts
-#   -> critique-revision (SL-CAI) of the unsafe ones -> preferences.jsonl -> DPO on the tiny model.
-# The synth stages talk HTTP to scripts/demo_server.py, a scripted stand-in for a served model (see its
-# docstring); the training stage trains the real (tiny, random-weight) model. Outputs: outputs/demo/.
+# The main job, end to end on a CPU machine with no network. Two variants:
+#
+#   bash scripts/demo.sh            (or DEMO=stand-in) the plumbing on model=tiny, what CI runs:
+#     red-team prompts over the 33 categories of constitution=safety_zh -> target answers + safety verdicts
+#     -> critique-revision (SL-CAI) of the unsafe answers -> preferences.jsonl -> DPO on the tiny model
+#     -> evaluate before/after. The synth stages talk HTTP to scripts/demo_server.py, a scripted stand-in
+#     for a served model (see its docstring); the training stage trains the real (tiny, random-weight)
+#     model. Outputs: outputs/demo/.
+#   bash scripts/demo.sh smollm2    (or DEMO=smollm2) one safety round on SmolLM2-135M-Instruct in-process
+#     (model=smollm2-135m, llm=hf, preset=small, constitution=safety_en), no server: red teaming ->
+#     critique-revision of the answers judged unsafe -> DPO (LoRA) -> evaluate before/after on held-out
+#     HH red-team prompts and XSTest's safe prompts (string-match refusal rate, length, KL to the start
+#     model). Each stage's wall time and peak RSS go to $OUT/stages.jsonl; the last lines print the table
+#     ($OUT/main_job.md). Outputs: outputs/main-smollm2/.
 # Rerunning resumes: finished stages return at once without backend calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup-venv.sh
+DEMO=${1:-${DEMO:-stand-in}}
+case "$DEMO" in stand-in|smollm2) ;; *) echo "usage: bash scripts/demo.sh [stand-in|smollm2]" >&2; exit 2;; esac
+
+if [ "$DEMO" = smollm2 ]; then
+  OUT=${OUT:-outputs/main-smollm2}
+  mkdir -p "$OUT"
+  DATA=${DATA:-../shared/data}   # hh-rlhf harmless-base test split and XSTest (see its README for licences)
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+  STAGE="python scripts/stage.py"; LOG="$OUT/stages.jsonl"
+  POLICY="llm=hf model=smollm2-135m"
+  FAMILIES=${FAMILIES:-[direct,role_play]}   # 15 categories x 2 attack families = 30 attacker requests
+  DPO_STEPS=${DPO_STEPS:-24}
+  N_EVAL=${N_EVAL:-100}                       # held-out prompts per suite
+  echo "== 1/4 red team (safety_en: 15 categories x $FAMILIES, SmolLM2 as attacker, target and judge)"
+  $STAGE red_team "$LOG" -- synth pipeline=red_team constitution=safety_en $POLICY preset=small \
+    "pipeline.families=$FAMILIES" output_dir="$OUT/red_team"
+  echo "== 2/4 critique-revision of the answers judged unsafe (r0 = that answer)"
+  $STAGE critique_revision "$LOG" -- synth pipeline=critique_revision constitution=safety_en $POLICY preset=small \
+    source=jsonl source.path="$OUT/red_team/unsafe.jsonl" output_dir="$OUT/critique_revision"
+  echo "== 3/4 DPO (LoRA r=16) on the preference pairs"
+  $STAGE dpo "$LOG" -- train loop=preference loss=dpo model=smollm2-135m lora.enabled=true \
+    data.path="$OUT/critique_revision/preferences.jsonl" data.eval_split=0.1 data.max_length=384 \
+    optim.max_steps=$DPO_STEPS optim.lr=2e-4 optim.batch_size=4 optim.warmup_steps=2 checkpoint.every_steps=0 \
+    resume=true output_dir="$OUT/dpo"
+  echo "== 4/4 evaluate before / after on held-out prompts (never trained on; string-match refusal, KL to the start model)"
+  START=$(python -c "import yaml; print(yaml.safe_load(open('conf/model/smollm2-135m.yaml'))['name_or_path'])")
+  EV="$POLICY judges.harm=false judges.refusal=false judges.strongreject=false judges.pairwise=false
+      sampling.temperature=1.0 sampling.top_p=1.0 sampling.max_new_tokens=64 suite.limit=$N_EVAL"
+  HH="suite=hh_redteam suite.path=$DATA/hh-rlhf-harmless-base-test.jsonl.gz"
+  XS="suite=xstest suite.path=$DATA/eval/xstest_prompts.csv suite.gold_limit=0"
+  AFTER="llm.adapter=$OUT/dpo/final scores.reference=$START"
+  $STAGE eval_hh_before "$LOG" -- evaluate $EV $HH output_dir="$OUT/eval/hh/before"
+  $STAGE eval_hh_after "$LOG" -- evaluate $EV $HH $AFTER baseline="$OUT/eval/hh/before" output_dir="$OUT/eval/hh/after"
+  $STAGE eval_xstest_before "$LOG" -- evaluate $EV $XS output_dir="$OUT/eval/xstest/before"
+  $STAGE eval_xstest_after "$LOG" -- evaluate $EV $XS $AFTER baseline="$OUT/eval/xstest/before" output_dir="$OUT/eval/xstest/after"
+  python scripts/main_job_report.py "$OUT"
+  exit 0
+fi
+
 OUT=${OUT:-outputs/demo}
 mkdir -p "$OUT"
 
