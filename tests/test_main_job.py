@@ -1,5 +1,5 @@
 """The main job's in-process variant (`bash scripts/demo.sh local`) end to end on model=tiny: red
-teaming -> critique-revision of the answers judged unsafe -> DPO (LoRA) -> evaluate before/after on
+teaming on HH seed prompts -> critique-revision of the answers judged unsafe -> DPO (LoRA) -> evaluate before/after on
 held-out HH red-team and XSTest prompts -> the one-screen table. The red-team judge is a scripted
 loopback server that calls every answer unsafe, so the later stages always have data (the tiny model's
 own verdicts are random); everything else is the tiny model in-process."""
@@ -26,13 +26,11 @@ def test_local_main_job_stages_on_tiny(tmp_path):
     out = tmp_path / "main"
     with LoopbackServer(responder=lambda body: verdict) as server:
         red_team = " ".join([
-            "pipeline.attacker_sampling.seed=0", "pipeline.attacker_sampling.max_new_tokens=16",
-            'pipeline.attacker_sampling.stop=["e"]',  # the tiny model never stops by itself
             "pipeline.decoding=[{name:greedy,temperature:0.0,max_new_tokens:8},{name:hot,temperature:1.0,max_new_tokens:8}]",
             f"judge=openai judge.llm.base_url={server.url} judge.model.name_or_path=scripted judge.llm.progress=false",
         ])
         env = {**os.environ, "DEMO_NO_VENV": "1", "MODEL": "tiny", "OUT": str(out), "DATA": str(SHARED_DATA),
-               "CATEGORIES": "[crime/drugs,crime/cybercrime]", "FAMILIES": "[direct,role_play]", "N_EVAL": "4",
+               "N_SEEDS": "4", "N_EVAL": "4",
                "DPO_STEPS": "2", "DPO_BATCH": "1", "EVAL_TOKENS": "8", "RED_TEAM_EXTRA": red_team, "OMP_NUM_THREADS": "1",
                "CAI_EXTRA": 'pipeline.sampling.max_new_tokens=24 pipeline.sampling.stop=["e"] pipeline.sampling.seed=0',
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -41,6 +39,10 @@ def test_local_main_job_stages_on_tiny(tmp_path):
     unsafe = [json.loads(x) for x in (out / "red_team" / "unsafe.jsonl").read_text().splitlines()]
     prefs = [json.loads(x) for x in (out / "critique_revision" / "preferences.jsonl").read_text().splitlines()]
     assert unsafe and prefs
+    seeds = {json.loads(x)["prompt"] for x in (out / "red_team" / "prompts.jsonl").read_text().splitlines()}
+    held_out = [json.loads(x) for x in (out / "eval" / "hh" / "after" / "results.jsonl").read_text().splitlines()]
+    assert len(seeds) == 4 and len(held_out) == 4
+    assert not seeds & {r["prompt"] for r in held_out}  # no evaluation prompt was a red-team seed
     given = {u["prompt"]: u["answer"] for u in unsafe}
     for p in prefs:  # the rejected answer is the red-team answer judged unsafe
         assert p["rejected"][0]["content"] == given[p["prompt"][-1]["content"]]
