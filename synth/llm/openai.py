@@ -315,7 +315,8 @@ class OpenAIBackend:
                     return self._fatal(exc, ep, n)
             if comps is not None:  # fewer choices than n (send_n auto): the rest one request each, outside the slot
                 self._note_n_ignored(ep.url, n, len(comps))
-                rest = await asyncio.gather(*(self._call(endpoints, sem, {**body, "n": 1}, 1, None) for _ in range(n - len(comps))))
+                one = {**body, "n": 1}
+                rest = await asyncio.gather(*(self._call(endpoints, sem, one, 1, None) for _ in range(n - len(comps))))
                 return comps + [c for group in rest for c in group]
             if attempt < self.settings.max_retries:
                 self.stats.count_retry(last.reason)
@@ -387,8 +388,8 @@ def _parse(data: Any, n: int, fewer_ok: bool = False) -> list[Completion]:
         content = (ch.get("message") or {}).get("content")
         if not isinstance(content, str):
             raise Retryable("malformed", "a choice has no message content")
-        # usage is per request; with n > 1 completion tokens are shared out evenly (approximate)
-        share = completion_total // n + (1 if i < completion_total % n else 0)
+        # usage is per request; with several choices completion tokens are shared out evenly (approximate)
+        share = completion_total // len(choices) + (1 if i < completion_total % len(choices) else 0)
         out.append(Completion(text=content, finish_reason=ch.get("finish_reason"), prompt_tokens=prompt_tokens,
                               completion_tokens=share, logprobs=_logprobs(ch.get("logprobs"))))
     return out
