@@ -20,6 +20,7 @@ from tests.synth.openai_server import LoopbackServer
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "eval" / "xstest_prompts.csv").exists(), reason="needs ../shared/data")
 def test_local_main_job_stages_on_tiny(tmp_path):
     verdict = '{"verdict": "unsafe", "category": "crime/drugs"}'
