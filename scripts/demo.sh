@@ -31,7 +31,7 @@ if [ "$DEMO" != stand-in ]; then
   POLICY="llm=hf model=$MODEL"
   CATEGORIES=${CATEGORIES:-[]}                # [] = all 15 taxonomy categories of safety_en
   FAMILIES=${FAMILIES:-[direct,role_play]}   # 15 categories x 2 attack families = 30 attacker requests
-  DPO_STEPS=${DPO_STEPS:-24}
+  DPO_STEPS=${DPO_STEPS:-16}
   N_EVAL=${N_EVAL:-60}                        # held-out prompts per suite
   # RED_TEAM=seeds (default): the attack prompts are HH red-team first turns (a 135M attacker writes
   # off-topic text, see README); half of the HH file is held out for evaluation, split by prompt.
@@ -57,7 +57,7 @@ if [ "$DEMO" != stand-in ]; then
   echo "== 3/4 DPO (LoRA r=16) on the preference pairs"
   $STAGE dpo "$LOG" -- train loop=preference loss=dpo model=$MODEL lora.enabled=true \
     data.path="$OUT/critique_revision/preferences.jsonl" data.eval_split=0.1 data.max_length=384 \
-    optim.max_steps=$DPO_STEPS optim.lr=2e-4 optim.batch_size=${DPO_BATCH:-4} optim.warmup_steps=2 checkpoint.every_steps=0 \
+    optim.max_steps=$DPO_STEPS optim.lr=2e-4 optim.batch_size=${DPO_BATCH:-2} optim.warmup_steps=2 checkpoint.every_steps=0 \
     resume=true output_dir="$OUT/dpo"
   echo "== 4/4 evaluate before / after on held-out prompts (never trained on; string-match refusal, KL to the start model)"
   START=$(python -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['name_or_path'])" "conf/model/$MODEL.yaml")

@@ -91,7 +91,10 @@ def stage_lines(out: Path) -> list[str]:
     if not path.exists():
         return []
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    last = {r["stage"]: r for r in rows}  # a rerun's line replaces the earlier one
+    last: dict[str, dict] = {}  # per stage its longest finished run: a rerun that resumed a finished stage returns at once
+    for r in rows:
+        if r["stage"] not in last or (r["rc"] == 0, r["wall_s"]) > (last[r["stage"]]["rc"] == 0, last[r["stage"]]["wall_s"]):
+            last[r["stage"]] = r
     lines = ["| stage | wall time | peak RSS |", "|---|---|---|"]
     for r in last.values():
         lines.append(f"| {r['stage']} | {r['wall_s']:.0f} s | {r['peak_rss_mb']} MB |" + ("" if r["rc"] == 0 else f" exit {r['rc']}"))

@@ -31,7 +31,7 @@ def test_small_preset_sets_tokens_rounds_few_shot_temperature_and_the_command_li
     cfg = pipeline_of("pipeline=critique_revision", "preset=small")
     p = cfg["pipeline"]
     assert cfg["preset"] == "small"
-    assert (p["rounds"], p["few_shot"], p["sampling"]["temperature"], p["sampling"]["max_new_tokens"]) == (1, False, 0.7, 160)
+    assert (p["rounds"], p["few_shot"], p["sampling"]["temperature"], p["sampling"]["max_new_tokens"]) == (1, False, 0.7, 256)
     assert p["near_identical"] == 0.9 and p["initial"] == "given"  # untouched keys stay
     build_pipeline(p)  # still a valid pipeline config
     p = pipeline_of("pipeline=critique_revision", "preset=small", "pipeline.rounds=3")["pipeline"]
