@@ -63,7 +63,7 @@ def data_lines(out: Path) -> list[str]:
         judged = rt.get("red_team", {}).get("by_decoding", {})
         unsafe = sum(v["unsafe"] for v in judged.values())
         n_judged = sum(v["judged"] for v in judged.values())
-        lines.append(f"red_team: {rt['inputs']} (category, attack family) items -> {rt['outputs'].get('prompts', 0)} prompts, "
+        lines.append(f"red_team: {rt['inputs']} items -> {rt['outputs'].get('prompts', 0)} prompts, "
                      f"{rt['outputs'].get('answers', 0)} answers, {unsafe}/{n_judged} judged unsafe -> "
                      f"{rt['outputs'].get('unsafe', 0)} prompts in unsafe.jsonl; dropped attacker samples: "
                      f"{rt.get('dropped_parts', {}).get('attack_prompt', {})}")
@@ -80,8 +80,9 @@ def data_lines(out: Path) -> list[str]:
                      f"{sum(r['meta'].get('rejected_source') == 'given' for r in rows)}")
     dpo = load(out / "dpo" / "summary.json")
     if dpo:
-        tr = {k: round(v, 4) for k, v in (dpo.get("final_train") or {}).items() if isinstance(v, (int, float))}
-        ev = {k: round(v, 4) for k, v in (dpo.get("final_eval") or {}).items() if isinstance(v, (int, float))}
+        keep = ("loss", "rewards/accuracy", "rewards/margin", "eval/loss", "eval/rewards/accuracy", "eval/rewards/margin")
+        tr = {k: round(v, 4) for k, v in (dpo.get("final_train") or {}).items() if k in keep}
+        ev = {k: round(v, 4) for k, v in (dpo.get("final_eval") or {}).items() if k in keep}
         lines.append(f"dpo: {dpo['steps']} steps on {dpo['samples']} samples in {dpo['time_s']:.0f}s; final train {tr}; eval {ev}")
     return lines
 
