@@ -45,6 +45,7 @@ class SynthConfig(BaseModel):
     judge: RoleConfig = RoleConfig()
     attacker: RoleConfig = RoleConfig()
     constitution: str = "hhh_en"
+    preset: str = "default"  # conf/preset/<name>.yaml: settings by model size, already merged into `pipeline`
     output_dir: str
     seed: int = Field(0, ge=0)
     chunk_size: int = Field(32, ge=1)
@@ -183,7 +184,8 @@ def run_config(cfg: SynthConfig, resolved_yaml: str | None = None, build_llm=Non
     from synth.shard import Shard, ShardedPipeline, check_shard_count
 
     pipeline = build_pipeline(cfg.pipeline)  # validates pipeline settings before any model loads
-    load_constitution(cfg.constitution)  # a bad name or file fails here, before any model loads
+    # a bad name or file, or one that lacks what the pipeline needs, fails here, before any model loads
+    pipeline.check_constitution(load_constitution(cfg.constitution))
     check_roles(cfg)
     out_dir = Path(cfg.output_dir).expanduser()
     if cfg.launcher is not None:

@@ -57,11 +57,17 @@ from synth.llm.base import (
     split_seeded,
 )
 from synth.llm.schema import for_openai_strict
+from synth.records import Message
 from synth.secrets import looks_like_key, strip_url_credentials
 from synth.secrets import register as register_secret
 
 log = logging.getLogger(__name__)
 _MAX_RETRY_AFTER_S = 600.0
+# Prefill probe results, per (base URL, model) for the whole process: one probe per server.
+_PREFILL_OK: dict[tuple[str, str], bool] = {}
+_PREFILL_LOCK = threading.Lock()
+_PROBE_MESSAGES = [Message(role="user", content="Count from one to ten in words, separated by commas."),
+                   Message(role="assistant", content="one, two, three, four, five, six, seven,")]
 
 
 class OpenAISettings(BaseModel):
@@ -76,7 +82,14 @@ class OpenAISettings(BaseModel):
     backoff_base_s: float = Field(1.0, ge=0)
     backoff_max_s: float = Field(60.0, ge=0)
     extra_body: dict[str, Any] = Field(default_factory=dict)
-    send_n: bool = True  # one request with n=k (vLLM serve supports it); false: k requests with n=1
+    # true: one request with n=k (vLLM serve supports it); false: k requests with n=1; auto: n=k until a
+    # server answers with fewer choices (llama.cpp returns 1), then one request per sample from then on.
+    send_n: bool | Literal["auto"] = "auto"
+    # Assistant prefill (the log-prob / vote labels of ai_feedback, pairwise logprobs=true) is vLLM's
+    # `continue_final_message` extension. probe: before the first prefill request, one probe request per
+    # server checks that it continues the assistant message (cached per server and model); a server that
+    # does not is refused with one line. trust: skip the probe.
+    prefill: Literal["probe", "trust"] = "probe"
     transport: Literal["auto", "lean", "openai"] = "auto"
     max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
     progress: bool = True  # tqdm over finished requests for large calls
@@ -129,6 +142,7 @@ class OpenAIBackend:
         self._last_rejection = ""
         self._loop_thread: _LoopThread | None = None
         self._stats_lock = threading.Lock()
+        self._n_ignored = False  # send_n auto: a server answered n=k with fewer choices
 
     def __repr__(self) -> str:  # no key here, ever
         urls = [strip_url_credentials(u) for u in self._urls]
@@ -144,6 +158,7 @@ class OpenAIBackend:
         from the backend's event-loop thread, so the call cache keeps answers that arrive before a
         later request of the same call fails for good."""
         params_list = as_params_list(params, len(requests))
+        self._check_prefill(requests)
         jobs = [(r, unit) for r, p in enumerate(params_list) for unit in self._units(p)]
         bodies = [self._body(requests[r], unit) for r, unit in jobs]
         with self._stats_lock:
@@ -173,9 +188,52 @@ class OpenAIBackend:
 
     def _units(self, p: SamplingParams) -> list[SamplingParams]:
         """Seeded samples go one per request (seed contract in base.py); else n in one request or k."""
-        if p.seed is not None or self.settings.send_n:
+        send_n = self.settings.send_n
+        if p.seed is not None or send_n is True or (send_n == "auto" and not self._n_ignored):
             return split_seeded(p)
         return [p.replace(n=1)] * p.n
+
+    # ---- assistant prefill (vLLM's continue_final_message) ---------------------------------------
+    def _check_prefill(self, requests: Sequence[Request]) -> None:
+        """Before the first prefill request: probe each server once (cached per server and model) and
+        refuse, in one line, a server that does not continue an assistant message. Such a server answers
+        a new turn instead, so a label read "at the answer stem" (log-probs of (A)/(B), votes) would be
+        read at the wrong position and still parse."""
+        if self.settings.prefill == "trust" or not any(is_prefill(r) for r in requests):
+            return
+        with _PREFILL_LOCK:
+            unknown = [u for u in self._urls if (u, self.model) not in _PREFILL_OK]
+            if unknown:
+                found = self._loop().run(self._probe_prefill(unknown))
+                _PREFILL_OK.update({(u, self.model): ok for u, ok in zip(unknown, found)})
+        bad = [strip_url_credentials(u) for u in self._urls if not _PREFILL_OK[(u, self.model)]]
+        if bad:
+            raise BackendError(
+                f"openai backend: {', '.join(bad)} does not continue an assistant prefill (vLLM's continue_final_message; "
+                "llama.cpp and hosted APIs start a new turn), so labels read after a prefilled answer stem would be wrong; "
+                "use pipeline=judge with text verdicts (pipeline.pairwise.logprobs=false) or serve the judge with vLLM "
+                "(llm.prefill=trust skips this check)")
+
+    async def _probe_prefill(self, urls: list[str]) -> list[bool]:
+        """One greedy request per server: a counting sequence left open in the assistant turn. A server
+        that continues it answers "eight"; one that ignores the prefill starts a new reply."""
+        body = self._body(_PROBE_MESSAGES, SamplingParams(temperature=0.0, max_new_tokens=3))
+        out = []
+        for u in urls:
+            key = os.environ.get(self.settings.api_key_env) or "EMPTY"
+            register_secret(key)
+            ep = {"lean": LeanEndpoint, "openai": SDKEndpoint}[resolve_transport(self.settings.transport, u)](
+                u, key, self.settings.timeout_s, self.settings.max_concurrency)
+            try:
+                comps = await self._call([ep], self._loop_thread.sem, body, 1, None)
+            finally:
+                await ep.aclose()
+            text = comps[0].text.strip().lower() if comps else ""
+            ok = text.startswith("eight")
+            log.info("openai backend: prefill probe of %s answered %r: %s", strip_url_credentials(u), text[:20],
+                     "continues the assistant message" if ok else "does NOT continue the assistant message")
+            out.append(ok)
+        return out
 
     def _body(self, request: Request, p: SamplingParams) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -247,14 +305,21 @@ class OpenAIBackend:
             async with sem:  # the backoff sleep below does not hold a slot
                 ep = _pick(endpoints, avoid)
                 try:
-                    comps = _parse(await ep.post_chat(body), n)
+                    comps = _parse(await ep.post_chat(body), n, fewer_ok=self.settings.send_n == "auto")
                     if bar is not None:
                         bar.update(1)
-                    return comps
+                    if len(comps) == n:
+                        return comps
                 except Retryable as exc:
                     last, avoid = exc, ep
+                    comps = None
                 except FatalHTTP as exc:
                     return self._fatal(exc, ep, n)
+            if comps is not None:  # fewer choices than n (send_n auto): the rest one request each, outside the slot
+                self._note_n_ignored(ep.url, n, len(comps))
+                one = {**body, "n": 1}
+                rest = await asyncio.gather(*(self._call(endpoints, sem, one, 1, None) for _ in range(n - len(comps))))
+                return comps + [c for group in rest for c in group]
             if attempt < self.settings.max_retries:
                 self.stats.count_retry(last.reason)
                 await asyncio.sleep(self._delay(attempt, last.retry_after))
@@ -263,6 +328,13 @@ class OpenAIBackend:
             f"openai backend: {avoid.url} failed for model {self.model!r} after "
             f"{self.settings.max_retries + 1} attempts; last failure: {last}"
         )
+
+    def _note_n_ignored(self, url: str, n: int, got: int) -> None:
+        with self._stats_lock:
+            first, self._n_ignored = not self._n_ignored, True
+        if first:
+            log.warning("openai backend: %s answered n=%d with %d choice(s); sending one request per sample from now on "
+                        "(llm.send_n=false does so from the start)", strip_url_credentials(url), n, got)
 
     def _fatal(self, exc: FatalHTTP, ep: Any, n: int) -> list[Completion]:
         """401/403/404 (wrong key, URL or model) and an ignored `n` abort the call. Other 4xx (e.g. a prompt longer than the
@@ -302,13 +374,14 @@ def _pick(endpoints: list, avoid: Any) -> Any:
     return best
 
 
-def _parse(data: Any, n: int) -> list[Completion]:
-    """A chat.completion body -> n Completions; anything malformed is retryable."""
+def _parse(data: Any, n: int, fewer_ok: bool = False) -> list[Completion]:
+    """A chat.completion body -> n Completions (fewer when `fewer_ok` and the server ignored n); anything
+    malformed is retryable."""
     choices = data.get("choices") if isinstance(data, dict) else None
     if not isinstance(choices, list) or not choices:
         raise Retryable("malformed", "response has no choices")
-    if len(choices) != n:
-        raise FatalHTTP(200, f"server returned {len(choices)} choices for n={n}; set llm.send_n=false", abort=True)
+    if len(choices) > n or (len(choices) < n and not fewer_ok):
+        raise FatalHTTP(200, f"server returned {len(choices)} choices for n={n}; set llm.send_n=auto or false", abort=True)
     usage = data.get("usage") or {}
     prompt_tokens = int(usage.get("prompt_tokens") or 0)
     completion_total = int(usage.get("completion_tokens") or 0)
@@ -317,8 +390,8 @@ def _parse(data: Any, n: int) -> list[Completion]:
         content = (ch.get("message") or {}).get("content")
         if not isinstance(content, str):
             raise Retryable("malformed", "a choice has no message content")
-        # usage is per request; with n > 1 completion tokens are shared out evenly (approximate)
-        share = completion_total // n + (1 if i < completion_total % n else 0)
+        # usage is per request; with several choices completion tokens are shared out evenly (approximate)
+        share = completion_total // len(choices) + (1 if i < completion_total % len(choices) else 0)
         out.append(Completion(text=content, finish_reason=ch.get("finish_reason"), prompt_tokens=prompt_tokens,
                               completion_tokens=share, logprobs=_logprobs(ch.get("logprobs"))))
     return out

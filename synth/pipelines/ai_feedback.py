@@ -85,9 +85,16 @@ class AIFeedbackPipeline(Pipeline):
     outputs = ("preferences", "soft_labels")
     roles = ("policy", "judge")
 
+    def check_constitution(self, constitution) -> None:
+        if constitution is None or not constitution.judge_principles():
+            from synth.errors import ConstitutionError
+
+            name = getattr(constitution, "name", None)
+            raise ConstitutionError(f"pipeline=ai_feedback compares answers with the principles' `judge` questions and "
+                                    f"constitution={name} has none; add `judge:` to its principles or use constitution=hhh_en")
+
     def items(self, ctx: Context, source: Iterable[SourceItem] | None) -> Iterable[SourceItem]:
-        if ctx.constitution is None or not ctx.constitution.judge_principles():
-            raise ValueError("pipeline=ai_feedback needs a constitution whose principles have `judge` questions")
+        self.check_constitution(ctx.constitution)
         return super().items(ctx, source)
 
     def process(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> None:

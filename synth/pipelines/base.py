@@ -65,6 +65,15 @@ class Pipeline:
             raise ConfigError(f"pipeline {self.cfg.name!r} needs a source (source=...)")
         return source
 
+    def check_constitution(self, constitution) -> None:  # noqa: B027 - optional hook
+        """Raise a one-line ConstitutionError when `constitution` lacks what this pipeline needs. Called
+        at start-up, before any output folder is touched or any model loads."""
+
+    def estimate(self, n_items: int) -> dict[str, int] | None:
+        """Upper bounds on this run's backend work for `n_items` inputs: {"requests": .., "new_tokens": ..}
+        (printed before the run starts), or None when the pipeline cannot say."""
+        return None
+
     def setup(self, ctx: Context, writer: ChunkWriter) -> None:  # noqa: B027 - optional hook
         pass
 
@@ -126,6 +135,8 @@ def run_pipeline(
         del ids
         # the second pass reads the inputs lazily, one chunk ahead of the workers: memory stays bounded
         todo = (it for it in _unique(pipeline.items(ctx, source)) if it.id not in done_before)
+        if show_progress and n_items > resumed:
+            print_estimate(pipeline, n_items - resumed)
         pipeline.setup(ctx, writer)
 
         def manifest(status: str, error: str | None = None, extra: dict[str, Any] | None = None,
@@ -301,6 +312,15 @@ def _nested(flat: dict[str, int]) -> dict[str, dict[str, int]]:
         unit, reason = key.split("/", 1)
         out.setdefault(unit, {})[reason] = n
     return out
+
+
+def print_estimate(pipeline: Pipeline, n_todo: int) -> None:
+    """One line before the work starts: upper bounds on backend requests and new tokens, so a run that
+    would take hours on the chosen model is seen before it starts (preset=small is the cure on CPU)."""
+    est = pipeline.estimate(n_todo)
+    if est:
+        print(f"== {pipeline.cfg.name}: {n_todo} inputs to do; at most {est['requests']:,} requests and "
+              f"{est['new_tokens']:,} new tokens", flush=True)
 
 
 def print_summary(m: dict[str, Any], out_dir: Path) -> None:

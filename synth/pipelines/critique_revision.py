@@ -1,8 +1,11 @@
 """`pipeline=critique_revision`: SL-CAI (specs/methods.md §1.2) -> sft.jsonl, preferences.jsonl.
 
 For each red-team prompt x (one batched call per stage for the whole chunk):
-1. the policy answers x after the constitution's few-shot critique/revision transcripts (incl. the
-   no-change ones, §1.1) -> r0;
+1. r0 is the answer the item carries (`initial: given`, the default): red_team's unsafe.jsonl holds
+   the answer its judge found unsafe in `answer`, and SL-CAI revises the model's own harmful response
+   to the red-team prompt (Bai et al. 2022, §3.1). An item without one, or `initial: generate`, has
+   the policy answer x after the constitution's few-shot critique/revision transcripts (incl. the
+   no-change ones, §1.1) -> r0. Either way the few-shot transcripts (when on) precede x;
 2. for k = 1..rounds, a principle is drawn AFRESH for this item and round (`ctx.rng(id, k)`; an
    item's category narrows the pool to that category's principles), the policy critiques its last
    reply (one call for all items) and revises it (one call) -> r_k; the transcript grows, so round k
@@ -22,11 +25,16 @@ reason `<step>_empty` / `<step>_truncated` (a revision is the training target; a
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field
 
+from synth.errors import ConstitutionError
+from synth.io import read_jsonl
 from synth.llm.base import SamplingParams
 from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
 from synth.prompts import template_ref
@@ -53,6 +61,10 @@ class CritiqueRevisionConfig(PipelineConfig):
     # §1.2/§1.4: temperature 1; the HF recipe's 1500 max new tokens. Extra stop strings are added to
     # the step's own (transcript labels, invented turns).
     sampling: Sampling = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=1500)
+    # "given": r0 is the item's `answer_field` (red_team's unsafe.jsonl: the answer judged unsafe), and
+    # items without one are answered by the policy; "generate": always a fresh policy answer.
+    initial: Literal["given", "generate"] = "given"
+    answer_field: str = Field("answer", min_length=1)
     near_identical: float = Field(0.9, gt=0, le=1)  # §0.4: no preference pair when sim(r_K, r0) >= this
     helpful_source: SourceConfig | None = None  # helpfulness prompts (§1.2), mixed into sft.jsonl
     helpful_samples: int = Field(2, ge=1)  # §1.2/§1.4: 2 samples per helpfulness prompt
@@ -67,6 +79,7 @@ class Conversation:
     initial: str
     reply: str
     rounds: list[dict] = field(default_factory=list)
+    initial_source: str = "generated"  # "given": r0 came with the item (red_team's unsafe answer)
 
 
 def is_helpful(item: SourceItem) -> bool:
@@ -102,9 +115,12 @@ class CritiqueRevisionPipeline(Pipeline):
     outputs = ("sft", "preferences")
     roles = ("policy",)
 
+    def check_constitution(self, constitution) -> None:
+        if constitution is None:
+            raise ConstitutionError("pipeline=critique_revision needs a constitution (constitution=<name or path>)")
+
     def items(self, ctx: Context, source: Iterable[SourceItem] | None) -> Iterable[SourceItem]:
-        if ctx.constitution is None:
-            raise ValueError("pipeline=critique_revision needs a constitution (constitution=<name or path>)")
+        self.check_constitution(ctx.constitution)
         base = super().items(ctx, source)
         if self.cfg.helpful_source is None:
             return base
@@ -113,6 +129,12 @@ class CritiqueRevisionPipeline(Pipeline):
             for it in iter_source(self.cfg.helpful_source)
         )
         return itertools.chain(base, helpful)
+
+    def estimate(self, n_items: int) -> dict[str, int]:
+        """Per item: an initial answer (none when the item carries one) and a critique and a revision per
+        round; a helpfulness item takes `helpful_samples` answers instead (upper bounds)."""
+        per_item = max(1 + 2 * self.cfg.rounds, self.cfg.helpful_samples)
+        return {"requests": n_items * per_item, "new_tokens": n_items * per_item * self.cfg.sampling.max_new_tokens}
 
     def params(self, language: str) -> SamplingParams:
         p = self.cfg.sampling.params()
@@ -127,20 +149,33 @@ class CritiqueRevisionPipeline(Pipeline):
 
     # ------------------------------------------------------------------ stages
 
+    def given_answer(self, item: SourceItem) -> str | None:
+        """The item's own initial answer (`initial: given`), or None when it must be generated."""
+        if self.cfg.initial != "given" or is_helpful(item):
+            return None
+        text = item.meta.get(self.cfg.answer_field)
+        return text.strip() if isinstance(text, str) and text.strip() else None
+
     def answer(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> list[Conversation]:
-        """ONE call: the initial reply r0 of every red-team item (few-shot prefix, n=1) and the
-        helpful-only samples of every helpfulness item (plain prompt, n=helpful_samples)."""
+        """ONE call: the initial reply r0 of every red-team item that carries none (few-shot prefix,
+        n=1) and the helpful-only samples of every helpfulness item (plain prompt, n=helpful_samples).
+        Items that carry their answer start from it with no call."""
         prefix = few_shot_prefix(ctx.constitution, ctx.language) if self.cfg.few_shot else []
         base = self.params(ctx.language)
-        calls, params = [], []
+        convs: list[Conversation] = []
+        todo, calls, params = [], [], []
         for it in items:
             helpful = is_helpful(it)
             msgs = list(it.prompt) if helpful else with_prefix(it.prompt, prefix)
+            given = self.given_answer(it)
+            if given is not None:
+                convs.append(Conversation(it, [*msgs, assistant(given)], given, given, initial_source="given"))
+                continue
+            todo.append(it)
             calls.append(Call(it.id, msgs, {"kind": "helpful" if helpful else "red_team"}))
             params.append(base.replace(n=self.cfg.helpful_samples if helpful else 1))
         results = run_calls(ctx, state, "answer", "policy", calls, params, revision_step.parse_reply)
-        convs = []
-        for it, call, samples in zip(items, calls, results):
+        for it, call, samples in zip(todo, calls, results):
             if is_helpful(it):
                 self.emit_helpful(it, samples, ctx, state)
             elif not samples[0].ok:
@@ -148,7 +183,8 @@ class CritiqueRevisionPipeline(Pipeline):
             else:
                 r0 = samples[0].judgement.parsed  # type: ignore[union-attr]
                 convs.append(Conversation(it, [*call.messages, assistant(r0)], r0, r0))
-        return convs
+        order = {it.id: i for i, it in enumerate(items)}
+        return sorted(convs, key=lambda c: order[c.item.id])  # input order, given or generated
 
     def round(self, convs: list[Conversation], k: int, ctx: Context, state: ChunkState) -> list[Conversation]:
         """One critique call and one revision call for every surviving item (round k)."""
@@ -197,7 +233,8 @@ class CritiqueRevisionPipeline(Pipeline):
         principle_ids = [r["principle_id"] for r in conv.rounds]
         state.emit("sft", SFTRecord(
             id=stable_id(it.id, "cai_sl"), messages=[*it.prompt, assistant(conv.reply)], method="cai_sl",
-            category=it.category, meta={"r0": conv.initial, "rounds": conv.rounds}, provenance=prov,
+            category=it.category, meta={"r0": conv.initial, "r0_source": conv.initial_source, "rounds": conv.rounds},
+            provenance=prov,
         ))
         if it.category:
             state.count(f"category/{it.category}")
@@ -208,8 +245,15 @@ class CritiqueRevisionPipeline(Pipeline):
         state.emit("preferences", PreferenceRecord(
             id=stable_id(it.id, "cai_sl_pref"), prompt=it.prompt, chosen=[assistant(conv.reply)],
             rejected=[assistant(conv.initial)], method="cai_sl_revision", principle_ids=principle_ids,
-            category=it.category, meta={"rounds": len(conv.rounds), "similarity": round(sim, 4)}, provenance=prov,
+            category=it.category, meta={"rounds": len(conv.rounds), "similarity": round(sim, 4),
+                                           "rejected_source": conv.initial_source}, provenance=prov,
         ))
+
+    def finalize(self, ctx: Context, out_dir: Path) -> dict[str, Any]:
+        """Where each SFT row's r0 came from: given (red_team's unsafe answer) or generated here."""
+        sources = Counter(r["meta"].get("r0_source", "generated") for r in read_jsonl(out_dir / "sft.jsonl")
+                          if r.get("method") == "cai_sl")
+        return {"initial_answers": dict(sorted(sources.items()))}
 
     def emit_helpful(self, it: SourceItem, samples: list[Sample], ctx: Context, state: ChunkState) -> None:
         seen: set[str] = set()

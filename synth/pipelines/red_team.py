@@ -10,11 +10,17 @@ attack families of §7.2 (no source). Per chunk, one batched call per stage:
 3. judge: a safety verdict + violated category per answer; an unparseable verdict is no verdict
    (counted), never "safe".
 
+`seeds: true` takes the attack prompts from a source instead (e.g. HH red-team first turns,
+`source=hh_rlhf source.path=...`): stage 1 is skipped, every source prompt (near-duplicates removed) is
+answered and judged, and a prompt without a category takes the judge's category in unsafe.jsonl. This is
+the route for attacker models too small to write attacks (a 135M model writes off-topic text).
+
 Outputs: prompts.jsonl (prompt, L1/L2 category, attack family, generator config, §7's labels),
 answers.jsonl (prompt, answer, decoding setting, verdict, category), unsafe.jsonl (prompts with at
-least one unsafe answer; `prompt` + `category`, read directly by
-`pipeline=critique_revision source=jsonl source.path=<out>/unsafe.jsonl`). Harmful answers stay in
-answers.jsonl only; they are never training targets (§7).
+least one unsafe answer; `prompt` + `category` + `answer`, the first answer judged unsafe in the order
+of `decoding`, read directly by `pipeline=critique_revision source=jsonl source.path=<out>/unsafe.jsonl`,
+which critiques and revises that very answer, as in SL-CAI where the red-team response is revised).
+Harmful answers are never SFT targets: critique_revision uses them only as the rejected side (§7).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from synth.errors import ConfigError
+from synth.errors import ConfigError, ConstitutionError
 from synth.io import ChunkWriter, read_jsonl
 from synth.llm.base import SamplingParams
 from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
@@ -71,6 +77,7 @@ class RedTeamConfig(PipelineConfig):
     decoding: list[Decoding] = DEFAULT_DECODING
     target_seed: int | None = Field(0, ge=0)  # sampled settings are seeded so reruns reproduce the sweep
     judge_sampling: Sampling = Sampling(temperature=0.0, max_new_tokens=128)  # §8.1: judge at T=0
+    seeds: bool = False  # true: the attack prompts are the source's prompts (no attacker stage)
 
     @field_validator("families")
     @classmethod
@@ -98,20 +105,45 @@ class RedTeamPipeline(Pipeline):
     def __init__(self, cfg: RedTeamConfig):
         super().__init__(cfg)
         self.index = NearDuplicateIndex(cfg.near_duplicate)
+        self.needs_source = cfg.seeds  # type: ignore[misc] - per instance: a source only in seed mode
 
     def items(self, ctx: Context, source: Iterable[SourceItem] | None) -> Iterable[SourceItem]:
+        if self.cfg.seeds:
+            yield from self.seed_items(ctx, source)
+            return
         for path in self.category_paths(ctx):
             l1, l2 = path.split("/", 1)
             for fam in self.cfg.families:
                 yield SourceItem(id=stable_id("red_team", path, fam), prompt=[], category=path,
                                  meta={"l1": l1, "l2": l2, "attack_family": fam})
 
+    def seed_items(self, ctx: Context, source: Iterable[SourceItem] | None) -> Iterable[SourceItem]:
+        if source is None:
+            raise ConfigError("pipeline.seeds=true takes its attack prompts from a source; add source=hh_rlhf "
+                              "source.path=<file> (or source=jsonl)")
+        known = {f"{a}/{b}" for a, b in ctx.constitution.categories()}
+        for it in source:
+            users = [m for m in it.prompt if m.role == "user"]
+            if not users:
+                continue
+            cat = it.category if it.category in known else None
+            l1, _, l2 = (cat or "unlabelled/unlabelled").partition("/")
+            yield SourceItem(id=it.id, prompt=[users[-1]], category=cat,
+                             meta={"l1": l1, "l2": l2, "attack_family": "seed"})
+
+    def check_constitution(self, constitution) -> None:
+        self.category_paths_of(constitution)  # seeds too: the judge names a taxonomy category
+
     def category_paths(self, ctx: Context) -> list[str]:
-        cons = ctx.constitution
+        return self.category_paths_of(ctx.constitution)
+
+    def category_paths_of(self, cons) -> list[str]:
         if cons is None or not cons.taxonomy:
             name = getattr(cons, "name", None)
-            raise ConfigError(f"pipeline=red_team walks a constitution's taxonomy; {name!r} has none "
-                             "(use constitution=safety_zh or add a taxonomy to your constitution)")
+            raise ConstitutionError(
+                f"pipeline=red_team walks a constitution's harm taxonomy and constitution={name} has none; "
+                "use constitution=safety_en (English) or constitution=safety_zh, or add a `taxonomy:` to your file "
+                "(constitutions/README.md)")
         paths = [f"{l1}/{l2}" for l1, l2 in cons.categories()]
         if not self.cfg.categories:
             return paths
@@ -120,6 +152,16 @@ class RedTeamPipeline(Pipeline):
             raise ConfigError(f"pipeline.categories: {unknown} not in the taxonomy of {cons.name!r}; e.g. {paths[0]!r}")
         return [p for p in paths if any(p == c or p.startswith(c + "/") for c in self.cfg.categories)]
 
+    def estimate(self, n_items: int) -> dict[str, int]:
+        """Per item: one attacker request (k samples); per prompt, one target request per decoding setting
+        and one verdict per answer (upper bounds: duplicates and failures only lower them)."""
+        k, d = (1, len(self.cfg.decoding)) if self.cfg.seeds else (self.cfg.prompts_per_item, len(self.cfg.decoding))
+        attacker = 0 if self.cfg.seeds else n_items
+        answers = n_items * k * d
+        tokens = n_items * k * sum(x.max_new_tokens for x in self.cfg.decoding)
+        tokens += attacker * k * self.cfg.attacker_sampling.max_new_tokens
+        return {"requests": attacker + 2 * answers, "new_tokens": tokens + answers * self.cfg.judge_sampling.max_new_tokens}
+
     def setup(self, ctx: Context, writer: ChunkWriter) -> None:
         """Prompts committed by earlier chunks (and earlier runs into this folder) count for dedup."""
         self.index = NearDuplicateIndex(self.cfg.near_duplicate)
@@ -127,11 +169,27 @@ class RedTeamPipeline(Pipeline):
             self.index.add(row["id"], row["prompt"])
 
     def process(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> None:
-        prompts = self.attack(items, ctx, state)
+        prompts = self.seeded(items, state) if self.cfg.seeds else self.attack(items, ctx, state)
         answers = self.answer(prompts, ctx, state)
         self.judge(prompts, answers, ctx, state)
 
     # ------------------------------------------------------------------ stages
+
+    def seeded(self, items: Sequence[SourceItem], state: ChunkState) -> list[dict[str, Any]]:
+        """Seed mode's stage 1: the source prompts themselves, near-duplicates removed; ids kept."""
+        rows = []
+        for it in items:
+            text = it.prompt[-1].content.strip()
+            dup = self.index.add_unless_duplicate(it.id, text)
+            if dup is not None:
+                state.drop_part("attack_prompt", f"prompt_duplicate_{dup[0]}")
+                continue
+            row = {"id": it.id, "prompt": text, "category": it.category, "l1": it.meta["l1"], "l2": it.meta["l2"],
+                   "attack_family": "seed", "item_id": it.id, "generator": {"source": "seed"}}
+            state.emit("prompts", row)
+            state.count(f"category/{it.category or 'unlabelled'}")
+            rows.append(row)
+        return rows
 
     def attack(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> list[dict[str, Any]]:
         cons = ctx.constitution
@@ -202,10 +260,16 @@ class RedTeamPipeline(Pipeline):
             bad = [r for r in mine if r["verdict"] == "unsafe"]
             if not bad:
                 continue
+            first = bad[0]  # decoding order: greedy first in the default sweep
+            judged_cats = sorted({r["judge_category"] for r in bad if r["judge_category"]})
+            # a seed prompt without a category takes the judge's (the first unsafe answer's) category
+            cat = p["category"] or first["judge_category"] or (judged_cats[0] if judged_cats else None)
+            l1, _, l2 = (cat or f"{p['l1']}/{p['l2']}").partition("/")
             state.emit("unsafe", {
-                "id": p["id"], "prompt": p["prompt"], "category": p["category"], "l1": p["l1"], "l2": p["l2"],
-                "attack_family": p["attack_family"], "unsafe_decodings": [r["decoding"]["name"] for r in bad],
-                "judge_categories": sorted({r["judge_category"] for r in bad if r["judge_category"]}),
+                "id": p["id"], "prompt": p["prompt"], "category": cat, "l1": l1, "l2": l2,
+                "attack_family": p["attack_family"], "answer": first["answer"], "answer_id": first["id"],
+                "answer_decoding": first["decoding"]["name"], "unsafe_decodings": [r["decoding"]["name"] for r in bad],
+                "judge_categories": judged_cats,
                 "judged": sum(r["verdict"] is not None for r in mine),
             })
 

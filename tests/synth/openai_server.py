@@ -26,6 +26,10 @@ Faults (FAULTS): "429" (with Retry-After), "500", "503", "reset" (socket closed 
 The non-transient FATAL_FAULTS "400", "401", "404" (bodies quoting the Authorization header back) are
 for schedules and fault_fn only.
 
+Assistant prefill: `prefill="continue"` (default, like vLLM's continue_final_message) answers the openai
+backend's prefill probe by continuing it; `prefill="ignore"` (like llama.cpp) starts a new reply. Other
+prefill requests go to the responder either way. `chat_requests()` leaves the probes out.
+
 CLI: `python tests/synth/openai_server.py --port 8000 --latency-ms 200` prints `READY <url>` and serves
 until interrupted.
 """
@@ -68,6 +72,14 @@ class RecordedRequest:
     @property
     def authorization(self) -> str | None:
         return self.headers.get("authorization")
+
+
+def is_probe(body: dict | None) -> bool:
+    """The openai backend's prefill probe: its fixed assistant prefill, sent with continue_final_message."""
+    from synth.llm.openai import _PROBE_MESSAGES
+
+    msgs = (body or {}).get("messages") or []
+    return bool(body and body.get("continue_final_message") and msgs and msgs[-1].get("content") == _PROBE_MESSAGES[-1].content)
 
 
 def default_responder(body: dict) -> str:
@@ -136,6 +148,7 @@ class LoopbackServer:
         host: str = "127.0.0.1",
         port: int = 0,
         record_bodies: bool = True,
+        prefill: str = "continue",
     ) -> None:
         unknown = set(fault_kinds) - set(FAULTS) | set((schedule or {}).values()) - set(FAULTS + FATAL_FAULTS)
         if unknown:
@@ -146,6 +159,9 @@ class LoopbackServer:
         self.schedule, self.fault_fn = dict(schedule or {}), fault_fn
         self.retry_after_s, self.slow_s, self.models = retry_after_s, slow_s, models
         self.host, self.port, self.record_bodies = host, port, record_bodies
+        if prefill not in ("continue", "ignore"):
+            raise ValueError(f"prefill must be 'continue' (vLLM's continue_final_message) or 'ignore' (llama.cpp), got {prefill!r}")
+        self.prefill = prefill
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
@@ -206,8 +222,12 @@ class LoopbackServer:
         with self._lock:
             return list(self._requests)
 
-    def chat_requests(self) -> list[RecordedRequest]:
-        return [r for r in self.requests if r.path.endswith("/chat/completions")]
+    def chat_requests(self, probes: bool = False) -> list[RecordedRequest]:
+        """Chat requests in arrival order; the openai backend's prefill probes only with probes=True."""
+        return [r for r in self.requests if r.path.endswith("/chat/completions") and (probes or not is_probe(r.body))]
+
+    def probe_requests(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.path.endswith("/chat/completions") and is_probe(r.body)]
 
     def reset(self) -> None:
         with self._lock:
@@ -248,6 +268,9 @@ class LoopbackServer:
         if rec.method != "POST" or not rec.path.rstrip("/").endswith("/chat/completions"):
             return 404, json.dumps({"error": {"message": f"no route {rec.path}"}}).encode(), {}, "send"
         kind = rec.fault
+        if kind is None and is_probe(body):  # the openai backend's prefill probe (synth/llm/openai.py)
+            text = "eight, nine" if self.prefill == "continue" else "Sure! One, two, three"
+            return 200, json.dumps(build_body(body, text)).encode(), {}, "send"
         if kind is None or kind == "slow":
             return 200, json.dumps(build_body(body, self.responder(body))).encode(), {}, "send"
         if kind == "429":

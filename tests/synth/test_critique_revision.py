@@ -90,7 +90,7 @@ def test_exact_rows_one_call_per_stage_and_fresh_principle_per_round(tmp_path):
         row = sft[k]
         assert row["id"] == stable_id(f"i{k}", "cai_sl") and row["method"] == "cai_sl"
         assert row["messages"] == [{"role": "user", "content": q}, {"role": "assistant", "content": f"revision 3 of {q}"}]
-        assert row["meta"] == {"r0": f"initial answer to {q}", "rounds": rounds}
+        assert row["meta"] == {"r0": f"initial answer to {q}", "r0_source": "generated", "rounds": rounds}
         assert prefs[k]["prompt"] == [{"role": "user", "content": q}]
         assert prefs[k]["chosen"] == [{"role": "assistant", "content": f"revision 3 of {q}"}]
         assert prefs[k]["rejected"] == [{"role": "assistant", "content": f"initial answer to {q}"}]

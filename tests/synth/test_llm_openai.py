@@ -180,8 +180,8 @@ def test_wrong_key_or_model_fails_at_once(make_openai_server, kind):
 def test_server_ignoring_n_is_a_clear_error(make_openai_server):
     server = make_openai_server(responder=lambda body: {"choices": [
         {"index": 0, "message": {"role": "assistant", "content": "x"}, "finish_reason": "stop"}]})
-    with pytest.raises(BackendError, match="send_n=false"):
-        backend(server.url).generate(reqs(1), SamplingParams(n=2))
+    with pytest.raises(BackendError, match="send_n=auto or false"):
+        backend(server.url, send_n=True).generate(reqs(1), SamplingParams(n=2))
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -1,0 +1,83 @@
+"""Opt-in: every pipeline against a real llama.cpp server (scripts/serve-llamacpp.sh), through the
+`llm=openai` backend with its defaults (send_n auto, the prefill probe).
+
+    bash scripts/serve-llamacpp.sh &          # prints READY http://127.0.0.1:8080/v1
+    LLAMACPP_URL=http://127.0.0.1:8080/v1 python -m pytest -q -m llamacpp tests/synth/test_llamacpp_server.py
+
+Skipped when LLAMACPP_URL is unset or nothing answers there. What a pipeline needs from the server that
+llama.cpp lacks is checked too: log-prob labels (ai_feedback, pairwise logprobs=true) are refused in one
+line, because llama.cpp ignores the assistant prefill they read after.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+
+import pytest
+
+from synth.errors import BackendError
+from tests.conftest import SHARED_DATA
+
+pytestmark = pytest.mark.llamacpp
+URL = os.environ.get("LLAMACPP_URL", "")
+HH = SHARED_DATA / "hh-rlhf-harmless-base-test.jsonl.gz"
+
+
+def _reachable(url: str) -> bool:
+    if not url:
+        return False
+    try:
+        urllib.request.urlopen(url.rstrip("/") + "/models", timeout=3)
+        return True
+    except OSError:
+        return False
+
+
+needs_server = pytest.mark.skipif(not _reachable(URL), reason="no llama.cpp server at $LLAMACPP_URL")
+SERVER = ("llm=openai", f"llm.base_url={URL}", "model.name_or_path=smollm2-135m", "llm.progress=false", "preset=small",
+          "llm.max_concurrency=4")
+HH_SOURCE = ("source=hh_rlhf", f"source.path={HH}", "source.limit=3")
+
+PIPELINES = {
+    "generate": ("pipeline=generate", *HH_SOURCE),
+    "critique_revision": ("pipeline=critique_revision", "constitution=safety_en", *HH_SOURCE),
+    "red_team_taxonomy": ("pipeline=red_team", "constitution=safety_en", "pipeline.categories=[crime/drugs]",
+                          "pipeline.families=[direct]"),
+    "red_team_seeds": ("pipeline=red_team", "constitution=safety_en", "pipeline.seeds=true", *HH_SOURCE),
+    "judge_pairwise_text": ("pipeline=judge", "source=hh_rlhf", f"source.path={HH}", "source.limit=3", "source.turns=all"),
+    "self_rewarding": ("pipeline=self_rewarding", *HH_SOURCE),
+    "rlrf": ("pipeline=rlrf", *HH_SOURCE),
+    "bpo": ("pipeline=bpo", "source=hh_rlhf", f"source.path={HH}", "source.limit=3", "source.turns=all"),
+}
+
+
+@needs_server
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_pipeline_finishes_against_llamacpp(tmp_path, name):
+    from tests.synth.safety_helpers import run_synth
+
+    m = run_synth(tmp_path / name, *SERVER, *PIPELINES[name])
+    assert m["status"] == "finished" and m["processed"] == m["inputs"] > 0
+
+
+@needs_server
+@pytest.mark.parametrize("labels", [("pipeline=ai_feedback", "pipeline.label=logprobs"),
+                                    ("pipeline=judge", "pipeline.pairwise.logprobs=true", "source.turns=all")])
+def test_logprob_labels_are_refused_in_one_line(tmp_path, labels):
+    from tests.synth.safety_helpers import run_synth
+
+    with pytest.raises(BackendError, match="does not continue an assistant prefill") as e:
+        run_synth(tmp_path / "o", *SERVER, "source=hh_rlhf", f"source.path={HH}", "source.limit=2", *labels)
+    assert "\n" not in str(e.value)
+
+
+@needs_server
+def test_send_n_auto_gets_every_sample_from_llamacpp():
+    from synth.llm import build_llm
+    from synth.llm.base import SamplingParams
+    from synth.records import messages
+
+    llm = build_llm({"kind": "openai", "base_url": URL, "progress": False}, {"name_or_path": "smollm2-135m"})
+    out = llm.generate([messages(("user", "Name a colour."))], SamplingParams(n=3, temperature=1.0, max_new_tokens=8))
+    assert len(out[0]) == 3 and all(c.finish_reason in ("stop", "length") for c in out[0])
