@@ -5,8 +5,15 @@ judge) with the tiny model as the weights that train."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
+
+from safetensors.torch import load_file
+
+from synth.io import read_jsonl
 
 TRAIN_SMALL = ["optim.max_steps=2", "optim.batch_size=1", "checkpoint.every_steps=1", "checkpoint.keep_last=1",
                "log.tensorboard=false", "log.plot=false", "data.max_length=128", "data.max_prompt_length=64", "lora.r=4", "lora.alpha=8",
@@ -74,3 +81,26 @@ def sft_file(path: Path, n: int) -> Path:
 
 def ledger(out: Path) -> dict[str, Any]:
     return json.loads((out / "ledger.json").read_text())
+
+
+# ------------------------------------------------------------------ kill -9 and compare (test_resume_*.py)
+REPO = Path(__file__).resolve().parents[2]
+CHUNK1 = ("overrides.synth=['chunk_size=1']", "overrides.evaluate=['chunk_size=1']")
+
+
+def killed_run(out: Path, url: str, point: str, *extra: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "tests.align.kill_entry", str(out), url, "cai_rounds", point, *extra],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == -9, (point, p.stdout[-2000:], p.stderr[-2000:])
+
+
+def same_rows(out: Path, ref: Path, rel: str) -> None:
+    rows, want = read_jsonl(out / rel), read_jsonl(ref / rel)
+    assert len({r["id"] for r in rows}) == len(rows) == len(want) > 0
+    assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in want)
+
+
+def same_weights(out: Path, ref: Path, rel: str) -> None:
+    a, b = load_file(out / rel / "adapter_model.safetensors"), load_file(ref / rel / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all((a[n] == b[n]).all() for n in a), rel

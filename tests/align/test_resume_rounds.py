@@ -4,39 +4,13 @@ uninterrupted run's."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-from safetensors.torch import load_file
 
 from synth.align import app
 from synth.io import read_jsonl
-from tests.align.helpers import compose_align, ledger
+from tests.align.helpers import CHUNK1, compose_align, killed_run, ledger, same_rows, same_weights
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
-CHUNK1 = ("overrides.synth=['chunk_size=1']", "overrides.evaluate=['chunk_size=1']")
-
-
-def killed_run(out: Path, url: str, point: str, *extra: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "tests.align.kill_entry", str(out), url, "cai_rounds", point, *extra],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == -9, (point, p.stdout[-2000:], p.stderr[-2000:])
-
-
-def same_rows(out: Path, ref: Path, rel: str) -> None:
-    rows, want = read_jsonl(out / rel), read_jsonl(ref / rel)
-    assert len({r["id"] for r in rows}) == len(rows) == len(want) > 0
-    assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in want)
-
-
-def same_weights(out: Path, ref: Path, rel: str) -> None:
-    a, b = load_file(out / rel / "adapter_model.safetensors"), load_file(ref / rel / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all((a[n] == b[n]).all() for n in a), rel
 
 
 def test_kill_9_in_train_and_synth_stages_over_two_rounds(tmp_path, server):

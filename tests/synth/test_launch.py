@@ -69,7 +69,8 @@ def test_kill_9_inside_a_shard_then_rerun_and_merge(tmp_path):
         shard = Shard(1, 2).folder(out)
         kills = 0
         for wait_chunks in (2, 4):  # kill -9 the shard's process mid-run, at two points
-            proc = start_synth(out, src, server.url, tmp_path, "shard=1/2")
+            # one chunk at a time, so the kill points fall mid-run (auto would put every chunk in flight at once)
+            proc = start_synth(out, src, server.url, tmp_path, "shard=1/2", "chunks_in_flight=1")
             deadline = time.time() + 120
             while committed(shard) < wait_chunks and proc.poll() is None and time.time() < deadline:
                 time.sleep(0.01)
