@@ -296,3 +296,14 @@ def test_d2o_join_generations_to_negatives(tmp_path):
     assert rows[0]["samples"] == ["safe a", "safe b"] and rows[0]["rejected"] == msgs("assistant", "harmful x")
     ranked = normalise_rows(rows)
     assert ranked[0]["scores"] == [1.0, 1.0, 0.0]
+
+
+def test_step_metrics_average_by_weight_and_leave_out_weight_zero_only_keys():
+    from train.loops.common import StepMetrics
+
+    m = StepMetrics()
+    m.add({"loss": torch.tensor([1.0, 3.0]), "entropy": 5.0}, weight=1.0)
+    m.add({"loss": 4.0, "entropy": float("nan")}, weight=3.0)  # NaN is skipped, not averaged in
+    m.add({"only_zero": 7.0}, weight=0.0)
+    assert m.reduce(None) == {"loss": pytest.approx((2.0 + 12.0) / 4.0), "entropy": 5.0}
+    assert m.reduce(None) == {}  # reduce clears

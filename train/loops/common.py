@@ -353,7 +353,7 @@ class StepMetrics:
             t = accelerator.reduce(t, "sum")
             out = {k: float(s / c) for k, (s, c) in zip(keys, t.tolist()) if c > 0}
         else:
-            out = {k: self.sums[k] / self.counts[k] for k in keys}
+            out = {k: self.sums[k] / self.counts[k] for k in keys if self.counts[k] > 0}  # weight 0 only: absent
         self.sums.clear(), self.counts.clear()
         return out
 
