@@ -12,7 +12,7 @@ row for row (same data, same seed, same steps). The machine's other load does no
 mark after each phase (tokenizer, data, policy load, packing check, reference pass, optimizer, and the
 forward / backward / optimizer step / zero_grad of every step), to find where a peak comes from:
 
-    python bench/dpo_memory.py --phases --steps 3 [--extra optim.gradient_checkpointing=true]
+    python bench/dpo_memory.py --phases --steps 3 [--extra optim.gradient_checkpointing=true optim.release_memory=true]
 """
 
 from __future__ import annotations

@@ -82,6 +82,7 @@ class OptimConfig(_Strict):
     dtype: Literal["float32", "bfloat16"] = "float32"
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
+    release_memory: bool = False  # glibc: freed blocks >= 1 MiB go back to the system (train.loops.common)
     packing: bool = True
 
 
@@ -446,7 +447,8 @@ def run_config(cfg: TrainConfig, resolved_yaml: str | None = None) -> dict[str, 
     loop = importlib.import_module(f"train.loops.{module}")
     from train.loops.common import return_freed_memory
 
-    return_freed_memory()  # freed activations leave the resident set (glibc; see its docstring)
+    if cfg.optim.release_memory:
+        return_freed_memory()  # freed activations leave the resident set (glibc; see its docstring)
     if int(os.environ.get("RANK", "0")) != 0:
         return loop.run(cfg, resolved_yaml=resolved_yaml)
     with OutputLock(Path(cfg.output_dir).expanduser()):

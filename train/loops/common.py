@@ -35,7 +35,8 @@ def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
     By default glibc raises that threshold as large blocks are freed (up to 32 MiB), after which blocks
     of that size come from its heap, and what the heap frees stays resident: on SmolLM2 DPO (CPU,
     bench/dpo_memory.py) the resident memory after each step then grew 3.3 -> 4.8 -> 5.5 GB for 2.2 GB
-    live, and the peak was 0.8 GB higher. A fixed threshold also stops the adjustment. Skipped when the
+    live, and the peak was 0.7 GB higher. A fixed threshold also stops the adjustment. The page faults cost
+    ~25% wall time on that run, so it is opt-in (`optim.release_memory=true`). Skipped when the
     user set MALLOC_MMAP_THRESHOLD_ or on other C libraries; returns whether it was applied."""
     import ctypes
     import sys
