@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from train.losses._core import LossOutput, as_float, pair_output
-from train.losses.dpo import log_ratios, smoothed_sigmoid_loss
+from train.losses.dpo import dpo_loss, log_ratios
 
 
 def dove_loss(
@@ -36,12 +36,9 @@ def dove_loss(
     (optional soft labels, e.g. a judge's P(pair w ≻ pair l) from log-probs) gives the soft-label
     cross-entropy −p log σ(βh) − (1−p) log σ(−βh), as :func:`train.losses.dpo.dpo_loss`.
     """
-    rho_w, rho_l = log_ratios(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
-    )
-    logits = beta * (rho_w - rho_l)
-    losses = -F.logsigmoid(logits) if p_chosen is None else smoothed_sigmoid_loss(logits, 1 - as_float(p_chosen).detach())
-    return pair_output(losses, beta * rho_w, beta * rho_l)
+    return dpo_loss(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
+                    reference_chosen_logps=reference_chosen_logps, reference_rejected_logps=reference_rejected_logps,
+                    p_chosen=p_chosen, beta=beta)  # the same form; what differs is how the log-probs were scored
 
 
 def contrast_weights(prompt_embeddings: Tensor, distance_temperature: float) -> Tensor:
