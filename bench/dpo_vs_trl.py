@@ -261,7 +261,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="runs per side, alternating; medians reported")
     p.add_argument("--quick", action="store_true", help="a 2-layer model instead of the ~20M one (smoke run)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--no-cudnn-sdp", action="store_true", help="both sides: torch.backends.cuda.enable_cudnn_sdp(False) (our train loops do it on CUDA anyway)")
+    p.add_argument("--no-cudnn-sdp", action="store_true",
+                   help="both sides: torch.backends.cuda.enable_cudnn_sdp(False) (our train loops do it on CUDA anyway)")
     p.add_argument("--profile", help="write torch.profiler's op tables of our side to this file (slows it down)")
     p.add_argument("--size", choices=["20m", "135m"], default="20m", help="the random model's shape")
     p.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
