@@ -1,6 +1,6 @@
 """Load the models a loop trains: policy (causal LM), reward/cost model (scalar head), frozen reference.
 
-Full fine-tuning or LoRA via peft (imported here only when LoRA is on, DESIGN.md §2.8); float32 or
+Full fine-tuning or LoRA via peft (imported here only when LoRA is on, so peft stays optional); float32 or
 bfloat16 weights; gradient checkpointing; the chat template overridden from `model.chat_template`.
 Checkpoints are plain `save_pretrained` folders: a LoRA adapter (adapter_config.json +
 adapter_model.safetensors, what vLLM's LoRARequest and PeftModel.from_pretrained load) or full weights.

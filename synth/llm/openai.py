@@ -3,7 +3,7 @@ Ollama, hosted APIs).
 
 One `generate` call = one `asyncio.run`: every (request, sample group) becomes one HTTP request, all
 in flight together under `asyncio.Semaphore(max_concurrency)`, spread over the base URLs (least busy
-first). Network faults are handled here and only here (DESIGN.md §2 principle 6): 429 (Retry-After
+first). Network faults are handled here and only here (one place for retries, so no caller retries twice): 429 (Retry-After
 honoured), 5xx, 408/409, timeouts, connection errors/resets and malformed or truncated bodies are
 retried with exponential backoff and full jitter, on another base URL when there is one; when the
 retries run out a `BackendError` names the server, the model and the last failure. Client-side

@@ -1,18 +1,19 @@
-"""`pipeline=ai_feedback`: RL-CAI / RLAIF preference labelling (specs/methods.md §1.3, §2.2, §8).
+"""`pipeline=ai_feedback`: RL-CAI / RLAIF preference labelling (Bai et al. 2022, arXiv 2212.08073 §4.1;
+Lee et al. 2023, arXiv 2309.00267 §2).
 
 For each prompt (every stage is one batched call for the whole chunk):
-1. two responses: two samples from the policy (`responses: policy`, n=2 in one call, §1.3 step 1) or
+1. two responses: two samples from the policy (`responses: policy`, n=2 in one call) or
    the source's chosen / rejected pair (`responses: source`; y1 = the source's chosen);
-2. `principles_per_pair` judge principles drawn for this pair (§1.3 step 2: a different random
+2. `principles_per_pair` judge principles drawn for this pair (a different random
    principle per comparison; more than one = the optional ensemble, averaged);
 3. the judge role answers the multiple-choice question in BOTH orders (`synth.steps.compare`): soft
    p(y1) from option log-probs at the answer stem, or from k sampled verdicts; optional two-step CoT
    with the probabilities clamped to [0.4, 0.6];
 4. soft_labels.jsonl: every pair, with p(y1), the per-order values, principle ids, whether the orders
-   agree, parse_ok (§0.3 soft preference record);
-   preferences.jsonl: hard pairs only where both orders agree and |p - 0.5| >= `band` (§2.2 step 6,
-   §8.1's conservative rule). A judge that always picks slot (A) gives p = 0.5 with disagreeing
-   orders, so it produces no hard labels.
+   agree, parse_ok (soft preference record);
+   preferences.jsonl: hard pairs only where both orders agree and |p - 0.5| >= `band` (a conservative
+   rule). A judge that always picks slot (A) gives p = 0.5 with disagreeing orders, so it produces no
+   hard labels.
 """
 
 from __future__ import annotations
@@ -37,17 +38,17 @@ from synth.steps.revision import parse_reply
 class AIFeedbackConfig(PipelineConfig):
     name: str = "ai_feedback"
     responses: Literal["policy", "source"] = "policy"
-    sampling: Sampling = Sampling(temperature=1.0, max_new_tokens=512)  # §1.3 step 1: T = 1
-    principles_per_pair: int = Field(1, ge=1)  # §1.3 step 2; > 1 = ensemble over principles
+    sampling: Sampling = Sampling(temperature=1.0, max_new_tokens=512)  # T = 1
+    principles_per_pair: int = Field(1, ge=1)  # > 1 = ensemble over principles
     label: compare.LabelMode = "auto"  # auto: logprobs, falling back to votes where none come back
-    top_logprobs: int = Field(20, ge=2, le=20)  # §0.2: vLLM's --max-logprobs and OpenAI's cap
+    top_logprobs: int = Field(20, ge=2, le=20)  # vLLM's --max-logprobs and OpenAI's cap
     votes: int = Field(5, ge=1)  # k sampled verdicts per order when reading text (no paper value)
     vote_sampling: Sampling = Sampling(temperature=1.0, max_new_tokens=8)
-    cot: bool = False  # §1.3 step 5 / §2.2 step 4: two-step chain of thought
-    cot_sampling: Sampling = Sampling(temperature=0.0, max_new_tokens=512)  # §2.3: greedy rationale
-    cot_clamp: tuple[float, float] = (0.4, 0.6)  # §1.3 step 5
-    band: float = Field(0.05, ge=0.0, lt=0.5)  # §2.2 step 6: no hard label when |p - 0.5| < band
-    near_identical: float = Field(0.9, gt=0, le=1)  # §0.4: identical policy samples are not compared
+    cot: bool = False  # two-step chain of thought
+    cot_sampling: Sampling = Sampling(temperature=0.0, max_new_tokens=512)  # greedy rationale
+    cot_clamp: tuple[float, float] = (0.4, 0.6)  # clamp of the chain-of-thought preference
+    band: float = Field(0.05, ge=0.0, lt=0.5)  # no hard label when |p - 0.5| < band
+    near_identical: float = Field(0.9, gt=0, le=1)  # identical policy samples are not compared
 
     @field_validator("cot_clamp")
     @classmethod
@@ -58,7 +59,7 @@ class AIFeedbackConfig(PipelineConfig):
 
 
 class SoftPreferenceRecord(BaseModel):
-    """methods.md §0.3's soft preference record; `p_a` = p(response_a preferred) = p(y1)."""
+    """The soft preference record: `p_a` = p(response_a preferred) = p(y1)."""
 
     model_config = ConfigDict(extra="forbid")
     id: str
@@ -124,7 +125,7 @@ class AIFeedbackPipeline(Pipeline):
         return self.sample_pairs(items, ctx, state)
 
     def sample_pairs(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> list[tuple[SourceItem, str, str]]:
-        """ONE policy call, n=2 per prompt; truncated or empty samples are not compared (§0.4)."""
+        """ONE policy call, n=2 per prompt; truncated or empty samples are not compared."""
         calls = [Call(it.id, list(it.prompt)) for it in items]
         results = run_calls(ctx, state, "respond", "policy", calls, self.cfg.sampling.params(n=2), parse_reply)
         out = []
@@ -196,8 +197,8 @@ class AIFeedbackPipeline(Pipeline):
         )
 
     def finalize(self, ctx: Context, out_dir: Path) -> dict[str, Any]:
-        """Judge-health figures from the committed files (§8.2: position consistency, slot-A rate,
-        length bias; §2.2: alignment with the source's labels when `responses: source`)."""
+        """Judge-health figures from the committed files (position consistency, slot-A rate,
+        length bias; alignment with the source's labels when `responses: source`)."""
         rows = [r for r in read_jsonl(out_dir / "soft_labels.jsonl") if r["parse_ok"]]
         if not rows:
             return {"judge_health": {"labelled_pairs": 0}}
@@ -212,7 +213,7 @@ class AIFeedbackPipeline(Pipeline):
         if self.cfg.responses == "source":  # AI labeler alignment with the dataset's chosen side
             health["source_alignment"] = round(sum(r["p_a"] > 0.5 for r in rows) / len(rows), 4)
         prefs = read_jsonl(out_dir / "preferences.jsonl")
-        if prefs:  # §8.2 verbosity bias: worth a look when chosen is longer in more than ~70% of pairs
+        if prefs:  # verbosity bias: worth a look when chosen is longer in more than ~70% of pairs
             longer = sum(len(p["chosen"][-1]["content"]) > len(p["rejected"][-1]["content"]) for p in prefs)
             health["chosen_longer_rate"] = round(longer / len(prefs), 4)
         return {"judge_health": health}

@@ -1,11 +1,11 @@
-"""`pipeline=critique_revision`: SL-CAI (specs/methods.md §1.2) -> sft.jsonl, preferences.jsonl.
+"""`pipeline=critique_revision`: SL-CAI (Bai et al. 2022, arXiv 2212.08073 §3) -> sft.jsonl, preferences.jsonl.
 
 For each red-team prompt x (one batched call per stage for the whole chunk):
 1. r0 is the answer the item carries (`initial: given`, the default): red_team's unsafe.jsonl holds
    the answer its judge found unsafe in `answer`, and SL-CAI revises the model's own harmful response
    to the red-team prompt (Bai et al. 2022, §3.1). An item without one, or `initial: generate`, has
    the policy answer x after the constitution's few-shot critique/revision transcripts (incl. the
-   no-change ones, §1.1) -> r0. Either way the few-shot transcripts (when on) precede x;
+   no-change ones) -> r0. Either way the few-shot transcripts (when on) precede x;
 2. for k = 1..rounds, a principle is drawn AFRESH for this item and round (`ctx.rng(id, k)`; an
    item's category narrows the pool to that category's principles), the policy critiques its last
    reply (one call for all items) and revises it (one call) -> r_k; the transcript grows, so round k
@@ -14,7 +14,7 @@ For each red-team prompt x (one batched call per stage for the whole chunk):
    preferences.jsonl: chosen r_K, rejected r0 (the open HF recipe's split; the paper's RL-CAI pairs
    are two policy samples judged by `pipeline=ai_feedback`), dropped when near-identical.
 
-Helpfulness prompts (§1.2: "2 samples per helpfulness prompt, no critique") are items flagged
+Helpfulness prompts ("2 samples per helpfulness prompt, no critique") are items flagged
 `meta.helpful: true` (a `helpful` field in a jsonl source) or the items of `helpful_source`; they give
 `helpful_samples` plain policy samples each, straight into sft.jsonl (method "cai_sl_helpful").
 
@@ -56,18 +56,18 @@ from synth.steps.filters import similarity
 
 class CritiqueRevisionConfig(PipelineConfig):
     name: str = "critique_revision"
-    rounds: int = Field(4, ge=1, le=4)  # §1.2/§1.4: up to 4 sequential critique-revision rounds
-    few_shot: bool = True  # §1.1/§1.5: the few-shot transcripts prevent perspective confusion
-    # §1.2/§1.4: temperature 1; the HF recipe's 1500 max new tokens. Extra stop strings are added to
+    rounds: int = Field(4, ge=1, le=4)  # up to 4 sequential critique-revision rounds
+    few_shot: bool = True  # the few-shot transcripts prevent perspective confusion
+    # temperature 1; the HF recipe's 1500 max new tokens. Extra stop strings are added to
     # the step's own (transcript labels, invented turns).
     sampling: Sampling = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=1500)
     # "given": r0 is the item's `answer_field` (red_team's unsafe.jsonl: the answer judged unsafe), and
     # items without one are answered by the policy; "generate": always a fresh policy answer.
     initial: Literal["given", "generate"] = "given"
     answer_field: str = Field("answer", min_length=1)
-    near_identical: float = Field(0.9, gt=0, le=1)  # §0.4: no preference pair when sim(r_K, r0) >= this
-    helpful_source: SourceConfig | None = None  # helpfulness prompts (§1.2), mixed into sft.jsonl
-    helpful_samples: int = Field(2, ge=1)  # §1.2/§1.4: 2 samples per helpfulness prompt
+    near_identical: float = Field(0.9, gt=0, le=1)  # no preference pair when sim(r_K, r0) >= this
+    helpful_source: SourceConfig | None = None  # helpfulness prompts, mixed into sft.jsonl
+    helpful_samples: int = Field(2, ge=1)  # 2 samples per helpfulness prompt
 
 
 @dataclass
@@ -94,7 +94,7 @@ def with_prefix(prompt: Sequence[Message], prefix: Sequence[Message]) -> list[Me
 
 def few_shot_prefix(constitution, language: str) -> list[Message]:
     """The constitution's demonstrations as chat turns: prompt, reply, critique request, critique,
-    revision request, revision (the paper's CritiqueRevisionFewShotPrompts shape, §1.1)."""
+    revision request, revision (the paper's CritiqueRevisionFewShotPrompts shape)."""
     out: list[Message] = []
     for ex in constitution.few_shot:
         p = constitution.principle(ex.principle_id)
@@ -192,7 +192,7 @@ class CritiqueRevisionPipeline(Pipeline):
         crit_in = [
             critique_step.CritiqueInput(
                 c.item.id, c.history,
-                # A fresh principle per item AND round (§9): seeded by both, so resumes redraw the same.
+                # A fresh principle per item AND round: seeded by both, so resumes redraw the same.
                 ctx.constitution.sample_principle(ctx.rng(c.item.id, "cai_round", k), category=c.item.category),
             )
             for c in convs

@@ -1,11 +1,11 @@
 """`pipeline=red_team`: taxonomy x attack families -> adversarial prompts, target answers, verdicts
-(specs/methods.md §7).
+(Perez et al. 2022, arXiv 2202.03286).
 
 Items are the constitution's taxonomy categories (safety_zh: 33 L2 categories) crossed with the
-attack families of §7.2 (no source). Per chunk, one batched call per stage:
+attack families (no source). Per chunk, one batched call per stage:
 1. attacker: k prompts per (category, family); exact and near-duplicate prompts are removed against
    every prompt committed so far in this output folder (loaded in `setup`) and earlier in the chunk;
-2. target: every prompt answered under every decoding setting of `decoding` (§7.2.1: greedy-only
+2. target: every prompt answered under every decoding setting of `decoding` (greedy-only
    safety results overstate robustness), one request per (prompt, setting) with its own params;
 3. judge: a safety verdict + violated category per answer; an unparseable verdict is no verdict
    (counted), never "safe".
@@ -15,12 +15,12 @@ attack families of §7.2 (no source). Per chunk, one batched call per stage:
 answered and judged, and a prompt without a category takes the judge's category in unsafe.jsonl. This is
 the route for attacker models too small to write attacks (a 135M model writes off-topic text).
 
-Outputs: prompts.jsonl (prompt, L1/L2 category, attack family, generator config, §7's labels),
+Outputs: prompts.jsonl (prompt, L1/L2 category, attack family, generator config, labels),
 answers.jsonl (prompt, answer, decoding setting, verdict, category), unsafe.jsonl (prompts with at
 least one unsafe answer; `prompt` + `category` + `answer`, the first answer judged unsafe in the order
 of `decoding`, read directly by `pipeline=critique_revision source=jsonl source.path=<out>/unsafe.jsonl`,
 which critiques and revises that very answer, as in SL-CAI where the red-team response is revised).
-Harmful answers are never SFT targets: critique_revision uses them only as the rejected side (§7).
+Harmful answers are never SFT targets: critique_revision uses them only as the rejected side.
 """
 
 from __future__ import annotations
@@ -45,21 +45,21 @@ from synth.steps.filters import NearDuplicateIndex
 
 
 class Decoding(BaseModel):
-    """One target decoding setting of the sweep (§7.2.1)."""
+    """One target decoding setting of the sweep."""
 
     model_config = ConfigDict(extra="forbid")
     name: str
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
-    max_new_tokens: int = Field(100, ge=1)  # §7.2.1: max_new_tokens=100
+    max_new_tokens: int = Field(100, ge=1)  # max_new_tokens=100
 
     def params(self, seed: int | None) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               max_new_tokens=self.max_new_tokens, seed=seed)
 
 
-DEFAULT_DECODING = [  # §7.2.1: greedy, the "default" setting (T=0.1, top-p 0.9), and two grid points
+DEFAULT_DECODING = [  # greedy, the "default" setting (T=0.1, top-p 0.9), and two grid points
     Decoding(name="greedy", temperature=0.0),
     Decoding(name="default", temperature=0.1, top_p=0.9),
     Decoding(name="t0.7_p1.0", temperature=0.7, top_p=1.0),
@@ -72,11 +72,11 @@ class RedTeamConfig(PipelineConfig):
     families: list[str] = list(attack_step.FAMILIES)
     categories: list[str] = []  # "L1/L2" paths or L1 names to walk; [] = the whole taxonomy
     prompts_per_item: int = Field(4, ge=1)  # k attacker samples per (category, family)
-    attacker_sampling: Sampling = Sampling(temperature=1.0, top_p=0.95, max_new_tokens=256)  # §7.1: nucleus p=0.95
+    attacker_sampling: Sampling = Sampling(temperature=1.0, top_p=0.95, max_new_tokens=256)  # nucleus p=0.95
     near_duplicate: float = Field(0.8, gt=0, le=1)  # Jaccard of character 3-grams
     decoding: list[Decoding] = DEFAULT_DECODING
     target_seed: int | None = Field(0, ge=0)  # sampled settings are seeded so reruns reproduce the sweep
-    judge_sampling: Sampling = Sampling(temperature=0.0, max_new_tokens=128)  # §8.1: judge at T=0
+    judge_sampling: Sampling = Sampling(temperature=0.0, max_new_tokens=128)  # judge at T=0
     seeds: bool = False  # true: the attack prompts are the source's prompts (no attacker stage)
 
     @field_validator("families")

@@ -1,4 +1,4 @@
-"""`pipeline=rlrf`: Reinforcement Learning from Reflective Feedback data (Lee et al. 2024, methods.md §5).
+"""`pipeline=rlrf`: Reinforcement Learning from Reflective Feedback data (Lee et al. 2024, arXiv 2403.14238).
 
 Roles: `policy` samples n candidates and refines the best ones with the feedback (self-reflection);
 `judge` is the fine-grained feedback model (default: the policy backend itself; the paper uses a
@@ -7,7 +7,7 @@ feedback model fine-tuned on GPT-4 feedback, so point judge= at a strong model w
 Per prompt, one batched call per stage:
 1. sample n candidates; 2. per-aspect feedback {critique, rating 1-3} for each; 3. pick the top
 `refine_top` by mean aspect rating; 4. the policy refines each with its feedback; 5. the refined
-answers are judged again with the same aspects; 6. pairs (spec §5 step 6, §9): chosen = the
+answers are judged again with the same aspects; 6. pairs (the paper's preference construction): chosen = the
 highest-scoring response of the pool (n + refined; usually a refined one), rejected = the
 lowest-scoring one; or, with `pairing: refined_vs_original`, each refined answer over its own original
 when the re-judged score is higher. Rows keep the per-aspect ratings and critiques of both sides, so
@@ -101,7 +101,7 @@ class RlrfPipeline(Pipeline):
         pools = {}
         for it, samples in zip(items, results):
             kept = [s.text for s in samples if not (s.completion.truncated and self.cfg.drop_truncated)]
-            if len(kept) < len(samples):  # never a training target (§0.4)
+            if len(kept) < len(samples):  # never a training target
                 state.drop_part("candidate", "truncated_candidate", len(samples) - len(kept))
             pools[it.id] = [Resp(i, t) for i, t in enumerate(kept)]
         return pools
@@ -148,7 +148,7 @@ class RlrfPipeline(Pipeline):
         report = [{"from": r.refined_from, "before": pool[r.refined_from].score, "after": r.score} for r in refined]
         for chosen, rejected in pairs:
             if near_identical(chosen.text, rejected.text):
-                state.drop("near_identical_pair")  # §0.4
+                state.drop("near_identical_pair")
                 continue
             state.emit("preferences", self._row(it, chosen, rejected, aspects, report, ctx))
 
@@ -181,7 +181,7 @@ class RlrfPipeline(Pipeline):
         )
 
     def finalize(self, ctx: Context, out_dir: Path) -> dict[str, Any]:
-        """Refinement gains and length statistics (refinement tends to lengthen answers, §5 failure modes)."""
+        """Refinement gains and length statistics (refinement tends to lengthen answers)."""
         rows = read_jsonl(out_dir / "preferences.jsonl")
         per_prompt = {r["meta"]["source_id"]: r["meta"]["refinements"] for r in rows}  # rows of one prompt share it
         gains = [x["after"] - x["before"] for refs in per_prompt.values() for x in refs]

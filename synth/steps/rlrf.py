@@ -1,4 +1,4 @@
-"""RLRF steps (Lee et al. 2024, specs/methods.md §5): aspects, fine-grained feedback, refinement.
+"""RLRF steps (Lee et al. 2024, arXiv 2403.14238): aspects, fine-grained feedback, refinement.
 
 - Aspects come from a rubric file (FLASK-style, three levels each; the default ships in
   synth/prompts/rlrf_rubric.<lang>.yaml) or from the constitution's principles; a subset relevant to

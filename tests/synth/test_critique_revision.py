@@ -1,4 +1,4 @@
-"""pipeline=critique_revision (SL-CAI, specs/methods.md §1.2) against scripted backends."""
+"""pipeline=critique_revision (SL-CAI, Bai et al. 2022 §3) against scripted backends."""
 
 import json
 

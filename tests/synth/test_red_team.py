@@ -1,4 +1,4 @@
-"""pipeline=red_team (specs/methods.md §7) against scripted backends, and the red_team ->
+"""pipeline=red_team (Perez et al. 2022, arXiv 2202.03286) against scripted backends, and the red_team ->
 critique_revision recipe."""
 
 import hashlib

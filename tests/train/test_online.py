@@ -168,7 +168,7 @@ def test_lora_policy_with_adapter_disabled_reference(prompts, tmp_path):
     m = metrics(tmp_path / "lora")
     assert m[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # step 1: the policy is the reference
     assert m[-1]["kl"] != 0.0 and "kl_loss" in m[-1]
-    # one optimizer step per rollout: π_old == π_θ exactly (no dropout, same float32 forward; spec trap 9)
+    # one optimizer step per rollout: π_old == π_θ exactly (no dropout, same float32 forward)
     assert all(r["ratio"] == pytest.approx(1.0, abs=1e-6) for r in m)
 
 

@@ -1,5 +1,5 @@
 """Pure helpers shared by the loops: accelerator, batches, optimizer/scheduler, loss calls, metrics,
-checkpoints, plots. No loop logic lives here: each loop file reads top to bottom (DESIGN.md §2.3).
+checkpoints, plots. No loop logic lives here: each loop file reads top to bottom.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def prepare_output_dir(output_dir: str | Path, resume: bool, is_main: bool) -> P
 
 
 def write_config(out_dir: Path, resolved_yaml: str | None, accelerator) -> None:
-    """The resolved, redacted config beside the outputs (DESIGN.md §2.4)."""
+    """The resolved, redacted config beside the outputs."""
     if resolved_yaml is not None and accelerator.is_main_process:
         (out_dir / "config.yaml").write_text(resolved_yaml)
 

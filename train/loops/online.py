@@ -244,8 +244,9 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
 
 
 def check_shapes(L, world: int, micro: int) -> None:
-    """Group integrity under data parallelism (spec trap 5): each process holds whole groups, and its
-    rollout share splits into equal mini-batches of whole micro-batches."""
+    """Group integrity under data parallelism (a group split across processes would get a wrong
+    baseline): each process holds whole groups, and its rollout share splits into equal mini-batches of
+    whole micro-batches."""
     if L.prompts_per_step % world:
         raise ConfigError(f"loop.prompts_per_step={L.prompts_per_step} does not split over {world} processes; a group "
                           "must stay on one process: use a multiple of the process count")
