@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
 import statistics
 import subprocess
@@ -47,30 +46,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-MODEL_20M = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
-                 num_key_value_heads=8, max_position_embeddings=1024)
-MODEL_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                  num_key_value_heads=3, max_position_embeddings=2048)  # SmolLM2-135M's shape
-HH_RLHF = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
-
-
-def peak_mb(device: str) -> float:
-    """The side's peak memory: resident set on CPU, allocated device memory on CUDA."""
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.max_memory_allocated() / 2**20
-    return rss_mb()
-
-
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def cpu_s() -> float:
-    """CPU seconds of this process (all threads): steadier than wall time on a shared machine."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+# the same model shapes, data file and clocks as bench/dpo_vs_trl.py
+from bench.dpo_vs_trl import HH_RLHF, MODEL_20M, MODEL_135M, cpu_s, peak_mb, rss_mb  # noqa: E402
 
 
 def even_reward(completion_ids, **_):
