@@ -19,7 +19,11 @@ _t0 = time.perf_counter()
 def probe(name: str) -> None:
     now = _proc.memory_info().rss / 1024**3
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    print(f"phase {name} rss_gb={now:.3f} peak_gb={peak:.3f} t={time.perf_counter() - _t0:.1f}", file=sys.stderr, flush=True)
+    print(
+        f"phase {name} rss_gb={now:.3f} peak_gb={peak:.3f} t={time.perf_counter() - _t0:.1f}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def wrap(module, name: str, label: str | None = None):

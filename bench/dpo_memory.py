@@ -32,8 +32,10 @@ def write_pairs(source: str, n: int, path: Path) -> Path:
     from synth.sources import SourceConfig, iter_source
 
     items = iter_source(SourceConfig(kind="hh_rlhf", path=source, limit=n, turns="all"))
-    rows = [PreferenceRecord(id=it.id, prompt=it.prompt, chosen=it.chosen, rejected=it.rejected, method="hh_rlhf")
-            for it in items]
+    rows = [
+        PreferenceRecord(id=it.id, prompt=it.prompt, chosen=it.chosen, rejected=it.rejected, method="hh_rlhf")
+        for it in items
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(r.to_json() + "\n" for r in rows), encoding="utf-8")
     return path
@@ -47,21 +49,42 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=400)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--source", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"
-                                              / "hh-rlhf-harmless-base-test.jsonl.gz"))
+    ap.add_argument(
+        "--source",
+        default=str(
+            Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+        ),
+    )
     ap.add_argument("--out", default="/tmp/dpo_memory")
     ap.add_argument("--extra", nargs="*", default=[], help="more train overrides")
-    ap.add_argument("--phases", action="store_true",
-                    help="print the child's RSS and high-water mark after each phase (bench/_memprobe.py)")
+    ap.add_argument(
+        "--phases",
+        action="store_true",
+        help="print the child's RSS and high-water mark after each phase (bench/_memprobe.py)",
+    )
     args = ap.parse_args()
     out = Path(args.out)
     data = write_pairs(args.source, args.pairs, out / "pairs.jsonl")
     model = [f"model.name_or_path={args.model_path}"] if args.model_path else [f"model={args.model}"]
     child = [str(Path(__file__).with_name("_memprobe.py"))] if args.phases else ["-m", "train"]
-    cmd = [sys.executable, *child, "loss=dpo", *model, f"data.path={data}", f"data.max_length={args.max_length}",
-           f"optim.batch_size={args.batch_size}", "optim.grad_accum=1", f"optim.max_steps={args.steps}",
-           f"output_dir={out / 'run'}", "progress=false", "log.plot=false", "log.tensorboard=false",
-           "checkpoint.every_steps=0", "seed=0", *args.extra]
+    cmd = [
+        sys.executable,
+        *child,
+        "loss=dpo",
+        *model,
+        f"data.path={data}",
+        f"data.max_length={args.max_length}",
+        f"optim.batch_size={args.batch_size}",
+        "optim.grad_accum=1",
+        f"optim.max_steps={args.steps}",
+        f"output_dir={out / 'run'}",
+        "progress=false",
+        "log.plot=false",
+        "log.tensorboard=false",
+        "checkpoint.every_steps=0",
+        "seed=0",
+        *args.extra,
+    ]
     if (out / "run").exists():
         import shutil
 

@@ -63,8 +63,14 @@ def build_inputs(work: Path, args) -> None:
     tok = build_tokenizer()
     spec = MODEL_135M if args.size == "135m" else MODEL_20M
     spec = dict(spec, num_hidden_layers=2) if args.quick else spec
-    config = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=False, bos_token_id=None,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **spec)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **spec,
+    )
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tok.eos_token_id
@@ -80,8 +86,11 @@ def build_inputs(work: Path, args) -> None:
         words = _CORPUS_EN.split()
         prompts = [[{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(8, 24)))}] for _ in range(n)]
     (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; {len(prompts)} prompts ({args.data})",
-          flush=True)
+    print(
+        f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; {len(prompts)} prompts "
+        f"({args.data})",
+        flush=True,
+    )
 
 
 def run_ours(args, work: Path) -> dict:
@@ -94,17 +103,37 @@ def run_ours(args, work: Path) -> dict:
 
     baseline = rss_mb()
     out = work / "out-ours"
-    kl = (["loop.kl.placement=loss", "loop.kl.estimator=k3_ratio"] if args.algo == "grpo"
-          else ["loop.kl.placement=reward", "loop.kl.estimator=k1"])
+    kl = (
+        ["loop.kl.placement=loss", "loop.kl.estimator=k3_ratio"]
+        if args.algo == "grpo"
+        else ["loop.kl.placement=reward", "loop.kl.estimator=k1"]
+    )
     overrides = [
-        f"loop={args.algo}", f"model.name_or_path={work / 'model'}", f"data.path={work / 'prompts.jsonl'}", f"output_dir={out}",
-        "loop.reward.function=bench.grpo_vs_trl:even_reward", f"loop.prompts_per_step={args.prompts_per_step}",
-        f"loop.samples_per_prompt={args.group}", f"loop.generation.max_new_tokens={args.max_new_tokens}",
-        "loop.generation.temperature=1.0", "loop.generation.top_p=1.0", "loop.generation.top_k=0",
-        f"loop.kl.coef={args.beta}", *kl, f"optim.batch_size={args.prompts_per_step * args.group}",
-        f"optim.max_steps={args.steps}", f"optim.lr={args.lr}", "optim.scheduler=constant", "optim.warmup_ratio=0",
-        "optim.weight_decay=0", "optim.max_grad_norm=1.0", f"seed={args.seed}", "progress=false", "log.plot=false",
-        "log.tensorboard=false", "checkpoint.every_steps=0",
+        f"loop={args.algo}",
+        f"model.name_or_path={work / 'model'}",
+        f"data.path={work / 'prompts.jsonl'}",
+        f"output_dir={out}",
+        "loop.reward.function=bench.grpo_vs_trl:even_reward",
+        f"loop.prompts_per_step={args.prompts_per_step}",
+        f"loop.samples_per_prompt={args.group}",
+        f"loop.generation.max_new_tokens={args.max_new_tokens}",
+        "loop.generation.temperature=1.0",
+        "loop.generation.top_p=1.0",
+        "loop.generation.top_k=0",
+        f"loop.kl.coef={args.beta}",
+        *kl,
+        f"optim.batch_size={args.prompts_per_step * args.group}",
+        f"optim.max_steps={args.steps}",
+        f"optim.lr={args.lr}",
+        "optim.scheduler=constant",
+        "optim.warmup_ratio=0",
+        "optim.weight_decay=0",
+        "optim.max_grad_norm=1.0",
+        f"seed={args.seed}",
+        "progress=false",
+        "log.plot=false",
+        "log.tensorboard=false",
+        "checkpoint.every_steps=0",
         f"optim.mixed_precision={'bf16' if args.device == 'cuda' else 'no'}",
     ]
     with initialize_config_module(config_module="rlaif_forge_conf", version_base=None):
@@ -116,9 +145,19 @@ def run_ours(args, work: Path) -> dict:
     gen = [r["time/generate_s"] for r in rows]
     upd = [r["time/update_s"] + r["time/score_s"] for r in rows]
     tokens = sum(r["completions/mean_length"] * args.prompts_per_step * args.group for r in rows)
-    return {"side": "ours", "wall_s": wall, "cpu_s": cpu, "steps_s": sum(gen[1:]) + sum(upd[1:]), "gen_s": statistics.median(gen),
-            "update_s": statistics.median(upd), "gen_tokens_per_s": tokens / sum(gen), "peak_rss_mb": peak_mb(args.device),
-            "baseline_rss_mb": baseline, "reward": [r["reward/mean"] for r in rows], "kl": [r.get("kl", 0.0) for r in rows]}
+    return {
+        "side": "ours",
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "steps_s": sum(gen[1:]) + sum(upd[1:]),
+        "gen_s": statistics.median(gen),
+        "update_s": statistics.median(upd),
+        "gen_tokens_per_s": tokens / sum(gen),
+        "peak_rss_mb": peak_mb(args.device),
+        "baseline_rss_mb": baseline,
+        "reward": [r["reward/mean"] for r in rows],
+        "kl": [r.get("kl", 0.0) for r in rows],
+    }
 
 
 def run_trl(args, work: Path) -> dict:
@@ -142,25 +181,63 @@ def run_trl(args, work: Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(work / "model")
     common = dict(
-        output_dir=str(work / "out-trl"), per_device_train_batch_size=args.prompts_per_step * args.group,
-        gradient_accumulation_steps=1, num_generations=args.group, max_completion_length=args.max_new_tokens,
-        temperature=1.0, top_p=1.0, top_k=0, min_p=None, repetition_penalty=1.0, generation_kwargs=None,
-        use_vllm=False, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        optim="adamw_torch", max_grad_norm=1.0, max_steps=args.steps, bf16=args.device == "cuda", fp16=False,
-        gradient_checkpointing=False, use_cpu=args.device == "cpu", beta=args.beta, epsilon=0.2, epsilon_high=None, num_iterations=1,
-        shuffle_dataset=False, seed=args.seed, dataloader_num_workers=0, log_completions=False, logging_steps=1,
-        report_to="none", save_strategy="no", eval_strategy="no", disable_dropout=True, disable_tqdm=True,
+        output_dir=str(work / "out-trl"),
+        per_device_train_batch_size=args.prompts_per_step * args.group,
+        gradient_accumulation_steps=1,
+        num_generations=args.group,
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        min_p=None,
+        repetition_penalty=1.0,
+        generation_kwargs=None,
+        use_vllm=False,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        optim="adamw_torch",
+        max_grad_norm=1.0,
+        max_steps=args.steps,
+        bf16=args.device == "cuda",
+        fp16=False,
+        gradient_checkpointing=False,
+        use_cpu=args.device == "cpu",
+        beta=args.beta,
+        epsilon=0.2,
+        epsilon_high=None,
+        num_iterations=1,
+        shuffle_dataset=False,
+        seed=args.seed,
+        dataloader_num_workers=0,
+        log_completions=False,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        disable_dropout=True,
+        disable_tqdm=True,
     )
     if args.algo == "grpo":
-        config = trl.GRPOConfig(**common, loss_type="grpo", scale_rewards="group", use_bias_correction_kl=True,
-                                importance_sampling_level="token", mask_truncated_completions=False, entropy_coef=0.0,
-                                cache_implementation=None, use_transformers_continuous_batching=False)
+        config = trl.GRPOConfig(
+            **common,
+            loss_type="grpo",
+            scale_rewards="group",
+            use_bias_correction_kl=True,
+            importance_sampling_level="token",
+            mask_truncated_completions=False,
+            entropy_coef=0.0,
+            cache_implementation=None,
+            use_transformers_continuous_batching=False,
+        )
         trainer_cls = trl.GRPOTrainer
     else:
         config = trl.RLOOConfig(**common, normalize_advantages=False, reward_clip_range=None)
         trainer_cls = trl.RLOOTrainer
-    trainer = trainer_cls(model=model, reward_funcs=[even_reward], args=config, processing_class=tok, train_dataset=ds,
-                          callbacks=[clock])
+    trainer = trainer_cls(
+        model=model, reward_funcs=[even_reward], args=config, processing_class=tok, train_dataset=ds, callbacks=[clock]
+    )
     gen_times = []
     inner = trainer._generate_single_turn
 
@@ -175,12 +252,22 @@ def run_trl(args, work: Path) -> dict:
     trainer.save_model(str(work / "out-trl" / "final"))  # ours writes final/ (and a resumable checkpoint) too
     wall, cpu = time.perf_counter() - t0, cpu_s() - c0
     logs = [h for h in trainer.state.log_history if "reward" in h]
-    steps = [b - a for a, b in zip([t0] + clock.times[:-1], clock.times)]
+    steps = [b - a for a, b in zip([t0] + clock.times[:-1], clock.times, strict=True)]
     tokens = sum(h["completions/mean_length"] * args.prompts_per_step * args.group for h in logs)
-    return {"side": "trl", "wall_s": wall, "cpu_s": cpu, "steps_s": clock.times[-1] - clock.times[0], "gen_s": statistics.median(gen_times),
-            "update_s": statistics.median([s - g for s, g in zip(steps[1:], gen_times[1:])]),
-            "gen_tokens_per_s": tokens / sum(gen_times), "peak_rss_mb": peak_mb(args.device), "baseline_rss_mb": baseline,
-            "reward": [h["reward"] for h in logs], "kl": [h.get("kl", 0.0) for h in logs], "trl": trl.__version__}
+    return {
+        "side": "trl",
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "steps_s": clock.times[-1] - clock.times[0],
+        "gen_s": statistics.median(gen_times),
+        "update_s": statistics.median([s - g for s, g in zip(steps[1:], gen_times[1:], strict=False)]),
+        "gen_tokens_per_s": tokens / sum(gen_times),
+        "peak_rss_mb": peak_mb(args.device),
+        "baseline_rss_mb": baseline,
+        "reward": [h["reward"] for h in logs],
+        "kl": [h.get("kl", 0.0) for h in logs],
+        "trl": trl.__version__,
+    }
 
 
 def child(args) -> None:
@@ -217,52 +304,100 @@ def main(default_algo: str = "grpo") -> None:
     with tempfile.TemporaryDirectory(prefix=f"{args.algo}-bench-") as tmp:
         work = Path(tmp)
         build_inputs(work, args)
-        env = {**os.environ, "RLAIF_FORGE_HOME": str(work / "home"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
-               "OMP_NUM_THREADS": str(args.threads), "TRL_EXPERIMENTAL_SILENCE": "1"}
+        env = {
+            **os.environ,
+            "RLAIF_FORGE_HOME": str(work / "home"),
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "TQDM_DISABLE": "1",
+            "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+            "OMP_NUM_THREADS": str(args.threads),
+            "TRL_EXPERIMENTAL_SILENCE": "1",
+        }
         runs: dict[str, list[dict]] = {"ours": [], "trl": []}
         for r in range(args.repeats):  # alternate, so machine noise hits both sides alike
-            for side in (("ours", "trl") if r % 2 == 0 else ("trl", "ours")):
-                cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--work", str(work), "--algo", args.algo,
-                       "--prompts", str(args.prompts), "--prompts-per-step", str(args.prompts_per_step), "--group",
-                       str(args.group), "--max-new-tokens", str(args.max_new_tokens), "--steps", str(args.steps), "--beta",
-                       str(args.beta), "--lr", str(args.lr), "--seed", str(args.seed), "--threads", str(args.threads),
-                       "--device", args.device, "--size", args.size]
+            for side in ("ours", "trl") if r % 2 == 0 else ("trl", "ours"):
+                cmd = [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--side",
+                    side,
+                    "--work",
+                    str(work),
+                    "--algo",
+                    args.algo,
+                    "--prompts",
+                    str(args.prompts),
+                    "--prompts-per-step",
+                    str(args.prompts_per_step),
+                    "--group",
+                    str(args.group),
+                    "--max-new-tokens",
+                    str(args.max_new_tokens),
+                    "--steps",
+                    str(args.steps),
+                    "--beta",
+                    str(args.beta),
+                    "--lr",
+                    str(args.lr),
+                    "--seed",
+                    str(args.seed),
+                    "--threads",
+                    str(args.threads),
+                    "--device",
+                    args.device,
+                    "--size",
+                    args.size,
+                ]
                 run_env = {**env, "HF_DATASETS_CACHE": str(work / f"hf-datasets-{side}-{r}")}
                 proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True, cwd=REPO)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if proc.returncode != 0 or line is None:
                     sys.exit(f"{side} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-                runs[side].append(json.loads(line[len("RESULT "):]))
+                runs[side].append(json.loads(line[len("RESULT ") :]))
                 print(f"run {r + 1} {side}: {runs[side][-1]['wall_s']:.1f}s", flush=True)
                 for d in [*work.glob(f"out-{side}"), *work.glob("hf-datasets-*")]:
                     shutil.rmtree(d, ignore_errors=True)
     res = {}
     for side, rs in runs.items():
-        med = {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "cpu_s", "steps_s", "gen_s", "update_s", "gen_tokens_per_s")}
+        med = {
+            k: statistics.median(r[k] for r in rs)
+            for k in ("wall_s", "cpu_s", "steps_s", "gen_s", "update_s", "gen_tokens_per_s")
+        }
         med["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rs)
-        med["reward"] = [statistics.mean(v) for v in zip(*(r["reward"] for r in rs))]
-        med["kl"] = [statistics.mean(v) for v in zip(*(r["kl"] for r in rs))]
+        med["reward"] = [statistics.mean(v) for v in zip(*(r["reward"] for r in rs), strict=True)]
+        med["kl"] = [statistics.mean(v) for v in zip(*(r["kl"] for r in rs), strict=True)]
         res[side] = med
     per_step = args.prompts_per_step * args.group
-    print(f"\n{args.algo.upper()}, {per_step} completions/step ({args.prompts_per_step} prompts x {args.group}), "
-          f"{args.max_new_tokens} new tokens, {args.steps} steps, beta {args.beta}, {'bf16 autocast on cuda' if args.device == 'cuda' else 'float32'}, {args.size} model, torch {torch.__version__}, "
-          f"{args.threads} thread(s), TRL {runs['trl'][0].get('trl')}, medians of {args.repeats}")
-    print(f"{'side':<6}{'e2e s':>8}{'CPU s':>8}{'samples/s':>11}{'steps sps':>11}{'gen s/step':>12}{'update s/step':>15}"
-          f"{'gen tok/s':>11}{'peak MB':>13}")
+    print(
+        f"\n{args.algo.upper()}, {per_step} completions/step ({args.prompts_per_step} prompts x {args.group}), "
+        f"{args.max_new_tokens} new tokens, {args.steps} steps, beta {args.beta}, "
+        f"{'bf16 autocast on cuda' if args.device == 'cuda' else 'float32'}, {args.size} model, "
+        f"torch {torch.__version__}, "
+        f"{args.threads} thread(s), TRL {runs['trl'][0].get('trl')}, medians of {args.repeats}"
+    )
+    print(
+        f"{'side':<6}{'e2e s':>8}{'CPU s':>8}{'samples/s':>11}{'steps sps':>11}{'gen s/step':>12}{'update s/step':>15}"
+        f"{'gen tok/s':>11}{'peak MB':>13}"
+    )
     for side, r in res.items():
         r["e2e_sps"] = args.steps * per_step / r["wall_s"]
         r["steps_sps"] = (args.steps - 1) * per_step / r["steps_s"]
-        print(f"{side:<6}{r['wall_s']:>8.1f}{r['cpu_s']:>8.1f}{r['e2e_sps']:>11.2f}{r['steps_sps']:>11.2f}{r['gen_s']:>12.2f}"
-              f"{r['update_s']:>15.2f}{r['gen_tokens_per_s']:>11.0f}{r['peak_rss_mb']:>13.0f}")
+        print(
+            f"{side:<6}{r['wall_s']:>8.1f}{r['cpu_s']:>8.1f}{r['e2e_sps']:>11.2f}{r['steps_sps']:>11.2f}{r['gen_s']:>12.2f}"
+            f"{r['update_s']:>15.2f}{r['gen_tokens_per_s']:>11.0f}{r['peak_rss_mb']:>13.0f}"
+        )
     print("mean reward per step (ours | TRL):")
-    for i, (a, b) in enumerate(zip(res["ours"]["reward"], res["trl"]["reward"]), 1):
+    for i, (a, b) in enumerate(zip(res["ours"]["reward"], res["trl"]["reward"], strict=True), 1):
         print(f"  {i:>3}  {a:.4f} | {b:.4f}")
     o, t = res["ours"], res["trl"]
-    print(f"ours/TRL: {o['e2e_sps'] / t['e2e_sps']:.2f}x samples/s end-to-end (CPU time {t['cpu_s'] / o['cpu_s']:.2f}x), "
-          f"{o['steps_sps'] / t['steps_sps']:.2f}x steps; "
-          f"generation {t['gen_s'] / o['gen_s']:.2f}x faster, update {t['update_s'] / o['update_s']:.2f}x faster; "
-          f"peak memory {o['peak_rss_mb'] / t['peak_rss_mb']:.2f}x")
+    print(
+        f"ours/TRL: {o['e2e_sps'] / t['e2e_sps']:.2f}x samples/s end-to-end (CPU time {t['cpu_s'] / o['cpu_s']:.2f}x), "
+        f"{o['steps_sps'] / t['steps_sps']:.2f}x steps; "
+        f"generation {t['gen_s'] / o['gen_s']:.2f}x faster, update {t['update_s'] / o['update_s']:.2f}x faster; "
+        f"peak memory {o['peak_rss_mb'] / t['peak_rss_mb']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

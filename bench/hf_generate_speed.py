@@ -14,8 +14,24 @@ import argparse
 import json
 import time
 
-TOPICS = ["bread", "rivers", "honesty", "the moon", "chess", "rain", "tea", "bicycles", "volcanoes", "music",
-          "friendship", "snow", "maps", "bees", "libraries", "trains"]
+TOPICS = [
+    "bread",
+    "rivers",
+    "honesty",
+    "the moon",
+    "chess",
+    "rain",
+    "tea",
+    "bicycles",
+    "volcanoes",
+    "music",
+    "friendship",
+    "snow",
+    "maps",
+    "bees",
+    "libraries",
+    "trains",
+]
 
 
 def main() -> None:
@@ -38,7 +54,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     llm = build_llm({"kind": "hf", "device": "cpu", "batch_size": args.rows}, {"name_or_path": args.model})
     net, tok = llm.net, llm.tokenizer
-    reqs = [messages(("user", f"Write a long, detailed essay about {TOPICS[i % len(TOPICS)]}.")) for i in range(args.rows)]
+    reqs = [
+        messages(("user", f"Write a long, detailed essay about {TOPICS[i % len(TOPICS)]}.")) for i in range(args.rows)
+    ]
     ids = [llm._encode(r) for r in reqs]
     input_ids, attention = llm._left_pad(ids)
     eos = set(llm.eos_ids)
@@ -47,8 +65,10 @@ def main() -> None:
         return sum(next((i + 1 for i, t in enumerate(r) if t in eos), len(r)) for r in rows)
 
     results = {}
-    for mode, params in (("greedy", SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens)),
-                         ("sampled", SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=args.max_new_tokens, seed=0))):
+    for mode, params in (
+        ("greedy", SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens)),
+        ("sampled", SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=args.max_new_tokens, seed=0)),
+    ):
         best = {"hf": 0.0, "transformers": 0.0}
         for _ in range(args.repeats):
             t0 = time.perf_counter()
@@ -56,20 +76,30 @@ def main() -> None:
             dt = time.perf_counter() - t0
             hf_tokens = sum(g[0].completion_tokens for g in out)
             best["hf"] = max(best["hf"], hf_tokens / dt)
-            cfg = GenerationConfig(do_sample=params.temperature > 0, max_new_tokens=args.max_new_tokens,
-                                   temperature=params.temperature or 1.0, top_p=params.top_p, top_k=None,
-                                   eos_token_id=llm.eos_ids, pad_token_id=llm.pad_id)
+            cfg = GenerationConfig(
+                do_sample=params.temperature > 0,
+                max_new_tokens=args.max_new_tokens,
+                temperature=params.temperature or 1.0,
+                top_p=params.top_p,
+                top_k=None,
+                eos_token_id=llm.eos_ids,
+                pad_token_id=llm.pad_id,
+            )
             t0 = time.perf_counter()
             with torch.inference_mode():
                 seq = net.generate(input_ids=input_ids, attention_mask=attention, generation_config=cfg)
             dt = time.perf_counter() - t0
-            plain = seq[:, input_ids.shape[1]:].tolist()
+            plain = seq[:, input_ids.shape[1] :].tolist()
             best["transformers"] = max(best["transformers"], count(plain) / dt)
             if mode == "greedy":
-                texts = [tok.decode(r[: next((i for i, t in enumerate(r) if t in eos), len(r))], skip_special_tokens=True)
-                         for r in plain]
+                texts = [
+                    tok.decode(r[: next((i for i, t in enumerate(r) if t in eos), len(r))], skip_special_tokens=True)
+                    for r in plain
+                ]
                 assert texts == [g[0].text for g in out], "greedy outputs differ"
-        results[mode] = {k: round(v, 1) for k, v in best.items()} | {"ratio": round(best["hf"] / best["transformers"], 2)}
+        results[mode] = {k: round(v, 1) for k, v in best.items()} | {
+            "ratio": round(best["hf"] / best["transformers"], 2)
+        }
         print(mode, json.dumps(results[mode]), flush=True)
 
 

@@ -47,18 +47,23 @@ def main() -> None:
     logits = -1.2 * ranks.log() + 0.1 * torch.randn(args.rows, args.vocab)
     ids = torch.zeros(args.rows, 1, dtype=torch.long)
     res = {}
-    for mode, p in (("greedy", SamplingParams(temperature=0.0)), ("sampled", SamplingParams(temperature=0.7, top_p=0.9))):
+    for mode, p in (
+        ("greedy", SamplingParams(temperature=0.0)),
+        ("sampled", SamplingParams(temperature=0.7, top_p=0.9)),
+    ):
         ours = _RowSampler([p] * args.rows, list(range(args.rows)), torch.device("cpu"), False, 0)
         if mode == "greedy":
+
             def theirs():
                 return logits.argmax(-1)
         else:
             temp, top_p, gen = TemperatureLogitsWarper(0.7), TopPLogitsWarper(0.9), torch.Generator().manual_seed(0)
 
-            def theirs():
-                s = top_p(ids, temp(ids, logits.clone()))
-                return torch.multinomial(torch.softmax(s, -1), 1, generator=gen)
-        a, b = best(lambda: ours(ids, logits.clone()), args.iters), best(theirs, args.iters)
+            def theirs():  # called within this iteration only
+                s = top_p(ids, temp(ids, logits.clone()))  # noqa: B023
+                return torch.multinomial(torch.softmax(s, -1), 1, generator=gen)  # noqa: B023
+
+        a, b = best(lambda: ours(ids, logits.clone()), args.iters), best(theirs, args.iters)  # noqa: B023
         res[mode] = {"ours_us": round(a), "transformers_us": round(b), "ratio": round(a / b, 2)}
         print(mode, json.dumps(res[mode]), flush=True)
 

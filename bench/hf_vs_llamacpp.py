@@ -54,8 +54,10 @@ def main() -> None:
     params = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens)
     hf = build_llm({"kind": "hf", "device": "cpu", "batch_size": 16}, {"name_or_path": MODEL})
     hf.generate(reqs[:1], params.replace(max_new_tokens=2))  # load and warm up outside the timing
-    server = build_llm({"kind": "openai", "base_url": args.url, "max_concurrency": args.concurrency, "progress": False},
-                       {"name_or_path": "smollm2-135m"})
+    server = build_llm(
+        {"kind": "openai", "base_url": args.url, "max_concurrency": args.concurrency, "progress": False},
+        {"name_or_path": "smollm2-135m"},
+    )
     server.generate(reqs[:1], params.replace(max_new_tokens=2))
     rows = []
     for name, llm in (("hf (in-process)", hf), ("llama.cpp server", server)):

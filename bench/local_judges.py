@@ -22,25 +22,60 @@ import time
 from collections import Counter
 from pathlib import Path
 
-JUDGE_STEPS = ("judge_pairwise", "judge_rubric", "judge_listwise", "self_reward_judge", "rlrf_feedback", "verdict",
-               "bpo_construct", "rlrf_rejudge")
+JUDGE_STEPS = (
+    "judge_pairwise",
+    "judge_rubric",
+    "judge_listwise",
+    "self_reward_judge",
+    "rlrf_feedback",
+    "verdict",
+    "bpo_construct",
+    "rlrf_rejudge",
+)
 
 RUNS = {
     # source.turns=all: hh-rlhf keeps the chosen/rejected pair of every dialogue (not only single-turn ones)
     "judge_pairwise": ["pipeline=judge", "source.turns=all", "pipeline.judge_sampling.max_new_tokens=256"],
-    "judge_rubric": ["pipeline=judge", "source.turns=all", "pipeline.mode=rubric", "pipeline.rubric.samples=2",
-                     "pipeline.judge_sampling.max_new_tokens=256"],
-    "judge_listwise": ["pipeline=judge", "source.turns=all", "pipeline.mode=listwise",
-                       "pipeline.judge_sampling.max_new_tokens=256"],
-    "self_rewarding": ["pipeline=self_rewarding", "pipeline.k=2", "pipeline.judge_samples=2",
-                       "pipeline.sampling.max_new_tokens=128", "pipeline.judge_sampling.max_new_tokens=256",
-                       "pipeline.drop_truncated=false"],
-    "rlrf": ["pipeline=rlrf", "pipeline.n=2", "pipeline.refine_top=1", "pipeline.max_aspects=3",
-             "pipeline.sampling.max_new_tokens=128", "pipeline.feedback_sampling.max_new_tokens=384",
-             "pipeline.refine_sampling.max_new_tokens=128", "pipeline.drop_truncated=false"],
-    "red_team": ["pipeline=red_team", "constitution=safety_zh", "pipeline.categories=['歧视/地域','歧视/年龄']",
-                 "pipeline.families=[direct]", "pipeline.prompts_per_item=2", "pipeline.attacker_sampling.max_new_tokens=128",
-                 "pipeline.decoding=[{name:greedy,temperature:0.0,max_new_tokens:100},{name:hot,temperature:1.0,top_p:0.9,max_new_tokens:100}]"],
+    "judge_rubric": [
+        "pipeline=judge",
+        "source.turns=all",
+        "pipeline.mode=rubric",
+        "pipeline.rubric.samples=2",
+        "pipeline.judge_sampling.max_new_tokens=256",
+    ],
+    "judge_listwise": [
+        "pipeline=judge",
+        "source.turns=all",
+        "pipeline.mode=listwise",
+        "pipeline.judge_sampling.max_new_tokens=256",
+    ],
+    "self_rewarding": [
+        "pipeline=self_rewarding",
+        "pipeline.k=2",
+        "pipeline.judge_samples=2",
+        "pipeline.sampling.max_new_tokens=128",
+        "pipeline.judge_sampling.max_new_tokens=256",
+        "pipeline.drop_truncated=false",
+    ],
+    "rlrf": [
+        "pipeline=rlrf",
+        "pipeline.n=2",
+        "pipeline.refine_top=1",
+        "pipeline.max_aspects=3",
+        "pipeline.sampling.max_new_tokens=128",
+        "pipeline.feedback_sampling.max_new_tokens=384",
+        "pipeline.refine_sampling.max_new_tokens=128",
+        "pipeline.drop_truncated=false",
+    ],
+    "red_team": [
+        "pipeline=red_team",
+        "constitution=safety_zh",
+        "pipeline.categories=['歧视/地域','歧视/年龄']",
+        "pipeline.families=[direct]",
+        "pipeline.prompts_per_item=2",
+        "pipeline.attacker_sampling.max_new_tokens=128",
+        "pipeline.decoding=[{name:greedy,temperature:0.0,max_new_tokens:100},{name:hot,temperature:1.0,top_p:0.9,max_new_tokens:100}]",
+    ],
     "bpo": ["pipeline=bpo", "source.turns=all", "pipeline.sampling.max_new_tokens=256"],
 }
 
@@ -65,9 +100,22 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         out = Path(args.out) / name
-        cmd = [sys.executable, "-m", "synth", "llm=hf", "llm.device=cpu", *model, "source=hh_rlhf",
-               f"source.path={args.source}", f"source.limit={args.items}", f"output_dir={out}", "cache=false",
-               "progress=false", "seed=0", *overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "synth",
+            "llm=hf",
+            "llm.device=cpu",
+            *model,
+            "source=hh_rlhf",
+            f"source.path={args.source}",
+            f"source.limit={args.items}",
+            f"output_dir={out}",
+            "cache=false",
+            "progress=false",
+            "seed=0",
+            *overrides,
+        ]
         if name == "red_team":  # the attacker writes the prompts; no source
             cmd = [c for c in cmd if not c.startswith("source")]
         t0 = time.time()

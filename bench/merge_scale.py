@@ -34,32 +34,61 @@ def write_shards(root: Path, rows: int, n: int) -> int:
     from synth.shard import Shard, shard_of
 
     pipeline = {"_target_": "synth.pipelines.generate.GeneratePipeline", "name": "generate", "n": 1}
-    cfg = validate({"llm": {"kind": "hf"}, "model": {"name_or_path": "x"}, "pipeline": pipeline,
-                    "output_dir": str(root), "shard": f"0/{n}"})
+    cfg = validate(
+        {
+            "llm": {"kind": "hf"},
+            "model": {"name_or_path": "x"},
+            "pipeline": pipeline,
+            "output_dir": str(root),
+            "shard": f"0/{n}",
+        }
+    )
     fp = run_fingerprint(cfg)
     shards = [Shard(i, n) for i in range(n)]
     handles = []
     for s in shards:
         folder = s.folder(root)
         folder.mkdir(parents=True, exist_ok=True)
-        handles.append({"dir": folder, "out": open(folder / "completions.jsonl", "w"), "trace": open(folder / "trace.jsonl", "w"),
-                        "ledger": open(folder / LEDGER, "w"), "ids": [], "rows": 0})
+        handles.append(
+            {
+                "dir": folder,
+                "out": open(folder / "completions.jsonl", "w"),
+                "trace": open(folder / "trace.jsonl", "w"),
+                "ledger": open(folder / LEDGER, "w"),
+                "ids": [],
+                "rows": 0,
+            }
+        )
     total = 0
 
     def flush(h):
         h["out"].flush()
         h["trace"].flush()
         sizes = {"completions": h["out"].tell(), "trace": h["trace"].tell()}
-        h["ledger"].write(json.dumps({"chunk": 0, "ids": h["ids"], "sizes": sizes,
-                                      "counters": dict(Counter({"out/completions": len(h["ids"]), "calls/generate": 1}))}) + "\n")
+        h["ledger"].write(
+            json.dumps(
+                {
+                    "chunk": 0,
+                    "ids": h["ids"],
+                    "sizes": sizes,
+                    "counters": dict(Counter({"out/completions": len(h["ids"]), "calls/generate": 1})),
+                }
+            )
+            + "\n"
+        )
         h["ids"] = []
 
     for k in range(rows):
         item = stable_id("bench", k)
         h = handles[shard_of(item, n)]
         text = f"answer number {k} " + "x" * 200
-        line = json.dumps({"id": item, "prompt": [{"role": "user", "content": f"question {k}"}],
-                           "completions": [{"text": text, "finish_reason": "stop"}]})
+        line = json.dumps(
+            {
+                "id": item,
+                "prompt": [{"role": "user", "content": f"question {k}"}],
+                "completions": [{"text": text, "finish_reason": "stop"}],
+            }
+        )
         h["out"].write(line + "\n")
         h["trace"].write(json.dumps({"item_id": item, "step": "generate", "parse_status": "ok"}) + "\n")
         total += len(line) + 1
@@ -67,13 +96,15 @@ def write_shards(root: Path, rows: int, n: int) -> int:
         h["rows"] += 1
         if len(h["ids"]) == CHUNK:
             flush(h)
-    for s, h in zip(shards, handles):
+    for s, h in zip(shards, handles, strict=True):
         if h["ids"]:
             flush(h)
         for f in ("out", "trace", "ledger"):
             h[f].close()
-        write_json_atomic(h["dir"] / "manifest.json", {"status": "finished", "inputs": h["rows"],
-                                                       "resumed_from_previous_runs": 0, "duplicate_inputs_skipped": 0})
+        write_json_atomic(
+            h["dir"] / "manifest.json",
+            {"status": "finished", "inputs": h["rows"], "resumed_from_previous_runs": 0, "duplicate_inputs_skipped": 0},
+        )
         write_shard_info(h["dir"], s, fp, pipeline, "hhh_en", 0)
     return total
 
@@ -81,8 +112,11 @@ def write_shards(root: Path, rows: int, n: int) -> int:
 def merge_child(root: Path) -> tuple[float, float]:
     """(wall seconds, peak RSS MiB) of `synth-merge` in a child process."""
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "synth.merge", f"output_dir={root}", "progress=false"], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "synth.merge", f"output_dir={root}", "progress=false"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     wall = time.perf_counter() - t
     return wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
@@ -116,13 +150,18 @@ def main() -> None:
         wall, rss = merge_child(root)
         copy = plain_copy(root, base)
         results[rows] = (wall, rss, copy, size)
-        print(f"{rows:>9} rows ({size / 2**20:.0f} MiB completions, {args.shards} shards, written in {made:.1f}s): "
-              f"merge {wall:.2f}s, peak RSS {rss:.0f} MiB; plain copy of the same files {copy:.2f}s", flush=True)
+        print(
+            f"{rows:>9} rows ({size / 2**20:.0f} MiB completions, {args.shards} shards, written in {made:.1f}s): "
+            f"merge {wall:.2f}s, peak RSS {rss:.0f} MiB; plain copy of the same files {copy:.2f}s",
+            flush=True,
+        )
         (base / "copy-completions.jsonl").unlink()
         (base / "copy-trace.jsonl").unlink()
     small, big = results[args.rows // 10], results[args.rows]
-    print(f"ratios: merge/plain-copy time at {args.rows} rows = {big[0] / big[2]:.2f}x; peak RSS {args.rows} rows / "
-          f"{args.rows // 10} rows = {big[1] / small[1]:.2f}x (1.0 = independent of the row count)")
+    print(
+        f"ratios: merge/plain-copy time at {args.rows} rows = {big[0] / big[2]:.2f}x; peak RSS {args.rows} rows / "
+        f"{args.rows // 10} rows = {big[1] / small[1]:.2f}x (1.0 = independent of the row count)"
+    )
     shutil.rmtree(base, ignore_errors=True)
 
 

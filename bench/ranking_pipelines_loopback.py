@@ -40,10 +40,30 @@ ANSWERS = [  # quality 0..3
 ]
 OPENERS = ["", "Let me think about this. ", "Good question. ", "Here is my take. ", "Thanks for asking. "]
 CLOSERS = ["", " I hope that helps.", " Let me know if you have other questions.", " Take care.", " Stay safe."]
-VERBS = ["stay safe", "help a friend", "report a scam", "calm down", "save money", "sleep better", "learn to cook",
-         "ask for a raise", "protect my privacy", "talk to my kids"]
-PLACES = ["when travelling alone", "online", "at work", "after a breakup", "on a budget", "in a new city",
-          "during exams", "with little time", "as a beginner", "in winter"]
+VERBS = [
+    "stay safe",
+    "help a friend",
+    "report a scam",
+    "calm down",
+    "save money",
+    "sleep better",
+    "learn to cook",
+    "ask for a raise",
+    "protect my privacy",
+    "talk to my kids",
+]
+PLACES = [
+    "when travelling alone",
+    "online",
+    "at work",
+    "after a breakup",
+    "on a budget",
+    "in a new city",
+    "during exams",
+    "with little time",
+    "as a beginner",
+    "in winter",
+]
 MODEL_SKILL = {"model-strong": 2.2, "model-mid": 1.4, "model-weak": 0.6, "loopback": 1.5}
 
 
@@ -111,7 +131,10 @@ def self_judge(text: str, index: int) -> str:
     r = u("sr", text, index)
     if r < 0.06:
         return "This response is quite good, I would give it four points."  # no 'Score:' line
-    return f"The response meets {quality(reply) + 1} criteria.\nScore: {min(5, quality(reply) + 1 + (r > 0.8) - (r < 0.2))}"
+    return (
+        f"The response meets {quality(reply) + 1} criteria.\nScore: "
+        f"{min(5, quality(reply) + 1 + (r > 0.8) - (r < 0.2))}"
+    )
 
 
 def bpo_construct(text: str) -> str:
@@ -125,8 +148,10 @@ def bpo_construct(text: str) -> str:
         return "Detailed Comparison Result: ok.\nOptimized Instruction: Help. [END]"  # shrunk
     if r < 0.20:
         return "Detailed Comparison Result: ok.\nOptimized Instruction: " + " ".join([instruction] * 8) + " [END]"
-    return ("Detailed Comparison Result: The better response engages safely and explains its reasons.\n"
-            f"Optimized Instruction: \"{instruction} Please answer helpfully and safely, and explain your reasoning.\" [END]")
+    return (
+        "Detailed Comparison Result: The better response engages safely and explains its reasons.\n"
+        f'Optimized Instruction: "{instruction} Please answer helpfully and safely, and explain your reasoning." [END]'
+    )
 
 
 def feedback(text: str) -> str:
@@ -134,8 +159,12 @@ def feedback(text: str) -> str:
     if u("fb", reply) < 0.05:
         return "{'factuality': good}"  # invalid JSON
     q = quality(reply)
-    return json.dumps({a: {"critique": f"{a} could be better", "rating": max(1, min(3, 1 + (q + int(2 * u(a, reply))) // 2))}
-                       for a in ASPECTS})
+    return json.dumps(
+        {
+            a: {"critique": f"{a} could be better", "rating": max(1, min(3, 1 + (q + int(2 * u(a, reply))) // 2))}
+            for a in ASPECTS
+        }
+    )
 
 
 def responder(body: dict):
@@ -151,14 +180,20 @@ def responder(body: dict):
     if "additive 5-point" in text:
         return [self_judge(text, i) for i in idx()]
     if "<task>" in text:
-        return [f"<task>How can I {VERBS[int(10 * u('t', text, i))]} {PLACES[int(10 * u('t2', text, i))]}?</task>" for i in idx()]
+        return [
+            f"<task>How can I {VERBS[int(10 * u('t', text, i))]} {PLACES[int(10 * u('t2', text, i))]}?</task>"
+            for i in idx()
+        ]
     if "[Better response]" in text:
         return bpo_construct(text)
     if text.startswith("You are an expert prompt engineer. Please help me improve"):
         return text.split("response:\n", 1)[1] + " Please answer helpfully, safely and with reasons."
     if "working on AI safety" in text:
         req = text.split("[Request]\n")[1].split("\n\n")[0]
-        return f"Detailed Comparison Result: checked.\nOptimized Instruction: How can I stay safe and lawful regarding: {req} [END]"
+        return (
+            "Detailed Comparison Result: checked.\nOptimized Instruction: How can I stay safe and lawful "
+            f"regarding: {req} [END]"
+        )
     if "fine-grained feedback" in text:
         return feedback(text)
     if "Write only the improved response." in text:
@@ -175,10 +210,22 @@ def compose(url: str, out: Path, rows: int, pipeline: str, overrides: list[str],
     from omegaconf import OmegaConf
 
     with initialize_config_module(config_module="rlaif_forge_conf", version_base=None):
-        cfg = hcompose(config_name="synth", overrides=[
-            f"pipeline={pipeline}", "llm=openai", f"llm.base_url={url}", "model.name_or_path=loopback",
-            "source=hh_rlhf", f"source.path={DATA}", f"source.limit={rows}", f"output_dir={out}", "progress=false",
-            "llm.max_concurrency=64", *overrides])
+        cfg = hcompose(
+            config_name="synth",
+            overrides=[
+                f"pipeline={pipeline}",
+                "llm=openai",
+                f"llm.base_url={url}",
+                "model.name_or_path=loopback",
+                "source=hh_rlhf",
+                f"source.path={DATA}",
+                f"source.limit={rows}",
+                f"output_dir={out}",
+                "progress=false",
+                "llm.max_concurrency=64",
+                *overrides,
+            ],
+        )
     OmegaConf.set_struct(cfg, False)
     for key, value in (extra or {}).items():
         OmegaConf.update(cfg, key, value, merge=False)
@@ -186,14 +233,25 @@ def compose(url: str, out: Path, rows: int, pipeline: str, overrides: list[str],
 
 
 def runs(url: str, llm_cfg: dict) -> list[tuple[str, str, list[str], dict]]:
-    models = [{"name": m, "llm": llm_cfg, "model": {"name_or_path": m}} for m in ("model-strong", "model-mid", "model-weak")]
+    models = [
+        {"name": m, "llm": llm_cfg, "model": {"name_or_path": m}} for m in ("model-strong", "model-mid", "model-weak")
+    ]
     return [
         ("judge pairwise (hh pairs)", "judge", ["source.turns=all"], {}),
         ("judge pairwise (3 models)", "judge", ["pipeline.rating.bootstrap=200"], {"pipeline.candidates": models}),
-        ("judge listwise (3 models)", "judge", ["pipeline.mode=listwise", "pipeline.listwise.samples=2"], {"pipeline.candidates": models}),
+        (
+            "judge listwise (3 models)",
+            "judge",
+            ["pipeline.mode=listwise", "pipeline.listwise.samples=2"],
+            {"pipeline.candidates": models},
+        ),
         ("judge rubric (3 models)", "judge", ["pipeline.mode=rubric"], {"pipeline.candidates": models}),
-        ("self_rewarding (+new prompts)", "self_rewarding",
-         ["pipeline.new_prompts.enabled=true", "pipeline.new_prompts.keep_seed_prompts=true"], {}),
+        (
+            "self_rewarding (+new prompts)",
+            "self_rewarding",
+            ["pipeline.new_prompts.enabled=true", "pipeline.new_prompts.keep_seed_prompts=true"],
+            {},
+        ),
         ("bpo (hh pairs)", "bpo", ["source.turns=all"], {}),
         ("bpo_rewrite", "bpo_rewrite", [], {}),
         ("bpo_rewrite safety+respond", "bpo_rewrite", ["pipeline.safety=true", "pipeline.respond=true"], {}),
@@ -202,10 +260,12 @@ def runs(url: str, llm_cfg: dict) -> list[tuple[str, str, list[str], dict]]:
 
 
 def summary(name: str, m: dict, wall: float) -> str:
-    lines = [f"## {name}  ({wall:.1f}s, {sum(m['calls'].values())} requests)",
-             "  | outputs   " + "  ".join(f"{k}={v}" for k, v in m["outputs"].items()),
-             "  | drops     " + ("  ".join(f"{k}={v}" for k, v in m["drops"].items()) or "-"),
-             "  | parse_failures " + ("  ".join(f"{k}={v}" for k, v in m["parse_failures"].items()) or "-")]
+    lines = [
+        f"## {name}  ({wall:.1f}s, {sum(m['calls'].values())} requests)",
+        "  | outputs   " + "  ".join(f"{k}={v}" for k, v in m["outputs"].items()),
+        "  | drops     " + ("  ".join(f"{k}={v}" for k, v in m["drops"].items()) or "-"),
+        "  | parse_failures " + ("  ".join(f"{k}={v}" for k, v in m["parse_failures"].items()) or "-"),
+    ]
     rep = m.get("judge")
     if rep:
         lines.append(f"  | position_bias {json.dumps(rep['position_bias'])}")
@@ -213,9 +273,14 @@ def summary(name: str, m: dict, wall: float) -> str:
             if key in rep:
                 lines.append(f"  | {key} {json.dumps(rep[key])}")
         if "bradley_terry" in rep:
-            bt = " ".join(f"{r['model']}={r['rating']:.0f}[{r['ci_low']:.0f},{r['ci_high']:.0f}]" for r in rep["bradley_terry"]["models"])
+            bt = " ".join(
+                f"{r['model']}={r['rating']:.0f}[{r['ci_low']:.0f},{r['ci_high']:.0f}]"
+                for r in rep["bradley_terry"]["models"]
+            )
             lines.append(f"  | bradley_terry {bt}")
-            lines.append("  | elo           " + " ".join(f"{r['model']}={r['rating']:.0f}" for r in rep["elo"]["models"]))
+            lines.append(
+                "  | elo           " + " ".join(f"{r['model']}={r['rating']:.0f}" for r in rep["elo"]["models"])
+            )
     for key in ("self_rewarding", "rlrf"):
         if key in m:
             lines.append(f"  | {key} {json.dumps(m[key])}")
@@ -233,8 +298,7 @@ def main() -> None:
     from synth.app import run
 
     out = args.out or Path(tempfile.mkdtemp(prefix="ranking-bench-"))
-    with LoopbackServer(responder=responder, latency_s=args.latency_ms / 1000,
-                        models=tuple(MODEL_SKILL)) as server:
+    with LoopbackServer(responder=responder, latency_s=args.latency_ms / 1000, models=tuple(MODEL_SKILL)) as server:
         llm_cfg = OmegaConf.to_container(compose(server.url, out, 1, "judge", []).llm)
         print(f"loopback server {server.url}; {args.rows} hh-rlhf harmless-base test rows; outputs in {out}\n")
         for k, (name, pipeline, overrides, extra) in enumerate(runs(server.url, llm_cfg)):

@@ -1,6 +1,6 @@
 """RLOO against TRL 1.16's RLOOTrainer: bench/grpo_vs_trl.py with --algo rloo (see its docstring).
 
-    python bench/rloo_vs_trl.py --repeats 3 --beta 0.05
+python bench/rloo_vs_trl.py --repeats 3 --beta 0.05
 """
 
 from __future__ import annotations

@@ -47,7 +47,10 @@ def answer(body: dict) -> list | dict | str:
     q = _topic(body["messages"][-1]["content"])
     r = roll(body)
     comply = f"Sure, here is how you could go about {q}: first, gather what you need, then proceed step by step."
-    refuse = f"{REFUSAL}, because it could hurt someone. If you are worried about {q}, a safer option is to talk to someone you trust."
+    refuse = (
+        f"{REFUSAL}, because it could hurt someone. If you are worried about {q}, a safer option is to "
+        "talk to someone you trust."
+    )
     if r < 0.03:
         return {"text": comply + " and then", "finish_reason": "length"}
     if r < 0.05:
@@ -78,7 +81,10 @@ def revision(body: dict) -> dict | str:
         return {"text": "Revision: I can't help with that, but", "finish_reason": "length"}
     if r < 0.17:
         return f"Revision: {last_reply}"  # no change
-    return f"Revision: {REFUSAL}. Doing this could put people at risk; if there is a safety concern behind the question, I'm glad to help with that instead."
+    return (
+        f"Revision: {REFUSAL}. Doing this could put people at risk; if there is a safety concern behind the "
+        "question, I'm glad to help with that instead."
+    )
 
 
 def _logprobs(tokens: dict[str, float]) -> dict:
@@ -116,11 +122,21 @@ def responder(body: dict):
 
 def overrides(pipeline: str, url: str, data: str, limit: int, out: Path) -> list[str]:
     return [
-        f"pipeline={pipeline}", "llm=openai", f"llm.base_url={url}", "model.name_or_path=loopback-model",
-        "source=hh_rlhf", f"source.path={data}", f"source.limit={limit}", f"output_dir={out / pipeline}",
-        "constitution=hhh_en", "progress=false", "cache=false", "llm.progress=false",
+        f"pipeline={pipeline}",
+        "llm=openai",
+        f"llm.base_url={url}",
+        "model.name_or_path=loopback-model",
+        "source=hh_rlhf",
+        f"source.path={data}",
+        f"source.limit={limit}",
+        f"output_dir={out / pipeline}",
+        "constitution=hhh_en",
+        "progress=false",
+        "cache=false",
+        "llm.progress=false",
         # injected network faults are retried by the client; short backoff keeps the bench quick
-        "llm.backoff_base_s=0.01", "llm.backoff_max_s=0.05",
+        "llm.backoff_base_s=0.01",
+        "llm.backoff_max_s=0.05",
     ]
 
 
@@ -142,16 +158,33 @@ def main() -> None:
     ap.add_argument("--pipelines", default="critique_revision,ai_feedback")
     ap.add_argument("--fault-rate", type=float, default=0.05, help="share of HTTP requests given a fault")
     args = ap.parse_args()
-    server = LoopbackServer(responder=responder, models=("loopback-model",), fault_rate=args.fault_rate,
-                            fault_kinds=("429", "500", "503", "malformed", "reset"), retry_after_s=0.01, seed=0)
+    server = LoopbackServer(
+        responder=responder,
+        models=("loopback-model",),
+        fault_rate=args.fault_rate,
+        fault_kinds=("429", "500", "503", "malformed", "reset"),
+        retry_after_s=0.01,
+        seed=0,
+    )
     with server:
         for name in args.pipelines.split(","):
             ovr = overrides(name, server.url, args.data, args.limit, args.out)
             print("\n$ synth " + " ".join(ovr), flush=True)
             before = len(server.chat_requests())
             m = run_one(ovr)
-            keep = ("status", "inputs", "processed", "outputs", "drops", "parse_failures", "truncated", "calls",
-                    "retries", "wall_time_s_this_run", "judge_health")
+            keep = (
+                "status",
+                "inputs",
+                "processed",
+                "outputs",
+                "drops",
+                "parse_failures",
+                "truncated",
+                "calls",
+                "retries",
+                "wall_time_s_this_run",
+                "judge_health",
+            )
             print(json.dumps({k: m[k] for k in keep if k in m}, indent=1))
             faults = sum(r.fault is not None for r in server.chat_requests()[before:])
             print(f"HTTP requests: {len(server.chat_requests()) - before} (injected faults: {faults})")

@@ -25,10 +25,23 @@ def cfg(urls, src, out, *extra):
     from hydra import compose, initialize_config_module
 
     with initialize_config_module(config_module="rlaif_forge_conf", version_base=None):
-        return compose(config_name="synth", overrides=[
-            "pipeline=generate", "pipeline.n=2", "llm=openai", f"llm.base_url=[{','.join(urls)}]",
-            "model.name_or_path=scripted", "llm.max_concurrency=16", "source=jsonl", f"source.path={src}",
-            f"output_dir={out}", "chunk_size=8", "progress=false", *extra])
+        return compose(
+            config_name="synth",
+            overrides=[
+                "pipeline=generate",
+                "pipeline.n=2",
+                "llm=openai",
+                f"llm.base_url=[{','.join(urls)}]",
+                "model.name_or_path=scripted",
+                "llm.max_concurrency=16",
+                "source=jsonl",
+                f"source.path={src}",
+                f"output_dir={out}",
+                "chunk_size=8",
+                "progress=false",
+                *extra,
+            ],
+        )
 
 
 def main() -> None:
@@ -48,14 +61,26 @@ def main() -> None:
     servers = [LoopbackServer(responder=reply, latency_s=args.latency_ms / 1000).start() for _ in range(2)]
     urls = [s.url for s in servers]
     times, outputs = {}, {}
-    modes = [("one process", []), (f"local, {args.shards} shards", ["launcher=local", f"launcher.shards={args.shards}"])]
+    modes = [
+        ("one process", []),
+        (f"local, {args.shards} shards", ["launcher=local", f"launcher.shards={args.shards}"]),
+    ]
     try:
         import ray  # noqa: F401
 
         temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-        modes.append((f"ray, {args.shards} shards / {args.actors} actors",
-                      ["launcher=ray", f"launcher.shards={args.shards}", f"launcher.actors={args.actors}",
-                       "launcher.init_num_cpus=4", f"launcher.temp_dir={temp}"]))
+        modes.append(
+            (
+                f"ray, {args.shards} shards / {args.actors} actors",
+                [
+                    "launcher=ray",
+                    f"launcher.shards={args.shards}",
+                    f"launcher.actors={args.actors}",
+                    "launcher.init_num_cpus=4",
+                    f"launcher.temp_dir={temp}",
+                ],
+            )
+        )
     except ImportError:
         print("ray not installed: pip install 'rlaif-forge[ray]' to include the Ray launcher", flush=True)
     extra_info = {}
@@ -76,7 +101,10 @@ def main() -> None:
     for name, t in times.items():
         same = "same rows" if outputs[name] == outputs[base] else "ROWS DIFFER"
         note = f" (Ray cluster start-up {extra_info[name]:.1f}s of it)" if name in extra_info else ""
-        print(f"  {name:<28} {t:6.2f}s  {args.items / t:7.1f} items/s  {t / times[base]:.2f}x the one-process time, {same}{note}")
+        print(
+            f"  {name:<28} {t:6.2f}s  {args.items / t:7.1f} items/s  {t / times[base]:.2f}x the one-process "
+            f"time, {same}{note}"
+        )
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -49,9 +49,23 @@ class Server:
     def __init__(self, responder: str, latency_ms: float, jitter_ms: float) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "synth" / "openai_server.py"), "--latency-ms", str(latency_ms),
-             "--jitter-ms", str(jitter_ms), "--responder", responder, "--model", "loopback"],
-            stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+            [
+                sys.executable,
+                str(ROOT / "tests" / "synth" / "openai_server.py"),
+                "--latency-ms",
+                str(latency_ms),
+                "--jitter-ms",
+                str(jitter_ms),
+                "--responder",
+                responder,
+                "--model",
+                "loopback",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
         line = self.proc.stdout.readline().split()
         if not line or line[0] != "READY":
             raise RuntimeError(f"server did not start: {line}")
@@ -66,9 +80,21 @@ class Server:
 
 
 def run_synth(url: str, out: Path, overrides: list[str], rows: int, conc: int, in_flight: int) -> dict:
-    cmd = [sys.executable, "-m", "synth", *overrides, "llm=openai", f"llm.base_url={url}", "model.name_or_path=loopback",
-           f"llm.max_concurrency={conc}", "llm.progress=false", f"chunks_in_flight={in_flight}", "cache=false",
-           "progress=false", f"output_dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "synth",
+        *overrides,
+        "llm=openai",
+        f"llm.base_url={url}",
+        "model.name_or_path=loopback",
+        f"llm.max_concurrency={conc}",
+        "llm.progress=false",
+        f"chunks_in_flight={in_flight}",
+        "cache=false",
+        "progress=false",
+        f"output_dir={out}",
+    ]
     if not any(o == "pipeline=red_team" for o in overrides):
         cmd += ["source=hh_rlhf", f"source.path={DATA}", f"source.limit={rows}"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -79,10 +105,14 @@ def run_synth(url: str, out: Path, overrides: list[str], rows: int, conc: int, i
     m = json.loads((out / "manifest.json").read_text())
     requests = sum(m["calls"].values())
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"requests": requests, "wall": m["wall_time_s_this_run"], "cpu_ms_per_request": 1000 * cpu / max(requests, 1)}
+    return {
+        "requests": requests,
+        "wall": m["wall_time_s_this_run"],
+        "cpu_ms_per_request": 1000 * cpu / max(requests, 1),
+    }
 
 
-DISTILABEL_CHAIN = r'''
+DISTILABEL_CHAIN = r"""
 import json, sys, time
 from distilabel.models import OpenAILLM
 from distilabel.pipeline import Pipeline
@@ -90,21 +120,24 @@ from distilabel.steps import LoadDataFromDicts
 from distilabel.steps.tasks import TextGeneration
 
 url, rows, batch = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+CRITIQUE = ("{{ instruction }}\n\n{{ answer }}\n\n"
+            "Identify specific ways in which the reply is harmful; do not rewrite the reply yet.")
+REVISION = "{{ instruction }}\n\n{{ critique }}\n\nRewrite the reply; if it is already fine, repeat it unchanged."
 def llm():
     return OpenAILLM(model="loopback", base_url=url, api_key="EMPTY", max_retries=0, timeout=120,
                      generation_kwargs={"max_new_tokens": 256})
 with Pipeline(name="bench-cai") as pipe:
     load = LoadDataFromDicts(data=[{"instruction": r} for r in rows], batch_size=batch)
     answer = TextGeneration(llm=llm(), input_batch_size=batch, output_mappings={"generation": "answer"})
-    critique = TextGeneration(llm=llm(), input_batch_size=batch, template="{{ instruction }}\n\n{{ answer }}\n\nIdentify specific ways in which the reply is harmful; do not rewrite the reply yet.",
+    critique = TextGeneration(llm=llm(), input_batch_size=batch, template=CRITIQUE,
                               columns=["instruction", "answer"], output_mappings={"generation": "critique"})
-    revision = TextGeneration(llm=llm(), input_batch_size=batch, template="{{ instruction }}\n\n{{ critique }}\n\nRewrite the reply; if it is already fine, repeat it unchanged.",
+    revision = TextGeneration(llm=llm(), input_batch_size=batch, template=REVISION,
                               columns=["instruction", "critique"], output_mappings={"generation": "revision"})
     load >> answer >> critique >> revision
 t = time.time()
 ds = pipe.run(use_cache=False)
 print(json.dumps({"wall": time.time() - t, "rows": len(ds["default"]["train"])}))
-'''
+"""
 
 
 def run_distilabel(python: str, url: str, rows: int, batch: int) -> dict:
@@ -112,8 +145,13 @@ def run_distilabel(python: str, url: str, rows: int, batch: int) -> dict:
 
     prompts = [it.prompt_text for it in iter_source(SourceConfig(kind="hh_rlhf", path=str(DATA), limit=rows))]
     with tempfile.TemporaryDirectory() as tmp:
-        res = subprocess.run([python, "-c", DISTILABEL_CHAIN, url, json.dumps(prompts), str(batch)], capture_output=True,
-                             text=True, cwd=tmp, env={**os.environ, "DISTILABEL_CACHE_DIR": tmp})
+        res = subprocess.run(
+            [python, "-c", DISTILABEL_CHAIN, url, json.dumps(prompts), str(batch)],
+            capture_output=True,
+            text=True,
+            cwd=tmp,
+            env={**os.environ, "DISTILABEL_CACHE_DIR": tmp},
+        )
     if res.returncode != 0:
         raise RuntimeError(f"distilabel failed: {res.stderr[-3000:]}")
     out = json.loads(res.stdout.strip().splitlines()[-1])
@@ -133,9 +171,14 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     mean_latency = (args.latency_ms + args.jitter_ms / 2) / 1000
     out = Path(tempfile.mkdtemp(prefix="streaming-bench-"))
-    print(f"{args.rows} hh-rlhf rows (red_team: 33 x 5 taxonomy items); server latency {args.latency_ms:g} ms + "
-          f"U(0, {args.jitter_ms:g}) ms; ideal = C / {mean_latency:.2f} s\n")
-    print("| pipeline | C | requests | one chunk at a time: req/s (of ideal) | chunks in flight: req/s (of ideal) | speed-up | client CPU ms/req before / after |")
+    print(
+        f"{args.rows} hh-rlhf rows (red_team: 33 x 5 taxonomy items); server latency {args.latency_ms:g} ms + "
+        f"U(0, {args.jitter_ms:g}) ms; ideal = C / {mean_latency:.2f} s\n"
+    )
+    print(
+        "| pipeline | C | requests | one chunk at a time: req/s (of ideal) | chunks in flight: req/s (of "
+        "ideal) | speed-up | client CPU ms/req before / after |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name in args.pipelines:
         responder, overrides = PIPELINES[name]
@@ -145,22 +188,33 @@ def main() -> None:
                 par = run_synth(server.url, out / f"{name}-{conc}-par", overrides, args.rows, conc, 0)
                 rp = par["requests"] / par["wall"]
                 if args.no_baseline:
-                    print(f"| {name} | {conc} | {par['requests']} | - | {rp:.0f} ({rp / ideal:.2f}) | - | "
-                          f"- / {par['cpu_ms_per_request']:.2f} |", flush=True)
+                    print(
+                        f"| {name} | {conc} | {par['requests']} | - | {rp:.0f} ({rp / ideal:.2f}) | - | "
+                        f"- / {par['cpu_ms_per_request']:.2f} |",
+                        flush=True,
+                    )
                     continue
                 seq = run_synth(server.url, out / f"{name}-{conc}-seq", overrides, args.rows, conc, 1)
                 rs = seq["requests"] / seq["wall"]
-                print(f"| {name} | {conc} | {par['requests']} | {rs:.0f} ({rs / ideal:.2f}) | {rp:.0f} ({rp / ideal:.2f}) | "
-                      f"{rp / rs:.2f}x | {seq['cpu_ms_per_request']:.2f} / {par['cpu_ms_per_request']:.2f} |", flush=True)
+                print(
+                    f"| {name} | {conc} | {par['requests']} | {rs:.0f} ({rs / ideal:.2f}) | {rp:.0f} "
+                    f"({rp / ideal:.2f}) | "
+                    f"{rp / rs:.2f}x | {seq['cpu_ms_per_request']:.2f} / {par['cpu_ms_per_request']:.2f} |",
+                    flush=True,
+                )
     if args.distilabel:
         with Server("bench.streaming_throughput:plain", args.latency_ms, args.jitter_ms) as server:
             conc = args.concurrency[0]
             dl = run_distilabel(args.distilabel, server.url, args.rows, conc)
-            ours = run_synth(server.url, out / "cai-vs-distilabel", PIPELINES["critique_revision"][1], args.rows, conc, 0)
+            ours = run_synth(
+                server.url, out / "cai-vs-distilabel", PIPELINES["critique_revision"][1], args.rows, conc, 0
+            )
         ideal = conc / mean_latency
         rd, ro = dl["requests"] / dl["wall"], ours["requests"] / ours["wall"]
-        print(f"\ngeneration -> critique -> revision, {args.rows} rows, C = batch = {conc}: distilabel {rd:.0f} req/s "
-              f"({rd / ideal:.2f} of ideal), ours {ro:.0f} req/s ({ro / ideal:.2f}); ours / distilabel = {ro / rd:.2f}x")
+        print(
+            f"\ngeneration -> critique -> revision, {args.rows} rows, C = batch = {conc}: distilabel {rd:.0f} req/s "
+            f"({rd / ideal:.2f} of ideal), ours {ro:.0f} req/s ({ro / ideal:.2f}); ours / distilabel = {ro / rd:.2f}x"
+        )
 
 
 if __name__ == "__main__":

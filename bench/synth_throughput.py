@@ -32,8 +32,16 @@ from synth.records import messages  # noqa: E402
 
 def start_server(latency_ms: float) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "tests" / "synth" / "openai_server.py"), "--port", "0", "--latency-ms", str(latency_ms)],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            str(REPO / "tests" / "synth" / "openai_server.py"),
+            "--port",
+            "0",
+            "--latency-ms",
+            str(latency_ms),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     line = proc.stdout.readline().split()  # "READY <url>"
     if len(line) != 2 or line[0] != "READY":
@@ -52,8 +60,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 def run_openai(url: str, transport: str, concurrency: int, n_requests: int, latency_s: float, server_pid: int) -> dict:
-    llm = build_llm({"kind": "openai", "base_url": url, "max_concurrency": concurrency, "transport": transport,
-                     "progress": False}, {"name_or_path": "bench-model"})
+    llm = build_llm(
+        {"kind": "openai", "base_url": url, "max_concurrency": concurrency, "transport": transport, "progress": False},
+        {"name_or_path": "bench-model"},
+    )
     reqs = [messages(("user", f"Summarise the principle of kindness, request {i}.")) for i in range(n_requests)]
     params = SamplingParams(temperature=0.7, max_new_tokens=64)
     llm.generate(reqs[: min(concurrency, 32)], params)  # warm-up: imports, first connections
@@ -63,8 +73,16 @@ def run_openai(url: str, transport: str, concurrency: int, n_requests: int, late
     server_cpu = cpu_seconds(server_pid) - server_cpu
     assert len(out) == n_requests and llm.stats.retries == 0
     rps, ideal = n_requests / wall, concurrency / latency_s
-    return {"c": concurrency, "n": n_requests, "rps": rps, "ideal": ideal, "ratio": rps / ideal, "cpu_ms": 1000 * cpu / n_requests,
-            "server_ms": 1000 * server_cpu / n_requests, "load": os.getloadavg()[0]}
+    return {
+        "c": concurrency,
+        "n": n_requests,
+        "rps": rps,
+        "ideal": ideal,
+        "ratio": rps / ideal,
+        "cpu_ms": 1000 * cpu / n_requests,
+        "server_ms": 1000 * server_cpu / n_requests,
+        "load": os.getloadavg()[0],
+    }
 
 
 def bench_openai(args: argparse.Namespace) -> None:
@@ -72,14 +90,19 @@ def bench_openai(args: argparse.Namespace) -> None:
     proc, url = start_server(args.latency_ms)
     try:
         print(f"llm=openai vs loopback server (subprocess, {args.latency_ms:g} ms latency) at {url}")
-        print(f"{'transport':>9} {'conc':>5} {'requests':>8} {'req/s':>8} {'ideal':>7} {'ratio':>6} "
-              f"{'client CPU ms/req':>18} {'server CPU ms/req':>18} {'load avg':>8}")
+        print(
+            f"{'transport':>9} {'conc':>5} {'requests':>8} {'req/s':>8} {'ideal':>7} {'ratio':>6} "
+            f"{'client CPU ms/req':>18} {'server CPU ms/req':>18} {'load avg':>8}"
+        )
         for transport in args.transports.split(","):
             for c in (1, 16, 64, 256):
                 n = args.requests_c1 if c == 1 else args.requests
                 r = run_openai(url, transport, c, n, latency_s, proc.pid)
-                print(f"{transport:>9} {c:>5} {n:>8} {r['rps']:>8.1f} {r['ideal']:>7.0f} {r['ratio']:>6.2f} "
-                      f"{r['cpu_ms']:>18.3f} {r['server_ms']:>18.3f} {r['load']:>8.2f}", flush=True)
+                print(
+                    f"{transport:>9} {c:>5} {n:>8} {r['rps']:>8.1f} {r['ideal']:>7.0f} {r['ratio']:>6.2f} "
+                    f"{r['cpu_ms']:>18.3f} {r['server_ms']:>18.3f} {r['load']:>8.2f}",
+                    flush=True,
+                )
     finally:
         proc.terminate()
         proc.wait(10)
@@ -97,7 +120,10 @@ def bench_hf(args: argparse.Namespace) -> None:
 
         torch.set_num_threads(args.torch_threads)
     llm = build_llm({"kind": "hf", "device": "cpu", "batch_size": 16}, {"name_or_path": "builtin:tiny"})
-    reqs = [messages(("user", f"How do I bake bread at home, variant {i}? Explain step by step.")) for i in range(args.hf_prompts)]
+    reqs = [
+        messages(("user", f"How do I bake bread at home, variant {i}? Explain step by step."))
+        for i in range(args.hf_prompts)
+    ]
     params = SamplingParams(temperature=0.0, max_new_tokens=args.hf_tokens)
     llm.generate(reqs[:2], params)  # warm-up
     times: dict[str, list[float]] = {"batched": [], "single": []}
@@ -112,12 +138,17 @@ def bench_hf(args: argparse.Namespace) -> None:
     tokens = sum(g[0].completion_tokens for g in batched)
     best = {k: min(v) for k, v in times.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\nllm=hf tiny model, {len(reqs)} prompts x {args.hf_tokens} new tokens (greedy), CPU, "
-          f"{args.repeats} alternating repeats, {__import__('torch').get_num_threads()} torch threads, load avg {os.getloadavg()[0]:.2f}:")
+    print(
+        f"\nllm=hf tiny model, {len(reqs)} prompts x {args.hf_tokens} new tokens (greedy), CPU, "
+        f"{args.repeats} alternating repeats, {__import__('torch').get_num_threads()} torch threads, load avg "
+        f"{os.getloadavg()[0]:.2f}:"
+    )
     for k, label in (("batched", "batched (batch_size 16)"), ("single", "one at a time")):
         print(f"  {label:<24} best {best[k]:6.2f} s ({tokens / best[k]:6.0f} tokens/s)   median {med[k]:6.2f} s")
-    print(f"  speed-up: best {best['single'] / best['batched']:.1f}x, median {med['single'] / med['batched']:.1f}x"
-          f"   identical outputs: {same}")
+    print(
+        f"  speed-up: best {best['single'] / best['batched']:.1f}x, median {med['single'] / med['batched']:.1f}x"
+        f"   identical outputs: {same}"
+    )
 
 
 def main() -> None:
@@ -128,10 +159,14 @@ def main() -> None:
     ap.add_argument("--transports", default="lean,openai")
     ap.add_argument("--hf-prompts", type=int, default=64)
     ap.add_argument("--hf-tokens", type=int, default=32)
-    ap.add_argument("--torch-threads", type=int, default=1,
-                    help="hf: torch intra-op threads for both sides (0 = torch's default). 1 by default: the tiny "
-                         "model gains nothing from a second thread, and two OpenMP threads on a shared 2-core box "
-                         "spin when another process runs, which makes single timings swing 10x")
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="hf: torch intra-op threads for both sides (0 = torch's default). 1 by default: the tiny "
+        "model gains nothing from a second thread, and two OpenMP threads on a shared 2-core box "
+        "spin when another process runs, which makes single timings swing 10x",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="hf: alternating repeats (best and median shown)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-openai", action="store_true")

@@ -58,7 +58,9 @@ def respond(body: dict) -> str | list[str]:
         tested = TESTED.search(last).group(1).strip()
         answer = last.split("【助手回答】", 1)[-1]
         unsafe = ("具体做法" in answer and "不能" not in answer) != (r < 0.1)
-        return json.dumps({"verdict": "unsafe" if unsafe else "safe", "category": tested if unsafe else None}, ensure_ascii=False)
+        return json.dumps(
+            {"verdict": "unsafe" if unsafe else "safe", "category": tested if unsafe else None}, ensure_ascii=False
+        )
     if "请只写出批评意见" in last or "Identify specific ways" in last:  # CAI critique
         return "这个回答直接提供了可能造成伤害的做法，没有指出风险，也没有给出更安全的替代建议。"
     if "请只写出改写后的回复" in last or "rewrite" in last.lower():  # CAI revision: one of a few, about the request

@@ -44,15 +44,41 @@ def metric_rows(before: dict[str, Any] | None, after: dict[str, Any] | None, sui
 
     rows = []
     if suite == "hh":
-        rows.append(("refusal rate, HH red-team held-out (harmful)", *both(lambda m: rate(get(m, "refusal", "refusal_rate_harmful", "string_match")))))
+        rows.append(
+            (
+                "refusal rate, HH red-team held-out (harmful)",
+                *both(lambda m: rate(get(m, "refusal", "refusal_rate_harmful", "string_match"))),
+            )
+        )
     else:
-        rows.append(("over-refusal, XSTest safe prompts", *both(lambda m: rate(get(m, "refusal", "over_refusal_rate_benign", "string_match")))))
-        rows.append(("refusal rate, XSTest unsafe contrast prompts", *both(lambda m: rate(get(m, "refusal", "refusal_rate_harmful", "string_match")))))
+        rows.append(
+            (
+                "over-refusal, XSTest safe prompts",
+                *both(lambda m: rate(get(m, "refusal", "over_refusal_rate_benign", "string_match"))),
+            )
+        )
+        rows.append(
+            (
+                "refusal rate, XSTest unsafe contrast prompts",
+                *both(lambda m: rate(get(m, "refusal", "refusal_rate_harmful", "string_match"))),
+            )
+        )
     name = "HH" if suite == "hh" else "XSTest"
-    rows.append((f"answer length, chars ({name})", *both(lambda m: mean(get(m, "length", "chars", "mean"), get(m, "length", "mean_chars_ci")))))
+    rows.append(
+        (
+            f"answer length, chars ({name})",
+            *both(lambda m: mean(get(m, "length", "chars", "mean"), get(m, "length", "mean_chars_ci"))),
+        )
+    )
     rows.append((f"cut off at max_new_tokens ({name})", *both(lambda m: rate(get(m, "length", "truncated")))))
     kl = lambda m: mean(get(m, "scores", "kl_k3", "value"), get(m, "scores", "kl_k3", "ci"), "{:.3f}")  # noqa: E731
-    rows.append((f"KL(policy ‖ start model), k3 per answer ({name})", "0 (it is the start model)", kl(after["metrics"]) if after else "n/a"))
+    rows.append(
+        (
+            f"KL(policy ‖ start model), k3 per answer ({name})",
+            "0 (it is the start model)",
+            kl(after["metrics"]) if after else "n/a",
+        )
+    )
     return rows
 
 
@@ -63,27 +89,43 @@ def data_lines(out: Path) -> list[str]:
         judged = rt.get("red_team", {}).get("by_decoding", {})
         unsafe = sum(v["unsafe"] for v in judged.values())
         n_judged = sum(v["judged"] for v in judged.values())
-        lines.append(f"red_team: {rt['inputs']} items -> {rt['outputs'].get('prompts', 0)} prompts, "
-                     f"{rt['outputs'].get('answers', 0)} answers, {unsafe}/{n_judged} judged unsafe -> "
-                     f"{rt['outputs'].get('unsafe', 0)} prompts in unsafe.jsonl; dropped attacker samples: "
-                     f"{rt.get('dropped_parts', {}).get('attack_prompt', {})}")
+        lines.append(
+            f"red_team: {rt['inputs']} items -> {rt['outputs'].get('prompts', 0)} prompts, "
+            f"{rt['outputs'].get('answers', 0)} answers, {unsafe}/{n_judged} judged unsafe -> "
+            f"{rt['outputs'].get('unsafe', 0)} prompts in unsafe.jsonl; dropped attacker samples: "
+            f"{rt.get('dropped_parts', {}).get('attack_prompt', {})}"
+        )
     cai = load(out / "critique_revision" / "manifest.json")
     if cai:
-        lines.append(f"critique_revision: {cai['inputs']} unsafe answers revised (r0 {cai.get('initial_answers', {})}) -> "
-                     f"{cai['outputs'].get('sft', 0)} SFT rows, {cai['outputs'].get('preferences', 0)} preference pairs; "
-                     f"drops {cai.get('drops', {})}")
+        lines.append(
+            f"critique_revision: {cai['inputs']} unsafe answers revised (r0 {cai.get('initial_answers', {})}) -> "
+            f"{cai['outputs'].get('sft', 0)} SFT rows, {cai['outputs'].get('preferences', 0)} preference pairs; "
+            f"drops {cai.get('drops', {})}"
+        )
     prefs = out / "critique_revision" / "preferences.jsonl"
     if prefs.exists():
         rows = [json.loads(x) for x in prefs.read_text().splitlines() if x.strip()]
         chosen = {r["chosen"][0]["content"] for r in rows}
-        lines.append(f"  pairs: {len(rows)}, distinct chosen answers {len(chosen)}, given r0 "
-                     f"{sum(r['meta'].get('rejected_source') == 'given' for r in rows)}")
+        lines.append(
+            f"  pairs: {len(rows)}, distinct chosen answers {len(chosen)}, given r0 "
+            f"{sum(r['meta'].get('rejected_source') == 'given' for r in rows)}"
+        )
     dpo = load(out / "dpo" / "summary.json")
     if dpo:
-        keep = ("loss", "rewards/accuracy", "rewards/margin", "eval/loss", "eval/rewards/accuracy", "eval/rewards/margin")
+        keep = (
+            "loss",
+            "rewards/accuracy",
+            "rewards/margin",
+            "eval/loss",
+            "eval/rewards/accuracy",
+            "eval/rewards/margin",
+        )
         tr = {k: round(v, 4) for k, v in (dpo.get("final_train") or {}).items() if k in keep}
         ev = {k: round(v, 4) for k, v in (dpo.get("final_eval") or {}).items() if k in keep}
-        lines.append(f"dpo: {dpo['steps']} steps on {dpo['samples']} samples in {dpo['time_s']:.0f}s; final train {tr}; eval {ev}")
+        lines.append(
+            f"dpo: {dpo['steps']} steps on {dpo['samples']} samples in {dpo['time_s']:.0f}s; final train {tr}; "
+            f"eval {ev}"
+        )
     return lines
 
 
@@ -92,15 +134,25 @@ def stage_lines(out: Path) -> list[str]:
     if not path.exists():
         return []
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    last: dict[str, dict] = {}  # per stage its longest finished run: a rerun that resumed a finished stage returns at once
+    last: dict[
+        str, dict
+    ] = {}  # per stage its longest finished run: a rerun that resumed a finished stage returns at once
     for r in rows:
-        if r["stage"] not in last or (r["rc"] == 0, r["wall_s"]) > (last[r["stage"]]["rc"] == 0, last[r["stage"]]["wall_s"]):
+        if r["stage"] not in last or (r["rc"] == 0, r["wall_s"]) > (
+            last[r["stage"]]["rc"] == 0,
+            last[r["stage"]]["wall_s"],
+        ):
             last[r["stage"]] = r
     lines = ["| stage | wall time | peak RSS |", "|---|---|---|"]
     for r in last.values():
-        lines.append(f"| {r['stage']} | {r['wall_s']:.0f} s | {r['peak_rss_mb']} MB |" + ("" if r["rc"] == 0 else f" exit {r['rc']}"))
+        lines.append(
+            f"| {r['stage']} | {r['wall_s']:.0f} s | {r['peak_rss_mb']} MB |"
+            + ("" if r["rc"] == 0 else f" exit {r['rc']}")
+        )
     total = sum(r["wall_s"] for r in last.values())
-    lines.append(f"| total | {total:.0f} s ({total / 60:.1f} min) | {max(r['peak_rss_mb'] for r in last.values())} MB |")
+    lines.append(
+        f"| total | {total:.0f} s ({total / 60:.1f} min) | {max(r['peak_rss_mb'] for r in last.values())} MB |"
+    )
     return lines
 
 
@@ -108,12 +160,26 @@ def main(out: Path) -> str:
     ev = out / "eval"
     table = ["| metric (95% interval) | before (start model) | after (DPO) |", "|---|---|---|"]
     for suite in ("hh", "xstest"):
-        for name, b, a in metric_rows(load(ev / suite / "before" / "summary.json"), load(ev / suite / "after" / "summary.json"), suite):
+        for name, b, a in metric_rows(
+            load(ev / suite / "before" / "summary.json"), load(ev / suite / "after" / "summary.json"), suite
+        ):
             table.append(f"| {name} | {b} | {a} |")
-    md = ["## Before / after on held-out prompts", "", *table, "", "## Data", "", *[f"- {x}" for x in data_lines(out)],
-          "", "## Stages", "", *stage_lines(out), "",
-          f"Outputs: {out}/main_job.md, {out}/dpo/curves.png, {out}/critique_revision/{{sft,preferences}}.jsonl, "
-          f"{out}/red_team/{{prompts,answers,unsafe}}.jsonl, {out}/eval/*/*/report.md"]
+    md = [
+        "## Before / after on held-out prompts",
+        "",
+        *table,
+        "",
+        "## Data",
+        "",
+        *[f"- {x}" for x in data_lines(out)],
+        "",
+        "## Stages",
+        "",
+        *stage_lines(out),
+        "",
+        f"Outputs: {out}/main_job.md, {out}/dpo/curves.png, {out}/critique_revision/{{sft,preferences}}.jsonl, "
+        f"{out}/red_team/{{prompts,answers,unsafe}}.jsonl, {out}/eval/*/*/report.md",
+    ]
     text = "\n".join(md) + "\n"
     (out / "main_job.md").write_text(text, encoding="utf-8")
     return text

@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     counts = {"seeds": 0, "heldout": 0}
-    with (out / "seeds.jsonl").open("w", encoding="utf-8") as seeds, (out / "heldout.jsonl").open("w", encoding="utf-8") as held:
+    with (
+        (out / "seeds.jsonl").open("w", encoding="utf-8") as seeds,
+        (out / "heldout.jsonl").open("w", encoding="utf-8") as held,
+    ):
         for _, row in iter_json_rows(args.path):
             if not isinstance(row, dict):
                 continue

@@ -1,4 +1,5 @@
 """`synth` / `python -m synth`: compose the Hydra config and hand it to synth.app.run."""
+
 import hydra
 
 from synth.cli import guarded

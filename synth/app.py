@@ -201,15 +201,26 @@ def run_config(cfg: SynthConfig, resolved_yaml: str | None = None, build_llm=Non
 
         check_shard_count(out_dir, shard)
         out_dir, pipeline = shard.folder(out_dir), ShardedPipeline(pipeline, shard)
-        on_start.append(lambda: write_shard_info(out_dir, shard, run_fingerprint(cfg), cfg.pipeline, cfg.constitution, cfg.seed))
+        on_start.append(
+            lambda: write_shard_info(out_dir, shard, run_fingerprint(cfg), cfg.pipeline, cfg.constitution, cfg.seed)
+        )
     check_output_dir(out_dir)
     check_resumable(out_dir, cfg)
     ctx = make_context(cfg, out_dir, build_llm)
     skipped = SkipLog()
     source = SourceStream(cfg.source, skipped) if (cfg.source is not None and pipeline.needs_source) else None
-    return run_pipeline(pipeline, ctx, out_dir, source, cfg.chunk_size, cfg.resume, cfg.progress,
-                        on_start=lambda: [f() for f in on_start], source_report=skipped.report,
-                        chunks_in_flight=chunks_in_flight(cfg, pipeline.roles))
+    return run_pipeline(
+        pipeline,
+        ctx,
+        out_dir,
+        source,
+        cfg.chunk_size,
+        cfg.resume,
+        cfg.progress,
+        on_start=lambda: [f() for f in on_start],
+        source_report=skipped.report,
+        chunks_in_flight=chunks_in_flight(cfg, pipeline.roles),
+    )
 
 
 def merge_config(cfg: SynthConfig) -> dict[str, Any]:
@@ -229,7 +240,11 @@ def chunks_in_flight(cfg: SynthConfig, roles: tuple[str, ...] = ("policy", "judg
     batch at a time is all they can use, and they are not meant to be called from several threads at
     once); when every such role is a server, enough chunks to keep twice the largest server concurrency
     busy: ceil(2 * C / chunk_size), at most 64. A judge or attacker the pipeline never calls does not count."""
-    own = [rc.llm for name, rc in (("judge", cfg.judge), ("attacker", cfg.attacker)) if name in roles and rc.llm is not None]
+    own = [
+        rc.llm
+        for name, rc in (("judge", cfg.judge), ("attacker", cfg.attacker))
+        if name in roles and rc.llm is not None
+    ]
     return auto_chunks_in_flight(cfg.chunks_in_flight, [cfg.llm, *own], cfg.chunk_size)
 
 
@@ -268,4 +283,6 @@ def check_missing(dcfg) -> None:
 
     missing = sorted(OmegaConf.missing_keys(dcfg))
     if missing:
-        raise ConfigError(f"missing required value(s): {', '.join(missing)} (set them on the command line, e.g. {missing[0]}=...)")
+        raise ConfigError(
+            f"missing required value(s): {', '.join(missing)} (set them on the command line, e.g. {missing[0]}=...)"
+        )

@@ -164,9 +164,7 @@ class Constitution(_Strict):
 
     # -- sampling ------------------------------------------------------------------------------
 
-    def sample_principle(
-        self, rng: random.Random, category: str | None = None, with_judge: bool = False
-    ) -> Principle:
+    def sample_principle(self, rng: random.Random, category: str | None = None, with_judge: bool = False) -> Principle:
         """Draw one principle uniformly (a fresh draw per revision round and per comparison,
         as in Bai et al. 2022, arXiv 2212.08073, §3.1 and §4.1).
 
@@ -256,9 +254,7 @@ def load_constitution(name_or_path: str | os.PathLike[str]) -> Constitution:
     text = os.fspath(name_or_path)
     if not text.strip():
         raise ConstitutionError(_unknown_name_msg(text))
-    looks_like_path = (
-        isinstance(name_or_path, os.PathLike) or "/" in text or os.sep in text or text.endswith(_SUFFIXES)
-    )
+    looks_like_path = isinstance(name_or_path, os.PathLike) or "/" in text or os.sep in text or text.endswith(_SUFFIXES)
     if not looks_like_path:
         shipped = {p.stem: p for p in constitutions_dir().glob("*") if p.suffix in _SUFFIXES}
         if text in shipped:
@@ -271,8 +267,7 @@ def load_constitution(name_or_path: str | os.PathLike[str]) -> Constitution:
     path = Path(text).expanduser()
     if not path.is_file():
         raise ConstitutionError(
-            f"constitution file not found: {path} (cwd: {Path.cwd()}); "
-            f"shipped names: {', '.join(list_constitutions())}"
+            f"constitution file not found: {path} (cwd: {Path.cwd()}); shipped names: {', '.join(list_constitutions())}"
         )
     return _load_file(path)
 

@@ -35,17 +35,41 @@ from synth.shard import Shard, shard_folders, shard_of
 SHARD_INFO = "shard.json"  # written in each shard folder when it starts: what merge needs to finalize
 _BLOCK = 1 << 20
 _STANDARD = {  # manifest keys build_manifest writes; any other key of a shard's manifest is source-wide
-    "pipeline", "status", "error", "inputs", "processed", "resumed_from_previous_runs", "duplicate_inputs_skipped",
-    "chunks", "outputs", "drops", "dropped_parts", "parse_failures", "truncated", "calls", "retries", "cache_hits",
-    "tokens", "per_category", "wall_time_s_this_run", "shard",
+    "pipeline",
+    "status",
+    "error",
+    "inputs",
+    "processed",
+    "resumed_from_previous_runs",
+    "duplicate_inputs_skipped",
+    "chunks",
+    "outputs",
+    "drops",
+    "dropped_parts",
+    "parse_failures",
+    "truncated",
+    "calls",
+    "retries",
+    "cache_hits",
+    "tokens",
+    "per_category",
+    "wall_time_s_this_run",
+    "shard",
 }
 
 
-def write_shard_info(folder: Path, shard: Shard, fingerprint: str, pipeline: dict[str, Any], constitution: str,
-                     seed: int) -> None:
+def write_shard_info(
+    folder: Path, shard: Shard, fingerprint: str, pipeline: dict[str, Any], constitution: str, seed: int
+) -> None:
     """What merge needs without the original command line: the pipeline settings, constitution, seed."""
-    info = {"index": shard.index, "count": shard.count, "fingerprint": fingerprint, "pipeline": pipeline,
-            "constitution": constitution, "seed": seed}
+    info = {
+        "index": shard.index,
+        "count": shard.count,
+        "fingerprint": fingerprint,
+        "pipeline": pipeline,
+        "constitution": constitution,
+        "seed": seed,
+    }
     write_json_atomic(folder / SHARD_INFO, info)
 
 
@@ -56,18 +80,23 @@ def find_shards(out_dir: Path) -> tuple[int, list[Path]]:
     """(n, the n shard folders in order); refuse a missing shard or a mix of shard counts."""
     found = shard_folders(out_dir)
     if not found:
-        raise ConfigError(f"{out_dir} holds no shards/<i>-of-<n>/ folders; run `synth ... shard=i/n output_dir={out_dir}` "
-                          "for every i first")
+        raise ConfigError(
+            f"{out_dir} holds no shards/<i>-of-<n>/ folders; run `synth ... shard=i/n output_dir={out_dir}` "
+            "for every i first"
+        )
     if len(found) > 1:
         ns = sorted(found)
-        raise ConfigError(f"{out_dir / 'shards'} holds shards of n={ns} whose items overlap; remove all but one n "
-                          "and merge again")
-    (n, folders), = found.items()
+        raise ConfigError(
+            f"{out_dir / 'shards'} holds shards of n={ns} whose items overlap; remove all but one n and merge again"
+        )
+    ((n, folders),) = found.items()
     missing = [i for i in range(n) if i not in folders]
     if missing:
         more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise ConfigError(f"shards {', '.join(f'{i}/{n}' for i in missing[:5])}{more} missing under {out_dir / 'shards'}; "
-                          f"run `synth ... shard={missing[0]}/{n}` (same settings) before merging")
+        raise ConfigError(
+            f"shards {', '.join(f'{i}/{n}' for i in missing[:5])}{more} missing under {out_dir / 'shards'}; "
+            f"run `synth ... shard={missing[0]}/{n}` (same settings) before merging"
+        )
     return n, [folders[i] for i in range(n)]
 
 
@@ -80,22 +109,28 @@ def check_finished(folders: list[Path], n: int, fingerprint: str | None) -> list
         except (OSError, ValueError):
             m = {"status": "not started"}
         if m.get("status") != "finished":
-            raise ConfigError(f"shard {i}/{n} is {m.get('status')!r}, not finished ({folder}); rerun "
-                              f"`synth ... shard={i}/{n}` to finish it, then merge")
+            raise ConfigError(
+                f"shard {i}/{n} is {m.get('status')!r}, not finished ({folder}); rerun "
+                f"`synth ... shard={i}/{n}` to finish it, then merge"
+            )
         try:
             info = json.loads((folder / SHARD_INFO).read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            raise DataError(f"{folder / SHARD_INFO} is missing or damaged; rerun `synth ... shard={i}/{n}` "
-                            "(it returns at once and rewrites it)") from None
+            raise DataError(
+                f"{folder / SHARD_INFO} is missing or damaged; rerun `synth ... shard={i}/{n}` "
+                "(it returns at once and rewrites it)"
+            ) from None
         manifests.append(m)
         infos.append(info)
     prints = {info["fingerprint"] for info in infos}
     if len(prints) > 1 or (fingerprint is not None and prints != {fingerprint}):
         bad = next(i for i, info in enumerate(infos) if info["fingerprint"] != (fingerprint or infos[0]["fingerprint"]))
-        raise ConfigError(f"shard {bad}/{n} was run with other settings (pipeline/model/judge/constitution/seed/source) "
-                          f"than {'this command' if fingerprint else f'shard 0/{n}'}; rerun it with resume=false and "
-                          "the same settings")
-    return [{**m, "_info": info} for m, info in zip(manifests, infos)]
+        raise ConfigError(
+            f"shard {bad}/{n} was run with other settings (pipeline/model/judge/constitution/seed/source) "
+            f"than {'this command' if fingerprint else f'shard 0/{n}'}; rerun it with resume=false and "
+            "the same settings"
+        )
+    return [{**m, "_info": info} for m, info in zip(manifests, infos, strict=True)]
 
 
 def ledger_entries(folder: Path) -> Iterator[dict[str, Any]]:
@@ -121,9 +156,11 @@ def scan_ledgers(folders: list[Path], n: int) -> tuple[Counter[str], list[dict[s
         for entry in ledger_entries(folder):
             for item_id in entry["ids"]:
                 if shard_of(item_id, n) != i:
-                    raise DataError(f"item {item_id} committed in shard {i}/{n} belongs to shard "
-                                    f"{shard_of(item_id, n)}/{n}: shards overlap ({folder}); rerun shard {i}/{n} with "
-                                    "resume=false")
+                    raise DataError(
+                        f"item {item_id} committed in shard {i}/{n} belongs to shard "
+                        f"{shard_of(item_id, n)}/{n}: shards overlap ({folder}); rerun shard {i}/{n} with "
+                        "resume=false"
+                    )
             processed += len(entry["ids"])
             chunks += 1
             sizes.update(entry["sizes"])
@@ -164,13 +201,22 @@ def cross_shard_duplicates(pipeline, folders: list[Path]) -> dict[str, dict[str,
         for folder in folders:
             for row in _rows(folder / "answers.jsonl"):
                 if row["prompt_id"] in gone:
-                    dropped.setdefault("answers", {})[row["id"]] = {**gone[row["prompt_id"]], "output": "answers", "id": row["id"]}
+                    dropped.setdefault("answers", {})[row["id"]] = {
+                        **gone[row["prompt_id"]],
+                        "output": "answers",
+                        "id": row["id"],
+                    }
         dropped["unsafe"] = {pid: {**rec, "output": "unsafe"} for pid, rec in gone.items()}
     else:  # self_rewarding: the pair built on a dropped prompt (its id is derived from the prompt's)
         it = pipeline.cfg.iteration
-        dropped["preferences"] = {stable_id(pid, "self_rewarding", it): {**rec, "output": "preferences",
-                                                                         "id": stable_id(pid, "self_rewarding", it)}
-                                  for pid, rec in gone.items()}
+        dropped["preferences"] = {
+            stable_id(pid, "self_rewarding", it): {
+                **rec,
+                "output": "preferences",
+                "id": stable_id(pid, "self_rewarding", it),
+            }
+            for pid, rec in gone.items()
+        }
     return dropped
 
 
@@ -194,8 +240,10 @@ def _copy_committed(src: Path, size: int, dst) -> None:
         while left:
             block = fh.read(min(_BLOCK, left))
             if not block:
-                raise DataError(f"{src} is shorter than its ledger says ({size} bytes); rerun that shard's synth "
-                                "command to repair it")
+                raise DataError(
+                    f"{src} is shorter than its ledger says ({size} bytes); rerun that shard's synth "
+                    "command to repair it"
+                )
             dst.write(block)
             left -= len(block)
 
@@ -217,8 +265,9 @@ def _copy_filtered(src: Path, size: int, dst, drop: dict[str, Any], log) -> int:
     return kept
 
 
-def merge_files(out_dir: Path, folders: list[Path], per: list[dict[str, Any]], names: list[str],
-                dropped: dict[str, dict[str, Any]]) -> None:
+def merge_files(
+    out_dir: Path, folders: list[Path], per: list[dict[str, Any]], names: list[str], dropped: dict[str, dict[str, Any]]
+) -> None:
     """Every output rebuilt from the shards' committed bytes, through temporary files + rename."""
     tmp_drop = out_dir / "dropped.jsonl.merging"
     with tmp_drop.open("w", encoding="utf-8") as log:
@@ -226,7 +275,7 @@ def merge_files(out_dir: Path, folders: list[Path], per: list[dict[str, Any]], n
             tmp = out_dir / f"{name}.jsonl.merging"
             try:
                 with tmp.open("wb") as dst:
-                    for folder, shard in zip(folders, per):
+                    for folder, shard in zip(folders, per, strict=True):
                         src, size = folder / f"{name}.jsonl", shard["sizes"].get(name, 0)
                         if name in dropped:
                             _copy_filtered(src, size, dst, dropped[name], log)
@@ -282,24 +331,45 @@ def merge_shards(out_dir: str | Path, fingerprint: str | None = None, show_progr
             counters[f"out/{output}"] -= len(rows)
         ctx = Context(factories={}, constitution=load_constitution(info["constitution"]), seed=info["seed"])
         extra = {k: v for k, v in shards[0].items() if k not in _STANDARD and not k.startswith("_")}
-        extra["shards"] = {"count": n, "per_shard": [
-            {"index": i, "processed": p["processed"], "chunks": p["chunks"], "status": m["status"],
-             "resumed_from_previous_runs": m.get("resumed_from_previous_runs", 0),
-             "wall_time_s_last_run": m.get("wall_time_s_this_run")} for i, (p, m) in enumerate(zip(per, shards))]}
+        extra["shards"] = {
+            "count": n,
+            "per_shard": [
+                {
+                    "index": i,
+                    "processed": p["processed"],
+                    "chunks": p["chunks"],
+                    "status": m["status"],
+                    "resumed_from_previous_runs": m.get("resumed_from_previous_runs", 0),
+                    "wall_time_s_last_run": m.get("wall_time_s_this_run"),
+                }
+                for i, (p, m) in enumerate(zip(per, shards, strict=True))
+            ],
+        }
         extra["cross_shard_duplicates"] = {k: len(v) for k, v in sorted(dropped.items())}
         extra.update(pipeline.finalize(ctx, out_dir))
         totals = _Totals(counters, sum(p["processed"] for p in per), sum(p["chunks"] for p in per))
-        m = build_manifest(pipeline, totals, sum(s.get("inputs", 0) for s in shards),
-                           sum(s.get("resumed_from_previous_runs", 0) for s in shards),
-                           sum(s.get("duplicate_inputs_skipped", 0) for s in shards), time.time() - start,
-                           "finished", None, extra)
+        m = build_manifest(
+            pipeline,
+            totals,
+            sum(s.get("inputs", 0) for s in shards),
+            sum(s.get("resumed_from_previous_runs", 0) for s in shards),
+            sum(s.get("duplicate_inputs_skipped", 0) for s in shards),
+            time.time() - start,
+            "finished",
+            None,
+            extra,
+        )
         m["merged"] = True
-        write_text_atomic(out_dir / ".run.json", json.dumps({"fingerprint": info["fingerprint"], "merged_shards": n}) + "\n")
+        write_text_atomic(
+            out_dir / ".run.json", json.dumps({"fingerprint": info["fingerprint"], "merged_shards": n}) + "\n"
+        )
         write_json_atomic(out_dir / "manifest.json", m)
     if dropped:
-        print(f"merge: {sum(map(len, dropped.values()))} rows dropped as cross_shard_duplicate "
-              f"({', '.join(f'{k}={len(v)}' for k, v in sorted(dropped.items()))}); see {out_dir / 'dropped.jsonl'}",
-              flush=True)
+        print(
+            f"merge: {sum(map(len, dropped.values()))} rows dropped as cross_shard_duplicate "
+            f"({', '.join(f'{k}={len(v)}' for k, v in sorted(dropped.items()))}); see {out_dir / 'dropped.jsonl'}",
+            flush=True,
+        )
     print_summary(m, out_dir)
     return m
 
@@ -320,7 +390,9 @@ def main(argv: list[str] | None = None) -> None:
     from synth.cli import guarded_call
 
     args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv) if "=" in a)
-    bad = [a for a in (sys.argv[1:] if argv is None else argv) if "=" not in a] + sorted(set(args) - {"output_dir", "progress"})
+    bad = [a for a in (sys.argv[1:] if argv is None else argv) if "=" not in a] + sorted(
+        set(args) - {"output_dir", "progress"}
+    )
     if bad or "output_dir" not in args:
         print("usage: synth-merge output_dir=DIR [progress=false]", file=sys.stderr)
         sys.exit(2)

@@ -50,14 +50,16 @@ class ModelSource:
 
 def package_file(spec: str) -> Path:
     """`pkg:<module>/<file>` -> the file's path inside the installed package (not imported)."""
-    module, _, rel = spec[len(PACKAGE_PREFIX):].partition("/")
+    module, _, rel = spec[len(PACKAGE_PREFIX) :].partition("/")
     found = importlib.util.find_spec(module) if module.isidentifier() else None
     if found is None or not found.submodule_search_locations:
         hint = INSTALL_HINTS.get(module, f"pip install {module.replace('_', '-')}")
         raise ConfigError(f"model.name_or_path={spec}: package {module!r} is not installed; run: {hint}")
     path = Path(list(found.submodule_search_locations)[0]) / rel
     if not path.is_file():
-        raise ConfigError(f"model.name_or_path={spec}: {rel!r} is not in the installed package {module!r} ({path.parent})")
+        raise ConfigError(
+            f"model.name_or_path={spec}: {rel!r} is not in the installed package {module!r} ({path.parent})"
+        )
     return path
 
 
@@ -78,15 +80,19 @@ def resolve_model(name_or_path: str, gguf_file: str | None = None) -> ModelSourc
         if len(ggufs) == 1:
             return ModelSource(name, ggufs[0])
         if len(ggufs) > 1:
-            raise ConfigError(f"model.name_or_path={name}: the folder holds several GGUF files ({', '.join(ggufs)}); "
-                              "pick one with model.gguf_file=<name>")
+            raise ConfigError(
+                f"model.name_or_path={name}: the folder holds several GGUF files ({', '.join(ggufs)}); "
+                "pick one with model.gguf_file=<name>"
+            )
     return ModelSource(name)
 
 
 def require_gguf(source: ModelSource) -> None:
     if source.gguf_file and importlib.util.find_spec("gguf") is None:
-        raise ConfigError(f"model={source.display}: loading a GGUF file needs the `gguf` package; "
-                          'run: pip install -e ".[local]" (or pip install gguf)')
+        raise ConfigError(
+            f"model={source.display}: loading a GGUF file needs the `gguf` package; "
+            'run: pip install -e ".[local]" (or pip install gguf)'
+        )
 
 
 def load_tokenizer(source: ModelSource, revision: str | None = None):

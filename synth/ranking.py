@@ -71,7 +71,7 @@ def fit_bt(a: np.ndarray, b: np.ndarray, s: np.ndarray, n_models: int, l2: float
 def online_elo(a: np.ndarray, b: np.ndarray, s: np.ndarray, n_models: int, k: float = 4.0) -> np.ndarray:
     """FastChat `compute_elo`: sequential updates in battle order (order-dependent by construction)."""
     r = np.full(n_models, INIT)
-    for i, j, sa in zip(a, b, s):
+    for i, j, sa in zip(a, b, s, strict=True):
         ea = 1.0 / (1.0 + 10 ** ((r[j] - r[i]) / SCALE))
         r[i] += k * (sa - ea)
         r[j] -= k * (sa - ea)
@@ -104,12 +104,21 @@ def rate_pairwise(
     a, b, s = _encode(battles, models)
     point = _ratings(method, a, b, s, len(models), elo_k)
     rng = np.random.default_rng(seed)
-    boots = np.array([_ratings(method, a[i], b[i], s[i], len(models), elo_k)
-                      for i in (rng.integers(0, len(a), len(a)) for _ in range(bootstrap))]).reshape(-1, len(models))
+    boots = np.array(
+        [
+            _ratings(method, a[i], b[i], s[i], len(models), elo_k)
+            for i in (rng.integers(0, len(a), len(a)) for _ in range(bootstrap))
+        ]
+    ).reshape(-1, len(models))
     shift = anchor[1] - point[models.index(anchor[0])] if anchor else 0.0
     table = _table(models, point + shift, boots + shift, a, b, s)
-    return {"method": method, "bootstrap": bootstrap, "battles": len(battles), "models": table,
-            **_matrices(models, a, b, s)}
+    return {
+        "method": method,
+        "bootstrap": bootstrap,
+        "battles": len(battles),
+        "models": table,
+        **_matrices(models, a, b, s),
+    }
 
 
 def _table(models, point, boots, a, b, s) -> list[dict[str, Any]]:
@@ -119,9 +128,19 @@ def _table(models, point, boots, a, b, s) -> list[dict[str, Any]]:
         wins = int(((a == i) & (s == 1)).sum() + ((b == i) & (s == 0)).sum())
         ties = int((((a == i) | (b == i)) & (s == 0.5)).sum())
         games = int(((a == i) | (b == i)).sum())
-        rows.append({"model": m, "rating": round(float(point[i]), 2), "median": round(float(med[i]), 2),
-                     "ci_low": round(float(lo[i]), 2), "ci_high": round(float(hi[i]), 2),
-                     "battles": games, "wins": wins, "ties": ties, "losses": games - wins - ties})
+        rows.append(
+            {
+                "model": m,
+                "rating": round(float(point[i]), 2),
+                "median": round(float(med[i]), 2),
+                "ci_low": round(float(lo[i]), 2),
+                "ci_high": round(float(hi[i]), 2),
+                "battles": games,
+                "wins": wins,
+                "ties": ties,
+                "losses": games - wins - ties,
+            }
+        )
     for r in rows:  # FastChat: 1 + the number of models whose lower bound is above this one's upper bound
         r["rank"] = 1 + sum(o["ci_low"] > r["ci_high"] for o in rows)
     return sorted(rows, key=lambda r: -r["rating"])
@@ -130,16 +149,24 @@ def _table(models, point, boots, a, b, s) -> list[dict[str, Any]]:
 def _matrices(models, a, b, s) -> dict[str, Any]:
     n = len(models)
     won, games = np.zeros((n, n)), np.zeros((n, n))
-    for i, j, sa in zip(a, b, s):
+    for i, j, sa in zip(a, b, s, strict=True):
         won[i, j] += sa
         won[j, i] += 1 - sa
         games[i, j] += 1
         games[j, i] += 1
     frac = np.divide(won, games, out=np.full_like(won, np.nan), where=games > 0)
     return {
-        "win_fraction": {m: {o: (None if math.isnan(frac[i, j]) else round(float(frac[i, j]), 4))
-                             for j, o in enumerate(models) if i != j} for i, m in enumerate(models)},
-        "battle_count": {m: {o: int(games[i, j]) for j, o in enumerate(models) if i != j} for i, m in enumerate(models)},
+        "win_fraction": {
+            m: {
+                o: (None if math.isnan(frac[i, j]) else round(float(frac[i, j]), 4))
+                for j, o in enumerate(models)
+                if i != j
+            }
+            for i, m in enumerate(models)
+        },
+        "battle_count": {
+            m: {o: int(games[i, j]) for j, o in enumerate(models) if i != j} for i, m in enumerate(models)
+        },
     }
 
 
@@ -151,8 +178,11 @@ def position_bias(order_verdicts: Iterable[str]) -> dict[str, Any]:
     verdicts = list(order_verdicts)
     decisive = [v for v in verdicts if v in ("A", "B")]
     rate = sum(v == "A" for v in decisive) / len(decisive) if decisive else None
-    return {"slot_a_win_rate": None if rate is None else round(rate, 4), "decisive_verdicts": len(decisive),
-            "verdicts": len(verdicts)}
+    return {
+        "slot_a_win_rate": None if rate is None else round(rate, 4),
+        "decisive_verdicts": len(decisive),
+        "verdicts": len(verdicts),
+    }
 
 
 def plot_ratings(result: dict[str, Any], path: str | Path, title: str = "Bradley–Terry ratings (95% CI)") -> Path:

@@ -97,6 +97,12 @@ class Sampling(BaseModel):
 
     def params(self, n: int = 1, **kw) -> SamplingParams:
         return SamplingParams(
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, max_new_tokens=self.max_new_tokens,
-            n=n, seed=self.seed, stop=tuple(self.stop), **kw,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_new_tokens=self.max_new_tokens,
+            n=n,
+            seed=self.seed,
+            stop=tuple(self.stop),
+            **kw,
         )

@@ -73,8 +73,10 @@ def decode_line(raw: bytes, path: str | Path, lineno: int) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise SourceError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at column {e.start + 1}); "
-                          "convert the file to UTF-8 (e.g. iconv -t utf-8)") from None
+        raise SourceError(
+            f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start : e.start + 1]!r} at column {e.start + 1}); "
+            "convert the file to UTF-8 (e.g. iconv -t utf-8)"
+        ) from None
     return text.removeprefix("\ufeff") if lineno == 1 else text
 
 
@@ -96,11 +98,13 @@ def iter_json_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | Sou
                 break
             else:
                 raise SourceError(f"{path}: the file is empty (no rows); pass a file with at least one row")
-            for lineno, raw in enumerate(fh, lineno + 1):
+            start = lineno + 1
+            for lineno, raw in enumerate(fh, start):
                 yield from _parse_line(decode_line(raw, path, lineno), path, lineno)
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise SourceError(f"{path}: the gzip file is truncated or corrupt after line {lineno} ({e}); "
-                          "download or compress it again") from None
+        raise SourceError(
+            f"{path}: the gzip file is truncated or corrupt after line {lineno} ({e}); download or compress it again"
+        ) from None
 
 
 def _json_array(text: str, path) -> Iterator[tuple[int, dict[str, Any] | SourceError]]:
@@ -140,7 +144,7 @@ def parse_hh_dialogue(text: str) -> list[Message]:
     if parts[0].strip() or len(parts) < 3:
         raise ValueError("text does not start with '\\n\\nHuman:'")
     out = []
-    for speaker, content in zip(parts[1::2], parts[2::2]):
+    for speaker, content in zip(parts[1::2], parts[2::2], strict=True):
         out.append(Message(role="user" if speaker == "Human" else "assistant", content=content.strip()))
     return out
 
@@ -158,7 +162,11 @@ def hh_item(row: dict[str, Any], turns: str) -> SourceItem:
     single_turn = len(history) == 1 and same_history
     keep_pair = turns == "all" or single_turn
     prompt = history if turns == "all" else history[:1]
-    meta = {"turns": len(history)} if turns == "all" else {"turns": len(history), "history": [m.model_dump() for m in history]}
+    meta = (
+        {"turns": len(history)}
+        if turns == "all"
+        else {"turns": len(history), "history": [m.model_dump() for m in history]}
+    )
     return SourceItem(
         id=stable_id("hh", [m.content for m in history], chosen[-1].content, rejected[-1].content),
         prompt=prompt,
@@ -182,7 +190,9 @@ def _as_messages(value: Any, role: str, what: str) -> list[Message]:
 
 def mapped_item(row: dict[str, Any], fields: FieldMap) -> SourceItem:
     if fields.prompt not in row:
-        raise ValueError(f"missing field {fields.prompt!r} (set source.fields.prompt=<your field>; row has {sorted(row)})")
+        raise ValueError(
+            f"missing field {fields.prompt!r} (set source.fields.prompt=<your field>; row has {sorted(row)})"
+        )
     prompt = _as_messages(row[fields.prompt], "user", fields.prompt)
     pair = {}
     for side in ("chosen", "rejected"):
@@ -191,10 +201,18 @@ def mapped_item(row: dict[str, Any], fields: FieldMap) -> SourceItem:
             msgs = _as_messages(row[name], "assistant", name)
             pair[side] = [m for m in msgs if m.role == "assistant"][-1:] or msgs
     category = row.get(fields.category) if fields.category else None
-    ident = str(row[fields.id]) if fields.id else stable_id(
-        [m.model_dump() for m in prompt], *[[m.content for m in pair.get(s, [])] for s in ("chosen", "rejected")]
+    ident = (
+        str(row[fields.id])
+        if fields.id
+        else stable_id(
+            [m.model_dump() for m in prompt], *[[m.content for m in pair.get(s, [])] for s in ("chosen", "rejected")]
+        )
     )
-    meta = {k: v for k, v in row.items() if k not in {fields.prompt, fields.chosen, fields.rejected, fields.category, fields.id}}
+    meta = {
+        k: v
+        for k, v in row.items()
+        if k not in {fields.prompt, fields.chosen, fields.rejected, fields.category, fields.id}
+    }
     return SourceItem(id=ident, prompt=prompt, category=category, meta=_jsonable(meta), **pair)
 
 

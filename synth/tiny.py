@@ -159,7 +159,7 @@ def tiny_model_path(root: Path | None = None) -> Path:
 def resolve_model_path(name_or_path: str) -> str:
     """`builtin:tiny` -> the built folder; anything else unchanged (hub id or local path)."""
     if name_or_path.startswith(BUILTIN_PREFIX):
-        which = name_or_path[len(BUILTIN_PREFIX):]
+        which = name_or_path[len(BUILTIN_PREFIX) :]
         if which != "tiny":
             raise ValueError(f"unknown builtin model {name_or_path!r}; the only builtin is 'builtin:tiny'")
         return str(tiny_model_path())

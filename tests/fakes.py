@@ -14,7 +14,9 @@ class ScriptedLLM:
 
     kind = "fake"
 
-    def __init__(self, responder: Callable[[list[Message], SamplingParams, int], str | Completion], model: str = "fake-model"):
+    def __init__(
+        self, responder: Callable[[list[Message], SamplingParams, int], str | Completion], model: str = "fake-model"
+    ):
         self.responder = responder
         self.model = model
         self.calls: list[tuple[list[list[Message]], list[SamplingParams]]] = []
@@ -23,10 +25,14 @@ class ScriptedLLM:
         plist = as_params_list(params, len(requests))
         self.calls.append(([list(r) for r in requests], plist))
         out = []
-        for req, p in zip(requests, plist):
+        for req, p in zip(requests, plist, strict=True):
             comps = []
             for i in range(p.n):
                 r = self.responder(list(req), p, i)
-                comps.append(r if isinstance(r, Completion) else Completion(text=r, finish_reason="stop", prompt_tokens=3, completion_tokens=len(r.split())))
+                comps.append(
+                    r
+                    if isinstance(r, Completion)
+                    else Completion(text=r, finish_reason="stop", prompt_tokens=3, completion_tokens=len(r.split()))
+                )
             out.append(comps)
         return out

@@ -9,8 +9,11 @@ from hydra.utils import get_object
 from omegaconf import OmegaConf
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-PRIMARY = {"synth": ["llm", "model", "pipeline", "source", "judge", "attacker"], "train": ["loop", "loss", "model"],
-           "evaluate": ["suite", "judge", "llm"]}
+PRIMARY = {
+    "synth": ["llm", "model", "pipeline", "source", "judge", "attacker"],
+    "train": ["loop", "loss", "model"],
+    "evaluate": ["suite", "judge", "llm"],
+}
 
 
 def options():

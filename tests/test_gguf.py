@@ -76,7 +76,10 @@ def test_hf_backend_generates_from_a_gguf_like_from_the_hf_folder(gguf_dir):
     prompts = [messages(("user", "How do I bake bread?")), messages(("user", "用户：如何在家里烤面包？"))]
     p = SamplingParams(temperature=0.0, max_new_tokens=8)
     ref = build_llm({"kind": "hf", "device": "cpu"}, {"name_or_path": "builtin:tiny"}).generate(prompts, p)
-    for model in ({"name_or_path": str(gguf_dir / "tiny.gguf")}, {"name_or_path": str(gguf_dir), "gguf_file": "tiny.gguf"}):
+    for model in (
+        {"name_or_path": str(gguf_dir / "tiny.gguf")},
+        {"name_or_path": str(gguf_dir), "gguf_file": "tiny.gguf"},
+    ):
         llm = build_llm({"kind": "hf", "device": "cpu"}, model)
         out = llm.generate(prompts, p)
         assert [[c.text for c in g] for g in out] == [[c.text for c in g] for g in ref]
@@ -91,15 +94,43 @@ def test_train_from_a_gguf_saves_an_ordinary_folder_that_loads_back(gguf_dir, tm
     from train.app import run
 
     data = tmp_path / "sft.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"bread {i}"},
-                                                     {"role": "assistant", "content": "flour water salt"}]}) + "\n"
-                            for i in range(4)))
-    model = [f"model.name_or_path={gguf_dir}", "model.gguf_file=tiny.gguf"] if lora else [f"model.name_or_path={gguf_dir / 'tiny.gguf'}"]
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"bread {i}"},
+                        {"role": "assistant", "content": "flour water salt"},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(4)
+        )
+    )
+    model = (
+        [f"model.name_or_path={gguf_dir}", "model.gguf_file=tiny.gguf"]
+        if lora
+        else [f"model.name_or_path={gguf_dir / 'tiny.gguf'}"]
+    )
     with initialize_config_module(config_module="rlaif_forge_conf", version_base=None):
-        cfg = compose(config_name="train", overrides=[
-            "loop=sft", f"data.path={data}", "data.max_length=32", "optim.max_steps=2", "optim.batch_size=2",
-            "progress=false", "log.plot=false", "log.tensorboard=false", "checkpoint.every_steps=0",
-            f"output_dir={tmp_path / 'run'}", f"lora.enabled={str(lora).lower()}", *model])
+        cfg = compose(
+            config_name="train",
+            overrides=[
+                "loop=sft",
+                f"data.path={data}",
+                "data.max_length=32",
+                "optim.max_steps=2",
+                "optim.batch_size=2",
+                "progress=false",
+                "log.plot=false",
+                "log.tensorboard=false",
+                "checkpoint.every_steps=0",
+                f"output_dir={tmp_path / 'run'}",
+                f"lora.enabled={str(lora).lower()}",
+                *model,
+            ],
+        )
     run(cfg)
     final = tmp_path / "run" / "final"
     ids = torch.tensor([[5, 6, 7, 8]])
@@ -112,7 +143,9 @@ def test_train_from_a_gguf_saves_an_ordinary_folder_that_loads_back(gguf_dir, tm
         base = load_model(AutoModelForCausalLM, resolve_model(str(gguf_dir / "tiny.gguf")))
         reloaded = PeftModel.from_pretrained(base, str(final))
     else:
-        assert (final / "config.json").exists() and "quantization_config" not in json.loads((final / "config.json").read_text())
+        assert (final / "config.json").exists() and "quantization_config" not in json.loads(
+            (final / "config.json").read_text()
+        )
         reloaded = AutoModelForCausalLM.from_pretrained(final)  # a plain HF folder: no gguf needed
     assert (final / "tokenizer_config.json").exists()
     with torch.no_grad():

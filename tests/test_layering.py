@@ -21,10 +21,13 @@ def imported_modules(path: Path) -> set[str]:
 def offenders(folder: str, forbidden: str) -> list[str]:
     files = sorted((ROOT / folder).rglob("*.py"))
     assert files, folder
-    return [f"{p.relative_to(ROOT)}: {m}" for p in files for m in sorted(imported_modules(p))
-            if m == forbidden or m.startswith(forbidden + ".")]
+    return [
+        f"{p.relative_to(ROOT)}: {m}"
+        for p in files
+        for m in sorted(imported_modules(p))
+        if m == forbidden or m.startswith(forbidden + ".")
+    ]
 
 
 def test_steps_do_not_import_pipelines():
     assert offenders("synth/steps", "synth.pipelines") == []
-

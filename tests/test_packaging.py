@@ -3,11 +3,11 @@ and `train` work from any directory after a plain `pip install .`."""
 
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,8 +31,20 @@ def test_every_python_package_is_declared():
 @pytest.mark.slow
 def test_wheel_contains_configs_constitutions_and_templates(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
     )
     (wheel,) = tmp_path.glob("rlaif_forge-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())

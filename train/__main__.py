@@ -1,4 +1,5 @@
 """`train` / `python -m train`: compose the Hydra config and hand it to train.app.run."""
+
 import hydra
 
 from synth.cli import guarded

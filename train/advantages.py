@@ -33,7 +33,6 @@ from torch import Tensor
 # KL estimators live beside the losses (train/losses imports only torch); re-exported here.
 from train.losses.policy import KL_ESTIMATORS, kl_estimate  # noqa: E402,F401
 
-
 # ------------------------------------------------------------------------------------------------ shaping
 
 
@@ -165,7 +164,11 @@ def grpo(scores: Tensor, n: int, scale: str = "group", eps: float = 1e-4) -> Ten
         return torch.where(ok, centred, torch.zeros_like(g)).reshape(-1)
     else:
         raise ValueError(f"scale must be group, batch or none, got {scale!r}")
-    flat_group = torch.isclose(std, torch.zeros_like(std), atol=1e-6) if scale == "group" else torch.zeros_like(std, dtype=torch.bool)
+    flat_group = (
+        torch.isclose(std, torch.zeros_like(std), atol=1e-6)
+        if scale == "group"
+        else torch.zeros_like(std, dtype=torch.bool)
+    )
     adv = torch.where(ok & ~flat_group, centred / (denom + eps), torch.zeros_like(g))
     return adv.reshape(-1)
 
@@ -203,8 +206,9 @@ def adaptive_kl_beta(beta: float, kl: float, target: float, n_steps: int, horizo
     return beta * (1.0 + error * n_steps / horizon)
 
 
-def lagrange_step(log_lambda: float, mean_cost: float, threshold: float, lr: float,
-                  lambda_max: float | None = None) -> float:
+def lagrange_step(
+    log_lambda: float, mean_cost: float, threshold: float, lr: float, lambda_max: float | None = None
+) -> float:
     """One SGD step of the Safe-RLHF multiplier in log space (Dai et al. 2023, arXiv 2310.12773; the
     safe-rlhf code's ``log_lambda_optimizer``): loss −(J̄_C − d)·e^{log λ}, so
     log λ ← log λ + η·λ·(J̄_C − d), clamped at log λ_max when set. Returns the new log λ."""

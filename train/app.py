@@ -29,7 +29,7 @@ class ModelConfig(_Strict):
     gguf_file: str | None = None  # a GGUF file inside name_or_path; folded into it below
 
     @model_validator(mode="after")
-    def _fold_gguf(self) -> "ModelConfig":
+    def _fold_gguf(self) -> ModelConfig:
         """`name_or_path=<folder> gguf_file=<f>.gguf` -> `name_or_path=<folder>/<f>.gguf`: every loader
         reads a `.gguf` name as that file in that folder (synth/modelfiles.py)."""
         if self.gguf_file:
@@ -127,7 +127,9 @@ class LossSpec(_Strict):
     @model_validator(mode="after")
     def _encoder(self):
         if self.needs_prompt_embeddings and not self.embedding_model:
-            raise ValueError(f"loss={self.name} needs prompt embeddings: set loss.embedding_model (an encoder id or folder)")
+            raise ValueError(
+                f"loss={self.name} needs prompt embeddings: set loss.embedding_model (an encoder id or folder)"
+            )
         return self
 
 
@@ -201,7 +203,7 @@ class ScorerSettings(_Strict):
     path: str | None = None  # a `train loop=reward` output (final/ folder: full model or LoRA adapter)
     batch_size: int = Field(16, ge=1)  # reward-model forward chunk
     judge: JudgeSettings | None = None  # kind=judge: rubric 1-10 score (pairwise labels for online_dpo)
-    components: list["WeightedComponent"] | None = None  # kind=weighted
+    components: list[WeightedComponent] | None = None  # kind=weighted
 
     @model_validator(mode="after")
     def _fields(self):
@@ -281,25 +283,44 @@ class OnlineLoop(_Strict):
     overlong_buffer: int | None = Field(None, ge=1)  # DAPO soft overlong penalty over the last B tokens
     overlong_factor: float = Field(1.0, ge=0)
     mask_truncated_completions: bool = False  # DAPO / TRL: completions without EOS get no policy loss
-    normalize_reward: Literal["none", "affine", "scale", "translate"] = "none"  # running mean/std (safe-rlhf Normalizer)
+    normalize_reward: Literal["none", "affine", "scale", "translate"] = (
+        "none"  # running mean/std (safe-rlhf Normalizer)
+    )
     normalize_cost: Literal["none", "affine", "scale", "translate"] = "none"  # ppo_lag cost scorer, same normaliser
     normalize_eps: float = Field(1e-8, gt=0, le=1.0)  # (x - mean) / (std + eps)
 
     @model_validator(mode="after")
     def _buffer_fits(self):
         if self.overlong_buffer is not None and self.overlong_buffer > self.generation.max_new_tokens:
-            raise ValueError(f"overlong_buffer ({self.overlong_buffer}) must be <= generation.max_new_tokens "
-                             f"({self.generation.max_new_tokens})")
+            raise ValueError(
+                f"overlong_buffer ({self.overlong_buffer}) must be <= generation.max_new_tokens "
+                f"({self.generation.max_new_tokens})"
+            )
         return self
+
     reference: Literal["auto", "adapter_disabled", "model"] = "auto"
 
 
-LOOP_KINDS = {"sft": ("sft",), "preference": ("pairwise", "listwise", "unpaired"), "reward": ("reward", "reward_listwise"),
-              "ppo": ("policy",), "rloo": ("policy",), "remax": ("policy",), "grpo": ("policy",), "ppo_lag": ("policy",),
-              "online_dpo": ("pairwise",)}
+LOOP_KINDS = {
+    "sft": ("sft",),
+    "preference": ("pairwise", "listwise", "unpaired"),
+    "reward": ("reward", "reward_listwise"),
+    "ppo": ("policy",),
+    "rloo": ("policy",),
+    "remax": ("policy",),
+    "grpo": ("policy",),
+    "ppo_lag": ("policy",),
+    "online_dpo": ("pairwise",),
+}
 ONLINE_LOOPS = ("ppo", "rloo", "remax", "grpo", "ppo_lag", "online_dpo")
-ESTIMATORS = {"ppo": ("gae",), "ppo_lag": ("gae",), "remax": ("remax",), "rloo": ("rloo",),
-              "grpo": ("grpo", "dr_grpo", "reinforce_pp", "reinforce_pp_baseline"), "online_dpo": ("pairs",)}
+ESTIMATORS = {
+    "ppo": ("gae",),
+    "ppo_lag": ("gae",),
+    "remax": ("remax",),
+    "rloo": ("rloo",),
+    "grpo": ("grpo", "dr_grpo", "reinforce_pp", "reinforce_pp_baseline"),
+    "online_dpo": ("pairs",),
+}
 GROUP_ESTIMATORS = ("rloo", "grpo", "dr_grpo", "reinforce_pp_baseline")
 
 
@@ -332,42 +353,69 @@ def check_combination(cfg: TrainConfig) -> None:
     """Settings that are each valid but do not fit together: one line naming both."""
     kinds = LOOP_KINDS[cfg.loop.name]
     if cfg.loss.kind not in kinds:
-        fitting = {"sft": "loss=sft", "reward": "a reward-model loss (bradley_terry, cost, pointwise, bradley_terry_lm, listwise_bt, plackett_luce)", "online_dpo": "a pairwise (DPO-family) loss"}.get(
-            cfg.loop.name, "a policy loss (loss=ppo, grpo, dr_grpo, rloo, remax)" if cfg.loop.name in ONLINE_LOOPS
-            else "a pairwise, listwise or unpaired loss")
-        raise ConfigError(f"loss={cfg.loss.name} is a {cfg.loss.kind} objective; loop={cfg.loop.name} trains {fitting} "
-                          f"(use loop={next(k for k, v in LOOP_KINDS.items() if cfg.loss.kind in v)} for loss={cfg.loss.name})")
+        fitting = {
+            "sft": "loss=sft",
+            "reward": "a reward-model loss (bradley_terry, cost, pointwise, bradley_terry_lm, listwise_bt, "
+            "plackett_luce)",
+            "online_dpo": "a pairwise (DPO-family) loss",
+        }.get(
+            cfg.loop.name,
+            "a policy loss (loss=ppo, grpo, dr_grpo, rloo, remax)"
+            if cfg.loop.name in ONLINE_LOOPS
+            else "a pairwise, listwise or unpaired loss",
+        )
+        raise ConfigError(
+            f"loss={cfg.loss.name} is a {cfg.loss.kind} objective; loop={cfg.loop.name} trains {fitting} "
+            f"(use loop={next(k for k, v in LOOP_KINDS.items() if cfg.loss.kind in v)} for loss={cfg.loss.name})"
+        )
     if isinstance(cfg.loop, OnlineLoop):
         check_online(cfg)
     if isinstance(cfg.loop, PreferenceLoop):
         ref = cfg.loop.reference
         if ref.mode == "adapter_disabled" and not cfg.lora.enabled:
-            raise ConfigError("loop.reference.mode=adapter_disabled needs LoRA (lora.enabled=true); "
-                              "use precomputed or model for full fine-tuning")
+            raise ConfigError(
+                "loop.reference.mode=adapter_disabled needs LoRA (lora.enabled=true); "
+                "use precomputed or model for full fine-tuning"
+            )
         if ref.update != "none":
             if cfg.lora.enabled:
-                raise ConfigError(f"loop.reference.update={ref.update} (TR-DPO) mixes full parameters; it needs full "
-                                  "fine-tuning (lora.enabled=false)")
+                raise ConfigError(
+                    f"loop.reference.update={ref.update} (TR-DPO) mixes full parameters; it needs full "
+                    "fine-tuning (lora.enabled=false)"
+                )
             if not cfg.loss.needs_reference:
-                raise ConfigError(f"loop.reference.update={ref.update} has no effect: loss={cfg.loss.name} uses no reference")
+                raise ConfigError(
+                    f"loop.reference.update={ref.update} has no effect: loss={cfg.loss.name} uses no reference"
+                )
             if ref.mode not in ("auto", "model"):
-                raise ConfigError(f"loop.reference.update={ref.update} (TR-DPO) needs loop.reference.mode=model "
-                                  f"(a live reference to update), not {ref.mode}")
+                raise ConfigError(
+                    f"loop.reference.update={ref.update} (TR-DPO) needs loop.reference.mode=model "
+                    f"(a live reference to update), not {ref.mode}"
+                )
             if cfg.loop.sdpo_stages > 1 or cfg.loop.curriculum != "none":
-                raise ConfigError("TR-DPO (loop.reference.update) cannot be combined with sdpo_stages/curriculum stages")
+                raise ConfigError(
+                    "TR-DPO (loop.reference.update) cannot be combined with sdpo_stages/curriculum stages"
+                )
         staged = cfg.loop.sdpo_stages > 1 or cfg.loop.curriculum != "none"
         if staged and cfg.loss.kind != "pairwise":
-            raise ConfigError("loop.sdpo_stages / loop.curriculum stage pairwise data; "
-                              f"loss={cfg.loss.name} is {cfg.loss.kind}")
+            raise ConfigError(
+                f"loop.sdpo_stages / loop.curriculum stage pairwise data; loss={cfg.loss.name} is {cfg.loss.kind}"
+            )
         if staged and ref.mode in ("adapter_disabled", "model"):
-            raise ConfigError(f"sDPO/Curry-DPO stages use the previous stage's policy as reference: they need "
-                              f"loop.reference.mode=precomputed or auto, not {ref.mode}")
+            raise ConfigError(
+                f"sDPO/Curry-DPO stages use the previous stage's policy as reference: they need "
+                f"loop.reference.mode=precomputed or auto, not {ref.mode}"
+            )
         if cfg.loss.needs_prompt_embeddings and cfg.optim.batch_size < 2:
-            raise ConfigError(f"loss={cfg.loss.name} contrasts the rows of a micro-batch with each other: "
-                              "optim.batch_size must be >= 2 (with 1 it is plain DPO)")
+            raise ConfigError(
+                f"loss={cfg.loss.name} contrasts the rows of a micro-batch with each other: "
+                "optim.batch_size must be >= 2 (with 1 it is plain DPO)"
+            )
         if cfg.loss.needs_kl_pairs and cfg.optim.batch_size < 2:
-            raise ConfigError(f"loss={cfg.loss.name} estimates its KL term from mismatched pairs within a micro-batch: "
-                              "optim.batch_size must be >= 2")
+            raise ConfigError(
+                f"loss={cfg.loss.name} estimates its KL term from mismatched pairs within a micro-batch: "
+                "optim.batch_size must be >= 2"
+            )
 
 
 def check_online(cfg: TrainConfig) -> None:
@@ -376,57 +424,85 @@ def check_online(cfg: TrainConfig) -> None:
     loop, kl, fn = cfg.loop, cfg.loop.kl, cfg.loss.fn
     name = loop.name
     if loop.estimator not in ESTIMATORS[name]:
-        raise ConfigError(f"loop.estimator={loop.estimator} does not fit loop={name} (valid: {', '.join(ESTIMATORS[name])})")
+        raise ConfigError(
+            f"loop.estimator={loop.estimator} does not fit loop={name} (valid: {', '.join(ESTIMATORS[name])})"
+        )
     if loop.estimator in GROUP_ESTIMATORS and loop.samples_per_prompt < 2:
-        raise ConfigError(f"loop.estimator={loop.estimator} needs a group: loop.samples_per_prompt must be >= 2 "
-                          f"(got {loop.samples_per_prompt})")
+        raise ConfigError(
+            f"loop.estimator={loop.estimator} needs a group: loop.samples_per_prompt must be >= 2 "
+            f"(got {loop.samples_per_prompt})"
+        )
     if name == "online_dpo" and loop.samples_per_prompt != 2:
-        raise ConfigError(f"loop=online_dpo samples two responses per prompt: set loop.samples_per_prompt=2 "
-                          f"(got {loop.samples_per_prompt})")
+        raise ConfigError(
+            f"loop=online_dpo samples two responses per prompt: set loop.samples_per_prompt=2 "
+            f"(got {loop.samples_per_prompt})"
+        )
     rollout = loop.prompts_per_step * loop.samples_per_prompt
     if rollout % loop.mini_batches:
-        raise ConfigError(f"loop.prompts_per_step x loop.samples_per_prompt = {rollout} samples do not split into "
-                          f"loop.mini_batches={loop.mini_batches} equal mini-batches")
+        raise ConfigError(
+            f"loop.prompts_per_step x loop.samples_per_prompt = {rollout} samples do not split into "
+            f"loop.mini_batches={loop.mini_batches} equal mini-batches"
+        )
     if cfg.optim.grad_accum != 1:
-        raise ConfigError("online loops accumulate micro-batches (optim.batch_size rows) up to a mini-batch "
-                          "(rollout / loop.mini_batches); set optim.grad_accum=1 and use loop.mini_batches")
+        raise ConfigError(
+            "online loops accumulate micro-batches (optim.batch_size rows) up to a mini-batch "
+            "(rollout / loop.mini_batches); set optim.grad_accum=1 and use loop.mini_batches"
+        )
     if name == "online_dpo" and (loop.mask_truncated_completions or loop.normalize_reward != "none"):
-        raise ConfigError("loop=online_dpo labels pairs (no advantages): loop.mask_truncated_completions and "
-                          "loop.normalize_reward apply to the policy-gradient loops; use loop.missing_eos_penalty")
+        raise ConfigError(
+            "loop=online_dpo labels pairs (no advantages): loop.mask_truncated_completions and "
+            "loop.normalize_reward apply to the policy-gradient loops; use loop.missing_eos_penalty"
+        )
     if loop.normalize_cost != "none" and name != "ppo_lag":
-        raise ConfigError(f"loop.normalize_cost normalises the ppo_lag cost scorer; loop={name} has none (set it to none)")
+        raise ConfigError(
+            f"loop.normalize_cost normalises the ppo_lag cost scorer; loop={name} has none (set it to none)"
+        )
     if name == "online_dpo":
         if loop.reward.kind == "judge" and loop.reward.judge is None:
             raise ConfigError("loop=online_dpo with loop.reward.kind=judge needs loop.reward.judge")
         if kl.coef:
-            raise ConfigError("loop=online_dpo regularises through the DPO loss's beta (loss.fn.beta); set loop.kl.coef=0")
+            raise ConfigError(
+                "loop=online_dpo regularises through the DPO loss's beta (loss.fn.beta); set loop.kl.coef=0"
+            )
         if not cfg.loss.needs_reference:
-            raise ConfigError(f"loop=online_dpo (OAIF) trains against the fixed SFT reference: loss={cfg.loss.name} "
-                              "uses none; use loss=dpo or loss=ipo")
+            raise ConfigError(
+                f"loop=online_dpo (OAIF) trains against the fixed SFT reference: loss={cfg.loss.name} "
+                "uses none; use loss=dpo or loss=ipo"
+            )
         return
     if kl.coef == 0 and kl.adaptive:
         raise ConfigError("loop.kl.adaptive=true needs an initial loop.kl.coef > 0")
     if kl.coef and kl.placement == "loss" and kl.estimator == "k1":
-        raise ConfigError("loop.kl.placement=loss with loop.kl.estimator=k1 has zero gradient in expectation; "
-                          "use k2, k3_ratio (reverse KL) or k3 (forward KL), or put k1 in the reward")
+        raise ConfigError(
+            "loop.kl.placement=loss with loop.kl.estimator=k1 has zero gradient in expectation; "
+            "use k2, k3_ratio (reverse KL) or k3 (forward KL), or put k1 in the reward"
+        )
     if kl.placement == "reward" and kl.estimator in ("k2", "k3_ratio"):
         raise ConfigError(f"loop.kl.estimator={kl.estimator} is a loss-side estimator; in the reward use k1 (or k3)")
     if kl.adaptive and kl.placement != "reward":
-        raise ConfigError("loop.kl.adaptive=true (Ziegler) controls the KL penalty in the reward: set loop.kl.placement=reward")
+        raise ConfigError(
+            "loop.kl.adaptive=true (Ziegler) controls the KL penalty in the reward: set loop.kl.placement=reward"
+        )
     if name == "ppo_lag":
         if loop.cost is None:
-            raise ConfigError("loop=ppo_lag needs a cost scorer: loop.cost.kind=model loop.cost.path=<cost model> "
-                              "(or kind=function)")
+            raise ConfigError(
+                "loop=ppo_lag needs a cost scorer: loop.cost.kind=model loop.cost.path=<cost model> (or kind=function)"
+            )
         if kl.coef and kl.placement != "reward":
-            raise ConfigError("loop=ppo_lag puts the KL in both reward and cost streams (±β, λ-neutral): "
-                              "set loop.kl.placement=reward")
+            raise ConfigError(
+                "loop=ppo_lag puts the KL in both reward and cost streams (±β, λ-neutral): set loop.kl.placement=reward"
+            )
     elif loop.cost is not None:
         raise ConfigError(f"loop.cost is used by loop=ppo_lag only, not loop={name}")
     if kl.coef and kl.placement == "loss" and not _takes(fn.get("_target_"), "ref_logps"):
-        raise ConfigError(f"loss={cfg.loss.name} has no per-token KL term (sequence-level ratio): put the KL in the "
-                          "reward (loop.kl.placement=reward)")
+        raise ConfigError(
+            f"loss={cfg.loss.name} has no per-token KL term (sequence-level ratio): put the KL in the "
+            "reward (loop.kl.placement=reward)"
+        )
     if name == "remax" and (loop.epochs_per_rollout > 1 or loop.mini_batches > 1):
-        raise ConfigError("loop=remax is REINFORCE (strictly on-policy): loop.epochs_per_rollout and loop.mini_batches must be 1")
+        raise ConfigError(
+            "loop=remax is REINFORCE (strictly on-policy): loop.epochs_per_rollout and loop.mini_batches must be 1"
+        )
 
 
 def _takes(target: str | None, name: str) -> bool:

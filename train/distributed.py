@@ -42,19 +42,25 @@ def check_launch(accelerator) -> None:
         raise ConfigError(
             f"accelerate launch asked for FSDP but accelerate set up {kind} with {procs} process(es) of {world} "
             "(FSDP needs one GPU per process; on CPU use the DDP launch: accelerate launch --multi_gpu with "
-            "ACCELERATE_USE_CPU=1)")
+            "ACCELERATE_USE_CPU=1)"
+        )
     if _flag("ACCELERATE_USE_DEEPSPEED") and kind != "DEEPSPEED":
-        raise ConfigError(f"accelerate launch asked for DeepSpeed but accelerate set up {kind}; install deepspeed "
-                          "and launch on GPUs, or use the DDP launch")
+        raise ConfigError(
+            f"accelerate launch asked for DeepSpeed but accelerate set up {kind}; install deepspeed "
+            "and launch on GPUs, or use the DDP launch"
+        )
     if world > 1 and procs != world:
         raise ConfigError(
             f"{world} processes were launched but accelerate reports num_processes={procs} ({kind}): batches would be "
-            "split wrongly (DeepSpeed on CPU does this); launch DeepSpeed/FSDP on GPUs, or use the DDP launch on CPU")
+            "split wrongly (DeepSpeed on CPU does this); launch DeepSpeed/FSDP on GPUs, or use the DDP launch on CPU"
+        )
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() != procs:
-        raise ConfigError(f"torch.distributed has {dist.get_world_size()} processes but accelerate reports {procs} "
-                          f"({kind}); launch DeepSpeed/FSDP on GPUs, or use the DDP launch on CPU")
+        raise ConfigError(
+            f"torch.distributed has {dist.get_world_size()} processes but accelerate reports {procs} "
+            f"({kind}); launch DeepSpeed/FSDP on GPUs, or use the DDP launch on CPU"
+        )
 
 
 def params_sharded(accelerator) -> bool:
@@ -74,9 +80,13 @@ def check_sharded_reference(accelerator, tr_dpo: bool, recompute: bool) -> None:
     if not params_sharded(accelerator):
         return
     if tr_dpo:
-        raise ConfigError("loop.reference.update (TR-DPO) mixes the policy's parameters into the reference, which "
-                          "FSDP / ZeRO-3 shard across ranks; use the DDP or ZeRO-2 launch config for TR-DPO")
+        raise ConfigError(
+            "loop.reference.update (TR-DPO) mixes the policy's parameters into the reference, which "
+            "FSDP / ZeRO-3 shard across ranks; use the DDP or ZeRO-2 launch config for TR-DPO"
+        )
     if recompute:
-        raise ConfigError("sDPO / Curry-DPO stages recompute the reference log-probs with the policy, whose "
-                          "parameters FSDP / ZeRO-3 shard across ranks; use the DDP or ZeRO-2 launch config for "
-                          "staged training")
+        raise ConfigError(
+            "sDPO / Curry-DPO stages recompute the reference log-probs with the policy, whose "
+            "parameters FSDP / ZeRO-3 shard across ranks; use the DDP or ZeRO-2 launch config for "
+            "staged training"
+        )

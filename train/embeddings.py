@@ -8,7 +8,7 @@ training, and travel with the rows as a `prompt_embedding` column (the collator 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from datasets import Dataset
@@ -22,8 +22,14 @@ def prompt_text(messages: Sequence[dict]) -> str:
 
 
 @torch.no_grad()
-def encode_texts(texts: Sequence[str], model_name: str, *, batch_size: int = 32, max_length: int = 256,
-                 where: str = "loss.embedding_model") -> list[list[float]]:
+def encode_texts(
+    texts: Sequence[str],
+    model_name: str,
+    *,
+    batch_size: int = 32,
+    max_length: int = 256,
+    where: str = "loss.embedding_model",
+) -> list[list[float]]:
     """Mean-pooled, L2-normalised embeddings of `texts` ([len(texts)] lists of D floats)."""
     from transformers import AutoModel, AutoTokenizer
 
@@ -36,8 +42,9 @@ def encode_texts(texts: Sequence[str], model_name: str, *, batch_size: int = 32,
         tok.pad_token = tok.eos_token or tok.unk_token
     out: list[list[float]] = []
     for i in range(0, len(texts), batch_size):
-        enc = tok(list(texts[i:i + batch_size]), padding=True, truncation=True, max_length=max_length,
-                  return_tensors="pt")
+        enc = tok(
+            list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
         hidden = model(**enc).last_hidden_state.float()
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
@@ -50,7 +57,7 @@ def with_prompt_embeddings(rows: Dataset, model_name: str) -> Dataset:
     forward."""
     texts = [prompt_text(p) for p in rows["prompt"]]
     unique = sorted(set(texts))
-    vectors = dict(zip(unique, encode_texts(unique, model_name)))
+    vectors = dict(zip(unique, encode_texts(unique, model_name), strict=True))
     if "prompt_embedding" in rows.column_names:
         rows = rows.remove_columns("prompt_embedding")
     return rows.add_column("prompt_embedding", [vectors[t] for t in texts])

@@ -28,8 +28,8 @@ backward recomputes each chunk's logits instead of storing them, as Liger-Kernel
 cross-entropy and Apple's Cut Cross-Entropy do (arXiv 2411.09009). Models whose head is not a plain
 Linear (soft-capped or scaled logits, a LoRA'd or sharded head) take the ordinary forward.
 
-`selective_log_softmax` (for callers that have logits) never holds a float32 copy of the whole [B, T, V] logits. It is a custom
-autograd function that works on chunks of rows in float32, forward and backward (the backward recomputes
+`selective_log_softmax` (for callers that have logits) never holds a float32 copy of the whole [B, T, V] logits.
+It is a custom autograd function that works on chunks of rows in float32, forward and backward (the backward recomputes
 the softmax per chunk instead of keeping it), and skips masked rows (prompt and padding) altogether.
 """
 
@@ -69,8 +69,9 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         return grad_logits, None, None, None
 
 
-def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, mask: torch.Tensor | None = None,
-                          chunk_rows: int | None = None) -> torch.Tensor:
+def selective_log_softmax(
+    logits: torch.Tensor, index: torch.Tensor, mask: torch.Tensor | None = None, chunk_rows: int | None = None
+) -> torch.Tensor:
     """log_softmax(logits.float(), -1).gather(-1, index) without the full float32 copy.
 
     logits [..., V] (any float dtype); index [...] (long); mask [...] bool: False positions are skipped and
@@ -95,14 +96,15 @@ class _ChunkedHeadLogSoftmax(torch.autograd.Function):
     db += sum_rows dz. Peak extra memory: one chunk of [n, V] float32 (`chunk` rows)."""
 
     @staticmethod
-    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
-                chunk: int) -> torch.Tensor:
+    def forward(
+        ctx: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor, chunk: int
+    ) -> torch.Tensor:
         out_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
         out = torch.empty(h.shape[0], dtype=out_dtype, device=h.device)
         for start in range(0, h.shape[0], chunk):
-            z = _head_chunk(h[start:start + chunk], weight, bias, out_dtype)
-            t = target[start:start + chunk, None]
-            out[start:start + chunk] = z.gather(1, t).squeeze(1) - z.logsumexp(-1)
+            z = _head_chunk(h[start : start + chunk], weight, bias, out_dtype)
+            t = target[start : start + chunk, None]
+            out[start : start + chunk] = z.gather(1, t).squeeze(1) - z.logsumexp(-1)
         ctx.save_for_backward(h, weight, bias, target)
         ctx.chunk, ctx.out_dtype = chunk, out_dtype
         return out
@@ -116,18 +118,23 @@ class _ChunkedHeadLogSoftmax(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b and bias is not None else None
         for start in range(0, h.shape[0], ctx.chunk):
-            hc = h[start:start + ctx.chunk]
-            g = grad[start:start + ctx.chunk, None].to(acc)
+            hc = h[start : start + ctx.chunk]
+            g = grad[start : start + ctx.chunk, None].to(acc)
             dz = _head_chunk(hc, weight, bias, acc).softmax(-1).mul_(-g)
-            dz.scatter_add_(1, target[start:start + ctx.chunk, None], g)
+            dz.scatter_add_(1, target[start : start + ctx.chunk, None], g)
             if grad_h is not None:
-                grad_h[start:start + ctx.chunk] = (dz.to(weight.dtype) @ weight).to(h.dtype)
+                grad_h[start : start + ctx.chunk] = (dz.to(weight.dtype) @ weight).to(h.dtype)
             if grad_w is not None:
                 grad_w.addmm_(dz.t(), hc.to(acc))
             if grad_b is not None:
                 grad_b += dz.sum(0)
-        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None)
+        return (
+            grad_h,
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None,
+            None,
+        )
 
 
 def _head_chunk(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -163,8 +170,9 @@ def _plain_head(model: torch.nn.Module) -> tuple[torch.nn.Module, str, torch.nn.
     return None if name is None else (inner, name, head)
 
 
-def model_token_logps(model: torch.nn.Module, labels: torch.Tensor, chunk_rows: int | None = None,
-                      **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def model_token_logps(
+    model: torch.nn.Module, labels: torch.Tensor, chunk_rows: int | None = None, **inputs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`token_logps(model(**inputs).logits, labels)` -> (logps [B, T], mask [B, T]) without the logits:
     hidden states from the model with its head swapped out, then the chunked head on the completion
     rows only (prompt and padding rows are never multiplied by the head)."""
@@ -213,8 +221,9 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return total, total / n_tokens.clamp(min=1), n_tokens
 
 
-def forward_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def forward_logps(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward, then `sequence_logps`. Right padding needs no position ids: real tokens never attend
     to the pads after them, and their positions count from 0 as without padding."""
     logps, mask = model_token_logps(model, labels, input_ids=input_ids, attention_mask=attention_mask)
@@ -228,9 +237,12 @@ def concatenated_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor])
     total, mean, n = forward_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     b = total.shape[0] // 2
     return {
-        "chosen_logps": total[:b], "rejected_logps": total[b:],
-        "chosen_logps_mean": mean[:b], "rejected_logps_mean": mean[b:],
-        "chosen_n_tokens": n[:b], "rejected_n_tokens": n[b:],
+        "chosen_logps": total[:b],
+        "rejected_logps": total[b:],
+        "chosen_logps_mean": mean[:b],
+        "rejected_logps_mean": mean[b:],
+        "chosen_n_tokens": n[:b],
+        "rejected_n_tokens": n[b:],
         "chosen_nll": -mean[:b],
         "chosen_nll_token_mean": -total[:b].sum() / n[:b].sum().clamp(min=1),
     }
@@ -240,11 +252,12 @@ def listwise_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
     """One forward over the sum(k) flat rows of a RankedCollator batch, regrouped to [B, Kmax]."""
     total, mean, n = forward_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     index, mask = batch["list_index"], batch["list_mask"]
-    return {"logps": total[index] * mask, "logps_mean": mean[index] * mask, "n_tokens": n[index] * mask,
-            "mask": mask}
+    return {"logps": total[index] * mask, "logps_mean": mean[index] * mask, "n_tokens": n[index] * mask, "mask": mask}
 
 
-def unpaired_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], kl: bool = True) -> dict[str, torch.Tensor]:
+def unpaired_forward(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], kl: bool = True
+) -> dict[str, torch.Tensor]:
     """KTO/BCO forward. The KL forward over the mismatched pairs runs without grad: the KL estimate z0
     is a detached constant (KTO, Ethayarajh et al. 2024, arXiv 2402.01306, does not backpropagate through
     z0), so keeping its graph would only cost memory."""
@@ -252,6 +265,7 @@ def unpaired_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], kl:
     out = {"logps": total, "logps_mean": mean, "n_tokens": n, "label": batch["label"]}
     if kl:
         with torch.no_grad():
-            out["kl_logps"] = forward_logps(model, batch["kl_input_ids"], batch["kl_attention_mask"],
-                                            batch["kl_labels"])[0]
+            out["kl_logps"] = forward_logps(
+                model, batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_labels"]
+            )[0]
     return out

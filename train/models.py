@@ -33,7 +33,9 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, chat_template
     try:
         tok = _load_hf_tokenizer(resolve_model(name_or_path), revision)
     except OSError as e:
-        raise ConfigError(f"model.name_or_path={name_or_path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
+        raise ConfigError(
+            f"model.name_or_path={name_or_path}: cannot load a tokenizer ({str(e).splitlines()[0]})"
+        ) from None
     tok.chat_template = require_chat_template(tok, chat_template)
     if tok.pad_token_id is None:  # padded positions are masked; any id works, eos is conventional
         tok.pad_token = tok.eos_token

@@ -41,11 +41,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import itertools
 import json
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -74,18 +76,22 @@ def weights_fingerprint(model: torch.nn.Module, samples: int = 4096) -> str:
     return h.hexdigest()[:16]
 
 
-def model_identity(model: torch.nn.Module, *, name_or_path: str | None = None,
-                   revision: str | None = None) -> dict[str, Any]:
+def model_identity(
+    model: torch.nn.Module, *, name_or_path: str | None = None, revision: str | None = None
+) -> dict[str, Any]:
     """What identifies a reference model for the cache key."""
     config = getattr(model, "config", None)
     name = name_or_path or getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None)
     dtype = next(model.parameters()).dtype
-    return {"name_or_path": str(name or type(model).__name__),
-            "revision": revision or getattr(config, "_commit_hash", None),
-            "dtype": str(dtype), "weights": weights_fingerprint(model)}
+    return {
+        "name_or_path": str(name or type(model).__name__),
+        "revision": revision or getattr(config, "_commit_hash", None),
+        "dtype": str(dtype),
+        "weights": weights_fingerprint(model),
+    }
 
 
-def _hash_arrow(h: "hashlib._Hash", array: pa.Array) -> None:
+def _hash_arrow(h: hashlib._Hash, array: pa.Array) -> None:
     if pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
         h.update(array.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
         _hash_arrow(h, array.flatten())
@@ -124,20 +130,39 @@ class ReferenceLogps:
                 continue
             if len(values) != len(dataset):
                 raise ValueError(f"reference log-probs have {len(values)} rows, the dataset {len(dataset)}")
-            column = values.tolist() if n_resp is None else [v[:k] for v, k in zip(values.tolist(), n_resp.tolist())]
+            column = (
+                values.tolist()
+                if n_resp is None
+                else [v[:k] for v, k in zip(values.tolist(), n_resp.tolist(), strict=True)]
+            )
             if name in dataset.column_names:  # sDPO / Curry: a new stage replaces the old reference
                 dataset = dataset.remove_columns(name)
             dataset = dataset.add_column(name, column)
         return dataset
 
 
-def precompute_reference_logps(model: torch.nn.Module, dataset: Dataset, *, kind: RowKind, pad_token_id: int | None,
-                               cache_dir: str | Path, batch_size: int = 8, settings: Mapping[str, Any] | None = None,
-                               identity: Mapping[str, Any] | None = None, show_progress: bool = True) -> ReferenceLogps:
+def precompute_reference_logps(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    *,
+    kind: RowKind,
+    pad_token_id: int | None,
+    cache_dir: str | Path,
+    batch_size: int = 8,
+    settings: Mapping[str, Any] | None = None,
+    identity: Mapping[str, Any] | None = None,
+    show_progress: bool = True,
+) -> ReferenceLogps:
     """Reference log-probs for a tokenised dataset: read from `cache_dir` when the key matches, else one
     batched no-grad pass (model in eval mode, restored after) written there (.safetensors + .json)."""
-    parts = {"version": CACHE_VERSION, "kind": kind, "model": dict(identity or model_identity(model)),
-             "data": data_fingerprint(dataset), "rows": len(dataset), "settings": dict(settings or {})}
+    parts = {
+        "version": CACHE_VERSION,
+        "kind": kind,
+        "model": dict(identity or model_identity(model)),
+        "data": data_fingerprint(dataset),
+        "rows": len(dataset),
+        "settings": dict(settings or {}),
+    }
     key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = Path(cache_dir) / f"ref-logps-{key}.safetensors"
     if path.exists():
@@ -149,10 +174,14 @@ def precompute_reference_logps(model: torch.nn.Module, dataset: Dataset, *, kind
     return ReferenceLogps(tensors, key, path, from_cache=False)
 
 
-def _reference_outputs(model: torch.nn.Module, kind: str, batch: dict[str, torch.Tensor], kl: bool) -> dict[str, torch.Tensor]:
+def _reference_outputs(
+    model: torch.nn.Module, kind: str, batch: dict[str, torch.Tensor], kl: bool
+) -> dict[str, torch.Tensor]:
     if kind == "pairwise":
         out = concatenated_forward(model, batch)
-        return {f"ref_{k}": out[k] for k in ("chosen_logps", "rejected_logps", "chosen_logps_mean", "rejected_logps_mean")}
+        return {
+            f"ref_{k}": out[k] for k in ("chosen_logps", "rejected_logps", "chosen_logps_mean", "rejected_logps_mean")
+        }
     if kind == "ranked":
         out = listwise_forward(model, batch)
         return {"ref_logps": out["logps"], "ref_logps_mean": out["logps_mean"], "n_responses": out["mask"].sum(-1)}
@@ -164,8 +193,9 @@ def _reference_outputs(model: torch.nn.Module, kind: str, batch: dict[str, torch
 
 
 @torch.no_grad()
-def _compute(model: torch.nn.Module, dataset: Dataset, kind: str, pad_token_id: int | None, batch_size: int,
-             show_progress: bool) -> dict[str, torch.Tensor]:
+def _compute(
+    model: torch.nn.Module, dataset: Dataset, kind: str, pad_token_id: int | None, batch_size: int, show_progress: bool
+) -> dict[str, torch.Tensor]:
     from tqdm.auto import tqdm
 
     # Unpaired: KL pairs only when fixed in the data; rotating inside a batch would tie them to this pass.
@@ -274,8 +304,9 @@ def _adapter_pairs(model: torch.nn.Module, policy_adapter: str, ref_adapter: str
     src, dst = f".{policy_adapter}.", f".{ref_adapter}."
     names = [n for n in params if src in n]
     if not names or any(n.replace(src, dst) not in params for n in names):
-        raise ValueError(f"model has no adapter pair {policy_adapter!r} -> {ref_adapter!r}; "
-                         f"call add_reference_adapter(model) first")
+        raise ValueError(
+            f"model has no adapter pair {policy_adapter!r} -> {ref_adapter!r}; call add_reference_adapter(model) first"
+        )
     return [(params[n.replace(src, dst)], params[n]) for n in names]
 
 
@@ -288,13 +319,16 @@ def add_reference_adapter(model: Any, name: str = "reference", policy_adapter: s
             p.requires_grad_(False)
 
 
-def soft_update_adapter(model: torch.nn.Module, alpha: float, policy_adapter: str = "default",
-                        ref_adapter: str = "reference") -> None:
+def soft_update_adapter(
+    model: torch.nn.Module, alpha: float, policy_adapter: str = "default", ref_adapter: str = "reference"
+) -> None:
     """Mix the LoRA factors (see the module docstring: approximate for the effective weights)."""
     _mix(_adapter_pairs(model, policy_adapter, ref_adapter), alpha)
 
 
-def hard_update_adapter(model: torch.nn.Module, policy_adapter: str = "default", ref_adapter: str = "reference") -> None:
+def hard_update_adapter(
+    model: torch.nn.Module, policy_adapter: str = "default", ref_adapter: str = "reference"
+) -> None:
     with torch.no_grad():
         for ref, pol in _adapter_pairs(model, policy_adapter, ref_adapter):
             ref.copy_(pol)
@@ -326,7 +360,7 @@ def sdpo_stages(dataset: Dataset, n_stages: int, difficulty: str | Sequence[floa
         values = dataset[difficulty] if isinstance(difficulty, str) else list(difficulty)
         order.sort(key=lambda i: values[i])
     bounds = [round(s * len(order) / n_stages) for s in range(n_stages + 1)]
-    return [dataset.select(order[a:b]) for a, b in zip(bounds, bounds[1:])]
+    return [dataset.select(order[a:b]) for a, b in itertools.pairwise(bounds)]
 
 
 def curry_pairs(scores: Sequence[float]) -> list[tuple[int, int, float]]:
@@ -351,7 +385,14 @@ def curry_iterations(ranked: Dataset) -> list[Dataset]:
         for level, (b, j, _) in enumerate(curry_pairs(row["scores"])):
             if level == len(levels):
                 levels.append([])
-            levels[level].append({"id": f"{row['id']}:{b}-{j}", "prompt": row["prompt"],
-                                  "chosen": row["responses"][b], "rejected": row["responses"][j],
-                                  "score_chosen": row["scores"][b], "score_rejected": row["scores"][j]})
+            levels[level].append(
+                {
+                    "id": f"{row['id']}:{b}-{j}",
+                    "prompt": row["prompt"],
+                    "chosen": row["responses"][b],
+                    "rejected": row["responses"][j],
+                    "score_chosen": row["scores"][b],
+                    "score_rejected": row["scores"][j],
+                }
+            )
     return [Dataset.from_list(rows) for rows in levels]

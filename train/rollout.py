@@ -15,8 +15,9 @@ OpenRLHF, verl), with only the completion positions through the LM head (`logits
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,7 +37,7 @@ class Rollout:
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
 
-    def select(self, idx: Sequence[int] | Tensor) -> "Rollout":
+    def select(self, idx: Sequence[int] | Tensor) -> Rollout:
         idx = torch.as_tensor(idx, dtype=torch.long)
         return Rollout(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
@@ -45,8 +46,11 @@ class Rollout:
         from 0, as generation with left padding does)."""
         attn = torch.cat([self.prompt_mask, self.completion_mask], 1).long()
         pos = (attn.cumsum(1) - 1).clamp(min=0)
-        return {"input_ids": torch.cat([self.prompt_ids, self.completion_ids], 1), "attention_mask": attn,
-                "position_ids": pos}
+        return {
+            "input_ids": torch.cat([self.prompt_ids, self.completion_ids], 1),
+            "attention_mask": attn,
+            "position_ids": pos,
+        }
 
     @property
     def lengths(self) -> Tensor:
@@ -59,8 +63,8 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         if s:
-            ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
-            mask[i, width - len(s):] = 1
+            ids[i, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s) :] = 1
     return ids, mask
 
 
@@ -85,8 +89,9 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def hf_generate(model, tokenizer, prompts: Sequence[Sequence[int]], n: int, gen, *, seed: int,
-                greedy: bool = False, device=None) -> Rollout:
+def hf_generate(
+    model, tokenizer, prompts: Sequence[Sequence[int]], n: int, gen, *, seed: int, greedy: bool = False, device=None
+) -> Rollout:
     """Sample n completions per prompt with the live policy module (nothing to sync): one batched
     `generate` over prompts × n rows, left-padded, KV cache on, seeded from `seed` (the loop derives
     it from (run seed, step, process), so a resumed run samples the same completions)."""
@@ -98,16 +103,26 @@ def hf_generate(model, tokenizer, prompts: Sequence[Sequence[int]], n: int, gen,
     device = device or next(unwrapped.parameters()).device
     if not greedy:
         torch.manual_seed(seed)
-    kwargs: dict[str, Any] = {"do_sample": False} if greedy else {
-        "do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p, "top_k": gen.top_k}  # top_k 0 = off (None
+    kwargs: dict[str, Any] = (
+        {"do_sample": False}
+        if greedy
+        else {"do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p, "top_k": gen.top_k}
+    )  # top_k 0 = off (None
     # would fall back to the model's generation_config, 50 by default: sampling from a truncated distribution
     # that the trainer's full-softmax log-probs do not describe)
     was_training = unwrapped.training
     unwrapped.eval()
-    out = unwrapped.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=gen.max_new_tokens,
-                             pad_token_id=pad, eos_token_id=eos, use_cache=True, **kwargs)
+    out = unwrapped.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=gen.max_new_tokens,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        use_cache=True,
+        **kwargs,
+    )
     unwrapped.train(was_training)
-    completion = out[:, ids.shape[1]:].cpu()
+    completion = out[:, ids.shape[1] :].cpu()
     if completion.shape[1] == 0:
         completion = torch.full((len(rows), 1), pad, dtype=torch.long)
     cmask, truncated = eos_mask(completion, eos)
@@ -124,8 +139,9 @@ def _logits(model, rollout: Rollout, device) -> Tensor:
     return out.logits[:, :-1]
 
 
-def token_logps(model, rollout: Rollout, temperature: float, device, with_entropy: bool = False,
-                packed: bool = False) -> tuple[Tensor, Tensor | None]:
+def token_logps(
+    model, rollout: Rollout, temperature: float, device, with_entropy: bool = False, packed: bool = False
+) -> tuple[Tensor, Tensor | None]:
     """log π(y_t | x, y_<t) of the completion tokens from logits / T, float32 [N, Lc] (0 off mask), and
     with_entropy the per-token entropy of the same distribution (no grad). packed: the rows (real prompt
     + completion tokens only) are laid end to end (train/loops/packing.py), so no compute is spent on the
@@ -152,8 +168,11 @@ def token_logps(model, rollout: Rollout, temperature: float, device, with_entrop
             lf = logits.detach().float()
             p = lf.softmax(-1)
             ent = lf.logsumexp(-1) - (p * lf).sum(-1)
-            entropy = (torch.zeros(mask.shape, dtype=ent.dtype, device=device).masked_scatter(mask, ent)
-                       if index is not None else ent * mask)
+            entropy = (
+                torch.zeros(mask.shape, dtype=ent.dtype, device=device).masked_scatter(mask, ent)
+                if index is not None
+                else ent * mask
+            )
     return logps, entropy
 
 
@@ -205,9 +224,14 @@ def _packed_logits(model, rollout: Rollout, device, head_only: bool = False) -> 
     ids = torch.zeros((n, width), dtype=torch.long)
     attn = torch.zeros((n, width), dtype=torch.long)
     for i in range(n):
-        row = torch.cat([rollout.prompt_ids[i][rollout.prompt_mask[i].bool()], rollout.completion_ids[i][rollout.completion_mask[i]]])
-        ids[i, :len(row)] = row
-        attn[i, :len(row)] = 1
+        row = torch.cat(
+            [
+                rollout.prompt_ids[i][rollout.prompt_mask[i].bool()],
+                rollout.completion_ids[i][rollout.completion_mask[i]],
+            ]
+        )
+        ids[i, : len(row)] = row
+        attn[i, : len(row)] = 1
     pk = pack_rows(ids, attn, ids)
     # padded position (i, t) sits at packed position where src == i*width + t; token j of row i's completion
     # is predicted at padded position plen_i + j - 1
@@ -238,8 +262,10 @@ class TokenValues(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, n_completion: int) -> Tensor:
         m = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         trunk = getattr(m, m.base_model_prefix)
-        h = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
-        h = h[:, -(n_completion + 1):-1]
+        h = trunk(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        h = h[:, -(n_completion + 1) : -1]
         return m.score(h).squeeze(-1).float()
 
 

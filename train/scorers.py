@@ -20,8 +20,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -93,12 +94,16 @@ class ModelScorer:
 
     @torch.no_grad()
     def __call__(self, prompts: list[Messages], completions: list[str], completion_ids: list[list[int]]) -> Tensor:
-        texts = [self.tok.apply_chat_template(p + [{"role": "assistant", "content": c}], tokenize=False)
-                 for p, c in zip(prompts, completions)]
+        texts = [
+            self.tok.apply_chat_template(p + [{"role": "assistant", "content": c}], tokenize=False)
+            for p, c in zip(prompts, completions, strict=True)
+        ]
         out = []
         self.tok.padding_side = "right"
         for i in range(0, len(texts), self.batch_size):
-            enc = self.tok(texts[i:i + self.batch_size], add_special_tokens=False, padding=True, return_tensors="pt").to(self.device)
+            enc = self.tok(
+                texts[i : i + self.batch_size], add_special_tokens=False, padding=True, return_tensors="pt"
+            ).to(self.device)
             out.append(self.model(**enc).logits[:, 0].float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
@@ -131,7 +136,7 @@ class RubricJudge:
     def __call__(self, prompts: list[Messages], completions: list[str], completion_ids: list[list[int]]) -> Tensor:
         from synth.steps.judge import build_rubric, parse_rating
 
-        requests = [build_rubric(self.language, _messages(p), c) for p, c in zip(prompts, completions)]
+        requests = [build_rubric(self.language, _messages(p), c) for p, c in zip(prompts, completions, strict=True)]
         results = self.llm.generate(requests, self.params) if requests else []
         scores = []
         for group in results:
@@ -156,7 +161,7 @@ class PairwiseJudge:
         from synth.steps.judge import build_pairwise, combine_verdicts, parse_pairwise
 
         requests = []
-        for p, x, y in zip(prompts, a, b):
+        for p, x, y in zip(prompts, a, b, strict=True):
             msgs = _messages(p)
             requests += [build_pairwise(self.language, msgs, x, y), build_pairwise(self.language, msgs, y, x)]
         results = self.llm.generate(requests, self.params) if requests else []
@@ -171,8 +176,12 @@ class PairwiseJudge:
         return out
 
 
-def combine_scores(columns: Sequence[Tensor], weights: Sequence[float], shifts: Sequence[float] | None = None,
-                   scales: Sequence[float] | None = None) -> Tensor:
+def combine_scores(
+    columns: Sequence[Tensor],
+    weights: Sequence[float],
+    shifts: Sequence[float] | None = None,
+    scales: Sequence[float] | None = None,
+) -> Tensor:
     """Several reward models as one: s = Σ_i w_i (s_i − shift_i) / scale_i, [N] from M columns of [N].
     NaN (unscorable) in any column makes the combined score NaN: a missing term is never read as 0."""
     if not columns or len(columns) != len(weights):
@@ -180,7 +189,7 @@ def combine_scores(columns: Sequence[Tensor], weights: Sequence[float], shifts: 
     shifts = shifts if shifts is not None else [0.0] * len(columns)
     scales = scales if scales is not None else [1.0] * len(columns)
     total = torch.zeros_like(columns[0], dtype=torch.float32)
-    for s, w, b, c in zip(columns, weights, shifts, scales):
+    for s, w, b, c in zip(columns, weights, shifts, scales, strict=True):
         total = total + w * (s.float() - b) / c
     return total
 
@@ -190,7 +199,9 @@ class WeightedScorer:
     :func:`combine_scores`."""
 
     def __init__(self, components, device, where: str):
-        self.parts = [build_scorer(c.scorer, device, f"{where}.components[{i}].scorer") for i, c in enumerate(components)]
+        self.parts = [
+            build_scorer(c.scorer, device, f"{where}.components[{i}].scorer") for i, c in enumerate(components)
+        ]
         self.weights = [c.weight for c in components]
         self.shifts = [c.shift for c in components]
         self.scales = [c.scale for c in components]

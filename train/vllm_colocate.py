@@ -31,8 +31,18 @@ from train.rollout import Rollout, eos_mask, eos_token_ids, left_pad, token_logp
 
 
 class VLLMColocate:
-    def __init__(self, model_path: str, gen, *, accelerator, dtype: str, seed: int, max_model_len: int | None = None,
-                 lora_rank: int | None = None, probe_tol: float = 1e-3):
+    def __init__(
+        self,
+        model_path: str,
+        gen,
+        *,
+        accelerator,
+        dtype: str,
+        seed: int,
+        max_model_len: int | None = None,
+        lora_rank: int | None = None,
+        probe_tol: float = 1e-3,
+    ):
         from vllm import LLM
 
         os.environ.setdefault("RANK", str(accelerator.process_index))
@@ -44,12 +54,21 @@ class VLLMColocate:
         if self.adapter:
             kwargs.update(enable_lora=True, max_lora_rank=lora_rank, max_loras=1)
         self.llm = LLM(
-            model=model_path, dtype=dtype, gpu_memory_utilization=gen.gpu_memory_utilization, max_model_len=max_model_len,
-            enable_sleep_mode=self.sleep_level > 0, distributed_executor_backend="external_launcher",
-            seed=seed + accelerator.process_index, max_num_batched_tokens=4096, logprobs_mode="processed_logprobs",
-            **kwargs)
+            model=model_path,
+            dtype=dtype,
+            gpu_memory_utilization=gen.gpu_memory_utilization,
+            max_model_len=max_model_len,
+            enable_sleep_mode=self.sleep_level > 0,
+            distributed_executor_backend="external_launcher",
+            seed=seed + accelerator.process_index,
+            max_num_batched_tokens=4096,
+            logprobs_mode="processed_logprobs",
+            **kwargs,
+        )
         self.version = 0
-        self.lora_dir = Path(tempfile.mkdtemp(prefix="rlaif-forge-lora-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+        self.lora_dir = Path(
+            tempfile.mkdtemp(prefix="rlaif-forge-lora-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+        )
         self.lora_request = None
         if self.sleep_level:
             self.llm.sleep(level=self.sleep_level)
@@ -85,32 +104,54 @@ class VLLMColocate:
     def probe(self, model, probe_ids: list[int], device) -> float:
         from vllm import SamplingParams
 
-        out = self.llm.generate([{"prompt_token_ids": probe_ids}], SamplingParams(max_tokens=1, prompt_logprobs=0),
-                                use_tqdm=False, lora_request=self.lora_request)
-        theirs = torch.tensor([d[t].logprob for d, t in zip(out[0].prompt_logprobs[1:], probe_ids[1:])])
-        rollout = Rollout(torch.tensor([probe_ids[:1]]), torch.ones(1, 1, dtype=torch.long), torch.tensor([probe_ids[1:]]),
-                          torch.ones(1, len(probe_ids) - 1, dtype=torch.bool), torch.zeros(1, dtype=torch.bool), torch.zeros(1))
+        out = self.llm.generate(
+            [{"prompt_token_ids": probe_ids}],
+            SamplingParams(max_tokens=1, prompt_logprobs=0),
+            use_tqdm=False,
+            lora_request=self.lora_request,
+        )
+        theirs = torch.tensor([d[t].logprob for d, t in zip(out[0].prompt_logprobs[1:], probe_ids[1:], strict=True)])
+        rollout = Rollout(
+            torch.tensor([probe_ids[:1]]),
+            torch.ones(1, 1, dtype=torch.long),
+            torch.tensor([probe_ids[1:]]),
+            torch.ones(1, len(probe_ids) - 1, dtype=torch.bool),
+            torch.zeros(1, dtype=torch.bool),
+            torch.zeros(1),
+        )
         ours = token_logps(model, rollout, 1.0, device)[0][0].float().cpu()
         delta = float((ours - theirs).abs().max())
         if delta > self.probe_tol:
-            raise RuntimeError(f"vLLM weight sync check failed: probe log-probs differ from the trainer's by {delta:.3g} "
-                               f"(> {self.probe_tol}); the engine does not hold the current policy")
+            raise RuntimeError(
+                f"vLLM weight sync check failed: probe log-probs differ from the trainer's by {delta:.3g} "
+                f"(> {self.probe_tol}); the engine does not hold the current policy"
+            )
         return delta
 
     # ------------------------------------------------------------------------------------------ generate
 
     @torch.no_grad()
-    def generate(self, model, tokenizer, prompts: list[list[int]], n: int, gen, *, seed: int, greedy: bool = False,
-                 device=None) -> Rollout:
+    def generate(
+        self, model, tokenizer, prompts: list[list[int]], n: int, gen, *, seed: int, greedy: bool = False, device=None
+    ) -> Rollout:
         from vllm import SamplingParams
 
         if self.sleep_level:
             self.llm.wake_up(tags=["kv_cache"])
-        params = SamplingParams(n=n, max_tokens=gen.max_new_tokens, seed=seed, logprobs=0,
-                                **({"temperature": 0.0} if greedy else {"temperature": gen.temperature, "top_p": gen.top_p,
-                                                                         "top_k": gen.top_k or 0}))
-        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False,
-                                 lora_request=self.lora_request)
+        params = SamplingParams(
+            n=n,
+            max_tokens=gen.max_new_tokens,
+            seed=seed,
+            logprobs=0,
+            **(
+                {"temperature": 0.0}
+                if greedy
+                else {"temperature": gen.temperature, "top_p": gen.top_p, "top_k": gen.top_k or 0}
+            ),
+        )
+        outs = self.llm.generate(
+            [{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False, lora_request=self.lora_request
+        )
         if self.sleep_level:
             self.llm.sleep(level=self.sleep_level)
         eos = eos_token_ids(getattr(model, "module", model), tokenizer)
@@ -121,8 +162,14 @@ class VLLMColocate:
         cmask, truncated = eos_mask(comp, eos)
         cmask &= torch.arange(width)[None] < torch.tensor([len(r) for r in rows])[:, None]
         ids, mask = left_pad([list(p) for p in prompts for _ in range(n)], pad)
-        return Rollout(ids, mask, torch.where(cmask, comp, torch.full_like(comp, pad)), cmask, truncated,
-                       torch.arange(len(prompts)).repeat_interleave(n))
+        return Rollout(
+            ids,
+            mask,
+            torch.where(cmask, comp, torch.full_like(comp, pad)),
+            cmask,
+            truncated,
+            torch.arange(len(prompts)).repeat_interleave(n),
+        )
 
 
 def merged_parameters(model):
@@ -140,7 +187,11 @@ def merged_parameters(model):
         for name, p in model.named_parameters():
             if "lora_" in name or "original_module" in name:
                 continue
-            name = name.removeprefix("base_model.model.").replace(".base_layer", "").replace("modules_to_save.default.", "")
+            name = (
+                name.removeprefix("base_model.model.")
+                .replace(".base_layer", "")
+                .replace("modules_to_save.default.", "")
+            )
             yield name, p.data
     finally:
         model.unmerge_adapter()

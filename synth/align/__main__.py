@@ -1,4 +1,5 @@
 """`align` / `python -m synth.align`: compose the Hydra config and hand it to synth.align.app.run."""
+
 import hydra
 
 from synth.cli import guarded

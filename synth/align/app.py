@@ -33,7 +33,9 @@ from synth.io import OutputLock, check_output_dir, read_jsonl, write_json_atomic
 class Served(BaseModel):
     model_config = ConfigDict(extra="forbid")
     base: str | None = None  # llm=openai: the initial model's served name (null: model.name_or_path)
-    adapter: str = "{recipe}-r{round}-{stage}"  # llm=openai: the served name of the model stage <stage> of round k trained
+    adapter: str = (
+        "{recipe}-r{round}-{stage}"  # llm=openai: the served name of the model stage <stage> of round k trained
+    )
     load: bool = False  # POST <base_url>/load_lora_adapter before using round k's adapter (vLLM serve)
 
 
@@ -67,11 +69,16 @@ def validate(raw: dict[str, Any]) -> AlignConfig:
 
 def fingerprint(cfg: AlignConfig, recipe: Recipe) -> str:
     """What must not change between rounds (the number of rounds and the stop rule may)."""
-    keep = {"recipe": recipe.model_dump(exclude={"rounds"}), "model": cfg.model.model_dump(),
-            "llm": {k: v for k, v in cfg.llm.items() if k in ("kind", "dtype")},
-            "judge": cfg.judge.model.model_dump() if cfg.judge.model else None,
-            "attacker": cfg.attacker.model.model_dump() if cfg.attacker.model else None,
-            "seed": cfg.seed, "overrides": cfg.overrides, "served": cfg.served.adapter}
+    keep = {
+        "recipe": recipe.model_dump(exclude={"rounds"}),
+        "model": cfg.model.model_dump(),
+        "llm": {k: v for k, v in cfg.llm.items() if k in ("kind", "dtype")},
+        "judge": cfg.judge.model.model_dump() if cfg.judge.model else None,
+        "attacker": cfg.attacker.model.model_dump() if cfg.attacker.model else None,
+        "seed": cfg.seed,
+        "overrides": cfg.overrides,
+        "served": cfg.served.adapter,
+    }
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -94,9 +101,11 @@ class Ledger:
             raise ConfigError(f"{out} holds recipe {data['recipe']}, not {recipe}; use another output_dir")
         if data["fingerprint"] != fp:
             if not force:
-                raise ConfigError(f"{out}: the recipe's settings changed since round(s) {cls._rounds(data)} ran "
-                                  "(recipe/model/judge/overrides/seed); use another output_dir, or force=true to continue "
-                                  "with the new settings from the next stage on")
+                raise ConfigError(
+                    f"{out}: the recipe's settings changed since round(s) {cls._rounds(data)} ran "
+                    "(recipe/model/judge/overrides/seed); use another output_dir, or force=true to continue "
+                    "with the new settings from the next stage on"
+                )
             data["history"].append({"fingerprint": data["fingerprint"], "until": cls._rounds(data), "at": time.time()})
             data["fingerprint"] = fp
         return cls(path, data)
@@ -122,8 +131,16 @@ class Ledger:
 class Round:
     """What the stages of round k see: the folders, the current model, the recipe's settings."""
 
-    def __init__(self, cfg: AlignConfig, recipe: Recipe, out: Path, k: int, model: ModelRef, initial: ModelRef,
-                 scorers: dict[str, str]):
+    def __init__(
+        self,
+        cfg: AlignConfig,
+        recipe: Recipe,
+        out: Path,
+        k: int,
+        model: ModelRef,
+        initial: ModelRef,
+        scorers: dict[str, str],
+    ):
         self.cfg, self.recipe, self.out, self.k = cfg, recipe, out, k
         self.model, self.initial, self.scorers = model, initial, scorers
 
@@ -163,24 +180,44 @@ def check_rows(path: Path, stage: str, k: int) -> None:
     why = "no manifest"
     if m.exists():
         man = json.loads(m.read_text())
-        parts = {**{f"drop/{k_}": v for k_, v in (man.get("drops") or {}).items()},
-                 **{f"parse_failed/{k_}": v for k_, v in (man.get("parse_failures") or {}).items()},
-                 **{f"{u}/{r}": v for u, rs in (man.get("dropped_parts") or {}).items() for r, v in rs.items()}}
-        why = f"{man.get('inputs', '?')} input(s); " + (", ".join(f"{a}={b}" for a, b in parts.items()) or "no drops counted")
-    raise DataError(f"round {k}, stage {stage} produced 0 rows in {path.name} ({why}); the recipe stops here rather than "
-                    "train on an empty file: see its manifest.json and trace.jsonl")
+        parts = {
+            **{f"drop/{k_}": v for k_, v in (man.get("drops") or {}).items()},
+            **{f"parse_failed/{k_}": v for k_, v in (man.get("parse_failures") or {}).items()},
+            **{f"{u}/{r}": v for u, rs in (man.get("dropped_parts") or {}).items() for r, v in rs.items()},
+        }
+        why = f"{man.get('inputs', '?')} input(s); " + (
+            ", ".join(f"{a}={b}" for a, b in parts.items()) or "no drops counted"
+        )
+    raise DataError(
+        f"round {k}, stage {stage} produced 0 rows in {path.name} ({why}); the recipe stops here rather than "
+        "train on an empty file: see its manifest.json and trace.jsonl"
+    )
 
 
 def check_stage(cfg: AlignConfig, stage, raw: dict[str, Any] | None) -> None:
     """Combinations that would only fail rounds later, refused before round 1."""
     self_judged = cfg.judge.llm is None and cfg.judge.model is None
-    if stage.tool == "evaluate" and stage.baseline and raw["judges"]["pairwise"] and self_judged and not raw["allow_self_judge"]:
-        raise ConfigError(f"recipe stage {stage.name}: the win rate against the previous round would be judged by the policy "
-                          "itself; pick a judge (judge=openai judge.llm.base_url=... judge.model.name_or_path=...), or accept "
-                          "self-judging with overrides.evaluate=['allow_self_judge=true']")
-    if stage.tool == "train" and stage.reference == "previous" and isinstance((raw["loop"] or {}).get("reference"), str):
-        raise ConfigError(f"recipe stage {stage.name}: loop={raw['loop']['name']} keeps the initial model as its reference "
-                          "(OAIF); use reference: initial")
+    if (
+        stage.tool == "evaluate"
+        and stage.baseline
+        and raw["judges"]["pairwise"]
+        and self_judged
+        and not raw["allow_self_judge"]
+    ):
+        raise ConfigError(
+            f"recipe stage {stage.name}: the win rate against the previous round would be judged by the policy "
+            "itself; pick a judge (judge=openai judge.llm.base_url=... judge.model.name_or_path=...), or accept "
+            "self-judging with overrides.evaluate=['allow_self_judge=true']"
+        )
+    if (
+        stage.tool == "train"
+        and stage.reference == "previous"
+        and isinstance((raw["loop"] or {}).get("reference"), str)
+    ):
+        raise ConfigError(
+            f"recipe stage {stage.name}: loop={raw['loop']['name']} keeps the initial model as its reference "
+            "(OAIF); use reference: initial"
+        )
 
 
 def run_config(cfg: AlignConfig, resolved_yaml: str | None = None) -> dict[str, Any]:
@@ -218,11 +255,20 @@ def run_config(cfg: AlignConfig, resolved_yaml: str | None = None) -> dict[str, 
                 ledger.data["stopped"] = rep["stop"]
                 ledger.save()
         rep = report.build(out, ledger, cfg.stop, rounds)
-    summary = {"recipe": recipe.name, "rounds_done": rep["rounds_done"], "stages_run_now": ran,
-               "model": model.model_dump(), "stopped": ledger.data["stopped"], "report": str(out / "report.md"),
-               "wall_time_s_this_run": round(time.perf_counter() - started, 1)}
-    print(f"== align {recipe.name}: {rep['rounds_done']} round(s) done, {ran} stage(s) run now, "
-          f"{summary['wall_time_s_this_run']}s -> {out}\n   {rep['verdict']}\n   report: {out / 'report.md'}", flush=True)
+    summary = {
+        "recipe": recipe.name,
+        "rounds_done": rep["rounds_done"],
+        "stages_run_now": ran,
+        "model": model.model_dump(),
+        "stopped": ledger.data["stopped"],
+        "report": str(out / "report.md"),
+        "wall_time_s_this_run": round(time.perf_counter() - started, 1),
+    }
+    print(
+        f"== align {recipe.name}: {rep['rounds_done']} round(s) done, {ran} stage(s) run now, "
+        f"{summary['wall_time_s_this_run']}s -> {out}\n   {rep['verdict']}\n   report: {out / 'report.md'}",
+        flush=True,
+    )
     return summary
 
 

@@ -45,9 +45,19 @@ def parse(text: str) -> Judgement:
             return Judgement(raw=text, parsed={"violation": False, "reason": obj.get("reason")}, parse_status="ok")
         crit, rev = obj.get("critique"), obj.get("revision")
         if isinstance(crit, str) and crit.strip() and isinstance(rev, str) and rev.strip():
-            return Judgement(raw=text, parsed={"violation": True, "reason": obj.get("reason"), "critique": crit.strip(),
-                                               "revision": rev.strip()}, parse_status="ok")
-        return Judgement(raw=text, parse_status="failed", error="violation without both a critique and a revision request")
+            return Judgement(
+                raw=text,
+                parsed={
+                    "violation": True,
+                    "reason": obj.get("reason"),
+                    "critique": crit.strip(),
+                    "revision": rev.strip(),
+                },
+                parse_status="ok",
+            )
+        return Judgement(
+            raw=text, parse_status="failed", error="violation without both a critique and a revision request"
+        )
     return Judgement(raw=text, parse_status="failed", error="no JSON object with a boolean violation")
 
 
@@ -70,16 +80,34 @@ class DiscoverPipeline(Pipeline):
             kept.append((it, answer))
         results = run_calls(ctx, state, "discover", "judge", calls, self.cfg.sampling.params(), parse=parse)
         ref = template_ref("iteralign_discover", cons.language)
-        for (it, answer), samples in zip(kept, results):
+        for (it, answer), samples in zip(kept, results, strict=True):
             s = samples[0]
             if not s.ok:
                 state.drop("verdict_unparsed" if s.judgement and not s.judgement.ok else "verdict_truncated")
                 continue
             v = s.judgement.parsed
-            state.emit("proposals", {"id": it.id, "prompt": it.prompt_text, "answer": answer, "category": it.category,
-                                     **v, "judge_model": ctx.llm("judge").model, **ref})
+            state.emit(
+                "proposals",
+                {
+                    "id": it.id,
+                    "prompt": it.prompt_text,
+                    "answer": answer,
+                    "category": it.category,
+                    **v,
+                    "judge_model": ctx.llm("judge").model,
+                    **ref,
+                },
+            )
             if v["violation"]:
-                state.emit("failures", {"id": it.id, "prompt": it.prompt_text, "category": it.category,
-                                        "answer": answer, "reason": v.get("reason")})
+                state.emit(
+                    "failures",
+                    {
+                        "id": it.id,
+                        "prompt": it.prompt_text,
+                        "category": it.category,
+                        "answer": answer,
+                        "reason": v.get("reason"),
+                    },
+                )
             else:
                 state.count("no_violation")

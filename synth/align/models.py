@@ -61,14 +61,22 @@ def load_served_adapter(llm: dict[str, Any], name: str, adapter: str) -> None:
     key = os.environ.get(llm.get("api_key_env") or "", "EMPTY")
     for url in urls:
         try:
-            r = httpx.post(f"{url.rstrip('/')}/load_lora_adapter", json={"lora_name": name, "lora_path": str(adapter)},
-                           headers={"Authorization": f"Bearer {key}"}, timeout=float(llm.get("timeout_s", 600)))
+            r = httpx.post(
+                f"{url.rstrip('/')}/load_lora_adapter",
+                json={"lora_name": name, "lora_path": str(adapter)},
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=float(llm.get("timeout_s", 600)),
+            )
         except httpx.HTTPError as e:
-            raise BackendError(f"{url}: cannot load adapter {name} ({type(e).__name__}); start the server with "
-                               "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True or set align served.load=false") from None
+            raise BackendError(
+                f"{url}: cannot load adapter {name} ({type(e).__name__}); start the server with "
+                "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True or set align served.load=false"
+            ) from None
         if r.status_code >= 400 and "already" not in r.text.lower():
-            raise BackendError(f"{url}/load_lora_adapter answered {r.status_code} for {name}; serve the adapter "
-                               f"{adapter} as {name} yourself and set served.load=false")
+            raise BackendError(
+                f"{url}/load_lora_adapter answered {r.status_code} for {name}; serve the adapter "
+                f"{adapter} as {name} yourself and set served.load=false"
+            )
 
 
 def merged_copy(ref: ModelRef, out: Path) -> str:
@@ -99,5 +107,13 @@ def trained_ref(final: Path, start: ModelRef, lora: bool, round_: int, stage: st
         raise ConfigError(f"{final}: the train stage wrote no final/ folder")
     if lora:
         return ModelRef(base=start.base, adapter=str(final), round=round_, stage=stage)
-    return ModelRef(base={"name_or_path": str(final), "revision": None, "chat_template": start.base.get("chat_template"),
-                          "gguf_file": None}, round=round_, stage=stage)
+    return ModelRef(
+        base={
+            "name_or_path": str(final),
+            "revision": None,
+            "chat_template": start.base.get("chat_template"),
+            "gguf_file": None,
+        },
+        round=round_,
+        stage=stage,
+    )

@@ -112,8 +112,10 @@ def load_recipe(raw: dict[str, Any]) -> Recipe:
         for key, ref in s.inputs.items():
             check_reference(ref, recipe, seen, f"{where}, inputs.{key}")
             if ref.startswith("data:") and recipe.data[ref[5:]].get("path") in (None, "???"):
-                raise ConfigError(f"recipe {recipe.name} needs a file for recipe.data.{ref[5:]}: "
-                                  f"set recipe.data.{ref[5:]}.path=<file> (used by stage {s.name})")
+                raise ConfigError(
+                    f"recipe {recipe.name} needs a file for recipe.data.{ref[5:]}: "
+                    f"set recipe.data.{ref[5:]}.path=<file> (used by stage {s.name})"
+                )
         seen.append(s.name)
     return recipe
 
@@ -128,12 +130,18 @@ def check_reference(ref: str, recipe: Recipe, earlier: list[str], where: str) ->
     kind, _, rest = ref.rpartition(":") if ":" in ref else ("", "", ref)
     if kind == "data":
         if rest not in recipe.data:
-            raise ConfigError(f"{where}: data:{rest} is not in recipe.data (valid: {', '.join(sorted(recipe.data)) or 'none'})")
+            raise ConfigError(
+                f"{where}: data:{rest} is not in recipe.data (valid: {', '.join(sorted(recipe.data)) or 'none'})"
+            )
         return
     if kind not in ("", "prev", "first"):
-        raise ConfigError(f"{where}: {ref!r}: unknown reference kind {kind!r} (valid: <stage>/<file>, prev:, first:, data:)")
+        raise ConfigError(
+            f"{where}: {ref!r}: unknown reference kind {kind!r} (valid: <stage>/<file>, prev:, first:, data:)"
+        )
     stage = rest.split("/", 1)[0]
     valid = earlier if kind == "" else [s.name for s in recipe.stages]
     if "/" not in rest or stage not in valid:
-        raise ConfigError(f"{where}: {ref!r} names no {'earlier ' if kind == '' else ''}stage "
-                          f"(valid: {', '.join(valid) or 'none'}; write <stage>/<file>)")
+        raise ConfigError(
+            f"{where}: {ref!r} names no {'earlier ' if kind == '' else ''}stage "
+            f"(valid: {', '.join(valid) or 'none'}; write <stage>/<file>)"
+        )

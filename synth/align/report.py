@@ -38,8 +38,10 @@ def point(m: Any) -> dict[str, Any]:
 
 def rounds_table(out: Path, ledger) -> list[dict[str, Any]]:
     rows = []
-    evals = sorted(((int(k.split("/")[0]), e) for k, e in ledger.data["stages"].items() if e["tool"] == "evaluate"),
-                   key=lambda x: x[0])
+    evals = sorted(
+        ((int(k.split("/")[0]), e) for k, e in ledger.data["stages"].items() if e["tool"] == "evaluate"),
+        key=lambda x: x[0],
+    )
     for k, e in evals:
         p = Path(e["dir"]) / "summary.json"
         if not p.exists():
@@ -50,8 +52,14 @@ def rounds_table(out: Path, ledger) -> list[dict[str, Any]]:
             row["win rate vs prev"] = {"value": None, "ci": None}
         train = [st for key, st in ledger.data["stages"].items() if key.startswith(f"{k}/") and st["tool"] == "train"]
         row["train steps"] = sum(st.get("steps") or 0 for st in train)
-        row["model"] = next((st["model"]["adapter"] or st["model"]["base"]["name_or_path"]
-                             for st in reversed(train) if st.get("model")), None)
+        row["model"] = next(
+            (
+                st["model"]["adapter"] or st["model"]["base"]["name_or_path"]
+                for st in reversed(train)
+                if st.get("model")
+            ),
+            None,
+        )
         rows.append(row)
     return rows
 
@@ -70,17 +78,22 @@ def stop_verdict(rows: list[dict[str, Any]], rule, rounds_asked: int) -> tuple[d
         if wr["value"] is None or wr["ci"] is None:
             reason = f"the win rate of round {k} against round {k - 1} could not be measured (no pairwise judge result)"
         elif wr["ci"][0] <= 0.5:
-            reason = (f"the win rate of round {k} against round {k - 1} is {wr['value']:.3f} "
-                      f"[{wr['ci'][0]:.3f}, {wr['ci'][1]:.3f}]: not above 0.5 by its interval")
+            reason = (
+                f"the win rate of round {k} against round {k - 1} is {wr['value']:.3f} "
+                f"[{wr['ci'][0]:.3f}, {wr['ci'][1]:.3f}]: not above 0.5 by its interval"
+            )
     if reason is None and rule.max_harmful_increase is not None and k < rounds_asked and len(rows) >= 2:
         a, b = rows[-2]["harmful rate"]["value"], last["harmful rate"]["value"]
         if a is not None and b is not None and b - a > rule.max_harmful_increase:
-            reason = f"the harmful rate rose from {a:.3f} to {b:.3f} in round {k} (more than {rule.max_harmful_increase})"
+            reason = (
+                f"the harmful rate rose from {a:.3f} to {b:.3f} in round {k} (more than {rule.max_harmful_increase})"
+            )
     if reason is not None:
         return {"round": k, "reason": reason}, f"stopped after round {k}: {reason}"
     if k >= rounds_asked:
         return None, f"finished the {rounds_asked} round(s) asked" + (
-            f"; round {k} vs round {k - 1}: win rate {wr['value']:.3f}" if wr["value"] is not None else "")
+            f"; round {k} vs round {k - 1}: win rate {wr['value']:.3f}" if wr["value"] is not None else ""
+        )
     return None, f"continuing after round {k} (stop rule {rule.rule}: not met)"
 
 
@@ -100,19 +113,35 @@ def build(out: Path, ledger, rule, rounds_asked: int) -> dict[str, Any]:
     rounds_done = max([int(k.split("/")[0]) for k in ledger.data["stages"]] or [0])
     plots = write_plots(out / "plots", rows)
     labels = [c for c, _ in COLUMNS]
-    lines = [f"# align {ledger.data['recipe']}: round report", "",
-             f"**{verdict}.** Stop rule: `{rule.rule}` (min_rounds={rule.min_rounds}"
-             + (f", max_harmful_increase={rule.max_harmful_increase}" if rule.max_harmful_increase is not None else "") + ").",
-             "", "Each round's numbers come from its own `evaluate` output (95% intervals in brackets); round 0 is the "
-             "initial model. The win rate is against the previous round, judged in both orders.", "",
-             "| round | " + " | ".join(labels) + " | train steps | model |",
-             "|---|" + "---|" * (len(labels) + 2)]
+    lines = [
+        f"# align {ledger.data['recipe']}: round report",
+        "",
+        f"**{verdict}.** Stop rule: `{rule.rule}` (min_rounds={rule.min_rounds}"
+        + (f", max_harmful_increase={rule.max_harmful_increase}" if rule.max_harmful_increase is not None else "")
+        + ").",
+        "",
+        "Each round's numbers come from its own `evaluate` output (95% intervals in brackets); round 0 is the "
+        "initial model. The win rate is against the previous round, judged in both orders.",
+        "",
+        "| round | " + " | ".join(labels) + " | train steps | model |",
+        "|---|" + "---|" * (len(labels) + 2),
+    ]
     for r in rows:
-        lines.append(f"| {r['round']} | " + " | ".join(_fmt(r[c]) for c in labels) + f" | {r['train steps']} | {r['model'] or 'initial'} |")
+        lines.append(
+            f"| {r['round']} | "
+            + " | ".join(_fmt(r[c]) for c in labels)
+            + f" | {r['train steps']} | {r['model'] or 'initial'} |"
+        )
     lines += ["", *[f"![{p}](plots/{p})" for p in plots], ""]
     write_text_atomic(out / "report.md", "\n".join(lines))
-    rep = {"recipe": ledger.data["recipe"], "rounds": rows, "stop": stop, "verdict": verdict, "rounds_done": rounds_done,
-           "plots": plots}
+    rep = {
+        "recipe": ledger.data["recipe"],
+        "rounds": rows,
+        "stop": stop,
+        "verdict": verdict,
+        "rounds_done": rounds_done,
+        "plots": plots,
+    }
     write_json_atomic(out / "report.json", rep)
     return rep
 
@@ -135,7 +164,7 @@ def write_plots(folder: Path, rows: list[dict[str, Any]]) -> list[str]:
     fig, ax = plt.subplots(figsize=(5, 4))
     h, _ = series("harmful rate")
     o, _ = series("over-refusal")
-    pts = [(x, a, b) for x, a, b in zip(xs, h, o) if a is not None and b is not None]
+    pts = [(x, a, b) for x, a, b in zip(xs, h, o, strict=True) if a is not None and b is not None]
     if pts:
         ax.plot([p[2] for p in pts], [p[1] for p in pts], "-o")
         for x, a, b in pts:
@@ -147,10 +176,14 @@ def write_plots(folder: Path, rows: list[dict[str, Any]]) -> list[str]:
     fig.savefig(folder / "harm_vs_overrefusal.png")
     plt.close(fig)
     made.append("harm_vs_overrefusal.png")
-    for label, fname in (("win rate vs prev", "win_rate.png"), ("KL to initial (k3)", "kl.png"), ("reward", "reward.png"),
-                         ("cost", "cost.png")):
+    for label, fname in (
+        ("win rate vs prev", "win_rate.png"),
+        ("KL to initial (k3)", "kl.png"),
+        ("reward", "reward.png"),
+        ("cost", "cost.png"),
+    ):
         v, ci = series(label)
-        pts = [(x, a, c) for x, a, c in zip(xs, v, ci) if a is not None]
+        pts = [(x, a, c) for x, a, c in zip(xs, v, ci, strict=True) if a is not None]
         if not pts:
             continue
         fig, ax = plt.subplots(figsize=(5, 3.5))

@@ -126,8 +126,9 @@ def run_evaluate(rnd, stage: Stage, out: Path, ledger) -> dict[str, Any]:
     s = raw.get("sampling") or {}
     if s.get("temperature") == 1.0 and s.get("top_p") == 1.0 and not get_key(raw, "scores.reference"):
         # KL(policy || initial model) per answer, on the local weights of the round's model
-        raw["scores"].update(reference=rnd.initial.base["name_or_path"], policy=rnd.model.base["name_or_path"],
-                             adapter=rnd.model.adapter)
+        raw["scores"].update(
+            reference=rnd.initial.base["name_or_path"], policy=rnd.model.base["name_or_path"], adapter=rnd.model.adapter
+        )
     for name, path in rnd.scorers.items():  # a reward / cost model trained by the recipe scores every round
         kind = "cost_model" if "cost" in name else "reward_model"
         if not raw["scores"].get(kind):
@@ -148,8 +149,10 @@ def run_train(rnd, stage: Stage, out: Path, ledger) -> dict[str, Any]:
     raw["model"] = dict(start.base)
     if start.adapter is not None:
         if not lora:
-            raise ConfigError(f"recipe stage {stage.name}: round {rnd.k} starts from a LoRA adapter ({start.adapter}); "
-                              "keep lora.enabled=true for every train stage of the recipe")
+            raise ConfigError(
+                f"recipe stage {stage.name}: round {rnd.k} starts from a LoRA adapter ({start.adapter}); "
+                "keep lora.enabled=true for every train stage of the recipe"
+            )
         set_key(raw, "lora.init_adapter", start.adapter)
     raw.update(output_dir=str(out), progress=cfg.progress, seed=cfg.seed + rnd.k, resume=True)
     judge = get_key(raw, "loop.reward.kind") == "judge"
@@ -192,13 +195,17 @@ def reference(rnd, stage: Stage, raw: dict[str, Any], lora: bool, out: Path) -> 
         if online:  # refused at start (synth/align/app.py check_stage)
             return
         if lora and start.adapter is not None:
-            raw["loop"]["reference"].update(mode="precomputed", name_or_path=merged_copy(start, out.parent / f"{stage.name}.reference"))
+            raw["loop"]["reference"].update(
+                mode="precomputed", name_or_path=merged_copy(start, out.parent / f"{stage.name}.reference")
+            )
         return
     # initial
     if online:
         if not lora and start.round > 0:
-            raise ConfigError(f"recipe stage {stage.name}: the initial model as reference of an online loop needs LoRA "
-                              "(lora.enabled=true: the base with the adapter disabled)")
+            raise ConfigError(
+                f"recipe stage {stage.name}: the initial model as reference of an online loop needs LoRA "
+                "(lora.enabled=true: the base with the adapter disabled)"
+            )
         return
     if lora:
         raw["loop"]["reference"]["mode"] = "adapter_disabled"  # the base = the initial model
@@ -211,8 +218,14 @@ def run_op(rnd, stage: Stage, out: Path, ledger) -> dict[str, Any]:
 
     inputs = {key: rnd.resolve(ref, ledger) for key, ref in stage.inputs.items()}
     out.mkdir(parents=True, exist_ok=True)
-    ctx = OpContext(round=rnd.k, out=out, seed=rnd.cfg.seed + rnd.k, scorers=dict(rnd.scorers), progress=rnd.cfg.progress,
-                    recipe=rnd.recipe.name)
+    ctx = OpContext(
+        round=rnd.k,
+        out=out,
+        seed=rnd.cfg.seed + rnd.k,
+        scorers=dict(rnd.scorers),
+        progress=rnd.cfg.progress,
+        recipe=rnd.recipe.name,
+    )
     manifest = OPS[stage.op](ctx, inputs, **stage.args)
     from synth.io import write_json_atomic
 

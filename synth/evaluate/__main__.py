@@ -1,4 +1,5 @@
 """`evaluate` / `python -m synth.evaluate`: compose the Hydra config and hand it to synth.evaluate.app.run."""
+
 import hydra
 
 from synth.cli import guarded

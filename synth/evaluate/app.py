@@ -65,13 +65,21 @@ def validate(raw: dict[str, Any]) -> EvaluateConfig:
 def fingerprint(cfg: EvaluateConfig) -> str:
     """What must not change between a run and its resume."""
     keep = {
-        "model": cfg.model.model_dump(), "adapter": cfg.llm.get("adapter"),
+        "model": cfg.model.model_dump(),
+        "adapter": cfg.llm.get("adapter"),
         "suite": cfg.suite.model_dump(exclude={"limit", "gold_limit"}),
         # the judge's identity, not how it is reached (a server's URL or concurrency may change)
-        "judge": {"model": cfg.judge.model.model_dump() if cfg.judge.model else None,
-                  "kind": (cfg.judge.llm or {}).get("kind"), "adapter": (cfg.judge.llm or {}).get("adapter")},
-        "n": cfg.n, "sampling": cfg.sampling.model_dump(), "judges": cfg.judges.model_dump(),
-        "scores": cfg.scores.model_dump(), "baseline": cfg.baseline, "seed": cfg.seed,
+        "judge": {
+            "model": cfg.judge.model.model_dump() if cfg.judge.model else None,
+            "kind": (cfg.judge.llm or {}).get("kind"),
+            "adapter": (cfg.judge.llm or {}).get("adapter"),
+        },
+        "n": cfg.n,
+        "sampling": cfg.sampling.model_dump(),
+        "judges": cfg.judges.model_dump(),
+        "scores": cfg.scores.model_dump(),
+        "baseline": cfg.baseline,
+        "seed": cfg.seed,
     }
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -80,8 +88,10 @@ def check_resumable(out_dir: Path, cfg: EvaluateConfig) -> None:
     """Refuse to resume a folder holding an evaluation with other settings (read-only)."""
     marker = out_dir / ".run.json"
     if marker.exists() and cfg.resume and json.loads(marker.read_text())["fingerprint"] != fingerprint(cfg):
-        raise ConfigError(f"{out_dir} holds an evaluation with different settings (model/suite/judge/sampling/scores/baseline); "
-                          "use another output_dir, or resume=false to start it over")
+        raise ConfigError(
+            f"{out_dir} holds an evaluation with different settings (model/suite/judge/sampling/scores/baseline); "
+            "use another output_dir, or resume=false to start it over"
+        )
 
 
 def mark_run(out_dir: Path, cfg: EvaluateConfig, resolved_yaml: str | None) -> None:
@@ -121,26 +131,41 @@ def run_config(cfg: EvaluateConfig, resolved_yaml: str | None = None) -> dict[st
 
     warnings: list[str] = []
     judge_is_policy = cfg.judge.llm is None and cfg.judge.model is None
-    any_judge = cfg.judges.harm or cfg.judges.refusal or cfg.judges.strongreject or (cfg.baseline and cfg.judges.pairwise)
+    any_judge = (
+        cfg.judges.harm or cfg.judges.refusal or cfg.judges.strongreject or (cfg.baseline and cfg.judges.pairwise)
+    )
     if cfg.baseline:
         base = Path(cfg.baseline).expanduser()
         if not (base / "results.jsonl").exists():
-            raise ConfigError(f"baseline={cfg.baseline}: no results.jsonl there (point it at an earlier evaluate output_dir)")
+            raise ConfigError(
+                f"baseline={cfg.baseline}: no results.jsonl there (point it at an earlier evaluate output_dir)"
+            )
         if cfg.judges.pairwise and judge_is_policy:
             if not cfg.allow_self_judge:
-                raise ConfigError("the win rate against the baseline would be judged by the evaluated policy itself; pick a judge "
-                                  "(judge=openai judge.model.name_or_path=<model>, or judge=hf/vllm), or accept self-judging with "
-                                  "allow_self_judge=true, or judges.pairwise=false")
-            msg = "the policy judges its OWN win rate against the baseline (allow_self_judge=true): self-preference bias; not evidence"
+                raise ConfigError(
+                    "the win rate against the baseline would be judged by the evaluated policy itself; pick a judge "
+                    "(judge=openai judge.model.name_or_path=<model>, or judge=hf/vllm), or accept self-judging with "
+                    "allow_self_judge=true, or judges.pairwise=false"
+                )
+            msg = (
+                "the policy judges its OWN win rate against the baseline (allow_self_judge=true): "
+                "self-preference bias; not evidence"
+            )
             print(f"{LOUD}\nWARNING: {msg}\n{LOUD}", file=sys.stderr, flush=True)
             warnings.append(msg)
     if judge_is_policy and any_judge:
-        print("warning: judge=policy: the evaluated model labels its own answers (pick a fixed judge with judge=openai|hf|vllm)",
-              file=sys.stderr, flush=True)
+        print(
+            "warning: judge=policy: the evaluated model labels its own answers (pick a fixed judge with "
+            "judge=openai|hf|vllm)",
+            file=sys.stderr,
+            flush=True,
+        )
     categories = taxonomy_categories(cfg.suite.taxonomy)
     items, info = load_suite(cfg.suite)
     if info.get("unmapped_subtypes"):
-        warnings.append(f"suite sub-types without a category mapping (reported as 'unmapped'): {info['unmapped_subtypes']}")
+        warnings.append(
+            f"suite sub-types without a category mapping (reported as 'unmapped'): {info['unmapped_subtypes']}"
+        )
     out_dir = Path(cfg.output_dir).expanduser()
     check_llm(cfg.llm, cfg.model.model_dump(), "llm")
     if cfg.judge.llm is not None or cfg.judge.model is not None:
@@ -148,26 +173,55 @@ def run_config(cfg: EvaluateConfig, resolved_yaml: str | None = None) -> dict[st
     check_output_dir(out_dir)
     check_resumable(out_dir, cfg)
     run_info = {
-        "policy": cfg.model.name_or_path, "revision": cfg.model.revision, "adapter": cfg.llm.get("adapter"),
-        "backend": cfg.llm.get("kind"), "judge_is_policy": judge_is_policy,
+        "policy": cfg.model.name_or_path,
+        "revision": cfg.model.revision,
+        "adapter": cfg.llm.get("adapter"),
+        "backend": cfg.llm.get("kind"),
+        "judge_is_policy": judge_is_policy,
         "judge": (cfg.judge.model.name_or_path if cfg.judge.model else cfg.model.name_or_path),
-        "templates": template_refs(cfg.suite.language), "refusal_prefix_version": prefix_version(),
-        "sampling": {**cfg.sampling.model_dump(), "n": cfg.n}, "judge_sampling": cfg.judges.sampling.model_dump(),
-        "bootstrap": cfg.bootstrap, "seed": cfg.seed, "suite_info": info, "warnings": warnings,
-        "policy_path": cfg.model.name_or_path, "reward_model": cfg.scores.reward_model, "cost_model": cfg.scores.cost_model,
+        "templates": template_refs(cfg.suite.language),
+        "refusal_prefix_version": prefix_version(),
+        "sampling": {**cfg.sampling.model_dump(), "n": cfg.n},
+        "judge_sampling": cfg.judges.sampling.model_dump(),
+        "bootstrap": cfg.bootstrap,
+        "seed": cfg.seed,
+        "suite_info": info,
+        "warnings": warnings,
+        "policy_path": cfg.model.name_or_path,
+        "reward_model": cfg.scores.reward_model,
+        "cost_model": cfg.scores.cost_model,
         "reference": cfg.scores.reference,
     }
-    scores = cfg.scores if cfg.scores.adapter or not cfg.llm.get("adapter") else cfg.scores.model_copy(update={"adapter": cfg.llm["adapter"]})
+    scores = (
+        cfg.scores
+        if cfg.scores.adapter or not cfg.llm.get("adapter")
+        else cfg.scores.model_copy(update={"adapter": cfg.llm["adapter"]})
+    )
     pcfg = EvaluatePipelineConfig(
-        suite=cfg.suite.model_dump(), n=cfg.n, sampling=cfg.sampling, judges=cfg.judges, scores=scores,
-        categories=categories, baseline=str(Path(cfg.baseline).expanduser()) if cfg.baseline else None,
-        judge_is_policy=judge_is_policy, run_info=run_info, bootstrap=cfg.bootstrap,
+        suite=cfg.suite.model_dump(),
+        n=cfg.n,
+        sampling=cfg.sampling,
+        judges=cfg.judges,
+        scores=scores,
+        categories=categories,
+        baseline=str(Path(cfg.baseline).expanduser()) if cfg.baseline else None,
+        judge_is_policy=judge_is_policy,
+        run_info=run_info,
+        bootstrap=cfg.bootstrap,
     )
     ctx = make_context(cfg, out_dir)
     llms = [cfg.llm] + ([cfg.judge.llm] if cfg.judge.llm is not None else [])
-    manifest = run_pipeline(EvaluatePipeline(pcfg, items), ctx, out_dir, None, cfg.chunk_size, cfg.resume, cfg.progress,
-                            on_start=lambda: mark_run(out_dir, cfg, resolved_yaml),
-                            chunks_in_flight=auto_chunks_in_flight(cfg.chunks_in_flight, llms, cfg.chunk_size))
+    manifest = run_pipeline(
+        EvaluatePipeline(pcfg, items),
+        ctx,
+        out_dir,
+        None,
+        cfg.chunk_size,
+        cfg.resume,
+        cfg.progress,
+        on_start=lambda: mark_run(out_dir, cfg, resolved_yaml),
+        chunks_in_flight=auto_chunks_in_flight(cfg.chunks_in_flight, llms, cfg.chunk_size),
+    )
     print_headline(out_dir)
     return manifest
 
@@ -180,7 +234,10 @@ def print_headline(out_dir: Path) -> None:
     head = s.get("headline", {})
     bad = set(head.get("unreliable", []))
     h = {k: v for k, v in head.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    print("   evaluate: " + "  ".join(f"{k}={v:.3f}{' (unreliable)' if k in bad else ''}" for k, v in h.items()), flush=True)
+    print(
+        "   evaluate: " + "  ".join(f"{k}={v:.3f}{' (unreliable)' if k in bad else ''}" for k, v in h.items()),
+        flush=True,
+    )
     for w in s.get("warnings", []):
         print(f"   warning: {w}", flush=True)
     print(f"   report: {out_dir / 'report.md'}", flush=True)

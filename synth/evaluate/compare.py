@@ -49,10 +49,18 @@ def paired_binary(new: Sequence[Row], old: Sequence[Row], value, B: int = 2000, 
     for pid, a, o in pairs:
         by.setdefault(pid, []).append(a - o)
     delta, lo, hi = stats.cluster_bootstrap(list(by.values()), B=B, seed=seed)
-    return {"n": len(pairs), "n_null": dropped, "new": sum(a for _, a, _ in pairs) / len(pairs),
-            "old": sum(o for _, _, o in pairs) / len(pairs), "delta": delta, "ci": [lo, hi],
-            "mcnemar_b_old_only": b, "mcnemar_c_new_only": c, "mcnemar_p": stats.mcnemar_exact(b, c),
-            "significant": bool(lo is not None and (lo > 0 or hi < 0))}
+    return {
+        "n": len(pairs),
+        "n_null": dropped,
+        "new": sum(a for _, a, _ in pairs) / len(pairs),
+        "old": sum(o for _, _, o in pairs) / len(pairs),
+        "delta": delta,
+        "ci": [lo, hi],
+        "mcnemar_b_old_only": b,
+        "mcnemar_c_new_only": c,
+        "mcnemar_p": stats.mcnemar_exact(b, c),
+        "significant": bool(lo is not None and (lo > 0 or hi < 0)),
+    }
 
 
 def paired_mean(new, old, value, B: int = 2000, seed: int = 0) -> dict[str, Any]:
@@ -63,11 +71,18 @@ def paired_mean(new, old, value, B: int = 2000, seed: int = 0) -> dict[str, Any]
     for pid, a, o in pairs:
         by.setdefault(pid, []).append(a - o)
     delta, lo, hi = stats.cluster_bootstrap(list(by.values()), B=B, seed=seed)
-    return {"n": len(pairs), "n_null": dropped, "delta": delta, "ci": [lo, hi],
-            "p_new_greater": sum(a > o for _, a, o in pairs) / len(pairs)}
+    return {
+        "n": len(pairs),
+        "n_null": dropped,
+        "delta": delta,
+        "ci": [lo, hi],
+        "p_new_greater": sum(a > o for _, a, o in pairs) / len(pairs),
+    }
 
 
-def compare(new: Sequence[Row], old: Sequence[Row], categories: Sequence[str], B: int = 2000, seed: int = 0, q: float = 0.1) -> dict[str, Any]:
+def compare(
+    new: Sequence[Row], old: Sequence[Row], categories: Sequence[str], B: int = 2000, seed: int = 0, q: float = 0.1
+) -> dict[str, Any]:
     out: dict[str, Any] = {"paired": {}}
     for kind in ("harmful", "benign"):
         n_k = [r for r in new if r["kind"] == kind]
@@ -87,25 +102,42 @@ def compare(new: Sequence[Row], old: Sequence[Row], categories: Sequence[str], B
     for c in cats:
         sn = [r for r in harmful_n if (r["category"] or "uncategorised") == c]
         so = [r for r in harmful_o if (r["category"] or "uncategorised") == c]
-        row = {"new": stats.wilson(sum(r["harm"] for r in sn if r["harm"] is not None), sum(r["harm"] is not None for r in sn)),
-               "old": stats.wilson(sum(r["harm"] for r in so if r["harm"] is not None), sum(r["harm"] is not None for r in so)),
-               "n_new": len(sn), "n_old": len(so)}
+        row = {
+            "new": stats.wilson(
+                sum(r["harm"] for r in sn if r["harm"] is not None), sum(r["harm"] is not None for r in sn)
+            ),
+            "old": stats.wilson(
+                sum(r["harm"] for r in so if r["harm"] is not None), sum(r["harm"] is not None for r in so)
+            ),
+            "n_new": len(sn),
+            "n_old": len(so),
+        }
         pb = paired_binary(sn, so, BINARY["harm"], B=200, seed=seed) if sn and so else {"n": 0}
         row["paired_n"] = pb["n"]
         row["delta"] = pb.get("delta")
         row["mcnemar_p"] = pb.get("mcnemar_p") if pb["n"] else None
         table[c] = row
     flags = stats.benjamini_hochberg([t["mcnemar_p"] for t in table.values()], q=q)
-    for (c, t), f in zip(table.items(), flags):
+    for t, f in zip(table.values(), flags, strict=True):
         t["bh_rejected"] = f
         t["regression"] = bool(f and (t["delta"] or 0) > 0)
     out["category_table"] = table
     out["bh_q"] = q
     old_by = {(r["prompt_id"], r["sample"]): r for r in old}
-    worst = [(r, old_by[(r["prompt_id"], r["sample"])]) for r in harmful_n
-             if (r["prompt_id"], r["sample"]) in old_by and r["harm"] == 1 and old_by[(r["prompt_id"], r["sample"])]["harm"] == 0]
-    out["safe_to_unsafe"] = {"count": len(worst), "items": [
-        {"id": r["id"], "category": r["category"], "prompt": _short(r["prompt"]), "answer": _short(r["response"])} for r, _ in worst[:10]]}
+    worst = [
+        (r, old_by[(r["prompt_id"], r["sample"])])
+        for r in harmful_n
+        if (r["prompt_id"], r["sample"]) in old_by
+        and r["harm"] == 1
+        and old_by[(r["prompt_id"], r["sample"])]["harm"] == 0
+    ]
+    out["safe_to_unsafe"] = {
+        "count": len(worst),
+        "items": [
+            {"id": r["id"], "category": r["category"], "prompt": _short(r["prompt"]), "answer": _short(r["response"])}
+            for r, _ in worst[:10]
+        ],
+    }
     return out
 
 

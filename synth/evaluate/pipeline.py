@@ -91,17 +91,38 @@ class EvaluatePipeline(Pipeline):
                 state.count("empty_answer")
         j = cfg.judges
         if j.harm:
-            self.judge_stage(ctx, state, "harm", [r for r in live if r["kind"] != "gold"],
-                             lambda r: judges.harm_prompt(r["prompt"], self.clip(r["response"]), cfg.categories, lang),
-                             lambda t: judges.parse_harm(t, cfg.categories), judges.HARM_SCHEMA, self.set_harm)
+            self.judge_stage(
+                ctx,
+                state,
+                "harm",
+                [r for r in live if r["kind"] != "gold"],
+                lambda r: judges.harm_prompt(r["prompt"], self.clip(r["response"]), cfg.categories, lang),
+                lambda t: judges.parse_harm(t, cfg.categories),
+                judges.HARM_SCHEMA,
+                self.set_harm,
+            )
         if j.refusal:
-            self.judge_stage(ctx, state, "refusal", live,
-                             lambda r: judges.refusal_prompt(r["prompt"], self.clip(r["response"]), lang),
-                             judges.parse_refusal, judges.REFUSAL_SCHEMA, self.set_refusal)
+            self.judge_stage(
+                ctx,
+                state,
+                "refusal",
+                live,
+                lambda r: judges.refusal_prompt(r["prompt"], self.clip(r["response"]), lang),
+                judges.parse_refusal,
+                judges.REFUSAL_SCHEMA,
+                self.set_refusal,
+            )
         if j.strongreject:
-            self.judge_stage(ctx, state, "strongreject", [r for r in live if r["kind"] == "harmful"],
-                             lambda r: judges.strongreject_prompt(r["prompt"], self.clip(r["response"]), lang),
-                             judges.parse_strongreject, judges.STRONGREJECT_SCHEMA, self.set_strongreject)
+            self.judge_stage(
+                ctx,
+                state,
+                "strongreject",
+                [r for r in live if r["kind"] == "harmful"],
+                lambda r: judges.strongreject_prompt(r["prompt"], self.clip(r["response"]), lang),
+                judges.parse_strongreject,
+                judges.STRONGREJECT_SCHEMA,
+                self.set_strongreject,
+            )
         if j.pairwise and self.baseline:
             self.pairwise(ctx, state, [r for r in rows if r["kind"] != "gold"], lang)
         self.model_scores(rows, items, state)
@@ -117,29 +138,56 @@ class EvaluatePipeline(Pipeline):
         calls = [Call(it.id, list(it.prompt)) for it in todo]
         results = run_calls(ctx, state, "generate", "policy", calls, cfg.sampling.params(n=cfg.n)) if calls else []
         policy_model = ctx.llm("policy").model if calls else None
-        by_id = {it.id: samples for it, samples in zip(todo, results)}
+        by_id = {it.id: samples for it, samples in zip(todo, results, strict=True)}
         rows = []
         for it in items:
             if it.meta["kind"] == "gold":
                 answers = [(it.meta["response"], "stop", None)]
             else:
-                answers = [(s.completion.text, s.completion.finish_reason, s.completion.completion_tokens) for s in by_id[it.id]]
+                answers = [
+                    (s.completion.text, s.completion.finish_reason, s.completion.completion_tokens)
+                    for s in by_id[it.id]
+                ]
             for j, (text, finish, ntok) in enumerate(answers):
                 match = is_refusal(text)
-                rows.append({
-                    "id": f"{it.id}#{j}", "prompt_id": it.id, "sample": j, "suite": cfg.suite["name"],
-                    "language": cfg.suite.get("language", "en"), "kind": it.meta["kind"], "category": it.category,
-                    "type": it.meta.get("type"), "prompt": it.prompt_text, "response": text,
-                    "policy_model": policy_model if it.meta["kind"] != "gold" else "gold",
-                    "finish_reason": finish, "n_tokens": ntok, "n_chars": len(text),
-                    "refusal_str": "refusal" if match else "none", "refusal_str_match": match,
-                    "gold_refusal": it.meta.get("gold_refusal"),
-                    "harm": None, "harm_category": None, "harm_raw": None,
-                    "refusal": None, "refusal_raw": None,
-                    "sr_refused": None, "sr_convincing": None, "sr_specific": None, "sr_score": None, "sr_raw": None,
-                    "pair": None, "reward": None, "cost": None, "kl_k1": None, "kl_k3": None, "kl_tokens": None,
-                    "judge_model": None,
-                })
+                rows.append(
+                    {
+                        "id": f"{it.id}#{j}",
+                        "prompt_id": it.id,
+                        "sample": j,
+                        "suite": cfg.suite["name"],
+                        "language": cfg.suite.get("language", "en"),
+                        "kind": it.meta["kind"],
+                        "category": it.category,
+                        "type": it.meta.get("type"),
+                        "prompt": it.prompt_text,
+                        "response": text,
+                        "policy_model": policy_model if it.meta["kind"] != "gold" else "gold",
+                        "finish_reason": finish,
+                        "n_tokens": ntok,
+                        "n_chars": len(text),
+                        "refusal_str": "refusal" if match else "none",
+                        "refusal_str_match": match,
+                        "gold_refusal": it.meta.get("gold_refusal"),
+                        "harm": None,
+                        "harm_category": None,
+                        "harm_raw": None,
+                        "refusal": None,
+                        "refusal_raw": None,
+                        "sr_refused": None,
+                        "sr_convincing": None,
+                        "sr_specific": None,
+                        "sr_score": None,
+                        "sr_raw": None,
+                        "pair": None,
+                        "reward": None,
+                        "cost": None,
+                        "kl_k1": None,
+                        "kl_k3": None,
+                        "kl_tokens": None,
+                        "judge_model": None,
+                    }
+                )
         return rows
 
     def judge_stage(self, ctx, state, step, rows, build, parse, schema, apply) -> None:
@@ -149,7 +197,7 @@ class EvaluatePipeline(Pipeline):
         params = self.cfg.judges.sampling.params(n=1, json_schema=schema)
         results = run_calls(ctx, state, step, "judge", calls, params, parse)
         model = ctx.llm("judge").model
-        for r, (s,) in zip(rows, results):
+        for r, (s,) in zip(rows, results, strict=True):
             r["judge_model"] = model
             apply(r, s.judgement)
 
@@ -170,8 +218,12 @@ class EvaluatePipeline(Pipeline):
         r["sr_raw"] = jd.raw
         if jd.ok:
             p = jd.parsed
-            r.update(sr_refused=p["refused"], sr_convincing=p["convincing"], sr_specific=p["specific"],
-                     sr_score=strongreject_score(p["refused"], p["convincing"], p["specific"]))
+            r.update(
+                sr_refused=p["refused"],
+                sr_convincing=p["convincing"],
+                sr_specific=p["specific"],
+                sr_score=strongreject_score(p["refused"], p["convincing"], p["specific"]),
+            )
 
     def pairwise(self, ctx, state, rows, lang) -> None:
         """Both orders for every answer with a baseline answer to the same prompt and sample index."""
@@ -183,8 +235,12 @@ class EvaluatePipeline(Pipeline):
                 continue
             new_t, old_t = self.clip(r["response"]), self.clip(old["response"])
             todo.append((r, old))
-            calls.append(Call(r["prompt_id"], judges.pairwise_prompt(r["prompt"], new_t, old_t, lang), {"order": "new_first"}))
-            calls.append(Call(r["prompt_id"], judges.pairwise_prompt(r["prompt"], old_t, new_t, lang), {"order": "new_second"}))
+            calls.append(
+                Call(r["prompt_id"], judges.pairwise_prompt(r["prompt"], new_t, old_t, lang), {"order": "new_first"})
+            )
+            calls.append(
+                Call(r["prompt_id"], judges.pairwise_prompt(r["prompt"], old_t, new_t, lang), {"order": "new_second"})
+            )
         if not calls:
             return
         params = self.cfg.judges.sampling.params(n=1, json_schema=judges.PAIRWISE_SCHEMA)
@@ -194,9 +250,15 @@ class EvaluatePipeline(Pipeline):
             v1 = first.parsed if first.ok else None
             v2 = second.parsed if second.ok else None
             r["judge_model"] = ctx.llm("judge").model
-            r["pair"] = {"verdict_new_first": v1, "verdict_new_second": v2, "outcome": pairwise_outcome(v1, v2),
-                         "raw_new_first": first.raw, "raw_new_second": second.raw,
-                         "baseline_response": old["response"], "len_delta": len(r["response"]) - len(old["response"])}
+            r["pair"] = {
+                "verdict_new_first": v1,
+                "verdict_new_second": v2,
+                "outcome": pairwise_outcome(v1, v2),
+                "raw_new_first": first.raw,
+                "raw_new_second": second.raw,
+                "baseline_response": old["response"],
+                "len_delta": len(r["response"]) - len(old["response"]),
+            }
 
     def scorer(self, name: str):
         if name not in self._scorers:
@@ -221,11 +283,11 @@ class EvaluatePipeline(Pipeline):
         A = [r["response"] for r in live]
         for name, path in (("reward", s.reward_model), ("cost", s.cost_model)):
             if path:
-                for r, v in zip(live, self.scorer(name)(P, A)):
+                for r, v in zip(live, self.scorer(name)(P, A), strict=True):
                     r[name] = v
         sp = self.cfg.sampling
         if s.reference and sp.temperature == 1.0 and sp.top_p == 1.0 and sp.top_k is None:
-            for r, v in zip(live, self.scorer("kl")(P, A)):
+            for r, v in zip(live, self.scorer("kl")(P, A), strict=True):
                 r.update(v)
         elif s.reference:
             state.count("kl_skipped_not_t1")

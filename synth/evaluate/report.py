@@ -30,7 +30,11 @@ def round_point(summary: dict[str, Any], label: str) -> dict[str, Any]:
     point = {"label": label, "source": "judge"}
     if not asr or asr.get("value") is None:
         asr = _v(h, "refusal", "refusal_rate_harmful", "string_match")
-        asr = {"value": 1 - asr["value"], "ci": [1 - asr["ci"][1], 1 - asr["ci"][0]]} if asr and asr.get("value") is not None else None
+        asr = (
+            {"value": 1 - asr["value"], "ci": [1 - asr["ci"][1], 1 - asr["ci"][0]]}
+            if asr and asr.get("value") is not None
+            else None
+        )
         point["source"] = "string_match (y = non-refusal rate, NOT harm)"
     if not orr or orr.get("value") is None:
         orr = _v(h, "refusal", "over_refusal_rate_benign", "string_match")
@@ -48,8 +52,11 @@ def write_outputs(out_dir: Path, cfg) -> dict[str, Any]:
     B = cfg.bootstrap
     suite = cfg.suite
     cats = list(cfg.categories) if suite.get("taxonomy") else []
-    summary: dict[str, Any] = {"suite": {k: suite.get(k) for k in ("name", "language", "licence", "source", "limit", "taxonomy")},
-                               "run": cfg.run_info, "metrics": M.compute(rows, cats, B=B, seed=cfg.run_info.get("seed", 0))}
+    summary: dict[str, Any] = {
+        "suite": {k: suite.get(k) for k in ("name", "language", "licence", "source", "limit", "taxonomy")},
+        "run": cfg.run_info,
+        "metrics": M.compute(rows, cats, B=B, seed=cfg.run_info.get("seed", 0)),
+    }
     judge_models = sorted({r["judge_model"] for r in rows if r.get("judge_model")})
     summary["run"] = {**cfg.run_info, "judge_models_seen": judge_models}
     warnings = list(cfg.run_info.get("warnings", []))
@@ -57,17 +64,28 @@ def write_outputs(out_dir: Path, cfg) -> dict[str, Any]:
         warnings.append("SELF-JUDGED: the judge is the evaluated policy itself; judge-based numbers are not evidence")
     m = summary["metrics"]
     for name, node in _walk(m):
-        if isinstance(node, dict) and node.get("unreliable") and not any(k in name for k in ("by_category", "by_l1", "by_type", ".full", ".partial", "share_at_1")):
-            warnings.append(f"{name}: {node['n_null']} of {node['n'] + node['n_null']} labels are null (> 5 %): unreliable")
+        if (
+            isinstance(node, dict)
+            and node.get("unreliable")
+            and not any(k in name for k in ("by_category", "by_l1", "by_type", ".full", ".partial", "share_at_1"))
+        ):
+            warnings.append(
+                f"{name}: {node['n_null']} of {node['n'] + node['n_null']} labels are null (> 5 %): unreliable"
+            )
     lc = _v(m, "win_rate", "lc_win_rate")
     if lc and lc.get("extreme_change"):
-        warnings.append("length-controlled win rate differs a lot from the raw win rate (AlpacaEval's extreme-change rule)")
+        warnings.append(
+            "length-controlled win rate differs a lot from the raw win rate (AlpacaEval's extreme-change rule)"
+        )
     if lc and lc.get("too_few_pairs"):
         warnings.append("fewer than 200 judged pairs: the length-controlled win rate is a rough estimate")
     if _v(m, "scores", "kl_negative_mean_k1"):
         warnings.append("mean k1 < 0: generation settings do not sample the policy (temperature/top_p/template?)")
     if cfg.scores.reference and not _v(m, "scores", "kl_k1"):
-        warnings.append("KL to the reference was skipped: it needs policy samples at sampling.temperature=1.0, top_p=1.0, top_k=null")
+        warnings.append(
+            "KL to the reference was skipped: it needs policy samples at sampling.temperature=1.0, top_p=1.0, "
+            "top_k=null"
+        )
     small = [c for c, t in (_v(m, "harm", "by_category") or {}).items() if 0 < t.get("n", 0) < SMALL_CELL]
     if small:
         warnings.append(f"{len(small)} categories have fewer than {SMALL_CELL} labelled answers: descriptive only")
@@ -80,14 +98,20 @@ def write_outputs(out_dir: Path, cfg) -> dict[str, Any]:
         if old_summary:
             old_j = old_summary.get("run", {}).get("judge_models_seen", [])
             if old_j and judge_models and old_j != judge_models:
-                warnings.append(f"JUDGE CHANGED: baseline judged by {old_j}, this run by {judge_models}: Δs of judge labels mix judge drift in")
+                warnings.append(
+                    f"JUDGE CHANGED: baseline judged by {old_j}, this run by {judge_models}: Δs of judge "
+                    "labels mix judge drift in"
+                )
             old_t = old_summary.get("run", {}).get("templates")
             if old_t and old_t != cfg.run_info.get("templates"):
                 warnings.append("judge templates changed since the baseline: Δs of judge labels mix template drift in")
             for key in ("reward_model", "cost_model", "reference"):
                 old_v, new_v = old_summary.get("run", {}).get(key), cfg.run_info.get(key)
                 if old_v and new_v and old_v != new_v:
-                    warnings.append(f"{key} changed since the baseline ({old_v} -> {new_v}): its paired Δ compares different scorers")
+                    warnings.append(
+                        f"{key} changed since the baseline ({old_v} -> {new_v}): its paired Δ compares "
+                        "different scorers"
+                    )
             rounds = old_summary.get("rounds") or [round_point(old_summary, base.name)]
         else:
             rounds = []
@@ -160,14 +184,27 @@ def _plots(folder: Path, summary: dict[str, Any], rows: list[dict], plt) -> list
     fig, ax = plt.subplots(figsize=(5, 4))
     for i, p in enumerate(pts):
         x, y = p["over_refusal"] or 0.0, p["harm"] or 0.0
-        xerr = [[x - p["over_refusal_ci"][0]], [p["over_refusal_ci"][1] - x]] if p.get("over_refusal_ci") and p["over_refusal"] is not None else None
+        xerr = (
+            [[x - p["over_refusal_ci"][0]], [p["over_refusal_ci"][1] - x]]
+            if p.get("over_refusal_ci") and p["over_refusal"] is not None
+            else None
+        )
         yerr = [[y - p["harm_ci"][0]], [p["harm_ci"][1] - y]] if p.get("harm_ci") and p["harm"] is not None else None
         ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", capsize=3, label=f"{i}: {p['label']}")
         if i:
             q = pts[i - 1]
-            ax.annotate("", xy=(x, y), xytext=(q["over_refusal"] or 0.0, q["harm"] or 0.0), arrowprops={"arrowstyle": "->", "alpha": 0.5})
+            ax.annotate(
+                "",
+                xy=(x, y),
+                xytext=(q["over_refusal"] or 0.0, q["harm"] or 0.0),
+                arrowprops={"arrowstyle": "->", "alpha": 0.5},
+            )
     ax.set_xlabel("over-refusal rate on benign prompts")
-    ax.set_ylabel("harmful-response rate" if pts and pts[-1]["source"] == "judge" else "non-refusal rate on harmful (string match)")
+    ax.set_ylabel(
+        "harmful-response rate"
+        if pts and pts[-1]["source"] == "judge"
+        else "non-refusal rate on harmful (string match)"
+    )
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(f"{summary['suite']['name']}: safety vs over-refusal (lower-left is better)", fontsize=9)
@@ -181,8 +218,8 @@ def _plots(folder: Path, summary: dict[str, Any], rows: list[dict], plt) -> list
     if cats:
         names = list(cats)
         vals = [cats[c].get("value") or 0.0 for c in names]
-        lo = [v - (cats[c]["ci"][0] if cats[c].get("ci") else v) for c, v in zip(names, vals)]
-        hi = [(cats[c]["ci"][1] if cats[c].get("ci") else v) - v for c, v in zip(names, vals)]
+        lo = [v - (cats[c]["ci"][0] if cats[c].get("ci") else v) for c, v in zip(names, vals, strict=True)]
+        hi = [(cats[c]["ci"][1] if cats[c].get("ci") else v) - v for c, v in zip(names, vals, strict=True)]
         fig, ax = plt.subplots(figsize=(6, 0.25 * len(names) + 1.2))
         ax.barh(range(len(names)), vals, xerr=[lo, hi], capsize=2)
         ax.set_yticks(range(len(names)), [f"{c} (n={cats[c].get('n', 0)})" for c in names], fontsize=6)

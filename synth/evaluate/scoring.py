@@ -29,7 +29,7 @@ def _encoder(tokenizer):
 
 def _pairs(enc, prompts: Sequence[Sequence[Message]], answers: Sequence[str]) -> list[tuple[list[int], list[int]]]:
     out = []
-    for p, a in zip(prompts, answers):
+    for p, a in zip(prompts, answers, strict=True):
         msgs = [m.model_dump() for m in p]
         prompt_ids, (completion_ids,), _ = enc.split(msgs, [[{"role": "assistant", "content": a}]])
         out.append((prompt_ids, completion_ids))
@@ -44,7 +44,9 @@ def _batches(n: int, size: int):
 def _device(device: str):
     import torch
 
-    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    return torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
 
 
 class ScalarScorer:
@@ -90,7 +92,9 @@ class ScalarScorer:
 
 
 class LogprobScorer:
-    def __init__(self, policy: str, reference: str, adapter: str | None = None, device: str = "auto", batch_size: int = 4):
+    def __init__(
+        self, policy: str, reference: str, adapter: str | None = None, device: str = "auto", batch_size: int = 4
+    ):
         from train.models import load_frozen, load_tokenizer
 
         self.batch_size, self.device = batch_size, _device(device)
@@ -122,7 +126,9 @@ class LogprobScorer:
                     ids[r, : len(p) + len(c)] = torch.tensor(p + c)
                     labels[r, len(p) : len(p) + len(c)] = torch.tensor(c, dtype=torch.long)
                     mask[r, : len(p) + len(c)] = 1
-                logits = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False).logits
+                logits = model(
+                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
+                ).logits
                 lp, m = token_logps(logits, labels.to(self.device))
                 for r in range(len(seqs)):
                     out.append(lp[r][m[r]].float().cpu().tolist())
@@ -134,7 +140,7 @@ class LogprobScorer:
         pairs = _pairs(self.enc, prompts, answers)
         lp_pol, lp_ref = self.token_logps(self.policy, pairs), self.token_logps(self.reference, pairs)
         out = []
-        for a, b in zip(lp_pol, lp_ref):
+        for a, b in zip(lp_pol, lp_ref, strict=True):
             k1, k3 = kl_estimates(a, b)
             out.append({"logp_policy": sum(a), "logp_ref": sum(b), "kl_k1": k1, "kl_k3": k3, "kl_tokens": len(a)})
         return out

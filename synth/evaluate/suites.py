@@ -110,8 +110,12 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
 def _item(suite: str, ident: str, prompt: str, kind: str, category: str | None, **meta) -> SourceItem:
     if not prompt:
         raise SourceError(f"suite={suite}: item {ident} has an empty prompt")
-    return SourceItem(id=ident, prompt=[Message(role="user", content=prompt)], category=category,
-                      meta={"kind": kind, "suite": suite, **meta})
+    return SourceItem(
+        id=ident,
+        prompt=[Message(role="user", content=prompt)],
+        category=category,
+        meta={"kind": kind, "suite": suite, **meta},
+    )
 
 
 def _xstest(cfg: SuiteConfig, info: dict) -> Iterator[SourceItem]:
@@ -122,8 +126,17 @@ def _xstest(cfg: SuiteConfig, info: dict) -> Iterator[SourceItem]:
                 kind = {"safe": "benign", "unsafe": "harmful"}[r["label"]]
             except KeyError:
                 raise SourceError(f"{path}:{line}: label must be safe or unsafe, got {r.get('label')!r}") from None
-            yield _item(cfg.name, f"xstest-{r['id']}", r["prompt"], kind, r["type"], type=r["type"], label=r["label"],
-                        focus=r.get("focus"), note=r.get("note"))
+            yield _item(
+                cfg.name,
+                f"xstest-{r['id']}",
+                r["prompt"],
+                kind,
+                r["type"],
+                type=r["type"],
+                label=r["label"],
+                focus=r.get("focus"),
+                note=r.get("note"),
+            )
 
 
 GOLD_CLASSES = {"1_full_compliance": "none", "2_full_refusal": "full", "3_partial_refusal": "partial"}
@@ -137,8 +150,16 @@ def _xstest_gold(cfg: SuiteConfig) -> Iterator[SourceItem]:
     for line, r in _csv_rows(path):
         if r.get("final_label") not in GOLD_CLASSES:
             raise SourceError(f"{path}:{line}: final_label must be one of {sorted(GOLD_CLASSES)}")
-        it = _item(cfg.name, f"gold-{r['id']}", r["prompt"], "gold", r["type"], type=r["type"],
-                   response=r["completion"], gold_refusal=GOLD_CLASSES[r["final_label"]])
+        it = _item(
+            cfg.name,
+            f"gold-{r['id']}",
+            r["prompt"],
+            "gold",
+            r["type"],
+            type=r["type"],
+            response=r["completion"],
+            gold_refusal=GOLD_CLASSES[r["final_label"]],
+        )
         yield it
 
 
@@ -147,13 +168,15 @@ def _jade(cfg: SuiteConfig, info: dict) -> Iterator[SourceItem]:
     unmapped: dict[str, int] = {}
     for path in _paths(cfg):
         level = path.stem
-        for line, r in _csv_rows(path):
+        for _line, r in _csv_rows(path):
             typ, sub = r.get("违规类型", "").strip(), r.get("违规子类", "").strip()
             cat = cfg.category_map.get(f"{typ}/{sub}") or cfg.category_map.get(sub)
             if cat is None:
                 unmapped[f"{typ}/{sub}"] = unmapped.get(f"{typ}/{sub}", 0) + 1
                 cat = "unmapped"
-            yield _item(cfg.name, f"jade-{level}-{r['ID']}", r["问题"], "harmful", cat, type=typ, subtype=sub, level=level)
+            yield _item(
+                cfg.name, f"jade-{level}-{r['ID']}", r["问题"], "harmful", cat, type=typ, subtype=sub, level=level
+            )
     if unmapped:
         info["unmapped_subtypes"] = unmapped
 
@@ -176,8 +199,10 @@ def _hh(cfg: SuiteConfig, info: dict) -> Iterator[SourceItem]:
 
                 rows = enumerate(datasets.load_dataset(p, data_dir=cfg.data_dir, split=cfg.split), 1)
             except Exception as e:
-                raise SourceError(f"suite={cfg.name}: {p} is not a local file and loading it from the hub failed "
-                                  f"({type(e).__name__}); set suite.path=<local .jsonl(.gz)>") from None
+                raise SourceError(
+                    f"suite={cfg.name}: {p} is not a local file and loading it from the hub failed "
+                    f"({type(e).__name__}); set suite.path=<local .jsonl(.gz)>"
+                ) from None
         for line, row in rows:
             try:
                 text = parse_hh_dialogue(row["chosen"])[0].content

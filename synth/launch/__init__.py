@@ -110,7 +110,9 @@ def unfinished(out_dir, n: int) -> list[int]:
     todo = []
     for i in range(n):
         try:
-            status = json.loads((Shard(i, n).folder(Path(out_dir).expanduser()) / "manifest.json").read_text())["status"]
+            status = json.loads((Shard(i, n).folder(Path(out_dir).expanduser()) / "manifest.json").read_text())[
+                "status"
+            ]
         except (OSError, ValueError, KeyError):
             status = None
         if status != "finished":

@@ -61,7 +61,12 @@ class ShardRunner:
             m = run_config(shard_config(self.cfg, i, n), resolved_yaml, build_llm=self.build)
         except UserError as e:
             return {"shard": i, "error": str(e), "kind": type(e).__name__}
-        return {"shard": i, "status": m["status"], "resumed": m["resumed_from_previous_runs"], "wall_s": time.time() - t}
+        return {
+            "shard": i,
+            "status": m["status"],
+            "resumed": m["resumed_from_previous_runs"],
+            "wall_s": time.time() - t,
+        }
 
 
 def run_ray(cfg, lc: RayLauncher, resolved_yaml: str | None) -> dict[str, Any]:
@@ -69,7 +74,9 @@ def run_ray(cfg, lc: RayLauncher, resolved_yaml: str | None) -> dict[str, Any]:
         import ray
         from ray.util import ActorPool
     except ImportError:
-        raise ConfigError("launcher=ray needs ray: pip install 'rlaif-forge[ray]' (or use launcher=local|slurm)") from None
+        raise ConfigError(
+            "launcher=ray needs ray: pip install 'rlaif-forge[ray]' (or use launcher=local|slurm)"
+        ) from None
     from synth.launch.local import _shard_yaml
 
     out_dir = Path(cfg.output_dir).expanduser()
@@ -88,8 +95,12 @@ def run_ray(cfg, lc: RayLauncher, resolved_yaml: str | None) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     try:
         if todo:
-            remote = ray.remote(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, max_restarts=lc.max_restarts,
-                                max_task_retries=lc.max_restarts)(ShardRunner)
+            remote = ray.remote(
+                num_cpus=lc.num_cpus,
+                num_gpus=lc.num_gpus,
+                max_restarts=lc.max_restarts,
+                max_task_retries=lc.max_restarts,
+            )(ShardRunner)
             actors = [remote.remote(cfg.model_dump()) for _ in range(min(lc.actors, len(todo)))]
             pool = ActorPool(actors)
             yamls = {i: _shard_yaml(resolved_yaml, i, n) for i in todo}

@@ -46,9 +46,15 @@ def _array_spec(indices: list[int]) -> str:
 
 
 def _header(lc: SlurmLauncher, name: str, log: str, gpus: int, cpus: int, mem: str, workdir: Path) -> list[str]:
-    lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --output={log}", f"#SBATCH --chdir={workdir}",
-             f"#SBATCH --time={lc.time}",
-             f"#SBATCH --cpus-per-task={cpus}", f"#SBATCH --mem={mem}"]
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={name}",
+        f"#SBATCH --output={log}",
+        f"#SBATCH --chdir={workdir}",
+        f"#SBATCH --time={lc.time}",
+        f"#SBATCH --cpus-per-task={cpus}",
+        f"#SBATCH --mem={mem}",
+    ]
     if gpus:
         lines.append(f"#SBATCH --gpus-per-task={gpus}")
     if lc.partition:
@@ -65,32 +71,57 @@ def render(lc: SlurmLauncher, overrides: list[str], todo: list[int], script_dir:
     n = lc.shards
     cmd = " ".join([lc.command, *map(shlex.quote, overrides)])
     throttle = f"%{lc.concurrent}" if lc.concurrent else ""
-    array = _header(lc, f"{lc.job_name}-shards", f"{script_dir}/logs/shard-%a.out", lc.gpus_per_task, lc.cpus_per_task, lc.mem, workdir)
+    array = _header(
+        lc,
+        f"{lc.job_name}-shards",
+        f"{script_dir}/logs/shard-%a.out",
+        lc.gpus_per_task,
+        lc.cpus_per_task,
+        lc.mem,
+        workdir,
+    )
     array.insert(2, f"#SBATCH --array={_array_spec(todo)}{throttle}")
-    array += ["# each task is an ordinary exact-once run; a requeue or a rerun resumes it from its ledger",
-              f'{cmd} "shard=${{SLURM_ARRAY_TASK_ID}}/{n}" progress=false']
+    array += [
+        "# each task is an ordinary exact-once run; a requeue or a rerun resumes it from its ledger",
+        f'{cmd} "shard=${{SLURM_ARRAY_TASK_ID}}/{n}" progress=false',
+    ]
     merge = _header(lc, f"{lc.job_name}-merge", f"{script_dir}/logs/merge.out", 0, 1, "4G", workdir)
-    merge += ["# refuses (exit 2, naming them) when some shards did not finish; no backend calls",
-              f"{cmd} merge=true progress=false"]
-    submit = ["#!/bin/bash", "set -euo pipefail", f'cd "$(dirname "$0")"', "mkdir -p logs",
-              "array=$(sbatch --parsable shards.sbatch)",
-              "sbatch --parsable --dependency=afterany:${array%%;*} merge.sbatch"]
-    return {"shards.sbatch": "\n".join(array) + "\n", "merge.sbatch": "\n".join(merge) + "\n",
-            "submit.sh": "\n".join(submit) + "\n"}
+    merge += [
+        "# refuses (exit 2, naming them) when some shards did not finish; no backend calls",
+        f"{cmd} merge=true progress=false",
+    ]
+    submit = [
+        "#!/bin/bash",
+        "set -euo pipefail",
+        'cd "$(dirname "$0")"',
+        "mkdir -p logs",
+        "array=$(sbatch --parsable shards.sbatch)",
+        "sbatch --parsable --dependency=afterany:${array%%;*} merge.sbatch",
+    ]
+    return {
+        "shards.sbatch": "\n".join(array) + "\n",
+        "merge.sbatch": "\n".join(merge) + "\n",
+        "submit.sh": "\n".join(submit) + "\n",
+    }
 
 
 def run_slurm(cfg, lc: SlurmLauncher, overrides: list[str] | None) -> dict[str, Any]:
     out_dir = Path(cfg.output_dir).expanduser().resolve()
     script_dir = Path(lc.script_dir).expanduser().resolve() if lc.script_dir else out_dir / "slurm"
     todo = unfinished(out_dir, lc.shards)
-    files = render(lc, synth_overrides() if overrides is None else overrides, todo, script_dir, Path.cwd()) if todo else {}
+    files = (
+        render(lc, synth_overrides() if overrides is None else overrides, todo, script_dir, Path.cwd()) if todo else {}
+    )
     script_dir.mkdir(parents=True, exist_ok=True)
     (script_dir / "logs").mkdir(exist_ok=True)
     for name, text in files.items():
         (script_dir / name).write_text(text, encoding="utf-8")
     (script_dir / "submit.sh").chmod(0o755) if files else None
     if not todo:
-        print(f"every shard of {lc.shards} has finished; merge with: synth ... merge=true output_dir={out_dir}", flush=True)
+        print(
+            f"every shard of {lc.shards} has finished; merge with: synth ... merge=true output_dir={out_dir}",
+            flush=True,
+        )
         return {"status": "shards finished", "shards": lc.shards}
     if not lc.submit:
         for name in ("shards.sbatch", "merge.sbatch"):
@@ -98,10 +129,14 @@ def run_slurm(cfg, lc: SlurmLauncher, overrides: list[str] | None) -> dict[str, 
         print(f"# {len(todo)} of {lc.shards} shards to run; submit with: bash {script_dir / 'submit.sh'}", flush=True)
         return {"status": "rendered", "script_dir": str(script_dir), "shards_to_run": todo}
     if shutil.which("sbatch") is None:
-        raise BackendError("launcher.submit=true but sbatch is not on PATH; run on a Slurm login node, or "
-                           "launcher.submit=false to write the scripts only")
+        raise BackendError(
+            "launcher.submit=true but sbatch is not on PATH; run on a Slurm login node, or "
+            "launcher.submit=false to write the scripts only"
+        )
     jobs = subprocess.run(["bash", str(script_dir / "submit.sh")], capture_output=True, text=True, check=False)
     if jobs.returncode != 0:
-        raise BackendError(f"sbatch failed: {jobs.stderr.strip().splitlines()[-1] if jobs.stderr.strip() else jobs.returncode}")
+        raise BackendError(
+            f"sbatch failed: {jobs.stderr.strip().splitlines()[-1] if jobs.stderr.strip() else jobs.returncode}"
+        )
     print(f"submitted shards + merge: jobs {' '.join(jobs.stdout.split())}", flush=True)
     return {"status": "submitted", "jobs": jobs.stdout.split(), "script_dir": str(script_dir), "shards_to_run": todo}

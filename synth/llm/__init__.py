@@ -37,7 +37,9 @@ BACKENDS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def check_llm(llm_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], where: str = "llm") -> tuple[Any, ModelSettings]:
+def check_llm(
+    llm_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], where: str = "llm"
+) -> tuple[Any, ModelSettings]:
     """Validate a role's backend and model settings without loading anything (ConfigError, one line).
     `synth` calls this for every role at start-up, before it touches the output folder."""
     cfg = _plain(llm_cfg)
@@ -45,7 +47,9 @@ def check_llm(llm_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], where: s
     if kind not in BACKENDS:
         raise ConfigError(f"{where}.kind={kind!r} is not a backend; valid: {', '.join(sorted(BACKENDS))}")
     module_name, settings_name, _ = BACKENDS[kind]
-    settings = settings_from_config(getattr(importlib.import_module(module_name), settings_name), cfg, f"{where}={kind}")
+    settings = settings_from_config(
+        getattr(importlib.import_module(module_name), settings_name), cfg, f"{where}={kind}"
+    )
     return settings, settings_from_config(ModelSettings, _plain(model_cfg), where.replace("llm", "model"))
 
 

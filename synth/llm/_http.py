@@ -74,7 +74,9 @@ def _server_message(text: str, key: str) -> str:
 def classify_status(status: int, headers: Any, text: str, key: str) -> Exception:
     """The exception for a non-2xx answer (returned, for the caller to raise)."""
     if status in (401, 403):  # the server's message may quote part of the key: leave it out
-        return FatalHTTP(status, f"HTTP {status}: authentication failed (check the env var named by llm.api_key_env)", True)
+        return FatalHTTP(
+            status, f"HTTP {status}: authentication failed (check the env var named by llm.api_key_env)", True
+        )
     msg = _server_message(text, key)
     if status == 429:
         return Retryable("429", f"HTTP 429: {msg}", _retry_after(headers))
@@ -228,8 +230,20 @@ def _decompress(data: bytes, encoding: str) -> bytes:
 
 
 # Fields the SDK's chat.completions.create takes by name; everything else goes in extra_body.
-_SDK_FIELDS = {"model", "messages", "n", "temperature", "top_p", "max_tokens", "max_completion_tokens", "seed",
-               "stop", "logprobs", "top_logprobs", "response_format"}
+_SDK_FIELDS = {
+    "model",
+    "messages",
+    "n",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "seed",
+    "stop",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+}
 
 
 class SDKEndpoint(_Endpoint):
@@ -240,8 +254,13 @@ class SDKEndpoint(_Endpoint):
 
         super().__init__(url, api_key, timeout_s)
         self._openai = openai
-        self._client = openai.AsyncOpenAI(api_key=api_key, base_url=url, max_retries=0, timeout=timeout_s,
-                                          http_client=_sdk_http_client(openai, max_connections))
+        self._client = openai.AsyncOpenAI(
+            api_key=api_key,
+            base_url=url,
+            max_retries=0,
+            timeout=timeout_s,
+            http_client=_sdk_http_client(openai, max_connections),
+        )
 
     async def _post(self, body: dict) -> Any:
         oa = self._openai
@@ -267,8 +286,9 @@ def _sdk_http_client(openai: Any, max_connections: int) -> Any:
     try:
         from openai._constants import DEFAULT_CONNECTION_LIMITS
 
-        limits = type(DEFAULT_CONNECTION_LIMITS)(max_connections=max_connections,
-                                                  max_keepalive_connections=max_connections)
+        limits = type(DEFAULT_CONNECTION_LIMITS)(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
         return openai.DefaultAsyncHttpxClient(limits=limits)
     except (ImportError, AttributeError, TypeError):  # another SDK layout: its defaults are fine
         return None

@@ -217,5 +217,8 @@ def settings_from_config(model_cls: type[_S], cfg: Mapping[str, Any], where: str
         elif _SECRETISH.search(key):  # never quote what may be a credential
             msg = f"{where}: {key}: {err['msg'].removeprefix('Value error, ')}"
         else:
-            msg = f"{where}: {key}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r}); valid keys: {valid}"
+            msg = (
+                f"{where}: {key}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r}); "
+                f"valid keys: {valid}"
+            )
         raise ConfigError(msg) from None

@@ -65,9 +65,11 @@ class CachedLLM:
         return getattr(self.inner, "stats", None) or self._own_stats
 
     # ---- the Protocol ----------------------------------------------------------------------------
-    def generate(self, requests: Sequence[Request], params: SamplingParams | Sequence[SamplingParams]) -> list[list[Completion]]:
+    def generate(
+        self, requests: Sequence[Request], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[list[Completion]]:
         plist = as_params_list(params, len(requests))
-        keys = [[self.key(req, p, i) for i in range(p.n)] for req, p in zip(requests, plist)]
+        keys = [[self.key(req, p, i) for i in range(p.n)] for req, p in zip(requests, plist, strict=True)]
         found = self._lookup([k for ks in keys for k in ks])
         with self._lock:
             self.stats.cache_hits += sum(k in found for ks in keys for k in ks)
@@ -76,13 +78,13 @@ class CachedLLM:
             stored: dict[str, Completion] = {}  # what arrived and was stored while the call ran
 
             def keep(r: int, comps: list[Completion]) -> None:
-                stored.update(self._store(dict(zip(slots[r], comps))))
+                stored.update(self._store(dict(zip(slots[r], comps, strict=True))))
 
             if getattr(self.inner, "streams_results", False):  # store each answer as it arrives
                 outs = self.inner.generate(sub_requests, sub_params, on_result=keep)
             else:
                 outs = self.inner.generate(sub_requests, sub_params)
-            fresh = {k: c for slot, comps in zip(slots, outs) for k, c in zip(slot, comps)}
+            fresh = {k: c for slot, comps in zip(slots, outs, strict=True) for k, c in zip(slot, comps, strict=True)}
             found.update(fresh)
             found.update(stored)
             found.update(self._store({k: c for k, c in fresh.items() if k not in stored}))
@@ -94,8 +96,15 @@ class CachedLLM:
         if p["regex"] is None:  # added later: keys of requests without one stay what they were
             del p["regex"]
         blob = json.dumps(
-            {"id": self._identity_blob, "messages": [[m.role, m.content] for m in request], "params": p, "sample": index},
-            sort_keys=True, ensure_ascii=False, default=str,
+            {
+                "id": self._identity_blob,
+                "messages": [[m.role, m.content] for m in request],
+                "params": p,
+                "sample": index,
+            },
+            sort_keys=True,
+            ensure_ascii=False,
+            default=str,
         )
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
@@ -157,7 +166,7 @@ def _plan_missing(
     sub_params: list[SamplingParams] = []
     slots: list[list[str]] = []
     planned: set[str] = set()
-    for req, p, ks in zip(requests, plist, keys):
+    for req, p, ks in zip(requests, plist, keys, strict=True):
         missing = [(i, k) for i, k in enumerate(ks) if k not in found and k not in planned]
         planned.update(k for _, k in missing)
         if not missing:

@@ -95,12 +95,17 @@ class HFBackend:
 
             net = PeftModel.from_pretrained(net, settings.adapter)
         self.net = net.to(self.device).eval()
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.pad_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        )
         self.eos_ids = _eos_ids(self.net, self.tokenizer)
         self._grammar_cache: _Grammars | None = None
         self.identity = {
-            "kind": self.kind, "model": _model_id(model.name_or_path, path), "revision": model.revision,
-            "adapter": adapter_fingerprint(settings.adapter), "chat_template": model.chat_template,
+            "kind": self.kind,
+            "model": _model_id(model.name_or_path, path),
+            "revision": model.revision,
+            "adapter": adapter_fingerprint(settings.adapter),
+            "chat_template": model.chat_template,
         }
         if model.gguf_file:
             self.identity["gguf_file"] = model.gguf_file
@@ -112,11 +117,16 @@ class HFBackend:
         return f"HFBackend(model={self.model!r}, device={str(self.device)!r}, batch_size={self.settings.batch_size})"
 
     # ---- the Protocol ----------------------------------------------------------------------------
-    def generate(self, requests: Sequence[Request], params: SamplingParams | Sequence[SamplingParams]) -> list[list[Completion]]:
+    def generate(
+        self, requests: Sequence[Request], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[list[Completion]]:
         plist = as_params_list(params, len(requests))
         prompts = [self._encode(req) for req in requests]
-        rows = [_Row(r, prompts[r], p, None if p.seed is None else sample_seed(p.seed, i))
-                for r, p in enumerate(plist) for i in range(p.n)]
+        rows = [
+            _Row(r, prompts[r], p, None if p.seed is None else sample_seed(p.seed, i))
+            for r, p in enumerate(plist)
+            for i in range(p.n)
+        ]
         self._generate_rows(rows)
         out: list[list[Completion]] = [[] for _ in requests]
         for row in rows:
@@ -130,8 +140,10 @@ class HFBackend:
         """Chat template -> token ids. The template adds any BOS itself, so no special tokens here."""
         prefill = is_prefill(request)
         text = self.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in request], tokenize=False,
-            add_generation_prompt=not prefill, continue_final_message=prefill,
+            [{"role": m.role, "content": m.content} for m in request],
+            tokenize=False,
+            add_generation_prompt=not prefill,
+            continue_final_message=prefill,
         )
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -165,19 +177,37 @@ class HFBackend:
         top_k = max((r.params.top_logprobs for r in rows), default=0)
         want_lp = any(r.params.logprobs or r.params.top_logprobs for r in rows)
         matchers = {b: self._grammars.matcher(r.params) for b, r in enumerate(rows) if _constrained(r.params)}
-        sampler = _RowSampler([r.params for r in rows], [r.seed for r in rows], self.device, want_lp, top_k,
-                              {b: m for b, m in matchers.items() if m is not None}, self.eos_ids[0] if self.eos_ids else None)
+        sampler = _RowSampler(
+            [r.params for r in rows],
+            [r.seed for r in rows],
+            self.device,
+            want_lp,
+            top_k,
+            {b: m for b, m in matchers.items() if m is not None},
+            self.eos_ids[0] if self.eos_ids else None,
+        )
         stopper = _RowStop(input_ids.shape[1], rows, self.tokenizer, self.device, progress)
         config = GenerationConfig(
-            do_sample=False, num_beams=1, max_new_tokens=max(r.params.max_new_tokens for r in rows),
-            eos_token_id=self.eos_ids, pad_token_id=self.pad_id, repetition_penalty=1.0,
-            temperature=1.0, top_p=1.0, top_k=None, return_dict_in_generate=True,
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=max(r.params.max_new_tokens for r in rows),
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            repetition_penalty=1.0,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=None,
+            return_dict_in_generate=True,
         )
         with torch.inference_mode():
-            out = self.net.generate(input_ids=input_ids, attention_mask=attention, generation_config=config,
-                                    logits_processor=LogitsProcessorList([sampler]),
-                                    stopping_criteria=StoppingCriteriaList([stopper]))
-        generated = out.sequences[:, input_ids.shape[1]:].tolist()
+            out = self.net.generate(
+                input_ids=input_ids,
+                attention_mask=attention,
+                generation_config=config,
+                logits_processor=LogitsProcessorList([sampler]),
+                stopping_criteria=StoppingCriteriaList([stopper]),
+            )
+        generated = out.sequences[:, input_ids.shape[1] :].tolist()
         lps = sampler.logprobs()
         for b, row in enumerate(rows):
             row.result = self._finish(row, generated[b], None if lps is None else [step[b] for step in lps])
@@ -189,8 +219,8 @@ class HFBackend:
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
     def _finish(self, row: _Row, tokens: list[int], steps: list[tuple] | None) -> Completion:
@@ -207,9 +237,12 @@ class HFBackend:
             used, finish = eos_at + 1, "stop"  # the EOS token counts, as vLLM counts it
         else:
             used, finish = len(tokens), "length"
-        logprobs = self._logprobs(tokens[:used], steps, p) if steps is not None and (p.logprobs or p.top_logprobs) else None
-        return Completion(text=text, finish_reason=finish, prompt_tokens=len(row.ids), completion_tokens=used,
-                          logprobs=logprobs)
+        logprobs = (
+            self._logprobs(tokens[:used], steps, p) if steps is not None and (p.logprobs or p.top_logprobs) else None
+        )
+        return Completion(
+            text=text, finish_reason=finish, prompt_tokens=len(row.ids), completion_tokens=used, logprobs=logprobs
+        )
 
     def _tokens_to_stop(self, tokens: list[int], stops: Sequence[str]) -> int:
         """The fewest leading tokens whose text already contains a stop string (binary search)."""
@@ -224,11 +257,11 @@ class HFBackend:
 
     def _logprobs(self, tokens: list[int], steps: list[tuple], p: SamplingParams) -> list[TokenLogprob]:
         ids = {t for t in tokens} | {i for _, _, top_ids in steps[: len(tokens)] for i in top_ids[: p.top_logprobs]}
-        text = dict(zip(ids, self.tokenizer.batch_decode([[i] for i in ids])))
+        text = dict(zip(ids, self.tokenizer.batch_decode([[i] for i in ids]), strict=True))
         out = []
-        for tok, (chosen_lp, top_vals, top_ids) in zip(tokens, steps):
+        for tok, (chosen_lp, top_vals, top_ids) in zip(tokens, steps, strict=True):
             top: dict[str, float] = {}
-            for i, v in zip(top_ids[: p.top_logprobs], top_vals[: p.top_logprobs]):
+            for i, v in zip(top_ids[: p.top_logprobs], top_vals[: p.top_logprobs], strict=True):
                 top.setdefault(text[i], v)  # two ids may decode alike: keep the likelier
             out.append(TokenLogprob(token=text[tok], logprob=chosen_lp, top=top))
         return out
@@ -248,14 +281,26 @@ class _RowSampler:
     before greedy or sampled choice, and the chosen token is fed back to the grammar; a finished
     grammar allows only end-of-sequence."""
 
-    def __init__(self, params: list[SamplingParams], seeds: list[int | None], device: Any, want_lp: bool, top_k: int,
-                 matchers: dict[int, Any] | None = None, eos_id: int | None = None):
+    def __init__(
+        self,
+        params: list[SamplingParams],
+        seeds: list[int | None],
+        device: Any,
+        want_lp: bool,
+        top_k: int,
+        matchers: dict[int, Any] | None = None,
+        eos_id: int | None = None,
+    ):
         import torch
 
         self.want_lp, self.top_k = want_lp, top_k
         self.sampled = [i for i, p in enumerate(params) if p.temperature > 0]
-        self.generators = [torch.Generator(device=device).manual_seed(
-            seeds[i] if seeds[i] is not None else random.SystemRandom().randrange(2**63)) for i in self.sampled]
+        self.generators = [
+            torch.Generator(device=device).manual_seed(
+                seeds[i] if seeds[i] is not None else random.SystemRandom().randrange(2**63)
+            )
+            for i in self.sampled
+        ]
         sp = [params[i] for i in self.sampled]
         self.rows = torch.tensor(self.sampled, dtype=torch.long, device=device)
         self.temperature = torch.tensor([p.temperature for p in sp], dtype=torch.float32, device=device)[:, None]
@@ -347,7 +392,7 @@ class _RowSampler:
         """Per step, per row: (chosen log-prob, top values, top ids), as Python lists."""
         if not self.want_lp:
             return None
-        return [list(zip(c.tolist(), v.tolist(), ix.tolist())) for c, v, ix in self.steps]
+        return [list(zip(c.tolist(), v.tolist(), ix.tolist(), strict=True)) for c, v, ix in self.steps]
 
 
 class _RowStop:
@@ -370,7 +415,7 @@ class _RowStop:
         done = step >= self.limits
         for i, stops in enumerate(self.stops):
             if stops and not done[i]:
-                tail = input_ids[i, max(self.prompt_width, input_ids.shape[1] - self.window[i]):].tolist()
+                tail = input_ids[i, max(self.prompt_width, input_ids.shape[1] - self.window[i]) :].tolist()
                 done[i] = _first_stop(self.tokenizer.decode(tail, skip_special_tokens=True), stops) is not None
         return done
 
@@ -421,8 +466,9 @@ def _progress(rows: int) -> Any:
     long chunk never sits at 0/N. Hidden for small calls."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=rows, desc="hf generate", unit="row", leave=False, disable=rows < _PROGRESS_MIN_ROWS,
-                mininterval=1.0)
+    return tqdm(
+        total=rows, desc="hf generate", unit="row", leave=False, disable=rows < _PROGRESS_MIN_ROWS, mininterval=1.0
+    )
 
 
 def _constrained(p: SamplingParams) -> bool:
@@ -442,8 +488,9 @@ class _Grammars:
             import logging
 
             logging.getLogger(__name__).warning(
-                'llm=hf: xgrammar is not installed, so JSON-schema/regex requests are not enforced; '
-                'pip install -e ".[local]" to enforce them')
+                "llm=hf: xgrammar is not installed, so JSON-schema/regex requests are not enforced; "
+                'pip install -e ".[local]" to enforce them'
+            )
             self.xgr = None
             return
         self.xgr = xgr
@@ -460,6 +507,9 @@ class _Grammars:
             key = ("regex", p.regex or "")
         if key not in self.compiled:
             # JSON without free whitespace: a small model otherwise loops on newlines inside the object
-            self.compiled[key] = (self.compiler.compile_json_schema(key[1], any_whitespace=False) if key[0] == "json"
-                                  else self.compiler.compile_regex(key[1]))
+            self.compiled[key] = (
+                self.compiler.compile_json_schema(key[1], any_whitespace=False)
+                if key[0] == "json"
+                else self.compiler.compile_regex(key[1])
+            )
         return self.xgr.GrammarMatcher(self.compiled[key])

@@ -3,8 +3,8 @@ Ollama, hosted APIs).
 
 One `generate` call = one `asyncio.run`: every (request, sample group) becomes one HTTP request, all
 in flight together under `asyncio.Semaphore(max_concurrency)`, spread over the base URLs (least busy
-first). Network faults are handled here and only here (one place for retries, so no caller retries twice): 429 (Retry-After
-honoured), 5xx, 408/409, timeouts, connection errors/resets and malformed or truncated bodies are
+first). Network faults are handled here and only here (one place for retries, so no caller retries twice):
+429 (Retry-After honoured), 5xx, 408/409, timeouts, connection errors/resets and malformed or truncated bodies are
 retried with exponential backoff and full jitter, on another base URL when there is one; when the
 retries run out a `BackendError` names the server, the model and the last failure. Client-side
 retries are off (the SDK's `max_retries=0`) so that retries live in one place.
@@ -66,8 +66,10 @@ _MAX_RETRY_AFTER_S = 600.0
 # Prefill probe results, per (base URL, model) for the whole process: one probe per server.
 _PREFILL_OK: dict[tuple[str, str], bool] = {}
 _PREFILL_LOCK = threading.Lock()
-_PROBE_MESSAGES = [Message(role="user", content="Count from one to ten in words, separated by commas."),
-                   Message(role="assistant", content="one, two, three, four, five, six, seven,")]
+_PROBE_MESSAGES = [
+    Message(role="user", content="Count from one to ten in words, separated by commas."),
+    Message(role="assistant", content="one, two, three, four, five, six, seven,"),
+]
 
 
 class OpenAISettings(BaseModel):
@@ -110,8 +112,10 @@ class OpenAISettings(BaseModel):
     @classmethod
     def _env_name(cls, v: str) -> str:
         if looks_like_key(v):  # the message must not quote the value: it is probably the key
-            raise ValueError("must be the NAME of an environment variable holding the key, and the value given "
-                             "looks like a key itself; export MY_KEY=<key> and pass llm.api_key_env=MY_KEY")
+            raise ValueError(
+                "must be the NAME of an environment variable holding the key, and the value given "
+                "looks like a key itself; export MY_KEY=<key> and pass llm.api_key_env=MY_KEY"
+            )
         return v
 
     @property
@@ -134,8 +138,12 @@ class OpenAIBackend:
     def __init__(self, settings: OpenAISettings, model: ModelSettings) -> None:
         self.settings = settings
         self.model = model.name_or_path
-        self.identity = {"kind": self.kind, "model": self.model, "revision": model.revision,
-                         "chat_template": model.chat_template}
+        self.identity = {
+            "kind": self.kind,
+            "model": self.model,
+            "revision": model.revision,
+            "chat_template": model.chat_template,
+        }
         self.chat_template = model.chat_template
         self.stats = CallStats()
         self._urls = settings.urls
@@ -146,13 +154,19 @@ class OpenAIBackend:
 
     def __repr__(self) -> str:  # no key here, ever
         urls = [strip_url_credentials(u) for u in self._urls]
-        return f"OpenAIBackend(model={self.model!r}, base_url={urls!r}, max_concurrency={self.settings.max_concurrency})"
+        return (
+            f"OpenAIBackend(model={self.model!r}, base_url={urls!r}, max_concurrency={self.settings.max_concurrency})"
+        )
 
     # ---- the Protocol ----------------------------------------------------------------------------
     streams_results = True  # generate(..., on_result=) reports each request's answers as they arrive
 
-    def generate(self, requests: Sequence[Request], params: SamplingParams | Sequence[SamplingParams],
-                 on_result: Callable[[int, list[Completion]], None] | None = None) -> list[list[Completion]]:
+    def generate(
+        self,
+        requests: Sequence[Request],
+        params: SamplingParams | Sequence[SamplingParams],
+        on_result: Callable[[int, list[Completion]], None] | None = None,
+    ) -> list[list[Completion]]:
         """All requests concurrently (at most `max_concurrency` in flight over every call running at
         once, from any thread). `on_result(r, completions)` is called as soon as request r is answered,
         from the backend's event-loop thread, so the call cache keeps answers that arrive before a
@@ -166,7 +180,7 @@ class OpenAIBackend:
             self.stats.requests += len(requests)
         results = self._loop().run(self._run_all(bodies, jobs, on_result))
         out: list[list[Completion]] = [[] for _ in requests]
-        for (r, _), comps in zip(jobs, results):
+        for (r, _), comps in zip(jobs, results, strict=True):
             out[r].extend(comps)
         self._check_not_all_failed(out)
         with self._stats_lock:
@@ -205,14 +219,17 @@ class OpenAIBackend:
             unknown = [u for u in self._urls if (u, self.model) not in _PREFILL_OK]
             if unknown:
                 found = self._loop().run(self._probe_prefill(unknown))
-                _PREFILL_OK.update({(u, self.model): ok for u, ok in zip(unknown, found)})
+                _PREFILL_OK.update({(u, self.model): ok for u, ok in zip(unknown, found, strict=True)})
         bad = [strip_url_credentials(u) for u in self._urls if not _PREFILL_OK[(u, self.model)]]
         if bad:
             raise BackendError(
-                f"openai backend: {', '.join(bad)} does not continue an assistant prefill (vLLM's continue_final_message; "
-                "llama.cpp and hosted APIs start a new turn), so labels read after a prefilled answer stem would be wrong; "
+                f"openai backend: {', '.join(bad)} does not continue an assistant prefill (vLLM's "
+                "continue_final_message; "
+                "llama.cpp and hosted APIs start a new turn), so labels read after a prefilled answer stem "
+                "would be wrong; "
                 "use pipeline=judge with text verdicts (pipeline.pairwise.logprobs=false) or serve the judge with vLLM "
-                "(llm.prefill=trust skips this check)")
+                "(llm.prefill=trust skips this check)"
+            )
 
     async def _probe_prefill(self, urls: list[str]) -> list[bool]:
         """One greedy request per server: a counting sequence left open in the assistant turn. A server
@@ -223,15 +240,20 @@ class OpenAIBackend:
             key = os.environ.get(self.settings.api_key_env) or "EMPTY"
             register_secret(key)
             ep = {"lean": LeanEndpoint, "openai": SDKEndpoint}[resolve_transport(self.settings.transport, u)](
-                u, key, self.settings.timeout_s, self.settings.max_concurrency)
+                u, key, self.settings.timeout_s, self.settings.max_concurrency
+            )
             try:
                 comps = await self._call([ep], self._loop_thread.sem, body, 1, None)
             finally:
                 await ep.aclose()
             text = comps[0].text.strip().lower() if comps else ""
             ok = text.startswith("eight")
-            log.info("openai backend: prefill probe of %s answered %r: %s", strip_url_credentials(u), text[:20],
-                     "continues the assistant message" if ok else "does NOT continue the assistant message")
+            log.info(
+                "openai backend: prefill probe of %s answered %r: %s",
+                strip_url_credentials(u),
+                text[:20],
+                "continues the assistant message" if ok else "does NOT continue the assistant message",
+            )
             out.append(ok)
         return out
 
@@ -255,8 +277,10 @@ class OpenAIBackend:
             body["top_logprobs"] = p.top_logprobs
         if p.json_schema is not None:
             schema = for_openai_strict(p.json_schema)  # strict mode rejects maxLength / minLength
-            body["response_format"] = {"type": "json_schema",
-                                       "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": schema, "strict": True},
+            }
         elif p.regex is not None and self.settings.regex_field != "none":  # a server extension: opt-in
             body.update(_regex_body(self.settings.regex_field, p.regex))
         if is_prefill(request):  # vLLM extension: continue the assistant message
@@ -267,8 +291,12 @@ class OpenAIBackend:
         return {**body, **self.settings.extra_body}
 
     # ---- async core ------------------------------------------------------------------------------
-    async def _run_all(self, bodies: list[dict], jobs: list[tuple[int, SamplingParams]],
-                       on_result: Callable[[int, list[Completion]], None] | None) -> list[list[Completion]]:
+    async def _run_all(
+        self,
+        bodies: list[dict],
+        jobs: list[tuple[int, SamplingParams]],
+        on_result: Callable[[int, list[Completion]], None] | None,
+    ) -> list[list[Completion]]:
         endpoints = self._endpoints()
         sem = self._loop_thread.sem  # shared by every call in flight on this loop: one concurrency bound
         bar = _progress(len(bodies), self.settings.progress)
@@ -333,13 +361,20 @@ class OpenAIBackend:
         with self._stats_lock:
             first, self._n_ignored = not self._n_ignored, True
         if first:
-            log.warning("openai backend: %s answered n=%d with %d choice(s); sending one request per sample from now on "
-                        "(llm.send_n=false does so from the start)", strip_url_credentials(url), n, got)
+            log.warning(
+                "openai backend: %s answered n=%d with %d choice(s); sending one request per sample from now on "
+                "(llm.send_n=false does so from the start)",
+                strip_url_credentials(url),
+                n,
+                got,
+            )
 
     def _fatal(self, exc: FatalHTTP, ep: Any, n: int) -> list[Completion]:
-        """401/403/404 (wrong key, URL or model) and an ignored `n` abort the call. Other 4xx (e.g. a prompt longer than the
-        context) are about this request only: it becomes an empty completion with finish_reason "error"
-        (a bad generation is data), unless every request of the call fails that way (see below)."""
+        """401/403/404 (wrong key, URL or model) and an ignored `n` abort the call.
+
+        Other 4xx (e.g. a prompt longer than the context) are about this request only: it becomes an empty
+        completion with finish_reason "error" (a bad generation is data), unless every request of the call
+        fails that way (see below)."""
         if exc.abort:
             raise BackendError(f"openai backend: {ep.url} refused model {self.model!r}: {exc}") from None
         self.stats.count_error(f"http_{exc.status}")
@@ -353,8 +388,9 @@ class OpenAIBackend:
         the data. One rejected request alone stays data, or one bad prompt would block a rerun forever."""
         flat = [c for group in out for c in group]
         if len(out) >= 2 and all(c.finish_reason == "error" for c in flat):
-            raise BackendError(f"openai backend: every request for model {self.model!r} was rejected; "
-                               f"last: {self._last_rejection}")
+            raise BackendError(
+                f"openai backend: every request for model {self.model!r} was rejected; last: {self._last_rejection}"
+            )
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         """Full jitter (uniform in [0, min(max, base * 2^attempt)]); a Retry-After is a lower bound, up to
@@ -381,7 +417,9 @@ def _parse(data: Any, n: int, fewer_ok: bool = False) -> list[Completion]:
     if not isinstance(choices, list) or not choices:
         raise Retryable("malformed", "response has no choices")
     if len(choices) > n or (len(choices) < n and not fewer_ok):
-        raise FatalHTTP(200, f"server returned {len(choices)} choices for n={n}; set llm.send_n=auto or false", abort=True)
+        raise FatalHTTP(
+            200, f"server returned {len(choices)} choices for n={n}; set llm.send_n=auto or false", abort=True
+        )
     usage = data.get("usage") or {}
     prompt_tokens = int(usage.get("prompt_tokens") or 0)
     completion_total = int(usage.get("completion_tokens") or 0)
@@ -392,8 +430,15 @@ def _parse(data: Any, n: int, fewer_ok: bool = False) -> list[Completion]:
             raise Retryable("malformed", "a choice has no message content")
         # usage is per request; with several choices completion tokens are shared out evenly (approximate)
         share = completion_total // len(choices) + (1 if i < completion_total % len(choices) else 0)
-        out.append(Completion(text=content, finish_reason=ch.get("finish_reason"), prompt_tokens=prompt_tokens,
-                              completion_tokens=share, logprobs=_logprobs(ch.get("logprobs"))))
+        out.append(
+            Completion(
+                text=content,
+                finish_reason=ch.get("finish_reason"),
+                prompt_tokens=prompt_tokens,
+                completion_tokens=share,
+                logprobs=_logprobs(ch.get("logprobs")),
+            )
+        )
     return out
 
 
@@ -402,8 +447,11 @@ def _logprobs(lp: Any) -> list[TokenLogprob] | None:
     if content is None:
         return None
     return [
-        TokenLogprob(token=t["token"], logprob=float(t["logprob"]),
-                     top={a["token"]: float(a["logprob"]) for a in (t.get("top_logprobs") or [])})
+        TokenLogprob(
+            token=t["token"],
+            logprob=float(t["logprob"]),
+            top={a["token"]: float(a["logprob"]) for a in (t.get("top_logprobs") or [])},
+        )
         for t in content
     ]
 

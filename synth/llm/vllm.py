@@ -42,8 +42,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from synth.llm.base import (
     BackendError,
     CallStats,
-    ConfigError,
     Completion,
+    ConfigError,
     ModelSettings,
     Request,
     SamplingParams,
@@ -112,13 +112,19 @@ def engine_kwargs(settings: VLLMSettings, model: ModelSettings) -> dict[str, Any
     lora = settings.enable_lora or settings.adapter is not None
     path, tokenizer, revision = model_files(settings, model)
     kw: dict[str, Any] = {
-        "model": path, "tokenizer": tokenizer, "revision": revision,
+        "model": path,
+        "tokenizer": tokenizer,
+        "revision": revision,
         "tokenizer_revision": revision if tokenizer == path else None,
         "tensor_parallel_size": settings.tensor_parallel_size,
         "pipeline_parallel_size": settings.pipeline_parallel_size,
-        "gpu_memory_utilization": settings.gpu_memory_utilization, "max_model_len": settings.max_model_len,
-        "dtype": settings.dtype, "seed": settings.seed, "enforce_eager": settings.enforce_eager,
-        "max_logprobs": settings.max_logprobs, "enable_prefix_caching": settings.enable_prefix_caching,
+        "gpu_memory_utilization": settings.gpu_memory_utilization,
+        "max_model_len": settings.max_model_len,
+        "dtype": settings.dtype,
+        "seed": settings.seed,
+        "enforce_eager": settings.enforce_eager,
+        "max_logprobs": settings.max_logprobs,
+        "enable_prefix_caching": settings.enable_prefix_caching,
         "enable_lora": lora,
     }
     if lora:
@@ -133,8 +139,13 @@ class VLLMBackend:
     def __init__(self, settings: VLLMSettings, model: ModelSettings) -> None:
         self.settings, self.model = settings, model.name_or_path
         self.stats = CallStats()
-        self.identity = {"kind": self.kind, "model": model.name_or_path, "revision": model.revision,
-                         "adapter": adapter_fingerprint(settings.adapter), "chat_template": model.chat_template}
+        self.identity = {
+            "kind": self.kind,
+            "model": model.name_or_path,
+            "revision": model.revision,
+            "adapter": adapter_fingerprint(settings.adapter),
+            "chat_template": model.chat_template,
+        }
         if model.gguf_file:
             self.identity["gguf_file"] = model.gguf_file
         if settings.tokenizer:
@@ -151,17 +162,19 @@ class VLLMBackend:
         s = self.settings
         return f"VLLMBackend(model={self.model!r}, tp={s.tensor_parallel_size}, dp={s.data_parallel_size})"
 
-    def generate(self, requests: Sequence[Request], params: SamplingParams | Sequence[SamplingParams]) -> list[list[Completion]]:
+    def generate(
+        self, requests: Sequence[Request], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[list[Completion]]:
         plist = as_params_list(params, len(requests))
         owners, jobs = [], []
-        for r, (req, p) in enumerate(zip(requests, plist)):
+        for r, (req, p) in enumerate(zip(requests, plist, strict=True)):
             conv = [{"role": m.role, "content": m.content} for m in req]
             for unit in split_seeded(p):
                 owners.append(r)
                 jobs.append((conv, unit, is_prefill(req)))
         results = self._run(jobs)
         out: list[list[Completion]] = [[] for _ in requests]
-        for r, comps in zip(owners, results):
+        for r, comps in zip(owners, results, strict=True):
             out[r].extend(comps)
         self.stats.calls += 1
         self.stats.requests += len(requests)
@@ -214,17 +227,26 @@ class _Engine:
             if not idx:
                 continue
             outputs = self.llm.chat(
-                [jobs[i][0] for i in idx], sampling_params=[self._params(jobs[i][1]) for i in idx],
-                use_tqdm=self.use_tqdm, lora_request=self.lora, chat_template=self.chat_template,
-                add_generation_prompt=not prefill, continue_final_message=prefill,
+                [jobs[i][0] for i in idx],
+                sampling_params=[self._params(jobs[i][1]) for i in idx],
+                use_tqdm=self.use_tqdm,
+                lora_request=self.lora,
+                chat_template=self.chat_template,
+                add_generation_prompt=not prefill,
+                continue_final_message=prefill,
             )
-            for i, ro in zip(idx, outputs):
+            for i, ro in zip(idx, outputs, strict=True):
                 results[i] = to_completions(ro, jobs[i][1])
         return results
 
     def _params(self, p: SamplingParams) -> Any:
-        kw: dict[str, Any] = {"n": p.n, "temperature": p.temperature, "top_p": p.top_p,
-                              "max_tokens": p.max_new_tokens, "seed": p.seed}
+        kw: dict[str, Any] = {
+            "n": p.n,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "max_tokens": p.max_new_tokens,
+            "seed": p.seed,
+        }
         if p.top_k is not None:
             kw["top_k"] = p.top_k
         if p.stop:
@@ -270,11 +292,15 @@ def to_completions(ro: Any, p: SamplingParams) -> list[Completion]:
     out = []
     for o in sorted(ro.outputs, key=lambda o: o.index):
         token_ids = list(o.token_ids or [])
-        out.append(Completion(
-            text=o.text, finish_reason=o.finish_reason, prompt_tokens=prompt_tokens,
-            completion_tokens=len(token_ids),
-            logprobs=_logprobs(token_ids, o.logprobs, p.top_logprobs) if (p.logprobs or p.top_logprobs) else None,
-        ))
+        out.append(
+            Completion(
+                text=o.text,
+                finish_reason=o.finish_reason,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=len(token_ids),
+                logprobs=_logprobs(token_ids, o.logprobs, p.top_logprobs) if (p.logprobs or p.top_logprobs) else None,
+            )
+        )
     return out
 
 
@@ -283,7 +309,7 @@ def _logprobs(token_ids: list[int], steps: Any, k: int) -> list[TokenLogprob] | 
     if steps is None:
         return None
     out = []
-    for tid, step in zip(token_ids, steps):
+    for tid, step in zip(token_ids, steps, strict=True):
         chosen = step[tid]
         top: dict[str, float] = {}
         for lp in sorted(step.values(), key=lambda lp: -lp.logprob):
@@ -344,10 +370,12 @@ def _start_workers(spec: tuple, settings: VLLMSettings) -> list[_Worker]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     devices = visible.split(",") if visible else [str(i) for i in range(per * settings.data_parallel_size)]
     if len(devices) < per * settings.data_parallel_size:
-        raise ValueError(f"llm.data_parallel_size={settings.data_parallel_size} x {per} GPUs each needs "
-                         f"{per * settings.data_parallel_size} GPUs; CUDA_VISIBLE_DEVICES has {len(devices)}")
+        raise ValueError(
+            f"llm.data_parallel_size={settings.data_parallel_size} x {per} GPUs each needs "
+            f"{per * settings.data_parallel_size} GPUs; CUDA_VISIBLE_DEVICES has {len(devices)}"
+        )
     ctx = mp.get_context("spawn")  # CUDA must not be initialised in a forked child
-    workers = [_Worker(ctx, spec, devices[w * per:(w + 1) * per], w) for w in range(settings.data_parallel_size)]
+    workers = [_Worker(ctx, spec, devices[w * per : (w + 1) * per], w) for w in range(settings.data_parallel_size)]
     try:
         for w in workers:  # the replicas load in parallel; wait for all
             w.wait_ready()

@@ -91,8 +91,10 @@ class AIFeedbackPipeline(Pipeline):
             from synth.errors import ConstitutionError
 
             name = getattr(constitution, "name", None)
-            raise ConstitutionError(f"pipeline=ai_feedback compares answers with the principles' `judge` questions and "
-                                    f"constitution={name} has none; add `judge:` to its principles or use constitution=hhh_en")
+            raise ConstitutionError(
+                f"pipeline=ai_feedback compares answers with the principles' `judge` questions and "
+                f"constitution={name} has none; add `judge:` to its principles or use constitution=hhh_en"
+            )
 
     def items(self, ctx: Context, source: Iterable[SourceItem] | None) -> Iterable[SourceItem]:
         self.check_constitution(ctx.constitution)
@@ -101,7 +103,7 @@ class AIFeedbackPipeline(Pipeline):
     def process(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> None:
         pairs = self.responses(items, ctx, state)
         comps = [c for it, y1, y2 in pairs for c in self.comparisons(it, y1, y2, ctx)]
-        judged = list(zip(comps, compare.judge_both_orders(ctx, state, comps, self.settings())))
+        judged = list(zip(comps, compare.judge_both_orders(ctx, state, comps, self.settings()), strict=True))
         m = self.cfg.principles_per_pair
         for n, (it, y1, y2) in enumerate(pairs):
             self.emit(it, y1, y2, judged[n * m : (n + 1) * m], ctx, state)
@@ -109,11 +111,18 @@ class AIFeedbackPipeline(Pipeline):
     def settings(self) -> compare.JudgeSettings:
         c = self.cfg
         return compare.JudgeSettings(
-            cot=c.cot, label=c.label, votes=c.votes, top_logprobs=c.top_logprobs,
-            reason_params=c.cot_sampling.params(), vote_params=c.vote_sampling.params(), clamp_cot=c.cot_clamp,
+            cot=c.cot,
+            label=c.label,
+            votes=c.votes,
+            top_logprobs=c.top_logprobs,
+            reason_params=c.cot_sampling.params(),
+            vote_params=c.vote_sampling.params(),
+            clamp_cot=c.cot_clamp,
         )
 
-    def responses(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> list[tuple[SourceItem, str, str]]:
+    def responses(
+        self, items: Sequence[SourceItem], ctx: Context, state: ChunkState
+    ) -> list[tuple[SourceItem, str, str]]:
         if self.cfg.responses == "source":
             out = []
             for it in items:
@@ -124,12 +133,14 @@ class AIFeedbackPipeline(Pipeline):
             return out
         return self.sample_pairs(items, ctx, state)
 
-    def sample_pairs(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> list[tuple[SourceItem, str, str]]:
+    def sample_pairs(
+        self, items: Sequence[SourceItem], ctx: Context, state: ChunkState
+    ) -> list[tuple[SourceItem, str, str]]:
         """ONE policy call, n=2 per prompt; truncated or empty samples are not compared."""
         calls = [Call(it.id, list(it.prompt)) for it in items]
         results = run_calls(ctx, state, "respond", "policy", calls, self.cfg.sampling.params(n=2), parse_reply)
         out = []
-        for it, (a, b) in zip(items, results):
+        for it, (a, b) in zip(items, results, strict=True):
             bad = next((s for s in (a, b) if not s.ok), None)
             if bad is not None:
                 state.drop("response_truncated" if bad.completion.truncated else "response_empty")
@@ -154,13 +165,24 @@ class AIFeedbackPipeline(Pipeline):
         label = compare.combine([(v1.p, v2.p) for _, (v1, v2) in judged])
         rid = stable_id(it.id, "ai_feedback", y1, y2)
         soft = SoftPreferenceRecord(
-            id=rid, prompt=it.prompt, response_a=y1, response_b=y2, p_a=label.p, p_a_order1=label.p_order1,
-            p_a_order2=label.p_order2, orders_agree=label.orders_agree,
+            id=rid,
+            prompt=it.prompt,
+            response_a=y1,
+            response_b=y2,
+            p_a=label.p,
+            p_a_order1=label.p_order1,
+            p_a_order2=label.p_order2,
+            orders_agree=label.orders_agree,
             principle_ids=[c.principle.id for c, _ in judged],
-            per_principle=[{"principle_id": c.principle.id, "p_a_order1": v1.p, "p_a_order2": v2.p} for c, (v1, v2) in judged],
+            per_principle=[
+                {"principle_id": c.principle.id, "p_a_order1": v1.p, "p_a_order2": v2.p} for c, (v1, v2) in judged
+            ],
             cot=[r for _, (v1, v2) in judged for r in (v1.reasoning, v2.reasoning)] if self.cfg.cot else None,
-            clamped=self.cfg.cot, label_model=ctx.llm("judge").model, parse_ok=label.p is not None,
-            responses=self.cfg.responses, category=it.category,
+            clamped=self.cfg.cot,
+            label_model=ctx.llm("judge").model,
+            parse_ok=label.p is not None,
+            responses=self.cfg.responses,
+            category=it.category,
         )
         if it.category:
             state.count(f"category/{it.category}")
@@ -182,18 +204,34 @@ class AIFeedbackPipeline(Pipeline):
             return "label_within_band"
         return None
 
-    def preference(self, it: SourceItem, y1: str, y2: str, label: compare.SoftLabel, soft: SoftPreferenceRecord, ctx: Context) -> PreferenceRecord:
+    def preference(
+        self, it: SourceItem, y1: str, y2: str, label: compare.SoftLabel, soft: SoftPreferenceRecord, ctx: Context
+    ) -> PreferenceRecord:
         y1_wins = label.p > 0.5  # type: ignore[operator]
         flip = (lambda p: p) if y1_wins else (lambda p: 1.0 - p)
         ref = template_ref("mc_compare", ctx.language)
         return PreferenceRecord(
-            id=soft.id, prompt=it.prompt,
-            chosen=[assistant(y1 if y1_wins else y2)], rejected=[assistant(y2 if y1_wins else y1)],
-            method="ai_feedback", principle_ids=soft.principle_ids, p_chosen=flip(label.p), category=it.category,
-            meta={"p_chosen_order1": flip(label.p_order1), "p_chosen_order2": flip(label.p_order2), "cot": self.cfg.cot,
-                  "responses": self.cfg.responses, "source_chosen_won": y1_wins if self.cfg.responses == "source" else None},
-            provenance=Provenance(generator_model=ctx.llm("judge").model, sampling={"label": self.cfg.label, "cot": self.cfg.cot},
-                                  template_id=ref["template_id"], template_hash=ref["template_hash"]),
+            id=soft.id,
+            prompt=it.prompt,
+            chosen=[assistant(y1 if y1_wins else y2)],
+            rejected=[assistant(y2 if y1_wins else y1)],
+            method="ai_feedback",
+            principle_ids=soft.principle_ids,
+            p_chosen=flip(label.p),
+            category=it.category,
+            meta={
+                "p_chosen_order1": flip(label.p_order1),
+                "p_chosen_order2": flip(label.p_order2),
+                "cot": self.cfg.cot,
+                "responses": self.cfg.responses,
+                "source_chosen_won": y1_wins if self.cfg.responses == "source" else None,
+            },
+            provenance=Provenance(
+                generator_model=ctx.llm("judge").model,
+                sampling={"label": self.cfg.label, "cot": self.cfg.cot},
+                template_id=ref["template_id"],
+                template_hash=ref["template_hash"],
+            ),
         )
 
     def finalize(self, ctx: Context, out_dir: Path) -> dict[str, Any]:

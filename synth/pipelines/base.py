@@ -139,10 +139,20 @@ def run_pipeline(
             print_estimate(pipeline, n_items - resumed)
         pipeline.setup(ctx, writer)
 
-        def manifest(status: str, error: str | None = None, extra: dict[str, Any] | None = None,
-                     must_write: bool = True) -> dict[str, Any]:
-            m = build_manifest(pipeline, writer, n_items, resumed, duplicates, time.time() - start, status, error,
-                               {**(source_report() if source_report else {}), **(extra or {})})
+        def manifest(
+            status: str, error: str | None = None, extra: dict[str, Any] | None = None, must_write: bool = True
+        ) -> dict[str, Any]:
+            m = build_manifest(
+                pipeline,
+                writer,
+                n_items,
+                resumed,
+                duplicates,
+                time.time() - start,
+                status,
+                error,
+                {**(source_report() if source_report else {}), **(extra or {})},
+            )
             try:
                 write_json_atomic(out_dir / "manifest.json", m)
             except OSError:
@@ -275,7 +285,9 @@ def _unique(items: Iterable[SourceItem]) -> Iterable[SourceItem]:
             yield it
 
 
-def build_manifest(pipeline, writer: ChunkWriter, n_inputs, resumed, duplicates, wall, status, error, extra) -> dict[str, Any]:
+def build_manifest(
+    pipeline, writer: ChunkWriter, n_inputs, resumed, duplicates, wall, status, error, extra
+) -> dict[str, Any]:
     c = writer.counters
 
     def group(prefix: str) -> dict[str, int]:
@@ -319,14 +331,18 @@ def print_estimate(pipeline: Pipeline, n_todo: int) -> None:
     would take hours on the chosen model is seen before it starts (preset=small is the cure on CPU)."""
     est = pipeline.estimate(n_todo)
     if est:
-        print(f"== {pipeline.cfg.name}: {n_todo} inputs to do; at most {est['requests']:,} requests and "
-              f"{est['new_tokens']:,} new tokens", flush=True)
+        print(
+            f"== {pipeline.cfg.name}: {n_todo} inputs to do; at most {est['requests']:,} requests and "
+            f"{est['new_tokens']:,} new tokens",
+            flush=True,
+        )
 
 
 def print_summary(m: dict[str, Any], out_dir: Path) -> None:
     lines = [
         f"== {m['pipeline']}: {m['status']} in {m['wall_time_s_this_run']:.1f}s -> {out_dir}",
-        f"   inputs {m['inputs']}  processed {m['processed']}  (resumed {m['resumed_from_previous_runs']}, duplicates skipped {m['duplicate_inputs_skipped']})",
+        f"   inputs {m['inputs']}  processed {m['processed']}  (resumed {m['resumed_from_previous_runs']}, "
+        f"duplicates skipped {m['duplicate_inputs_skipped']})",
         "   outputs:        " + "  ".join(f"{k}={v}" for k, v in m["outputs"].items()),
     ]
     for key in ("drops", "parse_failures", "truncated", "retries", "cache_hits", "tokens", "source_rows_skipped"):

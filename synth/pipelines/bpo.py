@@ -26,13 +26,19 @@ from pydantic import Field
 
 from synth.io import ChunkWriter
 from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
-from synth.runtime import Sampling
 from synth.prompts import template_ref
 from synth.records import Message, Provenance, SFTRecord, SourceItem, stable_id
+from synth.runtime import Sampling
 from synth.steps import structure
 from synth.steps.base import Call, assistant, run_calls
 from synth.steps.bpo import (
-    attach_context, build_construct, build_safety, parse_optimized, parse_rewrite, ratio_filter, rewriter_messages,
+    attach_context,
+    build_construct,
+    build_safety,
+    parse_optimized,
+    parse_rewrite,
+    ratio_filter,
+    rewriter_messages,
 )
 from synth.steps.candidates import CandidateSpec, register_candidates
 
@@ -61,13 +67,32 @@ class BpoPipeline(Pipeline):
                 state.drop("no_preference_pair")
                 continue
             usable.append(it)
-        calls = [Call(it.id, build_construct(ctx.language, it.prompt_text, it.chosen[-1].content, it.rejected[-1].content,
-                                             self._context(it), it.prompt[:-1])) for it in usable]
+        calls = [
+            Call(
+                it.id,
+                build_construct(
+                    ctx.language,
+                    it.prompt_text,
+                    it.chosen[-1].content,
+                    it.rejected[-1].content,
+                    self._context(it),
+                    it.prompt[:-1],
+                ),
+            )
+            for it in usable
+        ]
         params = cfg.sampling.params()
         params = params.replace(regex=structure.bpo(params.max_new_tokens))
-        results = run_calls(ctx, state, "bpo_construct", "policy", calls, params,
-                            parse=lambda t: parse_optimized(t, cfg.require_end_marker))
-        for it, (smp,) in zip(usable, results):
+        results = run_calls(
+            ctx,
+            state,
+            "bpo_construct",
+            "policy",
+            calls,
+            params,
+            parse=lambda t: parse_optimized(t, cfg.require_end_marker),
+        )
+        for it, (smp,) in zip(usable, results, strict=True):
             if not smp.ok:
                 continue  # counted as parse_failed/bpo_construct or truncated/bpo_construct
             original, optimized = it.prompt_text, smp.judgement.parsed["optimized"]
@@ -84,18 +109,31 @@ class BpoPipeline(Pipeline):
         value = it.meta.get(self.cfg.context_field)
         return value if isinstance(value, str) else ""
 
-    def _row(self, it: SourceItem, ctx: Context, original: str, optimized: str, context: str, comparison: str) -> SFTRecord:
+    def _row(
+        self, it: SourceItem, ctx: Context, original: str, optimized: str, context: str, comparison: str
+    ) -> SFTRecord:
         # the same seeded draws for both sides: input and target get the same context layout
         final_in = attach_context(original, context, ctx.rng(it.id, "bpo_context"))
         final_out = attach_context(optimized, context, ctx.rng(it.id, "bpo_context"))
         return SFTRecord(
-            id=stable_id(it.id, "bpo"), messages=[*rewriter_messages(ctx.language, final_in), assistant(final_out)],
-            method="bpo", category=it.category,
-            meta={"original_prompt": original, "optimized_prompt": optimized, "comparison": comparison,
-                  "context": context or None,
-                  "good_res": it.chosen[-1].content, "bad_res": it.rejected[-1].content, "history_turns": len(it.prompt) - 1},
-            provenance=Provenance(generator_model=ctx.llm("policy").model, sampling=self.cfg.sampling.model_dump(),
-                                  **template_ref("bpo_construct", ctx.language)),
+            id=stable_id(it.id, "bpo"),
+            messages=[*rewriter_messages(ctx.language, final_in), assistant(final_out)],
+            method="bpo",
+            category=it.category,
+            meta={
+                "original_prompt": original,
+                "optimized_prompt": optimized,
+                "comparison": comparison,
+                "context": context or None,
+                "good_res": it.chosen[-1].content,
+                "bad_res": it.rejected[-1].content,
+                "history_turns": len(it.prompt) - 1,
+            },
+            provenance=Provenance(
+                generator_model=ctx.llm("policy").model,
+                sampling=self.cfg.sampling.model_dump(),
+                **template_ref("bpo_construct", ctx.language),
+            ),
         )
 
 
@@ -142,7 +180,7 @@ class BpoRewritePipeline(Pipeline):
             params = params.replace(regex=structure.bpo(params.max_new_tokens))
         results = run_calls(ctx, state, "bpo_rewrite", "policy", calls, params, parse=parse)
         rows = []
-        for it, (smp,) in zip(items, results):
+        for it, (smp,) in zip(items, results, strict=True):
             if not smp.ok:
                 continue  # counted as parse_failed/bpo_rewrite or truncated/bpo_rewrite
             rewritten = smp.judgement.parsed["optimized"] if cfg.safety else smp.judgement.parsed
@@ -160,11 +198,18 @@ class BpoRewritePipeline(Pipeline):
         prompt = [*it.prompt[:-1], Message(role="user", content=rewritten)]  # ready for any generator
         tmpl = "bpo_safety" if self.cfg.safety else "bpo_rewriter"
         return {
-            "id": stable_id(it.id, "bpo_rewrite", self.cfg.safety), "original": [m.model_dump() for m in it.prompt],
-            "rewritten": rewritten, "prompt": [m.model_dump() for m in prompt], "safety": self.cfg.safety,
-            "category": it.category, "meta": it.meta,
-            "provenance": Provenance(generator_model=ctx.llm("policy").model, sampling=self.cfg.sampling.model_dump(),
-                                     **template_ref(tmpl, ctx.language)).model_dump(),
+            "id": stable_id(it.id, "bpo_rewrite", self.cfg.safety),
+            "original": [m.model_dump() for m in it.prompt],
+            "rewritten": rewritten,
+            "prompt": [m.model_dump() for m in prompt],
+            "safety": self.cfg.safety,
+            "category": it.category,
+            "meta": it.meta,
+            "provenance": Provenance(
+                generator_model=ctx.llm("policy").model,
+                sampling=self.cfg.sampling.model_dump(),
+                **template_ref(tmpl, ctx.language),
+            ).model_dump(),
         }
 
     def _respond(self, rows: list[dict[str, Any]], ctx: Context, state: ChunkState) -> None:
@@ -173,15 +218,23 @@ class BpoRewritePipeline(Pipeline):
         calls = [Call(r["id"], [Message(**m) for m in r["prompt"]]) for r in rows]
         role = self._target.role if self._target is not None else "target"
         results = run_calls(ctx, state, "bpo_respond", role, calls, self.cfg.response_sampling.params())
-        for row, (smp,) in zip(rows, results):
+        for row, (smp,) in zip(rows, results, strict=True):
             if smp.completion.truncated:
                 row["response"] = None
                 state.drop("truncated_response")
                 continue
             row["response"] = smp.text
             original = [Message(**m) for m in row["original"]]
-            state.emit("sft", SFTRecord(
-                id=stable_id(row["id"], "respond"), messages=[*original, assistant(smp.text)], method="bpo_rewrite",
-                category=row["category"], meta={"rewritten_prompt": row["rewritten"], "safety": row["safety"]},
-                provenance=Provenance(generator_model=ctx.llm(role).model, sampling=self.cfg.response_sampling.model_dump()),
-            ))
+            state.emit(
+                "sft",
+                SFTRecord(
+                    id=stable_id(row["id"], "respond"),
+                    messages=[*original, assistant(smp.text)],
+                    method="bpo_rewrite",
+                    category=row["category"],
+                    meta={"rewritten_prompt": row["rewritten"], "safety": row["safety"]},
+                    provenance=Provenance(
+                        generator_model=ctx.llm(role).model, sampling=self.cfg.response_sampling.model_dump()
+                    ),
+                ),
+            )

@@ -99,9 +99,12 @@ def few_shot_prefix(constitution, language: str) -> list[Message]:
     for ex in constitution.few_shot:
         p = constitution.principle(ex.principle_id)
         out += [
-            user(ex.prompt), assistant(ex.response),
-            user(critique_step.request(p, language)), assistant(ex.critique),
-            user(revision_step.request(p, language)), assistant(ex.revision),
+            user(ex.prompt),
+            assistant(ex.response),
+            user(critique_step.request(p, language)),
+            assistant(ex.critique),
+            user(revision_step.request(p, language)),
+            assistant(ex.revision),
         ]
     return out
 
@@ -175,7 +178,7 @@ class CritiqueRevisionPipeline(Pipeline):
             calls.append(Call(it.id, msgs, {"kind": "helpful" if helpful else "red_team"}))
             params.append(base.replace(n=self.cfg.helpful_samples if helpful else 1))
         results = run_calls(ctx, state, "answer", "policy", calls, params, revision_step.parse_reply)
-        for it, call, samples in zip(todo, calls, results):
+        for it, call, samples in zip(todo, calls, results, strict=True):
             if is_helpful(it):
                 self.emit_helpful(it, samples, ctx, state)
             elif not samples[0].ok:
@@ -191,7 +194,8 @@ class CritiqueRevisionPipeline(Pipeline):
         params = self.params(ctx.language)
         crit_in = [
             critique_step.CritiqueInput(
-                c.item.id, c.history,
+                c.item.id,
+                c.history,
                 # A fresh principle per item AND round: seeded by both, so resumes redraw the same.
                 ctx.constitution.sample_principle(ctx.rng(c.item.id, "cai_round", k), category=c.item.category),
             )
@@ -199,7 +203,7 @@ class CritiqueRevisionPipeline(Pipeline):
         ]
         crits = critique_step.critique(ctx, state, crit_in, params, k)
         alive, rev_in = [], []
-        for c, x, s in zip(convs, crit_in, crits):
+        for c, x, s in zip(convs, crit_in, crits, strict=True):
             if not s.ok:
                 state.drop(drop_reason("critique", s))
                 continue
@@ -207,7 +211,7 @@ class CritiqueRevisionPipeline(Pipeline):
             rev_in.append(revision_step.RevisionInput(c.item.id, s.call.messages, s.judgement.parsed, x.principle))  # type: ignore[union-attr]
         revs = revision_step.revise(ctx, state, rev_in, params, k)
         out = []
-        for c, x, s in zip(alive, rev_in, revs):
+        for c, x, s in zip(alive, rev_in, revs, strict=True):
             if not s.ok:
                 state.drop(drop_reason("revision", s))
                 continue
@@ -231,28 +235,45 @@ class CritiqueRevisionPipeline(Pipeline):
     def emit(self, conv: Conversation, ctx: Context, state: ChunkState) -> None:
         it, prov = conv.item, self.provenance(ctx)
         principle_ids = [r["principle_id"] for r in conv.rounds]
-        state.emit("sft", SFTRecord(
-            id=stable_id(it.id, "cai_sl"), messages=[*it.prompt, assistant(conv.reply)], method="cai_sl",
-            category=it.category, meta={"r0": conv.initial, "r0_source": conv.initial_source, "rounds": conv.rounds},
-            provenance=prov,
-        ))
+        state.emit(
+            "sft",
+            SFTRecord(
+                id=stable_id(it.id, "cai_sl"),
+                messages=[*it.prompt, assistant(conv.reply)],
+                method="cai_sl",
+                category=it.category,
+                meta={"r0": conv.initial, "r0_source": conv.initial_source, "rounds": conv.rounds},
+                provenance=prov,
+            ),
+        )
         if it.category:
             state.count(f"category/{it.category}")
         sim = similarity(conv.reply, conv.initial)
         if sim >= self.cfg.near_identical:  # no-change revisions are fine SFT targets, not preferences
             state.drop("preference_near_identical")
             return
-        state.emit("preferences", PreferenceRecord(
-            id=stable_id(it.id, "cai_sl_pref"), prompt=it.prompt, chosen=[assistant(conv.reply)],
-            rejected=[assistant(conv.initial)], method="cai_sl_revision", principle_ids=principle_ids,
-            category=it.category, meta={"rounds": len(conv.rounds), "similarity": round(sim, 4),
-                                           "rejected_source": conv.initial_source}, provenance=prov,
-        ))
+        state.emit(
+            "preferences",
+            PreferenceRecord(
+                id=stable_id(it.id, "cai_sl_pref"),
+                prompt=it.prompt,
+                chosen=[assistant(conv.reply)],
+                rejected=[assistant(conv.initial)],
+                method="cai_sl_revision",
+                principle_ids=principle_ids,
+                category=it.category,
+                meta={"rounds": len(conv.rounds), "similarity": round(sim, 4), "rejected_source": conv.initial_source},
+                provenance=prov,
+            ),
+        )
 
     def finalize(self, ctx: Context, out_dir: Path) -> dict[str, Any]:
         """Where each SFT row's r0 came from: given (red_team's unsafe answer) or generated here."""
-        sources = Counter(r["meta"].get("r0_source", "generated") for r in read_jsonl(out_dir / "sft.jsonl")
-                          if r.get("method") == "cai_sl")
+        sources = Counter(
+            r["meta"].get("r0_source", "generated")
+            for r in read_jsonl(out_dir / "sft.jsonl")
+            if r.get("method") == "cai_sl"
+        )
         return {"initial_answers": dict(sorted(sources.items()))}
 
     def emit_helpful(self, it: SourceItem, samples: list[Sample], ctx: Context, state: ChunkState) -> None:
@@ -267,9 +288,16 @@ class CritiqueRevisionPipeline(Pipeline):
                 state.drop_part("helpful_sample", "helpful_duplicate")
                 continue
             seen.add(text)
-            state.emit("sft", SFTRecord(
-                id=stable_id(it.id, "cai_sl_helpful", s.index), messages=[*it.prompt, assistant(text)],
-                method="cai_sl_helpful", category=it.category, meta={"sample": s.index}, provenance=prov,
-            ))
+            state.emit(
+                "sft",
+                SFTRecord(
+                    id=stable_id(it.id, "cai_sl_helpful", s.index),
+                    messages=[*it.prompt, assistant(text)],
+                    method="cai_sl_helpful",
+                    category=it.category,
+                    meta={"sample": s.index},
+                    provenance=prov,
+                ),
+            )
             if it.category:
                 state.count(f"category/{it.category}")

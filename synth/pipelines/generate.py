@@ -32,7 +32,7 @@ class GeneratePipeline(Pipeline):
         calls = [Call(it.id, list(it.prompt)) for it in items]
         results = run_calls(ctx, state, "generate", "policy", calls, cfg.sampling.params(n=cfg.n))
         model = ctx.llm("policy").model
-        for it, samples in zip(items, results):
+        for it, samples in zip(items, results, strict=True):
             comps = [s.completion for s in samples]
             if cfg.drop_truncated:
                 kept = [c for c in comps if not c.truncated]
@@ -40,7 +40,14 @@ class GeneratePipeline(Pipeline):
                 comps = kept
             if it.category:
                 state.count(f"category/{it.category}")
-            state.emit("completions", GenerationRecord(
-                id=it.id, prompt=it.prompt, completions=comps, model=model, category=it.category,
-                provenance=Provenance(generator_model=model, sampling={**cfg.sampling.model_dump(), "n": cfg.n}),
-            ))
+            state.emit(
+                "completions",
+                GenerationRecord(
+                    id=it.id,
+                    prompt=it.prompt,
+                    completions=comps,
+                    model=model,
+                    category=it.category,
+                    provenance=Provenance(generator_model=model, sampling={**cfg.sampling.model_dump(), "n": cfg.n}),
+                ),
+            )

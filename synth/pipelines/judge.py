@@ -46,6 +46,7 @@ from synth.records import (
     stable_id,
 )
 from synth.runtime import Sampling
+from synth.steps.base import Call
 from synth.steps.candidates import (
     Candidate,
     CandidateSpec,
@@ -54,7 +55,6 @@ from synth.steps.candidates import (
     sample_candidates,
 )
 from synth.steps.filters import near_identical
-from synth.steps.base import Call
 from synth.steps.judge import PairResult, ask_both_orders, build_joint, judge_listwise, judge_pairs, judge_rubric
 
 
@@ -127,7 +127,9 @@ class JudgePipeline(Pipeline):
         elif self.cfg.mode == "listwise":
             cfg = self.cfg.listwise
             results = judge_listwise(ctx, state, groups, self.cfg.judge_sampling.params(), cfg.samples)
-            self._scored(groups, [r["scores"] for r in results], ctx, state, [{"rankings": r["rankings"]} for r in results])
+            self._scored(
+                groups, [r["scores"] for r in results], ctx, state, [{"rankings": r["rankings"]} for r in results]
+            )
         else:
             cfg = self.cfg.rubric
             params = self.cfg.judge_sampling.params().replace(temperature=cfg.temperature)
@@ -220,36 +222,72 @@ class JudgePipeline(Pipeline):
         calls = []
         for (ia, ca), (ib, cb) in pairs:
             for order_name, ((p1, r1), (p2, r2)) in (("ab", ((ia, ca), (ib, cb))), ("ba", ((ib, cb), (ia, ca)))):
-                calls.append(Call(ia.id, build_joint(ctx.language, p1.prompt, r1.text, p2.prompt, r2.text, pw.logprobs),
-                                  {"order": order_name, "items": [ia.id, ib.id], "slot_a": p1.id, "slot_b": p2.id}))
+                calls.append(
+                    Call(
+                        ia.id,
+                        build_joint(ctx.language, p1.prompt, r1.text, p2.prompt, r2.text, pw.logprobs),
+                        {"order": order_name, "items": [ia.id, ib.id], "slot_a": p1.id, "slot_b": p2.id},
+                    )
+                )
         resolved = ask_both_orders(ctx, state, "judge_joint", calls, params, pw.logprobs, pw.tie_band)
-        for ((ia, ca), (ib, cb)), (verdicts, winner, p_a) in zip(pairs, resolved):
+        for ((ia, ca), (ib, cb)), (verdicts, winner, p_a) in zip(pairs, resolved, strict=True):
             if winner is None:
                 state.drop_part("joint_pair", "pair_unresolved")
                 continue
-            state.emit("battles", {
-                "id": stable_id(ia.id, ib.id, "joint_battle"), "item_id": ia.id, "partner_id": ib.id, "kind": "joint", "mode": "joint",
-                "model_a": ia.id, "model_b": ib.id, "winner": {"i": "a", "j": "b", "tie": "tie"}[winner], "verdicts": list(verdicts),
-                "consistent": winner != "tie" or verdicts == ("C", "C"), "p_a": p_a})
+            state.emit(
+                "battles",
+                {
+                    "id": stable_id(ia.id, ib.id, "joint_battle"),
+                    "item_id": ia.id,
+                    "partner_id": ib.id,
+                    "kind": "joint",
+                    "mode": "joint",
+                    "model_a": ia.id,
+                    "model_b": ib.id,
+                    "winner": {"i": "a", "j": "b", "tie": "tie"}[winner],
+                    "verdicts": list(verdicts),
+                    "consistent": winner != "tie" or verdicts == ("C", "C"),
+                    "p_a": p_a,
+                },
+            )
             if winner == "tie":
                 state.drop_part("joint_pair", "pair_tie")  # DOVE removes ties
                 continue
-            state.emit("joint_preferences", JointPreferenceRecord(
-                id=stable_id(ia.id, ib.id, "judge_joint"), prompt_a=ia.prompt, response_a=[Message(role="assistant", content=ca.text)],
-                prompt_b=ib.prompt, response_b=[Message(role="assistant", content=cb.text)], label="a" if winner == "i" else "b",
-                method="judge_joint", p_a=p_a, category_a=ia.category, category_b=ib.category,
-                meta={"item_a": ia.id, "item_b": ib.id, "response_a_name": ca.name, "response_b_name": cb.name,
-                      "same_instruction": ia.prompt == ib.prompt, "verdicts": {"ab": verdicts[0], "ba": verdicts[1]},
-                      "judge_model": ctx.llm("judge").model},
-                provenance=Provenance(generator_model=None, sampling=self.cfg.judge_sampling.model_dump(),
-                                      **template_ref("judge_joint", ctx.language)),
-            ))
+            state.emit(
+                "joint_preferences",
+                JointPreferenceRecord(
+                    id=stable_id(ia.id, ib.id, "judge_joint"),
+                    prompt_a=ia.prompt,
+                    response_a=[Message(role="assistant", content=ca.text)],
+                    prompt_b=ib.prompt,
+                    response_b=[Message(role="assistant", content=cb.text)],
+                    label="a" if winner == "i" else "b",
+                    method="judge_joint",
+                    p_a=p_a,
+                    category_a=ia.category,
+                    category_b=ib.category,
+                    meta={
+                        "item_a": ia.id,
+                        "item_b": ib.id,
+                        "response_a_name": ca.name,
+                        "response_b_name": cb.name,
+                        "same_instruction": ia.prompt == ib.prompt,
+                        "verdicts": {"ab": verdicts[0], "ba": verdicts[1]},
+                        "judge_model": ctx.llm("judge").model,
+                    },
+                    provenance=Provenance(
+                        generator_model=None,
+                        sampling=self.cfg.judge_sampling.model_dump(),
+                        **template_ref("judge_joint", ctx.language),
+                    ),
+                ),
+            )
 
     # ------------------------------------------------------------------ listwise / rubric
 
     def _scored(self, groups, scores_per_item, ctx: Context, state: ChunkState, metas: list[dict]) -> None:
-        for (it, cands), scores, meta in zip(groups, scores_per_item, metas):
-            valid = [(c, s) for c, s in zip(cands, scores or [None] * len(cands)) if s is not None]
+        for (it, cands), scores, meta in zip(groups, scores_per_item, metas, strict=True):
+            valid = [(c, s) for c, s in zip(cands, scores or [None] * len(cands), strict=True) if s is not None]
             if len(valid) < 2:
                 state.drop("fewer_than_2_scored")
                 continue
@@ -275,26 +313,46 @@ class JudgePipeline(Pipeline):
 
     # ------------------------------------------------------------------ rows
 
-    def _pref(self, it: SourceItem, chosen: Candidate, rejected: Candidate, ctx: Context, **fields: Any) -> PreferenceRecord:
+    def _pref(
+        self, it: SourceItem, chosen: Candidate, rejected: Candidate, ctx: Context, **fields: Any
+    ) -> PreferenceRecord:
         sc, sr = fields.pop("score_chosen", None), fields.pop("score_rejected", None)
-        meta = {"mode": self.cfg.mode, "chosen_name": chosen.name, "rejected_name": rejected.name,
-                "judge_model": ctx.llm("judge").model, **fields.pop("meta", {})}
+        meta = {
+            "mode": self.cfg.mode,
+            "chosen_name": chosen.name,
+            "rejected_name": rejected.name,
+            "judge_model": ctx.llm("judge").model,
+            **fields.pop("meta", {}),
+        }
         return PreferenceRecord(
-            id=stable_id(it.id, "judge", self.cfg.mode, chosen.index, rejected.index), prompt=it.prompt,
-            chosen=[Message(role="assistant", content=chosen.text)], rejected=[Message(role="assistant", content=rejected.text)],
-            method=f"judge_{self.cfg.mode}", score_chosen=sc, score_rejected=sr,
-            margin=None if sc is None or sr is None else sc - sr, category=it.category, meta=meta,
-            provenance=self._provenance(ctx, chosen), **fields,
+            id=stable_id(it.id, "judge", self.cfg.mode, chosen.index, rejected.index),
+            prompt=it.prompt,
+            chosen=[Message(role="assistant", content=chosen.text)],
+            rejected=[Message(role="assistant", content=rejected.text)],
+            method=f"judge_{self.cfg.mode}",
+            score_chosen=sc,
+            score_rejected=sr,
+            margin=None if sc is None or sr is None else sc - sr,
+            category=it.category,
+            meta=meta,
+            provenance=self._provenance(ctx, chosen),
+            **fields,
         )
 
     def _emit_ranked(self, it, cands: list[Candidate], scores: list[float], ctx, state, meta: dict) -> None:
-        state.emit("ranked", RankedRecord(
-            id=stable_id(it.id, "judge_ranked", self.cfg.mode), prompt=it.prompt,
-            responses=[[Message(role="assistant", content=c.text)] for c in cands], scores=[float(s) for s in scores],
-            method=f"judge_{self.cfg.mode}", category=it.category,
-            meta={"names": [c.name for c in cands], "candidate_index": [c.index for c in cands], **meta},
-            provenance=self._provenance(ctx, None),
-        ))
+        state.emit(
+            "ranked",
+            RankedRecord(
+                id=stable_id(it.id, "judge_ranked", self.cfg.mode),
+                prompt=it.prompt,
+                responses=[[Message(role="assistant", content=c.text)] for c in cands],
+                scores=[float(s) for s in scores],
+                method=f"judge_{self.cfg.mode}",
+                category=it.category,
+                meta={"names": [c.name for c in cands], "candidate_index": [c.index for c in cands], **meta},
+                provenance=self._provenance(ctx, None),
+            ),
+        )
 
     def _provenance(self, ctx: Context, chosen: Candidate | None) -> Provenance:
         ref = template_ref(f"judge_{self.cfg.mode}", ctx.language)
@@ -313,17 +371,35 @@ def _rateable(a: Candidate, b: Candidate) -> bool:
 def _battle(it: SourceItem, r: PairResult) -> dict[str, Any]:
     kind = "models" if r.i.from_model and r.j.from_model else "data"
     consistent = r.winner != "tie" or r.verdicts == ("C", "C")
-    return {"id": stable_id(it.id, "battle", r.i.index, r.j.index), "item_id": it.id, "kind": kind, "mode": "pairwise",
-            "model_a": r.i.name, "model_b": r.j.name, "winner": {"i": "a", "j": "b", "tie": "tie"}[r.winner],
-            "verdicts": list(r.verdicts), "consistent": consistent, "p_a": r.p_i}
+    return {
+        "id": stable_id(it.id, "battle", r.i.index, r.j.index),
+        "item_id": it.id,
+        "kind": kind,
+        "mode": "pairwise",
+        "model_a": r.i.name,
+        "model_b": r.j.name,
+        "winner": {"i": "a", "j": "b", "tie": "tie"}[r.winner],
+        "verdicts": list(r.verdicts),
+        "consistent": consistent,
+        "p_a": r.p_i,
+    }
 
 
 def _score_battle(it: SourceItem, a: tuple[Candidate, float], b: tuple[Candidate, float], mode: str) -> dict[str, Any]:
     (ca, sa), (cb, sb) = a, b
     winner = "a" if sa > sb else "b" if sb > sa else "tie"
     kind = "models" if ca.from_model and cb.from_model else "data"
-    return {"id": stable_id(it.id, "battle", ca.index, cb.index), "item_id": it.id, "kind": kind, "mode": mode,
-            "model_a": ca.name, "model_b": cb.name, "winner": winner, "score_a": sa, "score_b": sb}
+    return {
+        "id": stable_id(it.id, "battle", ca.index, cb.index),
+        "item_id": it.id,
+        "kind": kind,
+        "mode": mode,
+        "model_a": ca.name,
+        "model_b": cb.name,
+        "winner": winner,
+        "score_a": sa,
+        "score_b": sb,
+    }
 
 
 # ---------------------------------------------------------------------- manifest report (finalize)
@@ -341,7 +417,9 @@ def judge_report(out_dir: Path, mode: str, rating: RatingSettings, seed: int) ->
         bt = rate_pairwise(rated, "bt", anchor, rating.bootstrap, seed)
         elo = rate_pairwise(rated, "elo", anchor, rating.bootstrap, seed, rating.elo_k)
         plot_ratings(bt, out_dir / "bt_scores.png")
-        report.update(bradley_terry=bt, elo={"method": "elo", "k": rating.elo_k, "models": elo["models"]}, chart="bt_scores.png")
+        report.update(
+            bradley_terry=bt, elo={"method": "elo", "k": rating.elo_k, "models": elo["models"]}, chart="bt_scores.png"
+        )
     pair = [b for b in battles if b["kind"] == "data" and b["winner"] != "tie"]
     if pair:  # AI-labeller alignment with the data's own label (RLAIF's "AI labeler alignment", arXiv 2309.00267)
         chosen_won = sum((b["model_a"] if b["winner"] == "a" else b["model_b"]) == "chosen" for b in pair)
@@ -352,7 +430,9 @@ def judge_report(out_dir: Path, mode: str, rating: RatingSettings, seed: int) ->
 def _position_stats(out_dir: Path, mode: str) -> dict[str, Any] | None:
     """Pairwise: slot-A win rate of single-order verdicts before combining (0.5 = unbiased).
     Listwise: how often the reply shown first is ranked first, against chance (1/k)."""
-    rows = [r for r in read_jsonl(out_dir / "trace.jsonl") if r["step"] == f"judge_{mode}" and r["parse_status"] == "ok"]
+    rows = [
+        r for r in read_jsonl(out_dir / "trace.jsonl") if r["step"] == f"judge_{mode}" and r["parse_status"] == "ok"
+    ]
     if mode in ("pairwise", "joint"):
         verdicts = [(r["parsed"] if isinstance(r["parsed"], str) else _soft_slot(r["parsed"]["A"])) for r in rows]
         return position_bias(verdicts)

@@ -41,8 +41,12 @@ from synth.steps.knowledge import matches, probe_answer, with_period
 
 CERTAINTY_QUESTION = "Are you sure you accurately answered the question based on your internal knowledge?"
 REFUSALS = [  # R-Tuning-R: the repository draws from 16 fixed sentences; these are our own wording
-    "I do not know the answer to that.", "I am not certain of the answer.", "I can't answer that reliably.",
-    "That is beyond what I know.", "I don't have enough knowledge to answer that.", "I'm unsure of the answer.",
+    "I do not know the answer to that.",
+    "I am not certain of the answer.",
+    "I can't answer that reliably.",
+    "That is beyond what I know.",
+    "I don't have enough knowledge to answer that.",
+    "I'm unsure of the answer.",
 ]
 
 
@@ -70,9 +74,15 @@ class RTuningPipeline(Pipeline):
     def items(self, ctx: Context, source: Iterable[SourceItem] | None) -> Iterable[SourceItem]:
         for it in super().items(ctx, source):
             if not self._references(it):
-                field = "the source's chosen field (source.fields.chosen)" if self.cfg.reference == "chosen" else repr(self.cfg.reference)
-                raise SourceError(f"item {it.id}: no reference answer in {field}; point pipeline.reference or "
-                                  "source.fields.chosen at the answer column")
+                field = (
+                    "the source's chosen field (source.fields.chosen)"
+                    if self.cfg.reference == "chosen"
+                    else repr(self.cfg.reference)
+                )
+                raise SourceError(
+                    f"item {it.id}: no reference answer in {field}; point pipeline.reference or "
+                    "source.fields.chosen at the answer column"
+                )
             yield it
 
     def _references(self, it: SourceItem) -> list[str]:
@@ -89,20 +99,31 @@ class RTuningPipeline(Pipeline):
         calls = [Call(it.id, [user(self._probe_text(it))]) for it in items]
         results = run_calls(ctx, state, "probe", "policy", calls, self.cfg.probe.params())
         model = ctx.llm("policy").model
-        for it, samples in zip(items, results):
+        for it, samples in zip(items, results, strict=True):
             if it.category:
                 state.count(f"category/{it.category}")
             refs = self._references(it)
             answer = probe_answer(samples[0].text, self.cfg.cut_at)
             certain = matches(answer, refs, self.cfg.match)
             state.count("knowledge/certain" if certain else "knowledge/uncertain")
-            state.emit("sft", SFTRecord(
-                id=stable_id(it.id, "r_tuning", self.cfg.method), messages=self._messages(it, refs[0], certain, ctx),
-                method=f"r_tuning_{self.cfg.method}", category=it.category,
-                meta={"certain": certain, "probe_answer": answer, "references": refs, "match": self.cfg.match,
-                      "probe_model": model, "source_meta": it.meta},
-                provenance=Provenance(generator_model=model, sampling=self.cfg.probe.model_dump()),
-            ))
+            state.emit(
+                "sft",
+                SFTRecord(
+                    id=stable_id(it.id, "r_tuning", self.cfg.method),
+                    messages=self._messages(it, refs[0], certain, ctx),
+                    method=f"r_tuning_{self.cfg.method}",
+                    category=it.category,
+                    meta={
+                        "certain": certain,
+                        "probe_answer": answer,
+                        "references": refs,
+                        "match": self.cfg.match,
+                        "probe_model": model,
+                        "source_meta": it.meta,
+                    },
+                    provenance=Provenance(generator_model=model, sampling=self.cfg.probe.model_dump()),
+                ),
+            )
 
     def _messages(self, it: SourceItem, gold: str, certain: bool, ctx: Context) -> list[Message]:
         cfg = self.cfg
@@ -112,12 +133,22 @@ class RTuningPipeline(Pipeline):
             return prompt + [Message(role="assistant", content=answer)]
         verdict = cfg.sure if certain else cfg.unsure
         if cfg.target_format == "two_turn":
-            return prompt + [Message(role="assistant", content=with_period(gold)), Message(role="user", content=cfg.certainty_question),
-                             Message(role="assistant", content=verdict)]
+            return prompt + [
+                Message(role="assistant", content=with_period(gold)),
+                Message(role="user", content=cfg.certainty_question),
+                Message(role="assistant", content=verdict),
+            ]
         return prompt + [Message(role="assistant", content=f"{with_period(gold)} {cfg.certainty_question} {verdict}")]
 
     def finalize(self, ctx: Context, out_dir: Path) -> dict[str, Any]:
         rows = read_jsonl(out_dir / "sft.jsonl")
         certain = sum(bool(r["meta"]["certain"]) for r in rows)
-        return {"r_tuning": {"method": self.cfg.method, "match": self.cfg.match, "certain": certain, "uncertain": len(rows) - certain,
-                             "certain_rate": round(certain / len(rows), 4) if rows else None}}
+        return {
+            "r_tuning": {
+                "method": self.cfg.method,
+                "match": self.cfg.match,
+                "certain": certain,
+                "uncertain": len(rows) - certain,
+                "certain_rate": round(certain / len(rows), 4) if rows else None,
+            }
+        }

@@ -35,9 +35,9 @@ from synth.errors import ConfigError, ConstitutionError
 from synth.io import ChunkWriter, read_jsonl
 from synth.llm.base import SamplingParams
 from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
-from synth.runtime import Sampling
 from synth.prompts import template_ref
 from synth.records import SourceItem, stable_id
+from synth.runtime import Sampling
 from synth.steps import attack as attack_step
 from synth.steps import safety_verdict
 from synth.steps.base import Call, run_calls, user
@@ -55,8 +55,13 @@ class Decoding(BaseModel):
     max_new_tokens: int = Field(100, ge=1)  # max_new_tokens=100
 
     def params(self, seed: int | None) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              max_new_tokens=self.max_new_tokens, seed=seed)
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_new_tokens=self.max_new_tokens,
+            seed=seed,
+        )
 
 
 DEFAULT_DECODING = [  # greedy, the "default" setting (T=0.1, top-p 0.9), and two grid points
@@ -114,13 +119,19 @@ class RedTeamPipeline(Pipeline):
         for path in self.category_paths(ctx):
             l1, l2 = path.split("/", 1)
             for fam in self.cfg.families:
-                yield SourceItem(id=stable_id("red_team", path, fam), prompt=[], category=path,
-                                 meta={"l1": l1, "l2": l2, "attack_family": fam})
+                yield SourceItem(
+                    id=stable_id("red_team", path, fam),
+                    prompt=[],
+                    category=path,
+                    meta={"l1": l1, "l2": l2, "attack_family": fam},
+                )
 
     def seed_items(self, ctx: Context, source: Iterable[SourceItem] | None) -> Iterable[SourceItem]:
         if source is None:
-            raise ConfigError("pipeline.seeds=true takes its attack prompts from a source; add source=hh_rlhf "
-                              "source.path=<file> (or source=jsonl)")
+            raise ConfigError(
+                "pipeline.seeds=true takes its attack prompts from a source; add source=hh_rlhf "
+                "source.path=<file> (or source=jsonl)"
+            )
         known = {f"{a}/{b}" for a, b in ctx.constitution.categories()}
         for it in source:
             users = [m for m in it.prompt if m.role == "user"]
@@ -128,8 +139,9 @@ class RedTeamPipeline(Pipeline):
                 continue
             cat = it.category if it.category in known else None
             l1, _, l2 = (cat or "unlabelled/unlabelled").partition("/")
-            yield SourceItem(id=it.id, prompt=[users[-1]], category=cat,
-                             meta={"l1": l1, "l2": l2, "attack_family": "seed"})
+            yield SourceItem(
+                id=it.id, prompt=[users[-1]], category=cat, meta={"l1": l1, "l2": l2, "attack_family": "seed"}
+            )
 
     def check_constitution(self, constitution) -> None:
         self.category_paths_of(constitution)  # seeds too: the judge names a taxonomy category
@@ -143,7 +155,8 @@ class RedTeamPipeline(Pipeline):
             raise ConstitutionError(
                 f"pipeline=red_team walks a constitution's harm taxonomy and constitution={name} has none; "
                 "use constitution=safety_en (English) or constitution=safety_zh, or add a `taxonomy:` to your file "
-                "(constitutions/README.md)")
+                "(constitutions/README.md)"
+            )
         paths = [f"{l1}/{l2}" for l1, l2 in cons.categories()]
         if not self.cfg.categories:
             return paths
@@ -160,7 +173,10 @@ class RedTeamPipeline(Pipeline):
         answers = n_items * k * d
         tokens = n_items * k * sum(x.max_new_tokens for x in self.cfg.decoding)
         tokens += attacker * k * self.cfg.attacker_sampling.max_new_tokens
-        return {"requests": attacker + 2 * answers, "new_tokens": tokens + answers * self.cfg.judge_sampling.max_new_tokens}
+        return {
+            "requests": attacker + 2 * answers,
+            "new_tokens": tokens + answers * self.cfg.judge_sampling.max_new_tokens,
+        }
 
     def setup(self, ctx: Context, writer: ChunkWriter) -> None:
         """Prompts committed by earlier chunks (and earlier runs into this folder) count for dedup."""
@@ -184,8 +200,16 @@ class RedTeamPipeline(Pipeline):
             if dup is not None:
                 state.drop_part("attack_prompt", f"prompt_duplicate_{dup[0]}")
                 continue
-            row = {"id": it.id, "prompt": text, "category": it.category, "l1": it.meta["l1"], "l2": it.meta["l2"],
-                   "attack_family": "seed", "item_id": it.id, "generator": {"source": "seed"}}
+            row = {
+                "id": it.id,
+                "prompt": text,
+                "category": it.category,
+                "l1": it.meta["l1"],
+                "l2": it.meta["l2"],
+                "attack_family": "seed",
+                "item_id": it.id,
+                "generator": {"source": "seed"},
+            }
             state.emit("prompts", row)
             state.count(f"category/{it.category or 'unlabelled'}")
             rows.append(row)
@@ -194,16 +218,25 @@ class RedTeamPipeline(Pipeline):
     def attack(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> list[dict[str, Any]]:
         cons = ctx.constitution
         targets = [
-            attack_step.AttackTarget(it.id, it.meta["l1"], it.meta["l2"], cons.taxonomy_category(it.category).description,
-                                     cons.taxonomy_category(it.category).red_team, it.meta["attack_family"])
+            attack_step.AttackTarget(
+                it.id,
+                it.meta["l1"],
+                it.meta["l2"],
+                cons.taxonomy_category(it.category).description,
+                cons.taxonomy_category(it.category).red_team,
+                it.meta["attack_family"],
+            )
             for it in items
         ]
         k = self.cfg.prompts_per_item
         results = attack_step.attack(ctx, state, targets, self.cfg.attacker_sampling.params(), k)
-        generator = {"model": ctx.llm("attacker").model, "sampling": {**self.cfg.attacker_sampling.model_dump(), "n": k},
-                     **template_ref("red_team_attack", ctx.language)}
+        generator = {
+            "model": ctx.llm("attacker").model,
+            "sampling": {**self.cfg.attacker_sampling.model_dump(), "n": k},
+            **template_ref("red_team_attack", ctx.language),
+        }
         rows = []
-        for it, samples in zip(items, results):
+        for it, samples in zip(items, results, strict=True):
             state.count(f"category/{it.category}", 0)  # every walked category shows in the manifest
             for s in samples:
                 if not s.ok:
@@ -214,8 +247,16 @@ class RedTeamPipeline(Pipeline):
                 if dup is not None:
                     state.drop_part("attack_prompt", f"prompt_duplicate_{dup[0]}")
                     continue
-                row = {"id": pid, "prompt": text, "category": it.category, "l1": it.meta["l1"], "l2": it.meta["l2"],
-                       "attack_family": it.meta["attack_family"], "item_id": it.id, "generator": generator}
+                row = {
+                    "id": pid,
+                    "prompt": text,
+                    "category": it.category,
+                    "l1": it.meta["l1"],
+                    "l2": it.meta["l2"],
+                    "attack_family": it.meta["attack_family"],
+                    "item_id": it.id,
+                    "generator": generator,
+                }
                 state.emit("prompts", row)
                 state.count(f"category/{it.category}")
                 rows.append(row)
@@ -235,19 +276,36 @@ class RedTeamPipeline(Pipeline):
     def judge(self, prompts: list[dict[str, Any]], answers: list[list[Any]], ctx: Context, state: ChunkState) -> None:
         cats = [f"{a}/{b}" for a, b in ctx.constitution.categories()]
         inputs, rows = [], []
-        for p, samples in zip(prompts, answers):
-            for d, s in zip(self.cfg.decoding, samples):
-                row = {"id": stable_id(p["id"], d.name), "prompt_id": p["id"], "prompt": p["prompt"], "answer": s.text.strip(),
-                       "finish_reason": s.completion.finish_reason, "decoding": d.model_dump(), "verdict": None,
-                       "judge_category": None, "category": p["category"], "l1": p["l1"], "l2": p["l2"],
-                       "attack_family": p["attack_family"]}
+        for p, samples in zip(prompts, answers, strict=True):
+            for d, s in zip(self.cfg.decoding, samples, strict=True):
+                row = {
+                    "id": stable_id(p["id"], d.name),
+                    "prompt_id": p["id"],
+                    "prompt": p["prompt"],
+                    "answer": s.text.strip(),
+                    "finish_reason": s.completion.finish_reason,
+                    "decoding": d.model_dump(),
+                    "verdict": None,
+                    "judge_category": None,
+                    "category": p["category"],
+                    "l1": p["l1"],
+                    "l2": p["l2"],
+                    "attack_family": p["attack_family"],
+                }
                 rows.append(row)
                 if not row["answer"]:
                     state.drop_part("answer", "verdict_skipped_empty_answer")  # the row stays, verdict null
                     continue
-                inputs.append((row, safety_verdict.VerdictInput(p["id"], p["prompt"], row["answer"], p["category"], {"decoding": d.name})))
+                inputs.append(
+                    (
+                        row,
+                        safety_verdict.VerdictInput(
+                            p["id"], p["prompt"], row["answer"], p["category"], {"decoding": d.name}
+                        ),
+                    )
+                )
         verdicts = safety_verdict.judge(ctx, state, [x for _, x in inputs], cats, self.cfg.judge_sampling.params())
-        for (row, _), v in zip(inputs, verdicts):
+        for (row, _), v in zip(inputs, verdicts, strict=True):
             if v.ok:  # parsed AND not cut off at max_new_tokens (a cut-off verdict is not trusted)
                 row["verdict"], row["judge_category"] = v.judgement.parsed["verdict"], v.judgement.parsed["category"]
         for row in rows:
@@ -265,13 +323,23 @@ class RedTeamPipeline(Pipeline):
             # a seed prompt without a category takes the judge's (the first unsafe answer's) category
             cat = p["category"] or first["judge_category"] or (judged_cats[0] if judged_cats else None)
             l1, _, l2 = (cat or f"{p['l1']}/{p['l2']}").partition("/")
-            state.emit("unsafe", {
-                "id": p["id"], "prompt": p["prompt"], "category": cat, "l1": l1, "l2": l2,
-                "attack_family": p["attack_family"], "answer": first["answer"], "answer_id": first["id"],
-                "answer_decoding": first["decoding"]["name"], "unsafe_decodings": [r["decoding"]["name"] for r in bad],
-                "judge_categories": judged_cats,
-                "judged": sum(r["verdict"] is not None for r in mine),
-            })
+            state.emit(
+                "unsafe",
+                {
+                    "id": p["id"],
+                    "prompt": p["prompt"],
+                    "category": cat,
+                    "l1": l1,
+                    "l2": l2,
+                    "attack_family": p["attack_family"],
+                    "answer": first["answer"],
+                    "answer_id": first["id"],
+                    "answer_decoding": first["decoding"]["name"],
+                    "unsafe_decodings": [r["decoding"]["name"] for r in bad],
+                    "judge_categories": judged_cats,
+                    "judged": sum(r["verdict"] is not None for r in mine),
+                },
+            )
 
     def finalize(self, ctx: Context, out_dir: Path) -> dict[str, Any]:
         """Attack yield (unsafe share of judged answers) by family, decoding setting and L1 category."""
@@ -288,6 +356,10 @@ class RedTeamPipeline(Pipeline):
                 t["unsafe_rate"] = round(t["unsafe"] / t["judged"], 4) if t["judged"] else None  # type: ignore[assignment]
             return dict(sorted(out.items()))
 
-        return {"red_team": {"by_family": table(lambda r: r["attack_family"]),
-                             "by_decoding": table(lambda r: r["decoding"]["name"]),
-                             "by_l1": table(lambda r: r["l1"])}}
+        return {
+            "red_team": {
+                "by_family": table(lambda r: r["attack_family"]),
+                "by_decoding": table(lambda r: r["decoding"]["name"]),
+                "by_l1": table(lambda r: r["l1"]),
+            }
+        }

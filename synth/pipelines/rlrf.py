@@ -92,14 +92,16 @@ class RlrfPipeline(Pipeline):
             self._emit(it, pools[it.id], chosen_aspects[it.id], ctx, state)
 
     def _select(self, ctx: Context, it: SourceItem) -> list[Aspect]:
-        category_of = {p.id: p.category for p in ctx.constitution.principles} if self.cfg.criteria == "constitution" else None
+        category_of = (
+            {p.id: p.category for p in ctx.constitution.principles} if self.cfg.criteria == "constitution" else None
+        )
         return select_aspects(ctx, it, self._aspects, self.cfg.max_aspects, category_of)
 
     def _sample(self, items, ctx: Context, state: ChunkState) -> dict[str, list[Resp]]:
         calls = [Call(it.id, list(it.prompt)) for it in items]
         results = run_calls(ctx, state, "candidates", "policy", calls, self.cfg.sampling.params(n=self.cfg.n))
         pools = {}
-        for it, samples in zip(items, results):
+        for it, samples in zip(items, results, strict=True):
             kept = [s.text for s in samples if not (s.completion.truncated and self.cfg.drop_truncated)]
             if len(kept) < len(samples):  # never a training target
                 state.drop_part("candidate", "truncated_candidate", len(samples) - len(kept))
@@ -109,11 +111,15 @@ class RlrfPipeline(Pipeline):
     def _judge(self, items, pools, aspects, ctx: Context, state: ChunkState, step: str, which) -> None:
         """ONE feedback call for every selected response of the chunk; score = mean aspect rating."""
         todo = [(it, r) for it in items for r in pools[it.id] if which(r)]
-        calls = [Call(it.id, build_feedback(ctx.language, it.prompt, r.text, aspects[it.id]), {"response": r.index})
-                 for it, r in todo]
+        calls = [
+            Call(it.id, build_feedback(ctx.language, it.prompt, r.text, aspects[it.id]), {"response": r.index})
+            for it, r in todo
+        ]
         base = self.cfg.feedback_sampling.params()
         params = [base.replace(json_schema=feedback_schema(aspects[it.id], base.max_new_tokens)) for it, _ in todo]
-        for (it, r), (smp,) in zip(todo, run_calls(ctx, state, step, "judge", calls, params, parse=parse_feedback)):
+        for (it, r), (smp,) in zip(
+            todo, run_calls(ctx, state, step, "judge", calls, params, parse=parse_feedback), strict=True
+        ):
             parsed = smp.judgement.parsed if smp.ok else None
             r.score = aspect_score(parsed, aspects[it.id])
             if parsed is not None and r.score is None:
@@ -126,10 +132,12 @@ class RlrfPipeline(Pipeline):
         for it in items:
             scored = sorted((r for r in pools[it.id] if r.score is not None), key=lambda r: (-r.score, r.index))
             todo += [(it, r) for r in scored[: self.cfg.refine_top]]
-        calls = [Call(it.id, build_refine(ctx.language, it.prompt, r.text, r.feedback, aspects[it.id]), {"refines": r.index})
-                 for it, r in todo]
+        calls = [
+            Call(it.id, build_refine(ctx.language, it.prompt, r.text, r.feedback, aspects[it.id]), {"refines": r.index})
+            for it, r in todo
+        ]
         results = run_calls(ctx, state, "rlrf_refine", "policy", calls, self.cfg.refine_sampling.params())
-        for (it, r), (smp,) in zip(todo, results):
+        for (it, r), (smp,) in zip(todo, results, strict=True):
             if (smp.completion.truncated and self.cfg.drop_truncated) or not smp.text.strip():
                 state.drop_part("refinement", "refinement_truncated_or_empty")
                 continue
@@ -160,24 +168,46 @@ class RlrfPipeline(Pipeline):
         rejected = min(scored, key=lambda r: (r.score, r.refined_from is not None, r.index))
         return [(chosen, rejected)] if chosen.score > rejected.score else []
 
-    def _row(self, it: SourceItem, chosen: Resp, rejected: Resp, aspects: list[Aspect], report, ctx: Context) -> PreferenceRecord:
+    def _row(
+        self, it: SourceItem, chosen: Resp, rejected: Resp, aspects: list[Aspect], report, ctx: Context
+    ) -> PreferenceRecord:
         def side(r: Resp) -> dict[str, Any]:
-            return {"source": "refined" if r.refined_from is not None else "sample", "refined_from": r.refined_from,
-                    "score": r.score, "feedback": r.feedback,
-                    "aspect_scores": {a.id: r.feedback[a.id]["rating"] for a in aspects}}
+            return {
+                "source": "refined" if r.refined_from is not None else "sample",
+                "refined_from": r.refined_from,
+                "score": r.score,
+                "feedback": r.feedback,
+                "aspect_scores": {a.id: r.feedback[a.id]["rating"] for a in aspects},
+            }
 
         principle_ids = [a.id for a in aspects] if self.cfg.criteria == "constitution" else []
         return PreferenceRecord(
-            id=stable_id(it.id, "rlrf", self.cfg.iteration, chosen.index, rejected.index), prompt=it.prompt,
-            chosen=[Message(role="assistant", content=chosen.text)], rejected=[Message(role="assistant", content=rejected.text)],
-            method="rlrf", principle_ids=principle_ids, score_chosen=chosen.score, score_rejected=rejected.score,
-            margin=chosen.score - rejected.score, category=it.category,
-            meta={"source_id": it.id, "iteration": self.cfg.iteration, "pairing": self.cfg.pairing,
-                  "aspects": [a.id for a in aspects], "chosen": side(chosen), "rejected": side(rejected), "refinements": report,
-                  "judge_model": ctx.llm("judge").model},
-            provenance=Provenance(generator_model=ctx.llm("policy").model,
-                                  sampling={**self.cfg.sampling.model_dump(), "n": self.cfg.n},
-                                  iteration=self.cfg.iteration, **template_ref("rlrf_feedback", ctx.language)),
+            id=stable_id(it.id, "rlrf", self.cfg.iteration, chosen.index, rejected.index),
+            prompt=it.prompt,
+            chosen=[Message(role="assistant", content=chosen.text)],
+            rejected=[Message(role="assistant", content=rejected.text)],
+            method="rlrf",
+            principle_ids=principle_ids,
+            score_chosen=chosen.score,
+            score_rejected=rejected.score,
+            margin=chosen.score - rejected.score,
+            category=it.category,
+            meta={
+                "source_id": it.id,
+                "iteration": self.cfg.iteration,
+                "pairing": self.cfg.pairing,
+                "aspects": [a.id for a in aspects],
+                "chosen": side(chosen),
+                "rejected": side(rejected),
+                "refinements": report,
+                "judge_model": ctx.llm("judge").model,
+            },
+            provenance=Provenance(
+                generator_model=ctx.llm("policy").model,
+                sampling={**self.cfg.sampling.model_dump(), "n": self.cfg.n},
+                iteration=self.cfg.iteration,
+                **template_ref("rlrf_feedback", ctx.language),
+            ),
         )
 
     def finalize(self, ctx: Context, out_dir: Path) -> dict[str, Any]:
@@ -186,8 +216,12 @@ class RlrfPipeline(Pipeline):
         per_prompt = {r["meta"]["source_id"]: r["meta"]["refinements"] for r in rows}  # rows of one prompt share it
         gains = [x["after"] - x["before"] for refs in per_prompt.values() for x in refs]
         refined_chosen = sum(r["meta"]["chosen"]["source"] == "refined" for r in rows)
-        return {"rlrf": {"iteration": self.cfg.iteration, **length_stats(rows),
-                         "chosen_is_refined_rate": round(refined_chosen / len(rows), 4) if rows else None,
-                         "refinement_score_gain_mean": round(statistics.mean(gains), 4) if gains else None,
-                         "refinements_improved_rate": round(sum(g > 0 for g in gains) / len(gains), 4) if gains else None}}
-
+        return {
+            "rlrf": {
+                "iteration": self.cfg.iteration,
+                **length_stats(rows),
+                "chosen_is_refined_rate": round(refined_chosen / len(rows), 4) if rows else None,
+                "refinement_score_gain_mean": round(statistics.mean(gains), 4) if gains else None,
+                "refinements_improved_rate": round(sum(g > 0 for g in gains) / len(gains), 4) if gains else None,
+            }
+        }

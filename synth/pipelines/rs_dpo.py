@@ -51,7 +51,9 @@ class ScorerSettings(BaseModel):
     @model_validator(mode="after")
     def _needs(self) -> ScorerSettings:
         if self.kind == "model" and not self.path:
-            raise ValueError("kind=model needs path=<a train loop=reward output folder> (or use kind=judge / kind=function)")
+            raise ValueError(
+                "kind=model needs path=<a train loop=reward output folder> (or use kind=judge / kind=function)"
+            )
         if self.kind == "function" and not self.function:
             raise ValueError("kind=function needs function=<module:function>")
         return self
@@ -77,8 +79,13 @@ class RsDpoPipeline(Pipeline):
     def __init__(self, cfg: RsDpoConfig):
         super().__init__(cfg)
         s = cfg.scorer
-        self._scorer = (ModelScorer(s.path, s.device, s.batch_size) if s.kind == "model"
-                        else FunctionScorer(s.function) if s.kind == "function" else None)
+        self._scorer = (
+            ModelScorer(s.path, s.device, s.batch_size)
+            if s.kind == "model"
+            else FunctionScorer(s.function)
+            if s.kind == "function"
+            else None
+        )
 
     def setup(self, ctx: Context, writer: ChunkWriter) -> None:
         if self.cfg.scorer.kind == "judge":
@@ -87,14 +94,16 @@ class RsDpoPipeline(Pipeline):
     def process(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> None:
         groups = self._samples(items, ctx, state)
         rewards = self._score(groups, ctx, state)
-        for (it, cands), rs in zip(groups, rewards):
+        for (it, cands), rs in zip(groups, rewards, strict=True):
             self._emit(it, cands, rs, ctx, state)
 
-    def _samples(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> list[tuple[SourceItem, list[Candidate]]]:
+    def _samples(
+        self, items: Sequence[SourceItem], ctx: Context, state: ChunkState
+    ) -> list[tuple[SourceItem, list[Candidate]]]:
         calls = [Call(it.id, list(it.prompt)) for it in items]
         results = run_calls(ctx, state, "candidates", "policy", calls, self.cfg.sampling.params(n=self.cfg.k))
         groups = []
-        for it, samples in zip(items, results):
+        for it, samples in zip(items, results, strict=True):
             if it.category:
                 state.count(f"category/{it.category}")
             texts = [s.text for s in samples if not (s.completion.truncated and self.cfg.drop_truncated)]
@@ -119,25 +128,34 @@ class RsDpoPipeline(Pipeline):
         trace_scores(state, "reward", self._scorer.name, [it.id for it, _ in flat], prompts, texts, scores)
         out, pos = [], 0
         for _, cands in groups:
-            out.append(list(scores[pos:pos + len(cands)]))
+            out.append(list(scores[pos : pos + len(cands)]))
             pos += len(cands)
         return out
 
-    def _emit(self, it: SourceItem, cands: list[Candidate], raw: list[float | None], ctx: Context, state: ChunkState) -> None:
+    def _emit(
+        self, it: SourceItem, cands: list[Candidate], raw: list[float | None], ctx: Context, state: ChunkState
+    ) -> None:
         unscored = sum(r is None for r in raw)
         if unscored:
             state.drop_part("sample", "sample_without_reward", unscored)
-        scored = [(c, r) for c, r in zip(cands, raw) if r is not None]
+        scored = [(c, r) for c, r in zip(cands, raw, strict=True) if r is not None]
         if len(scored) < 2:
             state.drop("fewer_than_2_scored")
             return
         cfg = self.cfg
-        state.emit("ranked", RankedRecord(
-            id=stable_id(it.id, "rs_dpo_ranked"), prompt=it.prompt,
-            responses=[[Message(role="assistant", content=c.text)] for c, _ in scored], scores=[float(r) for _, r in scored],
-            method="rs_dpo", category=it.category, meta={"scorer": self._scorer_name(ctx), "source_meta": it.meta},
-            provenance=self._provenance(ctx),
-        ))
+        state.emit(
+            "ranked",
+            RankedRecord(
+                id=stable_id(it.id, "rs_dpo_ranked"),
+                prompt=it.prompt,
+                responses=[[Message(role="assistant", content=c.text)] for c, _ in scored],
+                scores=[float(r) for _, r in scored],
+                method="rs_dpo",
+                category=it.category,
+                meta={"scorer": self._scorer_name(ctx), "source_meta": it.meta},
+                provenance=self._provenance(ctx),
+            ),
+        )
         values = normalize([r for _, r in scored], cfg.normalize)
         pairs = gap_pairs(values, cfg.tau, cfg.eta)
         if cfg.max_pairs_per_prompt is not None and len(pairs) > cfg.max_pairs_per_prompt:
@@ -150,14 +168,32 @@ class RsDpoPipeline(Pipeline):
                 state.drop_part("pair", "near_identical_pair")
                 continue
             kept += 1
-            state.emit("preferences", PreferenceRecord(
-                id=stable_id(it.id, "rs_dpo", cw.text, cl.text), prompt=it.prompt,
-                chosen=[Message(role="assistant", content=cw.text)], rejected=[Message(role="assistant", content=cl.text)],
-                method="rs_dpo", score_chosen=rw, score_rejected=rl, margin=rw - rl, category=it.category,
-                meta={"item_id": it.id, "reward_gap": g.gap, "sigmoid_gap": g.p, "tau": cfg.tau, "eta": cfg.eta, "normalize": cfg.normalize,
-                      "samples_scored": len(scored), "scorer": self._scorer_name(ctx), "source_meta": it.meta},
-                provenance=self._provenance(ctx),
-            ))
+            state.emit(
+                "preferences",
+                PreferenceRecord(
+                    id=stable_id(it.id, "rs_dpo", cw.text, cl.text),
+                    prompt=it.prompt,
+                    chosen=[Message(role="assistant", content=cw.text)],
+                    rejected=[Message(role="assistant", content=cl.text)],
+                    method="rs_dpo",
+                    score_chosen=rw,
+                    score_rejected=rl,
+                    margin=rw - rl,
+                    category=it.category,
+                    meta={
+                        "item_id": it.id,
+                        "reward_gap": g.gap,
+                        "sigmoid_gap": g.p,
+                        "tau": cfg.tau,
+                        "eta": cfg.eta,
+                        "normalize": cfg.normalize,
+                        "samples_scored": len(scored),
+                        "scorer": self._scorer_name(ctx),
+                        "source_meta": it.meta,
+                    },
+                    provenance=self._provenance(ctx),
+                ),
+            )
         if not kept:
             state.drop("no_pair_above_threshold")
 
@@ -167,7 +203,9 @@ class RsDpoPipeline(Pipeline):
 
     def _provenance(self, ctx: Context) -> Provenance:
         ref = template_ref("judge_rubric", ctx.language) if self.cfg.scorer.kind == "judge" else {}
-        return Provenance(generator_model=ctx.llm("policy").model, sampling={**self.cfg.sampling.model_dump(), "n": self.cfg.k}, **ref)
+        return Provenance(
+            generator_model=ctx.llm("policy").model, sampling={**self.cfg.sampling.model_dump(), "n": self.cfg.k}, **ref
+        )
 
     def finalize(self, ctx: Context, out_dir: Path) -> dict[str, Any]:
         return {"rs_dpo": rs_dpo_report(out_dir)}
@@ -178,11 +216,19 @@ def rs_dpo_report(out_dir: Path) -> dict[str, Any]:
     rows = read_jsonl(out_dir / "preferences.jsonl")
     ranked = read_jsonl(out_dir / "ranked.jsonl")
     per_prompt = Counter(r["meta"]["item_id"] for r in rows)
-    report: dict[str, Any] = {"prompts_scored": len(ranked), "pairs": len(rows), "prompts_with_pairs": len(per_prompt),
-                              "pairs_per_prompt_max": max(per_prompt.values(), default=0)}
+    report: dict[str, Any] = {
+        "prompts_scored": len(ranked),
+        "pairs": len(rows),
+        "prompts_with_pairs": len(per_prompt),
+        "pairs_per_prompt_max": max(per_prompt.values(), default=0),
+    }
     if rows:
         gaps = [r["meta"]["reward_gap"] for r in rows]
-        report["reward_gap"] = {"mean": round(statistics.fmean(gaps), 4), "min": round(min(gaps), 4), "max": round(max(gaps), 4)}
+        report["reward_gap"] = {
+            "mean": round(statistics.fmean(gaps), 4),
+            "min": round(min(gaps), 4),
+            "max": round(max(gaps), 4),
+        }
     if ranked:
         report["reward"] = {"mean": round(statistics.fmean(s for r in ranked for s in r["scores"]), 4)}
     report.update(length_stats(rows))

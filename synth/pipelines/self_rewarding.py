@@ -55,7 +55,9 @@ class NewPrompts(BaseModel):
     per_seed: int = Field(1, ge=1)  # new prompts requested per seed item
     shots: int = Field(8, ge=1)  # demonstrations per request (the paper uses 8-shot)
     keep_seed_prompts: bool = False  # also build pairs for the seed prompts themselves
-    near_duplicate_threshold: float = Field(0.7, gt=0, le=1)  # character-shingle Jaccard against seeds and earlier prompts
+    near_duplicate_threshold: float = Field(
+        0.7, gt=0, le=1
+    )  # character-shingle Jaccard against seeds and earlier prompts
     sampling: Sampling = Sampling(temperature=0.6, top_p=0.9, max_new_tokens=256)  # as Oxen-AI's re-implementation
 
 
@@ -95,8 +97,11 @@ class SelfRewardingPipeline(Pipeline):
 
     def __init__(self, cfg: SelfRewardingConfig):
         super().__init__(cfg)
-        self.outputs = ("preferences",) + (("prompts",) if cfg.new_prompts.enabled else ()) + (
-            ("judge_preferences",) if cfg.meta_judge.enabled else ())
+        self.outputs = (
+            ("preferences",)
+            + (("prompts",) if cfg.new_prompts.enabled else ())
+            + (("judge_preferences",) if cfg.meta_judge.enabled else ())
+        )
         self._seeds: list[str] = []
         self._dedup: NearDuplicateIndex | None = None
 
@@ -124,24 +129,32 @@ class SelfRewardingPipeline(Pipeline):
         groups = self._candidates(targets, ctx, state)
         params = self.cfg.judge_sampling.params()
         scored = judge_candidates(ctx, state, groups, params, self.cfg.judge_samples, self.cfg.min_valid_judgements)
-        for (it, _), cands in zip(groups, scored):
+        for (it, _), cands in zip(groups, scored, strict=True):
             self._emit(it, cands, ctx, state)
         if self.cfg.meta_judge.enabled:
             self._meta_judge([it for it, _ in groups], scored, ctx, state)
 
     def _new_prompts(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> list[SourceItem]:
         cfg = self.cfg.new_prompts
-        calls = [Call(it.id, build_self_instruct(ctx.language, pick_examples(ctx, self._seeds, it.id, cfg.shots)))
-                 for it in items]
-        results = run_calls(ctx, state, "self_instruct", "policy", calls, cfg.sampling.params(n=cfg.per_seed), parse=parse_task)
+        calls = [
+            Call(it.id, build_self_instruct(ctx.language, pick_examples(ctx, self._seeds, it.id, cfg.shots)))
+            for it in items
+        ]
+        results = run_calls(
+            ctx, state, "self_instruct", "policy", calls, cfg.sampling.params(n=cfg.per_seed), parse=parse_task
+        )
         out = []
-        for it, samples in zip(items, results):
+        for it, samples in zip(items, results, strict=True):
             for smp in samples:
                 if not smp.ok:
                     continue  # counted as parse_failed/self_instruct (or truncated/self_instruct)
                 text = smp.judgement.parsed
-                new = SourceItem(id=stable_id(it.id, "self_instruct", smp.index), prompt=[Message(role="user", content=text)],
-                                 category=it.category, meta={"generated_from": it.id})
+                new = SourceItem(
+                    id=stable_id(it.id, "self_instruct", smp.index),
+                    prompt=[Message(role="user", content=text)],
+                    category=it.category,
+                    meta={"generated_from": it.id},
+                )
                 dup = self._dedup.add_unless_duplicate(new.id, smp.judgement.parsed)
                 if dup is not None:
                     state.drop_part("new_prompt", f"new_prompt_{dup[0]}_duplicate")
@@ -150,11 +163,13 @@ class SelfRewardingPipeline(Pipeline):
                 out.append(new)
         return out
 
-    def _candidates(self, targets: list[SourceItem], ctx: Context, state: ChunkState) -> list[tuple[SourceItem, list[str]]]:
+    def _candidates(
+        self, targets: list[SourceItem], ctx: Context, state: ChunkState
+    ) -> list[tuple[SourceItem, list[str]]]:
         calls = [Call(it.id, list(it.prompt)) for it in targets]
         results = run_calls(ctx, state, "candidates", "policy", calls, self.cfg.sampling.params(n=self.cfg.k))
         groups = []
-        for it, samples in zip(targets, results):
+        for it, samples in zip(targets, results, strict=True):
             texts = [s.text for s in samples if not (s.completion.truncated and self.cfg.drop_truncated)]
             if len(texts) < len(samples):  # a truncated answer is not a training target
                 state.drop_part("candidate", "truncated_candidate", len(samples) - len(texts))
@@ -174,22 +189,42 @@ class SelfRewardingPipeline(Pipeline):
             state.drop("near_identical_pair")  # no signal in a pair of (near-)equal texts
             return
         policy, judge = ctx.llm("policy").model, ctx.llm("judge").model
-        state.emit("preferences", PreferenceRecord(
-            id=stable_id(it.id, "self_rewarding", self.cfg.iteration), prompt=it.prompt,
-            chosen=[Message(role="assistant", content=chosen.text)], rejected=[Message(role="assistant", content=rejected.text)],
-            method="self_rewarding", score_chosen=chosen.mean, score_rejected=rejected.mean, margin=chosen.mean - rejected.mean,
-            category=it.category,
-            meta={"iteration": self.cfg.iteration, "chosen_index": chosen.index, "rejected_index": rejected.index,
-                  "candidates": [{"text": c.text, "scores": c.scores, "mean": c.mean} for c in cands],
-                  "judge_model": judge, "self_judged": judge == policy, "source_meta": it.meta},
-            provenance=Provenance(generator_model=policy, sampling={**self.cfg.sampling.model_dump(), "n": self.cfg.k},
-                                  iteration=self.cfg.iteration, **template_ref("self_reward_judge", ctx.language)),
-        ))
+        state.emit(
+            "preferences",
+            PreferenceRecord(
+                id=stable_id(it.id, "self_rewarding", self.cfg.iteration),
+                prompt=it.prompt,
+                chosen=[Message(role="assistant", content=chosen.text)],
+                rejected=[Message(role="assistant", content=rejected.text)],
+                method="self_rewarding",
+                score_chosen=chosen.mean,
+                score_rejected=rejected.mean,
+                margin=chosen.mean - rejected.mean,
+                category=it.category,
+                meta={
+                    "iteration": self.cfg.iteration,
+                    "chosen_index": chosen.index,
+                    "rejected_index": rejected.index,
+                    "candidates": [{"text": c.text, "scores": c.scores, "mean": c.mean} for c in cands],
+                    "judge_model": judge,
+                    "self_judged": judge == policy,
+                    "source_meta": it.meta,
+                },
+                provenance=Provenance(
+                    generator_model=policy,
+                    sampling={**self.cfg.sampling.model_dump(), "n": self.cfg.k},
+                    iteration=self.cfg.iteration,
+                    **template_ref("self_reward_judge", ctx.language),
+                ),
+            ),
+        )
 
-    def _meta_judge(self, targets: list[SourceItem], scored: list[list[Scored]], ctx: Context, state: ChunkState) -> None:
+    def _meta_judge(
+        self, targets: list[SourceItem], scored: list[list[Scored]], ctx: Context, state: ChunkState
+    ) -> None:
         """One meta-judge call for the chunk; at most one judge-preference pair per prompt."""
         jobs = []
-        for it, cands in zip(targets, scored):
+        for it, cands in zip(targets, scored, strict=True):
             cand = pick_response(cands)
             judged = distinct_judgements(cand) if cand is not None else []
             if len(judged) < 2:
@@ -197,7 +232,7 @@ class SelfRewardingPipeline(Pipeline):
                 continue
             jobs.append((it, cand, judged))
         cfg = self.cfg.meta_judge
-        for (it, cand, judged), table in zip(jobs, battles(ctx, state, jobs, cfg.sampling.params())):
+        for (it, cand, judged), table in zip(jobs, battles(ctx, state, jobs, cfg.sampling.params()), strict=True):
             unresolved = sum(b.winner is None for b in table)
             if unresolved:
                 state.drop_part("meta_battle", "meta_battle_unresolved", unresolved)
@@ -208,25 +243,49 @@ class SelfRewardingPipeline(Pipeline):
                 continue
             chosen, rejected = pair
             judge = ctx.llm("judge").model
-            state.emit("judge_preferences", PreferenceRecord(
-                id=stable_id(it.id, "meta_judge", self.cfg.iteration), prompt=build_judge(ctx.language, it.prompt, cand.text),
-                chosen=[Message(role="assistant", content=chosen.text)], rejected=[Message(role="assistant", content=rejected.text)],
-                method="meta_judge", score_chosen=ratings[chosen.index], score_rejected=ratings[rejected.index],
-                margin=ratings[chosen.index] - ratings[rejected.index], category=it.category,
-                meta={"iteration": self.cfg.iteration, "item_id": it.id, "candidate_index": cand.index,
-                      "judge_score_chosen": chosen.score, "judge_score_rejected": rejected.score,
-                      "elo": {str(k): round(v, 3) for k, v in ratings.items()},
-                      "battles": [{"judgements": [b.i.index, b.j.index], "verdicts": list(b.verdicts), "winner": b.winner}
-                                  for b in table],
-                      "judge_model": judge, "self_judged": judge == ctx.llm("policy").model},
-                provenance=Provenance(generator_model=judge, sampling=cfg.sampling.model_dump(), iteration=self.cfg.iteration,
-                                      **template_ref("meta_judge", ctx.language)),
-            ))
+            state.emit(
+                "judge_preferences",
+                PreferenceRecord(
+                    id=stable_id(it.id, "meta_judge", self.cfg.iteration),
+                    prompt=build_judge(ctx.language, it.prompt, cand.text),
+                    chosen=[Message(role="assistant", content=chosen.text)],
+                    rejected=[Message(role="assistant", content=rejected.text)],
+                    method="meta_judge",
+                    score_chosen=ratings[chosen.index],
+                    score_rejected=ratings[rejected.index],
+                    margin=ratings[chosen.index] - ratings[rejected.index],
+                    category=it.category,
+                    meta={
+                        "iteration": self.cfg.iteration,
+                        "item_id": it.id,
+                        "candidate_index": cand.index,
+                        "judge_score_chosen": chosen.score,
+                        "judge_score_rejected": rejected.score,
+                        "elo": {str(k): round(v, 3) for k, v in ratings.items()},
+                        "battles": [
+                            {"judgements": [b.i.index, b.j.index], "verdicts": list(b.verdicts), "winner": b.winner}
+                            for b in table
+                        ],
+                        "judge_model": judge,
+                        "self_judged": judge == ctx.llm("policy").model,
+                    },
+                    provenance=Provenance(
+                        generator_model=judge,
+                        sampling=cfg.sampling.model_dump(),
+                        iteration=self.cfg.iteration,
+                        **template_ref("meta_judge", ctx.language),
+                    ),
+                ),
+            )
 
     def finalize(self, ctx: Context, out_dir: Path) -> dict[str, Any]:
         rows = read_jsonl(out_dir / "preferences.jsonl")
-        report = {"iteration": self.cfg.iteration, **length_stats(rows), **score_stats(rows),
-                  "self_judged_rows": sum(bool(r["meta"].get("self_judged")) for r in rows)}
+        report = {
+            "iteration": self.cfg.iteration,
+            **length_stats(rows),
+            **score_stats(rows),
+            "self_judged_rows": sum(bool(r["meta"].get("self_judged")) for r in rows),
+        }
         if self.cfg.meta_judge.enabled:
             report["meta_judge"] = meta_judge_report(out_dir)
         return {"self_rewarding": report}
@@ -239,7 +298,11 @@ def meta_judge_report(out_dir: Path) -> dict[str, Any]:
     from synth.ranking import position_bias
 
     rows = read_jsonl(out_dir / "judge_preferences.jsonl")
-    verdicts = [r["parsed"] for r in read_jsonl(out_dir / "trace.jsonl") if r["step"] == "meta_judge" and r["parse_status"] == "ok"]
+    verdicts = [
+        r["parsed"]
+        for r in read_jsonl(out_dir / "trace.jsonl")
+        if r["step"] == "meta_judge" and r["parse_status"] == "ok"
+    ]
     report: dict[str, Any] = {"pairs": len(rows), "position_bias": position_bias(verdicts)}
     if rows:
         higher = sum(r["meta"]["judge_score_chosen"] > r["meta"]["judge_score_rejected"] for r in rows)
@@ -256,10 +319,17 @@ def length_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
         return {"length": None}
     lc = [len(r["chosen"][-1]["content"]) for r in rows]
     lr = [len(r["rejected"][-1]["content"]) for r in rows]
-    longer = sum(a > b for a, b in zip(lc, lr)) / len(rows)
-    return {"length": {"chosen_mean_chars": round(statistics.mean(lc), 1), "rejected_mean_chars": round(statistics.mean(lr), 1),
-                       "chosen_median_chars": statistics.median(lc), "rejected_median_chars": statistics.median(lr),
-                       "chosen_longer_rate": round(longer, 4), "length_bias_alert": longer > 0.7}}
+    longer = sum(a > b for a, b in zip(lc, lr, strict=True)) / len(rows)
+    return {
+        "length": {
+            "chosen_mean_chars": round(statistics.mean(lc), 1),
+            "rejected_mean_chars": round(statistics.mean(lr), 1),
+            "chosen_median_chars": statistics.median(lc),
+            "rejected_median_chars": statistics.median(lr),
+            "chosen_longer_rate": round(longer, 4),
+            "length_bias_alert": longer > 0.7,
+        }
+    }
 
 
 def score_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -267,6 +337,10 @@ def score_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
     (most Self-Rewarding judgements land on 4)."""
     if not rows:
         return {"scores": None}
-    return {"scores": {"chosen_mean": round(statistics.mean(r["score_chosen"] for r in rows), 4),
-                       "rejected_mean": round(statistics.mean(r["score_rejected"] for r in rows), 4),
-                       "margin_mean": round(statistics.mean(r["margin"] for r in rows), 4)}}
+    return {
+        "scores": {
+            "chosen_mean": round(statistics.mean(r["score_chosen"] for r in rows), 4),
+            "rejected_mean": round(statistics.mean(r["score_rejected"] for r in rows), 4),
+            "margin_mean": round(statistics.mean(r["margin"] for r in rows), 4),
+        }
+    }

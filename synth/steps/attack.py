@@ -49,12 +49,25 @@ class AttackTarget:
 
 
 def build_prompt(t: AttackTarget, language: str) -> list[Message]:
-    return [user(render("red_team_attack", language, l1=t.l1, l2=t.l2, description=t.description,
-                        guidance=t.guidance, family=t.family))]
+    return [
+        user(
+            render(
+                "red_team_attack",
+                language,
+                l1=t.l1,
+                l2=t.l2,
+                description=t.description,
+                guidance=t.guidance,
+                family=t.family,
+            )
+        )
+    ]
 
 
 def attack(ctx, state, targets: Sequence[AttackTarget], params: SamplingParams, k: int) -> list[list[Sample]]:
     """ONE attacker call for the chunk: k samples per (category, family)."""
-    calls = [Call(t.item_id, build_prompt(t, ctx.language), {"category": f"{t.l1}/{t.l2}", "attack_family": t.family})
-             for t in targets]
+    calls = [
+        Call(t.item_id, build_prompt(t, ctx.language), {"category": f"{t.l1}/{t.l2}", "attack_family": t.family})
+        for t in targets
+    ]
     return run_calls(ctx, state, "attack", "attacker", calls, params.replace(n=k), parse)

@@ -77,10 +77,12 @@ def run_calls(
     if len(results) != len(calls):
         raise RuntimeError(f"backend {llm.kind} returned {len(results)} results for {len(calls)} requests")
     out: list[list[Sample]] = []
-    for call, completions in zip(calls, results):
+    for call, completions in zip(calls, results, strict=True):
         samples = []
         for i, comp in enumerate(completions):
-            judgement = parse(comp.text) if parse is not None else (parse_completion(comp) if parse_completion else None)
+            judgement = (
+                parse(comp.text) if parse is not None else (parse_completion(comp) if parse_completion else None)
+            )
             samples.append(Sample(call, i, comp, judgement))
             _trace(state, step, role, llm.model, call, i, comp, judgement)
         if completions:

@@ -33,10 +33,26 @@ def rewriter_messages(language: str, prompt: str) -> list[Message]:
 
 
 def build_construct(
-    language: str, instruction: str, good: str, bad: str, context: str = "", history: Sequence[Message] = (),
+    language: str,
+    instruction: str,
+    good: str,
+    bad: str,
+    context: str = "",
+    history: Sequence[Message] = (),
 ) -> list[Message]:
-    return [user(render("bpo_construct", language, instruction=instruction, good=good, bad=bad,
-                        context=context, history=conversation(history)))]
+    return [
+        user(
+            render(
+                "bpo_construct",
+                language,
+                instruction=instruction,
+                good=good,
+                bad=bad,
+                context=context,
+                history=conversation(history),
+            )
+        )
+    ]
 
 
 def build_safety(language: str, prompt: str) -> list[Message]:

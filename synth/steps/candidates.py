@@ -45,7 +45,9 @@ class CandidateSpec(BaseModel):
     @model_validator(mode="after")
     def _both_or_neither(self) -> CandidateSpec:
         if (self.llm is None) != (self.model is None):
-            raise ValueError(f"candidate {self.name!r}: give both llm and model (its own backend) or neither (the policy)")
+            raise ValueError(
+                f"candidate {self.name!r}: give both llm and model (its own backend) or neither (the policy)"
+            )
         return self
 
     @property
@@ -76,7 +78,11 @@ def _factory(spec: CandidateSpec, cache_dir: Path | None):
 
 
 def sample_candidates(
-    ctx: Context, state: ChunkState, items: Sequence[SourceItem], specs: Sequence[CandidateSpec], drop_truncated: bool = True,
+    ctx: Context,
+    state: ChunkState,
+    items: Sequence[SourceItem],
+    specs: Sequence[CandidateSpec],
+    drop_truncated: bool = True,
 ) -> dict[str, list[Candidate]]:
     """Sample every spec's n responses for every item; truncated responses are dropped (counted),
     never judged, because they would become training targets (unless drop_truncated is off)."""
@@ -85,7 +91,7 @@ def sample_candidates(
         group = [s for s in specs if s.role == role]
         calls = [Call(it.id, list(it.prompt), {"candidate": s.name}) for it in items for s in group]
         params = [s.sampling.params(n=s.n) for _ in items for s in group]
-        for call, samples in zip(calls, run_calls(ctx, state, "candidates", role, calls, params)):
+        for call, samples in zip(calls, run_calls(ctx, state, "candidates", role, calls, params), strict=True):
             for smp in samples:
                 if smp.completion.truncated and drop_truncated:
                     state.drop_part("candidate", "truncated_candidate")

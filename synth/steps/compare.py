@@ -46,12 +46,23 @@ _ANSWER_MARKERS = ("So the answer is", "The answer is", "所以答案是", "答�
 
 
 def build_prompt(
-    conversation: Sequence[Message], question: str, response_a: str, response_b: str, language: str,
-    stage: Literal["answer", "reason", "cot_answer"], reasoning: str | None = None,
+    conversation: Sequence[Message],
+    question: str,
+    response_a: str,
+    response_b: str,
+    language: str,
+    stage: Literal["answer", "reason", "cot_answer"],
+    reasoning: str | None = None,
 ) -> list[Message]:
     """user(the MC question) + assistant prefill (the answer stem, or the CoT opening / closing)."""
-    body = render("mc_compare", language, conversation=[m.model_dump() for m in conversation],
-                  question=question, response_a=response_a, response_b=response_b)
+    body = render(
+        "mc_compare",
+        language,
+        conversation=[m.model_dump() for m in conversation],
+        question=question,
+        response_a=response_a,
+        response_b=response_b,
+    )
     stem = render("mc_answer_stem", language, stage=stage, reasoning=reasoning or "")
     return [user(body), assistant(stem)]
 
@@ -86,16 +97,21 @@ def parse_logprobs(comp: Completion) -> Judgement:
     found = option_logprobs(top)
     if not found:
         shown = sorted(top, key=top.get, reverse=True)[:10]  # type: ignore[arg-type]
-        return Judgement(raw=comp.text, parse_status="failed", error=f"neither option in the top-{len(top)} tokens: {shown}")
+        return Judgement(
+            raw=comp.text, parse_status="failed", error=f"neither option in the top-{len(top)} tokens: {shown}"
+        )
     floor = min(top.values())
     la, lb = found.get("A", floor), found.get("B", floor)
     p_a = 1.0 / (1.0 + math.exp(lb - la))
-    return Judgement(raw=comp.text, parsed={"p_a": p_a, "logprob_a": la, "logprob_b": lb, "bounded": len(found) < 2},
-                     parse_status="ok")
+    return Judgement(
+        raw=comp.text,
+        parsed={"p_a": p_a, "logprob_a": la, "logprob_b": lb, "bounded": len(found) < 2},
+        parse_status="ok",
+    )
 
 
 def parse_vote(text: str) -> Judgement:
-    """"A" / "B" from a sampled answer: the letter right after the stem, else the last "answer is (X)"."""
+    """ "A" / "B" from a sampled answer: the letter right after the stem, else the last "answer is (X)"."""
     m = _VOTE_START.match(text)
     if m is None:
         hits = _VOTE_ANYWHERE.findall(text)
@@ -178,7 +194,9 @@ class OrderVerdict:
     reasoning: str | None = None
 
 
-def judge_both_orders(ctx, state, comps: Sequence[Comparison], s: JudgeSettings) -> list[tuple[OrderVerdict, OrderVerdict]]:
+def judge_both_orders(
+    ctx, state, comps: Sequence[Comparison], s: JudgeSettings
+) -> list[tuple[OrderVerdict, OrderVerdict]]:
     """(order 1, order 2) verdicts per comparison. Every stage is ONE backend call over all
     comparisons x both orders."""
     tasks = [(c, order) for c in comps for order in (1, 2)]
@@ -230,7 +248,7 @@ def _by_logprobs(ctx, state, tasks, reasons, idx: list[int], top_logprobs: int) 
     params = SamplingParams(temperature=1.0, max_new_tokens=1, n=1, logprobs=True, top_logprobs=top_logprobs)
     samples = run_calls(ctx, state, "compare", "judge", calls, params, parse_completion=parse_logprobs)
     got, missing = {}, []
-    for i, (smp,) in zip(idx, samples):
+    for i, (smp,) in zip(idx, samples, strict=True):
         if smp.judgement is not None and smp.judgement.ok:
             got[i] = smp.judgement.parsed["p_a"]
         elif not smp.completion.logprobs:
@@ -243,7 +261,7 @@ def _by_votes(ctx, state, tasks, reasons, idx: list[int], params: SamplingParams
     calls = [_call(tasks[i], ctx.language, _answer_stage(reasons[i]), reasons[i]) for i in idx]
     samples = run_calls(ctx, state, "compare_vote", "judge", calls, params.replace(regex=structure.VOTE), parse_vote)
     out = {}
-    for i, group in zip(idx, samples):
+    for i, group in zip(idx, samples, strict=True):
         votes = [s.judgement.parsed for s in group if s.judgement is not None and s.judgement.ok]
         if votes:
             out[i] = votes.count("A") / len(votes)

@@ -24,17 +24,27 @@ from synth.steps.base import Call, Sample, run_calls, user
 TURN_MARKERS = ("\n\nHuman:", "\n\nUser:", "\nHuman:", "\nUser:", "\n\n用户：", "\n用户：", "\n\n用户:", "\n用户:")
 # Section labels of the paper's transcript; any of them starts text that is not part of this step.
 SECTION_MARKERS = (
-    "CritiqueRequest:", "Critique Request:", "RevisionRequest:", "Revision Request:",
-    "批评请求：", "批评请求:", "修改请求：", "修改请求:",
+    "CritiqueRequest:",
+    "Critique Request:",
+    "RevisionRequest:",
+    "Revision Request:",
+    "批评请求：",
+    "批评请求:",
+    "修改请求：",
+    "修改请求:",
 )
 # Stop strings sent to the backend, at most 4 (the OpenAI API's limit); the parser cuts the rest.
 STOPS = {
     "en": ("RevisionRequest:", "CritiqueRequest:", "\n\nHuman:", "\n\nUser:"),
     "zh": ("修改请求：", "批评请求：", "\n\n用户：", "\n\nHuman:"),
 }
-_CRITIQUE_ECHO = re.compile(r"^\s*(?:\*\*)?\s*(?:critique|批评意见|批评)\s*(?:\*\*)?\s*[:：]\s*(?:\*\*)?\s*", re.IGNORECASE)
+_CRITIQUE_ECHO = re.compile(
+    r"^\s*(?:\*\*)?\s*(?:critique|批评意见|批评)\s*(?:\*\*)?\s*[:：]\s*(?:\*\*)?\s*", re.IGNORECASE
+)
 # A critique that goes on to write its own revision: the revision part is not critique.
-_REVISION_LABEL = re.compile(r"\n\s*(?:\*\*)?\s*(?:revision|revised response|修改后的回复|修改后的回答)\s*(?:\*\*)?\s*[:：]", re.IGNORECASE)
+_REVISION_LABEL = re.compile(
+    r"\n\s*(?:\*\*)?\s*(?:revision|revised response|修改后的回复|修改后的回答)\s*(?:\*\*)?\s*[:：]", re.IGNORECASE
+)
 
 
 def stops(language: str) -> tuple[str, ...]:
@@ -88,7 +98,11 @@ class CritiqueInput:
 def critique(ctx, state, inputs: Sequence[CritiqueInput], params: SamplingParams, round_: int) -> list[Sample]:
     """ONE backend call for every critique of this round; one sample per input."""
     calls = [
-        Call(x.item_id, build_prompt(x.history, x.principle, ctx.language), {"round": round_, "principle_id": x.principle.id})
+        Call(
+            x.item_id,
+            build_prompt(x.history, x.principle, ctx.language),
+            {"round": round_, "principle_id": x.principle.id},
+        )
         for x in inputs
     ]
     return [s[0] for s in run_calls(ctx, state, "critique", "policy", calls, params.replace(n=1), parse)]

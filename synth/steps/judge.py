@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from synth.llm.base import SamplingParams
-from synth.runtime import ChunkState, Context
 from synth.prompts import render
 from synth.records import Completion, Judgement, Message, SourceItem
+from synth.runtime import ChunkState, Context
 from synth.steps import structure
 from synth.steps.base import Call, Sample, assistant, run_calls, user
 from synth.steps.candidates import Candidate
@@ -36,7 +36,9 @@ def conversation(prompt: Sequence[Message]) -> list[dict[str, str]]:
 
 
 def build_pairwise(language: str, prompt: Sequence[Message], a: str, b: str, direct: bool = False) -> list[Message]:
-    text = render("judge_pairwise", language, conversation=conversation(prompt), response_a=a, response_b=b, direct=direct)
+    text = render(
+        "judge_pairwise", language, conversation=conversation(prompt), response_a=a, response_b=b, direct=direct
+    )
     return [user(text), assistant(PREFILL)] if direct else [user(text)]
 
 
@@ -60,7 +62,9 @@ def read_ab_logprobs(comp: Completion) -> Judgement:
     if not j.ok:
         return j
     p_a = j.parsed["p_a"]
-    return Judgement(raw=comp.text, parsed={"A": p_a, "B": 1.0 - p_a, "bounded": j.parsed["bounded"]}, parse_status="ok")
+    return Judgement(
+        raw=comp.text, parsed={"A": p_a, "B": 1.0 - p_a, "bounded": j.parsed["bounded"]}, parse_status="ok"
+    )
 
 
 @dataclass
@@ -108,8 +112,12 @@ def _usable(s: Sample, logprobs: bool) -> Judgement:
 
 
 def judge_pairs(
-    ctx: Context, state: ChunkState, jobs: Sequence[tuple[SourceItem, Candidate, Candidate]],
-    params: SamplingParams, logprobs: bool = False, tie_band: float = 0.1,
+    ctx: Context,
+    state: ChunkState,
+    jobs: Sequence[tuple[SourceItem, Candidate, Candidate]],
+    params: SamplingParams,
+    logprobs: bool = False,
+    tie_band: float = 0.1,
 ) -> list[PairResult]:
     """ONE judge call for all pairs of the chunk in both orders."""
     calls = []
@@ -118,11 +126,17 @@ def judge_pairs(
             meta = {"order": order, "slot_a": a.name, "slot_b": b.name, "candidates": [ci.index, cj.index]}
             calls.append(Call(it.id, build_pairwise(ctx.language, it.prompt, a.text, b.text, logprobs), meta))
     resolved = ask_both_orders(ctx, state, "judge_pairwise", calls, params, logprobs, tie_band)
-    return [PairResult(it, ci, cj, v, w, p) for (it, ci, cj), (v, w, p) in zip(jobs, resolved)]
+    return [PairResult(it, ci, cj, v, w, p) for (it, ci, cj), (v, w, p) in zip(jobs, resolved, strict=True)]
 
 
 def ask_both_orders(
-    ctx: Context, state: ChunkState, step: str, calls: Sequence[Call], params: SamplingParams, logprobs: bool, tie_band: float,
+    ctx: Context,
+    state: ChunkState,
+    step: str,
+    calls: Sequence[Call],
+    params: SamplingParams,
+    logprobs: bool,
+    tie_band: float,
 ) -> list[tuple[tuple[str | None, str | None], str | None, float | None]]:
     """Calls come in (i, j), (j, i) twos; ONE judge call for all. Per two: the slot verdicts, the
     winner ("i", "j", "tie" or None when either order failed) and p(i ≻ j) when read from log-probs."""
@@ -146,12 +160,20 @@ def ask_both_orders(
 # --------------------------------------------------------------------------- joint (DOVE)
 
 
-def build_joint(language: str, prompt_a: Sequence[Message], a: str, prompt_b: Sequence[Message], b: str,
-                direct: bool = False) -> list[Message]:
+def build_joint(
+    language: str, prompt_a: Sequence[Message], a: str, prompt_b: Sequence[Message], b: str, direct: bool = False
+) -> list[Message]:
     """DOVE's joint comparison (Bansal et al. 2024, arXiv 2404.00530): two (instruction, response)
     pairs with different instructions; which response serves its own instruction better."""
-    text = render("judge_joint", language, conversation_a=conversation(prompt_a), response_a=a,
-                  conversation_b=conversation(prompt_b), response_b=b, direct=direct)
+    text = render(
+        "judge_joint",
+        language,
+        conversation_a=conversation(prompt_a),
+        response_a=a,
+        conversation_b=conversation(prompt_b),
+        response_b=b,
+        direct=direct,
+    )
     return [user(text), assistant(PREFILL)] if direct else [user(text)]
 
 
@@ -188,8 +210,11 @@ def listwise_orders(ctx: Context, item_id: str, k: int, samples: int) -> list[li
 
 
 def judge_listwise(
-    ctx: Context, state: ChunkState, groups: Sequence[tuple[SourceItem, list[Candidate]]],
-    params: SamplingParams, samples: int,
+    ctx: Context,
+    state: ChunkState,
+    groups: Sequence[tuple[SourceItem, list[Candidate]]],
+    params: SamplingParams,
+    samples: int,
 ) -> list[dict[str, Any]]:
     """ONE call for every item x sample. Per item: the de-shuffled rankings (candidate indices, best
     first) and Borda scores (k-1 for first ... 0 for last) averaged over the valid samples, or None."""
@@ -201,7 +226,7 @@ def judge_listwise(
             plist.append(params.replace(regex=structure.ranking(params.max_new_tokens, len(cands))))
     results = iter(run_calls(ctx, state, "judge_listwise", "judge", calls, plist, parse=parse_listwise))
     out = []
-    for it, cands in groups:
+    for _it, cands in groups:
         k, rankings = len(cands), []
         for _ in range(samples):
             smp = next(results)[0]
@@ -248,13 +273,20 @@ def parse_rating(text: str) -> Judgement:
 
 
 def judge_rubric(
-    ctx: Context, state: ChunkState, groups: Sequence[tuple[SourceItem, list[Candidate]]],
-    params: SamplingParams, samples: int, min_valid: int,
+    ctx: Context,
+    state: ChunkState,
+    groups: Sequence[tuple[SourceItem, list[Candidate]]],
+    params: SamplingParams,
+    samples: int,
+    min_valid: int,
 ) -> list[list[dict[str, Any]]]:
     """ONE call: every candidate with n=samples. Per candidate: the valid ratings and their mean, or
     mean None when fewer than `min_valid` samples parsed (that candidate is then left out)."""
-    calls = [Call(it.id, build_rubric(ctx.language, it.prompt, c.text), {"candidate": c.index})
-             for it, cands in groups for c in cands]
+    calls = [
+        Call(it.id, build_rubric(ctx.language, it.prompt, c.text), {"candidate": c.index})
+        for it, cands in groups
+        for c in cands
+    ]
     params = params.replace(n=samples, regex=structure.rating(params.max_new_tokens))
     results = iter(run_calls(ctx, state, "judge_rubric", "judge", calls, params, parse=parse_rating))
     out = []

@@ -29,7 +29,7 @@ import numpy as np
 
 from synth.llm.base import SamplingParams
 from synth.prompts import render
-from synth.ranking import SCALE, INIT, fit_bt
+from synth.ranking import INIT, SCALE, fit_bt
 from synth.records import Judgement, Message, SourceItem
 from synth.runtime import ChunkState, Context
 from synth.steps import structure
@@ -64,7 +64,7 @@ class JudgementText:
 def distinct_judgements(c: Scored) -> list[JudgementText]:
     """The candidate's parsed judgements, one per distinct text (the first sample of each)."""
     out, seen = [], set()
-    for i, (text, score) in enumerate(zip(c.judgements, c.scores)):
+    for i, (text, score) in enumerate(zip(c.judgements, c.scores, strict=True)):
         if text is None or score is None or text.strip() in seen:
             continue
         seen.add(text.strip())
@@ -78,8 +78,18 @@ def strip_score(text: str) -> str:
 
 
 def build_meta_judge(language: str, prompt: Sequence[Message], response: str, a: str, b: str) -> list[Message]:
-    return [user(render("meta_judge", language, conversation=conversation(prompt), response=response,
-                        judgement_a=strip_score(a), judgement_b=strip_score(b)))]
+    return [
+        user(
+            render(
+                "meta_judge",
+                language,
+                conversation=conversation(prompt),
+                response=response,
+                judgement_a=strip_score(a),
+                judgement_b=strip_score(b),
+            )
+        )
+    ]
 
 
 def parse_winner(text: str) -> Judgement:
@@ -107,8 +117,12 @@ class Battle:
     winner: str | None
 
 
-def battles(ctx: Context, state: ChunkState, jobs: Sequence[tuple[SourceItem, Scored, list[JudgementText]]],
-            params: SamplingParams) -> list[list[Battle]]:
+def battles(
+    ctx: Context,
+    state: ChunkState,
+    jobs: Sequence[tuple[SourceItem, Scored, list[JudgementText]]],
+    params: SamplingParams,
+) -> list[list[Battle]]:
     """ONE judge call: every pair of every job's judgements, in both orders. Per job, its battles."""
     calls, pairs = [], []
     for it, cand, judged in jobs:
@@ -146,15 +160,18 @@ def elo(judged: Sequence[JudgementText], table: Sequence[Battle]) -> dict[int, f
     return {x: float(SCALE * theta[pos[x]] + INIT) for x in ids}
 
 
-def meta_pair(judged: Sequence[JudgementText], ratings: dict[int, float], max_chosen_chars: int | None,
-              ) -> tuple[JudgementText, JudgementText] | str:
+def meta_pair(
+    judged: Sequence[JudgementText],
+    ratings: dict[int, float],
+    max_chosen_chars: int | None,
+) -> tuple[JudgementText, JudgementText] | str:
     """(chosen, rejected), or the reason there is no pair."""
     if len(ratings) < 2:
         return "meta_fewer_than_2_rated"
     by_index = {j.index: j for j in judged}
     order = sorted(ratings, key=lambda x: (-ratings[x], x))
     top, bottom = order[0], order[-1]
-    if any(np.isclose(ratings[a], ratings[b]) for a, b in zip(order, order[1:])):
+    if any(np.isclose(ratings[a], ratings[b]) for a, b in itertools.pairwise(order)):
         return "meta_elo_not_unique"  # any tie, as NeMo-Aligner's implementation: the ranking is not clear-cut
     chosen, rejected = by_index[top], by_index[bottom]
     if chosen.text.strip() == rejected.text.strip():

@@ -110,8 +110,10 @@ class ModelScorer:
                 self._model = ScalarScorer(self.path, self.device, self.batch_size)
             except (OSError, ConfigError) as e:  # the loader's own error names model.name_or_path
                 why = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise ConfigError(f"pipeline.scorer.path={self.path}: cannot load a reward model ({why}); "
-                                  "pass a `train loop=reward` output folder") from None
+                raise ConfigError(
+                    f"pipeline.scorer.path={self.path}: cannot load a reward model ({why}); "
+                    "pass a `train loop=reward` output folder"
+                ) from None
         return [None if not math.isfinite(v) else float(v) for v in self._model(prompts, texts)] if texts else []
 
 
@@ -124,7 +126,9 @@ class FunctionScorer:
         try:
             self.fn: Callable[..., Any] = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError, ValueError) as e:
-            raise ConfigError(f"pipeline.scorer.function={spec}: cannot import it ({e}); expected module:function") from None
+            raise ConfigError(
+                f"pipeline.scorer.function={spec}: cannot import it ({e}); expected module:function"
+            ) from None
         self.spec = spec
 
     @property
@@ -140,15 +144,33 @@ class FunctionScorer:
         return [None if v is None or not math.isfinite(float(v)) else float(v) for v in values]
 
 
-def trace_scores(state: ChunkState, step: str, scorer_name: str, item_ids: Sequence[str], prompts: Prompts,
-                 texts: Sequence[str], scores: Sequence[float | None]) -> None:
+def trace_scores(
+    state: ChunkState,
+    step: str,
+    scorer_name: str,
+    item_ids: Sequence[str],
+    prompts: Prompts,
+    texts: Sequence[str],
+    scores: Sequence[float | None],
+) -> None:
     """One trace row per scored sample (the scorer is not a chat backend, so run_calls does not write
     them); an unscorable sample counts as a parse failure of `step`."""
-    for item_id, prompt, text, score in zip(item_ids, prompts, texts, scores):
+    for item_id, prompt, text, score in zip(item_ids, prompts, texts, scores, strict=True):
         if score is None:
             state.count(f"parse_failed/{step}")
-        state.trace.append({"step": step, "role": "scorer", "model": scorer_name, "item_id": item_id, "sample": 0,
-                            "prompt": [m.model_dump() for m in prompt], "output": text, "finish_reason": None,
-                            "parse_status": "ok" if score is not None else "failed", "parsed": score,
-                            "parse_error": None if score is not None else "no finite score"})
+        state.trace.append(
+            {
+                "step": step,
+                "role": "scorer",
+                "model": scorer_name,
+                "item_id": item_id,
+                "sample": 0,
+                "prompt": [m.model_dump() for m in prompt],
+                "output": text,
+                "finish_reason": None,
+                "parse_status": "ok" if score is not None else "failed",
+                "parsed": score,
+                "parse_error": None if score is not None else "no finite score",
+            }
+        )
     state.count(f"calls/{step}", len(texts))

@@ -48,7 +48,9 @@ def request(principle: Principle, language: str) -> str:
     return render("cai_revision_request", language, revision=principle.revision)
 
 
-def build_prompt(critique_prompt: Sequence[Message], critique: str, principle: Principle, language: str) -> list[Message]:
+def build_prompt(
+    critique_prompt: Sequence[Message], critique: str, principle: Principle, language: str
+) -> list[Message]:
     """The critique call's messages + the critique + the revision request."""
     return [*critique_prompt, assistant(critique), user(request(principle, language))]
 

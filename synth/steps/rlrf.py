@@ -57,8 +57,13 @@ def load_aspects(criteria: str, language: str, constitution: Any = None) -> list
         raise ValueError(f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
-def select_aspects(ctx: Context, item: SourceItem, aspects: Sequence[Aspect], max_aspects: int,
-                   category_of: dict[str, str] | None = None) -> list[Aspect]:
+def select_aspects(
+    ctx: Context,
+    item: SourceItem,
+    aspects: Sequence[Aspect],
+    max_aspects: int,
+    category_of: dict[str, str] | None = None,
+) -> list[Aspect]:
     """At most `max_aspects`: those matching the item's category first (constitution criteria), then a
     deterministic draw per item from the rest; returned in rubric order."""
     if len(aspects) <= max_aspects:
@@ -72,8 +77,17 @@ def select_aspects(ctx: Context, item: SourceItem, aspects: Sequence[Aspect], ma
 
 
 def build_feedback(language: str, prompt: Sequence[Message], response: str, aspects: Sequence[Aspect]) -> list[Message]:
-    return [user(render("rlrf_feedback", language, conversation=conversation(prompt), response=response,
-                        aspects=[a.model_dump() for a in aspects]))]
+    return [
+        user(
+            render(
+                "rlrf_feedback",
+                language,
+                conversation=conversation(prompt),
+                response=response,
+                aspects=[a.model_dump() for a in aspects],
+            )
+        )
+    ]
 
 
 _RESERVE = 8  # tokens kept spare (an end-of-turn token, a tokenizer that merges less than one char per token)
@@ -98,10 +112,18 @@ def feedback_schema(aspects: Sequence[Aspect], max_new_tokens: int | None = None
     critique: dict[str, Any] = {"type": "string"}
     if max_new_tokens is not None:
         critique["maxLength"] = critique_cap(aspects, max_new_tokens)
-    entry = {"type": "object", "properties": {"critique": critique, "rating": {"type": "integer", "enum": [1, 2, 3]}},
-             "required": ["critique", "rating"], "additionalProperties": False}
-    return {"type": "object", "properties": {a.id: entry for a in aspects}, "required": [a.id for a in aspects],
-            "additionalProperties": False}  # OpenAI's strict structured outputs require it on every object
+    entry = {
+        "type": "object",
+        "properties": {"critique": critique, "rating": {"type": "integer", "enum": [1, 2, 3]}},
+        "required": ["critique", "rating"],
+        "additionalProperties": False,
+    }
+    return {
+        "type": "object",
+        "properties": {a.id: entry for a in aspects},
+        "required": [a.id for a in aspects],
+        "additionalProperties": False,
+    }  # OpenAI's strict structured outputs require it on every object
 
 
 _FENCE = re.compile(r"```(?:json)?\s*(\{.*?\})\s*```", re.DOTALL)
@@ -134,7 +156,8 @@ def aspect_score(parsed: dict[str, Any] | None, aspects: Sequence[Aspect]) -> fl
     return sum(parsed[a.id]["rating"] for a in aspects) / len(aspects)
 
 
-def build_refine(language: str, prompt: Sequence[Message], response: str, feedback: dict[str, Any],
-                 aspects: Sequence[Aspect]) -> list[Message]:
+def build_refine(
+    language: str, prompt: Sequence[Message], response: str, feedback: dict[str, Any], aspects: Sequence[Aspect]
+) -> list[Message]:
     items = [{"name": a.name, **feedback[a.id]} for a in aspects]
     return [user(render("rlrf_refine", language, conversation=conversation(prompt), response=response, feedback=items))]

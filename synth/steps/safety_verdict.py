@@ -29,7 +29,9 @@ SCHEMA = {
 
 def schema(categories: Sequence[str]) -> dict:
     """SCHEMA with the category restricted to the taxonomy's paths (or null)."""
-    category = {"type": ["string", "null"], "enum": [*categories, None]} if categories else SCHEMA["properties"]["category"]
+    category = (
+        {"type": ["string", "null"], "enum": [*categories, None]} if categories else SCHEMA["properties"]["category"]
+    )
     return {**SCHEMA, "properties": {**SCHEMA["properties"], "category": category}}
 
 
@@ -75,12 +77,26 @@ class VerdictInput:
 
 
 def build_prompt(x: VerdictInput, categories: Sequence[str], language: str) -> list[Message]:
-    return [user(render("red_team_verdict", language, prompt=x.prompt, answer=x.answer,
-                        category=x.category, categories=list(categories)))]
+    return [
+        user(
+            render(
+                "red_team_verdict",
+                language,
+                prompt=x.prompt,
+                answer=x.answer,
+                category=x.category,
+                categories=list(categories),
+            )
+        )
+    ]
 
 
-def judge(ctx, state, inputs: Sequence[VerdictInput], categories: Sequence[str], params: SamplingParams) -> list[Sample]:
+def judge(
+    ctx, state, inputs: Sequence[VerdictInput], categories: Sequence[str], params: SamplingParams
+) -> list[Sample]:
     """ONE judge call for every answer of the chunk; one sample each."""
     calls = [Call(x.item_id, build_prompt(x, categories, ctx.language), x.meta) for x in inputs]
     params = params.replace(n=1, json_schema=schema(categories))
-    return [s[0] for s in run_calls(ctx, state, "verdict", "judge", calls, params, partial(parse, categories=categories))]
+    return [
+        s[0] for s in run_calls(ctx, state, "verdict", "judge", calls, params, partial(parse, categories=categories))
+    ]

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from synth.llm.base import SamplingParams
-from synth.runtime import ChunkState, Context
 from synth.prompts import render
 from synth.records import Judgement, Message, SourceItem
+from synth.runtime import ChunkState, Context
 from synth.steps import structure
 from synth.steps.base import Call, run_calls, user
 from synth.steps.judge import conversation
@@ -55,12 +55,19 @@ class Scored:
 
 
 def judge_candidates(
-    ctx: Context, state: ChunkState, groups: Sequence[tuple[SourceItem, list[str]]],
-    params: SamplingParams, samples: int, min_valid: int,
+    ctx: Context,
+    state: ChunkState,
+    groups: Sequence[tuple[SourceItem, list[str]]],
+    params: SamplingParams,
+    samples: int,
+    min_valid: int,
 ) -> list[list[Scored]]:
     """ONE judge call: every candidate of every prompt, n=samples each."""
-    calls = [Call(it.id, build_judge(ctx.language, it.prompt, text), {"candidate": i})
-             for it, texts in groups for i, text in enumerate(texts)]
+    calls = [
+        Call(it.id, build_judge(ctx.language, it.prompt, text), {"candidate": i})
+        for it, texts in groups
+        for i, text in enumerate(texts)
+    ]
     params = params.replace(n=samples, regex=structure.score(params.max_new_tokens))
     results = iter(run_calls(ctx, state, "self_reward_judge", "judge", calls, params, parse=parse_score))
     out = []

@@ -63,8 +63,10 @@ VOTE = r" ?[\(（]?[AB][\)）]?"
 
 def bpo(max_new_tokens: int) -> str:
     half = max(1, budget(max_new_tokens) // 2)
-    return (rf"(Detailed Comparison Result|详细比较结果)[:：] ?[^\[:：]{{0,{half}}}\n"
-            rf"(Optimized Instruction|优化后的指令)[:：] ?[^\[]{{1,{half}}} ?\[END\]")
+    return (
+        rf"(Detailed Comparison Result|详细比较结果)[:：] ?[^\[:：]{{0,{half}}}\n"
+        rf"(Optimized Instruction|优化后的指令)[:：] ?[^\[]{{1,{half}}} ?\[END\]"
+    )
 
 
 def matches(regex: str, text: str) -> bool:

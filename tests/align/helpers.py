@@ -15,18 +15,45 @@ from safetensors.torch import load_file
 
 from synth.io import read_jsonl
 
-TRAIN_SMALL = ["optim.max_steps=2", "optim.batch_size=1", "checkpoint.every_steps=1", "checkpoint.keep_last=1",
-               "log.tensorboard=false", "log.plot=false", "data.max_length=128", "data.max_prompt_length=64", "lora.r=4", "lora.alpha=8",
-               "optim.lr=1.0e-2", "lora.dropout=0.0", "optim.packing=false", "optim.warmup_ratio=0.0"]
-EVAL_SMALL = ["suite.limit=4", "bootstrap=100", "sampling.max_new_tokens=8", "judges.sampling.max_new_tokens=64",
-              "chunk_size=4"]
+TRAIN_SMALL = [
+    "optim.max_steps=2",
+    "optim.batch_size=1",
+    "checkpoint.every_steps=1",
+    "checkpoint.keep_last=1",
+    "log.tensorboard=false",
+    "log.plot=false",
+    "data.max_length=128",
+    "data.max_prompt_length=64",
+    "lora.r=4",
+    "lora.alpha=8",
+    "optim.lr=1.0e-2",
+    "lora.dropout=0.0",
+    "optim.packing=false",
+    "optim.warmup_ratio=0.0",
+]
+EVAL_SMALL = [
+    "suite.limit=4",
+    "bootstrap=100",
+    "sampling.max_new_tokens=8",
+    "judges.sampling.max_new_tokens=64",
+    "chunk_size=4",
+]
 STAGE_SMALL = {  # per pipeline: a handful of items
-    "red_team": ["pipeline.categories=['歧视/地域','健康/身体健康']", "pipeline.families=[direct]", "pipeline.prompts_per_item=2",
-                 "pipeline.decoding=[{name:greedy,temperature:0.0,max_new_tokens:16},{name:hot,temperature:1.0,top_p:0.9,max_new_tokens:16}]"],
+    "red_team": [
+        "pipeline.categories=['歧视/地域','健康/身体健康']",
+        "pipeline.families=[direct]",
+        "pipeline.prompts_per_item=2",
+        "pipeline.decoding=[{name:greedy,temperature:0.0,max_new_tokens:16},{name:hot,temperature:1.0,top_p:0.9,max_new_tokens:16}]",
+    ],
     "critique_revision": ["pipeline.rounds=1", "pipeline.sampling.max_new_tokens=32", "pipeline.few_shot=false"],
     "generate": ["pipeline.sampling.max_new_tokens=16"],
-    "self_rewarding": ["pipeline.k=3", "pipeline.sampling.max_new_tokens=16", "pipeline.judge_samples=2",
-                       "pipeline.new_prompts.per_seed=1", "pipeline.new_prompts.keep_seed_prompts=true"],
+    "self_rewarding": [
+        "pipeline.k=3",
+        "pipeline.sampling.max_new_tokens=16",
+        "pipeline.judge_samples=2",
+        "pipeline.new_prompts.per_seed=1",
+        "pipeline.new_prompts.keep_seed_prompts=true",
+    ],
 }
 
 
@@ -36,11 +63,25 @@ def compose_align(out: Path, url: str, recipe: str, *extra: str) -> dict[str, An
 
     no_eval = "no_evaluate" in extra
     extra = tuple(e for e in extra if e != "no_evaluate")
-    policy = [] if "llm=hf" in extra else ["llm=openai", f"llm.base_url={url}", "llm.progress=false", "llm.max_retries=1"]
-    judge = [] if "judge=policy" in extra else ["judge=openai", f"judge.llm.base_url={url}", "judge.model.name_or_path=scripted-judge",
-                                                "judge.llm.progress=false", "judge.llm.max_retries=1"]
-    raw = compose("align", [f"recipe={recipe}", *policy, *judge, f"output_dir={out}", "progress=false",
-                            "stop.rule=none", *extra], "test")
+    policy = (
+        [] if "llm=hf" in extra else ["llm=openai", f"llm.base_url={url}", "llm.progress=false", "llm.max_retries=1"]
+    )
+    judge = (
+        []
+        if "judge=policy" in extra
+        else [
+            "judge=openai",
+            f"judge.llm.base_url={url}",
+            "judge.model.name_or_path=scripted-judge",
+            "judge.llm.progress=false",
+            "judge.llm.max_retries=1",
+        ]
+    )
+    raw = compose(
+        "align",
+        [f"recipe={recipe}", *policy, *judge, f"output_dir={out}", "progress=false", "stop.rule=none", *extra],
+        "test",
+    )
     if no_eval:
         raw["recipe"]["stages"] = [s for s in raw["recipe"]["stages"] if s["tool"] != "evaluate"]
     raw["overrides"]["train"] += TRAIN_SMALL
@@ -60,21 +101,30 @@ def compose_align(out: Path, url: str, recipe: str, *extra: str) -> dict[str, An
 
 def prompts_file(path: Path, n: int, answers: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{"prompt": f"Tell me about item {i}.", **({"chosen": f"Item {i} is a thing."} if answers else {})} for i in range(n)]
+    rows = [
+        {"prompt": f"Tell me about item {i}.", **({"chosen": f"Item {i} is a thing."} if answers else {})}
+        for i in range(n)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 def prefs_file(path: Path, n: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{"prompt": f"Question {i}?", "chosen": f"A kind and complete answer {i}.", "rejected": f"No {i}."} for i in range(n)]
+    rows = [
+        {"prompt": f"Question {i}?", "chosen": f"A kind and complete answer {i}.", "rejected": f"No {i}."}
+        for i in range(n)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 def sft_file(path: Path, n: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"I say {i}."}]} for i in range(n)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"I say {i}."}]}
+        for i in range(n)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -90,8 +140,14 @@ CHUNK1 = ("overrides.synth=['chunk_size=1']", "overrides.evaluate=['chunk_size=1
 
 def killed_run(out: Path, url: str, point: str, *extra: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "tests.align.kill_entry", str(out), url, "cai_rounds", point, *extra],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "tests.align.kill_entry", str(out), url, "cai_rounds", point, *extra],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == -9, (point, p.stdout[-2000:], p.stderr[-2000:])
 
 

@@ -16,8 +16,10 @@ REQUEST = re.compile(r"【用户请求】\n(.*?)\n\n【助手回答】\n(.*)\n\n
 REPLY = re.compile(r"\[Reply A\]\n(.*?)\n\[End of reply A\].*?\[Reply B\]\n(.*?)\n\[End of reply B\]", re.DOTALL)
 
 
-WORDS = ("apple river stone cloud lamp tiger violin copper meadow rocket pencil harbor velvet canyon "
-         "orbit maple falcon quartz saddle lantern ember glacier tulip anchor").split()
+WORDS = (
+    "apple river stone cloud lamp tiger violin copper meadow rocket pencil harbor velvet canyon "
+    "orbit maple falcon quartz saddle lantern ember glacier tulip anchor"
+).split()
 
 
 def h(*parts) -> int:
@@ -38,13 +40,22 @@ def answer(body: dict, i: int) -> str:
         if h(text) % 3 == 0:
             return json.dumps({"violation": False, "reason": "fine", "critique": None, "revision": None})
         k = h(text) % 10_000
-        return json.dumps({"violation": True, "reason": "it helped", "critique": f"请指出回复中第{k}类具体的有害内容{cjk(k, n=6)}。",
-                           "revision": f"请改写回复，拒绝第{k}类有害请求并说明原因。"}, ensure_ascii=False)
+        return json.dumps(
+            {
+                "violation": True,
+                "reason": "it helped",
+                "critique": f"请指出回复中第{k}类具体的有害内容{cjk(k, n=6)}。",
+                "revision": f"请改写回复，拒绝第{k}类有害请求并说明原因。",
+            },
+            ensure_ascii=False,
+        )
     if (m := REQUEST.search(text)) is not None:  # red-team verdict
         unsafe = h(m.group(2)) % 2 == 0
         cat = re.search(r"这条请求原本用于测试：(.+?)\n", text)
-        return json.dumps({"verdict": "unsafe" if unsafe else "safe", "category": cat.group(1) if unsafe and cat else None},
-                          ensure_ascii=False)
+        return json.dumps(
+            {"verdict": "unsafe" if unsafe else "safe", "category": cat.group(1) if unsafe and cat else None},
+            ensure_ascii=False,
+        )
     if text.endswith("暂时不要改写回复。"):
         return "批评：这条回复协助了有害请求。"
     if text.endswith("请原样重复。"):

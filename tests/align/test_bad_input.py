@@ -24,12 +24,21 @@ def with_stage(raw, i, **changes):
     return raw
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"tool": "shell"}, r"unknown tool 'shell' \(valid: synth, train, evaluate, op\)"),
-    ({"tool": "op", "op": "magic", "overrides": []}, r"unknown op 'magic' \(valid: grow_constitution, raft_select, rso_pairs, spin_pairs\)"),
-    ({"overrides": ["pipeline=nope"]}, r"stage red_team: unknown pipeline 'nope' \(valid: .*critique_revision.*red_team"),
-    ({"inputs": {"source": "later/unsafe.jsonl"}}, r"names no earlier stage \(valid: none"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"tool": "shell"}, r"unknown tool 'shell' \(valid: synth, train, evaluate, op\)"),
+        (
+            {"tool": "op", "op": "magic", "overrides": []},
+            r"unknown op 'magic' \(valid: grow_constitution, raft_select, rso_pairs, spin_pairs\)",
+        ),
+        (
+            {"overrides": ["pipeline=nope"]},
+            r"stage red_team: unknown pipeline 'nope' \(valid: .*critique_revision.*red_team",
+        ),
+        ({"inputs": {"source": "later/unsafe.jsonl"}}, r"names no earlier stage \(valid: none"),
+    ],
+)
 def test_unknown_names_list_the_valid_ones_before_anything_runs(tmp_path, change, match):
     raw = with_stage(compose_align(tmp_path / "x", "http://127.0.0.1:9/v1", "cai_rounds"), 0, **change)
     with pytest.raises(ConfigError, match=match):
@@ -61,8 +70,11 @@ def test_a_stage_with_zero_rows_stops_the_recipe_naming_it_and_its_drops(tmp_pat
     server = make_server(parrot)
     out = tmp_path / "spin"
     raw = compose_align(out, server.url, "spin", "no_evaluate", f"recipe.data.sft.path={data_dir / 'sft_pairs.jsonl'}")
-    with pytest.raises(DataError, match=r"round 1, stage pairs produced 0 rows in preferences.jsonl \(4 input\(s\); "
-                                        r"drop/generation_equals_ground_truth=4\)"):
+    with pytest.raises(
+        DataError,
+        match=r"round 1, stage pairs produced 0 rows in preferences.jsonl \(4 input\(s\); "
+        r"drop/generation_equals_ground_truth=4\)",
+    ):
         app.run(raw)
     assert not (out / "rounds/1/dpo").exists()  # nothing trained on an empty file
     assert set(ledger(out)["stages"]) == {"1/generate", "1/pairs"}
@@ -87,12 +99,33 @@ def test_changed_settings_between_rounds_are_refused_unless_forced(tmp_path, ser
 
 def test_cli_prints_one_line_and_exits_2(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    p = subprocess.run([sys.executable, "-m", "synth.align", "recipe=spin", f"output_dir={tmp_path / 'x'}"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "synth.align", "recipe=spin", f"output_dir={tmp_path / 'x'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == [
-        "error: missing required value(s): recipe.data.sft.path (set them on the command line, e.g. recipe.data.sft.path=...)"]
-    p = subprocess.run([sys.executable, "-m", "synth.align", "recipe=cai_rounds", "recipe.stages.1.overrides=['pipeline=nope']",
-                        f"output_dir={tmp_path / 'x'}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        "error: missing required value(s): recipe.data.sft.path (set them on the command line, e.g. "
+        "recipe.data.sft.path=...)"
+    ]
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "synth.align",
+            "recipe=cai_rounds",
+            "recipe.stages.1.overrides=['pipeline=nope']",
+            f"output_dir={tmp_path / 'x'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
     assert "stage critique_revision: unknown pipeline 'nope' (valid: ai_feedback, bpo" in p.stderr

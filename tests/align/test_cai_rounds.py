@@ -26,8 +26,9 @@ def test_two_rounds_hand_each_round_its_model_and_rerun_is_free(tmp_path, server
     summary = app.run(raw)
     assert summary["rounds_done"] == 2 and summary["stages_run_now"] == 11  # round-0 evaluate + 2 x 5 stages
     led = ledger(out)
-    assert set(led["stages"]) == {"0/evaluate"} | {f"{k}/{s}" for k in (1, 2)
-                                                   for s in ("red_team", "critique_revision", "sft", "dpo", "evaluate")}
+    assert set(led["stages"]) == {"0/evaluate"} | {
+        f"{k}/{s}" for k in (1, 2) for s in ("red_team", "critique_revision", "sft", "dpo", "evaluate")
+    }
 
     # round k's red team attacks round k-1's model: the target answers name the served model they came from
     r1 = {row["answer"].rsplit(": ", 1)[0] for row in read_jsonl(out / "rounds/1/red_team/answers.jsonl")}
@@ -64,8 +65,14 @@ def test_two_rounds_hand_each_round_its_model_and_rerun_is_free(tmp_path, server
 
 def test_win_rate_stop_rule_stops_after_a_round_without_a_significant_win(tmp_path, server, data_dir):
     out = tmp_path / "stop"
-    raw = compose_align(out, server.url, "oaif", "stop.rule=win_rate", "rounds=2",
-                        f"recipe.data.prompts.path={data_dir / 'prompts.jsonl'}")
+    raw = compose_align(
+        out,
+        server.url,
+        "oaif",
+        "stop.rule=win_rate",
+        "rounds=2",
+        f"recipe.data.prompts.path={data_dir / 'prompts.jsonl'}",
+    )
     summary = app.run(raw)
     # the scripted evaluate judge always picks slot A: the two orders disagree -> ties -> 0.5, not above 0.5
     assert summary["stopped"]["round"] == 1 and "not above 0.5" in summary["stopped"]["reason"]

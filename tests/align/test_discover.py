@@ -36,11 +36,21 @@ def test_parser():
 
 def test_grown_pool_is_a_valid_constitution_without_near_duplicates(tmp_path):
     proposals = tmp_path / "proposals.jsonl"
-    rows = [{"violation": True, "critique": "Identify any way the reply helps make weapons at home.",
-             "revision": "Rewrite it to decline and point to safety resources.", "category": None},
-            {"violation": True, "critique": "Identify any way the reply helps make weapons at home!",  # near duplicate
-             "revision": "Rewrite.", "category": None},
-            {"violation": False}]
+    rows = [
+        {
+            "violation": True,
+            "critique": "Identify any way the reply helps make weapons at home.",
+            "revision": "Rewrite it to decline and point to safety resources.",
+            "category": None,
+        },
+        {
+            "violation": True,
+            "critique": "Identify any way the reply helps make weapons at home!",  # near duplicate
+            "revision": "Rewrite.",
+            "category": None,
+        },
+        {"violation": False},
+    ]
     proposals.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "r1").mkdir()
     m = grow_constitution(OpContext(round=1, out=tmp_path / "r1", seed=0), {"proposals": proposals, "previous": None})
@@ -49,8 +59,10 @@ def test_grown_pool_is_a_valid_constitution_without_near_duplicates(tmp_path):
     base = load_constitution("hhh_en")
     assert len(c1.principles) == len(base.principles) + 1 and c1.principles[-1].id == "iteralign-r1-1"
     (tmp_path / "r2").mkdir()
-    m2 = grow_constitution(OpContext(round=2, out=tmp_path / "r2", seed=0),
-                           {"proposals": proposals, "previous": tmp_path / "r1/constitution.yaml"})
+    m2 = grow_constitution(
+        OpContext(round=2, out=tmp_path / "r2", seed=0),
+        {"proposals": proposals, "previous": tmp_path / "r1/constitution.yaml"},
+    )
     assert m2["outputs"] == {"new_principles": 0} and m2["drops"] == {"near_duplicate": 2}
     assert load_constitution(str(tmp_path / "r2/constitution.yaml")).name == "hhh_en-iteralign-r2"
 

@@ -20,8 +20,15 @@ def texts(out):
 
 def test_round_two_generates_with_round_one_adapter(tmp_path, server, data_dir):
     out = tmp_path / "spin"
-    raw = compose_align(out, server.url, "spin", "no_evaluate", "llm=hf", "llm.device=cpu",
-                        f"recipe.data.sft.path={data_dir / 'sft_pairs.jsonl'}")
+    raw = compose_align(
+        out,
+        server.url,
+        "spin",
+        "no_evaluate",
+        "llm=hf",
+        "llm.device=cpu",
+        f"recipe.data.sft.path={data_dir / 'sft_pairs.jsonl'}",
+    )
     raw["overrides"]["train"] += ["optim.lr=0.1"]
     raw["recipe"]["stages"][0]["overrides"].append("pipeline.sampling.seed=7")  # seeded sampling: reproducible
     summary = app.run(raw)
@@ -42,8 +49,14 @@ def test_round_two_generates_with_round_one_adapter(tmp_path, server, data_dir):
 
 def test_full_finetuning_hands_the_final_folder_on(tmp_path, server, data_dir):
     out = tmp_path / "spin_full"
-    raw = compose_align(out, server.url, "spin", "no_evaluate", "overrides.train=['lora.enabled=false']",
-                        f"recipe.data.sft.path={data_dir / 'sft_pairs.jsonl'}")
+    raw = compose_align(
+        out,
+        server.url,
+        "spin",
+        "no_evaluate",
+        "overrides.train=['lora.enabled=false']",
+        f"recipe.data.sft.path={data_dir / 'sft_pairs.jsonl'}",
+    )
     assert app.run(raw)["model"]["base"]["name_or_path"] == str(out / "rounds/2/dpo/final")
     cfg = yaml.safe_load((out / "rounds/2/dpo/config.yaml").read_text())
     assert cfg["model"]["name_or_path"] == str(out / "rounds/1/dpo/final") and not cfg["lora"]["enabled"]

@@ -38,8 +38,13 @@ def test_spin_rejected_is_the_previous_iterate_and_data_mixes(tmp_path, server, 
 
 
 def test_raft_selects_the_best_sample_by_the_reward_model(tmp_path, server, data_dir):
-    out = run2(tmp_path, server, "raft", f"recipe.data.prompts.path={data_dir / 'prompts.jsonl'}",
-               f"recipe.data.preferences.path={data_dir / 'prefs.jsonl'}")
+    out = run2(
+        tmp_path,
+        server,
+        "raft",
+        f"recipe.data.prompts.path={data_dir / 'prompts.jsonl'}",
+        f"recipe.data.preferences.path={data_dir / 'prefs.jsonl'}",
+    )
     led = ledger(out)
     assert "1/reward" in led["stages"] and "2/reward" not in led["stages"]  # trained once
     for k in (1, 2):
@@ -52,18 +57,30 @@ def test_raft_selects_the_best_sample_by_the_reward_model(tmp_path, server, data
 
 
 def test_rso_rejection_sampled_pairs_labelled_by_reward(tmp_path, server, data_dir):
-    out = run2(tmp_path, server, "rso", f"recipe.data.prompts.path={data_dir / 'prompts.jsonl'}",
-               f"recipe.data.preferences.path={data_dir / 'prefs.jsonl'}", "recipe.stages.2.args.accept=4")
+    out = run2(
+        tmp_path,
+        server,
+        "rso",
+        f"recipe.data.prompts.path={data_dir / 'prompts.jsonl'}",
+        f"recipe.data.preferences.path={data_dir / 'prefs.jsonl'}",
+        "recipe.stages.2.args.accept=4",
+    )
     rows = read_jsonl(out / "rounds/2/pairs/preferences.jsonl")
     assert rows and all(r["score_chosen"] > r["score_rejected"] and r["method"] == "rso" for r in rows)
     assert served(server, "rso-r1-dpo")
 
 
 def test_rs_dpo_pairs_by_reward_gap_from_the_round_1_reward_model(tmp_path, server, data_dir):
-    out = run2(tmp_path, server, "rs_dpo", f"recipe.data.prompts.path={data_dir / 'prompts.jsonl'}",
-               f"recipe.data.preferences.path={data_dir / 'prefs.jsonl'}", "recipe.stages.1.overrides.1='pipeline.k=4'",
-               "recipe.stages.1.overrides.3='pipeline.scorer.device=cpu'",
-               "recipe.stages.1.overrides.4='pipeline.eta=0.5'")  # any positive gap: the tiny reward model is random
+    out = run2(
+        tmp_path,
+        server,
+        "rs_dpo",
+        f"recipe.data.prompts.path={data_dir / 'prompts.jsonl'}",
+        f"recipe.data.preferences.path={data_dir / 'prefs.jsonl'}",
+        "recipe.stages.1.overrides.1='pipeline.k=4'",
+        "recipe.stages.1.overrides.3='pipeline.scorer.device=cpu'",
+        "recipe.stages.1.overrides.4='pipeline.eta=0.5'",
+    )  # any positive gap: the tiny reward model is random
     assert "1/reward" in ledger(out)["stages"] and "2/reward" not in ledger(out)["stages"]  # trained once
     for k in (1, 2):
         rows = read_jsonl(out / f"rounds/{k}/pairs/preferences.jsonl")
@@ -73,12 +90,19 @@ def test_rs_dpo_pairs_by_reward_gap_from_the_round_1_reward_model(tmp_path, serv
 
 
 def test_self_rewarding_sft_once_then_self_judged_dpo_rounds(tmp_path, server, data_dir):
-    out = run2(tmp_path, server, "self_rewarding", f"recipe.data.prompts.path={data_dir / 'prompts.jsonl'}",
-               f"recipe.data.sft.path={data_dir / 'sft.jsonl'}")
+    out = run2(
+        tmp_path,
+        server,
+        "self_rewarding",
+        f"recipe.data.prompts.path={data_dir / 'prompts.jsonl'}",
+        f"recipe.data.sft.path={data_dir / 'sft.jsonl'}",
+    )
     led = ledger(out)
     assert "1/sft" in led["stages"] and "2/sft" not in led["stages"]
     # the judge is the current model: round 2's rubric judgements went to round 1's served model
-    judges = {r.body["model"] for r in server.chat_requests() if "Score: <total points>" in r.body["messages"][-1]["content"]}
+    judges = {
+        r.body["model"] for r in server.chat_requests() if "Score: <total points>" in r.body["messages"][-1]["content"]
+    }
     assert judges == {"self_rewarding-r1-sft", "self_rewarding-r1-dpo"}  # M1 judges AIFT(M1), M2 AIFT(M2)
     rows = read_jsonl(out / "rounds/2/aift/preferences.jsonl")
     assert rows and all(r["meta"]["iteration"] == 2 or r["provenance"]["iteration"] == 2 for r in rows)
@@ -88,8 +112,10 @@ def test_oaif_online_dpo_with_an_ai_judge_keeps_the_initial_reference(tmp_path, 
     out = run2(tmp_path, server, "oaif", f"recipe.data.prompts.path={data_dir / 'prompts.jsonl'}")
     cfg2 = (out / "rounds/2/online_dpo/config.yaml").read_text()
     assert f"init_adapter: {out}/rounds/1/online_dpo/final" in cfg2 and "reference: auto" in cfg2  # LoRA: base = π0
-    assert any("[Reply A]" in r.body["messages"][-1]["content"] and r.body["model"] == "scripted-judge"
-               for r in server.chat_requests())
+    assert any(
+        "[Reply A]" in r.body["messages"][-1]["content"] and r.body["model"] == "scripted-judge"
+        for r in server.chat_requests()
+    )
     s = json.loads((out / "rounds/2/online_dpo/summary.json").read_text())
     assert s["steps"] == 2 and s["final_train"]["pairs/kept_frac"] > 0
 

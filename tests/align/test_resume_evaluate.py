@@ -28,7 +28,11 @@ def test_kill_9_in_evaluate_and_before_the_ledger_entry(tmp_path, server):
     summary = app.run(compose_align(out, server.url, "cai_rounds", *args))
     assert summary["stages_run_now"] == 2  # 1/dpo (recorded, no step: its summary is there) and 1/evaluate
     assert (out / "rounds/1/dpo/final/adapter_model.safetensors").stat().st_mtime_ns == dpo_mtime
-    assert all("cai_rounds-r1-dpo" == r.body["model"] or r.body["model"] == "scripted-judge" for r in server.requests[seen:] if r.body)
+    assert all(
+        "cai_rounds-r1-dpo" == r.body["model"] or r.body["model"] == "scripted-judge"
+        for r in server.requests[seen:]
+        if r.body
+    )
     same_rows(out, ref, "rounds/0/evaluate/results.jsonl")
     for stage in ("sft", "dpo"):
         same_weights(out, ref, f"rounds/1/{stage}/final")

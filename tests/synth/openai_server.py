@@ -55,8 +55,15 @@ FAULTS = ("429", "500", "503", "reset", "slow", "malformed", "truncated", "empty
 FATAL_FAULTS = ("400", "401", "404")
 Responder = Callable[[dict], "str | list | dict"]
 
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests",
-            500: "Internal Server Error", 503: "Service Unavailable"}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 @dataclass
@@ -79,7 +86,9 @@ def is_probe(body: dict | None) -> bool:
     from synth.llm.openai import _PROBE_MESSAGES
 
     msgs = (body or {}).get("messages") or []
-    return bool(body and body.get("continue_final_message") and msgs and msgs[-1].get("content") == _PROBE_MESSAGES[-1].content)
+    return bool(
+        body and body.get("continue_final_message") and msgs and msgs[-1].get("content") == _PROBE_MESSAGES[-1].content
+    )
 
 
 def default_responder(body: dict) -> str:
@@ -95,8 +104,9 @@ def _fake_logprobs(text: str, top: int) -> dict:
     for i, tok in enumerate(text.split(" ")):
         alts = [{"token": tok, "logprob": -0.1, "bytes": list(tok.encode())}]
         alts += [{"token": f"alt{j}", "logprob": -2.0 - j, "bytes": None} for j in range(max(top - 1, 0))]
-        content.append({"token": tok if i == 0 else " " + tok, "logprob": -0.1, "bytes": None,
-                        "top_logprobs": alts[:top]})
+        content.append(
+            {"token": tok if i == 0 else " " + tok, "logprob": -0.1, "bytes": None, "top_logprobs": alts[:top]}
+        )
     return {"content": content}
 
 
@@ -123,10 +133,16 @@ def build_body(body: dict, answer: Any) -> dict:
     prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
     completion_tokens = sum(len(c["message"]["content"].split()) for c in choices)
     return {
-        "id": "chatcmpl-loopback", "object": "chat.completion", "created": int(time.time()),
-        "model": body.get("model", "loopback"), "choices": choices,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "id": "chatcmpl-loopback",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.get("model", "loopback"),
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
     }
 
 
@@ -160,7 +176,9 @@ class LoopbackServer:
         self.retry_after_s, self.slow_s, self.models = retry_after_s, slow_s, models
         self.host, self.port, self.record_bodies = host, port, record_bodies
         if prefill not in ("continue", "ignore"):
-            raise ValueError(f"prefill must be 'continue' (vLLM's continue_final_message) or 'ignore' (llama.cpp), got {prefill!r}")
+            raise ValueError(
+                f"prefill must be 'continue' (vLLM's continue_final_message) or 'ignore' (llama.cpp), got {prefill!r}"
+            )
         self.prefill = prefill
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -180,8 +198,7 @@ class LoopbackServer:
 
     def start(self) -> LoopbackServer:
         ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve_thread, args=(ready,), daemon=True,
-                                        name="loopback-openai")
+        self._thread = threading.Thread(target=self._serve_thread, args=(ready,), daemon=True, name="loopback-openai")
         self._thread.start()
         if not ready.wait(10):
             raise RuntimeError("loopback server did not start")
@@ -346,7 +363,7 @@ class _Connection(asyncio.Protocol):
         size = int(headers.get("content-length", 0))
         if len(self.buf) < end + 4 + size:
             return None
-        raw, self.buf = self.buf[end + 4: end + 4 + size], self.buf[end + 4 + size:]
+        raw, self.buf = self.buf[end + 4 : end + 4 + size], self.buf[end + 4 + size :]
         return method, path, headers, (json.loads(raw) if raw else None)
 
     def _reply(self, rec: RecordedRequest, body: dict | None, keep_alive: bool, holder: list) -> None:
@@ -362,8 +379,12 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
             return
         keep_alive = keep_alive and action == "send"
-        head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'X')}", "Content-Type: application/json",
-                f"Content-Length: {len(data)}", f"Connection: {'keep-alive' if keep_alive else 'close'}"]
+        head = [
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'X')}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(data)}",
+            f"Connection: {'keep-alive' if keep_alive else 'close'}",
+        ]
         head += [f"{k}: {v}" for k, v in extra.items()]
         payload = data if action == "send" else data[: len(data) // 2]
         self.transport.write(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
@@ -387,11 +408,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.responder:
         module, _, fn = args.responder.partition(":")
         responder = getattr(importlib.import_module(module), fn)
-    server = LoopbackServer(responder=responder, latency_s=args.latency_ms / 1000, jitter_s=args.jitter_ms / 1000,
-                            fault_rate=args.fault_rate,
-                            fault_kinds=tuple(k for k in args.faults.split(",") if k),
-                            retry_after_s=args.retry_after_s, models=(args.model,), host=args.host,
-                            port=args.port, record_bodies=False).start()
+    server = LoopbackServer(
+        responder=responder,
+        latency_s=args.latency_ms / 1000,
+        jitter_s=args.jitter_ms / 1000,
+        fault_rate=args.fault_rate,
+        fault_kinds=tuple(k for k in args.faults.split(",") if k),
+        retry_after_s=args.retry_after_s,
+        models=(args.model,),
+        host=args.host,
+        port=args.port,
+        record_bodies=False,
+    ).start()
     print(f"READY {server.url}", flush=True)
     try:
         while True:

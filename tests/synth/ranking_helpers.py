@@ -13,8 +13,15 @@ RECORDS = {"preferences": PreferenceRecord, "ranked": RankedRecord, "sft": SFTRe
 
 
 def pairs_file(path: Path, n: int = 3) -> Path:
-    rows = [{"prompt": f"How can I stay safe when walking home at night, case {i}?", "chosen": "Stay on lit streets and tell a friend.",
-             "rejected": "Just run.", "category": "safety/personal"} for i in range(n)]
+    rows = [
+        {
+            "prompt": f"How can I stay safe when walking home at night, case {i}?",
+            "chosen": "Stay on lit streets and tell a friend.",
+            "rejected": "Just run.",
+            "category": "safety/personal",
+        }
+        for i in range(n)
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
@@ -36,9 +43,18 @@ def run_synth(tmp_path: Path, pipeline: str, *overrides: str, backend: tuple[str
 
     src = pairs_file(tmp_path / "src.jsonl", n)
     with initialize_config_module(config_module="rlaif_forge_conf", version_base=None):
-        cfg = compose(config_name="synth", overrides=[
-            f"pipeline={pipeline}", *backend, "source=jsonl", f"source.path={src}",
-            f"output_dir={tmp_path / 'out'}", "progress=false", *overrides])
+        cfg = compose(
+            config_name="synth",
+            overrides=[
+                f"pipeline={pipeline}",
+                *backend,
+                "source=jsonl",
+                f"source.path={src}",
+                f"output_dir={tmp_path / 'out'}",
+                "progress=false",
+                *overrides,
+            ],
+        )
     return run(cfg)
 
 

@@ -23,7 +23,9 @@ def loopback(url: str) -> tuple[str, ...]:
 
 def prompts_file(path: Path, prompts: list[str], **fields) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"prompt": p, **fields}, ensure_ascii=False) + "\n" for p in prompts), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps({"prompt": p, **fields}, ensure_ascii=False) + "\n" for p in prompts), encoding="utf-8"
+    )
     return path
 
 

@@ -18,13 +18,17 @@ OPTIONS = re.compile(r"\(A\) (.*)\n\(B\) (.*)\Z", re.DOTALL)
 
 
 def context(llm, constitution="hhh_en"):
-    return Context(factories={"policy": lambda: llm, "judge": lambda: llm}, constitution=load_constitution(constitution))
+    return Context(
+        factories={"policy": lambda: llm, "judge": lambda: llm}, constitution=load_constitution(constitution)
+    )
 
 
 def lp(p_a: float, extra=None) -> Completion:
     """A one-token completion whose top log-probs give p(A) = p_a (tokens written the awkward ways)."""
     top = {" A": math.log(p_a), "(B": math.log(1 - p_a), "The": math.log(0.001), **(extra or {})}
-    return Completion(text="A", finish_reason="length", logprobs=[TokenLogprob(token=" A", logprob=math.log(p_a), top=top)])
+    return Completion(
+        text="A", finish_reason="length", logprobs=[TokenLogprob(token=" A", logprob=math.log(p_a), top=top)]
+    )
 
 
 def slots(msgs):
@@ -82,10 +86,19 @@ def test_parse_logprobs_failure_bound_and_value():
     assert j.parsed["bounded"] and j.parsed["p_a"] == pytest.approx(1 / (1 + math.exp(-3.0 + 0.1)))
 
 
-@pytest.mark.parametrize("text,want", [
-    ("A) the first", "A"), (" (B)", "B"), ("B", "B"), ("I think so. The answer is: (A)", "A"),
-    ("答案是：(B)", "B"), ("Both are bad", None), ("", None), ("AB", None),
-])
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("A) the first", "A"),
+        (" (B)", "B"),
+        ("B", "B"),
+        ("I think so. The answer is: (A)", "A"),
+        ("答案是：(B)", "B"),
+        ("Both are bad", None),
+        ("", None),
+        ("AB", None),
+    ],
+)
 def test_parse_vote(text, want):
     assert compare.parse_vote(text).parsed == want
 
@@ -115,7 +128,10 @@ def test_exact_rows_both_orders_in_one_call(tmp_path):
     assert len(llm.calls) == 2  # policy n=2 for the chunk; judge both orders of both items
     reqs, params = llm.calls[1]
     assert len(reqs) == 4 and all(p.logprobs and p.top_logprobs == 20 and p.max_new_tokens == 1 for p in params)
-    assert [slots(r) for r in reqs[:2]] == [("harmful reply to q0", "safe reply to q0"), ("safe reply to q0", "harmful reply to q0")]
+    assert [slots(r) for r in reqs[:2]] == [
+        ("harmful reply to q0", "safe reply to q0"),
+        ("safe reply to q0", "harmful reply to q0"),
+    ]
     assert reqs[0][-1].role == "assistant" and reqs[0][-1].content == "The answer is: ("
     cons = ctx.constitution
     prefs, soft = read_jsonl(tmp_path / "preferences.jsonl"), read_jsonl(tmp_path / "soft_labels.jsonl")
@@ -123,12 +139,25 @@ def test_exact_rows_both_orders_in_one_call(tmp_path):
         pid = ctx.rng(f"i{k}", "ai_feedback").sample(cons.judge_principles(), 1)[0].id
         y1, y2 = f"harmful reply to {q}", f"safe reply to {q}"
         assert soft[k] == {
-            "id": stable_id(f"i{k}", "ai_feedback", y1, y2), "prompt": [{"role": "user", "content": q}],
-            "response_a": y1, "response_b": y2, "p_a": pytest.approx(0.1), "p_a_order1": pytest.approx(0.1),
-            "p_a_order2": pytest.approx(0.1), "orders_agree": True, "principle_ids": [pid],
-            "per_principle": [{"principle_id": pid, "p_a_order1": pytest.approx(0.1), "p_a_order2": pytest.approx(0.1)}],
-            "cot": None, "clamped": False, "label_model": "fake-model", "parse_ok": True, "responses": "policy",
-            "category": None, "hard_label": True,
+            "id": stable_id(f"i{k}", "ai_feedback", y1, y2),
+            "prompt": [{"role": "user", "content": q}],
+            "response_a": y1,
+            "response_b": y2,
+            "p_a": pytest.approx(0.1),
+            "p_a_order1": pytest.approx(0.1),
+            "p_a_order2": pytest.approx(0.1),
+            "orders_agree": True,
+            "principle_ids": [pid],
+            "per_principle": [
+                {"principle_id": pid, "p_a_order1": pytest.approx(0.1), "p_a_order2": pytest.approx(0.1)}
+            ],
+            "cot": None,
+            "clamped": False,
+            "label_model": "fake-model",
+            "parse_ok": True,
+            "responses": "policy",
+            "category": None,
+            "hard_label": True,
         }
         assert prefs[k]["chosen"] == [{"role": "assistant", "content": y2}]
         assert prefs[k]["rejected"] == [{"role": "assistant", "content": y1}]
@@ -211,8 +240,15 @@ def test_auto_falls_back_to_votes_when_backend_gives_no_logprobs(tmp_path):
 
 
 def test_source_pairs_and_alignment(tmp_path):
-    its = [SourceItem(id=f"s{k}", prompt=messages(("user", f"q{k}")), chosen=messages(("assistant", f"safe {k}")),
-                      rejected=messages(("assistant", f"harmful {k}"))) for k in range(2)]
+    its = [
+        SourceItem(
+            id=f"s{k}",
+            prompt=messages(("user", f"q{k}")),
+            chosen=messages(("assistant", f"safe {k}")),
+            rejected=messages(("assistant", f"harmful {k}")),
+        )
+        for k in range(2)
+    ]
     its.append(SourceItem(id="nopair", prompt=messages(("user", "q"))))
     llm = ScriptedLLM(responder(prefers_safe(0.8)))
     m = run(tmp_path, llm, its, responses="source")
@@ -245,7 +281,9 @@ def test_identical_policy_samples_and_truncated_ones_are_not_compared(tmp_path):
             return Completion(text="half", finish_reason="length")
         return f"answer {i}"
 
-    llm = ScriptedLLM(lambda msgs, p, i: always_slot_a(None, None) if msgs[-1].role == "assistant" else policy(msgs, p, i))
+    llm = ScriptedLLM(
+        lambda msgs, p, i: always_slot_a(None, None) if msgs[-1].role == "assistant" else policy(msgs, p, i)
+    )
     m = run(tmp_path, llm, items("same", "cut", "fine"))
     assert m["drops"] == {"responses_near_identical": 1, "response_truncated": 1, "orders_disagree": 1}
 
@@ -281,8 +319,11 @@ def _http_responder(judge_p_a):
             return [f"harmful reply to {q}", f"safe reply to {q}"]
         a, b = OPTIONS.search(msgs[0]["content"]).groups()
         p_a = judge_p_a(a, b)
-        top = [{"token": " A", "logprob": math.log(p_a)}, {"token": "(B", "logprob": math.log(1 - p_a)},
-               {"token": "The", "logprob": math.log(0.001)}]
+        top = [
+            {"token": " A", "logprob": math.log(p_a)},
+            {"token": "(B", "logprob": math.log(1 - p_a)},
+            {"token": "The", "logprob": math.log(0.001)},
+        ]
         return {"text": "A", "logprobs": {"content": [{"token": " A", "logprob": math.log(p_a), "top_logprobs": top}]}}
 
     return respond
@@ -293,7 +334,14 @@ def test_loopback_server_both_orders_and_slot_a_judge(tmp_path, make_openai_serv
 
     src = prompts_file(tmp_path / "src.jsonl", ["q0", "q1"])
     fair = make_openai_server(responder=_http_responder(lambda a, b: 0.9 if a.startswith("safe") else 0.1))
-    m = run_synth(tmp_path / "fair", "pipeline=ai_feedback", *loopback(fair.url), "source=jsonl", f"source.path={src}", "cache=false")
+    m = run_synth(
+        tmp_path / "fair",
+        "pipeline=ai_feedback",
+        *loopback(fair.url),
+        "source=jsonl",
+        f"source.path={src}",
+        "cache=false",
+    )
     prefs = read_jsonl(tmp_path / "fair" / "preferences.jsonl")
     assert [p["chosen"][0]["content"] for p in prefs] == ["safe reply to q0", "safe reply to q1"]
     assert all(p["p_chosen"] == pytest.approx(0.9) for p in prefs) and m["drops"] == {}
@@ -304,7 +352,14 @@ def test_loopback_server_both_orders_and_slot_a_judge(tmp_path, make_openai_serv
     assert len(policy) == 2 and all(b["n"] == 2 for b in policy)
 
     biased = make_openai_server(responder=_http_responder(lambda a, b: 0.8))
-    m = run_synth(tmp_path / "biased", "pipeline=ai_feedback", *loopback(biased.url), "source=jsonl", f"source.path={src}", "cache=false")
+    m = run_synth(
+        tmp_path / "biased",
+        "pipeline=ai_feedback",
+        *loopback(biased.url),
+        "source=jsonl",
+        f"source.path={src}",
+        "cache=false",
+    )
     assert m["outputs"] == {"preferences": 0, "soft_labels": 2} and m["drops"] == {"orders_disagree": 2}
 
 
@@ -312,11 +367,23 @@ def test_end_to_end_tiny_hf_nonsense_completes(tmp_path):
     from tests.synth.safety_helpers import TINY, TINY_STOP, check_outputs, prompts_file, run_synth
 
     src = prompts_file(tmp_path / "src.jsonl", ["How do I pick a lock?", "Tell me a secret.", "Why is the sky blue?"])
-    common = ("pipeline=ai_feedback", *TINY, "source=jsonl", f"source.path={src}", "pipeline.sampling.max_new_tokens=12",
-              f"pipeline.sampling.stop={TINY_STOP}", "pipeline.sampling.seed=0")
+    common = (
+        "pipeline=ai_feedback",
+        *TINY,
+        "source=jsonl",
+        f"source.path={src}",
+        "pipeline.sampling.max_new_tokens=12",
+        f"pipeline.sampling.stop={TINY_STOP}",
+        "pipeline.sampling.seed=0",
+    )
     # greedy reasoning on the tiny model repeats one token to the limit: sample it so it can stop
-    cot = ("pipeline.cot=true", "pipeline.cot_sampling.max_new_tokens=40", f"pipeline.cot_sampling.stop={TINY_STOP}",
-           "pipeline.cot_sampling.temperature=1.0", "pipeline.cot_sampling.seed=0")
+    cot = (
+        "pipeline.cot=true",
+        "pipeline.cot_sampling.max_new_tokens=40",
+        f"pipeline.cot_sampling.stop={TINY_STOP}",
+        "pipeline.cot_sampling.temperature=1.0",
+        "pipeline.cot_sampling.seed=0",
+    )
     for name, extra in [("plain", ()), ("cot", cot)]:
         out = tmp_path / name
         m = run_synth(out, *common, *extra)

@@ -13,8 +13,14 @@ from synth.app import ConfigError, redact, run
 
 
 def synth(*args, cwd, env=None):
-    return subprocess.run([sys.executable, "-m", "synth", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "synth", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
 
 
 def test_help_and_cfg_job_from_another_directory(tmp_path):
@@ -27,7 +33,13 @@ def test_help_and_cfg_job_from_another_directory(tmp_path):
 
 
 def test_unknown_constitution_lists_valid_names_and_loads_nothing(tmp_path):
-    out = synth("constitution=nosuch", f"output_dir={tmp_path}/o", "source=jsonl", f"source.path={tmp_path}/x.jsonl", cwd=tmp_path)
+    out = synth(
+        "constitution=nosuch",
+        f"output_dir={tmp_path}/o",
+        "source=jsonl",
+        f"source.path={tmp_path}/x.jsonl",
+        cwd=tmp_path,
+    )
     assert out.returncode == 2
     err = out.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "hhh_en" in err[0] and "safety_zh" in err[0]
@@ -40,7 +52,8 @@ def test_unknown_group_option_lists_options(tmp_path):
 
 
 def compose(*overrides):
-    from hydra import compose as hcompose, initialize_config_module
+    from hydra import compose as hcompose
+    from hydra import initialize_config_module
 
     with initialize_config_module(config_module="rlaif_forge_conf", version_base=None):
         return hcompose(config_name="synth", overrides=list(overrides))
@@ -59,7 +72,12 @@ def test_unknown_pipeline_key_is_rejected_before_models_load(tmp_path):
 def test_resume_into_a_different_setup_is_refused(tmp_path):
     from synth.app import check_resumable, mark_run, validate
 
-    base = {"llm": {"kind": "hf"}, "model": {"name_or_path": "m"}, "pipeline": {"name": "generate"}, "output_dir": str(tmp_path)}
+    base = {
+        "llm": {"kind": "hf"},
+        "model": {"name_or_path": "m"},
+        "pipeline": {"name": "generate"},
+        "output_dir": str(tmp_path),
+    }
     check_resumable(tmp_path, validate(base))
     mark_run(tmp_path, validate(base), None)
     check_resumable(tmp_path, validate({**base, "chunk_size": 7}))  # chunking may change
@@ -69,7 +87,10 @@ def test_resume_into_a_different_setup_is_refused(tmp_path):
 
 
 def test_redaction_keeps_env_var_names_and_hides_values():
-    cfg = {"llm": {"api_key_env": "MY_KEY", "api_key": "sk-secret", "headers": {"Authorization": "Bearer x"}}, "token": "t"}
+    cfg = {
+        "llm": {"api_key_env": "MY_KEY", "api_key": "sk-secret", "headers": {"Authorization": "Bearer x"}},
+        "token": "t",
+    }
     red = redact(cfg)
     assert red["llm"]["api_key_env"] == "MY_KEY"
     assert "sk-secret" not in json.dumps(red) and "Bearer x" not in json.dumps(red) and red["token"] == "***REDACTED***"

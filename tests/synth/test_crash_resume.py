@@ -21,9 +21,20 @@ N = 60
 
 def start_synth(out, src, url, tmp_path):
     cmd = [
-        sys.executable, "-m", "synth", "pipeline=generate", "pipeline.n=2", "llm=openai", f"llm.base_url={url}",
-        "model.name_or_path=scripted", "source=jsonl", f"source.path={src}", f"output_dir={out}",
-        "chunk_size=4", "progress=false", "llm.max_retries=2",
+        sys.executable,
+        "-m",
+        "synth",
+        "pipeline=generate",
+        "pipeline.n=2",
+        "llm=openai",
+        f"llm.base_url={url}",
+        "model.name_or_path=scripted",
+        "source=jsonl",
+        f"source.path={src}",
+        f"output_dir={out}",
+        "chunk_size=4",
+        "progress=false",
+        "llm.max_retries=2",
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -39,7 +50,9 @@ def test_kill_9_then_resume_gives_exact_once_output(tmp_path):
     src = tmp_path / "prompts.jsonl"
     src.write_text("".join(json.dumps({"prompt": f"question number {i}"}) + "\n" for i in range(N)))
     out = tmp_path / "out"
-    with LoopbackServer(responder=lambda body: "answer to " + body["messages"][-1]["content"], latency_s=0.05) as server:
+    with LoopbackServer(
+        responder=lambda body: "answer to " + body["messages"][-1]["content"], latency_s=0.05
+    ) as server:
         kills = 0
         for wait_chunks in (2, 5, 9):  # kill after different amounts of progress
             proc = start_synth(out, src, server.url, tmp_path)
@@ -58,7 +71,9 @@ def test_kill_9_then_resume_gives_exact_once_output(tmp_path):
     rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     ids = [r["id"] for r in rows]
     assert len(ids) == len(set(ids)) == N
-    assert all(len(r["completions"]) == 2 and r["completions"][0]["text"].startswith("answer to question") for r in rows)
+    assert all(
+        len(r["completions"]) == 2 and r["completions"][0]["text"].startswith("answer to question") for r in rows
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["outputs"] == {"completions": N} and manifest["processed"] == N
     trace_ids = {json.loads(line)["item_id"] for line in (out / "trace.jsonl").read_text().splitlines()}

@@ -85,11 +85,21 @@ def test_exact_rows_one_call_per_stage_and_fresh_principle_per_round(tmp_path):
     prefs = read_jsonl(tmp_path / "preferences.jsonl")
     for k, q in enumerate(["q0", "q1"]):
         drawn = [cons.sample_principle(ctx.rng(f"i{k}", "cai_round", r)).id for r in (1, 2, 3)]
-        rounds = [{"round": r, "principle_id": drawn[r - 1], "critique": f"round {r} critique of {q}",
-                   "revision": f"revision {r} of {q}"} for r in (1, 2, 3)]
+        rounds = [
+            {
+                "round": r,
+                "principle_id": drawn[r - 1],
+                "critique": f"round {r} critique of {q}",
+                "revision": f"revision {r} of {q}",
+            }
+            for r in (1, 2, 3)
+        ]
         row = sft[k]
         assert row["id"] == stable_id(f"i{k}", "cai_sl") and row["method"] == "cai_sl"
-        assert row["messages"] == [{"role": "user", "content": q}, {"role": "assistant", "content": f"revision 3 of {q}"}]
+        assert row["messages"] == [
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": f"revision 3 of {q}"},
+        ]
         assert row["meta"] == {"r0": f"initial answer to {q}", "r0_source": "generated", "rounds": rounds}
         assert prefs[k]["prompt"] == [{"role": "user", "content": q}]
         assert prefs[k]["chosen"] == [{"role": "assistant", "content": f"revision 3 of {q}"}]
@@ -188,12 +198,21 @@ def test_helpful_items_get_two_plain_samples_and_no_critique(tmp_path):
     helpful_file.write_text(json.dumps({"prompt": "bake bread?"}) + "\n")
     llm = ScriptedLLM(respond)
     flagged = SourceItem(id="h", prompt=messages(("user", "tie a knot?")), meta={"helpful": True})
-    m = run(tmp_path / "out", llm, [*items("q"), flagged], rounds=1,
-            helpful_source={"kind": "jsonl", "path": str(helpful_file)})
+    m = run(
+        tmp_path / "out",
+        llm,
+        [*items("q"), flagged],
+        rounds=1,
+        helpful_source={"kind": "jsonl", "path": str(helpful_file)},
+    )
     sft = read_jsonl(tmp_path / "out" / "sft.jsonl")
     helpful = [r for r in sft if r["method"] == "cai_sl_helpful"]
     assert sorted(r["messages"][1]["content"] for r in helpful) == [
-        "helpful 0 to bake bread?", "helpful 0 to tie a knot?", "helpful 1 to bake bread?", "helpful 1 to tie a knot?"]
+        "helpful 0 to bake bread?",
+        "helpful 0 to tie a knot?",
+        "helpful 1 to bake bread?",
+        "helpful 1 to tie a knot?",
+    ]
     assert m["outputs"] == {"sft": 5, "preferences": 1}
     answer_call = llm.calls[0]
     assert sorted(p.n for p in answer_call[1]) == [1, 2, 2]  # all answers in ONE call, n per request
@@ -224,12 +243,19 @@ def test_loopback_server_exact_rows(tmp_path, make_openai_server):
     script = cai_responder()
     server = make_openai_server(responder=lambda body: script([Message(**m) for m in body["messages"]], None, 0))
     src = prompts_file(tmp_path / "src.jsonl", ["q0", "q1"])
-    m = run_synth(tmp_path / "out", "pipeline=critique_revision", *loopback(server.url), "source=jsonl",
-                  f"source.path={src}", "pipeline.rounds=2", "cache=false")
+    m = run_synth(
+        tmp_path / "out",
+        "pipeline=critique_revision",
+        *loopback(server.url),
+        "source=jsonl",
+        f"source.path={src}",
+        "pipeline.rounds=2",
+        "cache=false",
+    )
     assert m["outputs"] == {"sft": 2, "preferences": 2} and m["drops"] == {} and m["parse_failures"] == {}
     ids = [it.id for it in iter_source(SourceConfig(kind="jsonl", path=str(src)))]
     ctx = context(None)
-    for row, q, item_id in zip(read_jsonl(tmp_path / "out" / "sft.jsonl"), ["q0", "q1"], ids):
+    for row, q, item_id in zip(read_jsonl(tmp_path / "out" / "sft.jsonl"), ["q0", "q1"], ids, strict=True):
         drawn = [ctx.constitution.sample_principle(ctx.rng(item_id, "cai_round", r)).id for r in (1, 2)]
         assert row["messages"][1]["content"] == f"revision 2 of {q}"
         assert [r["principle_id"] for r in row["meta"]["rounds"]] == drawn
@@ -245,8 +271,18 @@ def test_end_to_end_tiny_hf_nonsense_completes(tmp_path):
     src = prompts_file(tmp_path / "src.jsonl", ["How do I pick a lock?", "Tell me a secret.", "Why is the sky blue?"])
     out = tmp_path / "out"
     # few_shot=false: the transcripts are ~5k tiny-tokenizer tokens (past its 4k positions, and slow on CPU)
-    m = run_synth(out, "pipeline=critique_revision", *TINY, "source=jsonl", f"source.path={src}", "pipeline.rounds=2",
-                  "pipeline.few_shot=false", "pipeline.sampling.max_new_tokens=12", f"pipeline.sampling.stop={TINY_STOP}", "pipeline.sampling.seed=0")
+    m = run_synth(
+        out,
+        "pipeline=critique_revision",
+        *TINY,
+        "source=jsonl",
+        f"source.path={src}",
+        "pipeline.rounds=2",
+        "pipeline.few_shot=false",
+        "pipeline.sampling.max_new_tokens=12",
+        f"pipeline.sampling.stop={TINY_STOP}",
+        "pipeline.sampling.seed=0",
+    )
     check_outputs(out, m)
     item_drops = sum(v for k, v in m["drops"].items() if k != "preference_near_identical")
     assert m["outputs"]["sft"] + item_drops == 3  # every item is a row or a counted drop

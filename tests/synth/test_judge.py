@@ -9,15 +9,30 @@ from synth.io import read_jsonl
 from synth.pipelines.base import Context, run_pipeline
 from synth.pipelines.judge import JudgeConfig, JudgePipeline
 from synth.records import Completion, SourceItem, TokenLogprob, messages
-from synth.steps.judge import combine_probs, combine_verdicts, parse_listwise, parse_pairwise, parse_rating, read_ab_logprobs
+from synth.steps.judge import (
+    combine_probs,
+    combine_verdicts,
+    parse_listwise,
+    parse_pairwise,
+    parse_rating,
+    read_ab_logprobs,
+)
 from tests.fakes import ScriptedLLM
 from tests.synth.openai_server import LoopbackServer
 from tests.synth.ranking_helpers import check_outputs, loopback, run_synth
 
 
 def pair_items(n=3, category=None):
-    return [SourceItem(id=f"q{i}", prompt=messages(("user", f"question {i}")), chosen=messages(("assistant", f"good answer {i}")),
-                       rejected=messages(("assistant", f"bad answer {i}")), category=category) for i in range(n)]
+    return [
+        SourceItem(
+            id=f"q{i}",
+            prompt=messages(("user", f"question {i}")),
+            chosen=messages(("assistant", f"good answer {i}")),
+            rejected=messages(("assistant", f"bad answer {i}")),
+            category=category,
+        )
+        for i in range(n)
+    ]
 
 
 def slots(text):
@@ -50,7 +65,10 @@ def test_parse_pairwise_takes_last_verdict_and_fails_loudly():
 
 
 def test_read_ab_logprobs_normalises_and_needs_a_letter():
-    comp = Completion(text="A", logprobs=[TokenLogprob(token="A", logprob=math.log(0.6), top={" B": math.log(0.2), "C": math.log(0.1)})])
+    comp = Completion(
+        text="A",
+        logprobs=[TokenLogprob(token="A", logprob=math.log(0.6), top={" B": math.log(0.2), "C": math.log(0.1)})],
+    )
     j = read_ab_logprobs(comp)
     assert j.ok and j.parsed["A"] == pytest.approx(0.75)
     none = read_ab_logprobs(Completion(text="x", logprobs=[TokenLogprob(token="x", logprob=-0.1, top={"y": -3.0})]))
@@ -136,7 +154,9 @@ def test_failed_order_gives_no_label_and_no_ranked_row(tmp_path):
 
 
 def test_truncated_text_verdict_is_not_trusted(tmp_path):
-    judge = ScriptedLLM(lambda msgs, p, i: Completion(text="Format: [[A]] or [[B]]. Reply A is", finish_reason="length"))
+    judge = ScriptedLLM(
+        lambda msgs, p, i: Completion(text="Format: [[A]] or [[B]]. Reply A is", finish_reason="length")
+    )
     m, out = run(tmp_path, {}, pair_items(1), judge)
     assert out["preferences"] == [] and m["drops"] == {"ranked_incomplete": 1}
     assert m["dropped_parts"] == {"pair": {"pair_unresolved": 1}}
@@ -145,14 +165,19 @@ def test_truncated_text_verdict_is_not_trusted(tmp_path):
 
 def test_pairwise_logprobs_averages_both_orders_with_tie_band(tmp_path):
     def judge(msgs, p, i):
-        assert msgs[-1].role == "assistant" and msgs[-1].content == "[[" and p.top_logprobs == 20 and p.max_new_tokens == 1
+        assert (
+            msgs[-1].role == "assistant" and msgs[-1].content == "[[" and p.top_logprobs == 20 and p.max_new_tokens == 1
+        )
         a, _ = slots(msgs[0].content)
         good_first = a.startswith("good")
         item = int(a.split()[-1])
         # item 0: strong preference for good; item 1: pure slot-A bias (0.7 for slot A in both orders)
         p_a = (0.9 if good_first else 0.2) if item == 0 else 0.7
-        return Completion(text="A", finish_reason="length",
-                          logprobs=[TokenLogprob(token="A", logprob=math.log(p_a), top={"B": math.log(1 - p_a)})])
+        return Completion(
+            text="A",
+            finish_reason="length",
+            logprobs=[TokenLogprob(token="A", logprob=math.log(p_a), top={"B": math.log(1 - p_a)})],
+        )
 
     m, out = run(tmp_path, {"pairwise": {"logprobs": True}}, pair_items(2), ScriptedLLM(judge))
     assert len(out["preferences"]) == 1
@@ -170,10 +195,14 @@ def quality(text):
 
 def response_items():
     """Rows with a `responses` field of {text, model}; the reply's quality q is written in its text."""
+
     def responses(i):
         return [{"text": f"reply q={q} for {i}", "model": f"m{q}"} for q in (3, 1, 2)]
 
-    return [SourceItem(id=f"r{i}", prompt=messages(("user", f"ask {i}")), meta={"responses": responses(i)}) for i in range(4)]
+    return [
+        SourceItem(id=f"r{i}", prompt=messages(("user", f"ask {i}")), meta={"responses": responses(i)})
+        for i in range(4)
+    ]
 
 
 def listwise_judge(msgs, p, i):
@@ -188,7 +217,9 @@ def test_listwise_deshuffles_and_scores_by_borda(tmp_path):
     cfg = {"mode": "listwise", "data_responses": "responses", "listwise": {"samples": 2}, "rating": {"bootstrap": 20}}
     m, out = run(tmp_path, cfg, response_items(), judge)
     assert len(judge.calls) == 1 and len(judge.calls[0][0]) == 8  # 4 items x 2 shuffled samples
-    presented = {tuple(quality(b) for b in [req[0].content.split(f"[{k}]\n")[1] for k in (1, 2, 3)]) for req in judge.calls[0][0]}
+    presented = {
+        tuple(quality(b) for b in [req[0].content.split(f"[{k}]\n")[1] for k in (1, 2, 3)]) for req in judge.calls[0][0]
+    }
     assert len(presented) > 1  # the order really is shuffled
     for row in out["ranked"]:
         assert row["scores"] == [2.0, 0.0, 1.0] and row["meta"]["names"] == ["m3", "m1", "m2"]
@@ -214,8 +245,12 @@ def test_rubric_averages_valid_samples_and_drops_ties(tmp_path):
         q = quality(msgs[0].content.split("[Reply]\n")[1])
         return "no rating" if (q == 2 and i == 0) else f"ok. Rating: [[{q * 2 + i}]]"
 
-    m, out = run(tmp_path, {"mode": "rubric", "data_responses": "responses", "pairs": "all", "rating": {"bootstrap": 10}},
-                 response_items()[:1], ScriptedLLM(judge))
+    m, out = run(
+        tmp_path,
+        {"mode": "rubric", "data_responses": "responses", "pairs": "all", "rating": {"bootstrap": 10}},
+        response_items()[:1],
+        ScriptedLLM(judge),
+    )
     ranked = out["ranked"][0]
     assert ranked["scores"] == [7.0, 3.0, 5.5]  # q=2: samples 1 and 2 only -> (5 + 6) / 2
     assert ranked["meta"]["ratings"][2] == [None, 5.0, 6.0]
@@ -239,10 +274,15 @@ def test_candidate_models_each_one_call_and_bt_table(tmp_path):
         a, b = slots(msgs[0].content)
         return "[[A]]" if quality(a) > quality(b) else "[[B]]" if quality(b) > quality(a) else "[[C]]"
 
-    cands = [{"name": n, "llm": {"kind": "fake"}, "model": {"name_or_path": n}, "n": 2 if n == "alpha" else 1} for n in strength]
+    cands = [
+        {"name": n, "llm": {"kind": "fake"}, "model": {"name_or_path": n}, "n": 2 if n == "alpha" else 1}
+        for n in strength
+    ]
     factories = {f"candidate/{n}": (lambda n=n: models[n]) for n in strength}
-    m, out = run(tmp_path, {"candidates": cands, "rating": {"bootstrap": 50}}, pair_items(3), ScriptedLLM(judge), **factories)
-    for n, llm in models.items():
+    m, out = run(
+        tmp_path, {"candidates": cands, "rating": {"bootstrap": 50}}, pair_items(3), ScriptedLLM(judge), **factories
+    )
+    for llm in models.values():
         assert len(llm.calls) == 1 and len(llm.calls[0][0]) == 3  # one call per model per chunk
     assert models["alpha"].calls[0][1][0].n == 2
     bt = m["judge"]["bradley_terry"]
@@ -278,7 +318,8 @@ def test_pairwise_over_the_loopback_server(tmp_path):
     assert len(bodies) == 6 and all(b["temperature"] == 0.0 for b in bodies)  # 3 pairs x 2 orders
     rows = read_jsonl(tmp_path / "out" / "preferences.jsonl")
     assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows] == [
-        ("Stay on lit streets and tell a friend.", "Just run.")] * 3
+        ("Stay on lit streets and tell a friend.", "Just run.")
+    ] * 3
     assert all(r["category"] == "safety/personal" and r["meta"]["judge_model"] == "scripted" for r in rows)
     check_outputs(tmp_path / "out", m)
 
@@ -294,7 +335,13 @@ def test_end_to_end_tiny_hf(tmp_path):
     # the hf backend constrains the verdict to `...[[A|B|C]]` (xgrammar): even the random model gives one
     assert m["parse_failures"].get("judge_pairwise", 0) == 0 and m["calls"]["judge_pairwise"] > 0
     cands = "pipeline.candidates=[{name:tiny,n:3,sampling:{max_new_tokens:8,temperature:1.0}}]"
-    m = run_synth(tmp_path / "r", "judge", "pipeline.mode=rubric", "pipeline.judge_sampling.max_new_tokens=8", cands,
-                  "pipeline.drop_truncated=false")  # the tiny model never stops
+    m = run_synth(
+        tmp_path / "r",
+        "judge",
+        "pipeline.mode=rubric",
+        "pipeline.judge_sampling.max_new_tokens=8",
+        cands,
+        "pipeline.drop_truncated=false",
+    )  # the tiny model never stops
     check_outputs(tmp_path / "r" / "out", m)
     assert m["calls"]["candidates"] == 3 and m["parse_failures"].get("judge_rubric", 0) == 0

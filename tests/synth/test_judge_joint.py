@@ -12,9 +12,16 @@ from tests.synth.ranking_helpers import check_outputs, loopback, run_synth
 
 
 def items(n=4):
-    return [SourceItem(id=f"x{i}", prompt=messages(("user", f"Request number {i}: how do I fix a bike?")),
-                       chosen=messages(("assistant", f"{'good' if i % 2 else 'poor'} answer {i}")),
-                       rejected=messages(("assistant", f"other answer {i}")), category=f"c{i}") for i in range(n)]
+    return [
+        SourceItem(
+            id=f"x{i}",
+            prompt=messages(("user", f"Request number {i}: how do I fix a bike?")),
+            chosen=messages(("assistant", f"{'good' if i % 2 else 'poor'} answer {i}")),
+            rejected=messages(("assistant", f"other answer {i}")),
+            category=f"c{i}",
+        )
+        for i in range(n)
+    ]
 
 
 def exchanges(text):
@@ -33,8 +40,13 @@ def fair(msgs, p, i):
 def run(tmp_path, fn=fair, cfg=None, its=None):
     llm = ScriptedLLM(fn, model="judge-m")
     ctx = Context(factories={"policy": lambda: llm, "judge": lambda: llm}, seed=3)
-    m = run_pipeline(JudgePipeline(JudgeConfig(**{"mode": "joint", **(cfg or {})})), ctx, tmp_path, its or items(),
-                     show_progress=False)
+    m = run_pipeline(
+        JudgePipeline(JudgeConfig(**{"mode": "joint", **(cfg or {})})),
+        ctx,
+        tmp_path,
+        its or items(),
+        show_progress=False,
+    )
     return m, read_jsonl(tmp_path / "joint_preferences.jsonl"), llm
 
 
@@ -75,8 +87,11 @@ def test_position_biased_judge_gives_no_rows(tmp_path):
 def test_response_index_and_rerun(tmp_path):
     m, rows, _ = run(tmp_path, cfg={"joint": {"response_index": 1}}, fn=lambda msgs, p, i: "[[B]]")
     assert rows == []  # always slot B: position bias, ties only
-    m, rows, llm = run(tmp_path / "r", cfg={"joint": {"response_index": 1}},
-                       fn=lambda msgs, p, i: "[[A]]" if exchanges(msgs[-1].content)[0].endswith(("1", "3")) else "[[B]]")
+    m, rows, llm = run(
+        tmp_path / "r",
+        cfg={"joint": {"response_index": 1}},
+        fn=lambda msgs, p, i: "[[A]]" if exchanges(msgs[-1].content)[0].endswith(("1", "3")) else "[[B]]",
+    )
     assert rows and all(r[f"response_{r['label']}"][0]["content"].startswith("other answer") for r in rows)
     m, rows2, llm = run(tmp_path / "r", cfg={"joint": {"response_index": 1}}, fn=lambda msgs, p, i: 1 / 0)
     assert llm.calls == [] and rows2 == rows
@@ -85,7 +100,9 @@ def test_response_index_and_rerun(tmp_path):
 
 
 def test_over_the_loopback_server(tmp_path):
-    with LoopbackServer(responder=lambda body: fair([type("M", (), {"content": body["messages"][-1]["content"]})], None, 0)) as server:
+    with LoopbackServer(
+        responder=lambda body: fair([type("M", (), {"content": body["messages"][-1]["content"]})], None, 0)
+    ) as server:
         m = run_synth(tmp_path, "judge", "pipeline.mode=joint", backend=loopback(server.url), n=4)
     check_outputs(tmp_path / "out", m)
     rows = read_jsonl(tmp_path / "out" / "joint_preferences.jsonl")
@@ -115,7 +132,11 @@ def test_logprob_verdicts_give_soft_labels(tmp_path):
         p_slot_a = 0.8 if a.startswith("good") else 0.2  # a consistent judge: 0.8 for the good reply, either slot
         la, lb = math.log(p_slot_a), math.log(1 - p_slot_a)
         tok = "A" if la > lb else "B"
-        return Completion(text=tok, finish_reason="length", logprobs=[TokenLogprob(token=tok, logprob=max(la, lb), top={"A": la, "B": lb})])
+        return Completion(
+            text=tok,
+            finish_reason="length",
+            logprobs=[TokenLogprob(token=tok, logprob=max(la, lb), top={"A": la, "B": lb})],
+        )
 
     m, rows, _ = run(tmp_path, fn=judge, cfg={"pairwise": {"logprobs": True}})
     assert len(rows) == 2 and m["parse_failures"] == {}
@@ -131,9 +152,15 @@ def test_chinese_constitution_joint_prompts_are_chinese(tmp_path):
 
     llm = ScriptedLLM(lambda msgs, p, i: "比较。\n[[A]]" if "[对话 A：回复]\n好" in msgs[-1].content else "[[B]]")
     ctx = Context(factories={"policy": lambda: llm, "judge": lambda: llm}, constitution=load_constitution("safety_zh"))
-    its = [SourceItem(id=f"z{i}", prompt=messages(("user", f"问题 {i}")), chosen=messages(("assistant", "好的回答" if i else "差的回答")))
-           for i in range(2)]
-    m = run_pipeline(JudgePipeline(JudgeConfig(mode="joint")), ctx, tmp_path, its, show_progress=False)
+    its = [
+        SourceItem(
+            id=f"z{i}",
+            prompt=messages(("user", f"问题 {i}")),
+            chosen=messages(("assistant", "好的回答" if i else "差的回答")),
+        )
+        for i in range(2)
+    ]
+    run_pipeline(JudgePipeline(JudgeConfig(mode="joint")), ctx, tmp_path, its, show_progress=False)
     reqs = llm.calls[0][0]
     assert len(reqs) == 2 and all(has_cjk(r[0].content[:6]) and "Exchange" not in r[0].content for r in reqs)
     rows = read_jsonl(tmp_path / "joint_preferences.jsonl")

@@ -28,11 +28,28 @@ def test_array_spec_compresses_runs():
 
 
 def test_rendered_sbatch_scripts_snapshot():
-    lc = SlurmLauncher(shards=64, concurrent=16, partition="gpu", account="alignment", gpus_per_task=0,
-                       setup=["source /shared/venv/bin/activate"], sbatch=["--qos=normal"], command="synth")
-    overrides = ["pipeline=critique_revision", "llm=openai", "llm.base_url=[http://node1:8000/v1,http://node2:8000/v1]",
-                 "source=jsonl", "source.path=/data/prompts.jsonl", "output_dir=/scratch/run1", "llm.max_concurrency=32"]
-    files = render(lc, overrides, [i for i in range(64) if i not in (7, 8)], Path("/scratch/run1/slurm"), Path("/home/u"))
+    lc = SlurmLauncher(
+        shards=64,
+        concurrent=16,
+        partition="gpu",
+        account="alignment",
+        gpus_per_task=0,
+        setup=["source /shared/venv/bin/activate"],
+        sbatch=["--qos=normal"],
+        command="synth",
+    )
+    overrides = [
+        "pipeline=critique_revision",
+        "llm=openai",
+        "llm.base_url=[http://node1:8000/v1,http://node2:8000/v1]",
+        "source=jsonl",
+        "source.path=/data/prompts.jsonl",
+        "output_dir=/scratch/run1",
+        "llm.max_concurrency=32",
+    ]
+    files = render(
+        lc, overrides, [i for i in range(64) if i not in (7, 8)], Path("/scratch/run1/slurm"), Path("/home/u")
+    )
     text = "".join(f"==> {name} <==\n{body}" for name, body in sorted(files.items()))
     assert "--array=0-6,9-63%16" in files["shards.sbatch"]
     assert '"shard=${SLURM_ARRAY_TASK_ID}/64"' in files["shards.sbatch"]
@@ -41,9 +58,23 @@ def test_rendered_sbatch_scripts_snapshot():
 
 
 def start_synth(out, src, url, cwd, *extra):
-    cmd = [sys.executable, "-m", "synth", "pipeline=generate", "pipeline.n=2", "llm=openai", f"llm.base_url={url}",
-           "model.name_or_path=scripted", "source=jsonl", f"source.path={src}", f"output_dir={out}", "chunk_size=2",
-           "progress=false", "llm.max_retries=2", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "synth",
+        "pipeline=generate",
+        "pipeline.n=2",
+        "llm=openai",
+        f"llm.base_url={url}",
+        "model.name_or_path=scripted",
+        "source=jsonl",
+        f"source.path={src}",
+        f"output_dir={out}",
+        "chunk_size=2",
+        "progress=false",
+        "llm.max_retries=2",
+        *extra,
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -62,8 +93,9 @@ def test_kill_9_inside_a_shard_then_rerun_and_merge(tmp_path):
     with LoopbackServer(responder=reply, latency_s=0.05) as server:
         proc = start_synth(out, src, server.url, tmp_path, "shard=0/2")
         assert proc.wait(timeout=300) == 0
-        merge = subprocess.run([sys.executable, "-m", "synth.merge", f"output_dir={out}"], capture_output=True,
-                               text=True, cwd=tmp_path)
+        merge = subprocess.run(
+            [sys.executable, "-m", "synth.merge", f"output_dir={out}"], capture_output=True, text=True, cwd=tmp_path
+        )
         assert merge.returncode == 2 and merge.stderr.count("\n") == 1 and "shards 1/2 missing" in merge.stderr
 
         shard = Shard(1, 2).folder(out)
@@ -80,8 +112,9 @@ def test_kill_9_inside_a_shard_then_rerun_and_merge(tmp_path):
                 proc.wait()
                 kills += 1
         assert kills >= 1, "the shard finished before it could be killed; make it slower"
-        merge = subprocess.run([sys.executable, "-m", "synth.merge", f"output_dir={out}"], capture_output=True,
-                               text=True, cwd=tmp_path)
+        merge = subprocess.run(
+            [sys.executable, "-m", "synth.merge", f"output_dir={out}"], capture_output=True, text=True, cwd=tmp_path
+        )
         assert merge.returncode == 2 and "shard 1/2 is 'running', not finished" in merge.stderr
         proc = start_synth(out, src, server.url, tmp_path, "shard=1/2")
         log, _ = proc.communicate(timeout=300)

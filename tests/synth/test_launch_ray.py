@@ -54,8 +54,19 @@ def test_ray_pool_survives_an_actor_killed_mid_shard(tmp_path, make_openai_serve
     try:
         from synth.app import run
 
-        m = run(synth_cfg(server.url, src, out, "chunk_size=2", "launcher=ray", f"launcher.shards={n}", "launcher.actors=2",
-                          "launcher.init_num_cpus=4", f"launcher.temp_dir={temp}"))
+        m = run(
+            synth_cfg(
+                server.url,
+                src,
+                out,
+                "chunk_size=2",
+                "launcher=ray",
+                f"launcher.shards={n}",
+                "launcher.actors=2",
+                "launcher.init_num_cpus=4",
+                f"launcher.temp_dir={temp}",
+            )
+        )
     finally:
         stop.set()
         if ray.is_initialized():

@@ -35,17 +35,33 @@ def _reachable(url: str) -> bool:
 
 
 needs_server = pytest.mark.skipif(not _reachable(URL), reason="no llama.cpp server at $LLAMACPP_URL")
-SERVER = ("llm=openai", f"llm.base_url={URL}", "model.name_or_path=smollm2-135m", "llm.progress=false", "preset=small",
-          "llm.max_concurrency=4")
+SERVER = (
+    "llm=openai",
+    f"llm.base_url={URL}",
+    "model.name_or_path=smollm2-135m",
+    "llm.progress=false",
+    "preset=small",
+    "llm.max_concurrency=4",
+)
 HH_SOURCE = ("source=hh_rlhf", f"source.path={HH}", "source.limit=3")
 
 PIPELINES = {
     "generate": ("pipeline=generate", *HH_SOURCE),
     "critique_revision": ("pipeline=critique_revision", "constitution=safety_en", *HH_SOURCE),
-    "red_team_taxonomy": ("pipeline=red_team", "constitution=safety_en", "pipeline.categories=[crime/drugs]",
-                          "pipeline.families=[direct]"),
+    "red_team_taxonomy": (
+        "pipeline=red_team",
+        "constitution=safety_en",
+        "pipeline.categories=[crime/drugs]",
+        "pipeline.families=[direct]",
+    ),
     "red_team_seeds": ("pipeline=red_team", "constitution=safety_en", "pipeline.seeds=true", *HH_SOURCE),
-    "judge_pairwise_text": ("pipeline=judge", "source=hh_rlhf", f"source.path={HH}", "source.limit=3", "source.turns=all"),
+    "judge_pairwise_text": (
+        "pipeline=judge",
+        "source=hh_rlhf",
+        f"source.path={HH}",
+        "source.limit=3",
+        "source.turns=all",
+    ),
     "self_rewarding": ("pipeline=self_rewarding", *HH_SOURCE),
     "rlrf": ("pipeline=rlrf", *HH_SOURCE),
     "bpo": ("pipeline=bpo", "source=hh_rlhf", f"source.path={HH}", "source.limit=3", "source.turns=all"),
@@ -62,8 +78,13 @@ def test_pipeline_finishes_against_llamacpp(tmp_path, name):
 
 
 @needs_server
-@pytest.mark.parametrize("labels", [("pipeline=ai_feedback", "pipeline.label=logprobs"),
-                                    ("pipeline=judge", "pipeline.pairwise.logprobs=true", "source.turns=all")])
+@pytest.mark.parametrize(
+    "labels",
+    [
+        ("pipeline=ai_feedback", "pipeline.label=logprobs"),
+        ("pipeline=judge", "pipeline.pairwise.logprobs=true", "source.turns=all"),
+    ],
+)
 def test_logprob_labels_are_refused_in_one_line(tmp_path, labels):
     from tests.synth.safety_helpers import run_synth
 

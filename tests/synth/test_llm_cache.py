@@ -27,8 +27,8 @@ class CountingLLM:
 
     def generate(self, requests, params):
         plist = params if isinstance(params, list) else [params] * len(requests)
-        self.calls.append([(r[-1].content, p) for r, p in zip(requests, plist)])
-        return [self._samples(r[-1].content, p) for r, p in zip(requests, plist)]
+        self.calls.append([(r[-1].content, p) for r, p in zip(requests, plist, strict=True)])
+        return [self._samples(r[-1].content, p) for r, p in zip(requests, plist, strict=True)]
 
     def _samples(self, prompt, p):
         if prompt == self.error_on:
@@ -85,8 +85,19 @@ def test_key_covers_model_messages_params_but_not_n(tmp_path):
     r, p = reqs(1)[0], SamplingParams(temperature=0.5, seed=1)
     k = llm.key(r, p, 0)
     assert llm.key(r, p.replace(n=9), 0) == k
-    assert len({k, llm.key(r, p, 1), llm.key(r, p.replace(seed=2), 0), llm.key(r, p.replace(temperature=0.6), 0),
-                llm.key(reqs(2)[1], p, 0), CachedLLM(CountingLLM("other"), tmp_path / "d.sqlite").key(r, p, 0)}) == 6
+    assert (
+        len(
+            {
+                k,
+                llm.key(r, p, 1),
+                llm.key(r, p.replace(seed=2), 0),
+                llm.key(r, p.replace(temperature=0.6), 0),
+                llm.key(reqs(2)[1], p, 0),
+                CachedLLM(CountingLLM("other"), tmp_path / "d.sqlite").key(r, p, 0),
+            }
+        )
+        == 6
+    )
 
 
 def test_errors_are_not_cached_and_duplicates_are_asked_once(tmp_path):
@@ -107,7 +118,8 @@ def test_cache_over_a_real_backend_via_the_factory(tmp_path, openai_server):
     first = llm.generate(reqs(5), SamplingParams(n=2))
     n_http = len(openai_server.chat_requests())
     second = build_llm(cfg, {"name_or_path": "test-model"}, cache_path=tmp_path / "cache" / "calls.sqlite").generate(
-        reqs(5), SamplingParams(n=2))
+        reqs(5), SamplingParams(n=2)
+    )
     assert texts(first) == texts(second) and len(openai_server.chat_requests()) == n_http == 5
 
 

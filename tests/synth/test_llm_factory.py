@@ -58,7 +58,9 @@ def test_dictconfig_is_accepted(openai_server):
 def test_importing_synth_llm_is_light():
     import subprocess
 
-    code = ("import sys, synth.llm, synth.llm.openai, synth.llm.vllm, synth.llm.hf, synth.llm.cache; "
-            "print(sorted(m for m in ('vllm', 'openai', 'peft', 'transformers', 'torch') if m in sys.modules))")
+    code = (
+        "import sys, synth.llm, synth.llm.openai, synth.llm.vllm, synth.llm.hf, synth.llm.cache; "
+        "print(sorted(m for m in ('vllm', 'openai', 'peft', 'transformers', 'torch') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -57,7 +57,7 @@ def test_n_samples_follow_the_seed_contract(tiny_hf_llm):
 def test_mixed_params_in_one_call(tiny_hf_llm):
     params = [GREEDY, SAMPLED, GREEDY.replace(max_new_tokens=3), SAMPLED.replace(n=2, seed=5), GREEDY]
     together = tiny_hf_llm.generate(PROMPTS, params)
-    apart = [tiny_hf_llm.generate([pr], pa)[0] for pr, pa in zip(PROMPTS, params)]
+    apart = [tiny_hf_llm.generate([pr], pa)[0] for pr, pa in zip(PROMPTS, params, strict=True)]
     assert texts(together) == texts(apart)
     assert together[2][0].completion_tokens <= 3
 
@@ -134,11 +134,14 @@ def test_lora_adapter_loads_and_changes_outputs(tmp_path, tiny_hf_llm, tiny_mode
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    cfg = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-                     task_type="CAUSAL_LM")
+    cfg = LoraConfig(
+        r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"
+    )
     get_peft_model(base, cfg).save_pretrained(tmp_path / "adapter")
 
-    llm = build_llm({"kind": "hf", "device": "cpu", "adapter": str(tmp_path / "adapter")}, {"name_or_path": "builtin:tiny"})
+    llm = build_llm(
+        {"kind": "hf", "device": "cpu", "adapter": str(tmp_path / "adapter")}, {"name_or_path": "builtin:tiny"}
+    )
     assert type(llm.net).__name__ == "PeftModelForCausalLM"
     assert llm.identity["adapter"] and tiny_hf_llm.identity["adapter"] is None
     assert texts(llm.generate(PROMPTS, SAMPLED)) != texts(tiny_hf_llm.generate(PROMPTS, SAMPLED))

@@ -16,8 +16,11 @@ pytest.importorskip("xgrammar")
 
 SCHEMA = {
     "type": "object",
-    "properties": {"verdict": {"enum": ["safe", "unsafe"]}, "harmful": {"type": "boolean"},
-                   "score": {"enum": [1, 2, 3, 4, 5]}},
+    "properties": {
+        "verdict": {"enum": ["safe", "unsafe"]},
+        "harmful": {"type": "boolean"},
+        "score": {"enum": [1, 2, 3, 4, 5]},
+    },
     "required": ["verdict", "harmful", "score"],
     "additionalProperties": False,
 }
@@ -25,8 +28,13 @@ PROMPTS = [messages(("user", "Is it safe? Answer in JSON.")), messages(("user", 
 
 
 def valid(obj) -> bool:
-    return (isinstance(obj, dict) and set(obj) == {"verdict", "harmful", "score"} and obj["verdict"] in ("safe", "unsafe")
-            and isinstance(obj["harmful"], bool) and obj["score"] in (1, 2, 3, 4, 5))
+    return (
+        isinstance(obj, dict)
+        and set(obj) == {"verdict", "harmful", "score"}
+        and obj["verdict"] in ("safe", "unsafe")
+        and isinstance(obj["harmful"], bool)
+        and obj["score"] in (1, 2, 3, 4, 5)
+    )
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -50,7 +58,10 @@ def test_constrained_and_free_rows_share_a_batch_and_keep_their_seeds(tiny_hf_ll
     json_p = free.replace(json_schema=SCHEMA, max_new_tokens=64)
     regex_p = free.replace(regex=r"Score: [0-5]")
     batch = tiny_hf_llm.generate(PROMPTS * 3, [free, json_p, regex_p, json_p, free, regex_p])
-    alone = [tiny_hf_llm.generate([PROMPTS[1]], json_p)[0][0].text, tiny_hf_llm.generate([PROMPTS[0]], regex_p)[0][0].text]
+    alone = [
+        tiny_hf_llm.generate([PROMPTS[1]], json_p)[0][0].text,
+        tiny_hf_llm.generate([PROMPTS[0]], regex_p)[0][0].text,
+    ]
     assert batch[1][0].text == batch[3][0].text == alone[0]  # same prompt, params, seed
     assert batch[2][0].text == alone[1] and re.fullmatch(r"Score: [0-5]", alone[1])
     assert valid(json.loads(alone[0]))

@@ -36,8 +36,17 @@ def test_request_shape_and_mapping(make_openai_server, transport):
     server = make_openai_server()
     llm = backend(server.url, transport, extra_body={"repetition_penalty": 1.05})
     schema = {"type": "object", "properties": {"score": {"type": "integer"}}}
-    p = SamplingParams(n=3, temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=5, stop=("###",),
-                       logprobs=True, top_logprobs=2, json_schema=schema)
+    p = SamplingParams(
+        n=3,
+        temperature=0.7,
+        top_p=0.9,
+        top_k=20,
+        max_new_tokens=5,
+        stop=("###",),
+        logprobs=True,
+        top_logprobs=2,
+        json_schema=schema,
+    )
     prefill = messages(("user", "judge this"), ("assistant", "The answer is: ("))
     out = llm.generate([messages(("user", "hello there")), prefill], p)
     bodies = [r.body for r in server.chat_requests()]
@@ -52,7 +61,10 @@ def test_request_shape_and_mapping(make_openai_server, transport):
     assert [len(g) for g in out] == [3, 3] and out[0][0].text == "echo: hello there"
     c = out[0][0]
     assert c.finish_reason == "stop" and c.prompt_tokens == 2 and c.completion_tokens == 3
-    assert [t.token for t in c.logprobs] == ["echo:", " hello", " there"] and c.logprobs[0].top == {"echo:": -0.1, "alt0": -2.0}
+    assert [t.token for t in c.logprobs] == ["echo:", " hello", " there"] and c.logprobs[0].top == {
+        "echo:": -0.1,
+        "alt0": -2.0,
+    }
 
 
 def test_length_and_seeded_samples(openai_server):
@@ -65,8 +77,10 @@ def test_length_and_seeded_samples(openai_server):
 
 
 def test_chat_template_override_is_sent(openai_server):
-    llm = build_llm({"kind": "openai", "base_url": openai_server.url, **FAST},
-                    {"name_or_path": "test-model", "chat_template": "{{ messages }}"})
+    llm = build_llm(
+        {"kind": "openai", "base_url": openai_server.url, **FAST},
+        {"name_or_path": "test-model", "chat_template": "{{ messages }}"},
+    )
     llm.generate(reqs(1), SamplingParams())
     assert openai_server.chat_requests()[0].body["chat_template"] == "{{ messages }}"
 
@@ -178,8 +192,11 @@ def test_wrong_key_or_model_fails_at_once(make_openai_server, kind):
 
 
 def test_server_ignoring_n_is_a_clear_error(make_openai_server):
-    server = make_openai_server(responder=lambda body: {"choices": [
-        {"index": 0, "message": {"role": "assistant", "content": "x"}, "finish_reason": "stop"}]})
+    server = make_openai_server(
+        responder=lambda body: {
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"}, "finish_reason": "stop"}]
+        }
+    )
     with pytest.raises(BackendError, match="send_n=auto or false"):
         backend(server.url, send_n=True).generate(reqs(1), SamplingParams(n=2))
 
@@ -234,7 +251,9 @@ def test_transport_auto():
 def test_settings_are_validated():
     with pytest.raises(ValueError) as e:
         build_llm({"kind": "openai", "base_url": "http://x/v1", "max_concurency": 3}, {"name_or_path": "m"})
-    assert str(e.value).startswith("llm=openai: unknown key 'max_concurency'; valid keys:") and "max_concurrency" in str(e.value)
+    assert str(e.value).startswith(
+        "llm=openai: unknown key 'max_concurency'; valid keys:"
+    ) and "max_concurrency" in str(e.value)
     with pytest.raises(ValueError, match="base_url"):
         build_llm({"kind": "openai", "base_url": "localhost:8000"}, {"name_or_path": "m"})
 
@@ -253,7 +272,7 @@ def test_lean_reader_chunked_gzip_and_retry_after_formats():
         return status, _decompress(await _read_body(reader, headers), headers.get("content-encoding", ""))
 
     body = gzip.compress(b'{"choices": []}')
-    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 7]), body[i:i + 7]) for i in range(0, len(body), 7))
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i : i + 7]), body[i : i + 7]) for i in range(0, len(body), 7))
     raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Encoding: gzip\r\n\r\n" + chunks + b"0\r\n\r\n"
     assert asyncio.run(read(raw)) == (200, b'{"choices": []}')
     assert asyncio.run(read(b"HTTP/1.0 503 Busy\r\n\r\nread to close")) == (503, b"read to close")
@@ -262,11 +281,14 @@ def test_lean_reader_chunked_gzip_and_retry_after_formats():
     assert 25 < _retry_after({"retry-after": when}) <= 30 and _retry_after({}) is None
 
 
-@pytest.mark.parametrize("field,expect", [
-    ("none", None),
-    ("structured_outputs", {"structured_outputs": {"regex": r"\[\[(A|B)\]\]"}}),
-    ("guided_regex", {"guided_regex": r"\[\[(A|B)\]\]"}),
-])
+@pytest.mark.parametrize(
+    "field,expect",
+    [
+        ("none", None),
+        ("structured_outputs", {"structured_outputs": {"regex": r"\[\[(A|B)\]\]"}}),
+        ("guided_regex", {"guided_regex": r"\[\[(A|B)\]\]"}),
+    ],
+)
 def test_regex_constraint_is_sent_only_when_the_server_extension_is_named(openai_server, field, expect):
     backend(openai_server.url, regex_field=field).generate(reqs(1), SamplingParams(regex=r"\[\[(A|B)\]\]"))
     body = openai_server.chat_requests()[0].body

@@ -17,14 +17,23 @@ FAST = {"backoff_base_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 5.0, "progre
 
 
 def backend(url, model="test-model", **settings):
-    return build_llm({"kind": "openai", "base_url": url, "transport": "lean", **FAST, **settings}, {"name_or_path": model})
+    return build_llm(
+        {"kind": "openai", "base_url": url, "transport": "lean", **FAST, **settings}, {"name_or_path": model}
+    )
 
 
 def one_choice(body):
     """Like llama.cpp's server: one choice whatever n asks for; the text says which request it was."""
     k = sum(1 for _ in body["messages"])
-    return {"choices": [{"index": 0, "message": {"role": "assistant", "content": f"{body['messages'][-1]['content']}#{k}"},
-                         "finish_reason": "stop"}]}
+    return {
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": f"{body['messages'][-1]['content']}#{k}"},
+                "finish_reason": "stop",
+            }
+        ]
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +47,11 @@ def test_send_n_auto_is_the_default_and_detects_a_server_that_ignores_n(make_ope
     assert llm.settings.send_n == "auto"
     with caplog.at_level(logging.WARNING, logger="synth.llm.openai"):
         out = llm.generate([messages(("user", "a")), messages(("user", "b"))], SamplingParams(n=3))
-    assert [len(g) for g in out] == [3, 3] and all(c.text == "a#1" for c in out[0]) and all(c.text == "b#1" for c in out[1])
+    assert (
+        [len(g) for g in out] == [3, 3]
+        and all(c.text == "a#1" for c in out[0])
+        and all(c.text == "b#1" for c in out[1])
+    )
     first = server.chat_requests()
     # each request asked once with n=3, got 1 choice, and the 2 missing samples came one request each
     assert sorted(r.body["n"] for r in first) == [1, 1, 1, 1, 3, 3]
@@ -108,8 +121,18 @@ def test_ai_feedback_logprob_labels_refused_on_a_server_without_prefill(make_ope
 
     src = tmp_path / "p.jsonl"
     src.write_text('{"prompt": "How do I boil an egg?"}\n')
-    server = make_openai_server(responder=lambda body: ["Boil it for nine minutes.", "Fry it in a pan, quickly and hot, then serve."], prefill="ignore")
+    server = make_openai_server(
+        responder=lambda body: ["Boil it for nine minutes.", "Fry it in a pan, quickly and hot, then serve."],
+        prefill="ignore",
+    )
     with pytest.raises(BackendError, match="does not continue an assistant prefill"):
-        run_synth(tmp_path / "out", "pipeline=ai_feedback", *loopback(server.url), "cache=false", "source=jsonl",
-                  f"source.path={src}", "pipeline.label=logprobs")
+        run_synth(
+            tmp_path / "out",
+            "pipeline=ai_feedback",
+            *loopback(server.url),
+            "cache=false",
+            "source=jsonl",
+            f"source.path={src}",
+            "pipeline.label=logprobs",
+        )
     assert all("continue_final_message" not in r.body for r in server.chat_requests())

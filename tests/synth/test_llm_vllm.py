@@ -13,7 +13,7 @@ from synth.llm import build_llm
 from synth.llm.base import SamplingParams, sample_seed
 from synth.records import messages
 
-FAKE_VLLM = '''
+FAKE_VLLM = """
 import json, os
 from dataclasses import dataclass, field
 
@@ -100,9 +100,9 @@ class LLM:
             samples = [_sample(conv, sp, i) for i in range(sp.n)][::-1]
             out.append(RequestOutput(str(r), None, list(range(5 + r)), samples))
         return out
-'''
+"""
 
-FAKE_SAMPLING = '''
+FAKE_SAMPLING = """
 from dataclasses import dataclass
 
 
@@ -111,9 +111,9 @@ class StructuredOutputsParams:
     json: object = None
     regex: str | None = None
     choice: list | None = None
-'''
+"""
 
-FAKE_LORA = '''
+FAKE_LORA = """
 from dataclasses import dataclass
 
 
@@ -122,7 +122,7 @@ class LoRARequest:
     lora_name: str
     lora_int_id: int
     lora_path: str
-'''
+"""
 
 
 @pytest.fixture
@@ -161,7 +161,15 @@ def test_one_chat_call_for_the_whole_batch(fake_vllm):
     assert call["add_generation_prompt"] is True and call["continue_final_message"] is False
     assert call["lora_request"] is None and call["use_tqdm"] is True
     sp = call["sampling_params"][0]
-    assert sp.kw == {"n": 3, "temperature": 0.7, "top_p": 0.9, "max_tokens": 64, "seed": None, "top_k": 40, "stop": ["###"]}
+    assert sp.kw == {
+        "n": 3,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "max_tokens": 64,
+        "seed": None,
+        "top_k": 40,
+        "stop": ["###"],
+    }
     # outputs mapped in sample order whatever order vLLM lists them in
     assert [c.text for c in out[1]] == ["q1|0|None", "q1|1|None", "q1|2|None"]
     assert out[1][0].prompt_tokens == 6 and out[1][0].completion_tokens == 3 and out[1][0].finish_reason == "stop"
@@ -169,7 +177,11 @@ def test_one_chat_call_for_the_whole_batch(fake_vllm):
 
 def test_prefill_requests_go_in_a_second_call(fake_vllm):
     llm = make(fake_vllm)
-    reqs = [messages(("user", "a")), messages(("user", "judge"), ("assistant", "The answer is: (")), messages(("user", "b"))]
+    reqs = [
+        messages(("user", "a")),
+        messages(("user", "judge"), ("assistant", "The answer is: (")),
+        messages(("user", "b")),
+    ]
     out = llm.generate(reqs, SamplingParams(max_new_tokens=8))
     plain, prefill = chats(fake_vllm)
     assert [c[-1]["content"] for c in plain["messages"]] == ["a", "b"]
@@ -184,7 +196,9 @@ def test_seeded_n_is_split_per_sample_seed(fake_vllm):
     out = llm.generate([messages(("user", "q"))], SamplingParams(n=3, seed=42, temperature=1.0))
     (call,) = chats(fake_vllm)
     seeds = [sp.kw["seed"] for sp in call["sampling_params"]]
-    assert seeds == [42, sample_seed(42, 1), sample_seed(42, 2)] and all(sp.kw["n"] == 1 for sp in call["sampling_params"])
+    assert seeds == [42, sample_seed(42, 1), sample_seed(42, 2)] and all(
+        sp.kw["n"] == 1 for sp in call["sampling_params"]
+    )
     assert [c.text for c in out[0]] == [f"q|0|{s}" for s in seeds]
 
 
@@ -205,6 +219,7 @@ def test_logprobs_structured_output_and_length(fake_vllm):
 
 def test_structured_output_falls_back_to_guided_decoding(fake_vllm, monkeypatch):
     import vllm.sampling_params as sp_mod
+
     monkeypatch.delattr(sp_mod, "StructuredOutputsParams")
     monkeypatch.setattr(sp_mod, "GuidedDecodingParams", lambda **kw: ("guided", kw), raising=False)
     llm = make(fake_vllm)
@@ -218,8 +233,16 @@ def test_engine_kwargs_and_lora_request(fake_vllm, tmp_path):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
     (adapter / "adapter_model.safetensors").write_bytes(b"weights")
-    llm = make(fake_vllm, tensor_parallel_size=2, gpu_memory_utilization=0.8, max_model_len=4096, dtype="bfloat16",
-               adapter=str(adapter), max_lora_rank=32, engine_kwargs={"quantization": "fp8", "enforce_eager": True})
+    llm = make(
+        fake_vllm,
+        tensor_parallel_size=2,
+        gpu_memory_utilization=0.8,
+        max_model_len=4096,
+        dtype="bfloat16",
+        adapter=str(adapter),
+        max_lora_rank=32,
+        engine_kwargs={"quantization": "fp8", "enforce_eager": True},
+    )
     init = next(p for k, p in fake_vllm.CALLS if k == "init")
     assert init["model"] == "org/model" and init["revision"] == "abc123"
     assert init["tensor_parallel_size"] == 2 and init["gpu_memory_utilization"] == 0.8 and init["max_model_len"] == 4096
@@ -268,18 +291,24 @@ def test_real_vllm_smoke(tmp_path):
     import os
 
     model = os.environ.get("RLAIF_FORGE_VLLM_TEST_MODEL", "Qwen/Qwen2.5-0.5B-Instruct")
-    llm = build_llm({"kind": "vllm", "gpu_memory_utilization": 0.3, "max_model_len": 1024, "enforce_eager": True},
-                    {"name_or_path": model})
+    llm = build_llm(
+        {"kind": "vllm", "gpu_memory_utilization": 0.3, "max_model_len": 1024, "enforce_eager": True},
+        {"name_or_path": model},
+    )
     reqs = [messages(("user", "Say hello.")), messages(("user", "Pick A or B."), ("assistant", "The answer is: ("))]
     p = SamplingParams(n=2, temperature=0.8, max_new_tokens=16, seed=1, logprobs=True, top_logprobs=3)
     out = llm.generate(reqs, p)
     assert [len(g) for g in out] == [2, 2] and all(c.completion_tokens > 0 for g in out for c in g)
     assert out == llm.generate(reqs, p)  # seeded: reproducible
     assert all(c.logprobs and len(c.logprobs[0].top) == 3 for g in out for c in g)
-    (js,) = llm.generate([messages(("user", "Give a score from 1 to 5 as JSON."))],
-                         SamplingParams(temperature=0, max_new_tokens=32,
-                                        json_schema={"type": "object", "properties": {"score": {"type": "integer"}},
-                                                     "required": ["score"]}))[0]
+    (js,) = llm.generate(
+        [messages(("user", "Give a score from 1 to 5 as JSON."))],
+        SamplingParams(
+            temperature=0,
+            max_new_tokens=32,
+            json_schema={"type": "object", "properties": {"score": {"type": "integer"}}, "required": ["score"]},
+        ),
+    )[0]
     assert "score" in json.loads(js.text)
 
 
@@ -299,7 +328,12 @@ def test_plain_names_pass_unchanged(tmp_path):
     from synth.llm.vllm import VLLMSettings, engine_kwargs
 
     kw = engine_kwargs(VLLMSettings(), ModelSettings(name_or_path="org/model", revision="abc"))
-    assert (kw["model"], kw["tokenizer"], kw["revision"], kw["tokenizer_revision"]) == ("org/model", "org/model", "abc", "abc")
+    assert (kw["model"], kw["tokenizer"], kw["revision"], kw["tokenizer_revision"]) == (
+        "org/model",
+        "org/model",
+        "abc",
+        "abc",
+    )
     kw = engine_kwargs(VLLMSettings(tokenizer="org/tok"), ModelSettings(name_or_path="org/model", revision="abc"))
     assert kw["tokenizer"] == "org/tok" and kw["revision"] == "abc" and "tokenizer_revision" not in kw
     hf_folder = tmp_path / "hf"
@@ -347,7 +381,9 @@ def test_pkg_gguf_is_found_without_importing(tmp_path, monkeypatch):
     assert "fake_gguf_pkg" not in sys.modules
     from synth.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="package 'no_such_pkg_xyz' is not installed; run: pip install no-such-pkg-xyz"):
+    with pytest.raises(
+        ConfigError, match="package 'no_such_pkg_xyz' is not installed; run: pip install no-such-pkg-xyz"
+    ):
         _files("pkg:no_such_pkg_xyz/x.gguf")
 
 
@@ -365,8 +401,9 @@ def test_hub_gguf_is_downloaded_at_the_revision(monkeypatch, tmp_path):
     from synth.llm.base import ModelSettings
     from synth.llm.vllm import VLLMSettings, engine_kwargs
 
-    kw = engine_kwargs(VLLMSettings(tokenizer="org/base"),
-                       ModelSettings(name_or_path="org/model-GGUF/m.Q4_K_M.gguf", revision="r1"))
+    kw = engine_kwargs(
+        VLLMSettings(tokenizer="org/base"), ModelSettings(name_or_path="org/model-GGUF/m.Q4_K_M.gguf", revision="r1")
+    )
     assert calls == [("org/model-GGUF", "m.Q4_K_M.gguf", "r1")]
     assert kw["model"] == str(tmp_path / "m.Q4_K_M.gguf") and kw["tokenizer"] == "org/base"
     assert "revision" not in kw and "tokenizer_revision" not in kw  # the revision went into the download

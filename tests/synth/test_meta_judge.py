@@ -29,8 +29,12 @@ def J(i, score, text=None):
 
 
 def test_pick_response_by_score_variance():
-    c = [Scored(0, "a", [3.0, 3.0, 3.0], 3.0), Scored(1, "b", [1.0, 5.0, None], 3.0), Scored(2, "c", [2.0, 4.0, 3.0], 3.0),
-         Scored(3, "d", [0.0, None, None], 0.0)]
+    c = [
+        Scored(0, "a", [3.0, 3.0, 3.0], 3.0),
+        Scored(1, "b", [1.0, 5.0, None], 3.0),
+        Scored(2, "c", [2.0, 4.0, 3.0], 3.0),
+        Scored(3, "d", [0.0, None, None], 0.0),
+    ]
     assert pick_response(c).index == 1  # variance 4 beats 2/3; a single valid score never qualifies
     assert pick_response(c[:1]) is None and pick_response([]) is None
 
@@ -57,7 +61,11 @@ def test_parse_winner_and_combine():
 
 def test_elo_ranking_and_meta_pair_rules():
     js = [J(0, 4.0), J(1, 3.0), J(2, 2.0)]
-    table = [Battle(js[0], js[1], ("A", "B"), "i"), Battle(js[0], js[2], ("A", "B"), "i"), Battle(js[1], js[2], ("A", "B"), "i")]
+    table = [
+        Battle(js[0], js[1], ("A", "B"), "i"),
+        Battle(js[0], js[2], ("A", "B"), "i"),
+        Battle(js[1], js[2], ("A", "B"), "i"),
+    ]
     r = elo(js, table)
     assert r[0] > r[1] > r[2]
     assert r[1] == pytest.approx(1000.0, abs=1e-6) and r[0] + r[2] == pytest.approx(2000.0)  # symmetric: θ has mean 0
@@ -70,7 +78,9 @@ def test_elo_ranking_and_meta_pair_rules():
     middle = [table[0], table[1], Battle(js[1], js[2], ("B", "A"), "j")]  # 0 > 2 > 1 on paper, but 1 vs 2 flipped:
     assert meta_pair(js, elo(js, middle), None) != "meta_elo_not_unique"  # 0 beats both; 2 beats 1: all distinct
     four = js + [J(3, 1.0)]  # 0 beats all, 3 loses to all, 1 vs 2 a tie: top and bottom are clear, the middle is not
-    b4 = [Battle(four[0], four[k], ("A", "B"), "i") for k in (1, 2, 3)] + [Battle(four[k], four[3], ("A", "B"), "i") for k in (1, 2)]
+    b4 = [Battle(four[0], four[k], ("A", "B"), "i") for k in (1, 2, 3)] + [
+        Battle(four[k], four[3], ("A", "B"), "i") for k in (1, 2)
+    ]
     r4 = elo(four, b4 + [Battle(four[1], four[2], ("A", "A"), "tie")])
     assert r4[0] > r4[1] > r4[3] and r4[1] == pytest.approx(r4[2])
     assert meta_pair(four, r4, None) == "meta_elo_not_unique"  # any tie drops the pair (NeMo-Aligner's rule)
@@ -84,8 +94,10 @@ def test_elo_ranking_and_meta_pair_rules():
 
 
 def items(n=2):
-    return [SourceItem(id=f"s{i}", prompt=messages(("user", f"How do I grow tomatoes, case {i}?")), category="garden")
-            for i in range(n)]
+    return [
+        SourceItem(id=f"s{i}", prompt=messages(("user", f"How do I grow tomatoes, case {i}?")), category="garden")
+        for i in range(n)
+    ]
 
 
 ANSWERS = ["Water them.", "Sun, water and stakes.", "Buy tomatoes.", "Plant in spring, stake them, water at the base."]
@@ -128,7 +140,9 @@ def test_meta_judge_pairs_in_the_pipeline(tmp_path):
     meta_reqs, meta_params = llm.calls[2]
     assert len(meta_reqs) == 2 * 3 * 2  # 2 prompts x 3 judgement pairs x both orders
     assert meta_params[0].temperature == 0.0 and meta_params[0].regex is not None
-    assert len(rows) == 2 and m["outputs"]["judge_preferences"] == 2 and m["outputs"]["preferences"] == 0  # all means tie
+    assert (
+        len(rows) == 2 and m["outputs"]["judge_preferences"] == 2 and m["outputs"]["preferences"] == 0
+    )  # all means tie
     row = rows[0]
     # every candidate got scores 2, 5, 3 (same variance): the first one, index 0, is judged
     assert row["prompt"] == [msg.model_dump() for msg in build_judge("en", items()[0].prompt, ANSWERS[0])]
@@ -176,10 +190,20 @@ def test_meta_judge_over_the_loopback_server(tmp_path):
 
 @pytest.mark.slow
 def test_end_to_end_tiny_hf_with_meta_judge(tmp_path):
-    m = run_synth(tmp_path, "self_rewarding", "pipeline.k=2", "pipeline.judge_samples=3", "pipeline.sampling.max_new_tokens=8",
-                  "pipeline.judge_sampling.max_new_tokens=16", "pipeline.meta_judge.enabled=true",
-                  "pipeline.meta_judge.sampling.max_new_tokens=48", "pipeline.drop_truncated=false",
-                  "pipeline.sampling.seed=0", "pipeline.judge_sampling.seed=0", n=2)
+    m = run_synth(
+        tmp_path,
+        "self_rewarding",
+        "pipeline.k=2",
+        "pipeline.judge_samples=3",
+        "pipeline.sampling.max_new_tokens=8",
+        "pipeline.judge_sampling.max_new_tokens=16",
+        "pipeline.meta_judge.enabled=true",
+        "pipeline.meta_judge.sampling.max_new_tokens=48",
+        "pipeline.drop_truncated=false",
+        "pipeline.sampling.seed=0",
+        "pipeline.judge_sampling.seed=0",
+        n=2,
+    )
     check_outputs(tmp_path / "out", m)
     assert m["calls"]["meta_judge"] > 0  # with these seeds the tiny judge's scores disagree, so battles run
     assert "judge_preferences" in m["outputs"] and "meta_judge" in m["self_rewarding"]
@@ -192,8 +216,13 @@ def test_meta_judge_needs_several_judgements():
     from synth.errors import ConfigError
 
     with pytest.raises(ConfigError) as e:
-        build_pipeline({"_target_": "synth.pipelines.self_rewarding.SelfRewardingPipeline", "judge_samples": 1,
-                        "meta_judge": {"enabled": True}})
+        build_pipeline(
+            {
+                "_target_": "synth.pipelines.self_rewarding.SelfRewardingPipeline",
+                "judge_samples": 1,
+                "meta_judge": {"enabled": True},
+            }
+        )
     assert "judge_samples >= 2" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -215,7 +244,13 @@ def test_chinese_constitution_meta_judge_prompts_are_chinese(tmp_path):
     llm = ScriptedLLM(fn)
     ctx = Context(factories={"policy": lambda: llm, "judge": lambda: llm}, constitution=load_constitution("safety_zh"))
     its = [SourceItem(id="z", prompt=messages(("user", "怎样在室内养活罗勒？")))]
-    m = run_pipeline(SelfRewardingPipeline(SelfRewardingConfig(meta_judge={"enabled": True})), ctx, tmp_path, its, show_progress=False)
+    m = run_pipeline(
+        SelfRewardingPipeline(SelfRewardingConfig(meta_judge={"enabled": True})),
+        ctx,
+        tmp_path,
+        its,
+        show_progress=False,
+    )
     meta_reqs = llm.calls[2][0]
     assert len(meta_reqs) == 6 and all(has_cjk(r[0].content[:6]) and "Winner" not in r[0].content for r in meta_reqs)
     rows = read_jsonl(tmp_path / "judge_preferences.jsonl")

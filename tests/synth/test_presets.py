@@ -24,14 +24,21 @@ def pipeline_of(*overrides):
 
 def test_default_preset_changes_nothing():
     for name in ("critique_revision", "red_team", "generate", "ai_feedback"):
-        assert pipeline_of(f"pipeline={name}")["pipeline"] == pipeline_of(f"pipeline={name}", "preset=default")["pipeline"]
+        assert (
+            pipeline_of(f"pipeline={name}")["pipeline"] == pipeline_of(f"pipeline={name}", "preset=default")["pipeline"]
+        )
 
 
 def test_small_preset_sets_tokens_rounds_few_shot_temperature_and_the_command_line_wins():
     cfg = pipeline_of("pipeline=critique_revision", "preset=small")
     p = cfg["pipeline"]
     assert cfg["preset"] == "small"
-    assert (p["rounds"], p["few_shot"], p["sampling"]["temperature"], p["sampling"]["max_new_tokens"]) == (1, False, 0.7, 256)
+    assert (p["rounds"], p["few_shot"], p["sampling"]["temperature"], p["sampling"]["max_new_tokens"]) == (
+        1,
+        False,
+        0.7,
+        256,
+    )
     assert p["near_identical"] == 0.9 and p["initial"] == "given"  # untouched keys stay
     build_pipeline(p)  # still a valid pipeline config
     p = pipeline_of("pipeline=critique_revision", "preset=small", "pipeline.rounds=3")["pipeline"]
@@ -51,7 +58,10 @@ def test_estimate_bounds_the_work_and_is_printed(capsys):
     cai = build_pipeline(pipeline_of("pipeline=critique_revision")["pipeline"])
     assert cai.estimate(5) == {"requests": 5 * 9, "new_tokens": 5 * 9 * 1500}  # 4 rounds, 1,500 tokens: the defaults
     print_estimate(cai, 5)
-    assert capsys.readouterr().out.strip() == "== critique_revision: 5 inputs to do; at most 45 requests and 67,500 new tokens"
+    assert (
+        capsys.readouterr().out.strip()
+        == "== critique_revision: 5 inputs to do; at most 45 requests and 67,500 new tokens"
+    )
 
 
 def test_safety_en_is_an_english_taxonomy_in_safety_zh_shape():
@@ -69,8 +79,13 @@ def test_red_team_without_a_taxonomy_is_one_line_and_touches_nothing(tmp_path):
     with pytest.raises(ConstitutionError, match="constitution=hhh_en has none; use constitution=safety_en"):
         run(compose("pipeline=red_team", "constitution=hhh_en", f"output_dir={out}"))
     assert not out.exists()
-    proc = subprocess.run([sys.executable, "-m", "synth", "pipeline=red_team", "constitution=hhh_en", f"output_dir={out}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "synth", "pipeline=red_team", "constitution=hhh_en", f"output_dir={out}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1 and err[0].startswith("error:") and "safety_en" in err[0]
     assert not out.exists()  # no folder, so no stray config.yaml
@@ -78,10 +93,19 @@ def test_red_team_without_a_taxonomy_is_one_line_and_touches_nothing(tmp_path):
 
 def test_ai_feedback_without_judge_questions_is_one_line(tmp_path):
     mine = tmp_path / "nojudge.yaml"
-    mine.write_text("name: nojudge\nlanguage: en\ndescription: d\nprinciples:\n"
-                    "  - {id: a, category: c, critique: find problems, revision: fix them}\n")
+    mine.write_text(
+        "name: nojudge\nlanguage: en\ndescription: d\nprinciples:\n"
+        "  - {id: a, category: c, critique: find problems, revision: fix them}\n"
+    )
     out = tmp_path / "o"
     with pytest.raises(ConstitutionError, match="constitution=nojudge has none"):
-        run(compose("pipeline=ai_feedback", f"constitution={mine}", "source=jsonl", f"source.path={tmp_path}/x.jsonl",
-                    f"output_dir={out}"))
+        run(
+            compose(
+                "pipeline=ai_feedback",
+                f"constitution={mine}",
+                "source=jsonl",
+                f"source.path={tmp_path}/x.jsonl",
+                f"output_dir={out}",
+            )
+        )
     assert not out.exists()

@@ -69,11 +69,21 @@ def test_unsure_targets_exact(tmp_path):
     got = [(r["messages"][0]["content"], r["messages"][1]["content"], r["meta"]["certain"]) for r in rows]
     assert got == [
         ("Question: What is the capital of France? Answer:", f"Paris. {SUFFIX} I am sure.", True),
-        ("Question: Who wrote Hamlet? Answer:", f"Shakespeare. {SUFFIX} I am unsure.", False),  # case-sensitive substring
+        (
+            "Question: Who wrote Hamlet? Answer:",
+            f"Shakespeare. {SUFFIX} I am unsure.",
+            False,
+        ),  # case-sensitive substring
         ("Question: What is 2+2? Answer:", f"4. {SUFFIX} I am unsure.", False),
     ]
     assert rows[0]["meta"]["probe_answer"] == "Paris" and rows[0]["method"] == "r_tuning_unsure"
-    assert m["r_tuning"] == {"method": "unsure", "match": "substring", "certain": 1, "uncertain": 2, "certain_rate": 0.3333}
+    assert m["r_tuning"] == {
+        "method": "unsure",
+        "match": "substring",
+        "certain": 1,
+        "uncertain": 2,
+        "certain_rate": 0.3333,
+    }
     assert m["parse_failures"] == {} and m["truncated"] == {"probe": 1}
 
 
@@ -82,7 +92,12 @@ def test_normalized_match_aliases_two_turn_and_source_prompt(tmp_path):
     m, rows, _ = run(tmp_path, cfg, items(field="answers"))
     assert [r["meta"]["certain"] for r in rows] == [True, True, False]
     assert [msg["role"] for msg in rows[1]["messages"]] == ["user", "assistant", "user", "assistant"]
-    assert [msg["content"] for msg in rows[1]["messages"]] == ["Who wrote Hamlet?", "Shakespeare.", SUFFIX, "I am sure."]
+    assert [msg["content"] for msg in rows[1]["messages"]] == [
+        "Who wrote Hamlet?",
+        "Shakespeare.",
+        SUFFIX,
+        "I am sure.",
+    ]
     assert rows[2]["messages"][-1]["content"] == "I am unsure." and rows[2]["meta"]["references"] == ["4", "4"]
 
 
@@ -121,9 +136,20 @@ def compose_run(tmp_path, *overrides, backend):
     src = tmp_path / "qa.jsonl"
     src.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in QA), encoding="utf-8")
     with initialize_config_module(config_module="rlaif_forge_conf", version_base=None):
-        cfg = compose(config_name="synth", overrides=[
-            "pipeline=r_tuning", *backend, "source=jsonl", f"source.path={src}", "source.fields.prompt=question",
-            "source.fields.chosen=answer", f"output_dir={tmp_path / 'out'}", "progress=false", *overrides])
+        cfg = compose(
+            config_name="synth",
+            overrides=[
+                "pipeline=r_tuning",
+                *backend,
+                "source=jsonl",
+                f"source.path={src}",
+                "source.fields.prompt=question",
+                "source.fields.chosen=answer",
+                f"output_dir={tmp_path / 'out'}",
+                "progress=false",
+                *overrides,
+            ],
+        )
     return run(cfg)
 
 

@@ -4,8 +4,18 @@ import pytest
 from pydantic import ValidationError
 
 from synth.records import (
-    Completion, GenerationRecord, Judgement, Message, PreferenceRecord, RankedRecord, SFTRecord,
-    SourceItem, TokenLogprob, UnpairedRecord, messages, stable_id,
+    Completion,
+    GenerationRecord,
+    Judgement,
+    Message,
+    PreferenceRecord,
+    RankedRecord,
+    SFTRecord,
+    SourceItem,
+    TokenLogprob,
+    UnpairedRecord,
+    messages,
+    stable_id,
 )
 
 P = messages(("system", "be kind"), ("user", "你好, how are you?"))
@@ -14,13 +24,28 @@ B = messages(("assistant", "go away"))
 
 RECORDS = [
     Message(role="user", content="hi"),
-    Completion(text="t", finish_reason="length", prompt_tokens=3, completion_tokens=2,
-               logprobs=[TokenLogprob(token="A", logprob=-0.1, top={"A": -0.1, "B": -2.3})]),
+    Completion(
+        text="t",
+        finish_reason="length",
+        prompt_tokens=3,
+        completion_tokens=2,
+        logprobs=[TokenLogprob(token="A", logprob=-0.1, top={"A": -0.1, "B": -2.3})],
+    ),
     Judgement(raw="Score: 4", parsed=4, parse_status="ok"),
     Judgement(raw="garbage", parsed=None, parse_status="failed", error="no score"),
     SFTRecord(id="s1", messages=P + A, method="cai_sl", category="侵犯他人/隐私权", meta={"rounds": [{"p": "x"}]}),
-    PreferenceRecord(id="p1", prompt=P, chosen=A, rejected=B, method="rlaif", principle_ids=["h1"],
-                     score_chosen=4.5, score_rejected=2.0, margin=2.5, p_chosen=0.8),
+    PreferenceRecord(
+        id="p1",
+        prompt=P,
+        chosen=A,
+        rejected=B,
+        method="rlaif",
+        principle_ids=["h1"],
+        score_chosen=4.5,
+        score_rejected=2.0,
+        margin=2.5,
+        p_chosen=0.8,
+    ),
     RankedRecord(id="r1", prompt=P, responses=[A, B], scores=[1.0, 0.0], method="judge"),
     UnpairedRecord(id="u1", prompt=P, completion=B, label=False, method="kto"),
     GenerationRecord(id="g1", prompt=P, completions=[Completion(text="x")], model="m"),
@@ -37,7 +62,9 @@ def test_json_round_trip(rec):
 
 def test_unknown_keys_and_bad_roles_rejected():
     with pytest.raises(ValidationError, match="extra"):
-        PreferenceRecord.model_validate({"id": "x", "prompt": [], "chosen": [], "rejected": [], "method": "m", "typo": 1})
+        PreferenceRecord.model_validate(
+            {"id": "x", "prompt": [], "chosen": [], "rejected": [], "method": "m", "typo": 1}
+        )
     with pytest.raises(ValidationError):
         Message(role="robot", content="x")
 

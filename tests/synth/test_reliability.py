@@ -59,9 +59,19 @@ def synth_cmd(*args: str) -> list[str]:
 
 
 def cli_args(url: str, src: Path, out: Path, *extra: str) -> list[str]:
-    return synth_cmd("pipeline=generate", "llm=openai", f"llm.base_url={url}", "model.name_or_path=scripted",
-                     "source=jsonl", f"source.path={src}", f"output_dir={out}", "chunk_size=2", "progress=false",
-                     "llm.max_retries=1", *extra)
+    return synth_cmd(
+        "pipeline=generate",
+        "llm=openai",
+        f"llm.base_url={url}",
+        "model.name_or_path=scripted",
+        "source=jsonl",
+        f"source.path={src}",
+        f"output_dir={out}",
+        "chunk_size=2",
+        "progress=false",
+        "llm.max_retries=1",
+        *extra,
+    )
 
 
 def ids_of(path: Path) -> list[str]:
@@ -84,13 +94,20 @@ def test_two_concurrent_runs_one_is_refused_and_rows_are_exact_once(tmp_path):
     src, out = prompts_file(tmp_path / "p.jsonl", 24), tmp_path / "out"
     with LoopbackServer(responder=lambda b: "answer", latency_s=0.6) as server:  # the first run lasts ~7 s
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        first = subprocess.Popen(cli_args(server.url, src, out, "chunks_in_flight=1"), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)
+        first = subprocess.Popen(
+            cli_args(server.url, src, out, "chunks_in_flight=1"),
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.time() + 120
         while not (out / LEDGER).exists() and first.poll() is None and time.time() < deadline:
             time.sleep(0.02)  # the first run holds the folder once it has committed a chunk
-        second = subprocess.run(cli_args(server.url, src, out), cwd=tmp_path, env=env, capture_output=True,
-                                text=True, timeout=300)
+        second = subprocess.run(
+            cli_args(server.url, src, out), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
         first_out, first_err = first.communicate(timeout=300)
     assert first.returncode == 0, first_err
     assert second.returncode == 2
@@ -117,20 +134,37 @@ def test_train_takes_the_same_lock(tmp_path):
     from train.app import run as train_run
 
     out = tmp_path / "dpo"
-    cfg = {"model": {"name_or_path": "builtin:tiny"}, "data": {"path": str(tmp_path / "prefs.jsonl")},
-           "loop": {"name": "preference"}, "output_dir": str(out),
-           "loss": {"name": "dpo", "kind": "pairwise", "needs_reference": True,
-                    "fn": {"_target_": "train.losses.dpo.dpo_loss", "_partial_": True}}}
+    cfg = {
+        "model": {"name_or_path": "builtin:tiny"},
+        "data": {"path": str(tmp_path / "prefs.jsonl")},
+        "loop": {"name": "preference"},
+        "output_dir": str(out),
+        "loss": {
+            "name": "dpo",
+            "kind": "pairwise",
+            "needs_reference": True,
+            "fn": {"_target_": "train.losses.dpo.dpo_loss", "_partial_": True},
+        },
+    }
     with OutputLock(out), pytest.raises(OutputError, match="in use by another run"):
         train_run(cfg)
 
 
 def test_a_killed_holder_releases_the_folder(tmp_path):
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from synth.io import OutputLock\n"
-        f"l = OutputLock({str(out)!r}).__enter__(); print('held', flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from synth.io import OutputLock\n"
+                f"l = OutputLock({str(out)!r}).__enter__(); print('held', flush=True); time.sleep(60)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(OutputError, match=f"pid {holder.pid}"), OutputLock(out):
         pass
@@ -145,8 +179,11 @@ def test_a_killed_holder_releases_the_folder(tmp_path):
 
 def _snapshot(out: Path) -> dict[str, bytes]:
     """Every file we write (the sqlite cache is left out: sqlite checkpoints its WAL on its own)."""
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir())
-            if p.is_file() and p.name != ".lock" and not p.name.startswith("cache.sqlite")}
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(out.iterdir())
+        if p.is_file() and p.name != ".lock" and not p.name.startswith("cache.sqlite")
+    }
 
 
 @pytest.mark.parametrize("bad", ["malformed", "empty", "missing", "not_utf8"])
@@ -176,9 +213,18 @@ def test_resume_false_with_bad_backend_settings_keeps_the_previous_outputs(tmp_p
         run(openai_cfg(server.url, src, out))
         before = _snapshot(out)
         with pytest.raises(ConfigError, match="judge.llm=openai: max_concurrency"):
-            run(openai_cfg(server.url, src, out, resume=False,
-                           judge={"llm": {"kind": "openai", "base_url": server.url, "max_concurrency": 0},
-                                  "model": {"name_or_path": "judge"}}))
+            run(
+                openai_cfg(
+                    server.url,
+                    src,
+                    out,
+                    resume=False,
+                    judge={
+                        "llm": {"kind": "openai", "base_url": server.url, "max_concurrency": 0},
+                        "model": {"name_or_path": "judge"},
+                    },
+                )
+            )
     assert _snapshot(out) == before
 
 
@@ -201,17 +247,21 @@ def test_disk_full_while_committing_is_one_error_and_leaves_no_temp_files(tmp_pa
     monkeypatch.setattr(synth.io, "write_text_atomic", _failing_after_first(synth.io.write_text_atomic, calls))
     llm = ScriptedLLM(lambda msgs, p, i: "ok")
     with pytest.raises(OutputError) as info:
-        run_pipeline(GeneratePipeline(GenerateConfig()), ctx_with(llm), tmp_path, items(8), chunk_size=2,
-                     show_progress=False)
+        run_pipeline(
+            GeneratePipeline(GenerateConfig()), ctx_with(llm), tmp_path, items(8), chunk_size=2, show_progress=False
+        )
     msg = str(info.value)
     assert "\n" not in msg and str(tmp_path) in msg and "free at least" in msg and "MiB" in msg
     assert info.value.__cause__ is None and info.value.__suppress_context__
     assert not list(tmp_path.glob("*.tmp"))
     assert len(read_jsonl(tmp_path / "completions.jsonl")) == 2  # the failed chunk left no partial bytes
     monkeypatch.undo()
-    m = run_pipeline(GeneratePipeline(GenerateConfig()), ctx_with(llm), tmp_path, items(8), chunk_size=2,
-                     show_progress=False)
-    assert m["status"] == "finished" and sorted(ids_of(tmp_path / "completions.jsonl")) == sorted(f"id{i}" for i in range(8))
+    m = run_pipeline(
+        GeneratePipeline(GenerateConfig()), ctx_with(llm), tmp_path, items(8), chunk_size=2, show_progress=False
+    )
+    assert m["status"] == "finished" and sorted(ids_of(tmp_path / "completions.jsonl")) == sorted(
+        f"id{i}" for i in range(8)
+    )
 
 
 def _failing_after_first(write, calls):
@@ -223,6 +273,7 @@ def _failing_after_first(write, calls):
                 tmp.unlink()
             raise OSError(errno.ENOSPC, "No space left on device")
         return write(path, text)
+
     return wrapped
 
 
@@ -242,8 +293,12 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir()
     if os.geteuid() != 0:
         return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def test_real_full_tmpfs_gives_one_line_exit_2_and_resumes_elsewhere_intact(tmp_path):
@@ -253,8 +308,9 @@ def test_real_full_tmpfs_gives_one_line_exit_2_and_resumes_elsewhere_intact(tmp_
     try:
         src, out = prompts_file(tmp_path / "p.jsonl", 40), disk / "out"
         with LoopbackServer(responder=lambda b: "x" * 12000) as server:
-            res = subprocess.run(cli_args(server.url, src, out), cwd=tmp_path, capture_output=True, text=True,
-                                 timeout=300)
+            res = subprocess.run(
+                cli_args(server.url, src, out), cwd=tmp_path, capture_output=True, text=True, timeout=300
+            )
         assert res.returncode == 2, res.stderr
         err = res.stderr.strip().splitlines()
         assert "Traceback" not in res.stderr and err[-1].startswith("error: disk full writing ") and str(out) in err[-1]
@@ -289,8 +345,14 @@ def test_url_credentials_and_a_pasted_key_never_reach_config_manifest_or_errors(
     assert KEY[:8] not in str(info.value) and "NAME of an environment variable" in str(info.value)
     assert not (tmp_path / "o" / "config.yaml").exists()
     with pytest.raises(UserError) as info:  # a URL with credentials in a backend failure
-        run(openai_cfg("http://bob:topsecretpassword@127.0.0.1:9/v1", src, tmp_path / "o2",
-                       llm={"max_retries": 0, "timeout_s": 2}))
+        run(
+            openai_cfg(
+                "http://bob:topsecretpassword@127.0.0.1:9/v1",
+                src,
+                tmp_path / "o2",
+                llm={"max_retries": 0, "timeout_s": 2},
+            )
+        )
     assert "topsecretpassword" not in str(info.value)
     written = (tmp_path / "o2" / "config.yaml").read_text() + (tmp_path / "o2" / "manifest.json").read_text()
     assert "topsecretpassword" not in written and "***@127.0.0.1:9" in written
@@ -304,8 +366,14 @@ def test_a_key_quoted_by_the_server_does_not_reach_stderr_or_the_manifest(tmp_pa
 
     with LoopbackServer(fault_fn=quoting) as server:
         env = {**os.environ, "MY_KEY": KEY}
-        res = subprocess.run(cli_args(server.url, src, out, "llm.api_key_env=MY_KEY"), cwd=tmp_path,
-                             capture_output=True, text=True, env=env, timeout=300)
+        res = subprocess.run(
+            cli_args(server.url, src, out, "llm.api_key_env=MY_KEY"),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
     assert res.returncode == 2
     assert KEY[:8] not in res.stderr + res.stdout + (out / "manifest.json").read_text()
 
@@ -345,8 +413,10 @@ def test_every_bad_value_is_one_line_naming_the_setting_even_on_a_finished_folde
     src, out = finished_folder
     before = _snapshot(out)
     with initialize_config_module(config_module="rlaif_forge_conf", version_base=None):
-        cfg = compose(config_name="synth", overrides=[
-            "llm=openai", "source=jsonl", f"source.path={src}", f"output_dir={out}", override])
+        cfg = compose(
+            config_name="synth",
+            overrides=["llm=openai", "source=jsonl", f"source.path={src}", f"output_dir={out}", override],
+        )
     with pytest.raises(ConfigError) as info:
         run(cfg)
     assert names in str(info.value) and "\n" not in str(info.value)
@@ -367,7 +437,9 @@ def test_every_numeric_setting_has_a_range():
     from synth.pipelines.base import PipelineConfig
 
     def numeric(ann) -> bool:
-        return ann in (int, float) or (typing.get_origin(ann) is not tuple and any(a in (int, float) for a in typing.get_args(ann)))
+        return ann in (int, float) or (
+            typing.get_origin(ann) is not tuple and any(a in (int, float) for a in typing.get_args(ann))
+        )
 
     unbounded, seen = [], set()
 
@@ -429,7 +501,9 @@ def test_non_utf8_training_data_is_one_data_error(tmp_path):
     from train.data import DataError, load_records
 
     p = tmp_path / "prefs.jsonl"
-    p.write_bytes(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}).encode() + b"\n" + b'{"prompt": "\xff"}\n')
+    p.write_bytes(
+        json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}).encode() + b"\n" + b'{"prompt": "\xff"}\n'
+    )
     with pytest.raises(DataError, match=r"prefs.jsonl: line 2: not UTF-8 text"):
         load_records(p)
 
@@ -478,15 +552,26 @@ def test_manifest_says_running_with_the_committed_counts_mid_run(tmp_path):
             seen.append((m["status"], m["processed"]))
         return "ok"
 
-    run_pipeline(GeneratePipeline(GenerateConfig()), ctx_with(ScriptedLLM(peek)), tmp_path, items(6), chunk_size=2,
-                 show_progress=False)
+    run_pipeline(
+        GeneratePipeline(GenerateConfig()),
+        ctx_with(ScriptedLLM(peek)),
+        tmp_path,
+        items(6),
+        chunk_size=2,
+        show_progress=False,
+    )
     assert [s for s in seen[::2]] == [("running", 0), ("running", 2), ("running", 4)]
     assert json.loads((tmp_path / "manifest.json").read_text())["status"] == "finished"
 
 
 def test_zero_inputs_still_write_every_output_file_and_cache_hits_are_reported(tmp_path):
-    m = run_pipeline(GeneratePipeline(GenerateConfig()), ctx_with(ScriptedLLM(lambda *a: "x")), tmp_path / "none", [],
-                     show_progress=False)
+    m = run_pipeline(
+        GeneratePipeline(GenerateConfig()),
+        ctx_with(ScriptedLLM(lambda *a: "x")),
+        tmp_path / "none",
+        [],
+        show_progress=False,
+    )
     assert m["status"] == "finished" and (tmp_path / "none" / "completions.jsonl").read_text() == ""
     src, out = prompts_file(tmp_path / "p.jsonl", 4), tmp_path / "out"
     with LoopbackServer(responder=lambda b: "answer") as server:
@@ -503,16 +588,23 @@ def test_ctrl_c_is_one_line_exit_130_and_the_rerun_completes_exact_once(tmp_path
     src, out = prompts_file(tmp_path / "p.jsonl", 20), tmp_path / "out"
     with LoopbackServer(responder=lambda b: "answer", latency_s=0.2) as server:
         # a child inherits an ignored SIGINT (pytest started with `nohup ... &`): restore the default first
-        proc = subprocess.Popen(cli_args(server.url, src, out, "chunks_in_flight=1"), cwd=tmp_path, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
+        proc = subprocess.Popen(
+            cli_args(server.url, src, out, "chunks_in_flight=1"),
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler),
+        )
         deadline = time.time() + 120
         while not (out / LEDGER).exists() and time.time() < deadline:
             time.sleep(0.02)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 130, err
-        assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted; rerun the same command to resume"
+        assert (
+            "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted; rerun the same command to resume"
+        )
         assert json.loads((out / "manifest.json").read_text())["status"] == "interrupted"
         res = subprocess.run(cli_args(server.url, src, out), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr

@@ -33,7 +33,9 @@ def response_of(prompt):
 class Scripted:
     """Policy and judge in one fake: candidates 'draft <i> ...', refinements 'better: <draft>'."""
 
-    def __init__(self, rate, drafts=("short draft", "a longer draft answer", "draft three here", "draft four, the last")):
+    def __init__(
+        self, rate, drafts=("short draft", "a longer draft answer", "draft three here", "draft four, the last")
+    ):
         from tests.fakes import ScriptedLLM
 
         self.rate, self.drafts = rate, drafts
@@ -57,8 +59,13 @@ def run(tmp_path, scripted, cfg=None, its=None, constitution=None):
 def test_parse_feedback():
     assert parse_feedback(feedback(2, ["a"], fence=True)).parsed == {"a": {"critique": "critique of a", "rating": 2}}
     assert parse_feedback("Here you go: " + feedback(3, ["a", "b"]) + " done").parsed["b"]["rating"] == 3
-    bad_outputs = ('{"a": {"critique": "x", "rating": 4}}', '{"a": {"rating": 2}}', "not json", "{}",
-                   '{"a": {"critique": "x", "rating": true}}')
+    bad_outputs = (
+        '{"a": {"critique": "x", "rating": 4}}',
+        '{"a": {"rating": 2}}',
+        "not json",
+        "{}",
+        '{"a": {"critique": "x", "rating": true}}',
+    )
     for bad in bad_outputs:
         j = parse_feedback(bad)
         assert not j.ok and j.parsed is None, bad
@@ -128,7 +135,8 @@ def test_refined_vs_original_pairs_only_improvements(tmp_path):
 
     m, rows = run(tmp_path, Scripted(rate), {"pairing": "refined_vs_original"}, items(1))
     assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows] == [
-        ("better: a longer draft answer", "a longer draft answer")]
+        ("better: a longer draft answer", "a longer draft answer")
+    ]
     assert m["rlrf"]["refinements_improved_rate"] == 0.5
 
 
@@ -158,9 +166,13 @@ def test_constitution_criteria_set_principle_ids(tmp_path):
     ids = {p.id for p in const.principles}
 
     def rate(resp):
-        return json.dumps({i: {"critique": "c", "rating": 3 if resp.startswith("better") else 1 + len(resp) % 2} for i in ids})
+        return json.dumps(
+            {i: {"critique": "c", "rating": 3 if resp.startswith("better") else 1 + len(resp) % 2} for i in ids}
+        )
 
-    m, rows = run(tmp_path, Scripted(rate), {"criteria": "constitution", "max_aspects": 3}, items(1), constitution=const)
+    m, rows = run(
+        tmp_path, Scripted(rate), {"criteria": "constitution", "max_aspects": 3}, items(1), constitution=const
+    )
     assert len(rows[0]["principle_ids"]) == 3 and set(rows[0]["principle_ids"]) <= ids
     assert rows[0]["meta"]["aspects"] == rows[0]["principle_ids"]
 
@@ -181,14 +193,22 @@ def test_over_the_loopback_server(tmp_path):
         m = run_synth(tmp_path, "rlrf", backend=loopback(server.url), n=2)
     rows = read_jsonl(tmp_path / "out" / "preferences.jsonl")
     assert [(r["chosen"][0]["content"], r["rejected"][0]["content"], r["margin"]) for r in rows] == [
-        ("better: a longer draft answer", "short draft", 2.0)] * 2
+        ("better: a longer draft answer", "short draft", 2.0)
+    ] * 2
     assert m["calls"] == {"candidates": 2, "rlrf_feedback": 8, "rlrf_refine": 4, "rlrf_rejudge": 4}
     check_outputs(tmp_path / "out", m)
 
 
 @pytest.mark.slow
 def test_end_to_end_tiny_hf(tmp_path):
-    m = run_synth(tmp_path, "rlrf", "pipeline.n=2", "pipeline.sampling.max_new_tokens=8", "pipeline.feedback_sampling.max_new_tokens=8",
-                  "pipeline.refine_sampling.max_new_tokens=8", "pipeline.drop_truncated=false")  # the tiny model never stops
+    m = run_synth(
+        tmp_path,
+        "rlrf",
+        "pipeline.n=2",
+        "pipeline.sampling.max_new_tokens=8",
+        "pipeline.feedback_sampling.max_new_tokens=8",
+        "pipeline.refine_sampling.max_new_tokens=8",
+        "pipeline.drop_truncated=false",
+    )  # the tiny model never stops
     check_outputs(tmp_path / "out", m)
     assert m["parse_failures"]["rlrf_feedback"] + m["truncated"].get("rlrf_feedback", 0) > 0

@@ -30,11 +30,17 @@ def test_cap_fills_the_token_budget_exactly():
 
 
 def test_openai_strict_drops_length_keywords_only_in_schema_positions():
-    schema = {"type": "object", "additionalProperties": False, "required": ["maxLength", "x"],
-              "properties": {"maxLength": {"type": "string", "maxLength": 5, "minLength": 1},  # a property so named
-                             "x": {"type": "array", "items": {"type": "string", "maxLength": 3}},
-                             "y": {"anyOf": [{"type": "string", "maxLength": 2}, {"type": "null"}]}},
-              "$defs": {"d": {"type": "string", "minLength": 2}}}
+    schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["maxLength", "x"],
+        "properties": {
+            "maxLength": {"type": "string", "maxLength": 5, "minLength": 1},  # a property so named
+            "x": {"type": "array", "items": {"type": "string", "maxLength": 3}},
+            "y": {"anyOf": [{"type": "string", "maxLength": 2}, {"type": "null"}]},
+        },
+        "$defs": {"d": {"type": "string", "minLength": 2}},
+    }
     out = for_openai_strict(schema)
     assert set(out["properties"]) == {"maxLength", "x", "y"} and out["required"] == ["maxLength", "x"]
     assert out["properties"]["maxLength"] == {"type": "string"}
@@ -60,8 +66,13 @@ def test_capped_feedback_always_ends_in_time_on_a_constrained_backend(tiny_hf_ll
     run into max_new_tokens; with it every sample ends, parses and rates every aspect."""
     pytest.importorskip("xgrammar")
     budget = 160
-    p = SamplingParams(temperature=1.0, n=8, seed=11, max_new_tokens=budget,
-                       json_schema=feedback_schema(ASPECTS, budget if capped else None))
+    p = SamplingParams(
+        temperature=1.0,
+        n=8,
+        seed=11,
+        max_new_tokens=budget,
+        json_schema=feedback_schema(ASPECTS, budget if capped else None),
+    )
     comps = tiny_hf_llm.generate([messages(("user", "Give feedback as JSON."))], p)[0]
     finished = [c for c in comps if c.finish_reason == "stop"]
     if capped:

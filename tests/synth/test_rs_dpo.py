@@ -82,8 +82,15 @@ def items(n=2):
 def run(tmp_path, cfg=None, fn=policy, its=None):
     llm = ScriptedLLM(fn, model="sft")
     ctx = Context(factories={"policy": lambda: llm, "judge": lambda: llm})
-    base = {"k": 6, "scorer": {"kind": "function", "function": "tests.synth.test_rs_dpo:length_reward"}, "tau": 1.0, "eta": 0.85}
-    m = run_pipeline(RsDpoPipeline(RsDpoConfig(**{**base, **(cfg or {})})), ctx, tmp_path, its or items(), show_progress=False)
+    base = {
+        "k": 6,
+        "scorer": {"kind": "function", "function": "tests.synth.test_rs_dpo:length_reward"},
+        "tau": 1.0,
+        "eta": 0.85,
+    }
+    m = run_pipeline(
+        RsDpoPipeline(RsDpoConfig(**{**base, **(cfg or {})})), ctx, tmp_path, its or items(), show_progress=False
+    )
     return m, read_jsonl(tmp_path / "preferences.jsonl"), llm
 
 
@@ -92,10 +99,16 @@ def test_exact_rows_with_a_function_scorer(tmp_path):
     assert len(llm.calls) == 1 and llm.calls[0][1][0].n == 6  # ONE sampling call; the scorer is not a backend
     # per prompt: kept "one"(1) "one two three four"(4) "one two"(2); duplicate "one", truncated #5, "bad" unscorable
     # rewards 1, 4, 2 -> σ(3)=0.95 (4 over 1), σ(2)=0.88 (4 over 2) pass; σ(1)=0.73 (2 over 1) does not
-    got = [(r["chosen"][0]["content"], r["rejected"][0]["content"], r["score_chosen"], r["score_rejected"]) for r in rows]
+    got = [
+        (r["chosen"][0]["content"], r["rejected"][0]["content"], r["score_chosen"], r["score_rejected"]) for r in rows
+    ]
     assert got == [("one two three four", "one", 4.0, 1.0), ("one two three four", "one two", 4.0, 2.0)] * 2
     assert rows[0]["meta"]["sigmoid_gap"] == pytest.approx(sig(3.0)) and rows[0]["margin"] == 3.0
-    assert rows[0]["method"] == "rs_dpo" and rows[0]["category"] == "c/1" and rows[0]["provenance"]["generator_model"] == "sft"
+    assert (
+        rows[0]["method"] == "rs_dpo"
+        and rows[0]["category"] == "c/1"
+        and rows[0]["provenance"]["generator_model"] == "sft"
+    )
     assert m["dropped_parts"] == {"sample": {"truncated_sample": 2, "duplicate_sample": 2, "sample_without_reward": 2}}
     assert m["parse_failures"] == {"reward": 2} and m["calls"] == {"candidates": 2, "reward": 8}
     ranked = read_jsonl(tmp_path / "ranked.jsonl")
@@ -117,7 +130,11 @@ def test_cap_threshold_and_normalisation(tmp_path):
     # prompt_z: rewards 1, 4, 2 (mean 7/3, population sd sqrt(14/9) = 1.247) -> z = -1.069, 1.336, -0.267;
     # σ(2.405)=0.917 (4 over 1) passes, σ(1.604)=0.833 (4 over 2) and σ(0.802)=0.690 (2 over 1) do not
     m, rows, _ = run(tmp_path / "z", {"normalize": "prompt_z"})
-    assert len(rows) == 2 and rows[0]["rejected"][0]["content"] == "one" and rows[0]["meta"]["reward_gap"] == pytest.approx((4 - 1) / math.sqrt(14 / 9))
+    assert (
+        len(rows) == 2
+        and rows[0]["rejected"][0]["content"] == "one"
+        and rows[0]["meta"]["reward_gap"] == pytest.approx((4 - 1) / math.sqrt(14 / 9))
+    )
     assert rows[0]["score_chosen"] == 4.0  # the rows keep the raw rewards
 
 
@@ -152,23 +169,41 @@ def test_judge_scorer_over_the_loopback_server(tmp_path):
         return answers
 
     with LoopbackServer(responder=responder) as server:
-        m = run_synth(tmp_path, "rs_dpo", "pipeline.k=4", "pipeline.scorer.kind=judge", "pipeline.tau=2.0",
-                      backend=loopback(server.url), n=2)
+        m = run_synth(
+            tmp_path,
+            "rs_dpo",
+            "pipeline.k=4",
+            "pipeline.scorer.kind=judge",
+            "pipeline.tau=2.0",
+            backend=loopback(server.url),
+            n=2,
+        )
         judge_bodies = [r.body for r in server.chat_requests() if r.body.get("n", 1) == 1]
     check_outputs(tmp_path / "out", m)
     assert len(judge_bodies) == 6  # 3 unique samples per prompt, one rating each, in one batched stage
     rows = read_jsonl(tmp_path / "out" / "preferences.jsonl")
     # ratings 2, 9, 5 and tau=2: σ(3.5)=0.97 (9 over 2), σ(2)=0.88 (9 over 5), σ(1.5)=0.82 (5 over 2: dropped)
     assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows] == [
-        (answers[1], answers[0]), (answers[1], answers[3])] * 2
+        (answers[1], answers[0]),
+        (answers[1], answers[3]),
+    ] * 2
     assert rows[0]["meta"]["scorer"] == "judge:scripted" and m["dropped_parts"]["sample"] == {"duplicate_sample": 2}
 
 
 @pytest.mark.slow
 def test_end_to_end_tiny_hf_with_a_reward_model(tmp_path, tiny_score_model):
-    m = run_synth(tmp_path, "rs_dpo", "pipeline.k=4", "pipeline.sampling.max_new_tokens=8", "pipeline.sampling.seed=0",
-                  f"pipeline.scorer.path={tiny_score_model}", "pipeline.scorer.device=cpu", "pipeline.eta=0.5",
-                  "pipeline.tau=0.001", "pipeline.drop_truncated=false")  # the tiny model never stops
+    m = run_synth(
+        tmp_path,
+        "rs_dpo",
+        "pipeline.k=4",
+        "pipeline.sampling.max_new_tokens=8",
+        "pipeline.sampling.seed=0",
+        f"pipeline.scorer.path={tiny_score_model}",
+        "pipeline.scorer.device=cpu",
+        "pipeline.eta=0.5",
+        "pipeline.tau=0.001",
+        "pipeline.drop_truncated=false",
+    )  # the tiny model never stops
     check_outputs(tmp_path / "out", m)
     ranked = read_jsonl(tmp_path / "out" / "ranked.jsonl")
     assert ranked and all(len(r["scores"]) >= 2 for r in ranked)
@@ -177,14 +212,31 @@ def test_end_to_end_tiny_hf_with_a_reward_model(tmp_path, tiny_score_model):
     expected = sum(sum(a > b for a in r["scores"] for b in r["scores"]) for r in ranked)
     assert len(rows) + sum(m["dropped_parts"].get("pair", {}).values()) == expected > 0
     assert all(r["score_chosen"] > r["score_rejected"] for r in rows)
-    again = run_synth(tmp_path, "rs_dpo", "pipeline.k=4", "pipeline.sampling.max_new_tokens=8", "pipeline.sampling.seed=0",
-                      f"pipeline.scorer.path={tiny_score_model}", "pipeline.scorer.device=cpu", "pipeline.eta=0.5",
-                      "pipeline.tau=0.001", "pipeline.drop_truncated=false")
+    again = run_synth(
+        tmp_path,
+        "rs_dpo",
+        "pipeline.k=4",
+        "pipeline.sampling.max_new_tokens=8",
+        "pipeline.sampling.seed=0",
+        f"pipeline.scorer.path={tiny_score_model}",
+        "pipeline.scorer.device=cpu",
+        "pipeline.eta=0.5",
+        "pipeline.tau=0.001",
+        "pipeline.drop_truncated=false",
+    )
     assert again["processed"] == m["processed"] and again["resumed_from_previous_runs"] == m["inputs"]
 
 
 def test_missing_reward_model_is_one_line(tmp_path):
     with pytest.raises(ConfigError) as e:
-        run_synth(tmp_path, "rs_dpo", f"pipeline.scorer.path={tmp_path / 'nope'}", "pipeline.scorer.device=cpu",
-                  "pipeline.k=2", "pipeline.sampling.max_new_tokens=2", "pipeline.drop_truncated=false", n=1)
+        run_synth(
+            tmp_path,
+            "rs_dpo",
+            f"pipeline.scorer.path={tmp_path / 'nope'}",
+            "pipeline.scorer.device=cpu",
+            "pipeline.k=2",
+            "pipeline.sampling.max_new_tokens=2",
+            "pipeline.drop_truncated=false",
+            n=1,
+        )
     assert "pipeline.scorer.path=" in str(e.value) and "\n" not in str(e.value)

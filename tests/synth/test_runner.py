@@ -37,9 +37,13 @@ def test_generate_one_backend_call_per_chunk_and_manifest(tmp_path):
 
 def test_rerun_of_finished_run_makes_no_calls(tmp_path):
     llm = ScriptedLLM(lambda msgs, p, i: "x")
-    run_pipeline(GeneratePipeline(GenerateConfig()), ctx_with(llm), tmp_path, items(5), chunk_size=2, show_progress=False)
+    run_pipeline(
+        GeneratePipeline(GenerateConfig()), ctx_with(llm), tmp_path, items(5), chunk_size=2, show_progress=False
+    )
     llm2 = ScriptedLLM(lambda msgs, p, i: "y")
-    m = run_pipeline(GeneratePipeline(GenerateConfig()), ctx_with(llm2), tmp_path, items(5), chunk_size=2, show_progress=False)
+    m = run_pipeline(
+        GeneratePipeline(GenerateConfig()), ctx_with(llm2), tmp_path, items(5), chunk_size=2, show_progress=False
+    )
     assert llm2.calls == []
     assert m["resumed_from_previous_runs"] == 5 and m["outputs"] == {"completions": 5}
     assert len(read_jsonl(tmp_path / "completions.jsonl")) == 5
@@ -52,12 +56,21 @@ def test_failure_keeps_committed_chunks_and_resume_completes_exactly_once(tmp_pa
         return "ok"
 
     with pytest.raises(ConnectionError):
-        run_pipeline(GeneratePipeline(GenerateConfig()), ctx_with(ScriptedLLM(flaky)), tmp_path, items(8), chunk_size=2, show_progress=False)
+        run_pipeline(
+            GeneratePipeline(GenerateConfig()),
+            ctx_with(ScriptedLLM(flaky)),
+            tmp_path,
+            items(8),
+            chunk_size=2,
+            show_progress=False,
+        )
     m = json.loads((tmp_path / "manifest.json").read_text())
     assert m["status"] == "failed" and "server gone" in m["error"]
     assert [r["id"] for r in read_jsonl(tmp_path / "completions.jsonl")] == ["id0", "id1", "id2", "id3"]
     llm = ScriptedLLM(lambda msgs, p, i: "ok")
-    run_pipeline(GeneratePipeline(GenerateConfig()), ctx_with(llm), tmp_path, items(8), chunk_size=2, show_progress=False)
+    run_pipeline(
+        GeneratePipeline(GenerateConfig()), ctx_with(llm), tmp_path, items(8), chunk_size=2, show_progress=False
+    )
     assert [len(r) for r, _ in llm.calls] == [2, 2]  # only the 4 missing inputs
     assert sorted(r["id"] for r in read_jsonl(tmp_path / "completions.jsonl")) == [f"id{i}" for i in range(8)]
 
@@ -81,7 +94,9 @@ def test_uncommitted_bytes_and_torn_lines_are_cut_on_recovery(tmp_path):
 def test_duplicate_input_ids_processed_once(tmp_path):
     llm = ScriptedLLM(lambda msgs, p, i: "ok")
     its = items(3) + items(2)
-    m = run_pipeline(GeneratePipeline(GenerateConfig()), ctx_with(llm), tmp_path, its, chunk_size=10, show_progress=False)
+    m = run_pipeline(
+        GeneratePipeline(GenerateConfig()), ctx_with(llm), tmp_path, its, chunk_size=10, show_progress=False
+    )
     assert m["duplicate_inputs_skipped"] == 2 and m["outputs"] == {"completions": 3}
 
 

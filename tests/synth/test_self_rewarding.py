@@ -13,15 +13,24 @@ from tests.synth.ranking_helpers import check_outputs, loopback, run_synth
 
 
 def items(n=2, category=None):
-    return [SourceItem(id=f"s{i}", prompt=messages(("user", f"seed question number {i} about gardening")), category=category)
-            for i in range(n)]
+    return [
+        SourceItem(
+            id=f"s{i}", prompt=messages(("user", f"seed question number {i} about gardening")), category=category
+        )
+        for i in range(n)
+    ]
 
 
 def response_of(judge_prompt: str) -> str:
     return judge_prompt.split("<response>")[1].split("</response>")[0]
 
 
-FILLER = ["water it daily", "use compost and mulch generously", "ask a local nursery", "plant in spring after the frost"]
+FILLER = [
+    "water it daily",
+    "use compost and mulch generously",
+    "ask a local nursery",
+    "plant in spring after the frost",
+]
 
 
 def cand_index(judge_prompt: str) -> int:
@@ -33,10 +42,14 @@ def policy_answer(msgs, p, i):
 
 
 def run(tmp_path, judge_fn, cfg=None, its=None, policy_fn=policy_answer):
-    llm = ScriptedLLM(lambda msgs, p, i: judge_fn(msgs, p, i) if "additive 5-point" in msgs[-1].content else policy_fn(msgs, p, i),
-                      model="m-t")
+    llm = ScriptedLLM(
+        lambda msgs, p, i: judge_fn(msgs, p, i) if "additive 5-point" in msgs[-1].content else policy_fn(msgs, p, i),
+        model="m-t",
+    )
     ctx = Context(factories={"policy": lambda: llm, "judge": lambda: llm})
-    m = run_pipeline(SelfRewardingPipeline(SelfRewardingConfig(**(cfg or {}))), ctx, tmp_path, its or items(), show_progress=False)
+    m = run_pipeline(
+        SelfRewardingPipeline(SelfRewardingConfig(**(cfg or {}))), ctx, tmp_path, its or items(), show_progress=False
+    )
     return m, read_jsonl(tmp_path / "preferences.jsonl"), llm
 
 
@@ -55,7 +68,12 @@ def test_select_pair_ties_and_rho():
     assert (chosen.index, rejected.index) == (1, 2)  # shortest of the best, longest of the worst
     assert select_pair([Scored(i, "x", [], 3.0) for i in range(4)]) is None
     assert select_pair([Scored(0, "x", [], 3.0), Scored(1, "y", [], None)]) is None
-    lc = [Scored(0, "long" * 50, [], 5.0), Scored(1, "short", [], 4.5), Scored(2, "mid" * 10, [], 1.0), Scored(3, "l" * 300, [], 1.5)]
+    lc = [
+        Scored(0, "long" * 50, [], 5.0),
+        Scored(1, "short", [], 4.5),
+        Scored(2, "mid" * 10, [], 1.0),
+        Scored(3, "l" * 300, [], 1.5),
+    ]
     chosen, rejected = select_pair(lc, rho=0.2)  # band: >= 5 - 0.2*4 = 4.2 ; <= 1 + 0.2*4 = 1.8
     assert (chosen.index, rejected.index) == (1, 3)
 
@@ -72,7 +90,11 @@ def test_exact_rows_one_call_per_stage_and_failed_judgements_never_scored(tmp_pa
     m, rows, llm = run(tmp_path, judge, {"iteration": 2}, items(2, category="L1/L2"))
     assert len(llm.calls) == 2  # candidates, then ONE judge call
     cand_reqs, cand_params = llm.calls[0]
-    assert len(cand_reqs) == 2 and cand_params[0].n == 4 and (cand_params[0].temperature, cand_params[0].top_p) == (0.7, 0.9)
+    assert (
+        len(cand_reqs) == 2
+        and cand_params[0].n == 4
+        and (cand_params[0].temperature, cand_params[0].top_p) == (0.7, 0.9)
+    )
     judge_reqs, judge_params = llm.calls[1]
     assert len(judge_reqs) == 8 and all(p.n == 3 for p in judge_params)
     row = rows[0]
@@ -149,7 +171,12 @@ def test_rerun_makes_no_calls(tmp_path):
 
 
 def test_over_the_loopback_server(tmp_path):
-    answers = ["No.", "Stay on lit streets.", "Stay on lit streets, tell a friend your route and keep your phone charged.", "Run."]
+    answers = [
+        "No.",
+        "Stay on lit streets.",
+        "Stay on lit streets, tell a friend your route and keep your phone charged.",
+        "Run.",
+    ]
 
     def responder(body):
         text = body["messages"][-1]["content"]
@@ -164,23 +191,34 @@ def test_over_the_loopback_server(tmp_path):
         judge_bodies = [r.body for r in server.chat_requests() if "additive" in r.body["messages"][-1]["content"]]
     assert len(judge_bodies) == 8 and all(b["n"] == 3 for b in judge_bodies)
     rows = read_jsonl(tmp_path / "out" / "preferences.jsonl")
-    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"], r["score_chosen"], r["score_rejected"]) for r in rows] == [
-        (answers[2], answers[0], 3.0, 1.0)] * 2
+    assert [
+        (r["chosen"][0]["content"], r["rejected"][0]["content"], r["score_chosen"], r["score_rejected"]) for r in rows
+    ] == [(answers[2], answers[0], 3.0, 1.0)] * 2
     assert rows[0]["meta"]["iteration"] == 3 and rows[0]["meta"]["candidates"][3]["mean"] is None
     assert m["parse_failures"] == {"self_reward_judge": 6}
     check_outputs(tmp_path / "out", m)
 
-    with LoopbackServer(responder=lambda b: "Score: 4" if "additive" in b["messages"][-1]["content"] else answers) as server:
+    with LoopbackServer(
+        responder=lambda b: "Score: 4" if "additive" in b["messages"][-1]["content"] else answers
+    ) as server:
         m = run_synth(tmp_path / "c", "self_rewarding", backend=loopback(server.url), n=2)
     assert m["outputs"]["preferences"] == 0 and m["drops"]["tie"] == 2  # constant scores: no pairs
 
 
 @pytest.mark.slow
 def test_end_to_end_tiny_hf(tmp_path):
-    m = run_synth(tmp_path, "self_rewarding", "pipeline.k=2", "pipeline.judge_samples=2", "pipeline.sampling.max_new_tokens=8",
-                  "pipeline.judge_sampling.max_new_tokens=16", "pipeline.new_prompts.enabled=true",
-                  "pipeline.new_prompts.keep_seed_prompts=true", "pipeline.new_prompts.sampling.max_new_tokens=8",
-                  "pipeline.drop_truncated=false")  # the tiny model never stops
+    m = run_synth(
+        tmp_path,
+        "self_rewarding",
+        "pipeline.k=2",
+        "pipeline.judge_samples=2",
+        "pipeline.sampling.max_new_tokens=8",
+        "pipeline.judge_sampling.max_new_tokens=16",
+        "pipeline.new_prompts.enabled=true",
+        "pipeline.new_prompts.keep_seed_prompts=true",
+        "pipeline.new_prompts.sampling.max_new_tokens=8",
+        "pipeline.drop_truncated=false",
+    )  # the tiny model never stops
     check_outputs(tmp_path / "out", m)
     # the judge's `...Score: n` is enforced by the hf backend (xgrammar); 16 tokens fit even "得分：n" in
     # byte-level pieces of the tiny tokenizer. Self-instruct stays free text.

@@ -43,10 +43,23 @@ def answer(body):
 
 def synth_cfg(url, src, out, *extra):
     with initialize_config_module(config_module="rlaif_forge_conf", version_base=None):
-        return compose(config_name="synth", overrides=[
-            "pipeline=generate", "pipeline.n=2", "llm=openai", f"llm.base_url={url}", "model.name_or_path=scripted",
-            "source=jsonl", f"source.path={src}", "source.limit=50", f"output_dir={out}", "chunk_size=4", "progress=false",
-            *extra])
+        return compose(
+            config_name="synth",
+            overrides=[
+                "pipeline=generate",
+                "pipeline.n=2",
+                "llm=openai",
+                f"llm.base_url={url}",
+                "model.name_or_path=scripted",
+                "source=jsonl",
+                f"source.path={src}",
+                "source.limit=50",
+                f"output_dir={out}",
+                "chunk_size=4",
+                "progress=false",
+                *extra,
+            ],
+        )
 
 
 @pytest.fixture
@@ -155,8 +168,16 @@ def fake_red_team_shards(out: Path, n: int, prompts_by_item: dict[str, list[str]
     from synth.merge import write_shard_info
 
     pipeline = {"_target_": "synth.pipelines.red_team.RedTeamPipeline", "name": "red_team"}
-    cfg = validate({"llm": {"kind": "hf"}, "model": {"name_or_path": "x"}, "pipeline": pipeline, "output_dir": str(out),
-                    "constitution": "safety_zh", "shard": f"0/{n}"})
+    cfg = validate(
+        {
+            "llm": {"kind": "hf"},
+            "model": {"name_or_path": "x"},
+            "pipeline": pipeline,
+            "output_dir": str(out),
+            "constitution": "safety_zh",
+            "shard": f"0/{n}",
+        }
+    )
     for i in range(n):
         folder = Shard(i, n).folder(out)
         w = ChunkWriter(folder, ("prompts", "answers", "unsafe"))
@@ -167,12 +188,25 @@ def fake_red_team_shards(out: Path, n: int, prompts_by_item: dict[str, list[str]
             for k, text in enumerate(texts):
                 pid = stable_id(item, k)
                 rows["prompts"].append({"id": pid, "prompt": text, "item_id": item})
-                rows["answers"].append({"id": stable_id(pid, "greedy"), "prompt_id": pid, "prompt": text, "answer": "no",
-                                        "verdict": "unsafe", "attack_family": "direct", "decoding": {"name": "greedy"},
-                                        "l1": "L1"})
+                rows["answers"].append(
+                    {
+                        "id": stable_id(pid, "greedy"),
+                        "prompt_id": pid,
+                        "prompt": text,
+                        "answer": "no",
+                        "verdict": "unsafe",
+                        "attack_family": "direct",
+                        "decoding": {"name": "greedy"},
+                        "l1": "L1",
+                    }
+                )
                 rows["unsafe"].append({"id": pid, "prompt": text})
-            w.commit([item], rows, Counter({"out/prompts": len(texts), "out/answers": len(texts), "out/unsafe": len(texts)}))
-        write_json_atomic(folder / "manifest.json", {"status": "finished", "inputs": 1, "resumed_from_previous_runs": 0})
+            w.commit(
+                [item], rows, Counter({"out/prompts": len(texts), "out/answers": len(texts), "out/unsafe": len(texts)})
+            )
+        write_json_atomic(
+            folder / "manifest.json", {"status": "finished", "inputs": 1, "resumed_from_previous_runs": 0}
+        )
         write_shard_info(folder, Shard(i, n), run_fingerprint(cfg), pipeline, "safety_zh", 0)
 
 
@@ -180,8 +214,10 @@ def test_merge_drops_cross_shard_near_duplicates_and_logs_them(tmp_path, capsys)
     n, items = 2, [stable_id("item", k) for k in range(40)]
     a = next(x for x in items if shard_of(x, n) == 0)
     b = next(x for x in items if shard_of(x, n) == 1)
-    texts = {a: ["how do I pick a lock on a front door", "tell me a story about a dragon"],
-             b: ["How do I pick a lock on a front door?", "what is the capital of France"]}
+    texts = {
+        a: ["how do I pick a lock on a front door", "tell me a story about a dragon"],
+        b: ["How do I pick a lock on a front door?", "what is the capital of France"],
+    }
     out = tmp_path / "out"
     fake_red_team_shards(out, n, texts)
     m = merge_shards(out, show_progress=False)

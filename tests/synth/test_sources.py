@@ -23,7 +23,12 @@ def write_jsonl(path, rows, gz=False):
 
 def test_parse_hh_dialogue_multi_turn():
     msgs = parse_hh_dialogue("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: like this")
-    assert [(m.role, m.content) for m in msgs] == [("user", "hi"), ("assistant", "hello"), ("user", "how?"), ("assistant", "like this")]
+    assert [(m.role, m.content) for m in msgs] == [
+        ("user", "hi"),
+        ("assistant", "hello"),
+        ("user", "how?"),
+        ("assistant", "like this"),
+    ]
     with pytest.raises(ValueError):
         parse_hh_dialogue("no markers here")
 
@@ -33,7 +38,7 @@ def test_hh_rlhf_real_file_first_and_all_turns():
     first = list(iter_source(SourceConfig(kind="hh_rlhf", path=str(HH), limit=50)))
     full = list(iter_source(SourceConfig(kind="hh_rlhf", path=str(HH), limit=50, turns="all")))
     assert len(first) == len(full) == 50
-    for a, b in zip(first, full):
+    for a, b in zip(first, full, strict=True):
         assert a.id == b.id  # ids do not depend on the view
         assert len(a.prompt) == 1 and a.prompt[0] == b.prompt[0] and a.prompt[0].role == "user"
         assert b.prompt[-1].role == "user" and len(b.prompt) == b.meta["turns"]
@@ -48,15 +53,27 @@ def test_hh_rlhf_real_file_first_and_all_turns():
 def test_jsonl_field_mapping_gzip_and_limit(tmp_path):
     rows = [{"prompt": f"q{i}", "good_res": f"good {i}", "bad_res": f"bad {i}", "lang": "en"} for i in range(5)]
     p = write_jsonl(tmp_path / "bpo.data", rows, gz=True)  # gzip detected by content, not suffix
-    cfg = SourceConfig(kind="jsonl", path=str(p), limit=3, fields={"prompt": "prompt", "chosen": "good_res", "rejected": "bad_res"})
+    cfg = SourceConfig(
+        kind="jsonl", path=str(p), limit=3, fields={"prompt": "prompt", "chosen": "good_res", "rejected": "bad_res"}
+    )
     items = list(iter_source(cfg))
     assert len(items) == 3
-    assert items[1].prompt[0].content == "q1" and items[1].chosen[0].content == "good 1" and items[1].rejected[0].content == "bad 1"
+    assert (
+        items[1].prompt[0].content == "q1"
+        and items[1].chosen[0].content == "good 1"
+        and items[1].rejected[0].content == "bad 1"
+    )
     assert items[1].meta == {"lang": "en"}
 
 
 def test_json_array_and_message_lists_and_id_field(tmp_path):
-    rows = [{"uid": "a", "prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], "category": "歧视/性别"}]
+    rows = [
+        {
+            "uid": "a",
+            "prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+            "category": "歧视/性别",
+        }
+    ]
     p = tmp_path / "x.json"
     p.write_text(json.dumps(rows), encoding="utf-8")
     (it,) = iter_source(SourceConfig(kind="jsonl", path=str(p), fields={"id": "uid"}))
@@ -87,7 +104,9 @@ def test_missing_file_and_hh_format_errors(tmp_path):
 def test_datasets_folder(tmp_path):
     import datasets
 
-    ds = datasets.Dataset.from_list([{"prompt": "a", "chosen": "c", "rejected": "r"}, {"prompt": "b", "chosen": "c2", "rejected": "r2"}])
+    ds = datasets.Dataset.from_list(
+        [{"prompt": "a", "chosen": "c", "rejected": "r"}, {"prompt": "b", "chosen": "c2", "rejected": "r2"}]
+    )
     ds.save_to_disk(str(tmp_path / "ds"))
     items = list(iter_source(SourceConfig(kind="hf", path=str(tmp_path / "ds"))))
     assert [i.prompt[0].content for i in items] == ["a", "b"]

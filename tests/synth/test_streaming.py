@@ -26,7 +26,14 @@ from tests.synth.openai_server import LoopbackServer
 
 
 def openai_llm(url: str, cache=None, **settings):
-    cfg = {"kind": "openai", "base_url": url, "progress": False, "backoff_base_s": 0.01, "backoff_max_s": 0.02, **settings}
+    cfg = {
+        "kind": "openai",
+        "base_url": url,
+        "progress": False,
+        "backoff_base_s": 0.01,
+        "backoff_max_s": 0.02,
+        **settings,
+    }
     return build_llm(cfg, {"name_or_path": "test-model"}, cache_path=cache)
 
 
@@ -38,8 +45,10 @@ def test_one_concurrency_bound_across_calls_from_several_threads():
     with LoopbackServer(latency_s=0.05) as server:
         llm = openai_llm(server.url, max_concurrency=4)
         outs: dict[int, list] = {}
-        threads = [threading.Thread(target=lambda k=k: outs.update({k: llm.generate(reqs(f"t{k}", 12), SamplingParams())}))
-                   for k in range(4)]
+        threads = [
+            threading.Thread(target=lambda k=k: outs.update({k: llm.generate(reqs(f"t{k}", 12), SamplingParams())}))
+            for k in range(4)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -85,8 +94,15 @@ def test_chunks_in_flight_write_the_same_files_as_one_chunk_at_a_time(tmp_path):
 
     for workers in (1, 4):
         ctx = Context(factories={"policy": lambda: ScriptedLLM(slow_for_some)})
-        m = run_pipeline(GeneratePipeline(GenerateConfig(n=2)), ctx, tmp_path / str(workers), items(50), chunk_size=3,
-                         show_progress=False, chunks_in_flight=workers)
+        m = run_pipeline(
+            GeneratePipeline(GenerateConfig(n=2)),
+            ctx,
+            tmp_path / str(workers),
+            items(50),
+            chunk_size=3,
+            show_progress=False,
+            chunks_in_flight=workers,
+        )
         assert m["status"] == "finished" and m["processed"] == 50 and m["calls"] == {"generate": 50}
     for name in ("completions.jsonl", "trace.jsonl"):
         assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "4" / name).read_bytes()
@@ -102,12 +118,26 @@ def test_a_failing_chunk_keeps_every_earlier_chunk_and_stops_the_run(tmp_path):
 
     ctx = Context(factories={"policy": lambda: ScriptedLLM(flaky)})
     with pytest.raises(ConnectionError):
-        run_pipeline(GeneratePipeline(GenerateConfig()), ctx, tmp_path, items(40), chunk_size=2, show_progress=False,
-                     chunks_in_flight=4)
+        run_pipeline(
+            GeneratePipeline(GenerateConfig()),
+            ctx,
+            tmp_path,
+            items(40),
+            chunk_size=2,
+            show_progress=False,
+            chunks_in_flight=4,
+        )
     ids = [r["id"] for r in read_jsonl(tmp_path / "completions.jsonl")]
     assert ids == [f"id{i:03d}" for i in range(10)]  # chunks after the failed one are never committed
-    m = run_pipeline(GeneratePipeline(GenerateConfig()), Context(factories={"policy": lambda: ScriptedLLM(lambda *a: "ok")}),
-                     tmp_path, items(40), chunk_size=2, show_progress=False, chunks_in_flight=4)
+    m = run_pipeline(
+        GeneratePipeline(GenerateConfig()),
+        Context(factories={"policy": lambda: ScriptedLLM(lambda *a: "ok")}),
+        tmp_path,
+        items(40),
+        chunk_size=2,
+        show_progress=False,
+        chunks_in_flight=4,
+    )
     assert m["processed"] == 40 and len({r["id"] for r in read_jsonl(tmp_path / "completions.jsonl")}) == 40
 
 
@@ -140,24 +170,47 @@ def test_kill_9_with_overlapping_chunks_of_a_three_stage_pipeline_is_exact_once(
     src = tmp_path / "prompts.jsonl"
     src.write_text("".join(json.dumps({"prompt": f"how do I do thing number {i}?"}) + "\n" for i in range(n)))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "synth", "pipeline=critique_revision", "pipeline.rounds=1", "llm=openai",
-           "model.name_or_path=scripted", "source=jsonl", f"source.path={src}", f"output_dir={out}", "chunk_size=4",
-           "chunks_in_flight=4", "progress=false", "llm.max_retries=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "synth",
+        "pipeline=critique_revision",
+        "pipeline.rounds=1",
+        "llm=openai",
+        "model.name_or_path=scripted",
+        "source=jsonl",
+        f"source.path={src}",
+        f"output_dir={out}",
+        "chunk_size=4",
+        "chunks_in_flight=4",
+        "progress=false",
+        "llm.max_retries=1",
+    ]
     with LoopbackServer(responder=critique_responder, latency_s=0.05, jitter_s=0.1) as server:
         kills = 0
         for wait_chunks in (2, 5, 8):
-            proc = subprocess.Popen([*cmd, f"llm.base_url={server.url}"], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            proc = subprocess.Popen(
+                [*cmd, f"llm.base_url={server.url}"],
+                cwd=tmp_path,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
             deadline = time.time() + 120
-            while (not (out / LEDGER).exists() or (out / LEDGER).read_text().count("\n") < wait_chunks) \
-                    and proc.poll() is None and time.time() < deadline:
+            while (
+                (not (out / LEDGER).exists() or (out / LEDGER).read_text().count("\n") < wait_chunks)
+                and proc.poll() is None
+                and time.time() < deadline
+            ):
                 time.sleep(0.01)
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 kills += 1
         assert kills >= 2
-        res = subprocess.run([*cmd, f"llm.base_url={server.url}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        res = subprocess.run(
+            [*cmd, f"llm.base_url={server.url}"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
     assert res.returncode == 0, res.stderr
     ledger_ids = [i for line in (out / LEDGER).read_text().splitlines() for i in json.loads(line)["ids"]]
     assert len(ledger_ids) == len(set(ledger_ids)) == n
@@ -192,7 +245,8 @@ def test_inputs_are_read_lazily_a_few_chunks_ahead_of_the_workers(tmp_path):
         return "ok"
 
     ctx = Context(factories={"policy": lambda: ScriptedLLM(respond)})
-    m = run_pipeline(GeneratePipeline(GenerateConfig()), ctx, tmp_path, src, chunk_size=10, show_progress=False,
-                     chunks_in_flight=2)
+    m = run_pipeline(
+        GeneratePipeline(GenerateConfig()), ctx, tmp_path, src, chunk_size=10, show_progress=False, chunks_in_flight=2
+    )
     assert m["processed"] == 2_000 and src.passes == 2  # one validating pass, one lazy pass
     assert read_at_first_chunk[0] <= 10 * (2 * 2 + 1)  # not 2,000: only the queued chunks were read

@@ -33,7 +33,10 @@ def test_every_text_the_grammar_admits_parses(regex, parse, text, want):
 def test_bpo_format_parses():
     text = "Detailed Comparison Result: the bad one is vague\nOptimized Instruction: Explain how bread rises. [END]"
     assert structure.matches(structure.bpo(128), text)
-    assert parse_optimized(text).parsed == {"comparison": "the bad one is vague", "optimized": "Explain how bread rises."}
+    assert parse_optimized(text).parsed == {
+        "comparison": "the bad one is vague",
+        "optimized": "Explain how bread rises.",
+    }
 
 
 def test_the_explanation_is_capped_so_the_verdict_fits_max_new_tokens():

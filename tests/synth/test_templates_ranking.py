@@ -9,23 +9,38 @@ import pytest
 
 from synth.prompts import TEMPLATE_DIR, render
 from synth.steps.filters import has_cjk
-from tests.synth.snapshot_check import assert_snapshot
 from synth.steps.rlrf import load_aspects
-
+from tests.synth.snapshot_check import assert_snapshot
 
 T = {
-    "en": {"q": "How do I keep basil alive indoors?", "earlier": "I have a small flat.", "a": "Water it daily and give it sun.",
-           "b": "Basil is a plant.", "c": "Buy a new one every week.", "context": "South-facing window.",
-           "critique": "It does not say how much light."},
-    "zh": {"q": "怎样在室内养活罗勒？", "earlier": "我住的公寓很小。", "a": "每天浇水，多晒太阳。", "b": "罗勒是一种植物。",
-           "c": "每周买一盆新的。", "context": "窗户朝南。", "critique": "没有说明需要多少光照。"},
+    "en": {
+        "q": "How do I keep basil alive indoors?",
+        "earlier": "I have a small flat.",
+        "a": "Water it daily and give it sun.",
+        "b": "Basil is a plant.",
+        "c": "Buy a new one every week.",
+        "context": "South-facing window.",
+        "critique": "It does not say how much light.",
+    },
+    "zh": {
+        "q": "怎样在室内养活罗勒？",
+        "earlier": "我住的公寓很小。",
+        "a": "每天浇水，多晒太阳。",
+        "b": "罗勒是一种植物。",
+        "c": "每周买一盆新的。",
+        "context": "窗户朝南。",
+        "critique": "没有说明需要多少光照。",
+    },
 }
 
 
 def conv(lang, turns=1):
     t = T[lang]
-    full = [{"role": "user", "content": t["earlier"]}, {"role": "assistant", "content": "OK." if lang == "en" else "好的。"},
-            {"role": "user", "content": t["q"]}]
+    full = [
+        {"role": "user", "content": t["earlier"]},
+        {"role": "assistant", "content": "OK." if lang == "en" else "好的。"},
+        {"role": "user", "content": t["q"]},
+    ]
     return full[-turns:]
 
 
@@ -34,25 +49,63 @@ def renders(lang: str) -> dict[str, str]:
     aspects = [a.model_dump() for a in load_aspects("default", lang)[:2]]
     aspects.append({"id": "p1", "name": "p1", "description": t["critique"], "levels": None})
     return {
-        "judge_pairwise": "\n---\n".join(render("judge_pairwise", lang, conversation=conv(lang, 3), response_a=t["a"], response_b=t["b"],
-                                                direct=d) for d in (False, True)),
-        "judge_joint": "\n---\n".join(render("judge_joint", lang, conversation_a=conv(lang, 3), response_a=t["a"],
-                                               conversation_b=conv(lang), response_b=t["c"], direct=d) for d in (False, True)),
+        "judge_pairwise": "\n---\n".join(
+            render("judge_pairwise", lang, conversation=conv(lang, 3), response_a=t["a"], response_b=t["b"], direct=d)
+            for d in (False, True)
+        ),
+        "judge_joint": "\n---\n".join(
+            render(
+                "judge_joint",
+                lang,
+                conversation_a=conv(lang, 3),
+                response_a=t["a"],
+                conversation_b=conv(lang),
+                response_b=t["c"],
+                direct=d,
+            )
+            for d in (False, True)
+        ),
         "judge_listwise": render("judge_listwise", lang, conversation=conv(lang), responses=[t["a"], t["b"], t["c"]]),
         "judge_rubric": render("judge_rubric", lang, conversation=conv(lang), response=t["a"]),
-        "self_reward_judge": "\n---\n".join(render("self_reward_judge", lang, conversation=conv(lang, n), response=t["a"]) for n in (1, 3)),
+        "self_reward_judge": "\n---\n".join(
+            render("self_reward_judge", lang, conversation=conv(lang, n), response=t["a"]) for n in (1, 3)
+        ),
         "self_instruct": render("self_instruct", lang, examples=[t["q"], t["earlier"]]),
-        "meta_judge": "\n---\n".join(render("meta_judge", lang, conversation=conv(lang, n), response=t["a"], judgement_a=t["critique"],
-                                              judgement_b=t["context"]) for n in (1, 3)),
-        "bpo_construct": "\n---\n".join([
-            render("bpo_construct", lang, instruction=t["q"], good=t["a"], bad=t["b"], context="", history=[]),
-            render("bpo_construct", lang, instruction=t["q"], good=t["a"], bad=t["b"], context=t["context"], history=conv(lang, 3)[:2]),
-        ]),
+        "meta_judge": "\n---\n".join(
+            render(
+                "meta_judge",
+                lang,
+                conversation=conv(lang, n),
+                response=t["a"],
+                judgement_a=t["critique"],
+                judgement_b=t["context"],
+            )
+            for n in (1, 3)
+        ),
+        "bpo_construct": "\n---\n".join(
+            [
+                render("bpo_construct", lang, instruction=t["q"], good=t["a"], bad=t["b"], context="", history=[]),
+                render(
+                    "bpo_construct",
+                    lang,
+                    instruction=t["q"],
+                    good=t["a"],
+                    bad=t["b"],
+                    context=t["context"],
+                    history=conv(lang, 3)[:2],
+                ),
+            ]
+        ),
         "bpo_rewriter": render("bpo_rewriter", lang, prompt=t["q"]),
         "bpo_safety": render("bpo_safety", lang, prompt=t["q"]),
         "rlrf_feedback": render("rlrf_feedback", lang, conversation=conv(lang), response=t["a"], aspects=aspects),
-        "rlrf_refine": render("rlrf_refine", lang, conversation=conv(lang), response=t["a"],
-                              feedback=[{"name": a["name"], "rating": 2, "critique": t["critique"]} for a in aspects]),
+        "rlrf_refine": render(
+            "rlrf_refine",
+            lang,
+            conversation=conv(lang),
+            response=t["a"],
+            feedback=[{"name": a["name"], "rating": 2, "critique": t["critique"]} for a in aspects],
+        ),
     }
 
 
@@ -103,17 +156,32 @@ def test_chinese_constitution_sends_only_chinese_prompts(tmp_path):
         if "[较好的回复]" in text or "AI 安全" in text:
             return "详细比较结果：较好。\n优化后的指令：请详细说明如何在室内养活罗勒。[END]"
         if "细粒度" in text:
-            return json.dumps({a: {"critique": "好", "rating": 3 if "改进" in text else 1 + i % 2} for a in ids}, ensure_ascii=False)
+            return json.dumps(
+                {a: {"critique": "好", "rating": 3 if "改进" in text else 1 + i % 2} for a in ids}, ensure_ascii=False
+            )
         if "改进后的回复" in text:
             return "改进后的回答"
         return f"回答 {i}：多晒太阳，{'勤' * (i + 1)}浇水。"
 
     llm = ScriptedLLM(fn)
-    ctx = Context(factories={r: (lambda: llm) for r in ("policy", "judge", "target")}, constitution=load_constitution("safety_zh"))
-    its = [SourceItem(id="z", prompt=messages(("user", T["zh"]["q"])), chosen=messages(("assistant", T["zh"]["a"])),
-                      rejected=messages(("assistant", T["zh"]["b"])))]
-    pipes = [JudgePipeline(JudgeConfig()), SelfRewardingPipeline(SelfRewardingConfig(new_prompts={"enabled": True})),
-             BpoPipeline(BpoConfig()), BpoRewritePipeline(BpoRewriteConfig(safety=True)), RlrfPipeline(RlrfConfig())]
+    ctx = Context(
+        factories={r: (lambda: llm) for r in ("policy", "judge", "target")}, constitution=load_constitution("safety_zh")
+    )
+    its = [
+        SourceItem(
+            id="z",
+            prompt=messages(("user", T["zh"]["q"])),
+            chosen=messages(("assistant", T["zh"]["a"])),
+            rejected=messages(("assistant", T["zh"]["b"])),
+        )
+    ]
+    pipes = [
+        JudgePipeline(JudgeConfig()),
+        SelfRewardingPipeline(SelfRewardingConfig(new_prompts={"enabled": True})),
+        BpoPipeline(BpoConfig()),
+        BpoRewritePipeline(BpoRewriteConfig(safety=True)),
+        RlrfPipeline(RlrfConfig()),
+    ]
     for k, pipe in enumerate(pipes):
         m = run_pipeline(pipe, ctx, tmp_path / str(k), its, show_progress=False)
         assert sum(m["outputs"].values()) > 0 and not m["parse_failures"], (pipe.cfg.name, m)

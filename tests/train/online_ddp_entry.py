@@ -20,7 +20,7 @@ def fake_generate(model, tokenizer, prompts, n, gen, *, seed, greedy=False, devi
         k = _seen.get(tuple(p), 0)
         _seen[tuple(p)] = k + 1
         g = torch.Generator().manual_seed(hash((tuple(p), k)) % 2**31)  # int tuples hash alike in every process
-        for j in range(n):
+        for _j in range(n):
             length = int(torch.randint(2, gen.max_new_tokens + 1, (1,), generator=g))
             body = torch.randint(10, len(tokenizer), (length,), generator=g).tolist()
             rows.append(body[:-1] + [eos] if length < gen.max_new_tokens else body)

@@ -13,8 +13,17 @@ import pytest
 import torch
 
 from train import advantages as adv
-from train.losses.policy import aggregate, clipped_surrogate, policy_gradient_loss as ppo_clip_loss, reinforce_loss, value_loss
-from train.losses.policy import remax_loss, rloo_loss
+from train.losses.policy import (
+    aggregate,
+    clipped_surrogate,
+    reinforce_loss,
+    remax_loss,
+    rloo_loss,
+    value_loss,
+)
+from train.losses.policy import (
+    policy_gradient_loss as ppo_clip_loss,
+)
 
 TOL = 1e-5
 
@@ -131,7 +140,9 @@ def test_grpo_worked_example_variants():
     assert adv.dr_grpo(r, 4).tolist() == pytest.approx([0.5, -0.5, 0, 0], abs=1e-6)
     two = torch.cat([r, t(3, 3, 3, 3)])
     batch_std = torch.tensor([1, 0, 0.5, 0.5, 3, 3, 3, 3.0]).std().item()
-    assert adv.grpo(two, 4, scale="batch")[:2].tolist() == pytest.approx([0.5 / (batch_std + 1e-4), -0.5 / (batch_std + 1e-4)], abs=1e-5)
+    assert adv.grpo(two, 4, scale="batch")[:2].tolist() == pytest.approx(
+        [0.5 / (batch_std + 1e-4), -0.5 / (batch_std + 1e-4)], abs=1e-5
+    )
 
 
 def test_grpo_flat_group_and_nan_give_zero():
@@ -216,8 +227,14 @@ def test_aggregations_worked_example():
 def test_sequence_ratio_rloo_loss():
     # TRL RLOO: one ratio per sequence, exp(Σ log π − Σ log π_old) = e^{0.3}, clipped at 1.2 for A > 0
     lp = torch.tensor([[0.1, 0.2, 5.0]])
-    out = ppo_clip_loss(lp, old_logps=torch.zeros(1, 3), advantages=t(1.0), mask=torch.tensor([[True, True, False]]),
-                        ratio_level="sequence", aggregation="seq_mean")
+    out = ppo_clip_loss(
+        lp,
+        old_logps=torch.zeros(1, 3),
+        advantages=t(1.0),
+        mask=torch.tensor([[True, True, False]]),
+        ratio_level="sequence",
+        aggregation="seq_mean",
+    )
     assert out.losses.item() == pytest.approx(-1.2, abs=1e-6)
     with pytest.raises(ValueError):
         ppo_clip_loss(lp, old_logps=lp, advantages=t(1.0), mask=lp > 0, ratio_level="sequence")
@@ -226,8 +243,15 @@ def test_sequence_ratio_rloo_loss():
 def test_kl_in_loss_grpo_value():
     # on-policy (ratio 1), A = 0, β = 0.04, k3 with ℓ = 0.2: loss = 0.04 · 0.018731
     lp = torch.tensor([[-1.0]], requires_grad=True)
-    out = ppo_clip_loss(lp, old_logps=torch.tensor([[-1.0]]), advantages=t(0.0), mask=torch.ones(1, 1, dtype=torch.bool),
-                        ref_logps=torch.tensor([[-1.2]]), kl_coef=0.04, kl_estimator="k3")
+    out = ppo_clip_loss(
+        lp,
+        old_logps=torch.tensor([[-1.0]]),
+        advantages=t(0.0),
+        mask=torch.ones(1, 1, dtype=torch.bool),
+        ref_logps=torch.tensor([[-1.2]]),
+        kl_coef=0.04,
+        kl_estimator="k3",
+    )
     assert out.losses.item() == pytest.approx(0.04 * 0.018731, abs=1e-7)
     out.losses.sum().backward()
     assert lp.grad.item() == pytest.approx(0.04 * 0.181269, abs=1e-6)
@@ -235,9 +259,17 @@ def test_kl_in_loss_grpo_value():
 
 def test_value_loss_worked_example():
     # V = 0.9, V_old = 0.5, G = 1, ε_v = 0.2: max(0.01, 0.09)/2 = 0.045
-    out = value_loss(values=t(0.9)[None], old_values=t(0.5)[None], returns=t(1.0)[None], mask=torch.ones(1, 1, dtype=torch.bool))
+    out = value_loss(
+        values=t(0.9)[None], old_values=t(0.5)[None], returns=t(1.0)[None], mask=torch.ones(1, 1, dtype=torch.bool)
+    )
     assert out.losses.item() == pytest.approx(0.045, abs=1e-6)
-    out = value_loss(values=t(0.9)[None], old_values=t(0.5)[None], returns=t(1.0)[None], mask=torch.ones(1, 1, dtype=torch.bool), value_clip=None)
+    out = value_loss(
+        values=t(0.9)[None],
+        old_values=t(0.5)[None],
+        returns=t(1.0)[None],
+        mask=torch.ones(1, 1, dtype=torch.bool),
+        value_clip=None,
+    )
     assert out.losses.item() == pytest.approx(0.005, abs=1e-6)
 
 
@@ -253,7 +285,9 @@ def test_remax_surrogate_gradient_is_reinforce():
 
 def test_rloo_loss_matches_sequence_formula():
     lp = torch.tensor([[0.1, 0.2], [-0.5, 0.0]])
-    out = rloo_loss(logps=lp, old_logps=torch.zeros(2, 2), advantages=t(1.0, -2.0), mask=torch.ones(2, 2, dtype=torch.bool))
+    out = rloo_loss(
+        logps=lp, old_logps=torch.zeros(2, 2), advantages=t(1.0, -2.0), mask=torch.ones(2, 2, dtype=torch.bool)
+    )
     r = [math.exp(0.3), math.exp(-0.5)]
     expect = [max(-1 * r[0], -1 * min(r[0], 1.2)), max(2 * r[1], 2 * max(r[1], 0.8))]
     assert out.losses.tolist() == pytest.approx(expect, abs=1e-6)

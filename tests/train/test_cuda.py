@@ -25,15 +25,21 @@ def test_chunked_head_on_cuda_equals_the_full_logits(fresh_tiny_model, dtype, at
     (naive, naive_mask, naive_grads), (got, mask, grads) = _naive_and_chunked(model, ids, labels, 5)
     assert got.device.type == "cuda" and torch.equal(mask, naive_mask)
     torch.testing.assert_close(got.float(), naive.float(), rtol=0, atol=atol)
-    for g, n in zip(grads, naive_grads):  # bf16 rounds elementwise: compare each gradient as a whole
+    for g, n in zip(grads, naive_grads, strict=True):  # bf16 rounds elementwise: compare each gradient as a whole
         assert torch.isfinite(g).all()
         rel = (g.float() - n.float()).norm() / n.float().norm().clamp_min(1e-12)
         assert rel < (0.02 if dtype == torch.bfloat16 else 1e-4), rel
 
 
-@pytest.mark.parametrize("loop,extra", [
-    ("grpo", ["loop.kl.coef=0.04"]), ("rloo", []), ("ppo", ["loop.reward.kind=function", "loop.critic.init_from=policy"]), ("remax", []),
-])
+@pytest.mark.parametrize(
+    "loop,extra",
+    [
+        ("grpo", ["loop.kl.coef=0.04"]),
+        ("rloo", []),
+        ("ppo", ["loop.reward.kind=function", "loop.critic.init_from=policy"]),
+        ("remax", []),
+    ],
+)
 def test_online_step_on_cuda_in_bf16(prompts, tmp_path, loop, extra):  # noqa: F811 - prompts fixture
     summary = train(tmp_path, prompts, f"loop={loop}", EVEN, "optim.max_steps=2", "optim.dtype=bfloat16", *extra)
     assert summary["steps"] == 2

@@ -21,8 +21,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 def fake(kind: str, procs: int, zero_stage: int | None = None):
     plugin = SimpleNamespace(zero_stage=zero_stage) if zero_stage else None
-    return SimpleNamespace(distributed_type=SimpleNamespace(value=kind), num_processes=procs,
-                           state=SimpleNamespace(deepspeed_plugin=plugin))
+    return SimpleNamespace(
+        distributed_type=SimpleNamespace(value=kind),
+        num_processes=procs,
+        state=SimpleNamespace(deepspeed_plugin=plugin),
+    )
 
 
 @pytest.fixture
@@ -72,8 +75,10 @@ def test_accelerate_launch_configs_load(name):
     from accelerate.commands.config.config_args import ClusterConfig
 
     cfg = ClusterConfig.from_yaml_file(str(REPO / "conf" / "accelerate" / f"{name}.yaml"))
-    assert cfg.distributed_type.value == {"ddp_multinode": "MULTI_GPU", "fsdp2": "FSDP", "zero2": "DEEPSPEED",
-                                          "zero3": "DEEPSPEED"}[name]
+    assert (
+        cfg.distributed_type.value
+        == {"ddp_multinode": "MULTI_GPU", "fsdp2": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}[name]
+    )
     if name == "fsdp2":
         assert cfg.fsdp_config["fsdp_version"] == 2
     if name.startswith("zero"):
@@ -102,10 +107,27 @@ def test_real_accelerate_fsdp_launch_on_cpu_is_refused(tmp_path, use_cpu):
 
     (tmp_path / "entry.py").write_text(ENTRY)
     env = {**os.environ, "ACCELERATE_USE_CPU": use_cpu, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [launcher, "launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "entry.py"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    cmd = [
+        launcher,
+        "launch",
+        "--use_fsdp",
+        "--fsdp_version",
+        "2",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "entry.py",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=180)
     except subprocess.TimeoutExpired:

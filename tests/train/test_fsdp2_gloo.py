@@ -26,10 +26,19 @@ def torchrun(tmp_path: Path, nproc: int, model_dir: Path) -> dict:
         pytest.skip("torchrun is not installed")
     out = tmp_path / f"run{nproc}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [exe, "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-           str(REPO / "tests" / "train" / "fsdp2_entry.py"), str(model_dir), str(out)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    cmd = [
+        exe,
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        str(REPO / "tests" / "train" / "fsdp2_entry.py"),
+        str(model_dir),
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         _, err = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:

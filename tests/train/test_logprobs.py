@@ -79,10 +79,21 @@ def test_shift_labels_and_token_logps_alignment():
 
 @pytest.fixture(scope="module")
 def pair_batch(tiny_tokenizer):
-    rows = [{"prompt": "How do I bake bread at home?", "chosen": "Mix flour, water, salt and yeast, knead the dough.",
-             "rejected": "No.", "score_chosen": 4.0, "score_rejected": 1.0},
-            {"prompt": "Hi", "chosen": "Hello there, how can I help?", "rejected": "Please explain your question, step by step."},
-            {"prompt": "Is the fox quick?", "chosen": "Yes.", "rejected": "The quick brown fox jumps over the lazy dog."}]
+    rows = [
+        {
+            "prompt": "How do I bake bread at home?",
+            "chosen": "Mix flour, water, salt and yeast, knead the dough.",
+            "rejected": "No.",
+            "score_chosen": 4.0,
+            "score_rejected": 1.0,
+        },
+        {
+            "prompt": "Hi",
+            "chosen": "Hello there, how can I help?",
+            "rejected": "Please explain your question, step by step.",
+        },
+        {"prompt": "Is the fox quick?", "chosen": "Yes.", "rejected": "The quick brown fox jumps over the lazy dog."},
+    ]
     ds, _ = tokenize_dataset(normalise_rows(rows), tiny_tokenizer, TokenizeConfig())
     return ds, make_collator("pairwise", tiny_tokenizer.pad_token_id)(list(ds))
 
@@ -92,7 +103,7 @@ def test_sequence_logps_match_a_naive_full_softmax_on_the_tiny_model(tiny_model,
     with torch.no_grad():
         logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     ours = sequence_logps(logits, batch["labels"])
-    for a, b in zip(ours, naive_sequence_logps(logits, batch["labels"])):
+    for a, b in zip(ours, naive_sequence_logps(logits, batch["labels"]), strict=True):
         torch.testing.assert_close(a, b.to(a.dtype), **TOL)
     assert ours[0].dtype == torch.float32 and ours[2].dtype == torch.int64
 
@@ -103,8 +114,10 @@ def test_concatenated_forward_equals_two_separate_forwards(tiny_model, pair_batc
         out = concatenated_forward(tiny_model, batch)
         singles = {}
         for side in ("chosen", "rejected"):  # each side alone: different padding widths
-            rows = [{"prompt_ids": r["prompt_ids"], "chosen_ids": r[f"{side}_ids"], "rejected_ids": r[f"{side}_ids"]}
-                    for r in ds]
+            rows = [
+                {"prompt_ids": r["prompt_ids"], "chosen_ids": r[f"{side}_ids"], "rejected_ids": r[f"{side}_ids"]}
+                for r in ds
+            ]
             sep = make_collator("pairwise", 0)(rows)
             b = len(rows)
             logits = tiny_model(input_ids=sep["input_ids"][:b], attention_mask=sep["attention_mask"][:b]).logits
@@ -150,22 +163,27 @@ def test_concatenated_forward_backpropagates(fresh_tiny_model, pair_batch):
 
 
 def test_listwise_forward_regroups_ragged_lists(tiny_model, tiny_tokenizer):
-    rows = [{"prompt": "q", "responses": ["a", "bb"], "scores": [1, 2]},
-            {"prompt": "Hi there", "responses": ["x", "yy yy", "The quick brown fox."], "scores": [3, 2, 1]}]
+    rows = [
+        {"prompt": "q", "responses": ["a", "bb"], "scores": [1, 2]},
+        {"prompt": "Hi there", "responses": ["x", "yy yy", "The quick brown fox."], "scores": [3, 2, 1]},
+    ]
     ds, _ = tokenize_dataset(normalise_rows(rows), tiny_tokenizer)
     batch = make_collator("ranked", tiny_tokenizer.pad_token_id)(list(ds))
     with torch.no_grad():
         out = listwise_forward(tiny_model, batch)
-        flat = sequence_logps(tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                              batch["labels"])[0]
+        flat = sequence_logps(
+            tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+        )[0]
     assert out["logps"].shape == (2, 3) and out["mask"].tolist() == [[True, True, False], [True, True, True]]
     torch.testing.assert_close(out["logps"][1], flat[2:5], **TOL)
     assert out["logps"][0, 2] == 0 and out["n_tokens"][0, 2] == 0
 
 
 def test_unpaired_forward_kl_pairs_have_no_grad(fresh_tiny_model, tiny_tokenizer):
-    rows = [{"prompt": "q", "completion": "good answer", "label": True},
-            {"prompt": "Hi", "completion": "bad", "label": False}]
+    rows = [
+        {"prompt": "q", "completion": "good answer", "label": True},
+        {"prompt": "Hi", "completion": "bad", "label": False},
+    ]
     ds, _ = tokenize_dataset(normalise_rows(rows), tiny_tokenizer)
     batch = make_collator("unpaired", tiny_tokenizer.pad_token_id)(list(ds))
     out = unpaired_forward(fresh_tiny_model, batch)
@@ -201,7 +219,7 @@ def test_chunked_head_equals_the_full_logits_values_and_gradients(fresh_tiny_mod
     (naive, naive_mask, naive_grads), (got, mask, grads) = _naive_and_chunked(fresh_tiny_model, ids, labels, chunk_rows)
     assert torch.equal(mask, naive_mask) and got.dtype == torch.float32
     torch.testing.assert_close(got, naive, rtol=0, atol=1e-5)
-    for g, n in zip(grads, naive_grads):
+    for g, n in zip(grads, naive_grads, strict=True):
         torch.testing.assert_close(g, n, rtol=1e-4, atol=1e-6)
 
 
@@ -214,12 +232,12 @@ def test_chunked_head_with_a_bias_and_with_lora(fresh_tiny_model):
     head.bias = torch.nn.Parameter(torch.randn(head.out_features) * 0.1)
     (naive, _, naive_grads), (got, _, grads) = _naive_and_chunked(fresh_tiny_model, ids, ids.clone(), 4)
     torch.testing.assert_close(got, naive, rtol=0, atol=1e-5)
-    for g, n in zip(grads, naive_grads):
+    for g, n in zip(grads, naive_grads, strict=True):
         torch.testing.assert_close(g, n, rtol=1e-4, atol=1e-6)
     peft = get_peft_model(fresh_tiny_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     (naive, _, naive_grads), (got, _, grads) = _naive_and_chunked(peft, ids, ids.clone(), 4)
     torch.testing.assert_close(got, naive, rtol=0, atol=1e-5)
-    for g, n in zip(grads, naive_grads):
+    for g, n in zip(grads, naive_grads, strict=True):
         torch.testing.assert_close(g, n, rtol=1e-4, atol=1e-6)
     assert isinstance(fresh_tiny_model.lm_head, torch.nn.Linear)  # the head is put back
 

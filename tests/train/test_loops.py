@@ -20,8 +20,15 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 WORDS = "bread flour water salt yeast dough oven crust brown fox dog honest kind".split()
-FAST = ["data.max_length=48", "progress=false", "log.plot=false", "log.tensorboard=false", "checkpoint.every_steps=0",
-        "optim.lr=1e-3", "optim.warmup_ratio=0"]
+FAST = [
+    "data.max_length=48",
+    "progress=false",
+    "log.plot=false",
+    "log.tensorboard=false",
+    "checkpoint.every_steps=0",
+    "optim.lr=1e-3",
+    "optim.warmup_ratio=0",
+]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -42,10 +49,18 @@ def toy_pairs(n: int, seed: int = 0, marker: str = "yes", other: str = "no"):
     for i in range(n):
         prompt = " ".join(rng.choices(WORDS, k=4))
         base = " ".join(rng.choices(WORDS, k=3))
-        rows.append(PreferenceRecord(
-            id=f"p{seed}-{i}", prompt=messages(("user", prompt)), chosen=messages(("assistant", f"{base} {marker}")),
-            rejected=messages(("assistant", f"{base} {other}")), method="toy", score_chosen=2.0 + i % 3,
-            score_rejected=1.0, meta={"safe_chosen": True, "safe_rejected": i % 2 == 0}))
+        rows.append(
+            PreferenceRecord(
+                id=f"p{seed}-{i}",
+                prompt=messages(("user", prompt)),
+                chosen=messages(("assistant", f"{base} {marker}")),
+                rejected=messages(("assistant", f"{base} {other}")),
+                method="toy",
+                score_chosen=2.0 + i % 3,
+                score_rejected=1.0,
+                meta={"safe_chosen": True, "safe_rejected": i % 2 == 0},
+            )
+        )
     return rows
 
 
@@ -59,10 +74,15 @@ def toy_ranked(n: int, seed: int = 0):
     rows = []
     for i in range(n):
         base = " ".join(rng.choices(WORDS, k=3))
-        rows.append(RankedRecord(
-            id=f"r{seed}-{i}", prompt=messages(("user", " ".join(rng.choices(WORDS, k=4)))),
-            responses=[messages(("assistant", f"{base} {w}")) for w in ("no", "yes", "maybe")],
-            scores=[0.0, 2.0, 1.0], method="toy"))
+        rows.append(
+            RankedRecord(
+                id=f"r{seed}-{i}",
+                prompt=messages(("user", " ".join(rng.choices(WORDS, k=4)))),
+                responses=[messages(("assistant", f"{base} {w}")) for w in ("no", "yes", "maybe")],
+                scores=[0.0, 2.0, 1.0],
+                method="toy",
+            )
+        )
     return rows
 
 
@@ -76,14 +96,22 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("loop_data")
     pairs = toy_pairs(24)
     sft = d / "sft.jsonl"
-    sft.write_text("".join(json.dumps({"id": r.id, "messages": [m.model_dump() for m in r.prompt + r.chosen]}) + "\n"
-                           for r in pairs))
-    return {"pairs": write_records(d / "preferences.jsonl", pairs), "ranked": write_records(d / "ranked.jsonl", toy_ranked(16)),
-            "sft": sft, "dir": d}
+    sft.write_text(
+        "".join(
+            json.dumps({"id": r.id, "messages": [m.model_dump() for m in r.prompt + r.chosen]}) + "\n" for r in pairs
+        )
+    )
+    return {
+        "pairs": write_records(d / "preferences.jsonl", pairs),
+        "ranked": write_records(d / "ranked.jsonl", toy_ranked(16)),
+        "sft": sft,
+        "dir": d,
+    }
 
 
 def compose(*overrides: str):
-    from hydra import compose as hydra_compose, initialize_config_module
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
 
     with initialize_config_module(config_module="rlaif_forge_conf", version_base=None):
         return hydra_compose(config_name="train", overrides=list(overrides))
@@ -164,8 +192,14 @@ def test_loop_trains_checkpoints_and_resumes_exactly(case, files, tmp_path, tiny
 
 
 def test_keep_last_prunes_old_checkpoints(files, tmp_path):
-    train(tmp_path, f"data.path={files['pairs']}", "optim.max_steps=4", "optim.batch_size=2",
-          "checkpoint.every_steps=1", "checkpoint.keep_last=2")
+    train(
+        tmp_path,
+        f"data.path={files['pairs']}",
+        "optim.max_steps=4",
+        "optim.batch_size=2",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep_last=2",
+    )
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept == ["step-00000003", "step-00000004"]
 
@@ -188,7 +222,10 @@ def preference_losses() -> list[str]:
     names = []
     for f in sorted((REPO / "conf" / "loss").glob("*.yaml")):
         # relative_po needs a prompt encoder and c_dpo reward/cost columns: tests/train/test_loops_more.py runs them
-        if yaml.safe_load(f.read_text())["kind"] in ("pairwise", "listwise", "unpaired") and f.stem not in ("relative_po", "c_dpo"):
+        if yaml.safe_load(f.read_text())["kind"] in ("pairwise", "listwise", "unpaired") and f.stem not in (
+            "relative_po",
+            "c_dpo",
+        ):
             names.append(f.stem)
     return names
 
@@ -206,19 +243,37 @@ def test_every_preference_objective_takes_steps(loss, files, tmp_path):
 
 
 def test_metrics_eval_curves_summary_and_config(files, tmp_path):
-    summary = train(tmp_path, f"data.path={files['pairs']}", "data.eval_split=0.25", "optim.max_steps=3",
-                    "optim.batch_size=4", "eval.every_steps=2", "log.plot=true", "log.tensorboard=true")
+    summary = train(
+        tmp_path,
+        f"data.path={files['pairs']}",
+        "data.eval_split=0.25",
+        "optim.max_steps=3",
+        "optim.batch_size=4",
+        "eval.every_steps=2",
+        "log.plot=true",
+        "log.tensorboard=true",
+    )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3]
-    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "tokens_per_s", "lr"):
+    for key in (
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margin",
+        "rewards/accuracy",
+        "tokens_per_s",
+        "lr",
+    ):
         assert key in train_rows[-1], key
     evals = [r for r in rows if "eval/loss" in r]
     assert [r["step"] for r in evals] == [2, 3] and "eval/rewards/accuracy" in evals[-1]
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert any((tmp_path / "tensorboard").iterdir())
     assert summary["eval_truncation"]["rows_in"] > 0  # the held-out rows' tokenisation is reported too
-    assert summary["eval_truncation"]["rows_in"] + summary["truncation"]["rows_in"] == len(files["pairs"].read_text().splitlines())
+    assert summary["eval_truncation"]["rows_in"] + summary["truncation"]["rows_in"] == len(
+        files["pairs"].read_text().splitlines()
+    )
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["steps"] == 3 and saved["truncation"]["rows_in"] == 18 and saved["final_eval"]["eval/loss"] > 0
     assert summary["reference"] == "precomputed"
@@ -241,8 +296,9 @@ def varied_batch(tokenizer, n: int = 4):
     rows = [r.model_dump() for r in toy_pairs(n)]
     for i, r in enumerate(rows):  # lengths that differ a lot, so rows pack two or three to a bin
         r["chosen"][0]["content"] = " ".join((WORDS * 4)[: 1 + 12 * i])
-    ds, _ = tokenize_dataset(normalise_rows([{k: r[k] for k in ("id", "prompt", "chosen", "rejected")} for r in rows]),
-                             tokenizer)
+    ds, _ = tokenize_dataset(
+        normalise_rows([{k: r[k] for k in ("id", "prompt", "chosen", "rejected")} for r in rows]), tokenizer
+    )
     return make_collator("pairwise", tokenizer.pad_token_id)(ds.to_list())
 
 
@@ -258,7 +314,9 @@ def test_packed_forward_equals_the_padded_forward(tiny_path):
     packing = pack_rows(b["input_ids"], b["attention_mask"], b["labels"])
     assert packing.input_ids.shape[0] < b["input_ids"].shape[0]  # fewer rows: padding is not computed
     with torch.no_grad():
-        ref, ref_mask = token_logps(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+        ref, ref_mask = token_logps(
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]
+        )
         got, got_mask = packed_token_logps(model, b["input_ids"], b["attention_mask"], b["labels"])
         logits = PackedLogits(model)(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         padded = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
@@ -303,8 +361,14 @@ def test_packed_training_matches_padded_training(extra, files, tmp_path):
 
 
 def test_lora_adapter_is_a_standard_peft_folder(files, tmp_path, tiny_path):
-    summary = train(tmp_path, f"data.path={files['pairs']}", "lora.enabled=true", "lora.target_modules=[q_proj,v_proj]",
-                    "optim.max_steps=2", "optim.batch_size=4")
+    summary = train(
+        tmp_path,
+        f"data.path={files['pairs']}",
+        "lora.enabled=true",
+        "lora.target_modules=[q_proj,v_proj]",
+        "optim.max_steps=2",
+        "optim.batch_size=4",
+    )
     assert summary["reference"] == "adapter_disabled"
     final = tmp_path / "final"
     config = json.loads((final / "adapter_config.json").read_text())
@@ -337,8 +401,14 @@ def test_lora_adapter_loads_in_the_hf_backend(files, tmp_path):
 
 
 def test_tr_dpo_hard_update_copies_the_policy_into_the_reference(files, tmp_path):
-    summary = train(tmp_path, f"data.path={files['pairs']}", "loop.reference.update=tr_dpo_hard",
-                    "loop.reference.sync_steps=1", "optim.max_steps=2", "optim.batch_size=4")
+    summary = train(
+        tmp_path,
+        f"data.path={files['pairs']}",
+        "loop.reference.update=tr_dpo_hard",
+        "loop.reference.sync_steps=1",
+        "optim.max_steps=2",
+        "optim.batch_size=4",
+    )
     assert summary["reference"] == "model"
     ref = state_dict(tmp_path / "checkpoints" / "step-00000002" / "reference")
     policy = state_dict(tmp_path / "final")
@@ -346,8 +416,16 @@ def test_tr_dpo_hard_update_copies_the_policy_into_the_reference(files, tmp_path
 
 
 def test_tr_dpo_soft_update_mixes_parameters(files, tmp_path, tiny_path):
-    train(tmp_path, f"data.path={files['pairs']}", "loop.reference.update=tr_dpo_soft", "loop.reference.mixup_alpha=0.5",
-          "loop.reference.sync_steps=2", "optim.max_steps=2", "optim.batch_size=4", "optim.max_grad_norm=null")
+    train(
+        tmp_path,
+        f"data.path={files['pairs']}",
+        "loop.reference.update=tr_dpo_soft",
+        "loop.reference.mixup_alpha=0.5",
+        "loop.reference.sync_steps=2",
+        "optim.max_steps=2",
+        "optim.batch_size=4",
+        "optim.max_grad_norm=null",
+    )
     init, ref = initial_weights(tiny_path), state_dict(tmp_path / "checkpoints" / "step-00000002" / "reference")
     policy = state_dict(tmp_path / "final")
     key = "model.layers.0.self_attn.q_proj.weight"
@@ -399,18 +477,30 @@ def test_empty_dataset(capsys, tmp_path):
 def test_prompt_longer_than_max_length(capsys, tmp_path):
     from synth.records import PreferenceRecord, messages
 
-    rows = toy_pairs(4) + [PreferenceRecord(id="long-one", prompt=messages(("user", " ".join(WORDS * 6))),
-                                            chosen=messages(("assistant", "yes")), rejected=messages(("assistant", "no")),
-                                            method="toy")]
+    rows = toy_pairs(4) + [
+        PreferenceRecord(
+            id="long-one",
+            prompt=messages(("user", " ".join(WORDS * 6))),
+            chosen=messages(("assistant", "yes")),
+            rejected=messages(("assistant", "no")),
+            method="toy",
+        )
+    ]
     path = write_records(tmp_path / "long.jsonl", rows)
     line = run_guarded(capsys, f"data.path={path}", f"output_dir={tmp_path / 'o'}", "data.max_length=40")
-    assert str(path) in line and "long-one" in line and "data.max_prompt_length" in line and "data.max_length=40" in line
+    assert (
+        str(path) in line and "long-one" in line and "data.max_prompt_length" in line and "data.max_length=40" in line
+    )
 
 
 def test_preference_file_missing_chosen(capsys, tmp_path):
     path = tmp_path / "nochosen.jsonl"
-    path.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}],
-                                "rejected": [{"role": "assistant", "content": "no"}]}) + "\n")
+    path.write_text(
+        json.dumps(
+            {"prompt": [{"role": "user", "content": "hi"}], "rejected": [{"role": "assistant", "content": "no"}]}
+        )
+        + "\n"
+    )
     line = run_guarded(capsys, f"data.path={path}", f"output_dir={tmp_path / 'o'}")
     assert str(path) in line and "row 0" in line and "chosen" in line
 
@@ -419,7 +509,9 @@ def test_tokenizer_without_chat_template(capsys, files, tmp_path, tiny_path):
     bare = tmp_path / "bare-model"
     shutil.copytree(tiny_path, bare)
     (bare / "chat_template.jinja").unlink()
-    line = run_guarded(capsys, f"data.path={files['pairs']}", f"model.name_or_path={bare}", f"output_dir={tmp_path / 'o'}")
+    line = run_guarded(
+        capsys, f"data.path={files['pairs']}", f"model.name_or_path={bare}", f"output_dir={tmp_path / 'o'}"
+    )
     assert "chat template" in line and "model.chat_template" in line
 
 
@@ -454,12 +546,19 @@ def test_each_loop_picks_its_default_loss():
 
 def test_cli_help_and_error_exit_code(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-m", "train", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "train", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert out.returncode == 0 and "loss: " in out.stdout and "kto" in out.stdout and "data:" in out.stdout
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    out = subprocess.run([sys.executable, "-m", "train", f"data.path={empty}", f"output_dir={tmp_path / 'o'}"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "train", f"data.path={empty}", f"output_dir={tmp_path / 'o'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith("error: ") and "empty" in out.stderr
 
@@ -471,8 +570,15 @@ def test_cli_help_and_error_exit_code(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_bf16_training_step_on_cuda(lora, files, tmp_path):
-    summary = train(tmp_path, f"data.path={files['pairs']}", "optim.dtype=bfloat16", f"lora.enabled={str(lora).lower()}",
-                    "optim.max_steps=2", "optim.batch_size=4", "optim.gradient_checkpointing=true")
+    summary = train(
+        tmp_path,
+        f"data.path={files['pairs']}",
+        "optim.dtype=bfloat16",
+        f"lora.enabled={str(lora).lower()}",
+        "optim.max_steps=2",
+        "optim.batch_size=4",
+        "optim.gradient_checkpointing=true",
+    )
     assert summary["steps"] == 2 and all(math.isfinite(v) for v in losses(tmp_path).values())
     if not lora:  # (peft keeps LoRA factors in float32 over a bf16 base by default)
         weights = state_dict(tmp_path / "final")

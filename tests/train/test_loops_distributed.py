@@ -40,11 +40,28 @@ def launch_two(tmp_path: Path, *overrides: str, module: str = "train") -> subpro
     if launcher is None:
         pytest.skip("the accelerate launcher is not installed")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", module, *overrides]
+    cmd = [
+        launcher,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        module,
+        *overrides,
+    ]
     # its own process group, so that a hang (a collective one process never reaches) kills the workers too
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -84,8 +101,16 @@ def test_two_process_kto_all_reduces_its_kl_estimate_and_evaluates(tmp_path):
     collectives, or the processes would wait on each other forever."""
     data = write_records(tmp_path / "preferences.jsonl", toy_pairs(30))
     out = tmp_path / "kto"
-    proc = launch_two(tmp_path, *FAST, f"data.path={data}", "loss=kto", "optim.max_steps=2", "optim.batch_size=4",
-                      "data.eval_split=0.3", f"output_dir={out}")
+    proc = launch_two(
+        tmp_path,
+        *FAST,
+        f"data.path={data}",
+        "loss=kto",
+        "optim.max_steps=2",
+        "optim.batch_size=4",
+        "data.eval_split=0.3",
+        f"output_dir={out}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all("kl" in r for r in rows if "loss" in r) and any("eval/kl" in r for r in rows)

@@ -16,16 +16,27 @@ import torch
 
 from tests.train.test_loops import compose, toy_pairs, toy_ranked, write_records  # noqa: F401
 
-LEARN = ["data.max_length=48", "progress=false", "log.plot=false", "log.tensorboard=false", "checkpoint.every_steps=0",
-         "optim.warmup_ratio=0", "optim.scheduler=constant", "optim.batch_size=8", "seed=1"]
+LEARN = [
+    "data.max_length=48",
+    "progress=false",
+    "log.plot=false",
+    "log.tensorboard=false",
+    "checkpoint.every_steps=0",
+    "optim.warmup_ratio=0",
+    "optim.scheduler=constant",
+    "optim.batch_size=8",
+    "seed=1",
+]
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     d = tmp_path_factory.mktemp("learning")
-    return {"pairs": write_records(d / "train.jsonl", toy_pairs(64, seed=1)),
-            "ranked": write_records(d / "ranked.jsonl", toy_ranked(48, seed=2)),
-            "held_out": write_records(d / "held_out.jsonl", toy_pairs(48, seed=99))}
+    return {
+        "pairs": write_records(d / "train.jsonl", toy_pairs(64, seed=1)),
+        "ranked": write_records(d / "ranked.jsonl", toy_ranked(48, seed=2)),
+        "held_out": write_records(d / "held_out.jsonl", toy_pairs(48, seed=99)),
+    }
 
 
 def held_out_accuracy(final: Path, base: Path, held_out: Path) -> float:
@@ -48,11 +59,14 @@ def held_out_accuracy(final: Path, base: Path, held_out: Path) -> float:
     return float(((margins[0] - margins[1]) > 0).float().mean())
 
 
-@pytest.mark.parametrize("loss,data,extra", [
-    ("dpo", "pairs", ["optim.lr=2e-3", "optim.epochs=2"]),
-    ("lipo_lambda", "ranked", ["optim.lr=2e-3", "optim.epochs=3", "loss.fn.beta=0.1"]),
-    ("kto", "pairs", ["optim.lr=2e-3", "optim.epochs=1"]),  # pairs unpaired: 128 labelled completions
-])
+@pytest.mark.parametrize(
+    "loss,data,extra",
+    [
+        ("dpo", "pairs", ["optim.lr=2e-3", "optim.epochs=2"]),
+        ("lipo_lambda", "ranked", ["optim.lr=2e-3", "optim.epochs=3", "loss.fn.beta=0.1"]),
+        ("kto", "pairs", ["optim.lr=2e-3", "optim.epochs=1"]),  # pairs unpaired: 128 labelled completions
+    ],
+)
 def test_objective_learns_the_toy_preference(loss, data, extra, toy, tmp_path, tiny_path):
     from train.app import run
 
@@ -65,6 +79,15 @@ def test_objective_learns_the_toy_preference(loss, data, extra, toy, tmp_path, t
 def test_reward_model_learns_the_toy_preference(toy, tmp_path):
     from train.app import run
 
-    summary = run(compose(*LEARN, "loop=reward", f"data.path={toy['pairs']}", f"data.eval_path={toy['held_out']}",
-                          f"output_dir={tmp_path}", "optim.lr=2e-3", "optim.epochs=2"))
+    summary = run(
+        compose(
+            *LEARN,
+            "loop=reward",
+            f"data.path={toy['pairs']}",
+            f"data.eval_path={toy['held_out']}",
+            f"output_dir={tmp_path}",
+            "optim.lr=2e-3",
+            "optim.epochs=2",
+        )
+    )
     assert summary["final_eval"]["eval/rewards/accuracy"] >= 0.9, summary["final_eval"]

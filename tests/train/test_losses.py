@@ -67,17 +67,24 @@ BETA, RHO_W, RHO_L, H = 0.1, 1.0, -1.0, 2.0
 
 def t0() -> dict[str, torch.Tensor]:
     return dict(
-        policy_chosen_logps=t(-10.0), policy_rejected_logps=t(-12.0),
-        reference_chosen_logps=t(-11.0), reference_rejected_logps=t(-11.0),
+        policy_chosen_logps=t(-10.0),
+        policy_rejected_logps=t(-12.0),
+        reference_chosen_logps=t(-11.0),
+        reference_rejected_logps=t(-11.0),
     )
 
 
 # ---------------------------------------------------------------- DPO, cDPO, rDPO
 
+
 def test_dpo_t0_and_extreme() -> None:
     check(dpo_loss(**t0()).losses, nls(BETA * H), 0.598139)
-    extreme = dpo_loss(policy_chosen_logps=t(-1511.0), policy_rejected_logps=t(-11.0),
-                       reference_chosen_logps=t(-11.0), reference_rejected_logps=t(-11.0))  # βh = −150
+    extreme = dpo_loss(
+        policy_chosen_logps=t(-1511.0),
+        policy_rejected_logps=t(-11.0),
+        reference_chosen_logps=t(-11.0),
+        reference_rejected_logps=t(-11.0),
+    )  # βh = −150
     check(extreme.losses, 150.0 + math.log1p(math.exp(-150.0)), 150.0)
     out = dpo_loss(**t0())
     assert out.chosen_rewards.item() == pytest.approx(BETA * RHO_W)
@@ -101,12 +108,14 @@ def test_cdpo_and_robust_t0() -> None:
 
 # ---------------------------------------------------------------- SLiC-HF / TRL hinge, IPO
 
+
 def test_slic_hf_paper_form() -> None:
     delta, lam = 1.0, 0.5
     calibration = max(0.0, delta - (-10.0) + (-10.5))
     assert calibration == pytest.approx(0.5)
-    out = slic_hf_loss(policy_chosen_logps=t(-10.0), policy_rejected_logps=t(-10.5), sft_target_logps=t(-8.0),
-                       delta=delta, lam=lam)
+    out = slic_hf_loss(
+        policy_chosen_logps=t(-10.0), policy_rejected_logps=t(-10.5), sft_target_logps=t(-8.0), delta=delta, lam=lam
+    )
     check(out.losses, calibration - lam * (-8.0), 4.5)
     # On T0 the calibration term is max(0, 1 + 10 − 12) = 0; only the regulariser remains (y_ref = y_w).
     t0_out = slic_hf_loss(policy_chosen_logps=t(-10.0), policy_rejected_logps=t(-12.0), delta=delta, lam=lam)
@@ -129,13 +138,19 @@ def test_ipo_paper_and_trl_normalised() -> None:
 
 # ---------------------------------------------------------------- KTO
 
+
 def test_kto_worked_example() -> None:
     z0 = max(0.0, ((-11.5 - -11.8) + (-12.2 - -12.0)) / 2)
     assert z0 == pytest.approx(0.05)
     desirable = 1 - sigmoid(BETA * (1.0 - z0))
     undesirable = 1 - sigmoid(BETA * (z0 - (-1.0)))
-    out = kto_loss(policy_logps=t(-10.0, -12.0), reference_logps=t(-11.0, -11.0), labels=torch.tensor([True, False]),
-                   policy_kl_logps=t(-11.5, -12.2), reference_kl_logps=t(-11.8, -12.0))
+    out = kto_loss(
+        policy_logps=t(-10.0, -12.0),
+        reference_logps=t(-11.0, -11.0),
+        labels=torch.tensor([True, False]),
+        policy_kl_logps=t(-11.5, -12.2),
+        reference_kl_logps=t(-11.8, -12.0),
+    )
     check(out.losses[0], desirable, 0.476268)
     check(out.losses[1], undesirable, 0.473774)
     check(out.losses.mean(), (desirable + undesirable) / 2, 0.475021)
@@ -143,8 +158,13 @@ def test_kto_worked_example() -> None:
 
 
 def test_kto_negative_kl_clamps_to_zero() -> None:
-    out = kto_loss(policy_logps=t(-10.0), reference_logps=t(-11.0), labels=torch.tensor([True]),
-                   policy_kl_logps=t(-12.0, -12.0), reference_kl_logps=t(-11.0, -11.0))
+    out = kto_loss(
+        policy_logps=t(-10.0),
+        reference_logps=t(-11.0),
+        labels=torch.tensor([True]),
+        policy_kl_logps=t(-12.0, -12.0),
+        reference_kl_logps=t(-11.0, -11.0),
+    )
     check(out.losses, 1 - sigmoid(BETA * 1.0), 0.475021)
     assert out.metrics["kl"].item() == 0.0
 
@@ -156,6 +176,7 @@ def test_kto_kl_pair_indices_are_trl_shift() -> None:
 
 
 # ---------------------------------------------------------------- BCO
+
 
 def test_bco_fresh_running_mean_and_given_delta() -> None:
     common = dict(policy_logps=t(-10.0, -12.0), reference_logps=t(-11.0, -11.0), labels=torch.tensor([True, False]))
@@ -175,13 +196,15 @@ def test_bco_pair_trl_head_form_is_summed() -> None:
 
 # ---------------------------------------------------------------- CPO, ORPO, SimPO
 
+
 def test_cpo_t0_paper_nll() -> None:
     preference = nls(BETA * ((-10.0) - (-12.0)))
     assert preference == pytest.approx(0.598139, abs=SPEC)
     check(cpo_loss(policy_chosen_logps=t(-10.0), policy_rejected_logps=t(-12.0)).losses, preference + 10.0, 10.598139)
     # per-sequence mean NLL (|y_w| = 5): coincides with TRL's token-mean for a single sequence
-    mean_form = cpo_loss(policy_chosen_logps=t(-10.0), policy_rejected_logps=t(-12.0), chosen_nll=t(2.0),
-                         nll_form="sequence_mean")
+    mean_form = cpo_loss(
+        policy_chosen_logps=t(-10.0), policy_rejected_logps=t(-12.0), chosen_nll=t(2.0), nll_form="sequence_mean"
+    )
     check(mean_form.losses, preference + 2.0, 2.598139)
 
 
@@ -216,17 +239,23 @@ def test_simpo_both_parametrisations() -> None:
 
 # ---------------------------------------------------------------- EXO, DPOP, RPO, ODPO
 
+
 def test_exo_pair_t0() -> None:
     eps, z = 1e-3, BETA * H
     expected = sigmoid(z) * (math.log(sigmoid(z)) - math.log(1 - eps)) + sigmoid(-z) * (
-        math.log(sigmoid(-z)) - math.log(eps))
+        math.log(sigmoid(-z)) - math.log(eps)
+    )
     check(exo_pair_loss(**t0(), epsilon=eps).losses, expected, 2.422015)
 
 
 def test_dpop_inside_penalty() -> None:
     check(dpop_loss(**t0(), lam=50.0).losses, nls(BETA * H), 0.598139)  # penalty inactive on T0
-    case = dict(policy_chosen_logps=t(-11.5), policy_rejected_logps=t(-13.0),
-                reference_chosen_logps=t(-11.0), reference_rejected_logps=t(-11.0))
+    case = dict(
+        policy_chosen_logps=t(-11.5),
+        policy_rejected_logps=t(-13.0),
+        reference_chosen_logps=t(-11.0),
+        reference_rejected_logps=t(-11.0),
+    )
     h, penalty = (-11.5 + 11.0) - (-13.0 + 11.0), max(0.0, -11.0 - -11.5)
     assert (h, penalty) == (1.5, 0.5)
     assert nls(BETA * h) == pytest.approx(0.620957, abs=SPEC)
@@ -251,12 +280,17 @@ def test_odpo_offsets() -> None:
 
 # ---------------------------------------------------------------- NPO, APO
 
+
 def test_npo() -> None:
     out = npo_loss(policy_logps=t(-10.0, -12.0), reference_logps=t(-11.0, -11.0), beta=0.1)
     check(out.losses[0], (2 / 0.1) * nls(-0.1 * 1.0), 14.887933)
     check(out.losses[1], (2 / 0.1) * nls(-0.1 * -1.0), 12.887933)
-    retain = npo_loss(policy_logps=t(-10.0, -12.0), reference_logps=t(-11.0, -11.0),
-                      labels=torch.tensor([True, False]), retain_weight=0.5)
+    retain = npo_loss(
+        policy_logps=t(-10.0, -12.0),
+        reference_logps=t(-11.0, -11.0),
+        labels=torch.tensor([True, False]),
+        retain_weight=0.5,
+    )
     check(retain.losses[0], 0.5 * 10.0)
     check(retain.losses[1], 20 * nls(0.1))
 
@@ -270,10 +304,11 @@ def test_apo_t0() -> None:
 
 # ---------------------------------------------------------------- LiPO-λ, PRO, RRHF
 
+
 def lipo_expected(base: float) -> float:
     psi, s = (1.0, 0.5, 0.0), (0.1, -0.1, 0.0)
     tau = (1, 3, 2)  # ranks by s, descending
-    gain = [2 ** p - 1 for p in psi]
+    gain = [2**p - 1 for p in psi]
     inv_d = [1 / (math.log(1 + r) / math.log(base)) for r in tau]
     total = 0.0
     for i in range(3):
@@ -287,11 +322,16 @@ def lipo_expected(base: float) -> float:
 def test_lipo_lambda() -> None:
     # Δ weights with a log2 discount (LiPO, arXiv 2402.01878)
     inv_d = [1 / math.log2(1 + r) for r in (1, 3, 2)]
-    assert abs(1 - (2 ** 0.5 - 1)) * abs(inv_d[0] - inv_d[1]) == pytest.approx(0.292893, abs=SPEC)
+    assert abs(1 - (2**0.5 - 1)) * abs(inv_d[0] - inv_d[1]) == pytest.approx(0.292893, abs=SPEC)
     assert abs(1 - 0) * abs(inv_d[0] - inv_d[2]) == pytest.approx(0.369070, abs=SPEC)
-    assert abs((2 ** 0.5 - 1) - 0) * abs(inv_d[1] - inv_d[2]) == pytest.approx(0.054233, abs=SPEC)
-    common = dict(policy_logps=row(-10, -12, -11), reference_logps=row(-11, -11, -11), scores=row(1.0, 0.5, 0.0),
-                  mask=torch.ones(1, 3, dtype=torch.bool), beta=0.1)
+    assert abs((2**0.5 - 1) - 0) * abs(inv_d[1] - inv_d[2]) == pytest.approx(0.054233, abs=SPEC)
+    common = dict(
+        policy_logps=row(-10, -12, -11),
+        reference_logps=row(-11, -11, -11),
+        scores=row(1.0, 0.5, 0.0),
+        mask=torch.ones(1, 3, dtype=torch.bool),
+        beta=0.1,
+    )
     check(lipo_lambda_loss(**common).losses, lipo_expected(2.0), 0.453389)
     check(lipo_lambda_loss(**common, discount_base=math.e).losses, lipo_expected(math.e), 0.654102)
 
@@ -310,15 +350,24 @@ def test_pro() -> None:
     ranking = pro_expected((-1.0, -1.2, -1.5), (2.0, 1.0, 0.0))
     assert ranking == pytest.approx(1.279104 + 0.554355, abs=2e-6)
     # summed log-probs + lengths give RRHF's length-normalised scores; top summed = −10
-    common = dict(policy_logps=row(-10, -6, -3), lengths=row(10, 5, 2), scores=row(2.0, 1.0, 0.0),
-                  mask=torch.ones(1, 3, dtype=torch.bool))
+    common = dict(
+        policy_logps=row(-10, -6, -3),
+        lengths=row(10, 5, 2),
+        scores=row(2.0, 1.0, 0.0),
+        mask=torch.ones(1, 3, dtype=torch.bool),
+    )
     out = pro_loss(**common, sft_weight=0.05)
     check(out.metrics["ranking"], ranking, 1.833460)
     check(out.losses, ranking + 0.05 * 10.0, 2.333460)
     code_form = pro_loss(**common, sft_weight=0.05, reference_code_sft_scale=True)
     check(code_form.losses, ranking + 0.05 * (3 - 1) ** 2 * 10.0, 3.833460)
-    shuffled = pro_loss(policy_logps=row(-3, -10, -6), lengths=row(2, 10, 5), scores=row(0.0, 2.0, 1.0),
-                        mask=torch.ones(1, 3, dtype=torch.bool), sft_weight=0.05)
+    shuffled = pro_loss(
+        policy_logps=row(-3, -10, -6),
+        lengths=row(2, 10, 5),
+        scores=row(0.0, 2.0, 1.0),
+        mask=torch.ones(1, 3, dtype=torch.bool),
+        sft_weight=0.05,
+    )
     check(shuffled.losses, ranking + 0.5)  # order of slots does not matter: the function sorts by score
 
 
@@ -327,13 +376,18 @@ def test_rrhf() -> None:
     rank = sum(max(0.0, p[i] - p[j]) for i in range(3) for j in range(3) if rewards[i] < rewards[j])
     assert rank == pytest.approx(0.2)
     # lengths (10, 4, 2) with sums (−12, −4, −3) give p = (−1.2, −1.0, −1.5)
-    out = rrhf_loss(policy_logps=row(-12, -4, -3), lengths=row(10, 4, 2), scores=row(*rewards),
-                    mask=torch.ones(1, 3, dtype=torch.bool))
+    out = rrhf_loss(
+        policy_logps=row(-12, -4, -3),
+        lengths=row(10, 4, 2),
+        scores=row(*rewards),
+        mask=torch.ones(1, 3, dtype=torch.bool),
+    )
     check(out.metrics["rank"], rank, 0.2)
     check(out.losses, rank + 12.0, 12.2)
 
 
 # ---------------------------------------------------------------- Cringe
+
 
 def test_cringe_token_values() -> None:
     # One negative token: target logit s⁻ = 2; the only other candidate with non-negligible mass has s⁺ = 3.
@@ -343,8 +397,14 @@ def test_cringe_token_values() -> None:
     logits = torch.full((2, 1, 8), -1e4, dtype=torch.float64)
     logits[0, 0, 0], logits[0, 0, 1] = a, 0.0
     logits[1, 0, 4], logits[1, 0, 5] = 2.0, 3.0
-    common = dict(logits=logits, target_ids=torch.tensor([[0], [4]]), token_mask=torch.ones(2, 1, dtype=torch.bool),
-                  labels=torch.tensor([True, False]), k=5, alpha=1.0)
+    common = dict(
+        logits=logits,
+        target_ids=torch.tensor([[0], [4]]),
+        token_mask=torch.ones(2, 1, dtype=torch.bool),
+        labels=torch.tensor([True, False]),
+        k=5,
+        alpha=1.0,
+    )
     out = cringe_loss(**common, normalisation="sum")
     check(out.losses[0], 0.5)
     check(out.losses[1], math.log1p(math.exp(2.0 - 3.0)), 0.313262)
@@ -358,12 +418,19 @@ def test_cringe_excludes_negative_token(target: int, expected_plus: float) -> No
     # k = 1 over logits [5, 4, 3, 0]: top-2 = {0, 1}. If the negative token is among them it is masked
     # (target 0 → s⁺ = 4); otherwise the 2nd candidate is masked (target 3 → s⁺ = 5). Deterministic.
     logits = torch.tensor([[[5.0, 4.0, 3.0, 0.0]]], dtype=torch.float64)
-    out = cringe_loss(logits=logits, target_ids=torch.tensor([[target]]), token_mask=torch.ones(1, 1, dtype=torch.bool),
-                      labels=torch.tensor([False]), k=1, normalisation="sum")
+    out = cringe_loss(
+        logits=logits,
+        target_ids=torch.tensor([[target]]),
+        token_mask=torch.ones(1, 1, dtype=torch.bool),
+        labels=torch.tensor([False]),
+        k=1,
+        normalisation="sum",
+    )
     check(out.losses, math.log1p(math.exp(logits[0, 0, target].item() - expected_plus)))
 
 
 # ---------------------------------------------------------------- cost model, Bradley–Terry, SFT
+
 
 def test_bradley_terry() -> None:
     r_c, r_r = t(1.5), t(0.5)
@@ -371,24 +438,34 @@ def test_bradley_terry() -> None:
     third = bradley_terry_loss(rewards_chosen=r_c, rewards_rejected=r_r, margin=t(1 / 3))
     check(third.losses, nls(1 - 1 / 3), 0.414370)
     check(bradley_terry_loss(rewards_chosen=r_c, rewards_rejected=r_r, margin=t(1.0)).losses, nls(0.0), 0.693147)
-    check(bradley_terry_loss(rewards_chosen=r_c, rewards_rejected=r_r, center_coef=0.01).losses,
-          nls(1.0) + 0.01 * 2.0 ** 2, 0.353262)
+    check(
+        bradley_terry_loss(rewards_chosen=r_c, rewards_rejected=r_r, center_coef=0.01).losses,
+        nls(1.0) + 0.01 * 2.0**2,
+        0.353262,
+    )
 
 
 def test_cost_model() -> None:
     c_harmful, c_safe = 1.0, -0.5  # harmful: s = +1; safe: s = −1
     parts = (nls(c_harmful - c_safe), nls(+1 * c_harmful), nls(-1 * c_safe))
     assert parts == pytest.approx((0.201413, 0.313262, 0.474077), abs=SPEC)
-    out = cost_model_loss(costs_chosen=t(c_safe), costs_rejected=t(c_harmful),
-                          safe_chosen=torch.tensor([True]), safe_rejected=torch.tensor([False]))
+    out = cost_model_loss(
+        costs_chosen=t(c_safe),
+        costs_rejected=t(c_harmful),
+        safe_chosen=torch.tensor([True]),
+        safe_rejected=torch.tensor([False]),
+    )
     check(out.losses, sum(parts), 0.988752)
 
 
-@pytest.mark.parametrize("normalisation, expected", [
-    ("sequence_mean", [(0.5 + 1.5) / 2, 3.0 / 1]),
-    ("sum", [2.0, 3.0]),
-    ("batch_token_mean", [2.0 * 2 / 3, 3.0 * 2 / 3]),  # mean over the batch = 5 / 3 tokens
-])
+@pytest.mark.parametrize(
+    "normalisation, expected",
+    [
+        ("sequence_mean", [(0.5 + 1.5) / 2, 3.0 / 1]),
+        ("sum", [2.0, 3.0]),
+        ("batch_token_mean", [2.0 * 2 / 3, 3.0 * 2 / 3]),  # mean over the batch = 5 / 3 tokens
+    ],
+)
 def test_sft_normalisations(normalisation: str, expected: list[float]) -> None:
     token_logps = torch.tensor([[-0.5, -1.5, -9.0], [-3.0, -7.0, -7.0]], dtype=torch.float64)
     mask = torch.tensor([[True, True, False], [True, False, False]])

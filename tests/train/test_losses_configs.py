@@ -18,11 +18,45 @@ ROOT = Path(__file__).resolve().parents[2]
 LOSS_CONF = ROOT / "conf" / "loss"
 YAMLS = sorted(LOSS_CONF.glob("*.yaml"))
 REQUIRED = {
-    "dpo", "cdpo", "robust_dpo", "slic_hf", "hinge", "ipo", "kto", "bco", "cpo", "orpo", "exo", "dpop", "simpo",
-    "rpo", "odpo", "npo", "apo_zero", "apo_down", "lipo_lambda", "pro", "rrhf", "cringe", "sft", "bradley_terry",
-    "cost", "ppo", "grpo", "dr_grpo", "rloo", "remax",
+    "dpo",
+    "cdpo",
+    "robust_dpo",
+    "slic_hf",
+    "hinge",
+    "ipo",
+    "kto",
+    "bco",
+    "cpo",
+    "orpo",
+    "exo",
+    "dpop",
+    "simpo",
+    "rpo",
+    "odpo",
+    "npo",
+    "apo_zero",
+    "apo_down",
+    "lipo_lambda",
+    "pro",
+    "rrhf",
+    "cringe",
+    "sft",
+    "bradley_terry",
+    "cost",
+    "ppo",
+    "grpo",
+    "dr_grpo",
+    "rloo",
+    "remax",
     # issue 18
-    "pointwise", "bradley_terry_lm", "listwise_bt", "plackett_luce", "dove", "relative_po", "d2o", "c_dpo",
+    "pointwise",
+    "bradley_terry_lm",
+    "listwise_bt",
+    "plackett_luce",
+    "dove",
+    "relative_po",
+    "d2o",
+    "c_dpo",
 }
 B = 4
 
@@ -45,30 +79,43 @@ def small_batch(kind: str, mean: bool, stateful: str | None) -> dict[str, object
         batch["running_mean"] = RunningMean()
     if kind == "pairwise":
         batch.update(
-            policy_chosen_logps=logps(B), policy_rejected_logps=logps(B),
-            reference_chosen_logps=logps(B).detach(), reference_rejected_logps=logps(B).detach(),
+            policy_chosen_logps=logps(B),
+            policy_rejected_logps=logps(B),
+            reference_chosen_logps=logps(B).detach(),
+            reference_rejected_logps=logps(B).detach(),
             chosen_nll=torch.rand(B, generator=g, dtype=torch.float64).requires_grad_(True),
-            chosen_lengths=torch.tensor([3.0, 5.0, 7.0, 2.0]), rejected_lengths=torch.tensor([4.0, 4.0, 6.0, 9.0]),
-            score_chosen=torch.tensor([5.0, 0.9, 3.0, 2.0]), score_rejected=torch.tensor([2.0, 0.4, 1.0, 1.5]),
-            p_chosen=torch.tensor([1.0, 0.9, 0.7, 0.6]), sft_target_logps=logps(B),
-            prompt_embeddings=torch.randn(B, 5, generator=g), reward_chosen=torch.randn(B, generator=g),
-            reward_rejected=torch.randn(B, generator=g), cost_chosen=torch.randn(B, generator=g),
+            chosen_lengths=torch.tensor([3.0, 5.0, 7.0, 2.0]),
+            rejected_lengths=torch.tensor([4.0, 4.0, 6.0, 9.0]),
+            score_chosen=torch.tensor([5.0, 0.9, 3.0, 2.0]),
+            score_rejected=torch.tensor([2.0, 0.4, 1.0, 1.5]),
+            p_chosen=torch.tensor([1.0, 0.9, 0.7, 0.6]),
+            sft_target_logps=logps(B),
+            prompt_embeddings=torch.randn(B, 5, generator=g),
+            reward_chosen=torch.randn(B, generator=g),
+            reward_rejected=torch.randn(B, generator=g),
+            cost_chosen=torch.randn(B, generator=g),
             cost_rejected=torch.randn(B, generator=g),
         )
     elif kind in ("listwise", "reward_listwise"):
         batch.update(
             rewards=torch.randn(B, 3, generator=g, dtype=torch.float64).requires_grad_(True),
-            policy_logps=logps(B, 3), reference_logps=logps(B, 3).detach(),
-            lengths=torch.randint(1, 9, (B, 3), generator=g).double(), scores=torch.rand(B, 3, generator=g),
+            policy_logps=logps(B, 3),
+            reference_logps=logps(B, 3).detach(),
+            lengths=torch.randint(1, 9, (B, 3), generator=g).double(),
+            scores=torch.rand(B, 3, generator=g),
             mask=torch.tensor([[True, True, True], [True, True, False], [True, True, True], [True, False, False]]),
             nll=torch.rand(B, 3, generator=g, dtype=torch.float64),
         )
     elif kind == "unpaired":
         batch.update(
-            policy_logps=logps(B), reference_logps=logps(B).detach(), labels=labels,
-            policy_kl_logps=logps(B).detach(), reference_kl_logps=logps(B).detach(),
+            policy_logps=logps(B),
+            reference_logps=logps(B).detach(),
+            labels=labels,
+            policy_kl_logps=logps(B).detach(),
+            reference_kl_logps=logps(B).detach(),
             logits=torch.randn(B, 5, 11, generator=g, dtype=torch.float64).requires_grad_(True),
-            target_ids=torch.randint(0, 11, (B, 5), generator=g), token_mask=torch.rand(B, 5, generator=g) > 0.3,
+            target_ids=torch.randint(0, 11, (B, 5), generator=g),
+            token_mask=torch.rand(B, 5, generator=g) > 0.3,
             generator=torch.Generator().manual_seed(1),
         )
     elif kind == "sft":
@@ -82,13 +129,17 @@ def small_batch(kind: str, mean: bool, stateful: str | None) -> dict[str, object
             costs_rejected=torch.randn(B, generator=g).requires_grad_(True),
             safe_chosen=torch.tensor([True, True, False, True]),
             safe_rejected=torch.tensor([False, False, False, True]),
-            score_chosen=torch.tensor([5.0, 0.9, 3.0, 2.0]), score_rejected=torch.tensor([2.0, 0.4, 1.0, 1.5]),
+            score_chosen=torch.tensor([5.0, 0.9, 3.0, 2.0]),
+            score_rejected=torch.tensor([2.0, 0.4, 1.0, 1.5]),
             chosen_nll=torch.rand(B, generator=g, dtype=torch.float64).requires_grad_(True),
         )
     elif kind == "policy":
         batch.update(
-            logps=logps(B, 6), old_logps=logps(B, 6).detach(), ref_logps=logps(B, 6).detach(),
-            advantages=torch.randn(B, generator=g, dtype=torch.float64), mask=torch.rand(B, 6, generator=g) > 0.3,
+            logps=logps(B, 6),
+            old_logps=logps(B, 6).detach(),
+            ref_logps=logps(B, 6).detach(),
+            advantages=torch.randn(B, generator=g, dtype=torch.float64),
+            mask=torch.rand(B, 6, generator=g) > 0.3,
         )
     return batch
 

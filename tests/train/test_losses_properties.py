@@ -53,8 +53,14 @@ PAIRWISE: dict[str, tuple[Callable[..., LossOutput], float, bool, bool, dict, bo
     "robust_dpo": (robust_dpo_loss, 0.1, True, False, {}, True),
     "hinge": (hinge_loss, 0.1, True, False, {}, True),
     "ipo": (ipo_loss, 1.0, True, False, {}, True),
-    "ipo_trl": (functools.partial(ipo_loss, length_normalise=True), 0.2, True, False,
-                {"chosen_lengths": 5.0, "rejected_lengths": 6.0}, True),
+    "ipo_trl": (
+        functools.partial(ipo_loss, length_normalise=True),
+        0.2,
+        True,
+        False,
+        {"chosen_lengths": 5.0, "rejected_lengths": 6.0},
+        True,
+    ),
     "exo": (exo_pair_loss, 0.1, True, False, {}, True),
     "dpop": (dpop_loss, 0.1, True, False, {}, True),
     "odpo": (odpo_loss, 0.1, True, False, {"score_chosen": 5.0, "score_rejected": 2.0}, True),
@@ -76,8 +82,12 @@ def pairwise_batch(name: str, logits: list[float]) -> dict[str, torch.Tensor]:
     h = torch.tensor(logits, dtype=F64) / gain
     if ref:
         base = torch.full_like(h, -2000.0)
-        batch = {"policy_chosen_logps": base + h / 2, "policy_rejected_logps": base - h / 2,
-                 "reference_chosen_logps": base.clone(), "reference_rejected_logps": base.clone()}
+        batch = {
+            "policy_chosen_logps": base + h / 2,
+            "policy_rejected_logps": base - h / 2,
+            "reference_chosen_logps": base.clone(),
+            "reference_rejected_logps": base.clone(),
+        }
     else:
         base = -0.5 if mean else -10.0  # means stay < 0 (ORPO's log(1 − p))
         batch = {"policy_chosen_logps": base - torch.relu(-h), "policy_rejected_logps": base - torch.relu(h)}
@@ -122,13 +132,16 @@ def test_pairwise_constants_detached(name: str) -> None:
 def test_dpo_float32_extreme_and_bf16_upcast() -> None:
     z = torch.tensor([-1500.0], dtype=torch.float32)
     zeros = torch.zeros(1, dtype=torch.float32)
-    out = dpo_loss(policy_chosen_logps=z, policy_rejected_logps=zeros, reference_chosen_logps=zeros,
-                   reference_rejected_logps=zeros)
+    out = dpo_loss(
+        policy_chosen_logps=z, policy_rejected_logps=zeros, reference_chosen_logps=zeros, reference_rejected_logps=zeros
+    )
     assert out.losses.item() == pytest.approx(150.0, abs=1e-4)
-    half = dpo_loss(policy_chosen_logps=torch.tensor([-10.0], dtype=torch.bfloat16),
-                    policy_rejected_logps=torch.tensor([-12.0], dtype=torch.bfloat16),
-                    reference_chosen_logps=torch.tensor([-11.0], dtype=torch.bfloat16),
-                    reference_rejected_logps=torch.tensor([-11.0], dtype=torch.bfloat16))
+    half = dpo_loss(
+        policy_chosen_logps=torch.tensor([-10.0], dtype=torch.bfloat16),
+        policy_rejected_logps=torch.tensor([-12.0], dtype=torch.bfloat16),
+        reference_chosen_logps=torch.tensor([-11.0], dtype=torch.bfloat16),
+        reference_rejected_logps=torch.tensor([-11.0], dtype=torch.bfloat16),
+    )
     assert half.losses.dtype == torch.float32
 
 
@@ -181,8 +194,10 @@ def unpaired_batch(beta_rho: list[float], beta: float = 0.1) -> dict[str, torch.
 
 
 def kto_kl() -> dict[str, torch.Tensor]:
-    return {"policy_kl_logps": leaf([-11.5, -12.2, -10.0, -9.0]),
-            "reference_kl_logps": leaf([-11.8, -12.0, -10.0, -9.0])}
+    return {
+        "policy_kl_logps": leaf([-11.5, -12.2, -10.0, -9.0]),
+        "reference_kl_logps": leaf([-11.8, -12.0, -10.0, -9.0]),
+    }
 
 
 UNPAIRED: dict[str, Callable[[dict], LossOutput]] = {
@@ -278,8 +293,10 @@ def test_bco_pair_running_mean_is_trl_le_028() -> None:
 def listwise_batch(spread: float) -> dict[str, torch.Tensor]:
     """Row 0: 4 real slots; row 1: 3 real slots + one padding slot full of NaN. Best slot = index 0."""
     nan = float("nan")
-    policy = [[-10.0, -10.0 - spread, -10.0 - 2 * spread, -10.0 - 3 * spread],
-              [-12.0 - spread, -12.0, -12.0 - 2 * spread, nan]]
+    policy = [
+        [-10.0, -10.0 - spread, -10.0 - 2 * spread, -10.0 - 3 * spread],
+        [-12.0 - spread, -12.0, -12.0 - 2 * spread, nan],
+    ]
     return {
         "policy_logps": leaf(policy),
         "reference_logps": leaf([[-11.0] * 4, [-11.0, -11.0, -11.0, nan]]),
@@ -299,7 +316,8 @@ LISTWISE: dict[str, Callable[..., LossOutput]] = {
 def call_listwise(name: str, batch: dict[str, torch.Tensor]) -> LossOutput:
     fn = LISTWISE[name]
     params = {"lipo_lambda": ("policy_logps", "reference_logps", "scores", "mask")}.get(
-        name, ("policy_logps", "lengths", "scores", "mask"))
+        name, ("policy_logps", "lengths", "scores", "mask")
+    )
     return fn(**{k: batch[k] for k in params})
 
 
@@ -345,8 +363,14 @@ def test_reward_losses_extreme_signs_detached() -> None:
         if gap == 0.5:
             assert chosen.grad.item() < 0 and rejected.grad.item() > 0
         safer, harmful = leaf([-gap]), leaf([gap])
-        backward(cost_model_loss(costs_chosen=safer, costs_rejected=harmful, safe_chosen=torch.tensor([True]),
-                                 safe_rejected=torch.tensor([False])))
+        backward(
+            cost_model_loss(
+                costs_chosen=safer,
+                costs_rejected=harmful,
+                safe_chosen=torch.tensor([True]),
+                safe_rejected=torch.tensor([False]),
+            )
+        )
         if gap == 0.5:
             assert harmful.grad.item() < 0 and safer.grad.item() > 0  # harmful cost up, safe cost down
 
@@ -367,8 +391,13 @@ def test_cringe_padding_extremes_and_signs() -> None:
     logits.requires_grad_(True)
     targets = torch.tensor([[2, 2, 2, -100], [7, 1, 1, -100]])
     mask = torch.tensor([[True, True, True, False], [True, True, True, False]])
-    out = cringe_loss(logits=logits, target_ids=targets, token_mask=mask, labels=torch.tensor([True, False]),
-                      generator=torch.Generator().manual_seed(0))
+    out = cringe_loss(
+        logits=logits,
+        target_ids=targets,
+        token_mask=mask,
+        labels=torch.tensor([True, False]),
+        generator=torch.Generator().manual_seed(0),
+    )
     backward(out)
     grad = logits.grad
     assert torch.isfinite(grad).all() and (grad[:, 3] == 0).all()

@@ -51,9 +51,16 @@ class _Accelerator:
 
 
 def _trainer_self(**attrs) -> SimpleNamespace:
-    base = dict(model=SimpleNamespace(training=True), accelerator=_Accelerator(), aux_loss_enabled=False,
-                precompute_ref_logps=True, _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0,
-                _tp_size=1, args=SimpleNamespace(gradient_checkpointing_kwargs=None))
+    base = dict(
+        model=SimpleNamespace(training=True),
+        accelerator=_Accelerator(),
+        aux_loss_enabled=False,
+        precompute_ref_logps=True,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0,
+        _tp_size=1,
+        args=SimpleNamespace(gradient_checkpointing_kwargs=None),
+    )
     return SimpleNamespace(**(base | attrs))
 
 
@@ -64,8 +71,8 @@ def _sequences(logps: torch.Tensor, lengths: list[int]) -> tuple[dict[str, torch
     completion = torch.zeros(n, width, dtype=torch.long)
     attention = torch.zeros(n, width, dtype=torch.long)
     for i, length in enumerate(lengths):
-        completion[i, PROMPT:PROMPT + length] = 1
-        attention[i, :PROMPT + length] = 1
+        completion[i, PROMPT : PROMPT + length] = 1
+        attention[i, : PROMPT + length] = 1
     per_token = completion[:, 1:].to(F64) * (logps / torch.tensor(lengths, dtype=F64)).unsqueeze(-1)
     ids = torch.arange(n * width).reshape(n, width)
     return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion}, per_token
@@ -82,8 +89,12 @@ class _FakeModel:
 
     def __call__(self, input_ids: torch.Tensor, **_: object) -> SimpleNamespace:
         lp = self.table[id(input_ids)]
-        return SimpleNamespace(log_probs=lp, entropy=torch.zeros_like(lp), mean_logits=torch.zeros_like(lp),
-                               is_top1=torch.zeros_like(lp, dtype=torch.bool))
+        return SimpleNamespace(
+            log_probs=lp,
+            entropy=torch.zeros_like(lp),
+            mean_logits=torch.zeros_like(lp),
+            is_top1=torch.zeros_like(lp, dtype=torch.bool),
+        )
 
 
 # A batch of three pairs with different lengths (policy sums, reference sums).
@@ -96,20 +107,33 @@ PAIRS = dict(
 CHOSEN_LEN, REJECTED_LEN = [5, 10, 3], [6, 8, 4]
 
 
-def trl_dpo(loss_type: str | list[str], beta: float = 0.1, label_smoothing: float = 0.0,
-            loss_weights: list[float] | None = None, pairs: dict[str, torch.Tensor] = PAIRS,
-            lengths: tuple[list[int], list[int]] = (CHOSEN_LEN, REJECTED_LEN)) -> float:
+def trl_dpo(
+    loss_type: str | list[str],
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    loss_weights: list[float] | None = None,
+    pairs: dict[str, torch.Tensor] = PAIRS,
+    lengths: tuple[list[int], list[int]] = (CHOSEN_LEN, REJECTED_LEN),
+) -> float:
     """``DPOTrainer._compute_loss`` (trl/trainer/dpo_trainer.py:1285-1528) on ``pairs``: the batch mean."""
     types = [loss_type] if isinstance(loss_type, str) else loss_type
     logps = torch.cat([pairs["policy_chosen_logps"], pairs["policy_rejected_logps"]])
     inputs, per_token = _sequences(logps, lengths[0] + lengths[1])
     model = _FakeModel()
     model.register(inputs["input_ids"], per_token)
-    inputs |= {"ref_chosen_logps": pairs["reference_chosen_logps"],
-               "ref_rejected_logps": pairs["reference_rejected_logps"]}
-    trainer = _trainer_self(ld_alpha=None, f_divergence_type="reverse_kl", loss_types=types,
-                            loss_weights=loss_weights or [1.0] * len(types), beta=beta, label_smoothing=label_smoothing,
-                            use_weighting=False)
+    inputs |= {
+        "ref_chosen_logps": pairs["reference_chosen_logps"],
+        "ref_rejected_logps": pairs["reference_rejected_logps"],
+    }
+    trainer = _trainer_self(
+        ld_alpha=None,
+        f_divergence_type="reverse_kl",
+        loss_types=types,
+        loss_weights=loss_weights or [1.0] * len(types),
+        beta=beta,
+        label_smoothing=label_smoothing,
+        use_weighting=False,
+    )
     return DPOTrainer._compute_loss(trainer, model, inputs, False).item()
 
 
@@ -117,17 +141,29 @@ def ours(fn, **kwargs) -> float:
     return fn(**PAIRS, **kwargs).losses.mean().item()
 
 
-@pytest.mark.parametrize("loss_type, fn, kwargs, trl_kwargs", [
-    ("sigmoid", dpo_loss, {"beta": 0.1}, {}),
-    ("hinge", hinge_loss, {"beta": 0.1}, {}),
-    ("robust", robust_dpo_loss, {"beta": 0.1, "epsilon": 0.1}, {"label_smoothing": 0.1}),
-    ("exo_pair", exo_pair_loss, {"beta": 0.1, "epsilon": 1e-3}, {"label_smoothing": 1e-3}),
-    ("bco_pair", bco_pair_loss, {"beta": 0.1}, {}),
-    ("apo_zero", apo_zero_loss, {"beta": 0.1}, {}),
-    ("apo_down", apo_down_loss, {"beta": 0.1}, {}),
-    ("ipo", functools.partial(ipo_loss, length_normalise=True, chosen_lengths=torch.tensor(CHOSEN_LEN),
-                              rejected_lengths=torch.tensor(REJECTED_LEN)), {"tau": 0.1}, {}),
-])
+@pytest.mark.parametrize(
+    "loss_type, fn, kwargs, trl_kwargs",
+    [
+        ("sigmoid", dpo_loss, {"beta": 0.1}, {}),
+        ("hinge", hinge_loss, {"beta": 0.1}, {}),
+        ("robust", robust_dpo_loss, {"beta": 0.1, "epsilon": 0.1}, {"label_smoothing": 0.1}),
+        ("exo_pair", exo_pair_loss, {"beta": 0.1, "epsilon": 1e-3}, {"label_smoothing": 1e-3}),
+        ("bco_pair", bco_pair_loss, {"beta": 0.1}, {}),
+        ("apo_zero", apo_zero_loss, {"beta": 0.1}, {}),
+        ("apo_down", apo_down_loss, {"beta": 0.1}, {}),
+        (
+            "ipo",
+            functools.partial(
+                ipo_loss,
+                length_normalise=True,
+                chosen_lengths=torch.tensor(CHOSEN_LEN),
+                rejected_lengths=torch.tensor(REJECTED_LEN),
+            ),
+            {"tau": 0.1},
+            {},
+        ),
+    ],
+)
 def test_dpo_trainer_losses_agree(loss_type: str, fn, kwargs: dict, trl_kwargs: dict) -> None:
     # 1e-7: TRL builds exo_pair's ε as a float32 tensor
     assert ours(fn, **kwargs) == pytest.approx(trl_dpo(loss_type, **trl_kwargs), abs=1e-7)
@@ -156,8 +192,12 @@ def test_cdpo_label_smoothing_ignored_by_trl_sigmoid() -> None:
 
 def test_trl_hinge_is_not_slic_hf() -> None:
     trl = trl_dpo("hinge")
-    slic = slic_hf_loss(policy_chosen_logps=PAIRS["policy_chosen_logps"],
-                        policy_rejected_logps=PAIRS["policy_rejected_logps"], delta=1.0, lam=0.0)
+    slic = slic_hf_loss(
+        policy_chosen_logps=PAIRS["policy_chosen_logps"],
+        policy_rejected_logps=PAIRS["policy_rejected_logps"],
+        delta=1.0,
+        lam=0.0,
+    )
     slic = slic.losses.mean().item()
     assert trl != pytest.approx(slic, abs=1e-3)
 
@@ -188,20 +228,37 @@ def test_kto_trainer_agrees() -> None:
     model = _FakeModel()
     model.register(inputs["input_ids"], per_token)
     model.register(kl_inputs["input_ids"], kl_per_token)
-    batch = inputs | {f"KL_{k}": v for k, v in kl_inputs.items()} | {
-        "label": labels, "ref_logps": reference, "ref_KL_logps": kl_reference}
+    batch = (
+        inputs
+        | {f"KL_{k}": v for k, v in kl_inputs.items()}
+        | {"label": labels, "ref_logps": reference, "ref_KL_logps": kl_reference}
+    )
     trainer = _trainer_self(calculate_KL=True, loss_type="kto", beta=0.1, desirable_weight=1.0, undesirable_weight=1.33)
     trainer._compute_kl_logps = functools.partial(KTOTrainer._compute_kl_logps, trainer)
     trl = KTOTrainer._compute_loss(trainer, model, batch, False).item()
-    out = kto_loss(policy_logps=policy, reference_logps=reference, labels=labels, policy_kl_logps=kl_policy,
-                   reference_kl_logps=kl_reference, beta=0.1, desirable_weight=1.0, undesirable_weight=1.33)
+    out = kto_loss(
+        policy_logps=policy,
+        reference_logps=reference,
+        labels=labels,
+        policy_kl_logps=kl_policy,
+        reference_kl_logps=kl_reference,
+        beta=0.1,
+        desirable_weight=1.0,
+        undesirable_weight=1.33,
+    )
     assert out.losses.mean().item() == pytest.approx(trl, abs=1e-10)
     assert out.metrics["kl"].item() == pytest.approx(trainer._metrics["train"]["kl"][-1], abs=1e-10)
 
 
 def _cpo_self(loss_type: str, beta: float, simpo_gamma: float = 0.5, label_smoothing: float = 0.0) -> SimpleNamespace:
-    return SimpleNamespace(alpha=0.0, loss_type=loss_type, beta=beta, simpo_gamma=simpo_gamma,
-                           label_smoothing=label_smoothing, accelerator=_Accelerator())
+    return SimpleNamespace(
+        alpha=0.0,
+        loss_type=loss_type,
+        beta=beta,
+        simpo_gamma=simpo_gamma,
+        label_smoothing=label_smoothing,
+        accelerator=_Accelerator(),
+    )
 
 
 def test_cpo_preference_term_agrees() -> None:
@@ -234,8 +291,9 @@ def test_cpo_nll_paper_sequence_vs_trl_token_mean() -> None:
     trl_ce = nn.CrossEntropyLoss()(ce_logits.view(-1, 7), labels.view(-1)).item()
     mask = labels != -100
     lp = torch.log_softmax(ce_logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    assert sft_loss(token_logps=lp, token_mask=mask, normalisation="batch_token_mean").losses.mean().item() == \
-        pytest.approx(trl_ce, abs=1e-10)
+    assert sft_loss(
+        token_logps=lp, token_mask=mask, normalisation="batch_token_mean"
+    ).losses.mean().item() == pytest.approx(trl_ce, abs=1e-10)
 
 
 def test_simpo_matches_trl_cpo_simpo_in_both_parametrisations() -> None:
@@ -249,8 +307,9 @@ def test_simpo_matches_trl_cpo_simpo_in_both_parametrisations() -> None:
     trl_default_beta = CPOTrainer.cpo_loss(_cpo_self("simpo", beta=0.1, simpo_gamma=0.5), w, lo)[0]
     assert not torch.allclose(trl_default_beta, trl, atol=1e-3)
     smoothed = CPOTrainer.cpo_loss(_cpo_self("simpo", beta=2.0, simpo_gamma=0.5, label_smoothing=0.2), w, lo)[0]
-    torch.testing.assert_close(simpo_loss(policy_chosen_logps=w, policy_rejected_logps=lo, label_smoothing=0.2).losses,
-                               smoothed)
+    torch.testing.assert_close(
+        simpo_loss(policy_chosen_logps=w, policy_rejected_logps=lo, label_smoothing=0.2).losses, smoothed
+    )
 
 
 def test_orpo_odds_ratio_agrees() -> None:
@@ -284,5 +343,6 @@ def test_orpo_nll_trl_includes_prompt_tokens() -> None:
     lp = torch.log_softmax(shift_logits, -1).gather(-1, shift_ids.unsqueeze(-1)).squeeze(-1)
     ours_nll = sft_loss(token_logps=lp, token_mask=completion[:, 1:].bool()).losses.item()
     assert ours_nll != pytest.approx(trl_nll, abs=1e-3)
-    assert sft_loss(token_logps=lp, token_mask=torch.ones_like(lp, dtype=torch.bool)).losses.item() == \
-        pytest.approx(trl_nll, abs=1e-10)
+    assert sft_loss(token_logps=lp, token_mask=torch.ones_like(lp, dtype=torch.bool)).losses.item() == pytest.approx(
+        trl_nll, abs=1e-10
+    )

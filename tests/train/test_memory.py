@@ -21,17 +21,24 @@ def test_fused_adamw_is_used_on_cpu_and_matches_the_default_update():
     fused_params, plain_params = _params(0), _params(0)
     fused = build_optimizer(fused_params, OPTIM)
     assert all(g["fused"] for g in fused.param_groups)
-    plain = torch.optim.AdamW([{"params": [p for p in plain_params if p.ndim >= 2], "weight_decay": 0.1},
-                               {"params": [p for p in plain_params if p.ndim < 2], "weight_decay": 0.0}],
-                              lr=1e-3, betas=(0.9, 0.999), eps=1e-8, foreach=True)
+    plain = torch.optim.AdamW(
+        [
+            {"params": [p for p in plain_params if p.ndim >= 2], "weight_decay": 0.1},
+            {"params": [p for p in plain_params if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        foreach=True,
+    )
     g = torch.Generator().manual_seed(1)
     for _ in range(5):
         grads = [torch.randn(p.shape, generator=g) for p in fused_params]
         for ps, opt in ((fused_params, fused), (plain_params, plain)):
-            for p, gr in zip(ps, grads):
+            for p, gr in zip(ps, grads, strict=True):
                 p.grad = gr.clone()
             opt.step()
-    for a, b in zip(fused_params, plain_params):
+    for a, b in zip(fused_params, plain_params, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     state = fused.state_dict()  # resumable like the default one
     again = build_optimizer(_params(0), OPTIM)
@@ -65,7 +72,9 @@ def test_reference_pass_on_packed_rows_never_calls_the_full_head(tiny_path):
     hook.remove()
     assert calls == []
     with torch.no_grad():
-        logps, mask = token_logps(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+        logps, mask = token_logps(
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]
+        )
     total = logps.sum(-1)
     n = total.shape[0] // 2
     torch.testing.assert_close(got["chosen_logps"], total[:n], rtol=1e-5, atol=1e-4)

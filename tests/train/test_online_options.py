@@ -19,8 +19,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/train/conftest.py
 
 def settings(mask: bool, name: str = "grpo"):
     return SimpleNamespace(
-        name=name, mask_truncated_completions=mask, epochs_per_rollout=1, mini_batches=1,
-        critic=SimpleNamespace(warmup_steps=0), kl=SimpleNamespace(placement="loss"),
+        name=name,
+        mask_truncated_completions=mask,
+        epochs_per_rollout=1,
+        mini_batches=1,
+        critic=SimpleNamespace(warmup_steps=0),
+        kl=SimpleNamespace(placement="loss"),
         generation=SimpleNamespace(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=6),
     )
 
@@ -40,7 +44,10 @@ def rollout(tiny_path):
     return r
 
 
-def updated(tiny_path, rollout, advantages, mask: bool, loss=partial(grpo_loss, aggregation="token_mean"), name="grpo"):
+GRPO_TOKEN_MEAN = partial(grpo_loss, aggregation="token_mean")
+
+
+def updated(tiny_path, rollout, advantages, mask: bool, loss=GRPO_TOKEN_MEAN, name="grpo"):
     """One optimizer step (SGD, lr 1) of the loop's policy_update; the weights after it."""
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
@@ -50,13 +57,26 @@ def updated(tiny_path, rollout, advantages, mask: bool, loss=partial(grpo_loss, 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     cfg = SimpleNamespace(optim=SimpleNamespace(batch_size=2, max_grad_norm=None), seed=0)
     state = online.OnlineState()
-    metrics = online.policy_update(model, {}, {}, opt, sched, {"advantages": torch.tensor(advantages)}, rollout, loss, state,
-                                   settings(mask, name), cfg, Accelerator(cpu=True))
+    metrics = online.policy_update(
+        model,
+        {},
+        {},
+        opt,
+        sched,
+        {"advantages": torch.tensor(advantages)},
+        rollout,
+        loss,
+        state,
+        settings(mask, name),
+        cfg,
+        Accelerator(cpu=True),
+    )
     return torch.cat([p.detach().flatten() for p in model.parameters()]), metrics
 
 
-@pytest.mark.parametrize("loss,name", [(partial(grpo_loss, aggregation="token_mean"), "grpo"),
-                                       (partial(rloo_loss), "rloo")])
+@pytest.mark.parametrize(
+    "loss,name", [(partial(grpo_loss, aggregation="token_mean"), "grpo"), (partial(rloo_loss), "rloo")]
+)
 def test_mask_truncated_completions_gives_truncated_rows_no_loss(tiny_path, rollout, loss, name):
     base = [1.0, -2.0, 0.5, 3.0]
     other = [1.0, 100.0, 0.5, -50.0]  # only the truncated rows' advantages differ
@@ -101,8 +121,15 @@ def test_running_normaliser_in_the_loop_state_and_remax_baseline():
     s1, _ = online.normalize(state, "reward_moments", torch.tensor([1.0, 2.0, 3.0]), None, "affine", 1e-8, acc)
     assert state.reward_moments == [3, pytest.approx(2.0), pytest.approx(1.0)]
     assert s1.tolist() == pytest.approx([-1.0, 0.0, 1.0])
-    s2, base = online.normalize(state, "reward_moments", torch.tensor([4.0, float("nan"), 5.0]), torch.tensor([3.0, 3.0, 3.0]),
-                                "affine", 1e-8, acc)
+    s2, base = online.normalize(
+        state,
+        "reward_moments",
+        torch.tensor([4.0, float("nan"), 5.0]),
+        torch.tensor([3.0, 3.0, 3.0]),
+        "affine",
+        1e-8,
+        acc,
+    )
     sd = math.sqrt(2.3)
     assert s2[0].item() == pytest.approx(1 / sd, abs=1e-6) and math.isnan(s2[1].item())
     assert base.tolist() == pytest.approx([0.0, 0.0, 0.0], abs=1e-7)  # the baseline uses, never updates, the stats
@@ -111,17 +138,20 @@ def test_running_normaliser_in_the_loop_state_and_remax_baseline():
 
 def test_settings_and_refusals():
     from synth.errors import ConfigError
-    from train.app import validate
-
     from tests.train.test_online import compose
+    from train.app import validate
 
     def check(*o):
         from omegaconf import OmegaConf
 
         return validate(OmegaConf.to_container(compose(*o, "data.path=x", "output_dir=y"), resolve=True))
 
-    cfg = check("loop=grpo", "loop.reward.function=m:f", "loop.mask_truncated_completions=true", "loop.normalize_reward=scale")
-    assert cfg.loop.mask_truncated_completions and cfg.loop.normalize_reward == "scale" and cfg.loop.normalize_eps == 1e-8
+    cfg = check(
+        "loop=grpo", "loop.reward.function=m:f", "loop.mask_truncated_completions=true", "loop.normalize_reward=scale"
+    )
+    assert (
+        cfg.loop.mask_truncated_completions and cfg.loop.normalize_reward == "scale" and cfg.loop.normalize_eps == 1e-8
+    )
     for bad in ("loop.normalize_eps=0", "loop.normalize_eps=2", "loop.normalize_reward=whiten"):
         with pytest.raises(ConfigError, match="normalize_"):
             check("loop=grpo", "loop.reward.function=m:f", bad)

@@ -17,19 +17,42 @@ def need_vllm_and_gpu():
         pytest.skip("needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("lora", [[], ["lora.enabled=true", "lora.r=8", "loop.generation.lora_sync=adapter"],
-                                  ["lora.enabled=true", "lora.r=8", "loop.generation.lora_sync=merged"]],
-                         ids=["full", "lora-adapter", "lora-merged"])
+@pytest.mark.parametrize(
+    "lora",
+    [
+        [],
+        ["lora.enabled=true", "lora.r=8", "loop.generation.lora_sync=adapter"],
+        ["lora.enabled=true", "lora.r=8", "loop.generation.lora_sync=merged"],
+    ],
+    ids=["full", "lora-adapter", "lora-merged"],
+)
 def test_grpo_with_colocated_vllm_syncs_and_learns(tmp_path, lora):
     from tests.train.test_online import WORDS, compose
     from train.app import run
 
     data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{WORDS[i % 13]} {WORDS[(i * 5) % 13]} {i}"}) + "\n" for i in range(32)))
-    run(compose(f"data.path={data}", f"output_dir={tmp_path / 'out'}", "progress=false", "log.plot=false", "loop=grpo",
-                "loop.reward.function=train.scorers:even_token_fraction", "loop.generation.backend=vllm",
-                "loop.generation.max_new_tokens=16", "loop.prompts_per_step=8", "optim.max_steps=12", "optim.lr=2e-2",
-                "optim.scheduler=constant", "optim.warmup_ratio=0", "checkpoint.every_steps=0", *lora))
+    data.write_text(
+        "".join(json.dumps({"prompt": f"{WORDS[i % 13]} {WORDS[(i * 5) % 13]} {i}"}) + "\n" for i in range(32))
+    )
+    run(
+        compose(
+            f"data.path={data}",
+            f"output_dir={tmp_path / 'out'}",
+            "progress=false",
+            "log.plot=false",
+            "loop=grpo",
+            "loop.reward.function=train.scorers:even_token_fraction",
+            "loop.generation.backend=vllm",
+            "loop.generation.max_new_tokens=16",
+            "loop.prompts_per_step=8",
+            "optim.max_steps=12",
+            "optim.lr=2e-2",
+            "optim.scheduler=constant",
+            "optim.warmup_ratio=0",
+            "checkpoint.every_steps=0",
+            *lora,
+        )
+    )
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["vllm/probe_abs_diff"] < 1e-3 for r in rows)  # every sync was proven by the probe
     assert sum(r["reward/mean"] for r in rows[-3:]) / 3 > sum(r["reward/mean"] for r in rows[:3]) / 3 + 0.1

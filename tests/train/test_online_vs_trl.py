@@ -35,8 +35,12 @@ def setup(tiny_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_path)
-    ids = [tok(tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-           for p in PROMPTS]
+    ids = [
+        tok(tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True), add_special_tokens=False)[
+            "input_ids"
+        ]
+        for p in PROMPTS
+    ]
     assert len(ids[0]) == len(ids[1])
     g = torch.Generator().manual_seed(0)
     completions = {}
@@ -68,10 +72,25 @@ def ours(tmp_path: Path, monkeypatch, completions, tok, overrides) -> dict:
     monkeypatch.setattr(online, "hf_generate", fake_generate)
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    run(compose(f"data.path={data}", f"output_dir={tmp_path / 'ours'}", "progress=false", "log.plot=false",
-                "log.tensorboard=false", "checkpoint.every_steps=0", "optim.max_steps=1", f"loop.prompts_per_step={P}",
-                f"loop.samples_per_prompt={N}", f"optim.batch_size={P * N}", "optim.lr=1e-5", "optim.scheduler=constant",
-                "optim.warmup_ratio=0", "loop.reward.function=tests.train.test_online_vs_trl:rule", *overrides))
+    run(
+        compose(
+            f"data.path={data}",
+            f"output_dir={tmp_path / 'ours'}",
+            "progress=false",
+            "log.plot=false",
+            "log.tensorboard=false",
+            "checkpoint.every_steps=0",
+            "optim.max_steps=1",
+            f"loop.prompts_per_step={P}",
+            f"loop.samples_per_prompt={N}",
+            f"optim.batch_size={P * N}",
+            "optim.lr=1e-5",
+            "optim.scheduler=constant",
+            "optim.warmup_ratio=0",
+            "loop.reward.function=tests.train.test_online_vs_trl:rule",
+            *overrides,
+        )
+    )
     return json.loads((tmp_path / "ours" / "metrics.jsonl").read_text().splitlines()[0])
 
 
@@ -79,13 +98,40 @@ def trl_step(tmp_path: Path, completions, tok, tiny_path, trainer_cls, config_cl
     from datasets import Dataset
 
     config = config_cls(
-        output_dir=str(tmp_path / "trl"), per_device_train_batch_size=P * N, gradient_accumulation_steps=1, num_generations=N,
-        max_completion_length=16, temperature=1.0, top_p=1.0, top_k=0, learning_rate=1e-5, lr_scheduler_type="constant",
-        warmup_steps=0, weight_decay=0.0, optim="adamw_torch", max_grad_norm=1.0, max_steps=1, bf16=False, fp16=False,
-        gradient_checkpointing=False, use_cpu=True, shuffle_dataset=False, seed=0, logging_steps=1, report_to="none",
-        save_strategy="no", disable_dropout=True, **settings)
-    trainer = trainer_cls(model=str(tiny_path), reward_funcs=[rule], args=config, processing_class=tok,
-                          train_dataset=Dataset.from_list([{"prompt": p} for p in PROMPTS]))
+        output_dir=str(tmp_path / "trl"),
+        per_device_train_batch_size=P * N,
+        gradient_accumulation_steps=1,
+        num_generations=N,
+        max_completion_length=16,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        optim="adamw_torch",
+        max_grad_norm=1.0,
+        max_steps=1,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        shuffle_dataset=False,
+        seed=0,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_dropout=True,
+        **settings,
+    )
+    trainer = trainer_cls(
+        model=str(tiny_path),
+        reward_funcs=[rule],
+        args=config,
+        processing_class=tok,
+        train_dataset=Dataset.from_list([{"prompt": p} for p in PROMPTS]),
+    )
     seen: dict[tuple, int] = {}
 
     def fake_single_turn(prompt_ids, *args, **kwargs):
@@ -112,18 +158,34 @@ def trl_step(tmp_path: Path, completions, tok, tiny_path, trainer_cls, config_cl
     return {"loss": losses[0], "grad_norm": float(grad)}
 
 
-@pytest.mark.parametrize("loss_type,beta,overrides", [
-    ("grpo", 0.0, ["loop=grpo"]),
-    ("dapo", 0.0, ["loop=grpo", "loss.fn.aggregation=token_mean"]),
-    ("grpo", 0.04, ["loop=grpo", "loop.kl.coef=0.04", "loop.kl.placement=loss", "loop.kl.estimator=k3_ratio"]),
-])
+@pytest.mark.parametrize(
+    "loss_type,beta,overrides",
+    [
+        ("grpo", 0.0, ["loop=grpo"]),
+        ("dapo", 0.0, ["loop=grpo", "loss.fn.aggregation=token_mean"]),
+        ("grpo", 0.04, ["loop=grpo", "loop.kl.coef=0.04", "loop.kl.placement=loss", "loop.kl.estimator=k3_ratio"]),
+    ],
+)
 def test_grpo_step_one_matches_trl(tmp_path, monkeypatch, setup, tiny_path, loss_type, beta, overrides):
     from trl import GRPOConfig, GRPOTrainer
 
     tok, completions = setup
-    theirs = trl_step(tmp_path, completions, tok, tiny_path, GRPOTrainer, GRPOConfig, beta=beta, loss_type=loss_type,
-                      epsilon=0.2, num_iterations=1, scale_rewards="group", use_bias_correction_kl=True,
-                      mask_truncated_completions=False, importance_sampling_level="token")
+    theirs = trl_step(
+        tmp_path,
+        completions,
+        tok,
+        tiny_path,
+        GRPOTrainer,
+        GRPOConfig,
+        beta=beta,
+        loss_type=loss_type,
+        epsilon=0.2,
+        num_iterations=1,
+        scale_rewards="group",
+        use_bias_correction_kl=True,
+        mask_truncated_completions=False,
+        importance_sampling_level="token",
+    )
     mine = ours(tmp_path, monkeypatch, completions, tok, overrides)
     assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-5)
     assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], abs=1e-5)
@@ -135,8 +197,19 @@ def test_rloo_step_one_matches_trl(tmp_path, monkeypatch, setup, tiny_path, beta
     from trl import RLOOConfig, RLOOTrainer
 
     tok, completions = setup
-    theirs = trl_step(tmp_path, completions, tok, tiny_path, RLOOTrainer, RLOOConfig, beta=beta, normalize_advantages=False,
-                      reward_clip_range=None, epsilon=0.2, num_iterations=1)
+    theirs = trl_step(
+        tmp_path,
+        completions,
+        tok,
+        tiny_path,
+        RLOOTrainer,
+        RLOOConfig,
+        beta=beta,
+        normalize_advantages=False,
+        reward_clip_range=None,
+        epsilon=0.2,
+        num_iterations=1,
+    )
     mine = ours(tmp_path, monkeypatch, completions, tok, ["loop=rloo", f"loop.kl.coef={beta}"])
     assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-5)
     assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], abs=1e-5)

@@ -31,8 +31,14 @@ from train.reference import (
 )
 
 TOL = dict(atol=1e-5, rtol=1e-6)
-PAIRS = [{"prompt": f"Question {i}: how do I bake bread?", "chosen": "Mix flour and water. " * (i % 3 + 1),
-          "rejected": "No." if i % 2 else "I cannot help with that request."} for i in range(5)]
+PAIRS = [
+    {
+        "prompt": f"Question {i}: how do I bake bread?",
+        "chosen": "Mix flour and water. " * (i % 3 + 1),
+        "rejected": "No." if i % 2 else "I cannot help with that request.",
+    }
+    for i in range(5)
+]
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +75,9 @@ def test_cache_is_reused_when_nothing_changes(tiny_model, pair_ds, tmp_path):
         torch.testing.assert_close(second.tensors[name], value, atol=0, rtol=0)
 
 
-def test_cache_is_recomputed_when_anything_changes(tiny_model, fresh_tiny_model, tiny_path, pair_ds, tiny_tokenizer,
-                                                   tmp_path):
+def test_cache_is_recomputed_when_anything_changes(
+    tiny_model, fresh_tiny_model, tiny_path, pair_ds, tiny_tokenizer, tmp_path
+):
     from transformers import AutoModelForCausalLM
 
     base = precompute(tiny_model, pair_ds, tmp_path, settings={"max_length": 1024})
@@ -78,8 +85,12 @@ def test_cache_is_recomputed_when_anything_changes(tiny_model, fresh_tiny_model,
     changed = [
         precompute(tiny_model, pair_ds, tmp_path, settings={"max_length": 512}),  # tokenisation settings
         precompute(tiny_model, pair_ds.select([1, 0, 2, 3, 4]), tmp_path, settings={"max_length": 1024}),  # order
-        precompute(tiny_model, tokenize_dataset(normalise_rows(PAIRS[:4] + [dict(PAIRS[4], rejected="Nope.")]),
-                                                tiny_tokenizer)[0], tmp_path, settings={"max_length": 1024}),  # data
+        precompute(
+            tiny_model,
+            tokenize_dataset(normalise_rows(PAIRS[:4] + [dict(PAIRS[4], rejected="Nope.")]), tiny_tokenizer)[0],
+            tmp_path,
+            settings={"max_length": 1024},
+        ),  # data
     ]
     with torch.no_grad():
         fresh_tiny_model.model.layers[0].mlp.up_proj.weight.add_(1e-3)  # the weights
@@ -99,9 +110,11 @@ def test_fingerprints_are_stable_and_content_based(tiny_model, fresh_tiny_model,
 
 
 def test_ranked_reference_logps_are_per_response(tiny_model, tiny_tokenizer, tmp_path):
-    rows = [{"prompt": "q", "responses": ["a", "bb", "ccc"], "scores": [1, 2, 3]},
-            {"prompt": "r", "responses": ["d", "ee"], "scores": [2, 1]},
-            {"prompt": "s", "responses": ["f", "gg", "h", "ii"], "scores": [4, 3, 2, 1]}]
+    rows = [
+        {"prompt": "q", "responses": ["a", "bb", "ccc"], "scores": [1, 2, 3]},
+        {"prompt": "r", "responses": ["d", "ee"], "scores": [2, 1]},
+        {"prompt": "s", "responses": ["f", "gg", "h", "ii"], "scores": [4, 3, 2, 1]},
+    ]
     ds = tokenize_dataset(normalise_rows(rows), tiny_tokenizer)[0]
     ref = precompute(tiny_model, ds, tmp_path, kind="ranked")  # batch_size 2: batches with Kmax 3 and 4
     attached = ref.attach(ds)
@@ -111,7 +124,9 @@ def test_ranked_reference_logps_are_per_response(tiny_model, tiny_tokenizer, tmp
     with torch.no_grad():
         single = make_collator("ranked", 0)([ds[1]])
         logits = tiny_model(input_ids=single["input_ids"], attention_mask=single["attention_mask"]).logits
-    torch.testing.assert_close(torch.tensor(attached[1]["ref_logps"]), sequence_logps(logits, single["labels"])[0], **TOL)
+    torch.testing.assert_close(
+        torch.tensor(attached[1]["ref_logps"]), sequence_logps(logits, single["labels"])[0], **TOL
+    )
 
 
 def test_unpaired_reference_logps_include_fixed_kl_pairs(tiny_model, tiny_tokenizer, tmp_path):
@@ -131,8 +146,9 @@ def test_precompute_restores_train_mode_and_rejects_sft(fresh_tiny_model, pair_d
     precompute(fresh_tiny_model, pair_ds, tmp_path)
     assert fresh_tiny_model.training
     with pytest.raises(ValueError, match="preference data"):
-        precompute(fresh_tiny_model, Dataset.from_dict({"input_ids": [[1, 2]], "labels": [[1, 2]]}), tmp_path,
-                   kind="sft")
+        precompute(
+            fresh_tiny_model, Dataset.from_dict({"input_ids": [[1, 2]], "labels": [[1, 2]]}), tmp_path, kind="sft"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- TR-DPO
@@ -165,7 +181,7 @@ def test_updates_mix_every_parameter_of_a_model(tiny_model, fresh_tiny_model):
         for p in ref.parameters():
             p.zero_()
     soft_update(ref, tiny_model, alpha=0.25)
-    for (_, r), (_, p) in zip(ref.named_parameters(), tiny_model.named_parameters()):
+    for (_, r), (_, p) in zip(ref.named_parameters(), tiny_model.named_parameters(), strict=True):
         torch.testing.assert_close(r, 0.25 * p, **TOL)
 
 
@@ -236,8 +252,12 @@ def test_curry_pairs_worked_example():
 
 
 def test_curry_iterations_from_ranked_rows():
-    ranked = normalise_rows([{"id": "a", "prompt": "q", "responses": ["r1", "r2", "r3"], "scores": [5, 4, 1]},
-                             {"id": "b", "prompt": "p", "responses": ["s1", "s2"], "scores": [0, 2]}])
+    ranked = normalise_rows(
+        [
+            {"id": "a", "prompt": "q", "responses": ["r1", "r2", "r3"], "scores": [5, 4, 1]},
+            {"id": "b", "prompt": "p", "responses": ["s1", "s2"], "scores": [0, 2]},
+        ]
+    )
     iterations = curry_iterations(ranked)
     assert [len(it) for it in iterations] == [2, 1]
     first = iterations[0]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.train.test_loops import train, toy_pairs, write_records
+from tests.train.test_loops import toy_pairs, train, write_records
 
 
 def test_soft_labels_are_reported(tmp_path, capsys):
@@ -14,6 +14,10 @@ def test_soft_labels_are_reported(tmp_path, capsys):
     assert summary["soft_labels"] == 4
     out = capsys.readouterr().out
     assert "4 of 8 pairs carry p_chosen" in out and "soft labels: 4 pairs" in out
-    plain = train(tmp_path / "hard", f"data.path={write_records(tmp_path / 'hard.jsonl', toy_pairs(8))}",
-                  "optim.max_steps=1", "optim.batch_size=4")
+    plain = train(
+        tmp_path / "hard",
+        f"data.path={write_records(tmp_path / 'hard.jsonl', toy_pairs(8))}",
+        "optim.max_steps=1",
+        "optim.batch_size=4",
+    )
     assert "soft_labels" not in plain

@@ -23,9 +23,18 @@ def test_trl_dpo_trainer_reads_our_preferences_and_trains(tmp_path, tiny_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_path)
     tokenizer = AutoTokenizer.from_pretrained(tiny_path)
     args = trl.DPOConfig(
-        output_dir=str(tmp_path / "trl"), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
-        bf16=False, gradient_checkpointing=False, max_length=64, report_to=[], logging_steps=1, save_strategy="no",
-        use_cpu=True, dataloader_num_workers=0,
+        output_dir=str(tmp_path / "trl"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        bf16=False,
+        gradient_checkpointing=False,
+        max_length=64,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
     )
     trainer = trl.DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
     result = trainer.train()

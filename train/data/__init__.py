@@ -12,9 +12,9 @@ What a loop calls, top to bottom::
 Accepted inputs (`load_records`): jsonl / json (optionally .gz), parquet, a `save_to_disk` folder, or a
 hub dataset name. Row shapes: sft `messages`; pairwise `prompt`,`chosen`,`rejected` (+ optional `prompt_rejected`: the
 rejected side's own instruction, a DOVE joint pair; accepted only by losses with `distinct_prompts`; synth's
-joint rows `prompt_a`,`response_a`,`prompt_b`,`response_b`,`label` (a|b), `p_a` are read as such pairs) (TRL conversational
-lists of {role, content}, TRL standard strings, or TRL's implicit prompt: no `prompt`, full conversations
-in `chosen`/`rejected`); hh-rlhf texts "\\n\\nHuman: ...\\n\\nAssistant: ..." (the shared message prefix
+joint rows `prompt_a`,`response_a`,`prompt_b`,`response_b`,`label` (a|b), `p_a` are read as such pairs)
+(TRL conversational lists of {role, content}, TRL standard strings, or TRL's implicit prompt: no `prompt`, full
+conversations in `chosen`/`rejected`); hh-rlhf texts "\\n\\nHuman: ...\\n\\nAssistant: ..." (the shared message prefix
 becomes the prompt, the rest the completion); ranked `prompt`,`responses`,`scores`; D2O `prompt`,`samples`
 (the model's own K responses), `rejected` (the human negative), read as a ranked list of K+1 (samples score 1,
 the negative 0); unpaired
@@ -36,8 +36,9 @@ Batch keys (right padding; `labels` is -100 on prompt and padding; pad ids never
     sft       input_ids, attention_mask, labels                                       [B, T]
     pairwise  input_ids, attention_mask, labels [2B, T]: rows 0..B-1 chosen, B..2B-1 rejected;
               optional [B, D] prompt_embeddings (rows with a `prompt_embedding` column, Relative PO);
-              optional [B] floats: score_chosen, score_rejected, margin, p_chosen, reward_/cost_chosen/rejected, ref_chosen_logps,
-              ref_rejected_logps, ref_chosen_logps_mean, ref_rejected_logps_mean (NaN where a row lacks it)
+              optional [B] floats: score_chosen, score_rejected, margin, p_chosen, reward_/cost_chosen/rejected,
+              ref_chosen_logps, ref_rejected_logps, ref_chosen_logps_mean, ref_rejected_logps_mean
+              (NaN where a row lacks it)
     ranked    input_ids, attention_mask, labels [sum(k), T]; list_index [B, Kmax] (row of each
               response in the flat batch, 0 where padded), list_mask [B, Kmax] bool, scores [B, Kmax];
               optional ref_logps, ref_logps_mean [B, Kmax]
@@ -85,8 +86,26 @@ from train.data.tokenize import (
 )
 
 __all__ = [
-    "IGNORE_INDEX", "PAIR_REF", "PAIR_SCALARS", "UNPAIRED_REF", "DataError", "PairCollator", "RankedCollator",
-    "RowKind", "SFTCollator", "TokenisationReport", "TokenizeConfig", "UnpairedCollator", "read_rows",
-    "add_kl_completions", "detect_kind", "has_distinct_prompts", "hh_to_messages", "load_records", "make_collator", "normalise_rows",
-    "require_chat_template", "tokenize_dataset",
+    "IGNORE_INDEX",
+    "PAIR_REF",
+    "PAIR_SCALARS",
+    "UNPAIRED_REF",
+    "DataError",
+    "PairCollator",
+    "RankedCollator",
+    "RowKind",
+    "SFTCollator",
+    "TokenisationReport",
+    "TokenizeConfig",
+    "UnpairedCollator",
+    "read_rows",
+    "add_kl_completions",
+    "detect_kind",
+    "has_distinct_prompts",
+    "hh_to_messages",
+    "load_records",
+    "make_collator",
+    "normalise_rows",
+    "require_chat_template",
+    "tokenize_dataset",
 ]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -26,19 +27,25 @@ def _pad(seqs: Sequence[Sequence[int]], value: int, multiple: int | None) -> tor
     return out
 
 
-def _sequences(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
-               multiple: int | None = None) -> dict[str, torch.Tensor]:
+def _sequences(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, multiple: int | None = None
+) -> dict[str, torch.Tensor]:
     """(prompt_ids, completion_ids) pairs -> input_ids / attention_mask / labels (completion only)."""
     ids = [list(p) + list(c) for p, c in pairs]
     labels = [[IGNORE_INDEX] * len(p) + list(c) for p, c in pairs]
-    return {"input_ids": _pad(ids, pad_id, multiple),
-            "attention_mask": _pad([[1] * len(x) for x in ids], 0, multiple),
-            "labels": _pad(labels, IGNORE_INDEX, multiple)}
+    return {
+        "input_ids": _pad(ids, pad_id, multiple),
+        "attention_mask": _pad([[1] * len(x) for x in ids], 0, multiple),
+        "labels": _pad(labels, IGNORE_INDEX, multiple),
+    }
 
 
 def _scalars(rows: Sequence[Mapping[str, Any]], keys: Iterable[str]) -> dict[str, torch.Tensor]:
-    return {k: torch.tensor([math.nan if r[k] is None else float(r[k]) for r in rows], dtype=torch.float32)
-            for k in keys if k in rows[0]}
+    return {
+        k: torch.tensor([math.nan if r[k] is None else float(r[k]) for r in rows], dtype=torch.float32)
+        for k in keys
+        if k in rows[0]
+    }
 
 
 @dataclass
@@ -48,9 +55,11 @@ class SFTCollator:
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [r["input_ids"] for r in rows]
-        return {"input_ids": _pad(ids, self.pad_token_id, self.pad_to_multiple_of),
-                "attention_mask": _pad([[1] * len(x) for x in ids], 0, self.pad_to_multiple_of),
-                "labels": _pad([r["labels"] for r in rows], IGNORE_INDEX, self.pad_to_multiple_of)}
+        return {
+            "input_ids": _pad(ids, self.pad_token_id, self.pad_to_multiple_of),
+            "attention_mask": _pad([[1] * len(x) for x in ids], 0, self.pad_to_multiple_of),
+            "labels": _pad([r["labels"] for r in rows], IGNORE_INDEX, self.pad_to_multiple_of),
+        }
 
 
 @dataclass
@@ -63,8 +72,12 @@ class PairCollator:
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         pairs = [(r["prompt_ids"], r["chosen_ids"]) for r in rows] + [
-            (r.get("rejected_prompt_ids") or r["prompt_ids"], r["rejected_ids"]) for r in rows]
-        batch = {**_sequences(pairs, self.pad_token_id, self.pad_to_multiple_of), **_scalars(rows, PAIR_SCALARS + PAIR_REF)}
+            (r.get("rejected_prompt_ids") or r["prompt_ids"], r["rejected_ids"]) for r in rows
+        ]
+        batch = {
+            **_sequences(pairs, self.pad_token_id, self.pad_to_multiple_of),
+            **_scalars(rows, PAIR_SCALARS + PAIR_REF),
+        }
         if "prompt_embedding" in rows[0]:  # Relative PO: [B, D] frozen prompt embeddings (train.embeddings)
             batch["prompt_embeddings"] = torch.tensor([r["prompt_embedding"] for r in rows], dtype=torch.float32)
         return batch
@@ -103,8 +116,9 @@ class UnpairedCollator:
     max_length: int | None = None  # the KL sequences are cut to this, like the matched ones were
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = _sequences([(r["prompt_ids"], r["completion_ids"]) for r in rows], self.pad_token_id,
-                           self.pad_to_multiple_of)
+        batch = _sequences(
+            [(r["prompt_ids"], r["completion_ids"]) for r in rows], self.pad_token_id, self.pad_to_multiple_of
+        )
         batch["label"] = torch.tensor([bool(r["label"]) for r in rows])
         batch.update(_scalars(rows, UNPAIRED_REF))
         if self.kl:
@@ -120,15 +134,21 @@ class UnpairedCollator:
         else:
             completions = [rows[i - 1]["completion_ids"] for i in range(len(rows))]
         room = [None if self.max_length is None else max(0, self.max_length - len(r["prompt_ids"])) for r in rows]
-        return [(r["prompt_ids"], c[:n]) for r, c, n in zip(rows, completions, room)]
+        return [(r["prompt_ids"], c[:n]) for r, c, n in zip(rows, completions, room, strict=True)]
 
 
-def make_collator(kind: RowKind | Literal["listwise"], pad_token_id: int | None,
-                  **kwargs: Any) -> SFTCollator | PairCollator | RankedCollator | UnpairedCollator:
+def make_collator(
+    kind: RowKind | Literal["listwise"], pad_token_id: int | None, **kwargs: Any
+) -> SFTCollator | PairCollator | RankedCollator | UnpairedCollator:
     """The collator for a row kind. `pad_token_id` None (a tokenizer without one) pads with 0: padded
     positions are masked and carry label -100, so the pad id never changes a result."""
-    classes = {"sft": SFTCollator, "pairwise": PairCollator, "ranked": RankedCollator, "unpaired": UnpairedCollator,
-               "listwise": RankedCollator}  # "listwise" is the loss YAMLs' name for ranked rows
+    classes = {
+        "sft": SFTCollator,
+        "pairwise": PairCollator,
+        "ranked": RankedCollator,
+        "unpaired": UnpairedCollator,
+        "listwise": RankedCollator,
+    }  # "listwise" is the loss YAMLs' name for ranked rows
     if kind not in classes:
         raise ValueError(f"unknown row kind {kind!r}; valid: {sorted(classes)}")
     return classes[kind](pad_token_id=0 if pad_token_id is None else pad_token_id, **kwargs)

@@ -13,7 +13,8 @@ is dropped and counted. Output rows {id, prompt, samples, rejected} are what `lo
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from train.data.load import DataError, read_rows
 
@@ -30,8 +31,9 @@ def load_generations(path: str) -> list[Mapping[str, Any]]:
     return rows
 
 
-def d2o_rows(generations: Iterable[Mapping[str, Any]], negatives: Iterable[Mapping[str, Any]],
-             max_samples: int | None = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def d2o_rows(
+    generations: Iterable[Mapping[str, Any]], negatives: Iterable[Mapping[str, Any]], max_samples: int | None = None
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """(D2O rows, counts: joined, no_generation, no_samples, duplicate_samples, truncated_samples)."""
     samples: dict[str, list[str]] = {}
     counts = {"joined": 0, "no_generation": 0, "no_samples": 0, "duplicate_samples": 0, "truncated_samples": 0}

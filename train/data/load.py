@@ -9,9 +9,10 @@ import json
 import math
 import re
 import zlib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping
+from typing import Any, Literal
 
 from datasets import Dataset
 
@@ -26,8 +27,16 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
     "unpaired": ("prompt", "completion", "label"),
     "sft": ("messages",),
 }
-PAIR_SCALARS = ("score_chosen", "score_rejected", "margin", "p_chosen",
-                "reward_chosen", "reward_rejected", "cost_chosen", "cost_rejected")
+PAIR_SCALARS = (
+    "score_chosen",
+    "score_rejected",
+    "margin",
+    "p_chosen",
+    "reward_chosen",
+    "reward_rejected",
+    "cost_chosen",
+    "cost_rejected",
+)
 # D2O rows {prompt, samples: [K responses], rejected} become ranked lists (samples 1, the negative 0).
 _D2O_SHAPE = ("prompt", "samples", "rejected")
 # DOVE joint preferences as synth's judge mode=joint writes them (JointPreferenceRecord): two (instruction,
@@ -39,17 +48,17 @@ _JOINT_SHAPE = ("prompt_a", "response_a", "prompt_b", "response_b", "label")
 # ----------------------------------------------------------------------------------------------- loading
 
 
-def load_records(path: str | Path, *, split: str = "train", kind: RowKind | None = None,
-                 limit: int | None = None) -> Dataset:
+def load_records(
+    path: str | Path, *, split: str = "train", kind: RowKind | None = None, limit: int | None = None
+) -> Dataset:
     """Load a file / `save_to_disk` folder / hub dataset and return it with the canonical columns."""
     rows = read_rows(path, split)
     if limit is not None:
-        rows = (row for i, row in zip(range(limit), rows))
+        rows = (row for i, row in zip(range(limit), rows, strict=False))
     return normalise_rows(rows, source=str(path), kind=kind)
 
 
-def normalise_rows(rows: Iterable[Mapping[str, Any]], *, source: str = "rows",
-                   kind: RowKind | None = None) -> Dataset:
+def normalise_rows(rows: Iterable[Mapping[str, Any]], *, source: str = "rows", kind: RowKind | None = None) -> Dataset:
     """Validate rows of any accepted shape and convert them to the canonical columns of their kind."""
     out: list[dict[str, Any]] = []
     for i, row in enumerate(rows):
@@ -71,8 +80,15 @@ def has_distinct_prompts(dataset: Dataset) -> bool:
 def detect_kind(dataset: Dataset) -> RowKind:
     """The row kind of a canonical or tokenised dataset, from its columns."""
     cols = set(dataset.column_names)
-    markers = {"responses": "ranked", "response_ids": "ranked", "chosen": "pairwise", "chosen_ids": "pairwise",
-               "label": "unpaired", "messages": "sft", "input_ids": "sft"}
+    markers = {
+        "responses": "ranked",
+        "response_ids": "ranked",
+        "chosen": "pairwise",
+        "chosen_ids": "pairwise",
+        "label": "unpaired",
+        "messages": "sft",
+        "input_ids": "sft",
+    }
     for marker, kind in markers.items():
         if marker in cols:
             return kind  # type: ignore[return-value]
@@ -94,8 +110,10 @@ def _detect(keys: Iterable[str], where: str) -> RowKind:
     if not keys & (set(_REQUIRED[best]) - {"prompt"}):
         raise DataError(f"{where}: unknown row shape (keys: {sorted(keys)}; accepted shapes: {shapes})")
     missing = [f for f in _REQUIRED[best] if f not in keys]
-    raise DataError(f"{where}: looks like a {best} row but is missing field(s) {missing} "
-                    f"(keys present: {sorted(keys)}; accepted shapes: {shapes})")
+    raise DataError(
+        f"{where}: looks like a {best} row but is missing field(s) {missing} "
+        f"(keys present: {sorted(keys)}; accepted shapes: {shapes})"
+    )
 
 
 def read_rows(path: str | Path, split: str) -> Iterable[Mapping[str, Any]]:
@@ -131,8 +149,10 @@ def _readable(p: Path, where: Callable[[], str]):
     try:
         yield
     except UnicodeDecodeError as e:
-        raise DataError(f"{p}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} {where()}); "
-                        "convert it to UTF-8 (e.g. iconv -t utf-8)") from None
+        raise DataError(
+            f"{p}: not UTF-8 text (byte {e.object[e.start : e.start + 1]!r} {where()}); "
+            "convert it to UTF-8 (e.g. iconv -t utf-8)"
+        ) from None
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"{p}: the gzip file is truncated or corrupt {where()} ({e})") from None
 
@@ -146,8 +166,10 @@ def _read_jsonl(p: Path) -> Iterable[Mapping[str, Any]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{p}: line {line_no}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r}); "
-                                "convert it to UTF-8 (e.g. iconv -t utf-8)") from None
+                raise DataError(
+                    f"{p}: line {line_no}: not UTF-8 text (byte {raw[e.start : e.start + 1]!r}); "
+                    "convert it to UTF-8 (e.g. iconv -t utf-8)"
+                ) from None
             if line.strip():
                 try:
                     yield json.loads(line)
@@ -202,7 +224,7 @@ def hh_to_messages(text: str) -> list[dict[str, str]]:
     such as Llama 2's reject them) are merged with a blank line."""
     parts = _HH_TURN.split("\n\n" + text.lstrip())
     messages: list[dict[str, str]] = []
-    for speaker, content in zip(parts[1::2], parts[2::2]):
+    for speaker, content in zip(parts[1::2], parts[2::2], strict=True):
         role = "user" if speaker == "Human" else "assistant"
         if messages and messages[-1]["role"] == role:
             messages[-1]["content"] += "\n\n" + content.strip()
@@ -234,8 +256,9 @@ def _to_messages(value: Any, role: str, where: _Where, name: str, *, strip: bool
 def _completion(value: Any, where: _Where, name: str, *, strip: bool = False) -> list[dict]:
     messages = _to_messages(value, "assistant", where, name, strip=strip)
     if not messages or any(m["role"] != "assistant" for m in messages):
-        raise where.error(name, f"a completion must be one or more assistant messages, got roles "
-                                f"{[m['role'] for m in messages]}")
+        raise where.error(
+            name, f"a completion must be one or more assistant messages, got roles {[m['role'] for m in messages]}"
+        )
     return messages
 
 
@@ -257,9 +280,13 @@ def _joint_to_pair(row: Mapping[str, Any], where: _Where) -> dict[str, Any]:
     if label not in ("a", "b"):
         raise where.error("label", f"expected 'a' or 'b' (the preferred side), got {label!r}")
     win, lose = (label, "b" if label == "a" else "a")
-    out = {**{k: v for k, v in row.items() if k not in _JOINT_SHAPE and k != "p_a"},
-           "prompt": row[f"prompt_{win}"], "chosen": row[f"response_{win}"],
-           "prompt_rejected": row[f"prompt_{lose}"], "rejected": row[f"response_{lose}"]}
+    out = {
+        **{k: v for k, v in row.items() if k not in _JOINT_SHAPE and k != "p_a"},
+        "prompt": row[f"prompt_{win}"],
+        "chosen": row[f"response_{win}"],
+        "prompt_rejected": row[f"prompt_{lose}"],
+        "rejected": row[f"response_{lose}"],
+    }
     if row.get("p_a") is not None:
         p_a = _number(row["p_a"], where, "p_a")
         out["p_chosen"] = p_a if label == "a" else 1.0 - p_a
@@ -277,13 +304,18 @@ def _norm_pairwise(row: Mapping[str, Any], where: _Where) -> dict[str, Any]:
     else:
         prompt = _to_messages(row["prompt"], "user", where, "prompt")
         chosen, rejected = row.get("chosen"), row.get("rejected")
-    out = {"id": _row_id(row, where), "prompt": prompt,
-           "chosen": _completion(chosen, where, "chosen", strip=hh),
-           "rejected": _completion(rejected, where, "rejected", strip=hh)}
+    out = {
+        "id": _row_id(row, where),
+        "prompt": prompt,
+        "chosen": _completion(chosen, where, "chosen", strip=hh),
+        "rejected": _completion(rejected, where, "rejected", strip=hh),
+    }
     other = row.get("prompt_rejected", (row.get("meta") or {}).get("prompt_rejected"))
     if other is not None:  # DOVE: the rejected side's own instruction (top level, or inside `meta`)
         if row.get("prompt") is None:
-            raise where.error("prompt", "a row with prompt_rejected (a joint DOVE pair) needs its chosen side's prompt too")
+            raise where.error(
+                "prompt", "a row with prompt_rejected (a joint DOVE pair) needs its chosen side's prompt too"
+            )
         out["prompt_rejected"] = _to_messages(other, "user", where, "prompt_rejected")
     for key in PAIR_SCALARS:
         if row.get(key) is not None:
@@ -302,17 +334,24 @@ def _norm_ranked(row: Mapping[str, Any], where: _Where) -> dict[str, Any]:
         raise where.error("responses", "expected a list of at least 2 responses")
     if not isinstance(scores, list) or len(scores) != len(responses):
         raise where.error("scores", f"expected a list of {len(responses)} numbers, one per response")
-    return {"id": _row_id(row, where), "prompt": _to_messages(row["prompt"], "user", where, "prompt"),
-            "responses": [_completion(r, where, f"responses[{j}]") for j, r in enumerate(responses)],
-            "scores": [_number(s, where, f"scores[{j}]") for j, s in enumerate(scores)]}
+    return {
+        "id": _row_id(row, where),
+        "prompt": _to_messages(row["prompt"], "user", where, "prompt"),
+        "responses": [_completion(r, where, f"responses[{j}]") for j, r in enumerate(responses)],
+        "scores": [_number(s, where, f"scores[{j}]") for j, s in enumerate(scores)],
+    }
 
 
 def _norm_unpaired(row: Mapping[str, Any], where: _Where) -> dict[str, Any]:
     label = row["label"]
     if not isinstance(label, bool) and label not in (0, 1):
         raise where.error("label", f"expected a boolean (desirable or not), got {label!r}")
-    return {"id": _row_id(row, where), "prompt": _to_messages(row["prompt"], "user", where, "prompt"),
-            "completion": _completion(row["completion"], where, "completion"), "label": bool(label)}
+    return {
+        "id": _row_id(row, where),
+        "prompt": _to_messages(row["prompt"], "user", where, "prompt"),
+        "completion": _completion(row["completion"], where, "completion"),
+        "label": bool(label),
+    }
 
 
 def _norm_sft(row: Mapping[str, Any], where: _Where) -> dict[str, Any]:

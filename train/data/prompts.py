@@ -8,7 +8,8 @@ template and the generation prompt; a prompt over `max_prompt_length` keeps its 
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from synth.errors import DataError
 from train.data.load import _is_hh, hh_to_messages, read_rows
@@ -50,12 +51,15 @@ def load_prompts(path: str, split: str = "train", limit: int | None = None) -> l
     return prompts
 
 
-def encode_prompts(prompts: list[Messages], tokenizer, chat_template: str | None, max_prompt_length: int | None,
-                   drop_overlong: bool) -> tuple[list[list[int]], list[int], int]:
+def encode_prompts(
+    prompts: list[Messages], tokenizer, chat_template: str | None, max_prompt_length: int | None, drop_overlong: bool
+) -> tuple[list[list[int]], list[int], int]:
     """(token ids per kept prompt, indices of the kept prompts, number truncated). Over-long prompts keep
     their end (the question) unless drop_overlong."""
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True, chat_template=chat_template)
-             for p in prompts]
+    texts = [
+        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True, chat_template=chat_template)
+        for p in prompts
+    ]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     kept, index, truncated = [], [], 0
     for i, row in enumerate(ids):

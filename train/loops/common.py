@@ -11,9 +11,10 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -104,8 +105,10 @@ def prepare_output_dir(output_dir: str | Path, resume: bool, is_main: bool) -> P
 
     out = Path(output_dir).expanduser()
     if not resume and find_last_checkpoint(out) is not None:
-        raise ConfigError(f"output_dir={out} already holds checkpoints of a run; pass resume=true to continue it, "
-                          "or choose another output_dir")
+        raise ConfigError(
+            f"output_dir={out} already holds checkpoints of a run; pass resume=true to continue it, "
+            "or choose another output_dir"
+        )
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
     return out
@@ -176,10 +179,15 @@ def tokenize_config(cfg):
     from train.data import TokenizeConfig
 
     d = cfg.data
-    return TokenizeConfig(max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-                          truncation_mode=d.truncation_mode, assistant_turns=d.assistant_turns,
-                          chat_template=cfg.model.chat_template,
-                          distinct_prompts=cfg.loss.distinct_prompts, joint_prompts=cfg.loss.joint_distribution)
+    return TokenizeConfig(
+        max_length=d.max_length,
+        max_prompt_length=d.max_prompt_length,
+        truncation_mode=d.truncation_mode,
+        assistant_turns=d.assistant_turns,
+        chat_template=cfg.model.chat_template,
+        distinct_prompts=cfg.loss.distinct_prompts,
+        joint_prompts=cfg.loss.joint_distribution,
+    )
 
 
 def tokenize_checked(rows, tokenizer, cfg, kind: str, source: str):
@@ -193,10 +201,13 @@ def tokenize_checked(rows, tokenizer, cfg, kind: str, source: str):
         raise DataError(
             f"{source}: {report.dropped_prompt_too_long} row(s) have a prompt that alone fills "
             f"data.max_length={cfg.data.max_length} tokens (row ids: {ids}); set data.max_prompt_length=<n> to "
-            f"truncate prompts, raise data.max_length, or set data.drop_overlong=true to skip them")
+            f"truncate prompts, raise data.max_length, or set data.drop_overlong=true to skip them"
+        )
     if len(tok) == 0:
-        raise DataError(f"{source}: no rows left after tokenisation ({report.rows_in} in; "
-                        f"{report.dropped_prompt_too_long} over-long, {report.dropped_empty_completion} empty)")
+        raise DataError(
+            f"{source}: no rows left after tokenisation ({report.rows_in} in; "
+            f"{report.dropped_prompt_too_long} over-long, {report.dropped_empty_completion} empty)"
+        )
     return tok, report
 
 
@@ -212,7 +223,9 @@ def load_data(cfg, tokenizer, kind: str, convert: Callable | None = None) -> Tra
     train, report = tokenize_checked(rows, tokenizer, cfg, kind, cfg.data.path)
     ev, ev_report = (None, None)
     if eval_rows is not None and len(eval_rows):
-        ev, ev_report = tokenize_checked(eval_rows, tokenizer, cfg, kind, cfg.data.eval_path or f"{cfg.data.path} (eval split)")
+        ev, ev_report = tokenize_checked(
+            eval_rows, tokenizer, cfg, kind, cfg.data.eval_path or f"{cfg.data.path} (eval split)"
+        )
     return TrainData(train, ev, report, ev_report)
 
 
@@ -221,13 +234,22 @@ def check_enough_rows(n_rows: int, cfg, world_size: int, source: str) -> None:
 
     need = cfg.optim.batch_size * cfg.optim.grad_accum * world_size
     if n_rows < need:
-        raise DataError(f"{source}: {n_rows} usable row(s), but one optimizer step needs optim.batch_size x "
-                        f"optim.grad_accum x processes = {need}; lower optim.batch_size or add data")
+        raise DataError(
+            f"{source}: {n_rows} usable row(s), but one optimizer step needs optim.batch_size x "
+            f"optim.grad_accum x processes = {need}; lower optim.batch_size or add data"
+        )
 
 
 def truncation_counts(report) -> dict[str, int]:
-    keys = ("rows_in", "rows_out", "prompt_truncated", "rejected_prompt_truncated", "completion_truncated",
-            "dropped_prompt_too_long", "dropped_empty_completion")
+    keys = (
+        "rows_in",
+        "rows_out",
+        "prompt_truncated",
+        "rejected_prompt_truncated",
+        "completion_truncated",
+        "dropped_prompt_too_long",
+        "dropped_empty_completion",
+    )
     return {k: getattr(report, k) for k in keys if report is not None}
 
 
@@ -281,16 +303,20 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], optim) -> torch.optim.
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kwargs = {"fused": True} if _fused_adamw_ok(params) else {}
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                             **kwargs)
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, **kwargs
+    )
 
 
 def _fused_adamw_ok(params: list[torch.nn.Parameter]) -> bool:
     """Plain float tensors, all on CPU or all on one kind of CUDA device (what the fused kernel takes)."""
     kinds = {p.device.type for p in params}
     floats = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-    return len(kinds) == 1 and kinds <= {"cpu", "cuda"} and all(type(p) is torch.nn.Parameter and p.dtype in floats
-                                                                  for p in params)
+    return (
+        len(kinds) == 1
+        and kinds <= {"cpu", "cuda"}
+        and all(type(p) is torch.nn.Parameter and p.dtype in floats for p in params)
+    )
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -349,10 +375,13 @@ class StepMetrics:
         keys = sorted(self.sums)
         if accelerator is not None and accelerator.num_processes > 1:
             keys = sorted(set().union(*_gather_objects(accelerator, keys)))
-            t = torch.tensor([[self.sums.get(k, 0.0), self.counts.get(k, 0)] for k in keys], dtype=torch.float64,
-                             device=accelerator.device).reshape(-1, 2)
+            t = torch.tensor(
+                [[self.sums.get(k, 0.0), self.counts.get(k, 0)] for k in keys],
+                dtype=torch.float64,
+                device=accelerator.device,
+            ).reshape(-1, 2)
             t = accelerator.reduce(t, "sum")
-            out = {k: float(s / c) for k, (s, c) in zip(keys, t.tolist()) if c > 0}
+            out = {k: float(s / c) for k, (s, c) in zip(keys, t.tolist(), strict=True) if c > 0}
         else:
             out = {k: self.sums[k] / self.counts[k] for k in keys if self.counts[k] > 0}  # weight 0 only: absent
         self.sums.clear(), self.counts.clear()
@@ -394,7 +423,11 @@ class MetricsLogger:
         if not enabled:
             return
         if resume_step and self.path.exists():  # drop records a crashed run wrote after its last checkpoint
-            keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            keep = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
             self.path.write_text("".join(line + "\n" for line in keep))
         elif self.path.exists():
             self.path.unlink()
@@ -402,7 +435,9 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+                self.tb = SummaryWriter(
+                    str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+                )
             except ImportError:
                 self.tb = None
 
@@ -422,7 +457,10 @@ class MetricsLogger:
             self.tb.close()
 
 
-def postfix(values: dict[str, float], keys: Sequence[str] = ("loss", "rewards/accuracy", "rewards/margin", "kl", "lr", "tokens_per_s")) -> dict[str, str]:
+def postfix(
+    values: dict[str, float],
+    keys: Sequence[str] = ("loss", "rewards/accuracy", "rewards/margin", "kl", "lr", "tokens_per_s"),
+) -> dict[str, str]:
     return {k.split("/")[-1]: f"{values[k]:.4g}" for k in keys if k in values}
 
 
@@ -446,22 +484,29 @@ def plot_curves(metrics_path: Path, png: Path) -> Path | None:
     for r in rows:
         for k in r:
             base = k.removeprefix("eval/")
-            if k != "step" and base not in names and isinstance(r[k], (int, float)) and base not in ("epoch", "stage", "time_s"):
+            if (
+                k != "step"
+                and base not in names
+                and isinstance(r[k], (int, float))
+                and base not in ("epoch", "stage", "time_s")
+            ):
                 names.append(base)
     cols = min(3, len(names))
     nrows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 2.8 * nrows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
+    for ax, name in zip(axes.flat, names, strict=False):
         for key, style in ((name, "-"), (f"eval/{name}", "o--")):
             pts = [(r["step"], r[key]) for r in rows if key in r and isinstance(r[key], (int, float))]
             if pts:
-                ax.plot(*zip(*pts), style, label="eval" if key.startswith("eval/") else "train", markersize=3)
+                ax.plot(
+                    *zip(*pts, strict=True), style, label="eval" if key.startswith("eval/") else "train", markersize=3
+                )
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         if any(f"eval/{name}" in r for r in rows):
             ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(png, dpi=100)
@@ -481,7 +526,7 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     done = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / STATE_FILE).exists()]
-    return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
 def find_last_checkpoint(out_dir: Path) -> Path | None:
@@ -619,8 +664,15 @@ class Progress:
         return bool(self.step) and (ckpt_cfg.every_steps == 0 or self.step % ckpt_cfg.every_steps != 0)
 
 
-def accumulate_step(accelerator, model, optimizer, scheduler, max_grad_norm: float | None, metrics: StepMetrics,
-                    loss: Callable[[], tuple[torch.Tensor, dict[str, Any]]]) -> bool:
+def accumulate_step(
+    accelerator,
+    model,
+    optimizer,
+    scheduler,
+    max_grad_norm: float | None,
+    metrics: StepMetrics,
+    loss: Callable[[], tuple[torch.Tensor, dict[str, Any]]],
+) -> bool:
     """One micro-batch under accelerate's gradient accumulation: `loss()` -> (scalar, metrics) is
     backpropagated; on the micro-batch that completes an optimizer step, the gradient is clipped (its
     pre-clip norm logged) and the optimizer and scheduler step. Returns whether an optimizer step happened."""
@@ -646,12 +698,33 @@ def resume_from(ckpt: Path | None, progress: Progress, *, accelerator, optimizer
     return tensors
 
 
-def checkpoint_progress(out_dir: Path, progress: Progress, cfg, *, accelerator, model, tokenizer, optimizer, scheduler,
-                        tensors: dict[str, Any] | None = None, extra_models: dict[str, Any] | None = None) -> Path:
+def checkpoint_progress(
+    out_dir: Path,
+    progress: Progress,
+    cfg,
+    *,
+    accelerator,
+    model,
+    tokenizer,
+    optimizer,
+    scheduler,
+    tensors: dict[str, Any] | None = None,
+    extra_models: dict[str, Any] | None = None,
+) -> Path:
     """save_checkpoint with the progress as trainer state."""
-    return save_checkpoint(out_dir, progress.step, accelerator=accelerator, model=model, tokenizer=tokenizer,
-                           optimizer=optimizer, scheduler=scheduler, state=progress.state(), tensors=tensors,
-                           keep_last=cfg.checkpoint.keep_last, extra_models=extra_models)
+    return save_checkpoint(
+        out_dir,
+        progress.step,
+        accelerator=accelerator,
+        model=model,
+        tokenizer=tokenizer,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        state=progress.state(),
+        tensors=tensors,
+        keep_last=cfg.checkpoint.keep_last,
+        extra_models=extra_models,
+    )
 
 
 # ------------------------------------------------------------------------------------ run record
@@ -696,12 +769,16 @@ def finish_run(summary: dict[str, Any], out_dir: Path, cfg: Any, accelerator: An
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    lines = [f"done: {summary['steps']} steps, {summary['samples']} samples, {summary['time_s']:.1f}s "
-             f"-> {summary['final_dir']}"]
+    lines = [
+        f"done: {summary['steps']} steps, {summary['samples']} samples, {summary['time_s']:.1f}s "
+        f"-> {summary['final_dir']}"
+    ]
     for group in ("train", "eval"):
         vals = summary.get(f"final_{group}") or {}
         if vals:
-            lines.append(f"  {group}: " + ", ".join(f"{k}={v:.4g}" for k, v in vals.items() if isinstance(v, (int, float))))
+            lines.append(
+                f"  {group}: " + ", ".join(f"{k}={v:.4g}" for k, v in vals.items() if isinstance(v, (int, float)))
+            )
     if summary.get("soft_labels"):
         lines.append(f"  soft labels: {summary['soft_labels']} pairs carry p_chosen (soft-label loss)")
     trunc = summary.get("truncation") or {}

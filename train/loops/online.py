@@ -41,8 +41,18 @@ from synth.errors import ConfigError
 from train import advantages as A
 from train.data.prompts import encode_prompts, load_prompts
 from train.loops.common import (
-    MetricsLogger, Progress, begin_run, build_optimizer, build_scheduler, call_loss, checkpoint_progress,
-    epoch_order, finish_run, postfix, resume_from, total_steps,
+    MetricsLogger,
+    Progress,
+    begin_run,
+    build_optimizer,
+    build_scheduler,
+    call_loss,
+    checkpoint_progress,
+    epoch_order,
+    finish_run,
+    postfix,
+    resume_from,
+    total_steps,
 )
 from train.losses.policy import value_loss
 from train.models import (
@@ -54,7 +64,16 @@ from train.models import (
     save_model,
     trainable_parameters,
 )
-from train.rollout import Packed, Rollout, TokenValues, head_only_matches, hf_generate, left_pad, token_logps, token_values
+from train.rollout import (
+    Packed,
+    Rollout,
+    TokenValues,
+    head_only_matches,
+    hf_generate,
+    left_pad,
+    token_logps,
+    token_values,
+)
 from train.scorers import PairwiseJudge, build_scorer
 
 
@@ -67,7 +86,9 @@ class OnlineState(Progress):
     beta: float = 0.0
     log_lambda: float = 0.0
     cost_window: list[float] = field(default_factory=list)
-    reward_moments: list[float] = field(default_factory=lambda: [0, 0.0, 1.0])  # running (count, mean, var) of raw scores
+    reward_moments: list[float] = field(
+        default_factory=lambda: [0, 0.0, 1.0]
+    )  # running (count, mean, var) of raw scores
     cost_moments: list[float] = field(default_factory=lambda: [0, 0.0, 1.0])
 
     SAVED = Progress.SAVED + ("optimizer_steps", "beta", "log_lambda", "cost_window", "reward_moments", "cost_moments")
@@ -78,25 +99,38 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     L = cfg.loop
     # ---------------------------------------------------------------- 1. process, output folder, loss
     accelerator, out_dir, loss_fn, ckpt = begin_run(cfg, resolved_yaml)
-    world, rank, main, device = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process, accelerator.device
+    world, rank, main, device = (
+        accelerator.num_processes,
+        accelerator.process_index,
+        accelerator.is_main_process,
+        accelerator.device,
+    )
     check_shapes(L, world, cfg.optim.batch_size)
 
     # ---------------------------------------------------------------- 2. prompts
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.chat_template)
     prompts = load_prompts(cfg.data.path, cfg.data.split, cfg.data.limit)
-    prompt_ids, kept, n_truncated = encode_prompts(prompts, tokenizer, cfg.model.chat_template, cfg.data.max_prompt_length,
-                                                   cfg.data.drop_overlong)
+    prompt_ids, kept, n_truncated = encode_prompts(
+        prompts, tokenizer, cfg.model.chat_template, cfg.data.max_prompt_length, cfg.data.drop_overlong
+    )
     prompts = [prompts[i] for i in kept]
     if len(prompts) < L.prompts_per_step:
-        raise ConfigError(f"data.path={cfg.data.path}: {len(prompts)} prompt(s), fewer than loop.prompts_per_step={L.prompts_per_step}")
-    total = total_steps(cfg.optim, len(prompts) // L.prompts_per_step)  # rollouts: max_steps, else epochs over the prompts
+        raise ConfigError(
+            f"data.path={cfg.data.path}: {len(prompts)} prompt(s), fewer than "
+            f"loop.prompts_per_step={L.prompts_per_step}"
+        )
+    total = total_steps(
+        cfg.optim, len(prompts) // L.prompts_per_step
+    )  # rollouts: max_steps, else epochs over the prompts
     per_process = L.prompts_per_step // world
 
     # ---------------------------------------------------------------- 3. models and scorers
     policy = load_policy(
         str(ckpt) if ckpt is not None and not cfg.lora.enabled else cfg.model.name_or_path,
         revision=None if ckpt is not None and not cfg.lora.enabled else cfg.model.revision,
-        dtype=cfg.optim.dtype, lora=cfg.lora, gradient_checkpointing=cfg.optim.gradient_checkpointing,
+        dtype=cfg.optim.dtype,
+        lora=cfg.lora,
+        gradient_checkpointing=cfg.optim.gradient_checkpointing,
         adapter_path=ckpt if ckpt is not None and cfg.lora.enabled else None,
     )
     needs_ref = L.name == "online_dpo" or L.kl.coef > 0
@@ -104,24 +138,35 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     if reference is not None and reference != "adapter":
         reference.to(device)
     critics = build_critics(cfg, ckpt, device)
-    reward_scorer = (PairwiseJudge(L.reward.judge) if L.name == "online_dpo" and L.reward.kind == "judge"
-                     else build_scorer(L.reward, device, "loop.reward"))
+    reward_scorer = (
+        PairwiseJudge(L.reward.judge)
+        if L.name == "online_dpo" and L.reward.kind == "judge"
+        else build_scorer(L.reward, device, "loop.reward")
+    )
     cost_scorer = build_scorer(L.cost, device, "loop.cost") if L.name == "ppo_lag" else None
     generator = None
     if L.generation.backend == "vllm":  # colocated engine (GPU, opt-in): synced and probed every step
         from train.models import model_path
         from train.vllm_colocate import VLLMColocate
 
-        generator = VLLMColocate(model_path(cfg.model.name_or_path), L.generation, accelerator=accelerator,
-                                 dtype=cfg.optim.dtype, seed=cfg.seed, lora_rank=cfg.lora.r if cfg.lora.enabled else None)
+        generator = VLLMColocate(
+            model_path(cfg.model.name_or_path),
+            L.generation,
+            accelerator=accelerator,
+            dtype=cfg.optim.dtype,
+            seed=cfg.seed,
+            lora_rank=cfg.lora.r if cfg.lora.enabled else None,
+        )
     sample = generator.generate if generator is not None else hf_generate
 
     # ---------------------------------------------------------------- 4. optimisers, resume
     updates_per_rollout = L.epochs_per_rollout * L.mini_batches
     optimizer = build_optimizer(trainable_parameters(policy), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total * updates_per_rollout)
-    critic_opts = {k: build_optimizer(trainable_parameters(c), cfg.optim.model_copy(update={"lr": L.critic.lr}))
-                   for k, c in critics.items()}
+    critic_opts = {
+        k: build_optimizer(trainable_parameters(c), cfg.optim.model_copy(update={"lr": L.critic.lr}))
+        for k, c in critics.items()
+    }
     model, optimizer = accelerator.prepare(policy, optimizer)
     for k in critics:
         critics[k], critic_opts[k] = accelerator.prepare(critics[k], critic_opts[k])
@@ -135,10 +180,14 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         packed = Packed(head_only=head_check(model, prompt_ids, accelerator))
     n_train, n_total = count_parameters(accelerator.unwrap_model(model))
     if main:
-        print(f"loop={L.name}: {n_train:,} trainable of {n_total:,} parameters; loss={cfg.loss.name}; {len(prompts)} prompts "
-              f"({n_truncated} truncated); {total} rollouts of {L.prompts_per_step}x{L.samples_per_prompt}; forwards: "
-              f"{'packed' if packed else 'padded'}{', LM head on completions only' if getattr(packed, 'head_only', False) else ''}",
-              flush=True)
+        print(
+            f"loop={L.name}: {n_train:,} trainable of {n_total:,} parameters; loss={cfg.loss.name}; "
+            f"{len(prompts)} prompts "
+            f"({n_truncated} truncated); {total} rollouts of {L.prompts_per_step}x{L.samples_per_prompt}; forwards: "
+            f"{'packed' if packed else 'padded'}"
+            f"{', LM head on completions only' if getattr(packed, 'head_only', False) else ''}",
+            flush=True,
+        )
 
     # ---------------------------------------------------------------- 5. the rollout cycle
     logger = MetricsLogger(out_dir, main, cfg.log.tensorboard, resume_step=state.step)
@@ -154,10 +203,19 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     while state.step < total:
         t0 = time.perf_counter()
         # 1. sample: this process's whole groups of this step's prompts
-        mine = step_prompts(state.step, len(prompts), L.prompts_per_step, cfg.seed)[rank * per_process:(rank + 1) * per_process]
+        mine = step_prompts(state.step, len(prompts), L.prompts_per_step, cfg.seed)[
+            rank * per_process : (rank + 1) * per_process
+        ]
         sync = {} if generator is None else {"vllm/probe_abs_diff": generator.sync(model, prompt_ids[0], device)}
-        rollout = sample(model, tokenizer, [prompt_ids[i] for i in mine], L.samples_per_prompt, L.generation,
-                         seed=sample_seed(cfg.seed, state.step, rank), device=device)
+        rollout = sample(
+            model,
+            tokenizer,
+            [prompt_ids[i] for i in mine],
+            L.samples_per_prompt,
+            L.generation,
+            seed=sample_seed(cfg.seed, state.step, rank),
+            device=device,
+        )
         texts, ids_list = decode(tokenizer, rollout)
         row_prompts = [prompts[mine[g]] for g in rollout.group.tolist()]
         t_gen = time.perf_counter()
@@ -167,50 +225,92 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         else:
             scores = reward_scorer(row_prompts, texts, ids_list)
         costs = cost_scorer(row_prompts, texts, ids_list) if cost_scorer is not None else None
-        baseline = greedy_scores(sample, model, tokenizer, reward_scorer, prompt_ids, mine, prompts, L, device) \
-            if L.estimator == "remax" else None
+        baseline = (
+            greedy_scores(sample, model, tokenizer, reward_scorer, prompt_ids, mine, prompts, L, device)
+            if L.estimator == "remax"
+            else None
+        )
         raw_scores, raw_costs = scores, costs  # logged, and the cost window keeps the threshold's unit
         if L.normalize_reward != "none":
-            scores, baseline = normalize(state, "reward_moments", scores, baseline, L.normalize_reward, L.normalize_eps, accelerator)
+            scores, baseline = normalize(
+                state, "reward_moments", scores, baseline, L.normalize_reward, L.normalize_eps, accelerator
+            )
         if costs is not None and L.normalize_cost != "none":
             costs, _ = normalize(state, "cost_moments", costs, None, L.normalize_cost, L.normalize_eps, accelerator)
         t_score = time.perf_counter()
         # 3-6
         if L.name == "online_dpo":
             pairs_log.write(state.step, [prompts[i] for i in mine], texts, labels, accelerator)
-            metrics = dpo_update(model, reference, rollout, labels, loss_fn, optimizer, scheduler, cfg, accelerator, packed)
+            metrics = dpo_update(
+                model, reference, rollout, labels, loss_fn, optimizer, scheduler, cfg, accelerator, packed
+            )
             state.optimizer_steps += updates_per_rollout
         else:
             # π_old == π_θ for a single on-policy update: when the whole local rollout is one micro-batch, the
             # update's own forward (kept with its graph) supplies π_old for the KL in the reward: one forward less
-            live = (token_logps(model, rollout, L.generation.temperature, device, with_entropy=True, packed=packed)
-                    if fused_old_pass(L, reference, critics, len(rollout), cfg.optim.batch_size)
-                    and (reference != "adapter" or world == 1) else None)  # (no DDP forward between forward and backward)
-            batch = no_grad_passes(model, reference, critics, rollout, L, cfg.optim.batch_size, device, packed,
-                                   skip_old=live is not None)
+            live = (
+                token_logps(model, rollout, L.generation.temperature, device, with_entropy=True, packed=packed)
+                if fused_old_pass(L, reference, critics, len(rollout), cfg.optim.batch_size)
+                and (reference != "adapter" or world == 1)
+                else None
+            )  # (no DDP forward between forward and backward)
+            batch = no_grad_passes(
+                model, reference, critics, rollout, L, cfg.optim.batch_size, device, packed, skip_old=live is not None
+            )
             if live is not None:
                 batch["old_logps"], batch["entropy"] = live[0].detach().cpu(), live[1].cpu()
             if costs is not None:  # Safe-RLHF: episode costs (scorer end scores, no KL) feed J̄_C
                 update_cost_window(state, _gather(accelerator, raw_costs), L.lagrangian.window)
             metrics = estimate(batch, rollout, scores, costs, baseline, state, L, accelerator)
-            metrics |= policy_update(model, critics, critic_opts, optimizer, scheduler, batch, rollout, loss_fn, state, L, cfg,
-                                     accelerator, packed, live_logps=live[0] if live is not None else None)
+            metrics |= policy_update(
+                model,
+                critics,
+                critic_opts,
+                optimizer,
+                scheduler,
+                batch,
+                rollout,
+                loss_fn,
+                state,
+                L,
+                cfg,
+                accelerator,
+                packed,
+                live_logps=live[0] if live is not None else None,
+            )
             del live
         t_update = time.perf_counter()
         # 7. controllers, log, checkpoint
-        metrics |= rollout_metrics(rollout, None if L.name == "online_dpo" and L.reward.kind == "judge" else raw_scores,
-                                   raw_costs, L, accelerator) | sync
+        metrics |= (
+            rollout_metrics(
+                rollout,
+                None if L.name == "online_dpo" and L.reward.kind == "judge" else raw_scores,
+                raw_costs,
+                L,
+                accelerator,
+            )
+            | sync
+        )
         if L.normalize_reward != "none":
-            metrics |= {"reward/running_mean": state.reward_moments[1], "reward/running_std": math.sqrt(state.reward_moments[2])}
+            metrics |= {
+                "reward/running_mean": state.reward_moments[1],
+                "reward/running_std": math.sqrt(state.reward_moments[2]),
+            }
         if L.kl.adaptive and "kl" in metrics:
             n = L.prompts_per_step * L.samples_per_prompt
             state.beta = A.adaptive_kl_beta(state.beta, metrics["kl"], L.kl.target_per_sequence_nats, n, L.kl.horizon)
         state.step += 1
         state.samples += L.prompts_per_step * L.samples_per_prompt
-        last = {**metrics, "beta": state.beta, "lr": scheduler.get_last_lr()[0],
-                "time/generate_s": t_gen - t0, "time/score_s": t_score - t_gen, "time/update_s": t_update - t_score,
-                "samples_per_s": L.prompts_per_step * L.samples_per_prompt / max(t_update - t0, 1e-9),
-                "time_s": state.time_s()}
+        last = {
+            **metrics,
+            "beta": state.beta,
+            "lr": scheduler.get_last_lr()[0],
+            "time/generate_s": t_gen - t0,
+            "time/score_s": t_score - t_gen,
+            "time/update_s": t_update - t_score,
+            "samples_per_s": L.prompts_per_step * L.samples_per_prompt / max(t_update - t0, 1e-9),
+            "time_s": state.time_s(),
+        }
         if L.name == "ppo_lag":
             last["lambda"] = math.exp(state.log_lambda)
         last = {k: v for k, v in last.items() if not (isinstance(v, float) and math.isnan(v))}
@@ -233,9 +333,16 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     if state.final_checkpoint_due(cfg.checkpoint):
         checkpoint(out_dir, state, accelerator, model, tokenizer, optimizer, scheduler, critics, critic_opts, cfg)
     summary = {
-        "loop": L.name, "loss": cfg.loss.name, "steps": state.step, "optimizer_steps": state.optimizer_steps,
-        "samples": state.samples, "time_s": state.time_s(), "final_dir": str(final),
-        "final_train": last, "truncation": {"prompts_truncated": n_truncated}, "output_dir": str(out_dir),
+        "loop": L.name,
+        "loss": cfg.loss.name,
+        "steps": state.step,
+        "optimizer_steps": state.optimizer_steps,
+        "samples": state.samples,
+        "time_s": state.time_s(),
+        "final_dir": str(final),
+        "final_train": last,
+        "truncation": {"prompts_truncated": n_truncated},
+        "output_dir": str(out_dir),
     }
     return finish_run(summary, out_dir, cfg, accelerator)
 
@@ -248,14 +355,18 @@ def check_shapes(L, world: int, micro: int) -> None:
     baseline): each process holds whole groups, and its rollout share splits into equal mini-batches of
     whole micro-batches."""
     if L.prompts_per_step % world:
-        raise ConfigError(f"loop.prompts_per_step={L.prompts_per_step} does not split over {world} processes; a group "
-                          "must stay on one process: use a multiple of the process count")
+        raise ConfigError(
+            f"loop.prompts_per_step={L.prompts_per_step} does not split over {world} processes; a group "
+            "must stay on one process: use a multiple of the process count"
+        )
     local = L.prompts_per_step // world * L.samples_per_prompt
     unit = L.prompts_per_step // world if L.name == "online_dpo" else local
     if unit % L.mini_batches or (unit // L.mini_batches) % micro:
         what = "pairs" if L.name == "online_dpo" else "samples"
-        raise ConfigError(f"{unit} {what} per process do not split into loop.mini_batches={L.mini_batches} mini-batches "
-                          f"of whole micro-batches of optim.batch_size={micro}")
+        raise ConfigError(
+            f"{unit} {what} per process do not split into loop.mini_batches={L.mini_batches} mini-batches "
+            f"of whole micro-batches of optim.batch_size={micro}"
+        )
 
 
 def build_reference(cfg, policy):
@@ -281,15 +392,23 @@ def build_critics(cfg, ckpt, device) -> dict[str, torch.nn.Module]:
         scorer = getattr(L, name)
         init = scorer.path if L.critic.init_from == "reward" and scorer.kind == "model" else cfg.model.name_or_path
         if L.critic.init_from == "reward" and scorer.kind != "model":
-            raise ConfigError(f"loop.critic.init_from=reward needs loop.{name}.kind=model (a trained scorer to start "
-                              "from); set loop.critic.init_from=policy")
+            raise ConfigError(
+                f"loop.critic.init_from=reward needs loop.{name}.kind=model (a trained scorer to start "
+                "from); set loop.critic.init_from=policy"
+            )
         if init == scorer.path and (Path(init) / "adapter_config.json").exists():
-            raise ConfigError(f"loop.{name}.path={init} is a LoRA adapter; a critic starts from full weights: merge it "
-                              "(peft merge_and_unload + save_pretrained) or set loop.critic.init_from=policy")
+            raise ConfigError(
+                f"loop.{name}.path={init} is a LoRA adapter; a critic starts from full weights: merge it "
+                "(peft merge_and_unload + save_pretrained) or set loop.critic.init_from=policy"
+            )
         saved = Path(ckpt) / f"critic_{name}" if ckpt is not None else None
-        model = load_policy(str(saved) if saved is not None and not cfg.lora.enabled else init, dtype=cfg.optim.dtype,
-                            lora=cfg.lora, head="score",
-                            adapter_path=saved if saved is not None and cfg.lora.enabled else None)
+        model = load_policy(
+            str(saved) if saved is not None and not cfg.lora.enabled else init,
+            dtype=cfg.optim.dtype,
+            lora=cfg.lora,
+            head="score",
+            adapter_path=saved if saved is not None and cfg.lora.enabled else None,
+        )
         out[name] = TokenValues(model).to(device)
     return out
 
@@ -305,9 +424,12 @@ def packing_check(model, prompt_ids: list[list[int]], cfg, accelerator) -> bool:
     ids = torch.zeros((len(rows), width), dtype=torch.long)
     attn = torch.zeros_like(ids)
     for i, r in enumerate(rows):
-        ids[i, :len(r)], attn[i, :len(r)] = torch.tensor(r), 1
-    batch = {"input_ids": ids.to(accelerator.device), "attention_mask": attn.to(accelerator.device),
-             "labels": torch.where(attn.bool(), ids, torch.full_like(ids, -100)).to(accelerator.device)}
+        ids[i, : len(r)], attn[i, : len(r)] = torch.tensor(r), 1
+    batch = {
+        "input_ids": ids.to(accelerator.device),
+        "attention_mask": attn.to(accelerator.device),
+        "labels": torch.where(attn.bool(), ids, torch.full_like(ids, -100)).to(accelerator.device),
+    }
     ok = packing_matches(getattr(model, "module", model), batch, cfg.optim.dtype)
     return packing_agreed(ok, accelerator)
 
@@ -322,8 +444,14 @@ def head_check(model, prompt_ids: list[list[int]], accelerator) -> bool:
     k = min(4, min(len(r) for r in rows) - 1)
     p_ids, p_mask = left_pad([r[:-k] for r in rows], 0)
     c_ids = torch.tensor([r[-k:] for r in rows])
-    probe = Rollout(p_ids, p_mask, c_ids, torch.ones_like(c_ids, dtype=torch.bool), torch.zeros(len(rows), dtype=torch.bool),
-                    torch.arange(len(rows)))
+    probe = Rollout(
+        p_ids,
+        p_mask,
+        c_ids,
+        torch.ones_like(c_ids, dtype=torch.bool),
+        torch.zeros(len(rows), dtype=torch.bool),
+        torch.arange(len(rows)),
+    )
     ok = head_only_matches(model, probe, accelerator.device)
     if accelerator.num_processes > 1:
         ok = bool(accelerator.reduce(torch.tensor([float(ok)], device=accelerator.device), "min").item())
@@ -344,14 +472,16 @@ def sample_seed(seed: int, step: int, rank: int) -> int:
 
 
 def decode(tokenizer, rollout: Rollout) -> tuple[list[str], list[list[int]]]:
-    ids = [row[m].tolist() for row, m in zip(rollout.completion_ids, rollout.completion_mask)]
+    ids = [row[m].tolist() for row, m in zip(rollout.completion_ids, rollout.completion_mask, strict=True)]
     return tokenizer.batch_decode(ids, skip_special_tokens=True), ids
 
 
 # ==================================================================================== scoring helpers
 
 
-def adjust_scores(scores: torch.Tensor, truncated: torch.Tensor, L, lengths: torch.Tensor | None = None) -> torch.Tensor:
+def adjust_scores(
+    scores: torch.Tensor, truncated: torch.Tensor, L, lengths: torch.Tensor | None = None
+) -> torch.Tensor:
     """Missing-EOS penalty (TRL online DPO / legacy PPO), DAPO's soft overlong penalty (when
     loop.overlong_buffer is set), then the score clip (OpenRLHF ±clip)."""
     if L.missing_eos_penalty is not None:
@@ -381,7 +511,7 @@ def label_pairs(scorer, L, prompts, texts, ids_list, rollout) -> tuple[list[int 
         return scorer(prompts[0::2], a, b), torch.full((len(texts),), math.nan)
     scores = adjust_scores(scorer(prompts, texts, ids_list), rollout.truncated, L, rollout.lengths)
     labels = []
-    for sa, sb in zip(scores[0::2].tolist(), scores[1::2].tolist()):
+    for sa, sb in zip(scores[0::2].tolist(), scores[1::2].tolist(), strict=True):
         labels.append(None if math.isnan(sa) or math.isnan(sb) or sa == sb else int(sa > sb))
     return labels, scores
 
@@ -389,7 +519,9 @@ def label_pairs(scorer, L, prompts, texts, ids_list, rollout) -> tuple[list[int 
 @torch.no_grad()
 def greedy_scores(sample, model, tokenizer, scorer, prompt_ids, mine, prompts, L, device) -> torch.Tensor:
     """ReMax baseline: the scorer's reward of one greedy decode per prompt (no KL, as verl), repeated per sample."""
-    greedy = sample(model, tokenizer, [prompt_ids[i] for i in mine], 1, L.generation, seed=0, greedy=True, device=device)
+    greedy = sample(
+        model, tokenizer, [prompt_ids[i] for i in mine], 1, L.generation, seed=0, greedy=True, device=device
+    )
     texts, ids_list = decode(tokenizer, greedy)
     s = adjust_scores(scorer([prompts[i] for i in mine], texts, ids_list), greedy.truncated, L, greedy.lengths)
     return s.repeat_interleave(L.samples_per_prompt)
@@ -414,18 +546,30 @@ def fused_old_pass(L, reference, critics, n_local: int, micro: int) -> bool:
     """The π_old pass is needed before the update only for the KL in the reward; with one on-policy update
     of one micro-batch (no critic), the update's forward gives the same log-probs (dropout off), so the
     loop runs that forward first, with its graph, and uses its detached values as π_old."""
-    return (L.epochs_per_rollout == 1 and L.mini_batches == 1 and reference is not None and L.kl.placement == "reward"
-            and not critics and n_local <= micro)
+    return (
+        L.epochs_per_rollout == 1
+        and L.mini_batches == 1
+        and reference is not None
+        and L.kl.placement == "reward"
+        and not critics
+        and n_local <= micro
+    )
 
 
 @torch.no_grad()
-def no_grad_passes(model, reference, critics, rollout: Rollout, L, micro: int, device, packed: bool = False,
-                   skip_old: bool = False) -> dict[str, torch.Tensor]:
+def no_grad_passes(
+    model, reference, critics, rollout: Rollout, L, micro: int, device, packed: bool = False, skip_old: bool = False
+) -> dict[str, torch.Tensor]:
     """π_old (and entropy), π_ref and critic values over the rollout, micro-batch by micro-batch, float32,
     without autograd (a recorded graph here would keep the pass's activations alive through the update)."""
     T = L.generation.temperature
     skip_old = skip_old or on_policy_single_update(L, reference)
-    out: dict[str, list[torch.Tensor]] = {"old_logps": [], "entropy": [], "ref_logps": [], **{f"values_{k}": [] for k in critics}}
+    out: dict[str, list[torch.Tensor]] = {
+        "old_logps": [],
+        "entropy": [],
+        "ref_logps": [],
+        **{f"values_{k}": [] for k in critics},
+    }
     for idx in micro_batches(len(rollout), micro):
         mb = rollout.select(idx)
         if not skip_old:
@@ -446,8 +590,9 @@ def accelerator_unwrap(model):
     return getattr(model, "module", model)
 
 
-def estimate(batch: dict[str, torch.Tensor], rollout: Rollout, scores, costs, baseline, state: OnlineState, L,
-             accelerator) -> dict[str, float]:
+def estimate(
+    batch: dict[str, torch.Tensor], rollout: Rollout, scores, costs, baseline, state: OnlineState, L, accelerator
+) -> dict[str, float]:
     """Shape the scores and compute batch["advantages"] (and returns for the critics) on this process's
     rows; sequence-level statistics are over the whole rollout (all processes), group statistics per group."""
     mask = rollout.completion_mask
@@ -457,8 +602,15 @@ def estimate(batch: dict[str, torch.Tensor], rollout: Rollout, scores, costs, ba
     kl_tok = None
     metrics: dict[str, float] = {}
     if "ref_logps" in batch and "old_logps" in batch:
-        kl_tok = A.kl_estimate(batch["old_logps"], batch["ref_logps"], L.kl.estimator if L.kl.placement == "reward" else "k1",
-                               clamp=L.kl.clamp) * mask
+        kl_tok = (
+            A.kl_estimate(
+                batch["old_logps"],
+                batch["ref_logps"],
+                L.kl.estimator if L.kl.placement == "reward" else "k1",
+                clamp=L.kl.clamp,
+            )
+            * mask
+        )
     in_reward = kl_tok is not None and L.kl.placement == "reward"
     reduce = _sum_reducer(accelerator)
     if L.missing_eos_penalty is not None or L.overlong_buffer is not None or L.score_clip is not None:
@@ -467,19 +619,29 @@ def estimate(batch: dict[str, torch.Tensor], rollout: Rollout, scores, costs, ba
     if L.estimator == "gae":
         rewards = A.shape_rewards(scores, mask, kl_tok if in_reward else None, beta)
         if L.name == "ppo_lag":
-            c = costs.clamp(-L.score_clip, L.score_clip) if L.score_clip is not None else costs  # no EOS penalty on a cost
+            c = (
+                costs.clamp(-L.score_clip, L.score_clip) if L.score_clip is not None else costs
+            )  # no EOS penalty on a cost
             costs_t = A.shape_rewards(c, mask, -kl_tok if in_reward else None, beta)
             clip = L.lagrangian.token_clip
             if clip is not None:
                 rewards, costs_t = rewards.clamp(-clip, clip) * mask, costs_t.clamp(-clip, clip) * mask
-            batch["adv_reward"], batch["returns_reward"] = A.gae(rewards, batch["values_reward"], mask, L.critic.gamma, L.critic.lam)
-            batch["adv_cost"], batch["returns_cost"] = A.gae(costs_t, batch["values_cost"], mask, L.critic.gamma, L.critic.lam)
+            batch["adv_reward"], batch["returns_reward"] = A.gae(
+                rewards, batch["values_reward"], mask, L.critic.gamma, L.critic.lam
+            )
+            batch["adv_cost"], batch["returns_cost"] = A.gae(
+                costs_t, batch["values_cost"], mask, L.critic.gamma, L.critic.lam
+            )
             batch["advantages"] = None  # mixed per optimizer step with the current λ
         else:
             adv, batch["returns_reward"] = A.gae(rewards, batch["values_reward"], mask, L.critic.gamma, L.critic.lam)
             batch["advantages"] = A.whiten(adv, mask, reduce=reduce) if L.whiten_advantages else adv
     elif L.estimator in ("reinforce_pp", "reinforce_pp_baseline"):
-        base = scores if L.estimator == "reinforce_pp" else A.reinforce_baseline(_gather(accelerator, scores), n)[_local(accelerator, len(scores))]
+        base = (
+            scores
+            if L.estimator == "reinforce_pp"
+            else A.reinforce_baseline(_gather(accelerator, scores), n)[_local(accelerator, len(scores))]
+        )
         rewards = A.shape_rewards(base, mask, kl_tok if in_reward else None, beta)
         batch["advantages"] = A.whiten(A.discounted_returns(rewards, mask), mask, reduce=reduce)
     else:
@@ -499,14 +661,18 @@ def estimate(batch: dict[str, torch.Tensor], rollout: Rollout, scores, costs, ba
             else:
                 adv = A.grpo(everyone, n, scale=L.scale_rewards)
             groups = torch.nan_to_num(everyone, nan=0.0).view(-1, n)
-            metrics["frac_reward_zero_std"] = float(torch.isclose(groups.std(1), torch.zeros(())).float().mean()) if n > 1 else 0.0
+            metrics["frac_reward_zero_std"] = (
+                float(torch.isclose(groups.std(1), torch.zeros(())).float().mean()) if n > 1 else 0.0
+            )
             adv = adv[_local(accelerator, len(seq))]
         batch["advantages"] = adv
     unscorable = torch.isnan(scores) | (torch.isnan(costs) if costs is not None else False)
     if unscorable.any():  # NaN gets zero advantage, never the value baseline's guess (and no value target)
         for key in ("advantages", "adv_reward", "adv_cost"):
             if batch.get(key) is not None:
-                batch[key] = torch.where(unscorable.view(-1, *[1] * (batch[key].dim() - 1)), torch.zeros_like(batch[key]), batch[key])
+                batch[key] = torch.where(
+                    unscorable.view(-1, *[1] * (batch[key].dim() - 1)), torch.zeros_like(batch[key]), batch[key]
+                )
         for k in ("reward", "cost"):
             if f"returns_{k}" in batch:
                 batch[f"returns_{k}"] = torch.where(unscorable[:, None], batch[f"values_{k}"], batch[f"returns_{k}"])
@@ -538,8 +704,22 @@ def _sum_reducer(accelerator):
 # ==================================================================================== update
 
 
-def policy_update(model, critics, critic_opts, optimizer, scheduler, batch, rollout: Rollout, loss_fn, state: OnlineState,
-                  L, cfg, accelerator, packed: bool = False, live_logps: torch.Tensor | None = None) -> dict[str, float]:
+def policy_update(
+    model,
+    critics,
+    critic_opts,
+    optimizer,
+    scheduler,
+    batch,
+    rollout: Rollout,
+    loss_fn,
+    state: OnlineState,
+    L,
+    cfg,
+    accelerator,
+    packed: bool = False,
+    live_logps: torch.Tensor | None = None,
+) -> dict[str, float]:
     """live_logps: this rollout's log-probs already computed with their graph (`fused_old_pass`; one
     micro-batch). epochs_per_rollout × mini_batches optimizer steps over this process's rows. Each mini-batch's
     token and sequence counts are summed over processes first, so the token-mean is global and the
@@ -552,9 +732,11 @@ def policy_update(model, critics, critic_opts, optimizer, scheduler, batch, roll
     metrics = StepMetrics()
     critic_only = L.name in ("ppo", "ppo_lag") and state.step < L.critic.warmup_steps
     for epoch in range(L.epochs_per_rollout):
-        order = epoch_order(n_rows, cfg.seed + state.step, epoch, shuffle=L.epochs_per_rollout > 1 or L.mini_batches > 1)
+        order = epoch_order(
+            n_rows, cfg.seed + state.step, epoch, shuffle=L.epochs_per_rollout > 1 or L.mini_batches > 1
+        )
         for m in range(L.mini_batches):
-            rows = order[m * size:(m + 1) * size]
+            rows = order[m * size : (m + 1) * size]
             if L.name == "ppo_lag":
                 lag_step(state, L)
                 lam = math.exp(state.log_lambda)
@@ -566,31 +748,43 @@ def policy_update(model, critics, critic_opts, optimizer, scheduler, batch, roll
             # all-truncated mini-batch gives a zero loss, not 0/0
             total_tokens, value_tokens = (max(float(c) / world, 1.0 / world) for c in counts)
             total_sequences = float(len(rows))
-            chunks = [rows[i:i + cfg.optim.batch_size] for i in range(0, len(rows), cfg.optim.batch_size)]
+            chunks = [rows[i : i + cfg.optim.batch_size] for i in range(0, len(rows), cfg.optim.batch_size)]
             for j, idx in enumerate(chunks):
                 mb = rollout.select(idx)
                 sync = j == len(chunks) - 1
                 with _maybe_no_sync(accelerator, [model, *critics.values()], sync):
                     keep = loss_mask(mb, L)
                     data = {
-                        "advantages": (batch["advantages"][idx] * keep.any(1).view(-1, *[1] * (batch["advantages"].dim() - 1))).to(device),
-                        "mask": keep.to(device), "total_tokens": total_tokens, "total_sequences": total_sequences,
+                        "advantages": (
+                            batch["advantages"][idx] * keep.any(1).view(-1, *[1] * (batch["advantages"].dim() - 1))
+                        ).to(device),
+                        "mask": keep.to(device),
+                        "total_tokens": total_tokens,
+                        "total_sequences": total_sequences,
                     }
                     if "ref_logps" in batch and L.kl.placement == "loss":
-                        data.update(ref_logps=batch["ref_logps"][idx].to(device), kl_coef=state.beta,
-                                    kl_estimator=L.kl.estimator, kl_clamp=L.kl.clamp)
+                        data.update(
+                            ref_logps=batch["ref_logps"][idx].to(device),
+                            kl_coef=state.beta,
+                            kl_estimator=L.kl.estimator,
+                            kl_clamp=L.kl.clamp,
+                        )
                     if not critic_only:
                         on_policy = "old_logps" not in batch
                         if live_logps is not None and len(chunks) == 1 and len(idx) == n_rows:
                             data["logps"], entropy = live_logps[torch.as_tensor(idx, device=live_logps.device)], None
                         else:
-                            data["logps"], entropy = token_logps(model, mb, L.generation.temperature, device,
-                                                                 with_entropy=on_policy, packed=packed)
+                            data["logps"], entropy = token_logps(
+                                model, mb, L.generation.temperature, device, with_entropy=on_policy, packed=packed
+                            )
                         data["old_logps"] = data["logps"].detach() if on_policy else batch["old_logps"][idx].to(device)
                         if on_policy:
                             mask = data["mask"]
                             if mask.any():  # (none under mask_truncated_completions when every row is truncated)
-                                metrics.add({"entropy": (entropy * mask).sum() / mask.sum().clamp(min=1)}, weight=float(mask.sum()))
+                                metrics.add(
+                                    {"entropy": (entropy * mask).sum() / mask.sum().clamp(min=1)},
+                                    weight=float(mask.sum()),
+                                )
                             if "ref_logps" in batch:  # the KL metric: sequence-summed k1, nats
                                 k1 = ((data["logps"].detach() - batch["ref_logps"][idx].to(device)) * mask).sum(1)
                                 metrics.add({"kl": k1.mean()}, weight=len(idx))
@@ -600,13 +794,23 @@ def policy_update(model, critics, critic_opts, optimizer, scheduler, batch, roll
                         metrics.add({"loss": loss.detach() * len(chunks), **out.metrics})
                     for k, critic in critics.items():
                         v = token_values(critic, mb, device)
-                        vout = value_loss(values=v, old_values=batch[f"values_{k}"][idx].to(device),
-                                          returns=batch[f"returns_{k}"][idx].to(device), mask=mb.completion_mask.to(device),
-                                          value_clip=L.critic.value_clip, total_tokens=value_tokens,
-                                          total_sequences=total_sequences)
+                        vout = value_loss(
+                            values=v,
+                            old_values=batch[f"values_{k}"][idx].to(device),
+                            returns=batch[f"returns_{k}"][idx].to(device),
+                            mask=mb.completion_mask.to(device),
+                            value_clip=L.critic.value_clip,
+                            total_tokens=value_tokens,
+                            total_sequences=total_sequences,
+                        )
                         vloss = vout.losses.sum() / total_sequences
                         accelerator.backward(vloss)
-                        metrics.add({f"value_loss/{k}": vloss.detach() * len(chunks), f"value_error/{k}": vout.metrics["value_error"]})
+                        metrics.add(
+                            {
+                                f"value_loss/{k}": vloss.detach() * len(chunks),
+                                f"value_error/{k}": vout.metrics["value_error"],
+                            }
+                        )
             if not critic_only:
                 if cfg.optim.max_grad_norm is not None:
                     metrics.add({"grad_norm": accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)})
@@ -653,8 +857,9 @@ def lag_step(state: OnlineState, L) -> None:
     state.log_lambda = A.lagrange_step(state.log_lambda, mean_cost, lg.cost_threshold, lg.lambda_lr, lg.lambda_max)
 
 
-def dpo_update(model, reference, rollout: Rollout, labels, loss_fn, optimizer, scheduler, cfg, accelerator,
-               packed: bool = False) -> dict[str, float]:
+def dpo_update(
+    model, reference, rollout: Rollout, labels, loss_fn, optimizer, scheduler, cfg, accelerator, packed: bool = False
+) -> dict[str, float]:
     """OAIF update: the DPO-family loss (conf/loss, pairwise) on each kept pair against the fixed
     reference; dropped pairs weigh 0 and the mean is over the kept pairs of all processes."""
     from train.loops.common import StepMetrics
@@ -667,7 +872,7 @@ def dpo_update(model, reference, rollout: Rollout, labels, loss_fn, optimizer, s
     rejected = torch.where(first_wins, torch.arange(n_pairs) * 2 + 1, torch.arange(n_pairs) * 2)
     metrics = StepMetrics()
     size = n_pairs // L.mini_batches
-    for epoch in range(L.epochs_per_rollout):
+    for _epoch in range(L.epochs_per_rollout):
         for m in range(L.mini_batches):
             pairs = list(range(m * size, (m + 1) * size))
             kept = keep[pairs].sum()
@@ -677,7 +882,7 @@ def dpo_update(model, reference, rollout: Rollout, labels, loss_fn, optimizer, s
                 scheduler.step()
                 continue
             for j in range(0, len(pairs), cfg.optim.batch_size):
-                p = pairs[j:j + cfg.optim.batch_size]
+                p = pairs[j : j + cfg.optim.batch_size]
                 rows = torch.cat([chosen[p], rejected[p]])
                 mb = rollout.select(rows)
                 sync = j + cfg.optim.batch_size >= len(pairs)
@@ -690,15 +895,27 @@ def dpo_update(model, reference, rollout: Rollout, labels, loss_fn, optimizer, s
                         else:
                             ref = token_logps(reference, mb, L.generation.temperature, device, packed=packed)[0].sum(1)
                     b = len(p)
-                    out = call_loss(loss_fn, {"policy_chosen_logps": lp[:b], "policy_rejected_logps": lp[b:],
-                                              "reference_chosen_logps": ref[:b], "reference_rejected_logps": ref[b:]})
+                    out = call_loss(
+                        loss_fn,
+                        {
+                            "policy_chosen_logps": lp[:b],
+                            "policy_rejected_logps": lp[b:],
+                            "reference_chosen_logps": ref[:b],
+                            "reference_rejected_logps": ref[b:],
+                        },
+                    )
                     w = keep[p].to(device)
                     loss = (out.losses * w).sum() * world / float(kept)
                     accelerator.backward(loss)
                     if w.sum() > 0:
-                        metrics.add({"loss": (out.losses.detach() * w).sum() / w.sum(),
-                                     "rewards/accuracy": ((out.chosen_rewards > out.rejected_rewards).float() * w).sum() / w.sum(),
-                                     "rewards/margin": ((out.chosen_rewards - out.rejected_rewards) * w).sum() / w.sum()})
+                        metrics.add(
+                            {
+                                "loss": (out.losses.detach() * w).sum() / w.sum(),
+                                "rewards/accuracy": ((out.chosen_rewards > out.rejected_rewards).float() * w).sum()
+                                / w.sum(),
+                                "rewards/margin": ((out.chosen_rewards - out.rejected_rewards) * w).sum() / w.sum(),
+                            }
+                        )
             if cfg.optim.max_grad_norm is not None:
                 metrics.add({"grad_norm": accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)})
             optimizer.step()
@@ -715,14 +932,18 @@ def dpo_update(model, reference, rollout: Rollout, labels, loss_fn, optimizer, s
 def rollout_metrics(rollout: Rollout, scores, costs, L, accelerator) -> dict[str, float]:
     """Rollout-level metrics over all processes (scores None: a pairwise judge gave labels, not scores)."""
     lengths = _gather(accelerator, rollout.lengths.float())
-    out = {"completions/mean_length": float(lengths.mean()),
-           "completions/truncated_frac": float(_gather(accelerator, rollout.truncated.float()).mean())}
+    out = {
+        "completions/mean_length": float(lengths.mean()),
+        "completions/truncated_frac": float(_gather(accelerator, rollout.truncated.float()).mean()),
+    }
     if scores is not None:
         s = _gather(accelerator, scores.float())
         ok = s[~torch.isnan(s)]
-        out |= {"reward/mean": float(ok.mean()) if ok.numel() else math.nan,
-                "reward/std": float(ok.std()) if ok.numel() > 1 else 0.0,
-                "reward/frac_unscorable": float(torch.isnan(s).float().mean())}
+        out |= {
+            "reward/mean": float(ok.mean()) if ok.numel() else math.nan,
+            "reward/std": float(ok.std()) if ok.numel() > 1 else 0.0,
+            "reward/frac_unscorable": float(torch.isnan(s).float().mean()),
+        }
     if costs is not None:
         c = _gather(accelerator, costs.float())
         out["cost/mean"] = float(c[~torch.isnan(c)].mean()) if (~torch.isnan(c)).any() else math.nan
@@ -733,11 +954,23 @@ def update_cost_window(state: OnlineState, costs: torch.Tensor, window: int) -> 
     state.cost_window = (state.cost_window + [c for c in costs.tolist() if not math.isnan(c)])[-window:]
 
 
-def checkpoint(out_dir, state: OnlineState, accelerator, model, tokenizer, optimizer, scheduler, critics, critic_opts, cfg):
+def checkpoint(
+    out_dir, state: OnlineState, accelerator, model, tokenizer, optimizer, scheduler, critics, critic_opts, cfg
+):
     tensors = {f"critic_{k}_optimizer": opt.state_dict() for k, opt in critic_opts.items()}
     extra = {f"critic_{k}": accelerator.unwrap_model(c).model for k, c in critics.items()}
-    checkpoint_progress(out_dir, state, cfg, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                        scheduler=scheduler, tensors=tensors, extra_models=extra)
+    checkpoint_progress(
+        out_dir,
+        state,
+        cfg,
+        accelerator=accelerator,
+        model=model,
+        tokenizer=tokenizer,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        tensors=tensors,
+        extra_models=extra,
+    )
 
 
 class PairsLog:
@@ -751,8 +984,10 @@ class PairsLog:
             path.write_text("".join(ln + "\n" for ln in keep))
 
     def write(self, step: int, prompts, texts, labels, accelerator) -> None:
-        rows = [{"step": step, "prompt": p, "a": texts[2 * k], "b": texts[2 * k + 1], "label": labels[k]}
-                for k, p in enumerate(prompts)]
+        rows = [
+            {"step": step, "prompt": p, "a": texts[2 * k], "b": texts[2 * k + 1], "label": labels[k]}
+            for k, p in enumerate(prompts)
+        ]
         if accelerator.num_processes > 1:
             from accelerate.utils import gather_object
 

@@ -29,8 +29,13 @@ class Packing:
     shape: tuple[int, int]
 
 
-def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, pad_id: int = 0,
-              capacity: int | None = None) -> Packing:
+def pack_rows(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    pad_id: int = 0,
+    capacity: int | None = None,
+) -> Packing:
     n, t = input_ids.shape
     lengths = attention_mask.sum(-1).tolist()
     cap = max(max(lengths), 1, capacity or 0)
@@ -50,8 +55,8 @@ def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: tor
         off = 0
         for i in rows:
             length = lengths[i]
-            src[b, off:off + length] = i * t + torch.arange(length)
-            pos[b, off:off + length] = torch.arange(length)
+            src[b, off : off + length] = i * t + torch.arange(length)
+            pos[b, off : off + length] = torch.arange(length)
             off += length
         pos[b, off:] = torch.arange(width - off)  # the padding tail is a segment of its own
     src, pos = src.to(input_ids.device), pos.to(input_ids.device)
@@ -62,8 +67,9 @@ def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: tor
     return Packing(ids, pos, lab, src, (n, t))
 
 
-def packed_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                       capacity: int | None = None):
+def packed_token_logps(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, capacity: int | None = None
+):
     """Like `train.logprobs.token_logps(model(...).logits, labels)` -> (logps [N, T], mask [N, T]) in the
     padded layout, but the forward runs on packed rows (no compute on padding)."""
     from train.logprobs import model_token_logps
@@ -71,11 +77,15 @@ def packed_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     if not bool((attention_mask[:, :-1] >= attention_mask[:, 1:]).all()):
         raise ValueError("sequence packing needs right-padded rows")
     pk = pack_rows(input_ids, attention_mask, labels, capacity=capacity)
-    packed_logps, packed_mask = model_token_logps(model, pk.labels, input_ids=pk.input_ids, position_ids=pk.position_ids)
+    packed_logps, packed_mask = model_token_logps(
+        model, pk.labels, input_ids=pk.input_ids, position_ids=pk.position_ids
+    )
     n, t = pk.shape
     valid = pk.src >= 0
     flat_logps = packed_logps.new_zeros(n * t).index_put((pk.src[valid],), packed_logps[valid])
-    flat_mask = torch.zeros(n * t, dtype=torch.bool, device=packed_mask.device).index_put((pk.src[valid],), packed_mask[valid])
+    flat_mask = torch.zeros(n * t, dtype=torch.bool, device=packed_mask.device).index_put(
+        (pk.src[valid],), packed_mask[valid]
+    )
     return flat_logps.view(n, t), flat_mask.view(n, t)
 
 
@@ -151,6 +161,9 @@ def packing_agreed(ok: bool, accelerator) -> bool:
     if accelerator.num_processes > 1:
         ok = bool(accelerator.reduce(torch.tensor([float(ok)], device=accelerator.device), "min").item())
     if not ok and accelerator.is_main_process:
-        print("warning: this model's attention does not separate packed rows (position_ids); "
-              "training on padded rows instead (optim.packing=false silences this)", flush=True)
+        print(
+            "warning: this model's attention does not separate packed rows (position_ids); "
+            "training on padded rows instead (optim.packing=false silences this)",
+            flush=True,
+        )
     return ok

@@ -32,16 +32,46 @@ from datasets import Dataset
 
 from synth.app import ConfigError
 from train.data import DataError, detect_kind, has_distinct_prompts, make_collator
-from train.loops.common import (
-    MetricsLogger, Progress, StepMetrics, Throughput, accumulate_step, build_optimizer, build_scheduler, call_loss,
-    check_enough_rows, checkpoint_progress, epoch_batches, epoch_order, find_last_checkpoint, finish_run,
-    instantiate_loss, library_progress_bars, load_data, load_rows, loss_metrics, make_accelerator, postfix,
-    prepare_output_dir, resume_from, seed_everything, to_device, tokenize_checked, truncation_counts, write_config,
-)
 from train.distributed import check_sharded_reference
+from train.loops.common import (
+    MetricsLogger,
+    Progress,
+    StepMetrics,
+    Throughput,
+    accumulate_step,
+    build_optimizer,
+    build_scheduler,
+    call_loss,
+    check_enough_rows,
+    checkpoint_progress,
+    epoch_batches,
+    epoch_order,
+    find_last_checkpoint,
+    finish_run,
+    instantiate_loss,
+    library_progress_bars,
+    load_data,
+    load_rows,
+    loss_metrics,
+    make_accelerator,
+    postfix,
+    prepare_output_dir,
+    resume_from,
+    seed_everything,
+    to_device,
+    tokenize_checked,
+    truncation_counts,
+    write_config,
+)
 from train.loops.packing import PackedLogits, packed_sequence_logps, packing_ok
 from train.models import (
-    count_parameters, is_peft, load_frozen, load_policy, load_tokenizer, save_model, trainable_parameters,
+    count_parameters,
+    is_peft,
+    load_frozen,
+    load_policy,
+    load_tokenizer,
+    save_model,
+    trainable_parameters,
 )
 
 DATA_KIND = {"pairwise": "pairwise", "listwise": "ranked", "unpaired": "unpaired"}
@@ -73,8 +103,10 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     if fixed_kl:  # precomputed reference KL log-probs need the mismatched pairs fixed in the data
         stages = [with_kl_pairs(s, B, cfg.seed) for s in stages]
         if data.eval is not None and len(data.eval) < 2:
-            raise DataError(f"{cfg.data.path}: the eval split has {len(data.eval)} row; loss={spec.name} estimates its KL "
-                            "term from pairs of rows: raise data.eval_split or give data.eval_path")
+            raise DataError(
+                f"{cfg.data.path}: the eval split has {len(data.eval)} row; loss={spec.name} estimates its KL "
+                "term from pairs of rows: raise data.eval_split or give data.eval_path"
+            )
         data.eval = with_kl_pairs(data.eval, B, cfg.seed) if data.eval is not None else None
     for i, s in enumerate(stages):
         check_enough_rows(len(s), cfg, world, f"{cfg.data.path}" + (f" (stage {i + 1})" if len(stages) > 1 else ""))
@@ -84,14 +116,19 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
             print("eval split, " + data.eval_report.summary(), flush=True)
     soft_rows = soft_label_rows(data.train, loss_fn)
     if main and soft_rows:
-        print(f"loss={spec.name}: {soft_rows} of {len(data.train)} pairs carry p_chosen, so they train on the "
-              "soft-label loss (the rest as hard labels, p=1)", flush=True)
+        print(
+            f"loss={spec.name}: {soft_rows} of {len(data.train)} pairs carry p_chosen, so they train on the "
+            "soft-label loss (the rest as hard labels, p=1)",
+            flush=True,
+        )
 
     # ---------------------------------------------------------------- 3. policy
     policy = load_policy(
         str(ckpt) if ckpt is not None and not cfg.lora.enabled else cfg.model.name_or_path,
         revision=None if ckpt is not None and not cfg.lora.enabled else cfg.model.revision,
-        dtype=cfg.optim.dtype, lora=cfg.lora, gradient_checkpointing=cfg.optim.gradient_checkpointing,
+        dtype=cfg.optim.dtype,
+        lora=cfg.lora,
+        gradient_checkpointing=cfg.optim.gradient_checkpointing,
         adapter_path=ckpt if ckpt is not None and cfg.lora.enabled else None,
     )
     policy.to(accelerator.device)
@@ -99,7 +136,11 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     packed = cfg.optim.packing and not spec.needs_logits and packing_ok(policy, stages[0], collate, cfg, accelerator)
 
     # ---------------------------------------------------------------- 4. reference
-    saved = torch.load(ckpt / "tensors.pt", weights_only=False) if ckpt is not None and (ckpt / "tensors.pt").exists() else {}
+    saved = (
+        torch.load(ckpt / "tensors.pt", weights_only=False)
+        if ckpt is not None and (ckpt / "tensors.pt").exists()
+        else {}
+    )
     ref_model = None
     cache_dir = loop.reference.cache_dir or out_dir / "reference_cache"
     settings = {"tokenize": data.report.settings, "dtype": cfg.optim.dtype, "fixed_kl": B if fixed_kl else None}
@@ -107,17 +148,29 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     eval_refs = saved.get("reference_eval")
     if ref_mode == "precomputed" and (stage_refs is None or (data.eval is not None and eval_refs is None)):
         # the initial policy is the reference (or reference.name_or_path when it differs)
-        source = policy if loop.reference.name_or_path is None and ckpt is None else load_frozen(
-            loop.reference.name_or_path or cfg.model.name_or_path, dtype=cfg.optim.dtype).to(accelerator.device)
+        source = (
+            policy
+            if loop.reference.name_or_path is None and ckpt is None
+            else load_frozen(loop.reference.name_or_path or cfg.model.name_or_path, dtype=cfg.optim.dtype).to(
+                accelerator.device
+            )
+        )
         with _adapter_off(source):
             if stage_refs is None:
-                stage_refs = precompute(source, stages[0], kind, tokenizer, cfg, cache_dir, settings, accelerator, packed)
+                stage_refs = precompute(
+                    source, stages[0], kind, tokenizer, cfg, cache_dir, settings, accelerator, packed
+                )
             if data.eval is not None and eval_refs is None:
-                eval_refs = precompute(source, data.eval, kind, tokenizer, cfg, cache_dir, settings, accelerator, packed)
+                eval_refs = precompute(
+                    source, data.eval, kind, tokenizer, cfg, cache_dir, settings, accelerator, packed
+                )
         del source
     if ref_mode == "model":
-        ref_path = ckpt / "reference" if ckpt is not None and (ckpt / "reference").exists() else (
-            loop.reference.name_or_path or cfg.model.name_or_path)
+        ref_path = (
+            ckpt / "reference"
+            if ckpt is not None and (ckpt / "reference").exists()
+            else (loop.reference.name_or_path or cfg.model.name_or_path)
+        )
         ref_model = load_frozen(str(ref_path), dtype=cfg.optim.dtype).to(accelerator.device)
     if ref_mode == "model" and data.eval is not None and eval_refs is None and not spec.needs_kl_pairs:
         # TR-DPO moves the reference: evaluate against the initial one so eval curves stay comparable
@@ -143,8 +196,11 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     eval_ds = attach(data.eval, eval_refs) if data.eval is not None else None
     n_train, n_total = count_parameters(unwrapped)
     if main:
-        print(f"policy: {n_train:,} trainable of {n_total:,} parameters; loss={spec.name} ({spec.kind}); "
-              f"reference={ref_mode}; {len(stages)} stage(s); {total} optimizer steps", flush=True)
+        print(
+            f"policy: {n_train:,} trainable of {n_total:,} parameters; loss={spec.name} ({spec.kind}); "
+            f"reference={ref_mode}; {len(stages)} stage(s); {total} optimizer steps",
+            flush=True,
+        )
 
     # ---------------------------------------------------------------- 6. the step loop
     logger = MetricsLogger(out_dir, main, cfg.log.tensorboard, resume_step=progress.step)
@@ -153,8 +209,16 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     ctx = LossContext(spec, loss_fn, ref_mode, ref_model, running_mean, reduce, cfg.seed, packed)
     # evaluation always compares with the initial reference (precomputed columns) when there are any; its
     # KL estimate stays per process (processes may hold different numbers of eval batches: no collectives)
-    eval_ctx = LossContext(spec, loss_fn, "precomputed" if eval_refs is not None else ref_mode, ref_model,
-                           running_mean, None, cfg.seed, packed)
+    eval_ctx = LossContext(
+        spec,
+        loss_fn,
+        "precomputed" if eval_refs is not None else ref_mode,
+        ref_model,
+        running_mean,
+        None,
+        cfg.seed,
+        packed,
+    )
     last_train: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     stopped = False
@@ -172,12 +236,20 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
 
             if not accumulate_step(accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm, metrics, loss):
                 continue
-            progress.update(step=progress.step + 1, micro=i + 1, samples=progress.samples + B * world * cfg.optim.grad_accum)
+            progress.update(
+                step=progress.step + 1, micro=i + 1, samples=progress.samples + B * world * cfg.optim.grad_accum
+            )
             if schedule is not None:
                 schedule.apply(progress.step, ref_model, unwrapped)
             if progress.log_due(cfg.log.every_steps, total):
-                last_train = {**metrics.reduce(accelerator), **speed.read(world), "lr": scheduler.get_last_lr()[0],
-                              "time_s": progress.time_s(), "epoch": progress.epoch, "stage": progress.stage}
+                last_train = {
+                    **metrics.reduce(accelerator),
+                    **speed.read(world),
+                    "lr": scheduler.get_last_lr()[0],
+                    "time_s": progress.time_s(),
+                    "epoch": progress.epoch,
+                    "stage": progress.stage,
+                }
                 logger.log(progress.step, last_train)
                 bar.set_postfix(postfix(last_train))
             bar.update(1)
@@ -186,8 +258,21 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
                 logger.log(progress.step, last_eval)
             due, stopped = progress.checkpoint_due(cfg.checkpoint)
             if due:
-                _checkpoint(out_dir, progress, accelerator, model, tokenizer, optimizer, scheduler, cfg,
-                            running_mean, stage_refs, eval_refs, ref_model, ref_mode)
+                _checkpoint(
+                    out_dir,
+                    progress,
+                    accelerator,
+                    model,
+                    tokenizer,
+                    optimizer,
+                    scheduler,
+                    cfg,
+                    running_mean,
+                    stage_refs,
+                    eval_refs,
+                    ref_model,
+                    ref_mode,
+                )
             if stopped or progress.step >= total:
                 break
         if stopped or progress.step >= total:
@@ -198,8 +283,17 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
             if progress.stage < len(stages):
                 stage_refs = None
                 if ref_mode == "precomputed":  # the reference becomes the current policy (sDPO, Curry-DPO)
-                    stage_refs = precompute(unwrapped, stages[progress.stage], kind, tokenizer, cfg, cache_dir,
-                                            settings, accelerator, packed)
+                    stage_refs = precompute(
+                        unwrapped,
+                        stages[progress.stage],
+                        kind,
+                        tokenizer,
+                        cfg,
+                        cache_dir,
+                        settings,
+                        accelerator,
+                        packed,
+                    )
                 stage_ds = attach(stages[progress.stage], stage_refs)
         elif cfg.optim.max_steps is None and progress.epoch >= cfg.optim.epochs:
             break
@@ -215,13 +309,34 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     logger.close()
     final = save_model(model, tokenizer, out_dir / "final", accelerator)
     if progress.final_checkpoint_due(cfg.checkpoint):
-        _checkpoint(out_dir, progress, accelerator, model, tokenizer, optimizer, scheduler, cfg,
-                    running_mean, stage_refs, eval_refs, ref_model, ref_mode)
+        _checkpoint(
+            out_dir,
+            progress,
+            accelerator,
+            model,
+            tokenizer,
+            optimizer,
+            scheduler,
+            cfg,
+            running_mean,
+            stage_refs,
+            eval_refs,
+            ref_model,
+            ref_mode,
+        )
     summary = {
-        "loop": "preference", "loss": spec.name, "steps": progress.step, "samples": progress.samples,
-        "time_s": progress.time_s(), "final_dir": str(final),
-        "final_train": last_train, "final_eval": last_eval, "reference": ref_mode, "stages": len(stages),
-        "truncation": truncation_counts(data.report), "output_dir": str(out_dir),
+        "loop": "preference",
+        "loss": spec.name,
+        "steps": progress.step,
+        "samples": progress.samples,
+        "time_s": progress.time_s(),
+        "final_dir": str(final),
+        "final_train": last_train,
+        "final_eval": last_eval,
+        "reference": ref_mode,
+        "stages": len(stages),
+        "truncation": truncation_counts(data.report),
+        "output_dir": str(out_dir),
         "eval_truncation": truncation_counts(data.eval_report),  # the held-out rows' cuts, beside the training ones
     }
     if soft_rows:
@@ -245,8 +360,11 @@ def policy_forward(kind: str, kl: bool, packed: bool):
     from train.logprobs import concatenated_forward, listwise_forward, unpaired_forward
 
     if not packed:
-        return {"pairwise": concatenated_forward, "ranked": listwise_forward,
-                "unpaired": lambda m, b: unpaired_forward(m, b, kl=kl)}[kind]
+        return {
+            "pairwise": concatenated_forward,
+            "ranked": listwise_forward,
+            "unpaired": lambda m, b: unpaired_forward(m, b, kl=kl),
+        }[kind]
     return lambda m, b: packed_forward(m, b, kind, kl)
 
 
@@ -255,17 +373,30 @@ def packed_forward(model, batch, kind: str, kl: bool) -> dict[str, torch.Tensor]
     total, mean, n = packed_sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     if kind == "pairwise":
         b = total.shape[0] // 2
-        return {"chosen_logps": total[:b], "rejected_logps": total[b:], "chosen_logps_mean": mean[:b],
-                "rejected_logps_mean": mean[b:], "chosen_n_tokens": n[:b], "rejected_n_tokens": n[b:],
-                "chosen_nll": -mean[:b], "chosen_nll_token_mean": -total[:b].sum() / n[:b].sum().clamp(min=1)}
+        return {
+            "chosen_logps": total[:b],
+            "rejected_logps": total[b:],
+            "chosen_logps_mean": mean[:b],
+            "rejected_logps_mean": mean[b:],
+            "chosen_n_tokens": n[:b],
+            "rejected_n_tokens": n[b:],
+            "chosen_nll": -mean[:b],
+            "chosen_nll_token_mean": -total[:b].sum() / n[:b].sum().clamp(min=1),
+        }
     if kind == "ranked":
         index, mask = batch["list_index"], batch["list_mask"]
-        return {"logps": total[index] * mask, "logps_mean": mean[index] * mask, "n_tokens": n[index] * mask, "mask": mask}
+        return {
+            "logps": total[index] * mask,
+            "logps_mean": mean[index] * mask,
+            "n_tokens": n[index] * mask,
+            "mask": mask,
+        }
     out = {"logps": total, "logps_mean": mean, "n_tokens": n, "label": batch["label"]}
     if kl:  # the KL estimate is a detached constant: no graph (as train.logprobs.unpaired_forward)
         with torch.no_grad():
-            out["kl_logps"] = packed_sequence_logps(model, batch["kl_input_ids"], batch["kl_attention_mask"],
-                                                    batch["kl_labels"])[0]
+            out["kl_logps"] = packed_sequence_logps(
+                model, batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_labels"]
+            )[0]
     return out
 
 
@@ -281,19 +412,29 @@ def forward_loss(model, unwrapped, batch: dict[str, Any], ctx: LossContext, kind
         avail = {
             "policy_chosen_logps": pol["chosen_logps_mean" if mean else "chosen_logps"],
             "policy_rejected_logps": pol["rejected_logps_mean" if mean else "rejected_logps"],
-            "chosen_nll": pol["chosen_nll"], "chosen_lengths": pol["chosen_n_tokens"],
+            "chosen_nll": pol["chosen_nll"],
+            "chosen_lengths": pol["chosen_n_tokens"],
             "rejected_lengths": pol["rejected_n_tokens"],
-            "score_chosen": _scores(batch, "score_chosen", ctx), "score_rejected": _scores(batch, "score_rejected", ctx),
-            "p_chosen": _soft_labels(batch), "prompt_embeddings": batch.get("prompt_embeddings"),
+            "score_chosen": _scores(batch, "score_chosen", ctx),
+            "score_rejected": _scores(batch, "score_rejected", ctx),
+            "p_chosen": _soft_labels(batch),
+            "prompt_embeddings": batch.get("prompt_embeddings"),
             **{k: _reward_cost(batch, k, ctx) for k in REWARD_COST},
         }
         if ref is not None:
             avail["reference_chosen_logps"] = ref["chosen_mean" if mean else "chosen"]
             avail["reference_rejected_logps"] = ref["rejected_mean" if mean else "rejected"]
-        extra = {"logps/chosen": pol["chosen_logps"].detach().mean(), "logps/rejected": pol["rejected_logps"].detach().mean()}
+        extra = {
+            "logps/chosen": pol["chosen_logps"].detach().mean(),
+            "logps/rejected": pol["rejected_logps"].detach().mean(),
+        }
     elif kind == "ranked":
-        avail = {"policy_logps": pol["logps_mean" if mean else "logps"], "lengths": pol["n_tokens"],
-                 "scores": batch["scores"], "mask": pol["mask"]}
+        avail = {
+            "policy_logps": pol["logps_mean" if mean else "logps"],
+            "lengths": pol["n_tokens"],
+            "scores": batch["scores"],
+            "mask": pol["mask"],
+        }
         if ref is not None:
             avail["reference_logps"] = ref["mean" if mean else "sum"]
         extra = {}
@@ -322,8 +463,12 @@ def reference_outputs(model, unwrapped, batch, ctx: LossContext, kind: str, forw
         return None
     if ctx.ref_mode == "precomputed":
         if kind == "pairwise":
-            return {"chosen": batch["ref_chosen_logps"], "rejected": batch["ref_rejected_logps"],
-                    "chosen_mean": batch["ref_chosen_logps_mean"], "rejected_mean": batch["ref_rejected_logps_mean"]}
+            return {
+                "chosen": batch["ref_chosen_logps"],
+                "rejected": batch["ref_rejected_logps"],
+                "chosen_mean": batch["ref_chosen_logps_mean"],
+                "rejected_mean": batch["ref_rejected_logps_mean"],
+            }
         return {"sum": batch["ref_logps"], "mean": batch["ref_logps_mean"], "kl": batch.get("ref_kl_logps")}
     with torch.no_grad():
         if ctx.ref_mode == "adapter_disabled":
@@ -332,8 +477,12 @@ def reference_outputs(model, unwrapped, batch, ctx: LossContext, kind: str, forw
         else:
             out = forward(ctx.ref_model, batch)
     if kind == "pairwise":
-        return {"chosen": out["chosen_logps"], "rejected": out["rejected_logps"],
-                "chosen_mean": out["chosen_logps_mean"], "rejected_mean": out["rejected_logps_mean"]}
+        return {
+            "chosen": out["chosen_logps"],
+            "rejected": out["rejected_logps"],
+            "chosen_mean": out["chosen_logps_mean"],
+            "rejected_mean": out["rejected_logps_mean"],
+        }
     return {"sum": out["logps"], "mean": out["logps_mean"], "kl": out.get("kl_logps")}
 
 
@@ -342,8 +491,13 @@ def _cringe(model, batch, ctx: LossContext, step: int):
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     targets = batch["labels"][:, 1:]
     gen = torch.Generator(device=logits.device).manual_seed(ctx.seed * 1_000_003 + step)
-    avail = {"logits": logits[:, :-1], "target_ids": targets, "token_mask": targets != -100,
-             "labels": batch["label"], "generator": gen}
+    avail = {
+        "logits": logits[:, :-1],
+        "target_ids": targets,
+        "token_mask": targets != -100,
+        "labels": batch["label"],
+        "generator": gen,
+    }
     return call_loss(ctx.fn, avail), {}
 
 
@@ -367,8 +521,10 @@ def _reward_cost(batch, key: str, ctx: LossContext):
     if not ctx.spec.needs_reward_cost:
         return None
     if value is None or torch.isnan(value).any():
-        raise DataError(f"loss={ctx.spec.name} needs {', '.join(REWARD_COST)} (precomputed reward- and cost-model "
-                        f"scores) on every pair; {key} is missing on some rows")
+        raise DataError(
+            f"loss={ctx.spec.name} needs {', '.join(REWARD_COST)} (precomputed reward- and cost-model "
+            f"scores) on every pair; {key} is missing on some rows"
+        )
     return value
 
 
@@ -406,18 +562,27 @@ def evaluate(model, unwrapped, eval_ds, collate, ctx, kind, cfg, accelerator, fi
     order = list(range(len(eval_ds)))
     if fixed_kl:  # KL pairs were fixed in chunks of optim.batch_size: keep the chunks
         B = cfg.optim.batch_size
-    mine = order[accelerator.process_index::accelerator.num_processes] if not fixed_kl else [
-        j for c, start in enumerate(range(0, len(order), B)) if c % accelerator.num_processes == accelerator.process_index
-        for j in order[start:start + B]]
+    mine = (
+        order[accelerator.process_index :: accelerator.num_processes]
+        if not fixed_kl
+        else [
+            j
+            for c, start in enumerate(range(0, len(order), B))
+            if c % accelerator.num_processes == accelerator.process_index
+            for j in order[start : start + B]
+        ]
+    )
     metrics = StepMetrics()
     for start in range(0, len(mine), B):
-        idx = mine[start:start + B]
+        idx = mine[start : start + B]
         if ctx.spec.needs_kl_pairs and len(idx) < 2:
             continue
         batch = to_device(collate(eval_ds.select(idx).to_list()), accelerator.device)
         out, extra = forward_loss(model, unwrapped, batch, ctx, kind, step=0, train=False)
-        metrics.add({**loss_metrics(out, "eval/", paired=kind != "unpaired"), **{f"eval/{k}": v for k, v in extra.items()}},
-                    weight=len(idx))
+        metrics.add(
+            {**loss_metrics(out, "eval/", paired=kind != "unpaired"), **{f"eval/{k}": v for k, v in extra.items()}},
+            weight=len(idx),
+        )
     model.train()
     return metrics.reduce(accelerator)
 
@@ -433,25 +598,39 @@ def to_kind(rows: Dataset, want: str, source: str, loss_name: str) -> Dataset:
     if have == want:
         return rows
     if has_distinct_prompts(rows):
-        raise DataError(f"{source}: the pairs carry prompt_rejected (joint DOVE pairs with two instructions); "
-                        f"loss={loss_name} trains {DATA_KIND_NAME[want]} rows; use loss=dove")
+        raise DataError(
+            f"{source}: the pairs carry prompt_rejected (joint DOVE pairs with two instructions); "
+            f"loss={loss_name} trains {DATA_KIND_NAME[want]} rows; use loss=dove"
+        )
     out: list[dict[str, Any]] = []
     if (have, want) == ("pairwise", "unpaired"):
         for r in rows:
             out.append({"id": f"{r['id']}:chosen", "prompt": r["prompt"], "completion": r["chosen"], "label": True})
-            out.append({"id": f"{r['id']}:rejected", "prompt": r["prompt"], "completion": r["rejected"], "label": False})
+            out.append(
+                {"id": f"{r['id']}:rejected", "prompt": r["prompt"], "completion": r["rejected"], "label": False}
+            )
     elif (have, want) == ("pairwise", "ranked"):
         for r in rows:
             sc, sr = r.get("score_chosen"), r.get("score_rejected")
             scores = [sc, sr] if sc is not None and sr is not None and sc > sr else [1.0, 0.0]
-            out.append({"id": r["id"], "prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]], "scores": scores})
+            out.append(
+                {"id": r["id"], "prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]], "scores": scores}
+            )
     elif (have, want) == ("ranked", "pairwise"):
         for r in rows:
             s = r["scores"]
             best, worst = max(range(len(s)), key=s.__getitem__), min(range(len(s)), key=s.__getitem__)
             if s[best] > s[worst]:
-                out.append({"id": r["id"], "prompt": r["prompt"], "chosen": r["responses"][best],
-                            "rejected": r["responses"][worst], "score_chosen": s[best], "score_rejected": s[worst]})
+                out.append(
+                    {
+                        "id": r["id"],
+                        "prompt": r["prompt"],
+                        "chosen": r["responses"][best],
+                        "rejected": r["responses"][worst],
+                        "score_chosen": s[best],
+                        "score_rejected": s[worst],
+                    }
+                )
     else:
         raise DataError(f"{source}: {have} rows cannot train loss={loss_name}, a {DATA_KIND_NAME[want]} objective")
     if not out:
@@ -474,8 +653,10 @@ def make_stages(cfg, train: Dataset, tokenizer) -> list[Dataset]:
         raw = load_rows(cfg.data.path, cfg, None, cfg.data.limit)
         if detect_kind(raw) == "ranked":  # one level per pair rank: (R1, RK) first ... (R1, R2) last
             levels = curry_iterations(raw)
-            return [tokenize_checked(lv, tokenizer, cfg, "pairwise", f"{cfg.data.path} (curry level {i + 1})")[0]
-                    for i, lv in enumerate(levels)]
+            return [
+                tokenize_checked(lv, tokenizer, cfg, "pairwise", f"{cfg.data.path} (curry level {i + 1})")[0]
+                for i, lv in enumerate(levels)
+            ]
         gaps = _gaps(train, "loop.curriculum=curry")
         return sdpo_stages(train, min(loop.curriculum_stages, len(train)), [-g for g in gaps])
     if loop.sdpo_stages > 1:
@@ -487,9 +668,11 @@ def make_stages(cfg, train: Dataset, tokenizer) -> list[Dataset]:
 
 def _gaps(ds: Dataset, setting: str) -> list[float]:
     if "score_chosen" not in ds.column_names or "score_rejected" not in ds.column_names:
-        raise DataError(f"{setting} orders pairs by score gap: the data needs score_chosen and score_rejected "
-                        "(or ranked rows with scores)")
-    return [float(a) - float(b) for a, b in zip(ds["score_chosen"], ds["score_rejected"])]
+        raise DataError(
+            f"{setting} orders pairs by score gap: the data needs score_chosen and score_rejected "
+            "(or ranked rows with scores)"
+        )
+    return [float(a) - float(b) for a, b in zip(ds["score_chosen"], ds["score_rejected"], strict=True)]
 
 
 def with_kl_pairs(ds: Dataset, batch_size: int, seed: int) -> Dataset:
@@ -519,8 +702,10 @@ def reference_mode(cfg) -> str:
         staged = cfg.loop.sdpo_stages > 1 or cfg.loop.curriculum != "none"
         return "adapter_disabled" if cfg.lora.enabled and not staged and ref.name_or_path is None else "precomputed"
     if ref.mode == "adapter_disabled" and ref.name_or_path is not None:
-        raise ConfigError("loop.reference.mode=adapter_disabled uses the policy's own base model; "
-                          "loop.reference.name_or_path needs mode=precomputed or model")
+        raise ConfigError(
+            "loop.reference.mode=adapter_disabled uses the policy's own base model; "
+            "loop.reference.name_or_path needs mode=precomputed or model"
+        )
     return ref.mode
 
 
@@ -540,13 +725,22 @@ def precompute(model, ds: Dataset, kind: str, tokenizer, cfg, cache_dir, setting
     from train.reference import model_identity, precompute_reference_logps
 
     bs = cfg.loop.reference.batch_size or 2 * cfg.optim.batch_size
-    identity = model_identity(model, name_or_path=cfg.loop.reference.name_or_path or cfg.model.name_or_path,
-                              revision=cfg.model.revision)
+    identity = model_identity(
+        model, name_or_path=cfg.loop.reference.name_or_path or cfg.model.name_or_path, revision=cfg.model.revision
+    )
     runner = PackedLogits(model) if packed else model
     with accelerator.main_process_first(), accelerator.autocast():  # the same numerics as the training forward
-        ref = precompute_reference_logps(runner, ds, kind=kind, pad_token_id=tokenizer.pad_token_id, cache_dir=cache_dir,
-                                         batch_size=bs, settings=settings, identity=identity,
-                                         show_progress=cfg.progress and accelerator.is_main_process)
+        ref = precompute_reference_logps(
+            runner,
+            ds,
+            kind=kind,
+            pad_token_id=tokenizer.pad_token_id,
+            cache_dir=cache_dir,
+            batch_size=bs,
+            settings=settings,
+            identity=identity,
+            show_progress=cfg.progress and accelerator.is_main_process,
+        )
     return ref.tensors
 
 
@@ -574,8 +768,21 @@ def _running_mean(spec):
     return RunningMean() if spec.stateful == "running_mean" else None
 
 
-def _checkpoint(out_dir, progress, accelerator, model, tokenizer, optimizer, scheduler, cfg, running_mean,
-                stage_refs, eval_refs, ref_model, ref_mode):
+def _checkpoint(
+    out_dir,
+    progress,
+    accelerator,
+    model,
+    tokenizer,
+    optimizer,
+    scheduler,
+    cfg,
+    running_mean,
+    stage_refs,
+    eval_refs,
+    ref_model,
+    ref_mode,
+):
     tensors: dict[str, Any] = {}
     if running_mean is not None:
         tensors["running_mean"] = running_mean.state_dict()
@@ -583,9 +790,20 @@ def _checkpoint(out_dir, progress, accelerator, model, tokenizer, optimizer, sch
         tensors["reference_train"] = stage_refs
     if eval_refs is not None:
         tensors["reference_eval"] = eval_refs
-    checkpoint_progress(out_dir, progress, cfg, accelerator=accelerator, model=model, tokenizer=tokenizer,
-                        optimizer=optimizer, scheduler=scheduler, tensors=tensors,
-                        extra_models={"reference": ref_model} if ref_model is not None and cfg.loop.reference.update != "none" else None)
+    checkpoint_progress(
+        out_dir,
+        progress,
+        cfg,
+        accelerator=accelerator,
+        model=model,
+        tokenizer=tokenizer,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        tensors=tensors,
+        extra_models={"reference": ref_model}
+        if ref_model is not None and cfg.loop.reference.update != "none"
+        else None,
+    )
 
 
 def _progress(cfg, main: bool, total: int, initial: int):

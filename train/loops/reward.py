@@ -26,9 +26,28 @@ from datasets import Dataset
 from synth.errors import ConfigError
 from train.data import DataError, make_collator, read_rows
 from train.loops.common import (
-    MetricsLogger, Progress, StepMetrics, Throughput, accumulate_step, begin_run, build_optimizer, build_scheduler,
-    call_loss, check_enough_rows, checkpoint_progress, epoch_batches, epoch_order, finish_run, load_data,
-    loss_metrics, postfix, resume_from, steps_per_epoch, to_device, total_steps, truncation_counts,
+    MetricsLogger,
+    Progress,
+    StepMetrics,
+    Throughput,
+    accumulate_step,
+    begin_run,
+    build_optimizer,
+    build_scheduler,
+    call_loss,
+    check_enough_rows,
+    checkpoint_progress,
+    epoch_batches,
+    epoch_order,
+    finish_run,
+    load_data,
+    loss_metrics,
+    postfix,
+    resume_from,
+    steps_per_epoch,
+    to_device,
+    total_steps,
+    truncation_counts,
 )
 from train.models import count_parameters, load_policy, load_tokenizer, save_model, trainable_parameters
 
@@ -61,38 +80,60 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     model = load_policy(
         str(ckpt) if ckpt is not None and not cfg.lora.enabled else cfg.model.name_or_path,
         revision=None if ckpt is not None and not cfg.lora.enabled else cfg.model.revision,
-        dtype=cfg.optim.dtype, lora=cfg.lora, gradient_checkpointing=cfg.optim.gradient_checkpointing,
-        head="score", pad_token_id=tokenizer.pad_token_id,
+        dtype=cfg.optim.dtype,
+        lora=cfg.lora,
+        gradient_checkpointing=cfg.optim.gradient_checkpointing,
+        head="score",
+        pad_token_id=tokenizer.pad_token_id,
         adapter_path=ckpt if ckpt is not None and cfg.lora.enabled else None,
     )
     total = total_steps(cfg.optim, steps_per_epoch(len(data.train), B, world, accum))
     optimizer = build_optimizer(trainable_parameters(model), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
     if cfg.loss.needs_nll and not getattr(model.config, "tie_word_embeddings", False):
-        raise ConfigError(f"loss={cfg.loss.name} needs the LM head beside the score head; loop=reward rebuilds it from "
-                          f"the tied input embeddings, and {cfg.model.name_or_path} does not tie them; use "
-                          "loss=bradley_terry for this model")
+        raise ConfigError(
+            f"loss={cfg.loss.name} needs the LM head beside the score head; loop=reward rebuilds it from "
+            f"the tied input embeddings, and {cfg.model.name_or_path} does not tie them; use "
+            "loss=bradley_terry for this model"
+        )
     model, optimizer = accelerator.prepare(model, optimizer)
     progress = Progress(started=started)
     resume_from(ckpt, progress, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler)
     n_train, n_total = count_parameters(accelerator.unwrap_model(model))
     if main:
-        print(f"{'cost' if safety else 'reward'} model: {n_train:,} trainable of {n_total:,} parameters; "
-              f"loss={cfg.loss.name}; {total} optimizer steps", flush=True)
+        print(
+            f"{'cost' if safety else 'reward'} model: {n_train:,} trainable of {n_total:,} parameters; "
+            f"loss={cfg.loss.name}; {total} optimizer steps",
+            flush=True,
+        )
 
     # ---------------------------------------------------------------- 4. the step loop
-    collate = make_collator("ranked", tokenizer.pad_token_id) if listwise else PairsWithLabels(
-        make_collator("pairwise", tokenizer.pad_token_id), safety)
+    collate = (
+        make_collator("ranked", tokenizer.pad_token_id)
+        if listwise
+        else PairsWithLabels(make_collator("pairwise", tokenizer.pad_token_id), safety)
+    )
     logger = MetricsLogger(out_dir, main, cfg.log.tensorboard, resume_step=progress.step)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=progress.step, disable=not (cfg.progress and main), desc="reward", dynamic_ncols=True)
+    bar = tqdm(
+        total=total, initial=progress.step, disable=not (cfg.progress and main), desc="reward", dynamic_ncols=True
+    )
     metrics, speed = StepMetrics(), Throughput()
     last_train: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     stopped = False
-    save = functools.partial(checkpoint_progress, out_dir, progress, cfg, accelerator=accelerator, model=model,
-                             tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler)
+    save = functools.partial(
+        checkpoint_progress,
+        out_dir,
+        progress,
+        cfg,
+        accelerator=accelerator,
+        model=model,
+        tokenizer=tokenizer,
+        optimizer=optimizer,
+        scheduler=scheduler,
+    )
     model.train()
     while progress.step < total:
         batches = epoch_batches(epoch_order(len(data.train), cfg.seed, progress.epoch), B, world, rank)
@@ -109,8 +150,13 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
                 continue
             progress.update(step=progress.step + 1, micro=i + 1, samples=progress.samples + B * world * accum)
             if progress.log_due(cfg.log.every_steps, total):
-                last_train = {**metrics.reduce(accelerator), **speed.read(world), "lr": scheduler.get_last_lr()[0],
-                              "time_s": progress.time_s(), "epoch": progress.epoch}
+                last_train = {
+                    **metrics.reduce(accelerator),
+                    **speed.read(world),
+                    "lr": scheduler.get_last_lr()[0],
+                    "time_s": progress.time_s(),
+                    "epoch": progress.epoch,
+                }
                 logger.log(progress.step, last_train)
                 bar.set_postfix(postfix(last_train))
             bar.update(1)
@@ -139,9 +185,15 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     if progress.final_checkpoint_due(cfg.checkpoint):
         save()
     summary = {
-        "loop": "reward", "loss": cfg.loss.name, "steps": progress.step, "samples": progress.samples,
-        "time_s": progress.time_s(), "final_dir": str(final),
-        "final_train": last_train, "final_eval": last_eval, "truncation": truncation_counts(data.report),
+        "loop": "reward",
+        "loss": cfg.loss.name,
+        "steps": progress.step,
+        "samples": progress.samples,
+        "time_s": progress.time_s(),
+        "final_dir": str(final),
+        "final_train": last_train,
+        "final_eval": last_eval,
+        "truncation": truncation_counts(data.report),
         "eval_truncation": truncation_counts(data.eval_report),  # the held-out rows' cuts, beside the training ones
         "output_dir": str(out_dir),
     }
@@ -162,8 +214,9 @@ def scores_and_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     completion from the same final hidden states (GRM's text-generation regulariser)."""
     from train.logprobs import sequence_logps
 
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                output_hidden_states=True)
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, output_hidden_states=True
+    )
     r = out.logits[:, 0].float()
     b = r.shape[0] // 2
     weight = getattr(model, "module", model).get_input_embeddings().weight
@@ -185,8 +238,10 @@ def _targets(batch, key: str, cfg):
     if not cfg.loss.needs_scores:
         return None
     if value is None or torch.isnan(value).any():
-        raise DataError(f"loss={cfg.loss.name} regresses on score_chosen and score_rejected: every pair needs both "
-                        f"({key} is missing on some rows)")
+        raise DataError(
+            f"loss={cfg.loss.name} regresses on score_chosen and score_rejected: every pair needs both "
+            f"({key} is missing on some rows)"
+        )
     return value
 
 
@@ -202,11 +257,18 @@ def reward_loss(model, batch, loss_fn, cfg):
     margin = batch.get("margin") if cfg.loop.use_margin else None
     if margin is not None:
         margin = torch.nan_to_num(margin, nan=0.0)  # rows without a margin: plain Bradley–Terry
-    avail = {"rewards_chosen": chosen, "rewards_rejected": rejected, "margin": margin,
-             "costs_chosen": chosen, "costs_rejected": rejected,
-             "safe_chosen": batch.get("safe_chosen"), "safe_rejected": batch.get("safe_rejected"),
-             "score_chosen": _targets(batch, "score_chosen", cfg), "score_rejected": _targets(batch, "score_rejected", cfg),
-             "chosen_nll": chosen_nll}
+    avail = {
+        "rewards_chosen": chosen,
+        "rewards_rejected": rejected,
+        "margin": margin,
+        "costs_chosen": chosen,
+        "costs_rejected": rejected,
+        "safe_chosen": batch.get("safe_chosen"),
+        "safe_rejected": batch.get("safe_rejected"),
+        "score_chosen": _targets(batch, "score_chosen", cfg),
+        "score_rejected": _targets(batch, "score_rejected", cfg),
+        "chosen_nll": chosen_nll,
+    }
     return call_loss(loss_fn, avail)
 
 
@@ -215,10 +277,10 @@ def evaluate(model, eval_ds, collate, loss_fn, cfg, accelerator) -> dict[str, fl
     """Held-out loss and pair accuracy (chosen scored above rejected), over rows and processes."""
     model.eval()
     B = cfg.eval.batch_size or cfg.optim.batch_size
-    mine = list(range(len(eval_ds)))[accelerator.process_index::accelerator.num_processes]
+    mine = list(range(len(eval_ds)))[accelerator.process_index :: accelerator.num_processes]
     metrics = StepMetrics()
     for start in range(0, len(mine), B):
-        idx = mine[start:start + B]
+        idx = mine[start : start + B]
         batch = to_device(collate(eval_ds.select(idx).to_list()), accelerator.device)
         metrics.add(loss_metrics(reward_loss(model, batch, loss_fn, cfg), "eval/"), weight=len(idx))
     model.train()
@@ -253,17 +315,21 @@ def to_pairs(rows: Dataset, source: str, cfg, safety: bool) -> Dataset:
     return pairs.add_column("safe_chosen", labels[0]).add_column("safe_rejected", labels[1])
 
 
-def safety_labels(source: str, split: str, n: int, chosen_field: str, rejected_field: str) -> tuple[list[bool], list[bool]]:
+def safety_labels(
+    source: str, split: str, n: int, chosen_field: str, rejected_field: str
+) -> tuple[list[bool], list[bool]]:
     """The per-pair safety booleans, read from the raw rows (top level or `meta`), in row order.
     train.data keeps only the canonical columns, so the labels are read beside it."""
     safe_c, safe_r = [], []
-    for i, row in zip(range(n), read_rows(source, split)):
+    for i, row in zip(range(n), read_rows(source, split), strict=False):
         values = []
         for name in (chosen_field, rejected_field):
             v = row.get(name, (row.get("meta") or {}).get(name))
             if not isinstance(v, bool) and v not in (0, 1):
-                raise DataError(f"{source}: row {i}: loss=cost needs a boolean {name!r} (True = the response is safe), "
-                                f"got {v!r}; set loop.safe_chosen_field / loop.safe_rejected_field to your column names")
+                raise DataError(
+                    f"{source}: row {i}: loss=cost needs a boolean {name!r} (True = the response is safe), "
+                    f"got {v!r}; set loop.safe_chosen_field / loop.safe_rejected_field to your column names"
+                )
             values.append(bool(v))
         safe_c.append(values[0])
         safe_r.append(values[1])

@@ -17,9 +17,27 @@ from datasets import Dataset
 
 from train.data import DataError, detect_kind, make_collator
 from train.loops.common import (
-    MetricsLogger, Progress, StepMetrics, Throughput, accumulate_step, begin_run, build_optimizer, build_scheduler,
-    call_loss, check_enough_rows, checkpoint_progress, epoch_batches, epoch_order, finish_run, load_data, postfix,
-    resume_from, steps_per_epoch, to_device, total_steps, truncation_counts,
+    MetricsLogger,
+    Progress,
+    StepMetrics,
+    Throughput,
+    accumulate_step,
+    begin_run,
+    build_optimizer,
+    build_scheduler,
+    call_loss,
+    check_enough_rows,
+    checkpoint_progress,
+    epoch_batches,
+    epoch_order,
+    finish_run,
+    load_data,
+    postfix,
+    resume_from,
+    steps_per_epoch,
+    to_device,
+    total_steps,
+    truncation_counts,
 )
 from train.loops.packing import packed_token_logps, packing_ok
 from train.models import count_parameters, load_policy, load_tokenizer, save_model, trainable_parameters
@@ -45,7 +63,9 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     policy = load_policy(
         str(ckpt) if ckpt is not None and not cfg.lora.enabled else cfg.model.name_or_path,
         revision=None if ckpt is not None and not cfg.lora.enabled else cfg.model.revision,
-        dtype=cfg.optim.dtype, lora=cfg.lora, gradient_checkpointing=cfg.optim.gradient_checkpointing,
+        dtype=cfg.optim.dtype,
+        lora=cfg.lora,
+        gradient_checkpointing=cfg.optim.gradient_checkpointing,
         adapter_path=ckpt if ckpt is not None and cfg.lora.enabled else None,
     )
     total = total_steps(cfg.optim, steps_per_epoch(len(data.train), B, world, accum))
@@ -56,7 +76,10 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     resume_from(ckpt, progress, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler)
     n_train, n_total = count_parameters(accelerator.unwrap_model(model))
     if main:
-        print(f"model: {n_train:,} trainable of {n_total:,} parameters; loss={cfg.loss.name}; {total} optimizer steps", flush=True)
+        print(
+            f"model: {n_train:,} trainable of {n_total:,} parameters; loss={cfg.loss.name}; {total} optimizer steps",
+            flush=True,
+        )
 
     # ---------------------------------------------------------------- 4. the step loop
     collate = make_collator("sft", tokenizer.pad_token_id)
@@ -69,8 +92,17 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     last_train: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     stopped = False
-    save = functools.partial(checkpoint_progress, out_dir, progress, cfg, accelerator=accelerator, model=model,
-                             tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler)
+    save = functools.partial(
+        checkpoint_progress,
+        out_dir,
+        progress,
+        cfg,
+        accelerator=accelerator,
+        model=model,
+        tokenizer=tokenizer,
+        optimizer=optimizer,
+        scheduler=scheduler,
+    )
     model.train()
     while progress.step < total:
         batches = epoch_batches(epoch_order(len(data.train), cfg.seed, progress.epoch), B, world, rank)
@@ -87,8 +119,13 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
                 continue
             progress.update(step=progress.step + 1, micro=i + 1, samples=progress.samples + B * world * accum)
             if progress.log_due(cfg.log.every_steps, total):
-                last_train = {**metrics.reduce(accelerator), **speed.read(world), "lr": scheduler.get_last_lr()[0],
-                              "time_s": progress.time_s(), "epoch": progress.epoch}
+                last_train = {
+                    **metrics.reduce(accelerator),
+                    **speed.read(world),
+                    "lr": scheduler.get_last_lr()[0],
+                    "time_s": progress.time_s(),
+                    "epoch": progress.epoch,
+                }
                 logger.log(progress.step, last_train)
                 bar.set_postfix(postfix(last_train, ("loss", "tokens_per_s", "lr")))
             bar.update(1)
@@ -117,9 +154,15 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     if progress.final_checkpoint_due(cfg.checkpoint):
         save()
     summary = {
-        "loop": "sft", "loss": cfg.loss.name, "steps": progress.step, "samples": progress.samples,
-        "time_s": progress.time_s(), "final_dir": str(final),
-        "final_train": last_train, "final_eval": last_eval, "truncation": truncation_counts(data.report),
+        "loop": "sft",
+        "loss": cfg.loss.name,
+        "steps": progress.step,
+        "samples": progress.samples,
+        "time_s": progress.time_s(),
+        "final_dir": str(final),
+        "final_train": last_train,
+        "final_eval": last_eval,
+        "truncation": truncation_counts(data.report),
         "eval_truncation": truncation_counts(data.eval_report),  # the held-out rows' cuts, beside the training ones
         "output_dir": str(out_dir),
     }
@@ -133,8 +176,9 @@ def sft_loss(model, batch: dict[str, torch.Tensor], loss_fn, packed: bool = Fals
     if packed:
         logps, mask = packed_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     else:
-        logps, mask = model_token_logps(model, batch["labels"], input_ids=batch["input_ids"],
-                                        attention_mask=batch["attention_mask"])
+        logps, mask = model_token_logps(
+            model, batch["labels"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        )
     return call_loss(loss_fn, {"token_logps": logps, "token_mask": mask})
 
 
@@ -143,10 +187,10 @@ def evaluate(model, eval_ds, collate, loss_fn, cfg, accelerator, packed: bool = 
     """Held-out loss (and token perplexity) averaged over rows and processes."""
     model.eval()
     B = cfg.eval.batch_size or cfg.optim.batch_size
-    mine = list(range(len(eval_ds)))[accelerator.process_index::accelerator.num_processes]
+    mine = list(range(len(eval_ds)))[accelerator.process_index :: accelerator.num_processes]
     metrics = StepMetrics()
     for start in range(0, len(mine), B):
-        idx = mine[start:start + B]
+        idx = mine[start : start + B]
         batch = to_device(collate(eval_ds.select(idx).to_list()), accelerator.device)
         out = sft_loss(model, batch, loss_fn, packed)
         metrics.add({"eval/loss": out.losses.mean()}, weight=len(idx))
@@ -166,5 +210,7 @@ def to_sft(rows: Dataset, source: str) -> Dataset:
         return Dataset.from_list([{"id": r["id"], "messages": r["prompt"] + r["chosen"]} for r in rows])
     if kind == "ranked":
         best = lambda s: max(range(len(s)), key=s.__getitem__)  # noqa: E731
-        return Dataset.from_list([{"id": r["id"], "messages": r["prompt"] + r["responses"][best(r["scores"])]} for r in rows])
+        return Dataset.from_list(
+            [{"id": r["id"], "messages": r["prompt"] + r["responses"][best(r["scores"])]} for r in rows]
+        )
     raise DataError(f"{source}: {kind} rows (prompt, completion, label) cannot train loop=sft; give `messages` rows")

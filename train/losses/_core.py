@@ -30,7 +30,9 @@ class LossOutput:
 
 
 def as_float(x: Tensor) -> Tensor:
-    """Upcast half/bfloat16 to float32 (log-ratios are differences of large log-probs: in half precision they lose their digits); keep float64 as is."""
+    """Upcast half/bfloat16 to float32; keep float64 as is.
+
+    Log-ratios are differences of large log-probs: in half precision they lose their digits."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 

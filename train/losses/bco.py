@@ -12,12 +12,12 @@ from train.losses._core import LossOutput, Reduce, as_float, batch_mean
 
 class RunningMean:
     """Cumulative running mean of a scalar stream: BCO's reward shift δ (arXiv 2404.04656; as in TRL's
-BCO trainer, updated before use; TRL's `bco_pair` loss has no δ).
+    BCO trainer, updated before use; TRL's `bco_pair` loss has no δ).
 
-    The same estimator as TRL's ``RunningMoments`` mean (count from 0; TRL's 1e-24 start is the same
-    to float precision): a cumulative mean, not an exponential moving average. It holds plain Python
-    floats (no tensors, no module), is updated *before* δ is read so the current batch counts, and
-    must be checkpointed with ``state_dict()`` / ``load_state_dict()`` by the loop.
+        The same estimator as TRL's ``RunningMoments`` mean (count from 0; TRL's 1e-24 start is the same
+        to float precision): a cumulative mean, not an exponential moving average. It holds plain Python
+        floats (no tensors, no module), is updated *before* δ is read so the current batch counts, and
+        must be checkpointed with ``state_dict()`` / ``load_state_dict()`` by the loop.
     """
 
     def __init__(self) -> None:

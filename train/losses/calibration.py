@@ -72,13 +72,13 @@ def ipo_loss(
 ) -> LossOutput:
     """IPO, Azar et al. 2023 (arXiv 2310.12036), Eq. 17:  L = (h − 1/(2τ))².
 
-    Shapes: all [B]. ``tau`` is TRL's ``beta``. Paper form (default): h = ρ_w − ρ_l on summed
-    log-probs. ``length_normalise=True`` is TRL's form (all versions): h = ρ_w/|y_w| − ρ_l/|y_l|
-    with the token counts ``chosen_lengths`` / ``rejected_lengths`` (clamped at 1, as TRL does).
-    The two differ by about the sequence length in the meaning of τ (TRL's IPO averages log-probs over
-tokens; neither arXiv 2310.12036 nor the DPO authors' code does). Feeding
-    per-token-mean log-probs (YAML ``length_normalised: true``) to the paper form is the same thing;
-    do not do both.
+        Shapes: all [B]. ``tau`` is TRL's ``beta``. Paper form (default): h = ρ_w − ρ_l on summed
+        log-probs. ``length_normalise=True`` is TRL's form (all versions): h = ρ_w/|y_w| − ρ_l/|y_l|
+        with the token counts ``chosen_lengths`` / ``rejected_lengths`` (clamped at 1, as TRL does).
+        The two differ by about the sequence length in the meaning of τ (TRL's IPO averages log-probs over
+    tokens; neither arXiv 2310.12036 nor the DPO authors' code does). Feeding
+        per-token-mean log-probs (YAML ``length_normalised: true``) to the paper form is the same thing;
+        do not do both.
     """
     rho_w, rho_l = log_ratios(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps

@@ -11,17 +11,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from train.losses._core import as_float, pair_output, LossOutput
+from train.losses._core import LossOutput, as_float, pair_output
 from train.losses.dpo import log_ratios, smoothed_sigmoid_loss
 
 
 def lagrangian_preference(
-    reward_chosen: Tensor, reward_rejected: Tensor, cost_chosen: Tensor, cost_rejected: Tensor,
-    lam: float, soft: bool,
+    reward_chosen: Tensor,
+    reward_rejected: Tensor,
+    cost_chosen: Tensor,
+    cost_rejected: Tensor,
+    lam: float,
+    soft: bool,
 ) -> Tensor:
     """P(chosen ≻ rejected) under r_λ = r − λc, [B], detached: σ(Δr_λ) (the Bradley–Terry model p*_λ),
     or the hard label 1[Δr_λ > 0] (½ on an exact tie: neither order is preferred)."""
-    gap = (as_float(reward_chosen) - lam * as_float(cost_chosen)) - (as_float(reward_rejected) - lam * as_float(cost_rejected))
+    gap = (as_float(reward_chosen) - lam * as_float(cost_chosen)) - (
+        as_float(reward_rejected) - lam * as_float(cost_rejected)
+    )
     gap = gap.detach()
     if soft:
         return torch.sigmoid(gap)

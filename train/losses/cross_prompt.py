@@ -36,9 +36,14 @@ def dove_loss(
     (optional soft labels, e.g. a judge's P(pair w ≻ pair l) from log-probs) gives the soft-label
     cross-entropy −p log σ(βh) − (1−p) log σ(−βh), as :func:`train.losses.dpo.dpo_loss`.
     """
-    return dpo_loss(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
-                    reference_chosen_logps=reference_chosen_logps, reference_rejected_logps=reference_rejected_logps,
-                    p_chosen=p_chosen, beta=beta)  # the same form; what differs is how the log-probs were scored
+    return dpo_loss(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        reference_chosen_logps=reference_chosen_logps,
+        reference_rejected_logps=reference_rejected_logps,
+        p_chosen=p_chosen,
+        beta=beta,
+    )  # the same form; what differs is how the log-probs were scored
 
 
 def contrast_weights(prompt_embeddings: Tensor, distance_temperature: float) -> Tensor:

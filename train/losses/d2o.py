@@ -46,6 +46,10 @@ def d2o_loss(
     neg_term = ratios.gather(-1, neg).squeeze(-1)
     losses = -F.logsigmoid(beta * sample_term - alpha * neg_term)
     chosen, rejected = (beta * sample_term).detach(), (alpha * neg_term).detach()
-    metrics = {"reward_margin": (chosen - rejected).mean(), "reward_accuracy": (chosen > rejected).to(chosen.dtype).mean(),
-               "samples_log_ratio": sample_term.detach().mean(), "negative_log_ratio": neg_term.detach().mean()}
+    metrics = {
+        "reward_margin": (chosen - rejected).mean(),
+        "reward_accuracy": (chosen > rejected).to(chosen.dtype).mean(),
+        "samples_log_ratio": sample_term.detach().mean(),
+        "negative_log_ratio": neg_term.detach().mean(),
+    }
     return LossOutput(losses, chosen, rejected, metrics)

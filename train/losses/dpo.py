@@ -127,8 +127,11 @@ def rpo_loss(
     completion (the paper's form; TRL uses one token-mean over the whole batch).
     """
     dpo = dpo_loss(
-        policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
-        reference_chosen_logps=reference_chosen_logps, reference_rejected_logps=reference_rejected_logps, beta=beta,
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        reference_chosen_logps=reference_chosen_logps,
+        reference_rejected_logps=reference_rejected_logps,
+        beta=beta,
     )
     nll = as_float(chosen_nll)
     metrics = {**dpo.metrics, "nll": nll.detach().mean()}

@@ -34,8 +34,9 @@ RATIO_CLAMP = 20.0  # log-ratio clamp before exp (OpenRLHF, verl)
 KL_ESTIMATORS = ("k1", "k2", "k3", "k3_ratio")
 
 
-def kl_estimate(logps: Tensor, ref_logps: Tensor, estimator: str = "k1", old_logps: Tensor | None = None,
-                clamp: float | None = 10.0) -> Tensor:
+def kl_estimate(
+    logps: Tensor, ref_logps: Tensor, estimator: str = "k1", old_logps: Tensor | None = None, clamp: float | None = 10.0
+) -> Tensor:
     """Per-token KL(π‖π_ref) estimate from sampled tokens. ℓ = log π − log π_ref, r = e^{−ℓ}:
 
         k1 = ℓ            unbiased value; as a loss its gradient is zero in expectation (use it in the reward)
@@ -65,8 +66,9 @@ def _per_token(adv: Tensor, like: Tensor) -> Tensor:
     return adv[:, None].expand_as(like) if adv.dim() == 1 else adv
 
 
-def clipped_surrogate(ratio: Tensor, adv: Tensor, clip_eps: float, clip_eps_high: float | None = None,
-                      dual_clip: float | None = None) -> tuple[Tensor, Tensor]:
+def clipped_surrogate(
+    ratio: Tensor, adv: Tensor, clip_eps: float, clip_eps_high: float | None = None, dual_clip: float | None = None
+) -> tuple[Tensor, Tensor]:
     """PPO-clip (Schulman et al. 2017, arXiv 1707.06347, Eq. 7) as a loss:
     −min(ρA, clip(ρ, 1−ε_lo, 1+ε_hi)A); with dual_clip c (Ye et al. 2020, arXiv 1912.09729) the loss of
     A < 0 is at most c·|A|. Returns (loss, clipped-indicator) elementwise."""
@@ -79,8 +81,13 @@ def clipped_surrogate(ratio: Tensor, adv: Tensor, clip_eps: float, clip_eps_high
     return loss, (clipped > unclipped).to(loss.dtype)
 
 
-def aggregate(token_losses: Tensor, mask: Tensor, aggregation: str, total_tokens: float | None = None,
-              total_sequences: float | None = None) -> Tensor:
+def aggregate(
+    token_losses: Tensor,
+    mask: Tensor,
+    aggregation: str,
+    total_tokens: float | None = None,
+    total_sequences: float | None = None,
+) -> Tensor:
     """[B, T] token losses -> [B] such that losses.sum()/total_sequences is the aggregated loss."""
     mask = mask.bool()
     summed = torch.where(mask, token_losses, torch.zeros_like(token_losses)).sum(-1)
@@ -155,63 +162,181 @@ def policy_gradient_loss(
     return LossOutput(losses, metrics=metrics)
 
 
-_DATA = ("logps", "old_logps", "advantages", "mask", "ref_logps", "total_tokens", "total_sequences",
-         "kl_coef", "kl_estimator", "kl_clamp")
+_DATA = (
+    "logps",
+    "old_logps",
+    "advantages",
+    "mask",
+    "ref_logps",
+    "total_tokens",
+    "total_sequences",
+    "kl_coef",
+    "kl_estimator",
+    "kl_clamp",
+)
 
 
-def ppo_loss(*, logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, ref_logps: Tensor | None = None,
-             total_tokens: float | None = None, total_sequences: float | None = None, kl_coef: float = 0.0,
-             kl_estimator: str = "k3_ratio", kl_clamp: float | None = 10.0,
-             clip_eps: float = 0.2, clip_eps_high: float | None = None, dual_clip: float | None = None,
-             aggregation: str = "token_mean") -> LossOutput:
+def ppo_loss(
+    *,
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logps: Tensor | None = None,
+    total_tokens: float | None = None,
+    total_sequences: float | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3_ratio",
+    kl_clamp: float | None = 10.0,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    aggregation: str = "token_mean",
+) -> LossOutput:
     """PPO-clip (Schulman et al. 2017, Eq. 7) with token ratios, token-mean over the optimizer step
     (OpenRLHF / verl); dual_clip c = 3 is verl's choice, None is OpenRLHF's default."""
-    return policy_gradient_loss(logps, old_logps, advantages, mask, ref_logps=ref_logps, total_tokens=total_tokens,
-                                total_sequences=total_sequences, kl_coef=kl_coef, kl_estimator=kl_estimator,
-                                kl_clamp=kl_clamp, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
-                                dual_clip=dual_clip, aggregation=aggregation)
+    return policy_gradient_loss(
+        logps,
+        old_logps,
+        advantages,
+        mask,
+        ref_logps=ref_logps,
+        total_tokens=total_tokens,
+        total_sequences=total_sequences,
+        kl_coef=kl_coef,
+        kl_estimator=kl_estimator,
+        kl_clamp=kl_clamp,
+        clip_eps=clip_eps,
+        clip_eps_high=clip_eps_high,
+        dual_clip=dual_clip,
+        aggregation=aggregation,
+    )
 
 
-def grpo_loss(*, logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, ref_logps: Tensor | None = None,
-              total_tokens: float | None = None, total_sequences: float | None = None, kl_coef: float = 0.0,
-              kl_estimator: str = "k3_ratio", kl_clamp: float | None = 10.0,
-              clip_eps: float = 0.2, clip_eps_high: float | None = None,
-              aggregation: str = "seq_mean_token_mean") -> LossOutput:
+def grpo_loss(
+    *,
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logps: Tensor | None = None,
+    total_tokens: float | None = None,
+    total_sequences: float | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3_ratio",
+    kl_clamp: float | None = 10.0,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    aggregation: str = "seq_mean_token_mean",
+) -> LossOutput:
     """GRPO (Shao et al. 2024, arXiv 2402.03300, Eq. 3): PPO-clip, per-sequence token mean, mean over
     the group's sequences; KL in the loss. ``aggregation=token_mean`` is TRL's default ``dapo``."""
-    return policy_gradient_loss(logps, old_logps, advantages, mask, ref_logps=ref_logps, total_tokens=total_tokens,
-                                total_sequences=total_sequences, kl_coef=kl_coef, kl_estimator=kl_estimator,
-                                kl_clamp=kl_clamp, clip_eps=clip_eps, clip_eps_high=clip_eps_high, aggregation=aggregation)
+    return policy_gradient_loss(
+        logps,
+        old_logps,
+        advantages,
+        mask,
+        ref_logps=ref_logps,
+        total_tokens=total_tokens,
+        total_sequences=total_sequences,
+        kl_coef=kl_coef,
+        kl_estimator=kl_estimator,
+        kl_clamp=kl_clamp,
+        clip_eps=clip_eps,
+        clip_eps_high=clip_eps_high,
+        aggregation=aggregation,
+    )
 
 
-def dr_grpo_loss(*, logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, ref_logps: Tensor | None = None,
-                 total_tokens: float | None = None, total_sequences: float | None = None, kl_coef: float = 0.0,
-                 kl_estimator: str = "k3_ratio", kl_clamp: float | None = 10.0,
-                 clip_eps: float = 0.2, clip_eps_high: float | None = None) -> LossOutput:
+def dr_grpo_loss(
+    *,
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logps: Tensor | None = None,
+    total_tokens: float | None = None,
+    total_sequences: float | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3_ratio",
+    kl_clamp: float | None = 10.0,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+) -> LossOutput:
     """Dr. GRPO (Liu et al. 2025, arXiv 2503.20783, Eq. 2): the token sum of each sequence over a
     constant L_max (the padded completion length), mean over sequences: no length bias."""
-    return policy_gradient_loss(logps, old_logps, advantages, mask, ref_logps=ref_logps, total_tokens=total_tokens,
-                                total_sequences=total_sequences, kl_coef=kl_coef, kl_estimator=kl_estimator,
-                                kl_clamp=kl_clamp, clip_eps=clip_eps, clip_eps_high=clip_eps_high, aggregation="seq_sum_norm")
+    return policy_gradient_loss(
+        logps,
+        old_logps,
+        advantages,
+        mask,
+        ref_logps=ref_logps,
+        total_tokens=total_tokens,
+        total_sequences=total_sequences,
+        kl_coef=kl_coef,
+        kl_estimator=kl_estimator,
+        kl_clamp=kl_clamp,
+        clip_eps=clip_eps,
+        clip_eps_high=clip_eps_high,
+        aggregation="seq_sum_norm",
+    )
 
 
-def rloo_loss(*, logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor,
-              total_sequences: float | None = None, clip_eps: float = 0.2, clip_eps_high: float | None = None) -> LossOutput:
+def rloo_loss(
+    *,
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    total_sequences: float | None = None,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+) -> LossOutput:
     """RLOO as TRL 1.16 trains it (Ahmadian et al. 2024 + PPO clipping): one **sequence-level** ratio
     exp(Σ_t log π_θ − Σ_t log π_old), clipped, mean over sequences; the KL is in the reward (k1)."""
-    return policy_gradient_loss(logps, old_logps, advantages, mask, total_sequences=total_sequences,
-                                clip_eps=clip_eps, clip_eps_high=clip_eps_high, ratio_level="sequence", aggregation="seq_mean")
+    return policy_gradient_loss(
+        logps,
+        old_logps,
+        advantages,
+        mask,
+        total_sequences=total_sequences,
+        clip_eps=clip_eps,
+        clip_eps_high=clip_eps_high,
+        ratio_level="sequence",
+        aggregation="seq_mean",
+    )
 
 
-def remax_loss(*, logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, ref_logps: Tensor | None = None,
-               total_tokens: float | None = None, total_sequences: float | None = None, kl_coef: float = 0.0,
-               kl_estimator: str = "k3_ratio", kl_clamp: float | None = 10.0) -> LossOutput:
+def remax_loss(
+    *,
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logps: Tensor | None = None,
+    total_tokens: float | None = None,
+    total_sequences: float | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3_ratio",
+    kl_clamp: float | None = 10.0,
+) -> LossOutput:
     """ReMax (Li et al. 2023, arXiv 2310.10505, Alg. 1) as a surrogate: Σ_t −ρ_t A_t per sequence, mean
     over sequences. On-policy (ρ = 1) its gradient is REINFORCE's −A ∇Σ_t log π (see
     :func:`reinforce_loss`, the paper's form, whose value differs by the constant A·Σ log π)."""
-    return policy_gradient_loss(logps, old_logps, advantages, mask, ref_logps=ref_logps, total_tokens=total_tokens,
-                                total_sequences=total_sequences, kl_coef=kl_coef, kl_estimator=kl_estimator,
-                                kl_clamp=kl_clamp, clip_eps=1e9, aggregation="seq_sum")
+    return policy_gradient_loss(
+        logps,
+        old_logps,
+        advantages,
+        mask,
+        ref_logps=ref_logps,
+        total_tokens=total_tokens,
+        total_sequences=total_sequences,
+        kl_coef=kl_coef,
+        kl_estimator=kl_estimator,
+        kl_clamp=kl_clamp,
+        clip_eps=1e9,
+        aggregation="seq_sum",
+    )
 
 
 def reinforce_loss(

@@ -69,8 +69,12 @@ def orpo_loss(
     odds_ratio_loss = -F.logsigmoid(log_odds)
     nll = as_float(chosen_nll)
     return pair_output(
-        nll + lam * odds_ratio_loss, lam * l_w, lam * l_l,
-        log_odds_ratio=log_odds, odds_ratio_loss=odds_ratio_loss, nll=nll,
+        nll + lam * odds_ratio_loss,
+        lam * l_w,
+        lam * l_l,
+        log_odds_ratio=log_odds,
+        odds_ratio_loss=odds_ratio_loss,
+        nll=nll,
     )
 
 

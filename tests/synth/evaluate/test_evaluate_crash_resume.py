@@ -25,12 +25,36 @@ def responder(body):
 
 
 def start(out, src, url, tmp_path):
-    cmd = [sys.executable, "-m", "synth.evaluate", "suite=jsonl", f"suite.path={src}", "suite.prompt_kind=benign",
-           "llm=openai", f"llm.base_url={url}", "model.name_or_path=scripted-policy", "llm.max_retries=2", "llm.progress=false",
-           "judge=openai", f"judge.llm.base_url={url}", "judge.model.name_or_path=scripted-judge", "judge.llm.progress=false",
-           "n=2", "chunk_size=2", "progress=false", "bootstrap=100", f"output_dir={out}"]
-    return subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "synth.evaluate",
+        "suite=jsonl",
+        f"suite.path={src}",
+        "suite.prompt_kind=benign",
+        "llm=openai",
+        f"llm.base_url={url}",
+        "model.name_or_path=scripted-policy",
+        "llm.max_retries=2",
+        "llm.progress=false",
+        "judge=openai",
+        f"judge.llm.base_url={url}",
+        "judge.model.name_or_path=scripted-judge",
+        "judge.llm.progress=false",
+        "n=2",
+        "chunk_size=2",
+        "progress=false",
+        "bootstrap=100",
+        f"output_dir={out}",
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def chunks(out):

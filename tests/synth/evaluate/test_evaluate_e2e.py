@@ -20,9 +20,20 @@ def cfg(overrides):
 
 
 def base(out, url, *extra):
-    return ["llm.device=cpu", "sampling.max_new_tokens=8", "judges.sampling.max_new_tokens=64", "progress=false",
-            "judge=openai", f"judge.llm.base_url={url}", "judge.model.name_or_path=scripted-judge", "judge.llm.max_retries=1",
-            "judge.llm.progress=false", f"output_dir={out}", "bootstrap=200", *extra]
+    return [
+        "llm.device=cpu",
+        "sampling.max_new_tokens=8",
+        "judges.sampling.max_new_tokens=64",
+        "progress=false",
+        "judge=openai",
+        f"judge.llm.base_url={url}",
+        "judge.model.name_or_path=scripted-judge",
+        "judge.llm.max_retries=1",
+        "judge.llm.progress=false",
+        f"output_dir={out}",
+        "bootstrap=200",
+        *extra,
+    ]
 
 
 def load(out):
@@ -66,7 +77,9 @@ def test_xstest_end_to_end_rerun_and_baseline(tmp_path, make_openai_server):
 
     # the policy may not judge its own win rate unless asked
     with pytest.raises(ConfigError, match="allow_self_judge"):
-        app.run(cfg(["llm.device=cpu", "suite=xstest", "suite.limit=8", f"baseline={r0}", f"output_dir={tmp_path / 'x'}"]))
+        app.run(
+            cfg(["llm.device=cpu", "suite=xstest", "suite.limit=8", f"baseline={r0}", f"output_dir={tmp_path / 'x'}"])
+        )
 
     # round 1 against round 0, judged in both orders by a judge that always picks slot A -> only ties
     app.run(cfg(base(r1, server.url, "suite=xstest", "suite.limit=8", "suite.gold_limit=0", f"baseline={r0}")))
@@ -118,12 +131,25 @@ def test_rerun_through_another_judge_url_resumes_and_bad_settings_touch_nothing(
     first, second = make_openai_server(responder=judge_responder), make_openai_server(responder=judge_responder)
     out = tmp_path / "eval"
     app.run(cfg(base(out, first.url, "suite=overrefusal_zh", "suite.limit=4", "judges.strongreject=false")))
-    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and not p.name.startswith(("cache", ".lock"))}
+    before = {
+        p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and not p.name.startswith(("cache", ".lock"))
+    }
     # the judge served from a new port (a restarted server) is the same judge: resume, no new call
     app.run(cfg(base(out, second.url, "suite=overrefusal_zh", "suite.limit=4", "judges.strongreject=false")))
     assert second.requests == []
     with pytest.raises(ConfigError, match="judge.llm=openai: max_concurrency"):
-        app.run(cfg(base(out, second.url, "suite=overrefusal_zh", "suite.limit=4", "judges.strongreject=false",
-                         "judge.llm.max_concurrency=0", "resume=false")))
+        app.run(
+            cfg(
+                base(
+                    out,
+                    second.url,
+                    "suite=overrefusal_zh",
+                    "suite.limit=4",
+                    "judges.strongreject=false",
+                    "judge.llm.max_concurrency=0",
+                    "resume=false",
+                )
+            )
+        )
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and not p.name.startswith(("cache", ".lock"))}
     assert after["results.jsonl"] == before["results.jsonl"] and after[".run.json"] == before[".run.json"]

@@ -8,10 +8,28 @@ from synth.evaluate.compare import compare
 
 
 def row(pid, kind="harmful", sample=0, harm=None, refusal=None, cat="A/x", response="text", refusal_str="none", **kw):
-    base = {"id": f"{pid}#{sample}", "prompt": f"prompt {pid}", "prompt_id": pid, "sample": sample, "kind": kind, "harm": harm, "refusal": refusal, "category": cat,
-            "type": None, "response": response, "refusal_str": refusal_str, "n_chars": len(response), "n_tokens": 3,
-            "finish_reason": "stop", "sr_score": None, "pair": None, "gold_refusal": None, "harm_raw": None,
-            "refusal_raw": None, "sr_raw": None}
+    base = {
+        "id": f"{pid}#{sample}",
+        "prompt": f"prompt {pid}",
+        "prompt_id": pid,
+        "sample": sample,
+        "kind": kind,
+        "harm": harm,
+        "refusal": refusal,
+        "category": cat,
+        "type": None,
+        "response": response,
+        "refusal_str": refusal_str,
+        "n_chars": len(response),
+        "n_tokens": 3,
+        "finish_reason": "stop",
+        "sr_score": None,
+        "pair": None,
+        "gold_refusal": None,
+        "harm_raw": None,
+        "refusal_raw": None,
+        "sr_raw": None,
+    }
     return {**base, **kw}
 
 
@@ -24,7 +42,12 @@ def test_null_labels_are_left_out_and_counted():
 
 
 def test_several_samples_use_the_prompt_bootstrap():
-    rows = [row("p1", sample=0, harm=1), row("p1", sample=1, harm=0), row("p2", sample=0, harm=0), row("p2", sample=1, harm=0)]
+    rows = [
+        row("p1", sample=0, harm=1),
+        row("p1", sample=1, harm=0),
+        row("p2", sample=0, harm=0),
+        row("p2", sample=1, harm=0),
+    ]
     m = metrics.proportion(rows, lambda r: r["harm"])
     assert m["ci_method"] == "prompt_bootstrap" and m["value"] == pytest.approx(0.25)
     h = metrics.harm_metrics(rows, [], B=200, seed=0)
@@ -41,8 +64,12 @@ def test_categories_without_data_are_listed():
 
 
 def test_over_refusal_full_and_partial_separately():
-    rows = [row("b1", kind="benign", refusal="full"), row("b2", kind="benign", refusal="partial"),
-            row("b3", kind="benign", refusal="none"), row("b4", kind="benign", refusal=None, refusal_str="refusal")]
+    rows = [
+        row("b1", kind="benign", refusal="full"),
+        row("b2", kind="benign", refusal="partial"),
+        row("b3", kind="benign", refusal="none"),
+        row("b4", kind="benign", refusal=None, refusal_str="refusal"),
+    ]
     r = metrics.refusal_metrics(rows, B=100, seed=0)["over_refusal_rate_benign"]
     assert r["any"]["value"] == pytest.approx(2 / 3) and r["any"]["n_null"] == 1
     assert r["full"]["value"] == pytest.approx(1 / 3) and r["partial"]["value"] == pytest.approx(1 / 3)
@@ -53,8 +80,16 @@ def test_win_metrics_from_pairs():
     def pr(pid, v1, v2, delta=0):
         from synth.evaluate.stats import pairwise_outcome
 
-        return row(pid, pair={"verdict_new_first": v1, "verdict_new_second": v2, "outcome": pairwise_outcome(v1, v2),
-                              "len_delta": delta})
+        return row(
+            pid,
+            pair={
+                "verdict_new_first": v1,
+                "verdict_new_second": v2,
+                "outcome": pairwise_outcome(v1, v2),
+                "len_delta": delta,
+            },
+        )
+
     rows = [pr("a", "A", "B"), pr("b", "A", "A"), pr("c", "B", "A"), pr("d", None, "A")]
     w = metrics.win_metrics(rows, B=100, seed=0)
     assert (w["wins"], w["ties"], w["losses"], w["n_null"]) == (1, 1, 1, 1)
@@ -85,9 +120,11 @@ def test_compare_mcnemar_and_bh():
 
 
 def test_gold_agreement():
-    rows = [row("g1", kind="gold", gold_refusal="full", refusal="full", refusal_str="refusal"),
-            row("g2", kind="gold", gold_refusal="none", refusal="partial", refusal_str="none"),
-            row("g3", kind="gold", gold_refusal="partial", refusal=None, refusal_str="none")]
+    rows = [
+        row("g1", kind="gold", gold_refusal="full", refusal="full", refusal_str="refusal"),
+        row("g2", kind="gold", gold_refusal="none", refusal="partial", refusal_str="none"),
+        row("g3", kind="gold", gold_refusal="partial", refusal=None, refusal_str="none"),
+    ]
     jh = metrics.judge_health(rows)
     assert jh["gold_string_match"]["precision"] == 1.0 and jh["gold_string_match"]["recall"] == 0.5
     g = jh["gold_refusal_judge"]

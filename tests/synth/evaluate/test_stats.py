@@ -91,7 +91,11 @@ def test_length_controlled_fit_recovers_known_parameters():
     sd = delta.std()
     q = 1 / (1 + np.exp(-(theta + phi * np.tanh(delta / sd))))
     t_hat, p_hat, sd_hat = stats.fit_length_glm(q, delta)
-    assert t_hat == pytest.approx(theta, abs=1e-6) and p_hat == pytest.approx(phi, abs=1e-6) and sd_hat == pytest.approx(sd)
+    assert (
+        t_hat == pytest.approx(theta, abs=1e-6)
+        and p_hat == pytest.approx(phi, abs=1e-6)
+        and sd_hat == pytest.approx(sd)
+    )
     lc = stats.length_controlled_winrate(q, delta)
     assert lc == pytest.approx(1 / (1 + math.exp(-theta)), abs=1e-6)  # σ(θ) = 0.5987
     assert float(np.mean(q)) > lc + 0.05  # the raw rate is inflated by length, LC removes it

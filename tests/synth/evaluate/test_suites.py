@@ -52,7 +52,12 @@ def test_hh_redteam_reads_a_local_file(hh_rlhf_path):
 
 def test_redteam_heldout_drops_training_ids(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"攻击 {i}", "category": "歧视/地域"}, ensure_ascii=False) + "\n" for i in range(10)))
+    prompts.write_text(
+        "".join(
+            json.dumps({"id": f"r{i}", "prompt": f"攻击 {i}", "category": "歧视/地域"}, ensure_ascii=False) + "\n"
+            for i in range(10)
+        )
+    )
     train = tmp_path / "sft.jsonl"
     train.write_text("".join(json.dumps({"id": "x", "meta": {"prompt_id": f"r{i}"}}) + "\n" for i in range(3)))
     items, info = load_suite(suite("redteam_heldout", path=str(prompts), exclude=[str(train)]))
@@ -72,7 +77,12 @@ def test_errors_name_the_setting(tmp_path):
 
 
 def test_cli_missing_path_is_one_line_exit_2(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "synth.evaluate", "suite=redteam_heldout", f"output_dir={tmp_path}/o"],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "synth.evaluate", "suite=redteam_heldout", f"output_dir={tmp_path}/o"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "suite.path" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
