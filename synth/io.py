@@ -240,12 +240,3 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def export_dataset(path: str | Path, out_dir: str | Path):
-    """Convert one of our jsonl outputs into a `datasets` folder (save_to_disk)."""
-    import datasets
-
-    ds = datasets.load_dataset("json", data_files=str(path), split="train")
-    ds.save_to_disk(str(out_dir))
-    return ds

@@ -1,11 +1,15 @@
-"""Shared fixtures for tests/train: a private RLAIF_FORGE_HOME and the tiny model (built once per session)."""
+"""Shared fixtures for tests/train: a private RLAIF_FORGE_HOME, the tiny model (built once per session) and the
+online loops' prompt file. Plain helpers live in loop_helpers.py and online_helpers.py."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
+
+from tests.train.online_helpers import WORDS as ONLINE_WORDS
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -60,3 +64,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("online") / "prompts.jsonl"
+    rows = [
+        {"prompt": [{"role": "user", "content": " ".join(ONLINE_WORDS[(i + k) % len(ONLINE_WORDS)] for k in range(3))}]}
+        for i in range(32)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -1,10 +1,15 @@
-"""Scripted judges and odd reward functions for tests/train/test_online.py (named as `module:function`)."""
+"""Helpers of the online-loop tests: Hydra composition, an in-process `train` run, metrics and weights readers,
+and the scripted judges and odd reward functions the tests name as `module:function`."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from functools import lru_cache
+from pathlib import Path
+
+import torch
 
 from synth.records import Completion
 
@@ -76,3 +81,51 @@ def nan_for_odd_rows(completion_ids):
 
 def all_nan(completions):
     return [math.nan for _ in completions]
+
+
+WORDS = "bread flour water salt yeast dough oven crust brown fox dog honest kind".split()
+
+
+FAST = [
+    "progress=false",
+    "log.plot=false",
+    "log.tensorboard=false",
+    "checkpoint.every_steps=0",
+    "optim.scheduler=constant",
+    "optim.warmup_ratio=0",
+    "optim.lr=1e-2",
+    "loop.generation.max_new_tokens=8",
+]
+
+
+EVEN = "loop.reward.function=train.scorers:even_token_fraction"
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module(config_module="rlaif_forge_conf", version_base=None):
+        return hydra_compose(config_name="train", overrides=list(overrides))
+
+
+def train(out: Path, prompts: Path, *overrides: str, online: bool = True) -> dict:
+    from train.app import run
+
+    fast = FAST if online else FAST[:-1]
+    return run(compose(*fast, f"data.path={prompts}", f"output_dir={out}", *overrides))
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(
+        str(
+            folder
+            / ("adapter_model.safetensors" if (folder / "adapter_model.safetensors").exists() else "model.safetensors")
+        )
+    )

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
+from tests.train.online_helpers import EVEN, metrics, train
 from tests.train.test_logprobs import _naive_and_chunked
-from tests.train.test_online import EVEN, metrics, prompts, train  # noqa: F401 - prompts is a fixture
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -40,7 +40,7 @@ def test_chunked_head_on_cuda_equals_the_full_logits(fresh_tiny_model, dtype, at
         ("remax", []),
     ],
 )
-def test_online_step_on_cuda_in_bf16(prompts, tmp_path, loop, extra):  # noqa: F811 - prompts fixture
+def test_online_step_on_cuda_in_bf16(prompts, tmp_path, loop, extra):
     summary = train(tmp_path, prompts, f"loop={loop}", EVEN, "optim.max_steps=2", "optim.dtype=bfloat16", *extra)
     assert summary["steps"] == 2
     rows = [r for r in metrics(tmp_path) if "loss" in r]

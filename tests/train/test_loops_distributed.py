@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.test_loops import FAST, compose, toy_pairs, write_records  # noqa: F401
+from tests.train.loop_helpers import FAST, compose, toy_pairs, write_records
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.test_loops import compose, toy_pairs, toy_ranked, write_records  # noqa: F401
+from tests.train.loop_helpers import compose, toy_pairs, toy_ranked, write_records
 
 LEARN = [
     "data.max_length=48",

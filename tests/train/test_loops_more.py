@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.test_loops import WORDS, losses, toy_pairs, toy_ranked, train, write_records
+from tests.train.loop_helpers import WORDS, losses, toy_pairs, toy_ranked, train, write_records
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

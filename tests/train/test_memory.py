@@ -58,7 +58,7 @@ def test_reference_pass_on_packed_rows_never_calls_the_full_head(tiny_path):
     swapped out), and the log-probs equal the full-logits ones."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tests.train.test_loops import varied_batch
+    from tests.train.loop_helpers import varied_batch
     from train.logprobs import concatenated_forward, token_logps
     from train.loops.packing import PackedLogits
 
@@ -84,7 +84,7 @@ def test_reference_pass_on_packed_rows_never_calls_the_full_head(tiny_path):
 def test_packing_check_still_passes_with_the_chunked_head(tiny_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tests.train.test_loops import varied_batch
+    from tests.train.loop_helpers import varied_batch
     from train.loops.packing import packing_matches
 
     tok = AutoTokenizer.from_pretrained(tiny_path)

@@ -12,63 +12,9 @@ import torch
 
 from synth.errors import ConfigError
 from tests.train import online_helpers
-
-WORDS = "bread flour water salt yeast dough oven crust brown fox dog honest kind".split()
-FAST = [
-    "progress=false",
-    "log.plot=false",
-    "log.tensorboard=false",
-    "checkpoint.every_steps=0",
-    "optim.scheduler=constant",
-    "optim.warmup_ratio=0",
-    "optim.lr=1e-2",
-    "loop.generation.max_new_tokens=8",
-]
-EVEN = "loop.reward.function=train.scorers:even_token_fraction"
-
+from tests.train.online_helpers import EVEN, WORDS, compose, metrics, train, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/train/conftest.py
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("online") / "prompts.jsonl"
-    rows = [
-        {"prompt": [{"role": "user", "content": " ".join(WORDS[(i + k) % len(WORDS)] for k in range(3))}]}
-        for i in range(32)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def compose(*overrides: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
-    with initialize_config_module(config_module="rlaif_forge_conf", version_base=None):
-        return hydra_compose(config_name="train", overrides=list(overrides))
-
-
-def train(out: Path, prompts: Path, *overrides: str, online: bool = True) -> dict:
-    from train.app import run
-
-    fast = FAST if online else FAST[:-1]
-    return run(compose(*fast, f"data.path={prompts}", f"output_dir={out}", *overrides))
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(
-        str(
-            folder
-            / ("adapter_model.safetensors" if (folder / "adapter_model.safetensors").exists() else "model.safetensors")
-        )
-    )
 
 
 # ---------------------------------------------------------------------------------------------- start-up refusals

@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
+from tests.train.online_helpers import WORDS
 from tests.train.test_loops_distributed import REPO, launch_two
-from tests.train.test_online import WORDS
 
 COMMON = [
     "progress=false",

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from tests.train import online_helpers
-from tests.train.test_online import EVEN, metrics, prompts, train  # noqa: F401 - fixtures
+from tests.train.online_helpers import EVEN, metrics, train
 
 TOY = ["optim.lr=2e-2", "loop.generation.max_new_tokens=12"]
 
@@ -42,13 +42,13 @@ def first_last(rows, key, k=3):
     ],
     ids=["grpo", "dr_grpo", "rloo", "remax", "ppo", "online_dpo"],
 )
-def test_rule_reward_rises(prompts, tmp_path, loop, extra, steps):  # noqa: F811
+def test_rule_reward_rises(prompts, tmp_path, loop, extra, steps):
     train(tmp_path, prompts, f"loop={loop}", EVEN, f"optim.max_steps={steps}", *TOY, *extra)
     start, end = first_last(metrics(tmp_path), "reward/mean")
     assert end > start + 0.15, (start, end)
 
 
-def test_adaptive_kl_stays_in_a_band(prompts, tmp_path):  # noqa: F811
+def test_adaptive_kl_stays_in_a_band(prompts, tmp_path):
     target = 3.0
     train(
         tmp_path,
@@ -76,7 +76,7 @@ def test_adaptive_kl_stays_in_a_band(prompts, tmp_path):  # noqa: F811
     assert min(late) > target / 2 and max(late) < 2 * target, late
 
 
-def test_ppo_lagrangian_meets_the_cost_threshold_while_reward_rises(prompts, tmp_path):  # noqa: F811
+def test_ppo_lagrangian_meets_the_cost_threshold_while_reward_rises(prompts, tmp_path):
     # cost = fraction of ids ≡ 0 mod 4 (≈ 0.25 at start, half of the rewarded even ids): the policy must
     # move to ids ≡ 2 mod 4. Threshold 0.2.
     train(
@@ -104,7 +104,7 @@ def test_ppo_lagrangian_meets_the_cost_threshold_while_reward_rises(prompts, tmp
     assert max(r["lambda"] for r in rows) > 1.0  # λ rose while the cost was over the threshold
 
 
-def test_online_dpo_learns_a_scripted_judges_preference(prompts, tmp_path):  # noqa: F811
+def test_online_dpo_learns_a_scripted_judges_preference(prompts, tmp_path):
     online_helpers.CALLS.clear()
     train(
         tmp_path,

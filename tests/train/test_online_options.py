@@ -138,7 +138,7 @@ def test_running_normaliser_in_the_loop_state_and_remax_baseline():
 
 def test_settings_and_refusals():
     from synth.errors import ConfigError
-    from tests.train.test_online import compose
+    from tests.train.online_helpers import compose
     from train.app import validate
 
     def check(*o):

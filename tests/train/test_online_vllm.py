@@ -27,7 +27,7 @@ def need_vllm_and_gpu():
     ids=["full", "lora-adapter", "lora-merged"],
 )
 def test_grpo_with_colocated_vllm_syncs_and_learns(tmp_path, lora):
-    from tests.train.test_online import WORDS, compose
+    from tests.train.online_helpers import WORDS, compose
     from train.app import run
 
     data = tmp_path / "prompts.jsonl"

@@ -18,7 +18,7 @@ import torch
 
 pytest.importorskip("trl")
 
-from tests.train.test_online import compose  # noqa: E402,F401 - fixture
+from tests.train.online_helpers import compose
 from train.scorers import even_token_fraction  # noqa: E402
 
 P, N = 2, 4

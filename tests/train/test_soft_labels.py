@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.train.test_loops import toy_pairs, train, write_records
+from tests.train.loop_helpers import toy_pairs, train, write_records
 
 
 def test_soft_labels_are_reported(tmp_path, capsys):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tests.train.test_loops import toy_pairs, write_records  # noqa: F401
+from tests.train.loop_helpers import toy_pairs, write_records
 
 
 def test_trl_dpo_trainer_reads_our_preferences_and_trains(tmp_path, tiny_path):

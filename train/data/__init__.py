@@ -7,7 +7,7 @@ What a loop calls, top to bottom::
     tok_ds, report = tokenize_dataset(ds, tokenizer, TokenizeConfig(max_length=1024, max_prompt_length=512))
     log.info(report.summary())                        # every truncation and drop, counted
     collate = make_collator(kind, pad_token_id=tokenizer.pad_token_id)
-    loader = DataLoader(tok_ds, batch_size=B, shuffle=True, collate_fn=collate)
+    batch = collate([tok_ds[i] for i in rows])        # rows: this step's ids from loops.common.epoch_batches
 
 Accepted inputs (`load_records`): jsonl / json (optionally .gz), parquet, a `save_to_disk` folder, or a
 hub dataset name. Row shapes: sft `messages`; pairwise `prompt`,`chosen`,`rejected` (+ optional `prompt_rejected`: the
