@@ -35,9 +35,9 @@ def install(out: Path, point: str) -> None:
 
         io.ChunkWriter.commit = killing_commit
     elif kind == "train":
-        from train.loops import common
+        from train.loops import checkpoints
 
-        save = common.save_checkpoint
+        save = checkpoints.save_checkpoint
 
         def killing_save(out_dir, *a, **kw):
             result = save(out_dir, *a, **kw)
@@ -45,7 +45,7 @@ def install(out: Path, point: str) -> None:
                 die()
             return result
 
-        common.save_checkpoint = killing_save
+        checkpoints.save_checkpoint = killing_save
     elif kind == "ledger":
         from synth.align import app
 

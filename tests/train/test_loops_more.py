@@ -402,7 +402,7 @@ def test_d2o_join_generations_to_negatives(tmp_path):
 
 
 def test_step_metrics_average_by_weight_and_leave_out_weight_zero_only_keys():
-    from train.loops.common import StepMetrics
+    from train.loops.metrics import StepMetrics
 
     m = StepMetrics()
     m.add({"loss": torch.tensor([1.0, 3.0]), "entropy": 5.0}, weight=1.0)

@@ -40,20 +40,17 @@ import torch
 from synth.errors import ConfigError
 from train import advantages as A
 from train.data.prompts import encode_prompts, load_prompts
+from train.loops.checkpoints import checkpoint_progress, resume_from
 from train.loops.common import (
-    MetricsLogger,
     Progress,
     begin_run,
     build_optimizer,
     build_scheduler,
     call_loss,
-    checkpoint_progress,
     epoch_order,
-    finish_run,
-    postfix,
-    resume_from,
     total_steps,
 )
+from train.loops.metrics import MetricsLogger, finish_run, postfix
 from train.losses.policy import value_loss
 from train.models import (
     count_parameters,
@@ -724,7 +721,7 @@ def policy_update(
     micro-batch). epochs_per_rollout × mini_batches optimizer steps over this process's rows. Each mini-batch's
     token and sequence counts are summed over processes first, so the token-mean is global and the
     gradient-accumulation normalisation is applied once."""
-    from train.loops.common import StepMetrics
+    from train.loops.metrics import StepMetrics
 
     device, world = accelerator.device, accelerator.num_processes
     n_rows = len(rollout)
@@ -862,7 +859,7 @@ def dpo_update(
 ) -> dict[str, float]:
     """OAIF update: the DPO-family loss (conf/loss, pairwise) on each kept pair against the fixed
     reference; dropped pairs weigh 0 and the mean is over the kept pairs of all processes."""
-    from train.loops.common import StepMetrics
+    from train.loops.metrics import StepMetrics
 
     L, device, world = cfg.loop, accelerator.device, accelerator.num_processes
     n_pairs = len(labels)

@@ -33,36 +33,29 @@ from datasets import Dataset
 from synth.app import ConfigError
 from train.data import DataError, detect_kind, has_distinct_prompts, make_collator
 from train.distributed import check_sharded_reference
+from train.loops.checkpoints import checkpoint_progress, find_last_checkpoint, resume_from
 from train.loops.common import (
-    MetricsLogger,
     Progress,
-    StepMetrics,
-    Throughput,
     accumulate_step,
     build_optimizer,
     build_scheduler,
     call_loss,
     check_enough_rows,
-    checkpoint_progress,
     epoch_batches,
     epoch_order,
-    find_last_checkpoint,
-    finish_run,
     instantiate_loss,
     library_progress_bars,
     load_data,
     load_rows,
-    loss_metrics,
     make_accelerator,
-    postfix,
     prepare_output_dir,
-    resume_from,
     seed_everything,
     to_device,
     tokenize_checked,
     truncation_counts,
     write_config,
 )
+from train.loops.metrics import MetricsLogger, StepMetrics, Throughput, finish_run, loss_metrics, postfix
 from train.loops.packing import PackedLogits, packed_sequence_logps, packing_ok
 from train.models import (
     count_parameters,

@@ -25,30 +25,24 @@ from datasets import Dataset
 
 from synth.errors import ConfigError
 from train.data import DataError, make_collator, read_rows
+from train.loops.checkpoints import checkpoint_progress, resume_from
 from train.loops.common import (
-    MetricsLogger,
     Progress,
-    StepMetrics,
-    Throughput,
     accumulate_step,
     begin_run,
     build_optimizer,
     build_scheduler,
     call_loss,
     check_enough_rows,
-    checkpoint_progress,
     epoch_batches,
     epoch_order,
-    finish_run,
     load_data,
-    loss_metrics,
-    postfix,
-    resume_from,
     steps_per_epoch,
     to_device,
     total_steps,
     truncation_counts,
 )
+from train.loops.metrics import MetricsLogger, StepMetrics, Throughput, finish_run, loss_metrics, postfix
 from train.models import count_parameters, load_policy, load_tokenizer, save_model, trainable_parameters
 
 

@@ -16,29 +16,24 @@ import torch
 from datasets import Dataset
 
 from train.data import DataError, detect_kind, make_collator
+from train.loops.checkpoints import checkpoint_progress, resume_from
 from train.loops.common import (
-    MetricsLogger,
     Progress,
-    StepMetrics,
-    Throughput,
     accumulate_step,
     begin_run,
     build_optimizer,
     build_scheduler,
     call_loss,
     check_enough_rows,
-    checkpoint_progress,
     epoch_batches,
     epoch_order,
-    finish_run,
     load_data,
-    postfix,
-    resume_from,
     steps_per_epoch,
     to_device,
     total_steps,
     truncation_counts,
 )
+from train.loops.metrics import MetricsLogger, StepMetrics, Throughput, finish_run, postfix
 from train.loops.packing import packed_token_logps, packing_ok
 from train.models import count_parameters, load_policy, load_tokenizer, save_model, trainable_parameters
 
