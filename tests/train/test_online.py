@@ -383,7 +383,7 @@ def test_packed_forward_equals_the_padded_one(prompts, tmp_path, tiny_path):
 def test_fused_old_pass_equals_a_separate_one(prompts, tmp_path):
     """RLOO with the KL in the reward: the update's own forward as π_old (one micro-batch) gives the same
     run as a separate no-grad π_old pass (two micro-batches)."""
-    from train.loops.online import fused_old_pass
+    from train.loops.online_update import fused_old_pass
 
     common = ["loop=rloo", EVEN, "optim.max_steps=2", "loop.prompts_per_step=4", "loop.kl.coef=0.05"]
     train(tmp_path / "fused", prompts, *common, "optim.batch_size=16")

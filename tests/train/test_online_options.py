@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from train.loops import online
+from train.loops import online, online_update
 from train.losses.policy import grpo_loss, rloo_loss
 from train.rollout import hf_generate
 
@@ -57,7 +57,7 @@ def updated(tiny_path, rollout, advantages, mask: bool, loss=GRPO_TOKEN_MEAN, na
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     cfg = SimpleNamespace(optim=SimpleNamespace(batch_size=2, max_grad_norm=None), seed=0)
     state = online.OnlineState()
-    metrics = online.policy_update(
+    metrics = online_update.policy_update(
         model,
         {},
         {},
@@ -107,7 +107,7 @@ def test_no_grad_passes_record_no_graph(tiny_path, rollout):
     model = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32).eval()
     L = settings(False)
     L.epochs_per_rollout = 2  # π_old is needed
-    out = online.no_grad_passes(model, model, {}, rollout, L, 2, "cpu")
+    out = online_update.no_grad_passes(model, model, {}, rollout, L, 2, "cpu")
     assert {"old_logps", "ref_logps", "entropy"} <= set(out)
     assert not any(t.requires_grad for t in out.values())
     assert torch.allclose(out["old_logps"], out["ref_logps"])
@@ -118,10 +118,10 @@ def test_running_normaliser_in_the_loop_state_and_remax_baseline():
 
     state = online.OnlineState()
     acc = Accelerator(cpu=True)
-    s1, _ = online.normalize(state, "reward_moments", torch.tensor([1.0, 2.0, 3.0]), None, "affine", 1e-8, acc)
+    s1, _ = online_update.normalize(state, "reward_moments", torch.tensor([1.0, 2.0, 3.0]), None, "affine", 1e-8, acc)
     assert state.reward_moments == [3, pytest.approx(2.0), pytest.approx(1.0)]
     assert s1.tolist() == pytest.approx([-1.0, 0.0, 1.0])
-    s2, base = online.normalize(
+    s2, base = online_update.normalize(
         state,
         "reward_moments",
         torch.tensor([4.0, float("nan"), 5.0]),

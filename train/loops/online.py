@@ -46,12 +46,23 @@ from train.loops.common import (
     begin_run,
     build_optimizer,
     build_scheduler,
-    call_loss,
     epoch_order,
     total_steps,
 )
 from train.loops.metrics import MetricsLogger, finish_run, postfix
-from train.losses.policy import value_loss
+from train.loops.online_update import (
+    decode,
+    dpo_update,
+    estimate,
+    fused_old_pass,
+    gather_all,
+    greedy_scores,
+    label_pairs,
+    no_grad_passes,
+    normalize,
+    policy_update,
+    update_cost_window,
+)
 from train.models import (
     count_parameters,
     is_peft,
@@ -69,7 +80,6 @@ from train.rollout import (
     hf_generate,
     left_pad,
     token_logps,
-    token_values,
 )
 from train.scorers import PairwiseJudge, build_scorer
 
@@ -257,7 +267,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
             if live is not None:
                 batch["old_logps"], batch["entropy"] = live[0].detach().cpu(), live[1].cpu()
             if costs is not None:  # Safe-RLHF: episode costs (scorer end scores, no KL) feed J̄_C
-                update_cost_window(state, _gather(accelerator, raw_costs), L.lagrangian.window)
+                update_cost_window(state, gather_all(accelerator, raw_costs), L.lagrangian.window)
             metrics = estimate(batch, rollout, scores, costs, baseline, state, L, accelerator)
             metrics |= policy_update(
                 model,
@@ -468,459 +478,13 @@ def sample_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
 
 
-def decode(tokenizer, rollout: Rollout) -> tuple[list[str], list[list[int]]]:
-    ids = [row[m].tolist() for row, m in zip(rollout.completion_ids, rollout.completion_mask, strict=True)]
-    return tokenizer.batch_decode(ids, skip_special_tokens=True), ids
-
-
 # ==================================================================================== scoring helpers
-
-
-def adjust_scores(
-    scores: torch.Tensor, truncated: torch.Tensor, L, lengths: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Missing-EOS penalty (TRL online DPO / legacy PPO), DAPO's soft overlong penalty (when
-    loop.overlong_buffer is set), then the score clip (OpenRLHF ±clip)."""
-    if L.missing_eos_penalty is not None:
-        scores = scores - L.missing_eos_penalty * truncated.float()
-    if L.overlong_buffer is not None and lengths is not None:
-        scores = scores + A.overlong_penalty(lengths, L.generation.max_new_tokens, L.overlong_buffer, L.overlong_factor)
-    if L.score_clip is not None:
-        scores = scores.clamp(-L.score_clip, L.score_clip)
-    return scores
-
-
-def normalize(state: OnlineState, key: str, scores: torch.Tensor, baseline, function: str, eps: float, accelerator):
-    """Opt-in running normaliser of raw scorer outputs (safe-rlhf `Normalizer`, RunningMeanStd): fold this
-    step's scores of all processes into the running (count, mean, var), then normalise this process's
-    scores (and a ReMax greedy baseline, which does not update the statistics) with them. NaN stays NaN."""
-    moments = A.running_moments(tuple(getattr(state, key)), _gather(accelerator, scores))
-    setattr(state, key, list(moments))
-    norm = A.normalize_scores(scores, moments, function, eps)
-    return norm, (A.normalize_scores(baseline, moments, function, eps) if baseline is not None else None)
-
-
-def label_pairs(scorer, L, prompts, texts, ids_list, rollout) -> tuple[list[int | None], torch.Tensor]:
-    """online_dpo: per prompt 1 (first sample preferred), 0 (second) or None (tie / unscorable: dropped).
-    A judge is asked in both orders; a reward function/model prefers the strictly higher score."""
-    a, b = texts[0::2], texts[1::2]
-    if isinstance(scorer, PairwiseJudge):
-        return scorer(prompts[0::2], a, b), torch.full((len(texts),), math.nan)
-    scores = adjust_scores(scorer(prompts, texts, ids_list), rollout.truncated, L, rollout.lengths)
-    labels = []
-    for sa, sb in zip(scores[0::2].tolist(), scores[1::2].tolist(), strict=True):
-        labels.append(None if math.isnan(sa) or math.isnan(sb) or sa == sb else int(sa > sb))
-    return labels, scores
-
-
-@torch.no_grad()
-def greedy_scores(sample, model, tokenizer, scorer, prompt_ids, mine, prompts, L, device) -> torch.Tensor:
-    """ReMax baseline: the scorer's reward of one greedy decode per prompt (no KL, as verl), repeated per sample."""
-    greedy = sample(
-        model, tokenizer, [prompt_ids[i] for i in mine], 1, L.generation, seed=0, greedy=True, device=device
-    )
-    texts, ids_list = decode(tokenizer, greedy)
-    s = adjust_scores(scorer([prompts[i] for i in mine], texts, ids_list), greedy.truncated, L, greedy.lengths)
-    return s.repeat_interleave(L.samples_per_prompt)
 
 
 # ==================================================================================== passes, shaping, advantages
 
 
-def micro_batches(n: int, size: int) -> list[list[int]]:
-    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
-
-
-def on_policy_single_update(L, reference) -> bool:
-    """π_old == π_θ exactly for the only mini-batch of the only epoch, and nothing before the update
-    needs π_old (no KL in the reward): then the π_old pass is skipped and the update uses its own
-    log-probs, detached, as π_old (TRL does the same when num_iterations == 1)."""
-    kl_in_reward = reference is not None and L.kl.placement == "reward"
-    return L.epochs_per_rollout == 1 and L.mini_batches == 1 and not kl_in_reward
-
-
-def fused_old_pass(L, reference, critics, n_local: int, micro: int) -> bool:
-    """The π_old pass is needed before the update only for the KL in the reward; with one on-policy update
-    of one micro-batch (no critic), the update's forward gives the same log-probs (dropout off), so the
-    loop runs that forward first, with its graph, and uses its detached values as π_old."""
-    return (
-        L.epochs_per_rollout == 1
-        and L.mini_batches == 1
-        and reference is not None
-        and L.kl.placement == "reward"
-        and not critics
-        and n_local <= micro
-    )
-
-
-@torch.no_grad()
-def no_grad_passes(
-    model, reference, critics, rollout: Rollout, L, micro: int, device, packed: bool = False, skip_old: bool = False
-) -> dict[str, torch.Tensor]:
-    """π_old (and entropy), π_ref and critic values over the rollout, micro-batch by micro-batch, float32,
-    without autograd (a recorded graph here would keep the pass's activations alive through the update)."""
-    T = L.generation.temperature
-    skip_old = skip_old or on_policy_single_update(L, reference)
-    out: dict[str, list[torch.Tensor]] = {
-        "old_logps": [],
-        "entropy": [],
-        "ref_logps": [],
-        **{f"values_{k}": [] for k in critics},
-    }
-    for idx in micro_batches(len(rollout), micro):
-        mb = rollout.select(idx)
-        if not skip_old:
-            lp, ent = token_logps(model, mb, T, device, with_entropy=True, packed=packed)
-            out["old_logps"].append(lp.cpu())
-            out["entropy"].append(ent.cpu())
-        if reference == "adapter":
-            with accelerator_unwrap(model).disable_adapter():
-                out["ref_logps"].append(token_logps(model, mb, T, device, packed=packed)[0].cpu())
-        elif reference is not None:
-            out["ref_logps"].append(token_logps(reference, mb, T, device, packed=packed)[0].cpu())
-        for k, c in critics.items():
-            out[f"values_{k}"].append(token_values(c, mb, device).cpu())
-    return {k: torch.cat(v) for k, v in out.items() if v}
-
-
-def accelerator_unwrap(model):
-    return getattr(model, "module", model)
-
-
-def estimate(
-    batch: dict[str, torch.Tensor], rollout: Rollout, scores, costs, baseline, state: OnlineState, L, accelerator
-) -> dict[str, float]:
-    """Shape the scores and compute batch["advantages"] (and returns for the critics) on this process's
-    rows; sequence-level statistics are over the whole rollout (all processes), group statistics per group."""
-    mask = rollout.completion_mask
-    n = L.samples_per_prompt
-    scores = adjust_scores(scores, rollout.truncated, L, rollout.lengths)
-    beta = state.beta if L.kl.coef else 0.0
-    kl_tok = None
-    metrics: dict[str, float] = {}
-    if "ref_logps" in batch and "old_logps" in batch:
-        kl_tok = (
-            A.kl_estimate(
-                batch["old_logps"],
-                batch["ref_logps"],
-                L.kl.estimator if L.kl.placement == "reward" else "k1",
-                clamp=L.kl.clamp,
-            )
-            * mask
-        )
-    in_reward = kl_tok is not None and L.kl.placement == "reward"
-    reduce = _sum_reducer(accelerator)
-    if L.missing_eos_penalty is not None or L.overlong_buffer is not None or L.score_clip is not None:
-        adjusted = _gather(accelerator, scores)
-        metrics["reward/adjusted_mean"] = float(adjusted[~torch.isnan(adjusted)].mean())
-    if L.estimator == "gae":
-        rewards = A.shape_rewards(scores, mask, kl_tok if in_reward else None, beta)
-        if L.name == "ppo_lag":
-            c = (
-                costs.clamp(-L.score_clip, L.score_clip) if L.score_clip is not None else costs
-            )  # no EOS penalty on a cost
-            costs_t = A.shape_rewards(c, mask, -kl_tok if in_reward else None, beta)
-            clip = L.lagrangian.token_clip
-            if clip is not None:
-                rewards, costs_t = rewards.clamp(-clip, clip) * mask, costs_t.clamp(-clip, clip) * mask
-            batch["adv_reward"], batch["returns_reward"] = A.gae(
-                rewards, batch["values_reward"], mask, L.critic.gamma, L.critic.lam
-            )
-            batch["adv_cost"], batch["returns_cost"] = A.gae(
-                costs_t, batch["values_cost"], mask, L.critic.gamma, L.critic.lam
-            )
-            batch["advantages"] = None  # mixed per optimizer step with the current λ
-        else:
-            adv, batch["returns_reward"] = A.gae(rewards, batch["values_reward"], mask, L.critic.gamma, L.critic.lam)
-            batch["advantages"] = A.whiten(adv, mask, reduce=reduce) if L.whiten_advantages else adv
-    elif L.estimator in ("reinforce_pp", "reinforce_pp_baseline"):
-        base = (
-            scores
-            if L.estimator == "reinforce_pp"
-            else A.reinforce_baseline(_gather(accelerator, scores), n)[_local(accelerator, len(scores))]
-        )
-        rewards = A.shape_rewards(base, mask, kl_tok if in_reward else None, beta)
-        batch["advantages"] = A.whiten(A.discounted_returns(rewards, mask), mask, reduce=reduce)
-    else:
-        seq = scores
-        if in_reward:  # TRL RLOO: −β Σ_t k1 in the score, before the baseline
-            seq = scores - beta * kl_tok.sum(1)
-        if L.estimator == "remax":
-            rewards = A.shape_rewards(scores, mask, kl_tok if in_reward else None, beta)
-            adv = (A.discounted_returns(rewards, mask) - torch.nan_to_num(baseline, nan=0.0)[:, None]) * mask
-            adv = torch.where(torch.isnan(scores + baseline)[:, None], torch.zeros_like(adv), adv)
-        else:
-            everyone = _gather(accelerator, seq)
-            if L.estimator == "rloo":
-                adv = A.rloo(everyone, n)
-            elif L.estimator == "dr_grpo":
-                adv = A.dr_grpo(everyone, n)
-            else:
-                adv = A.grpo(everyone, n, scale=L.scale_rewards)
-            groups = torch.nan_to_num(everyone, nan=0.0).view(-1, n)
-            metrics["frac_reward_zero_std"] = (
-                float(torch.isclose(groups.std(1), torch.zeros(())).float().mean()) if n > 1 else 0.0
-            )
-            adv = adv[_local(accelerator, len(seq))]
-        batch["advantages"] = adv
-    unscorable = torch.isnan(scores) | (torch.isnan(costs) if costs is not None else False)
-    if unscorable.any():  # NaN gets zero advantage, never the value baseline's guess (and no value target)
-        for key in ("advantages", "adv_reward", "adv_cost"):
-            if batch.get(key) is not None:
-                batch[key] = torch.where(
-                    unscorable.view(-1, *[1] * (batch[key].dim() - 1)), torch.zeros_like(batch[key]), batch[key]
-                )
-        for k in ("reward", "cost"):
-            if f"returns_{k}" in batch:
-                batch[f"returns_{k}"] = torch.where(unscorable[:, None], batch[f"values_{k}"], batch[f"returns_{k}"])
-    if "entropy" in batch:  # else measured in the update (π_old pass skipped)
-        ent = _gather(accelerator, torch.stack([(batch["entropy"] * mask).sum(), mask.sum().float()])[None])
-        metrics["entropy"] = float(ent[:, 0].sum() / ent[:, 1].sum().clamp(min=1))
-    if kl_tok is not None and "old_logps" in batch:
-        k1 = (batch["old_logps"] - batch["ref_logps"]).detach() * mask
-        metrics["kl"] = float(_gather(accelerator, k1.sum(1)).mean())  # sequence-summed k1, nats
-    return metrics
-
-
-def _gather(accelerator, t: torch.Tensor) -> torch.Tensor:
-    if accelerator.num_processes == 1:
-        return t
-    return accelerator.gather(t.to(accelerator.device)).cpu()
-
-
-def _local(accelerator, n: int) -> slice:
-    return slice(accelerator.process_index * n, (accelerator.process_index + 1) * n)
-
-
-def _sum_reducer(accelerator):
-    if accelerator.num_processes == 1:
-        return None
-    return lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu()
-
-
 # ==================================================================================== update
-
-
-def policy_update(
-    model,
-    critics,
-    critic_opts,
-    optimizer,
-    scheduler,
-    batch,
-    rollout: Rollout,
-    loss_fn,
-    state: OnlineState,
-    L,
-    cfg,
-    accelerator,
-    packed: bool = False,
-    live_logps: torch.Tensor | None = None,
-) -> dict[str, float]:
-    """live_logps: this rollout's log-probs already computed with their graph (`fused_old_pass`; one
-    micro-batch). epochs_per_rollout × mini_batches optimizer steps over this process's rows. Each mini-batch's
-    token and sequence counts are summed over processes first, so the token-mean is global and the
-    gradient-accumulation normalisation is applied once."""
-    from train.loops.metrics import StepMetrics
-
-    device, world = accelerator.device, accelerator.num_processes
-    n_rows = len(rollout)
-    size = n_rows // L.mini_batches
-    metrics = StepMetrics()
-    critic_only = L.name in ("ppo", "ppo_lag") and state.step < L.critic.warmup_steps
-    for epoch in range(L.epochs_per_rollout):
-        order = epoch_order(
-            n_rows, cfg.seed + state.step, epoch, shuffle=L.epochs_per_rollout > 1 or L.mini_batches > 1
-        )
-        for m in range(L.mini_batches):
-            rows = order[m * size : (m + 1) * size]
-            if L.name == "ppo_lag":
-                lag_step(state, L)
-                lam = math.exp(state.log_lambda)
-                batch["advantages"] = A.mix_lagrangian(batch["adv_reward"], batch["adv_cost"], lam)
-            counts = torch.stack([loss_mask(rollout, L)[rows].sum(), rollout.completion_mask[rows].sum()]).float()
-            if world > 1:
-                counts = accelerator.reduce(counts.to(device), "sum").cpu()
-            # policy tokens (no truncated rows under mask_truncated_completions) and critic tokens; >= 1 so an
-            # all-truncated mini-batch gives a zero loss, not 0/0
-            total_tokens, value_tokens = (max(float(c) / world, 1.0 / world) for c in counts)
-            total_sequences = float(len(rows))
-            chunks = [rows[i : i + cfg.optim.batch_size] for i in range(0, len(rows), cfg.optim.batch_size)]
-            for j, idx in enumerate(chunks):
-                mb = rollout.select(idx)
-                sync = j == len(chunks) - 1
-                with _maybe_no_sync(accelerator, [model, *critics.values()], sync):
-                    keep = loss_mask(mb, L)
-                    data = {
-                        "advantages": (
-                            batch["advantages"][idx] * keep.any(1).view(-1, *[1] * (batch["advantages"].dim() - 1))
-                        ).to(device),
-                        "mask": keep.to(device),
-                        "total_tokens": total_tokens,
-                        "total_sequences": total_sequences,
-                    }
-                    if "ref_logps" in batch and L.kl.placement == "loss":
-                        data.update(
-                            ref_logps=batch["ref_logps"][idx].to(device),
-                            kl_coef=state.beta,
-                            kl_estimator=L.kl.estimator,
-                            kl_clamp=L.kl.clamp,
-                        )
-                    if not critic_only:
-                        on_policy = "old_logps" not in batch
-                        if live_logps is not None and len(chunks) == 1 and len(idx) == n_rows:
-                            data["logps"], entropy = live_logps[torch.as_tensor(idx, device=live_logps.device)], None
-                        else:
-                            data["logps"], entropy = token_logps(
-                                model, mb, L.generation.temperature, device, with_entropy=on_policy, packed=packed
-                            )
-                        data["old_logps"] = data["logps"].detach() if on_policy else batch["old_logps"][idx].to(device)
-                        if on_policy:
-                            mask = data["mask"]
-                            if mask.any():  # (none under mask_truncated_completions when every row is truncated)
-                                metrics.add(
-                                    {"entropy": (entropy * mask).sum() / mask.sum().clamp(min=1)},
-                                    weight=float(mask.sum()),
-                                )
-                            if "ref_logps" in batch:  # the KL metric: sequence-summed k1, nats
-                                k1 = ((data["logps"].detach() - batch["ref_logps"][idx].to(device)) * mask).sum(1)
-                                metrics.add({"kl": k1.mean()}, weight=len(idx))
-                        out = call_loss(loss_fn, data)
-                        loss = out.losses.sum() / total_sequences
-                        accelerator.backward(loss)
-                        metrics.add({"loss": loss.detach() * len(chunks), **out.metrics})
-                    for k, critic in critics.items():
-                        v = token_values(critic, mb, device)
-                        vout = value_loss(
-                            values=v,
-                            old_values=batch[f"values_{k}"][idx].to(device),
-                            returns=batch[f"returns_{k}"][idx].to(device),
-                            mask=mb.completion_mask.to(device),
-                            value_clip=L.critic.value_clip,
-                            total_tokens=value_tokens,
-                            total_sequences=total_sequences,
-                        )
-                        vloss = vout.losses.sum() / total_sequences
-                        accelerator.backward(vloss)
-                        metrics.add(
-                            {
-                                f"value_loss/{k}": vloss.detach() * len(chunks),
-                                f"value_error/{k}": vout.metrics["value_error"],
-                            }
-                        )
-            if not critic_only:
-                if cfg.optim.max_grad_norm is not None:
-                    metrics.add({"grad_norm": accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)})
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            for k, critic in critics.items():
-                if cfg.optim.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(critic.parameters(), cfg.optim.max_grad_norm)
-                critic_opts[k].step()
-                critic_opts[k].zero_grad(set_to_none=True)
-            state.optimizer_steps += 1
-    return metrics.reduce(accelerator)
-
-
-def loss_mask(rollout: Rollout, L) -> torch.Tensor:
-    """[N, Lc] bool: the completion tokens that carry policy loss. loop.mask_truncated_completions (DAPO,
-    Yu et al. 2025 §3.4; TRL `mask_truncated_completions`): a completion that hit max_new_tokens without
-    EOS gets none (it is still scored and still counts in its group's baseline); the critic still fits it."""
-    if not L.mask_truncated_completions:
-        return rollout.completion_mask
-    return rollout.completion_mask & ~rollout.truncated[:, None]
-
-
-def _maybe_no_sync(accelerator, models, sync: bool):
-    import contextlib
-
-    if sync or accelerator.num_processes == 1:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    for m in models:
-        stack.enter_context(accelerator.no_sync(m))
-    return stack
-
-
-def lag_step(state: OnlineState, L) -> None:
-    """Safe-RLHF: λ is updated before every policy optimizer step (safe-rlhf `rl_step`), from the mean of
-    the last `window` episode costs, after `delay_steps` rollouts. Every process computes the same value
-    from the same gathered window, so no broadcast is needed."""
-    lg = L.lagrangian
-    if state.step < lg.delay_steps or not state.cost_window:
-        return
-    mean_cost = sum(state.cost_window) / len(state.cost_window)
-    state.log_lambda = A.lagrange_step(state.log_lambda, mean_cost, lg.cost_threshold, lg.lambda_lr, lg.lambda_max)
-
-
-def dpo_update(
-    model, reference, rollout: Rollout, labels, loss_fn, optimizer, scheduler, cfg, accelerator, packed: bool = False
-) -> dict[str, float]:
-    """OAIF update: the DPO-family loss (conf/loss, pairwise) on each kept pair against the fixed
-    reference; dropped pairs weigh 0 and the mean is over the kept pairs of all processes."""
-    from train.loops.metrics import StepMetrics
-
-    L, device, world = cfg.loop, accelerator.device, accelerator.num_processes
-    n_pairs = len(labels)
-    keep = torch.tensor([lab is not None for lab in labels], dtype=torch.float32)
-    first_wins = torch.tensor([lab == 1 for lab in labels])
-    chosen = torch.where(first_wins, torch.arange(n_pairs) * 2, torch.arange(n_pairs) * 2 + 1)
-    rejected = torch.where(first_wins, torch.arange(n_pairs) * 2 + 1, torch.arange(n_pairs) * 2)
-    metrics = StepMetrics()
-    size = n_pairs // L.mini_batches
-    for _epoch in range(L.epochs_per_rollout):
-        for m in range(L.mini_batches):
-            pairs = list(range(m * size, (m + 1) * size))
-            kept = keep[pairs].sum()
-            if world > 1:
-                kept = accelerator.reduce(kept.to(device), "sum").cpu()
-            if float(kept) == 0:
-                scheduler.step()
-                continue
-            for j in range(0, len(pairs), cfg.optim.batch_size):
-                p = pairs[j : j + cfg.optim.batch_size]
-                rows = torch.cat([chosen[p], rejected[p]])
-                mb = rollout.select(rows)
-                sync = j + cfg.optim.batch_size >= len(pairs)
-                with _maybe_no_sync(accelerator, [model], sync):
-                    lp = (token_logps(model, mb, L.generation.temperature, device, packed=packed)[0]).sum(1)
-                    with torch.no_grad():
-                        if reference == "adapter":
-                            with accelerator_unwrap(model).disable_adapter():
-                                ref = token_logps(model, mb, L.generation.temperature, device, packed=packed)[0].sum(1)
-                        else:
-                            ref = token_logps(reference, mb, L.generation.temperature, device, packed=packed)[0].sum(1)
-                    b = len(p)
-                    out = call_loss(
-                        loss_fn,
-                        {
-                            "policy_chosen_logps": lp[:b],
-                            "policy_rejected_logps": lp[b:],
-                            "reference_chosen_logps": ref[:b],
-                            "reference_rejected_logps": ref[b:],
-                        },
-                    )
-                    w = keep[p].to(device)
-                    loss = (out.losses * w).sum() * world / float(kept)
-                    accelerator.backward(loss)
-                    if w.sum() > 0:
-                        metrics.add(
-                            {
-                                "loss": (out.losses.detach() * w).sum() / w.sum(),
-                                "rewards/accuracy": ((out.chosen_rewards > out.rejected_rewards).float() * w).sum()
-                                / w.sum(),
-                                "rewards/margin": ((out.chosen_rewards - out.rejected_rewards) * w).sum() / w.sum(),
-                            }
-                        )
-            if cfg.optim.max_grad_norm is not None:
-                metrics.add({"grad_norm": accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)})
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-    values = metrics.reduce(accelerator)
-    values["pairs/kept_frac"] = float(_gather(accelerator, keep).mean())
-    return values
 
 
 # ==================================================================================== metrics, checkpoints
@@ -928,13 +492,13 @@ def dpo_update(
 
 def rollout_metrics(rollout: Rollout, scores, costs, L, accelerator) -> dict[str, float]:
     """Rollout-level metrics over all processes (scores None: a pairwise judge gave labels, not scores)."""
-    lengths = _gather(accelerator, rollout.lengths.float())
+    lengths = gather_all(accelerator, rollout.lengths.float())
     out = {
         "completions/mean_length": float(lengths.mean()),
-        "completions/truncated_frac": float(_gather(accelerator, rollout.truncated.float()).mean()),
+        "completions/truncated_frac": float(gather_all(accelerator, rollout.truncated.float()).mean()),
     }
     if scores is not None:
-        s = _gather(accelerator, scores.float())
+        s = gather_all(accelerator, scores.float())
         ok = s[~torch.isnan(s)]
         out |= {
             "reward/mean": float(ok.mean()) if ok.numel() else math.nan,
@@ -942,13 +506,9 @@ def rollout_metrics(rollout: Rollout, scores, costs, L, accelerator) -> dict[str
             "reward/frac_unscorable": float(torch.isnan(s).float().mean()),
         }
     if costs is not None:
-        c = _gather(accelerator, costs.float())
+        c = gather_all(accelerator, costs.float())
         out["cost/mean"] = float(c[~torch.isnan(c)].mean()) if (~torch.isnan(c)).any() else math.nan
     return out
-
-
-def update_cost_window(state: OnlineState, costs: torch.Tensor, window: int) -> None:
-    state.cost_window = (state.cost_window + [c for c in costs.tolist() if not math.isnan(c)])[-window:]
 
 
 def checkpoint(
