@@ -22,9 +22,9 @@ from synth.records import Message
 
 
 def _encoder(tokenizer):
-    from train.data.tokenize import TokenizeConfig, _Encoder
+    from train.data.tokenize import ChatEncoder, TokenizeConfig
 
-    return _Encoder(tokenizer, TokenizeConfig(max_length=None, max_prompt_length=None))
+    return ChatEncoder(tokenizer, TokenizeConfig(max_length=None, max_prompt_length=None))
 
 
 def _pairs(enc, prompts: Sequence[Sequence[Message]], answers: Sequence[str]) -> list[tuple[list[int], list[int]]]:

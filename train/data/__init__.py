@@ -50,7 +50,7 @@ Batch keys (right padding; `labels` is -100 on prompt and padding; pad ids never
 Completion tokens are found by prefix tokenisation (the tokenised prompt with the generation prompt must be a
 prefix of the tokenised prompt+completion), so templates need no `{% generation %}` markers; the end-of-turn
 tokens the template writes after the assistant message are labels. Fallbacks when the prefix property fails
-are described at `tokenize._Encoder.split` and counted in the `TokenisationReport`.
+are described at `tokenize.ChatEncoder.split` and counted in the `TokenisationReport`.
 
 Modules: `load` (reading files, kind detection, hh-rlhf conversion, normalising to the canonical columns),
 `tokenize` (chat-template tokenisation, truncation, the report) and `collate` (batches).

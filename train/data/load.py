@@ -215,7 +215,7 @@ class _Where:
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
-def _is_hh(value: Any) -> bool:
+def is_hh_text(value: Any) -> bool:
     return isinstance(value, str) and value.lstrip().startswith("Human:")
 
 
@@ -237,7 +237,7 @@ def _to_messages(value: Any, role: str, where: _Where, name: str, *, strip: bool
     if value is None:
         raise where.error(name, "missing")
     if isinstance(value, str):
-        if _is_hh(value):
+        if is_hh_text(value):
             messages = hh_to_messages(value)
             # A standard-format hh prompt ends with an empty "Assistant:" turn: the generation prompt.
             empty_turn = messages and messages[-1] == {"role": "assistant", "content": ""}
@@ -296,7 +296,7 @@ def _joint_to_pair(row: Mapping[str, Any], where: _Where) -> dict[str, Any]:
 def _norm_pairwise(row: Mapping[str, Any], where: _Where) -> dict[str, Any]:
     if "prompt_a" in row and "chosen" not in row:
         row = _joint_to_pair(row, where)
-    hh = any(_is_hh(row.get(k)) for k in ("prompt", "chosen", "rejected"))
+    hh = any(is_hh_text(row.get(k)) for k in ("prompt", "chosen", "rejected"))
     if row.get("prompt") is None:
         chosen = _to_messages(row.get("chosen"), "assistant", where, "chosen")
         rejected = _to_messages(row.get("rejected"), "assistant", where, "rejected")

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from synth.errors import DataError
-from train.data.load import _is_hh, hh_to_messages, read_rows
+from train.data.load import hh_to_messages, is_hh_text, read_rows
 
 Messages = list[dict[str, str]]
 
@@ -29,7 +29,7 @@ def row_prompt(row: Mapping[str, Any], where: str) -> Messages:
     if value is None:
         value = row.get("messages", row.get("chosen"))
     if isinstance(value, str):
-        msgs = hh_to_messages(value) if _is_hh(value) else [{"role": "user", "content": value}]
+        msgs = hh_to_messages(value) if is_hh_text(value) else [{"role": "user", "content": value}]
     elif isinstance(value, list) and all(isinstance(m, Mapping) and "role" in m and "content" in m for m in value):
         msgs = list(value)
     else:

@@ -108,7 +108,7 @@ _STATUS = tuple(_STATUS_FEATURES)
 _SPLIT_RANK = {"prefix": 0, "text": 1, "diverged": 2}
 
 
-class _Encoder:
+class ChatEncoder:
     """Chat-template tokenisation of one row at a time (picklable, for `Dataset.map(num_proc=...)`)."""
 
     def __init__(self, tokenizer: Any, cfg: TokenizeConfig) -> None:
@@ -195,7 +195,7 @@ class _Encoder:
 _COMPLETIONS = {"pairwise": ("chosen", "rejected"), "unpaired": ("completion",)}
 
 
-def _tok_two_prompts(enc: _Encoder, row: Mapping[str, Any]) -> dict[str, Any]:
+def _tok_two_prompts(enc: ChatEncoder, row: Mapping[str, Any]) -> dict[str, Any]:
     """DOVE pairs: each side (prompt, completion) is split and truncated on its own (its own lengths, not
     the chosen side's). Joint scoring moves each prompt into its completion so every token is labelled."""
     sides = []
@@ -218,7 +218,7 @@ def _tok_two_prompts(enc: _Encoder, row: Mapping[str, Any]) -> dict[str, Any]:
     return {"prompt_ids": pc, "chosen_ids": cc, "rejected_prompt_ids": pr, "rejected_ids": cr, **status}
 
 
-def _tok_prompted(enc: _Encoder, row: Mapping[str, Any], kind: str) -> dict[str, Any]:
+def _tok_prompted(enc: ChatEncoder, row: Mapping[str, Any], kind: str) -> dict[str, Any]:
     """pairwise / ranked / unpaired: one shared prompt, one or more completions."""
     if kind == "pairwise" and (enc.cfg.joint_prompts or enc.cfg.distinct_prompts):
         return _tok_two_prompts(enc, row)
@@ -234,7 +234,7 @@ def _tok_prompted(enc: _Encoder, row: Mapping[str, Any], kind: str) -> dict[str,
     return {"prompt_ids": prompt, **out, **status, "_split": how}
 
 
-def _tok_sft(enc: _Encoder, row: Mapping[str, Any], kind: str = "sft") -> dict[str, Any]:
+def _tok_sft(enc: ChatEncoder, row: Mapping[str, Any], kind: str = "sft") -> dict[str, Any]:
     ids, labels, lost, how = enc.sft(row["messages"])
     first = next((i for i, x in enumerate(labels) if x != IGNORE_INDEX), len(ids))  # none: dropped as empty
     prompt, (rest,), status = enc.fit(ids[:first], [ids[first:]])
@@ -276,7 +276,7 @@ def tokenize_dataset(
             "the rows carry prompt_rejected (joint DOVE pairs with two instructions): train them with "
             "loss=dove, or drop that column for a loss that compares responses to one prompt"
         )
-    enc, fn = _Encoder(tokenizer, cfg), (_tok_sft if kind == "sft" else _tok_prompted)
+    enc, fn = ChatEncoder(tokenizer, cfg), (_tok_sft if kind == "sft" else _tok_prompted)
 
     def tokenise(row: dict[str, Any], idx: int) -> dict[str, Any]:
         try:
