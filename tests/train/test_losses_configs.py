@@ -132,6 +132,7 @@ def small_batch(kind: str, mean: bool, stateful: str | None) -> dict[str, object
             score_chosen=torch.tensor([5.0, 0.9, 3.0, 2.0]),
             score_rejected=torch.tensor([2.0, 0.4, 1.0, 1.5]),
             chosen_nll=torch.rand(B, generator=g, dtype=torch.float64).requires_grad_(True),
+            chosen_logps=-20 * torch.rand(B, generator=g, dtype=torch.float64).requires_grad_(True),
         )
     elif kind == "policy":
         batch.update(

@@ -52,11 +52,24 @@ def test_pointwise_golden():
 
 
 def test_bradley_terry_lm_golden_and_limits():
-    out = bradley_terry_lm_loss(rewards_chosen=t(1.0), rewards_rejected=t(0.0), chosen_nll=t(2.0), lm_coef=0.1)
+    out = bradley_terry_lm_loss(
+        rewards_chosen=t(1.0), rewards_rejected=t(0.0), chosen_nll=t(2.0), lm_coef=0.1, regularizer="nll"
+    )
     assert out.losses.item() == pytest.approx(0.9 * math.log1p(math.exp(-1.0)) + 0.1 * 2.0)
+    # GRM's default (sft_only, reference-free): R = −log σ(β Σ log π(y_c)); Σ log π = −30, β = 0.1 → log(1 + e³)
+    sft = bradley_terry_lm_loss(
+        rewards_chosen=t(1.0), rewards_rejected=t(0.0), chosen_nll=t(2.0), chosen_logps=t(-30.0), lm_coef=0.1
+    )
+    assert sft.losses.item() == pytest.approx(0.9 * math.log1p(math.exp(-1.0)) + 0.1 * math.log1p(math.exp(3.0)))
+    with pytest.raises(ValueError, match="chosen_logps"):
+        bradley_terry_lm_loss(rewards_chosen=t(1.0), rewards_rejected=t(0.0), chosen_nll=t(2.0))
     plain = bradley_terry_loss(rewards_chosen=t(1.0, -2.0), rewards_rejected=t(0.0, 0.5))
     zero = bradley_terry_lm_loss(
-        rewards_chosen=t(1.0, -2.0), rewards_rejected=t(0.0, 0.5), chosen_nll=t(9.0, 9.0), lm_coef=0.0
+        rewards_chosen=t(1.0, -2.0),
+        rewards_rejected=t(0.0, 0.5),
+        chosen_nll=t(9.0, 9.0),
+        lm_coef=0.0,
+        regularizer="nll",
     )
     assert torch.allclose(plain.losses, zero.losses)
 
@@ -305,7 +318,11 @@ def test_reward_family_learns_a_ranking(name):
             nll = torch.nn.functional.cross_entropy(feats @ lm, targets, reduction="none")
             first_nll = nll.mean().item() if first_nll is None else first_nll
             out = bradley_terry_lm_loss(
-                rewards_chosen=r[rows, best], rewards_rejected=r[rows, worst], chosen_nll=nll, lm_coef=0.2
+                rewards_chosen=r[rows, best],
+                rewards_rejected=r[rows, worst],
+                chosen_nll=nll,
+                chosen_logps=-nll,  # one "token" per answer: the sum is the token's log-prob
+                lm_coef=0.2,
             )
             last_nll = nll.mean().item()
         opt.zero_grad()
