@@ -187,6 +187,37 @@ def test_relative_po_diagonal_weight_shrinks_with_batch():
     assert 1 / (1 + 7 * math.exp(-1.7)) == pytest.approx(0.4388, abs=1e-4)
 
 
+def test_relative_po_unpaired_golden_and_no_contrast():
+    from train.losses.cross_prompt import relative_po_unpaired_loss
+
+    # rows: desirable d0 (ρ 1, prompt e1), undesirable u0 (ρ −1, e1), desirable d1 (ρ 0.5, e2), undesirable u1 (ρ 0, e2)
+    rho = np.array([1.0, -1.0, 0.5, 0.0])
+    labels = torch.tensor([True, False, True, False])
+    emb = np.array([[2.0, 0.0], [1.0, 0.0], [0.0, 3.0], [0.0, 0.5]])
+    w = np.exp(-np.array([[0.0, 1.0], [1.0, 0.0]]) / 0.5)
+    w = w / w.sum(1, keepdims=True)  # d_i against (u0, u1): same prompt direction 0 apart, orthogonal 1 apart
+    d, u = rho[[0, 2]], rho[[1, 3]]
+    expected = [np.mean([np.log1p(np.exp(-0.1 * w[i, j] * (d[i] - u[j]))) for j in range(2)]) for i in range(2)]
+    pol = torch.tensor(rho, requires_grad=True)
+    out = relative_po_unpaired_loss(
+        policy_logps=pol + 3.0,
+        reference_logps=torch.full((4,), 3.0, dtype=torch.float64),
+        labels=labels,
+        prompt_embeddings=torch.tensor(emb),
+    )
+    assert out.losses.tolist() == pytest.approx([2 * expected[0], 0.0, 2 * expected[1], 0.0])  # × B/|D| = 2
+    assert out.losses.mean().item() == pytest.approx(np.mean(expected)) and out.metrics["no_contrast"].item() == 0
+    # a micro-batch with one label only: no contrast, a zero loss that still reaches the policy's graph
+    lone = relative_po_unpaired_loss(
+        policy_logps=pol,
+        reference_logps=torch.zeros(4, dtype=torch.float64),
+        labels=torch.ones(4, dtype=torch.bool),
+        prompt_embeddings=torch.tensor(emb),
+    )
+    lone.losses.mean().backward()
+    assert lone.losses.tolist() == [0.0] * 4 and lone.metrics["no_contrast"].item() == 1 and pol.grad is not None
+
+
 def test_relative_po_single_row_is_dpo():
     args = dict(
         policy_chosen_logps=t(-1.0),

@@ -148,6 +148,7 @@ DATA_ARGS: dict[str, tuple[str, ...]] = {
         "target_ids",
         "token_mask",
         "generator",
+        "prompt_embeddings",
     ),
     "sft": ("token_logps", "token_mask"),
     "reward": (
