@@ -359,3 +359,8 @@ OPS: dict[str, Callable[..., dict[str, Any]]] = {
     "rso_pairs": rso_pairs,
     "grow_constitution": grow_constitution,
 }
+
+# C-DPO's relabel and dual steps live in their own module (synth/align/c_dpo.py)
+from synth.align.c_dpo import c_dpo_dual, c_dpo_relabel  # noqa: E402
+
+OPS.update(c_dpo_relabel=c_dpo_relabel, c_dpo_dual=c_dpo_dual)

@@ -230,7 +230,10 @@ def run_op(rnd, stage: Stage, out: Path, ledger) -> dict[str, Any]:
     from synth.io import write_json_atomic
 
     write_json_atomic(out / "manifest.json", manifest)
-    return {"outputs": manifest.get("outputs", {}), "drops": manifest.get("drops", {})}
+    entry = {"outputs": manifest.get("outputs", {}), "drops": manifest.get("drops", {})}
+    if "state" in manifest:  # what the next round continues from (C-DPO's λ)
+        entry["state"] = manifest["state"]
+    return entry
 
 
 RUNNERS = {"synth": run_synth, "train": run_train, "evaluate": run_evaluate, "op": run_op}

@@ -30,7 +30,8 @@ def with_stage(raw, i, **changes):
         ({"tool": "shell"}, r"unknown tool 'shell' \(valid: synth, train, evaluate, op\)"),
         (
             {"tool": "op", "op": "magic", "overrides": []},
-            r"unknown op 'magic' \(valid: grow_constitution, raft_select, rso_pairs, spin_pairs\)",
+            r"unknown op 'magic' \(valid: c_dpo_dual, c_dpo_relabel, grow_constitution, raft_select, rso_pairs, "
+            r"spin_pairs\)",
         ),
         (
             {"overrides": ["pipeline=nope"]},

@@ -174,3 +174,105 @@ def test_end_to_end_tiny_hf(tmp_path):
     assert all(r["messages"][-1]["content"].endswith(("I am sure.", "I am unsure.")) for r in rows)
     again = compose_run(tmp_path, "pipeline.match=normalized", backend=("llm=hf", "model=tiny"))
     assert again["resumed_from_previous_runs"] == 3
+
+
+# --------------------------------------------------------------------------- R-Tuning-U (method=uncertain)
+
+QA_U = [*QA, ("What is the capital of Italy?", "Rome")]
+SAMPLED = {  # five sampled answers per question (the sample index picks one)
+    "France": ["Paris."] * 5,  # all agree: entropy 0
+    "Hamlet": ["Shakespeare.", "Shakespeare.", "Marlowe.", "Shakespeare.", "Bacon."],  # counts 3,1,1
+    "2+2": ["4.", "5.", "22.", "four.", "3."],  # all differ: entropy ln 5
+    "Italy": ["Rome.", "Rome.", "Rome.", "Rome.", "Milan."],  # counts 4,1
+}
+
+
+def sampled(msgs, p, i):
+    q = msgs[-1].content
+    return next(v for k, v in SAMPLED.items() if k in q)[i] + " More text"
+
+
+def items_u(qa=QA_U):
+    return [
+        SourceItem(id=f"q{i}", prompt=messages(("user", q)), chosen=messages(("assistant", a)))
+        for i, (q, a) in enumerate(qa)
+    ]
+
+
+def run_u(tmp_path, its=None, chunk_size=32, **cfg):
+    llm = ScriptedLLM(sampled, model="m0")
+    ctx = Context(factories={"policy": lambda: llm})
+    pipe = RTuningPipeline(RTuningConfig(method="uncertain", **cfg))
+    m = run_pipeline(pipe, ctx, tmp_path, its or items_u(), chunk_size=chunk_size, show_progress=False)
+    return m, read_jsonl(tmp_path / "sft.jsonl"), llm
+
+
+def test_uncertain_splits_at_the_median_answer_entropy(tmp_path):
+    import math
+
+    from synth.pipelines.r_tuning import answer_entropy
+
+    m, rows, llm = run_u(tmp_path)
+    assert len(llm.calls) == 1  # one batched call: 5 samples per question
+    p = llm.calls[0][1][0]
+    assert (p.n, p.temperature, p.top_k, p.max_new_tokens) == (5, 0.7, 50, 15)
+    # H = −Σ p ln p: France 0; Hamlet (3,1,1)/5; 2+2 ln 5; Italy (4,1)/5
+    h = {
+        "q0": 0.0,
+        "q1": -(0.6 * math.log(0.6) + 2 * 0.2 * math.log(0.2)),
+        "q2": math.log(5),
+        "q3": -(0.8 * math.log(0.8) + 0.2 * math.log(0.2)),
+    }
+    assert answer_entropy(["a", "a", "b", "a", "c"]) == pytest.approx(h["q1"])
+    probes = {r["id"]: r for r in read_jsonl(tmp_path / "probes.jsonl")}
+    assert {k: v["entropy"] for k, v in probes.items()} == pytest.approx(h)
+    assert probes["q1"]["answers"] == ["Shakespeare", "Shakespeare", "Marlowe", "Shakespeare", "Bacon"]
+    # sorted: q0 (0) < q3 (0.50) < q1 (0.95) < q2 (1.61); floor(4 × 0.5) = 2 are sure; the file keeps input order
+    got = [(r["messages"][-1]["content"], r["meta"]["certain"]) for r in rows]
+    assert got == [
+        (f"Paris. {SUFFIX} I am sure.", True),
+        (f"Shakespeare. {SUFFIX} I am unsure.", False),  # the reference answer, whatever was sampled
+        (f"4. {SUFFIX} I am unsure.", False),
+        (f"Rome. {SUFFIX} I am sure.", True),
+    ]
+    assert rows[0]["method"] == "r_tuning_uncertain" and rows[0]["messages"][0]["content"].startswith("Question: ")
+    r = m["r_tuning"]
+    assert (r["certain"], r["uncertain"], r["all_agree"], r["sft_rows"]) == (2, 2, 1, 4)
+    assert r["entropy_split_at"] == pytest.approx(h["q3"]) and m["outputs"] == {"probes": 4}
+
+
+def test_uncertain_ties_keep_input_order_and_resume_rebuilds_the_same_file(tmp_path):
+    same = [("What is the capital of France?", "Paris")] * 3
+    its = [
+        SourceItem(id=f"t{i}", prompt=messages(("user", q)), chosen=messages(("assistant", a)))
+        for i, (q, a) in enumerate(same)
+    ]
+    _, rows, _ = run_u(tmp_path / "ties", its)
+    assert [r["meta"]["certain"] for r in rows] == [True, False, False]  # floor(1.5) = 1: the first of the tie
+
+    fresh = run_u(tmp_path / "fresh", chunk_size=2)[1]
+    part = tmp_path / "part"
+    run_u(part, items_u()[:2], chunk_size=2)  # a first run that saw half the data (finalized on 2 items)
+    m, rows, llm = run_u(part, chunk_size=2)
+    assert len(llm.calls) == 1 and m["resumed_from_previous_runs"] == 2  # only the second chunk is probed
+    assert rows == fresh  # the split is over every committed probe, whatever the run boundaries
+    _, again, llm = run_u(part, chunk_size=2)
+    assert llm.calls == [] and again == fresh
+
+
+def test_uncertain_over_the_loopback_server(tmp_path):
+    def responder(body):
+        assert body["temperature"] == 0.7 and body["max_tokens"] == 15 and body["n"] == 5
+        if "France" in body["messages"][-1]["content"]:
+            return ["Paris."] * 5
+        return [f"Guess {i}." for i in range(5)]
+
+    with LoopbackServer(responder=responder) as server:
+        m = compose_run(
+            tmp_path,
+            "pipeline.method=uncertain",
+            backend=("llm=openai", f"llm.base_url={server.url}", "model.name_or_path=scripted"),
+        )
+    check_outputs(tmp_path / "out", m)
+    rows = read_jsonl(tmp_path / "out" / "sft.jsonl")
+    assert [r["messages"][-1]["content"].endswith("I am sure.") for r in rows] == [True, False, False]

@@ -140,6 +140,7 @@ def preference_losses() -> list[str]:
         # relative_po needs a prompt encoder and c_dpo reward/cost columns: tests/train/test_loops_more.py runs them
         if yaml.safe_load(f.read_text())["kind"] in ("pairwise", "listwise", "unpaired") and f.stem not in (
             "relative_po",
+            "relative_po_unpaired",
             "c_dpo",
         ):
             names.append(f.stem)

@@ -167,6 +167,20 @@ def test_relative_po_loop_learns(tmp_path, tiny_path):
     assert last < first and 0 < rows[-1]["omega_diagonal"] < 1
 
 
+def test_relative_po_unpaired_loop_learns(tmp_path, tiny_path):
+    data = write_records(tmp_path / "pairs.jsonl", toy_pairs(8))  # pairs split into desirable/undesirable rows
+    summary = train(
+        tmp_path / "o",
+        f"data.path={data}",
+        "loss=relative_po_unpaired",
+        f"loss.embedding_model={tiny_path}",
+        *SAME_BATCH,
+    )
+    first, last = falls(tmp_path / "o")
+    rows = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 6 and last < first and all(r["no_contrast"] == 0 for r in rows)
+
+
 def test_relative_po_needs_a_contrast_matrix(tmp_path, tiny_path):
     from synth.app import ConfigError
 

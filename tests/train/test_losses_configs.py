@@ -55,6 +55,7 @@ REQUIRED = {
     "plackett_luce",
     "dove",
     "relative_po",
+    "relative_po_unpaired",
     "d2o",
     "c_dpo",
 }
@@ -117,6 +118,7 @@ def small_batch(kind: str, mean: bool, stateful: str | None) -> dict[str, object
             target_ids=torch.randint(0, 11, (B, 5), generator=g),
             token_mask=torch.rand(B, 5, generator=g) > 0.3,
             generator=torch.Generator().manual_seed(1),
+            prompt_embeddings=torch.randn(B, 8, generator=g),
         )
     elif kind == "sft":
         batch.update(token_logps=logps(B, 6), token_mask=torch.rand(B, 6, generator=g) > 0.3)
@@ -132,6 +134,7 @@ def small_batch(kind: str, mean: bool, stateful: str | None) -> dict[str, object
             score_chosen=torch.tensor([5.0, 0.9, 3.0, 2.0]),
             score_rejected=torch.tensor([2.0, 0.4, 1.0, 1.5]),
             chosen_nll=torch.rand(B, generator=g, dtype=torch.float64).requires_grad_(True),
+            chosen_logps=-20 * torch.rand(B, generator=g, dtype=torch.float64).requires_grad_(True),
         )
     elif kind == "policy":
         batch.update(

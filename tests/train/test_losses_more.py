@@ -52,11 +52,24 @@ def test_pointwise_golden():
 
 
 def test_bradley_terry_lm_golden_and_limits():
-    out = bradley_terry_lm_loss(rewards_chosen=t(1.0), rewards_rejected=t(0.0), chosen_nll=t(2.0), lm_coef=0.1)
+    out = bradley_terry_lm_loss(
+        rewards_chosen=t(1.0), rewards_rejected=t(0.0), chosen_nll=t(2.0), lm_coef=0.1, regularizer="nll"
+    )
     assert out.losses.item() == pytest.approx(0.9 * math.log1p(math.exp(-1.0)) + 0.1 * 2.0)
+    # GRM's default (sft_only, reference-free): R = −log σ(β Σ log π(y_c)); Σ log π = −30, β = 0.1 → log(1 + e³)
+    sft = bradley_terry_lm_loss(
+        rewards_chosen=t(1.0), rewards_rejected=t(0.0), chosen_nll=t(2.0), chosen_logps=t(-30.0), lm_coef=0.1
+    )
+    assert sft.losses.item() == pytest.approx(0.9 * math.log1p(math.exp(-1.0)) + 0.1 * math.log1p(math.exp(3.0)))
+    with pytest.raises(ValueError, match="chosen_logps"):
+        bradley_terry_lm_loss(rewards_chosen=t(1.0), rewards_rejected=t(0.0), chosen_nll=t(2.0))
     plain = bradley_terry_loss(rewards_chosen=t(1.0, -2.0), rewards_rejected=t(0.0, 0.5))
     zero = bradley_terry_lm_loss(
-        rewards_chosen=t(1.0, -2.0), rewards_rejected=t(0.0, 0.5), chosen_nll=t(9.0, 9.0), lm_coef=0.0
+        rewards_chosen=t(1.0, -2.0),
+        rewards_rejected=t(0.0, 0.5),
+        chosen_nll=t(9.0, 9.0),
+        lm_coef=0.0,
+        regularizer="nll",
     )
     assert torch.allclose(plain.losses, zero.losses)
 
@@ -172,6 +185,37 @@ def test_relative_po_diagonal_weight_shrinks_with_batch():
     )
     assert out.metrics["omega_diagonal"].item() == pytest.approx(1 / (1 + 7 * math.exp(-1.7)), abs=1e-9)
     assert 1 / (1 + 7 * math.exp(-1.7)) == pytest.approx(0.4388, abs=1e-4)
+
+
+def test_relative_po_unpaired_golden_and_no_contrast():
+    from train.losses.cross_prompt import relative_po_unpaired_loss
+
+    # rows: desirable d0 (ρ 1, prompt e1), undesirable u0 (ρ −1, e1), desirable d1 (ρ 0.5, e2), undesirable u1 (ρ 0, e2)
+    rho = np.array([1.0, -1.0, 0.5, 0.0])
+    labels = torch.tensor([True, False, True, False])
+    emb = np.array([[2.0, 0.0], [1.0, 0.0], [0.0, 3.0], [0.0, 0.5]])
+    w = np.exp(-np.array([[0.0, 1.0], [1.0, 0.0]]) / 0.5)
+    w = w / w.sum(1, keepdims=True)  # d_i against (u0, u1): same prompt direction 0 apart, orthogonal 1 apart
+    d, u = rho[[0, 2]], rho[[1, 3]]
+    expected = [np.mean([np.log1p(np.exp(-0.1 * w[i, j] * (d[i] - u[j]))) for j in range(2)]) for i in range(2)]
+    pol = torch.tensor(rho, requires_grad=True)
+    out = relative_po_unpaired_loss(
+        policy_logps=pol + 3.0,
+        reference_logps=torch.full((4,), 3.0, dtype=torch.float64),
+        labels=labels,
+        prompt_embeddings=torch.tensor(emb),
+    )
+    assert out.losses.tolist() == pytest.approx([2 * expected[0], 0.0, 2 * expected[1], 0.0])  # × B/|D| = 2
+    assert out.losses.mean().item() == pytest.approx(np.mean(expected)) and out.metrics["no_contrast"].item() == 0
+    # a micro-batch with one label only: no contrast, a zero loss that still reaches the policy's graph
+    lone = relative_po_unpaired_loss(
+        policy_logps=pol,
+        reference_logps=torch.zeros(4, dtype=torch.float64),
+        labels=torch.ones(4, dtype=torch.bool),
+        prompt_embeddings=torch.tensor(emb),
+    )
+    lone.losses.mean().backward()
+    assert lone.losses.tolist() == [0.0] * 4 and lone.metrics["no_contrast"].item() == 1 and pol.grad is not None
 
 
 def test_relative_po_single_row_is_dpo():
@@ -305,7 +349,11 @@ def test_reward_family_learns_a_ranking(name):
             nll = torch.nn.functional.cross_entropy(feats @ lm, targets, reduction="none")
             first_nll = nll.mean().item() if first_nll is None else first_nll
             out = bradley_terry_lm_loss(
-                rewards_chosen=r[rows, best], rewards_rejected=r[rows, worst], chosen_nll=nll, lm_coef=0.2
+                rewards_chosen=r[rows, best],
+                rewards_rejected=r[rows, worst],
+                chosen_nll=nll,
+                chosen_logps=-nll,  # one "token" per answer: the sum is the token's log-prob
+                lm_coef=0.2,
             )
             last_nll = nll.mean().item()
         opt.zero_grad()

@@ -121,6 +121,8 @@ class UnpairedCollator:
         )
         batch["label"] = torch.tensor([bool(r["label"]) for r in rows])
         batch.update(_scalars(rows, UNPAIRED_REF))
+        if "prompt_embedding" in rows[0]:  # Relative PO, unpaired: [B, D] frozen prompt embeddings
+            batch["prompt_embeddings"] = torch.tensor([r["prompt_embedding"] for r in rows], dtype=torch.float32)
         if self.kl:
             kl = self._kl_pairs(rows)
             batch.update({f"kl_{k}": v for k, v in _sequences(kl, self.pad_token_id, self.pad_to_multiple_of).items()})

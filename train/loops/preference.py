@@ -432,7 +432,11 @@ def forward_loss(model, unwrapped, batch: dict[str, Any], ctx: LossContext, kind
             avail["reference_logps"] = ref["mean" if mean else "sum"]
         extra = {}
     else:
-        avail = {"policy_logps": pol["logps_mean" if mean else "logps"], "labels": pol["label"]}
+        avail = {
+            "policy_logps": pol["logps_mean" if mean else "logps"],
+            "labels": pol["label"],
+            "prompt_embeddings": batch.get("prompt_embeddings"),
+        }
         if ctx.spec.needs_kl_pairs:
             avail["policy_kl_logps"] = pol["kl_logps"]
         if ref is not None:

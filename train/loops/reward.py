@@ -203,9 +203,16 @@ def scores(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.T
 
 
 def scores_and_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(chosen [B], rejected [B], chosen NLL per token [B]) from ONE forward: the score head reads the last
-    token as usual; the LM head (the tied input embeddings, trained with the backbone) scores the chosen
-    completion from the same final hidden states (GRM's text-generation regulariser)."""
+    """(chosen [B], rejected [B], chosen NLL per token [B]): :func:`scores_and_lm_logps` without the sum."""
+    chosen, rejected, nll, _ = scores_and_lm_logps(model, batch)
+    return chosen, rejected, nll
+
+
+def scores_and_lm_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """(chosen [B], rejected [B], chosen NLL per token [B], chosen summed log-prob [B]) from ONE forward:
+    the score head reads the last token as usual; the LM head (the tied input embeddings, trained with the
+    backbone) scores the chosen completion from the same final hidden states (GRM's text-generation
+    regulariser)."""
     from train.logprobs import sequence_logps
 
     out = model(
@@ -215,8 +222,8 @@ def scores_and_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     b = r.shape[0] // 2
     weight = getattr(model, "module", model).get_input_embeddings().weight
     lm_logits = out.hidden_states[-1][:b].float() @ weight.float().T  # the final (normed) hidden states
-    _, mean, _ = sequence_logps(lm_logits, batch["labels"][:b])
-    return r[:b], r[b:], -mean
+    total, mean, _ = sequence_logps(lm_logits, batch["labels"][:b])
+    return r[:b], r[b:], -mean, total
 
 
 def list_scores(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -243,9 +250,9 @@ def reward_loss(model, batch, loss_fn, cfg):
     if cfg.loss.kind == "reward_listwise":
         rewards = list_scores(model, batch)
         return call_loss(loss_fn, {"rewards": rewards, "scores": batch["scores"], "mask": batch["list_mask"]})
-    chosen_nll = None
+    chosen_nll = chosen_logps = None
     if cfg.loss.needs_nll:
-        chosen, rejected, chosen_nll = scores_and_nll(model, batch)
+        chosen, rejected, chosen_nll, chosen_logps = scores_and_lm_logps(model, batch)
     else:
         chosen, rejected = scores(model, batch)
     margin = batch.get("margin") if cfg.loop.use_margin else None
@@ -262,6 +269,7 @@ def reward_loss(model, batch, loss_fn, cfg):
         "score_chosen": _targets(batch, "score_chosen", cfg),
         "score_rejected": _targets(batch, "score_rejected", cfg),
         "chosen_nll": chosen_nll,
+        "chosen_logps": chosen_logps,
     }
     return call_loss(loss_fn, avail)
 

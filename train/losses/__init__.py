@@ -36,7 +36,7 @@ token-level (Cringe) / sft
 reward models ([B] each)
     rewards_chosen, rewards_rejected, margin (optional);
     score_chosen, score_rejected (pointwise regression targets), chosen_nll (the LM loss of the chosen
-    response, length-normalised: the LM-regularised reward model);
+    response, length-normalised) and chosen_logps (its summed log-prob): the LM-regularised reward model;
     cost model: costs_chosen (the safer response), costs_rejected (the more harmful one),
     safe_chosen, safe_rejected (bool, True = the response is safe)
 listwise reward models ([B, K] each)
@@ -148,6 +148,7 @@ DATA_ARGS: dict[str, tuple[str, ...]] = {
         "target_ids",
         "token_mask",
         "generator",
+        "prompt_embeddings",
     ),
     "sft": ("token_logps", "token_mask"),
     "reward": (
@@ -161,6 +162,7 @@ DATA_ARGS: dict[str, tuple[str, ...]] = {
         "score_chosen",
         "score_rejected",
         "chosen_nll",
+        "chosen_logps",
     ),
     "reward_listwise": ("rewards", "scores", "mask"),
     "policy": (

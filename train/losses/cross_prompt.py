@@ -2,7 +2,8 @@
 
 Both take the usual pairwise log-probs ([B] each, sums over the scored tokens). What differs from DPO is
 the data and the pairing: DOVE compares two (instruction, response) pairs whose instructions may differ;
-Relative PO contrasts every chosen response of the micro-batch with every rejected one.
+Relative PO contrasts every chosen response of the micro-batch with every rejected one; its unpaired
+variant takes (prompt, completion, label) rows and contrasts every desirable row with every undesirable one.
 """
 
 from __future__ import annotations
@@ -86,3 +87,43 @@ def relative_po_loss(
     contrast = rho_w.unsqueeze(-1) - rho_l.unsqueeze(-2)  # [i, j]
     losses = -F.logsigmoid(beta * omega * contrast).mean(dim=-1)
     return pair_output(losses, beta * rho_w, beta * rho_l, omega_diagonal=omega.diagonal())
+
+
+def relative_po_unpaired_loss(
+    *,
+    policy_logps: Tensor,
+    reference_logps: Tensor,
+    labels: Tensor,
+    prompt_embeddings: Tensor,
+    beta: float = 0.1,
+    distance_temperature: float = 0.5,
+) -> LossOutput:
+    """Relative Preference Optimization, unpaired (Yin et al. 2024, arXiv 2402.10958; official
+    ``RPOUnpairedTrainer.loss``, config/loss/rpo-unpaired.yaml): unpaired rows (prompt, completion,
+    desirable or not); every desirable row i of the micro-batch against every undesirable row j,
+
+    ρ = log π(y|x) − log π_ref(y|x),   M_ij = ρ_i − ρ_j             (i desirable, j undesirable)
+    ω_ij = softmax_j(−(1 − cos(e_i, e_j)) / τ)                      (over the undesirable rows)
+    loss_i = (1/|U|) Σ_j −log σ(β · ω_ij · M_ij)                    one loss per desirable row
+
+    Shapes: ``policy_logps`` / ``reference_logps`` [B] (sums over the completion tokens), ``labels`` [B]
+    bool (True = desirable), ``prompt_embeddings`` [B, D]. ``losses`` is [B] like every unpaired loss:
+    desirable row i carries loss_i · B/|D| and undesirable rows 0, so ``losses.mean()`` is the official
+    mean over the desirable rows. A micro-batch without a desirable or without an undesirable row has no
+    contrast: its loss is 0 (kept in the graph, so every process still takes part in the backward pass),
+    counted in the ``no_contrast`` metric.
+    """
+    if distance_temperature <= 0:
+        raise ValueError(f"distance_temperature must be > 0, got {distance_temperature}")
+    rho = as_float(policy_logps) - as_float(reference_logps).detach()
+    good = labels.to(torch.bool)
+    rho_d, rho_u = rho[good], rho[~good]
+    if rho_d.numel() == 0 or rho_u.numel() == 0:
+        return LossOutput(rho * 0, beta * rho_d.detach(), beta * rho_u.detach(), {"no_contrast": torch.ones(())})
+    e = F.normalize(as_float(prompt_embeddings).detach(), p=2, dim=-1)
+    distance = 1 - e[good] @ e[~good].T  # [|D|, |U|]
+    omega = torch.softmax(-distance / distance_temperature, dim=-1).to(rho.dtype)
+    contrast = rho_d.unsqueeze(-1) - rho_u.unsqueeze(-2)
+    per_desirable = -F.logsigmoid(beta * omega * contrast).mean(dim=-1)  # [|D|]
+    losses = torch.zeros_like(rho).masked_scatter(good, per_desirable * (rho.numel() / rho_d.numel()))
+    return LossOutput(losses, beta * rho_d.detach(), beta * rho_u.detach(), {"no_contrast": torch.zeros(())})

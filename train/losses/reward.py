@@ -100,23 +100,37 @@ def bradley_terry_lm_loss(
     rewards_chosen: Tensor,
     rewards_rejected: Tensor,
     chosen_nll: Tensor,
+    chosen_logps: Tensor | None = None,
     margin: Tensor | None = None,
     lm_coef: float = 0.01,
+    regularizer: str = "sft",
+    beta: float = 0.1,
 ) -> LossOutput:
-    """Bradley–Terry reward loss regularised by the language-model loss on the best answer, as in the
-    Generalizable Reward Model (Yang et al. 2024, arXiv 2406.10216: the LM head is kept and a
-    text-generation loss on the chosen response regularises the shared hidden states against reward
-    over-optimisation; SFT regularisation was their most stable variant):
+    """Bradley–Terry reward loss regularised by a text-generation loss on the best answer: the
+    Generalizable Reward Model (Yang et al. 2024, arXiv 2406.10216) keeps the LM head and trains it on
+    the chosen response from the same hidden states, against reward over-optimisation. As in its
+    official code (YangRui2015/Generalizable-Reward-Model, reward_models/grm_reward_trainer.py,
+    ``GRMRewardTrainer.compute_loss``; defaults weight_ratio 0.01, beta 0.1, sft_only, reference-free):
 
-    L = (1 − α) [−log σ(r(x, y_c) − r(x, y_r) − m)] + α · NLL(y_c | x) / |y_c|
+    L = (1 − α) [−log σ(r(x, y_c) − r(x, y_r) − m)] + α · R,
+    R = −log σ(β · log π(y_c | x))      regularizer="sft" (the code's default; log π summed over y_c's tokens)
+    R = NLL(y_c | x) / |y_c|            regularizer="nll" (per-token mean NLL: scale-free in the length)
 
-    Shapes: all [B]. ``chosen_nll`` is the per-sequence **length-normalised** NLL of the chosen
-    (best) response under the model's LM head; ``margin`` m as in :func:`bradley_terry_loss`.
-    α = ``lm_coef`` in [0, 1]; α = 0 is plain Bradley–Terry.
+    Shapes: all [B]. ``chosen_logps`` is the **summed** log-prob of the chosen response's tokens and
+    ``chosen_nll`` its per-token mean NLL, both under the model's LM head; ``margin`` m as in
+    :func:`bradley_terry_loss`. α = ``lm_coef`` in [0, 1]; α = 0 is plain Bradley–Terry.
     """
     if not 0.0 <= lm_coef <= 1.0:
         raise ValueError(f"lm_coef must lie in [0, 1], got {lm_coef}")
+    if regularizer not in ("sft", "nll"):
+        raise ValueError(f"regularizer must be sft or nll, got {regularizer!r}")
     bt = bradley_terry_loss(rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected, margin=margin)
     nll = as_float(chosen_nll)
-    metrics = {**bt.metrics, "bt": bt.losses.detach().mean(), "nll": nll.detach().mean()}
-    return LossOutput((1 - lm_coef) * bt.losses + lm_coef * nll, bt.chosen_rewards, bt.rejected_rewards, metrics)
+    if regularizer == "sft":
+        if chosen_logps is None:
+            raise ValueError("regularizer=sft needs chosen_logps (the summed log-prob of the chosen response)")
+        reg = -F.logsigmoid(beta * as_float(chosen_logps))
+    else:
+        reg = nll
+    metrics = {**bt.metrics, "bt": bt.losses.detach().mean(), "nll": nll.detach().mean(), "lm_reg": reg.detach().mean()}
+    return LossOutput((1 - lm_coef) * bt.losses + lm_coef * reg, bt.chosen_rewards, bt.rejected_rewards, metrics)
