@@ -107,7 +107,7 @@ class LossSpec(_Strict):
     """A conf/loss YAML: the loop-facing flags documented in train/losses/__init__.py."""
 
     name: str
-    kind: Literal["pairwise", "listwise", "unpaired", "sft", "reward", "reward_listwise", "policy"]
+    kind: Literal["pairwise", "ranked", "unpaired", "sft", "reward", "reward_ranked", "policy"]
     needs_reference: bool = False
     length_normalised: bool = False
     paper: str | None = None
@@ -303,8 +303,8 @@ class OnlineLoop(_Strict):
 
 LOOP_KINDS = {
     "sft": ("sft",),
-    "preference": ("pairwise", "listwise", "unpaired"),
-    "reward": ("reward", "reward_listwise"),
+    "preference": ("pairwise", "ranked", "unpaired"),
+    "reward": ("reward", "reward_ranked"),
     "ppo": ("policy",),
     "rloo": ("policy",),
     "remax": ("policy",),
@@ -362,7 +362,7 @@ def check_combination(cfg: TrainConfig) -> None:
             cfg.loop.name,
             "a policy loss (loss=ppo, grpo, dr_grpo, rloo, remax)"
             if cfg.loop.name in ONLINE_LOOPS
-            else "a pairwise, listwise or unpaired loss",
+            else "a pairwise, ranked or unpaired loss",
         )
         raise ConfigError(
             f"loss={cfg.loss.name} is a {cfg.loss.kind} objective; loop={cfg.loop.name} trains {fitting} "

@@ -138,7 +138,7 @@ def preference_losses() -> list[str]:
     names = []
     for f in sorted((REPO / "conf" / "loss").glob("*.yaml")):
         # relative_po needs a prompt encoder and c_dpo reward/cost columns: tests/train/test_loops_more.py runs them
-        if yaml.safe_load(f.read_text())["kind"] in ("pairwise", "listwise", "unpaired") and f.stem not in (
+        if yaml.safe_load(f.read_text())["kind"] in ("pairwise", "ranked", "unpaired") and f.stem not in (
             "relative_po",
             "relative_po_unpaired",
             "c_dpo",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -140,7 +140,7 @@ class UnpairedCollator:
 
 
 def make_collator(
-    kind: RowKind | Literal["listwise"], pad_token_id: int | None, **kwargs: Any
+    kind: RowKind, pad_token_id: int | None, **kwargs: Any
 ) -> SFTCollator | PairCollator | RankedCollator | UnpairedCollator:
     """The collator for a row kind. `pad_token_id` None (a tokenizer without one) pads with 0: padded
     positions are masked and carry label -100, so the pad id never changes a result."""
@@ -149,8 +149,7 @@ def make_collator(
         "pairwise": PairCollator,
         "ranked": RankedCollator,
         "unpaired": UnpairedCollator,
-        "listwise": RankedCollator,
-    }  # "listwise" is the loss YAMLs' name for ranked rows
+    }
     if kind not in classes:
         raise ValueError(f"unknown row kind {kind!r}; valid: {sorted(classes)}")
     return classes[kind](pad_token_id=0 if pad_token_id is None else pad_token_id, **kwargs)

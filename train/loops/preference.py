@@ -4,7 +4,7 @@ Reads top to bottom: set-up, data, policy, reference, optimiser, resume, the ste
 YAML's `kind` picks the data flow:
 
     pairwise  chosen + rejected in ONE concatenated forward (train.logprobs.concatenated_forward)
-    listwise  k responses per prompt in one forward, regrouped to [B, K] (LiPO-λ, PRO, RRHF)
+    ranked    k responses per prompt in one forward, regrouped to [B, K] (LiPO-λ, PRO, RRHF)
     unpaired  prompt + completion + desirable label (KTO with its mismatched-pair KL estimate, BCO, NPO,
               Cringe on logits)
 
@@ -67,8 +67,6 @@ from train.models import (
     trainable_parameters,
 )
 
-DATA_KIND = {"pairwise": "pairwise", "listwise": "ranked", "unpaired": "unpaired"}
-
 
 def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     started = time.perf_counter()
@@ -80,7 +78,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     write_config(out_dir, resolved_yaml, accelerator)
     spec, loop = cfg.loss, cfg.loop
     loss_fn = instantiate_loss(spec)
-    kind = DATA_KIND[spec.kind]
+    kind = spec.kind  # pairwise | ranked | unpaired: the rows the loss trains on
     ref_mode = reference_mode(cfg)
     ckpt = find_last_checkpoint(out_dir) if cfg.resume else None
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
@@ -597,7 +595,7 @@ def to_kind(rows: Dataset, want: str, source: str, loss_name: str) -> Dataset:
     if has_distinct_prompts(rows):
         raise DataError(
             f"{source}: the pairs carry prompt_rejected (joint DOVE pairs with two instructions); "
-            f"loss={loss_name} trains {DATA_KIND_NAME[want]} rows; use loss=dove"
+            f"loss={loss_name} trains {want} rows; use loss=dove"
         )
     out: list[dict[str, Any]] = []
     if (have, want) == ("pairwise", "unpaired"):
@@ -629,13 +627,10 @@ def to_kind(rows: Dataset, want: str, source: str, loss_name: str) -> Dataset:
                     }
                 )
     else:
-        raise DataError(f"{source}: {have} rows cannot train loss={loss_name}, a {DATA_KIND_NAME[want]} objective")
+        raise DataError(f"{source}: {have} rows cannot train loss={loss_name}, a {want} objective")
     if not out:
         raise DataError(f"{source}: no usable rows for loss={loss_name} (every list has tied scores)")
     return Dataset.from_list(out)
-
-
-DATA_KIND_NAME = {"pairwise": "pairwise", "ranked": "listwise", "unpaired": "unpaired"}
 
 
 def make_stages(cfg, train: Dataset, tokenizer) -> list[Dataset]:

@@ -10,7 +10,7 @@ an optional `margin` column; ranked lists become best-vs-worst pairs. loss=cost 
 `safe_rejected` booleans per pair (top-level or inside `meta`; names set by loop.safe_*_field), chosen
 being the safer response. loss=bradley_terry_lm also trains the LM head (the tied input embeddings) on the
 chosen completion from the same forward. loss=pointwise needs `score_chosen` / `score_rejected` on every pair. Listwise
-losses (kind reward_listwise) read ranked rows {prompt, responses, scores} (pairs become lists of two): all
+losses (kind reward_ranked) read ranked rows {prompt, responses, scores} (pairs become lists of two): all
 responses of a list go through the same forward and are regrouped to [B, K].
 """
 
@@ -53,17 +53,17 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     B, accum = cfg.optim.batch_size, cfg.optim.grad_accum
     safety = cfg.loss.needs_safety_labels
-    listwise = cfg.loss.kind == "reward_listwise"  # ranked lists: every response scored, [B, K] rewards
+    ranked = cfg.loss.kind == "reward_ranked"  # ranked lists: every response scored, [B, K] rewards
 
     # ---------------------------------------------------------------- 2. data
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.chat_template)
-    if listwise:
+    if ranked:
         from train.loops.preference import to_kind
 
         convert = lambda rows, source: to_kind(rows, "ranked", source, cfg.loss.name)  # noqa: E731
     else:
         convert = lambda rows, source: to_pairs(rows, source, cfg, safety)  # noqa: E731
-    data = load_data(cfg, tokenizer, "ranked" if listwise else "pairwise", convert)
+    data = load_data(cfg, tokenizer, "ranked" if ranked else "pairwise", convert)
     check_enough_rows(len(data.train), cfg, world, cfg.data.path)
     if main:
         print(data.report.summary(), flush=True)
@@ -104,7 +104,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     # ---------------------------------------------------------------- 4. the step loop
     collate = (
         make_collator("ranked", tokenizer.pad_token_id)
-        if listwise
+        if ranked
         else PairsWithLabels(make_collator("pairwise", tokenizer.pad_token_id), safety)
     )
     logger = MetricsLogger(out_dir, main, cfg.log.tensorboard, resume_step=progress.step)
@@ -247,7 +247,7 @@ def _targets(batch, key: str, cfg):
 
 
 def reward_loss(model, batch, loss_fn, cfg):
-    if cfg.loss.kind == "reward_listwise":
+    if cfg.loss.kind == "reward_ranked":
         rewards = list_scores(model, batch)
         return call_loss(loss_fn, {"rewards": rewards, "scores": batch["scores"], "mask": batch["list_mask"]})
     chosen_nll = chosen_logps = None

@@ -59,7 +59,7 @@ Return type: :class:`LossOutput` (``losses`` [B] per example: the batch loss is 
 Loop-facing YAML flags (``conf/loss/<name>.yaml``)
 --------------------------------------------------
 name                str, equals the file name
-kind                pairwise | listwise | unpaired | sft | reward | reward_listwise | policy: which
+kind                pairwise | ranked | unpaired | sft | reward | reward_ranked | policy: which
                     collator/forward to use
 needs_reference     bool: the loop must supply reference_* log-probs (frozen model or cache)
 length_normalised   bool: policy_*/reference_* log-probs are per-token means (true) or sums (false)
@@ -89,28 +89,8 @@ from __future__ import annotations
 from train.losses._core import LossOutput, Reduce
 from train.losses.bco import RunningMean
 
-__all__ = ["DATA_ARGS", "LOOP_FLAGS", "LossOutput", "Reduce", "RunningMean", "VALID_KINDS"]
+__all__ = ["DATA_ARGS", "LossOutput", "Reduce", "RunningMean"]
 
-VALID_KINDS = ("pairwise", "listwise", "unpaired", "sft", "reward", "reward_listwise", "policy")
-LOOP_FLAGS = (
-    "name",
-    "kind",
-    "needs_reference",
-    "length_normalised",
-    "paper",
-    "fn",
-    "needs_nll",
-    "needs_kl_pairs",
-    "needs_scores",
-    "needs_logits",
-    "needs_safety_labels",
-    "stateful",
-    "joint_distribution",
-    "distinct_prompts",
-    "needs_prompt_embeddings",
-    "embedding_model",
-    "needs_reward_cost",
-)
 
 _PAIR = ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps")
 # Names that are data or runtime objects, per YAML kind; every other keyword is a hyperparameter.
@@ -132,7 +112,7 @@ DATA_ARGS: dict[str, tuple[str, ...]] = {
         "cost_chosen",
         "cost_rejected",
     ),
-    "listwise": ("policy_logps", "reference_logps", "lengths", "scores", "mask", "nll"),
+    "ranked": ("policy_logps", "reference_logps", "lengths", "scores", "mask", "nll"),
     "unpaired": (
         "policy_logps",
         "reference_logps",
@@ -164,7 +144,7 @@ DATA_ARGS: dict[str, tuple[str, ...]] = {
         "chosen_nll",
         "chosen_logps",
     ),
-    "reward_listwise": ("rewards", "scores", "mask"),
+    "reward_ranked": ("rewards", "scores", "mask"),
     "policy": (
         "logps",
         "old_logps",
