@@ -13,7 +13,9 @@
 #     request per sample;
 #   - it ignores vLLM's continue_final_message (assistant prefill): the backend's probe finds that out and
 #     refuses the log-prob / vote labels of ai_feedback and pairwise logprobs=true in one line.
-#   - it rejects response_format {type: json_schema} (HTTP 500 in 0.3.36), so JSON-verdict steps fail for now.
+#   - it rejects response_format {type: json_schema} (HTTP 500 in 0.3.36): llm.structured_output=auto (the
+#     default) finds that on the first JSON request and sends {type: json_object, schema: ...} instead.
+#     The prefill refusal comes at start-up, before any other request.
 # Prints "READY <url>" once the server answers, then stays in the foreground (Ctrl-C stops it).
 set -euo pipefail
 cd "$(dirname "$0")/.."

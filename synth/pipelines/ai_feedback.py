@@ -100,6 +100,13 @@ class AIFeedbackPipeline(Pipeline):
         self.check_constitution(ctx.constitution)
         return super().items(ctx, source)
 
+    def setup(self, ctx: Context, writer) -> None:
+        """Every label mode reads the judge's answer after a prefilled stem: check before any work that the
+        judge's backend continues an assistant message (a llama.cpp server does not: one-line refusal)."""
+        from synth.llm import require_prefill
+
+        require_prefill(ctx.llm("judge"))
+
     def process(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> None:
         pairs = self.responses(items, ctx, state)
         comps = [c for it, y1, y2 in pairs for c in self.comparisons(it, y1, y2, ctx)]

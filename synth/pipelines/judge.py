@@ -116,6 +116,10 @@ class JudgePipeline(Pipeline):
 
     def setup(self, ctx: Context, writer: ChunkWriter) -> None:
         register_candidates(ctx, self.cfg.candidates, writer.out_dir)
+        if self.cfg.pairwise.logprobs and self.cfg.mode in ("pairwise", "joint"):
+            from synth.llm import require_prefill
+
+            require_prefill(ctx.llm("judge"))  # read after a prefilled "[[": refuse a server without prefill now
 
     def process(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> None:
         if self.cfg.mode == "joint":
