@@ -96,16 +96,12 @@ class AIFeedbackPipeline(Pipeline):
                 f"constitution={name} has none; add `judge:` to its principles or use constitution=hhh_en"
             )
 
+    def prefill_roles(self) -> tuple[str, ...]:
+        return ("judge",)  # every label mode (log-probs, votes, CoT) reads after a prefilled answer stem
+
     def items(self, ctx: Context, source: Iterable[SourceItem] | None) -> Iterable[SourceItem]:
         self.check_constitution(ctx.constitution)
         return super().items(ctx, source)
-
-    def setup(self, ctx: Context, writer) -> None:
-        """Every label mode reads the judge's answer after a prefilled stem: check before any work that the
-        judge's backend continues an assistant message (a llama.cpp server does not: one-line refusal)."""
-        from synth.llm import require_prefill
-
-        require_prefill(ctx.llm("judge"))
 
     def process(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> None:
         pairs = self.responses(items, ctx, state)

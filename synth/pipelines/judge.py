@@ -114,12 +114,12 @@ class JudgePipeline(Pipeline):
         if cfg.mode == "joint":
             self.outputs = ("joint_preferences", "battles")
 
+    def prefill_roles(self) -> tuple[str, ...]:
+        logprobs = self.cfg.pairwise.logprobs and self.cfg.mode in ("pairwise", "joint")
+        return ("judge",) if logprobs else ()  # A/B log-probs are read after a prefilled "[["
+
     def setup(self, ctx: Context, writer: ChunkWriter) -> None:
         register_candidates(ctx, self.cfg.candidates, writer.out_dir)
-        if self.cfg.pairwise.logprobs and self.cfg.mode in ("pairwise", "joint"):
-            from synth.llm import require_prefill
-
-            require_prefill(ctx.llm("judge"))  # read after a prefilled "[[": refuse a server without prefill now
 
     def process(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> None:
         if self.cfg.mode == "joint":

@@ -144,7 +144,7 @@ def test_ai_feedback_logprob_labels_refused_on_a_server_without_prefill(make_ope
 def test_ai_feedback_refuses_before_any_work_even_when_no_pair_reaches_the_judge(make_openai_server, tmp_path):
     """The llama.cpp run that was not refused: both policy samples alike (or cut off), so no pair was
     ever judged, no prefill request was made, the probe never ran and the run "finished". The check now
-    runs at start-up, before the first policy request, whatever the label mode."""
+    runs at start-up, before the output folder is touched or a policy request sent, whatever the label mode."""
     from tests.synth.safety_helpers import loopback, run_synth
 
     src = tmp_path / "p.jsonl"
@@ -162,6 +162,7 @@ def test_ai_feedback_refuses_before_any_work_even_when_no_pair_reaches_the_judge
                 f"pipeline.label={label}",
             )
         assert "\n" not in str(e.value) and "pipeline.pairwise.logprobs=false" in str(e.value)
+        assert not (tmp_path / label).exists()
     assert len(server.probe_requests()) == 1 and server.chat_requests() == []  # one probe, no policy request
 
 
@@ -174,7 +175,7 @@ def test_judge_logprobs_refused_at_start_up_and_text_verdicts_run(make_openai_se
     common = (*loopback(server.url), "cache=false", "source=jsonl", f"source.path={src}", "pipeline=judge")
     with pytest.raises(BackendError, match="does not continue an assistant prefill"):
         run_synth(tmp_path / "lp", *common, "pipeline.pairwise.logprobs=true")
-    assert server.chat_requests() == []
+    assert server.chat_requests() == [] and not (tmp_path / "lp").exists()
     m = run_synth(tmp_path / "text", *common)  # text verdicts need no prefill: no probe, no refusal
     assert m["status"] == "finished" and len(server.probe_requests()) == 1
 
@@ -291,3 +292,23 @@ def test_red_team_runs_on_a_server_that_rejects_json_schema(make_openai_server, 
         assert sent.count("json_schema") == 2 and sent.count("json_object") == 4 and sent[-4:] == ["json_object"] * 4
     else:  # json_schema and json_object refused once each, then 4 verdicts asked in the prompt only
         assert sent.count("json_schema") == 1 and sent.count("json_object") == 1 and sent[-4:] == [None] * 4
+
+
+def test_prefill_is_checked_on_the_judge_role_server_only(make_openai_server, tmp_path):
+    """judge= on its own server: the probe goes there (and the refusal names it), not to the policy's."""
+    from tests.synth.safety_helpers import loopback, run_synth
+
+    src = tmp_path / "p.jsonl"
+    src.write_text('{"prompt": "How do I boil an egg?"}\n')
+    policy = make_openai_server(responder=lambda body: "Boil it.")
+    judge = make_openai_server(responder=lambda body: "A", prefill="ignore")
+    with pytest.raises(BackendError, match=f"{judge.url} does not continue"):
+        run_synth(
+            tmp_path / "o",
+            "pipeline=ai_feedback",
+            *loopback(policy.url),
+            "+judge.llm={kind: openai, base_url: '" + judge.url + "', progress: false}",
+            "source=jsonl",
+            f"source.path={src}",
+        )
+    assert policy.requests == [] and len(judge.probe_requests()) == 1
