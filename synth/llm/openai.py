@@ -294,10 +294,11 @@ class OpenAIBackend:
             body["logprobs"] = True
             body["top_logprobs"] = p.top_logprobs
         if p.json_schema is not None:
-            schema = for_openai_strict(p.json_schema)  # strict mode rejects maxLength / minLength
+            # the step's own schema; _post sends it in the form the server takes (strict json_schema
+            # without maxLength / minLength, or json_object with the length caps kept)
             body["response_format"] = {
                 "type": "json_schema",
-                "json_schema": {"name": "answer", "schema": schema, "strict": True},
+                "json_schema": {"name": "answer", "schema": p.json_schema, "strict": True},
             }
         elif p.regex is not None and self.settings.regex_field != "none":  # a server extension: opt-in
             body.update(_regex_body(self.settings.regex_field, p.regex))
@@ -381,7 +382,7 @@ class OpenAIBackend:
         request to a server whose form is unknown finds the form (one request at a time per server; the
         others wait for the answer) and is answered on the way."""
         setting = self.settings.structured_output
-        if not _asks_json_schema(body) or setting == "json_schema":
+        if not _asks_json_schema(body):
             return await ep.post_chat(body)
         if setting != "auto":
             return await ep.post_chat(_with_structured(body, setting))
@@ -549,11 +550,22 @@ def _asks_json_schema(body: dict) -> bool:
 
 
 def _with_structured(body: dict, form: str) -> dict:
-    """`body` (built with response_format json_schema) in another structured-output form: json_object
-    with the schema (llama-cpp-python turns that schema into a grammar) or no response_format at all."""
-    if form == "json_schema" or not _asks_json_schema(body):
+    """`body` (built with response_format json_schema and the step's schema) as sent in `form`:
+    json_schema with the schema OpenAI's strict mode accepts (no maxLength / minLength); json_object with
+    the schema as is (llama-cpp-python turns it into a grammar, length caps included); or no
+    response_format at all."""
+    if not _asks_json_schema(body):
         return body
     rest = {k: v for k, v in body.items() if k != "response_format"}
+    if form == "json_schema":
+        spec = body["response_format"]["json_schema"]
+        return {
+            **rest,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {**spec, "schema": for_openai_strict(spec["schema"])},
+            },
+        }
     if form == "json_object":
         return {
             **rest,
