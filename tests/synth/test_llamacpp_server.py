@@ -44,7 +44,8 @@ SERVER = (
     "preset=small",
     "llm.max_concurrency=4",
 )
-HH_SOURCE = ("source=hh_rlhf", f"source.path={HH}", "source.limit=3")
+LIMIT = int(os.environ.get("LLAMACPP_LIMIT", "3"))  # prompts per pipeline (1 on a loaded machine)
+HH_SOURCE = ("source=hh_rlhf", f"source.path={HH}", f"source.limit={LIMIT}")
 
 PIPELINES = {
     "generate": ("pipeline=generate", *HH_SOURCE),
@@ -60,12 +61,12 @@ PIPELINES = {
         "pipeline=judge",
         "source=hh_rlhf",
         f"source.path={HH}",
-        "source.limit=3",
+        f"source.limit={LIMIT}",
         "source.turns=all",
     ),
     "self_rewarding": ("pipeline=self_rewarding", *HH_SOURCE),
     "rlrf": ("pipeline=rlrf", *HH_SOURCE),
-    "bpo": ("pipeline=bpo", "source=hh_rlhf", f"source.path={HH}", "source.limit=3", "source.turns=all"),
+    "bpo": ("pipeline=bpo", "source=hh_rlhf", f"source.path={HH}", f"source.limit={LIMIT}", "source.turns=all"),
     "bpo_rewrite": ("pipeline=bpo_rewrite", *HH_SOURCE),
     "rs_dpo_judge": ("pipeline=rs_dpo", "pipeline.k=2", "pipeline.scorer.kind=judge", *HH_SOURCE),
     "r_tuning": ("pipeline=r_tuning", *HH_SOURCE),
