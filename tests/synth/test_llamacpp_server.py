@@ -69,8 +69,8 @@ PIPELINES = {
     "bpo": ("pipeline=bpo", "source=hh_rlhf", f"source.path={HH}", f"source.limit={LIMIT}", "source.turns=all"),
     "bpo_rewrite": ("pipeline=bpo_rewrite", *HH_SOURCE),
     "rs_dpo_judge": ("pipeline=rs_dpo", "pipeline.k=2", "pipeline.scorer.kind=judge", *HH_SOURCE),
-    "r_tuning": ("pipeline=r_tuning", *HH_SOURCE),
-    "iteralign_discover": ("pipeline=iteralign_discover", "constitution=safety_en", *HH_SOURCE),
+    "r_tuning": ("pipeline=r_tuning", *HH_SOURCE, "source.turns=all"),  # the reference: the HH chosen answer
+    "iteralign_discover": ("pipeline=iteralign_discover", "constitution=safety_en", *HH_SOURCE, "source.turns=all"),
 }
 
 
@@ -81,6 +81,7 @@ def test_pipeline_finishes_against_llamacpp(tmp_path, name):
 
     m = run_synth(tmp_path / name, *SERVER, *PIPELINES[name])
     assert m["status"] == "finished" and m["processed"] == m["inputs"] > 0
+    assert m["tokens"].get("completion", 0) > 0, m  # the server answered something (not all dropped before a call)
 
 
 @needs_server
