@@ -410,7 +410,7 @@ class OpenAIBackend:
                         raise
                     if attempt == 0 and form == "json_schema" and isinstance(exc, Retryable):
                         continue
-                    rejected.append(f"{form} ({exc})")
+                    rejected.append(f"{form} ({' '.join(str(exc).split())[:160]})")  # one line
                     break
                 _STRUCTURED[key] = form
                 self._log_structured(ep.url, form, rejected)

@@ -304,7 +304,10 @@ class LoopbackServer:
         kind = rec.fault
         if kind == "rejected_format":  # llama-cpp-python 0.3.36 answers json_schema like this (a 500)
             status = 500 if self.structured == "json_object" else 400
-            msg = "1 validation error: response_format.type: Input should be 'text' or 'json_object'"
+            msg = (  # several lines, a traceback's start included, as llama-cpp-python sends it
+                "1 validation error:\n  {'loc': ('body', 'response_format', 'type'), "
+                "'msg': \"Input should be 'text' or 'json_object'\"}\n\n  File \"app.py\""
+            )
             return status, json.dumps({"error": {"message": msg}}).encode(), {}, "send"
         if kind is None and is_probe(body):  # the openai backend's prefill probe (synth/llm/openai.py)
             text = "eight, nine" if self.prefill == "continue" else "Sure! One, two, three"
