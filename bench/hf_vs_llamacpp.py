@@ -7,9 +7,11 @@ on the same prompts, in one run. Greedy, the same max_new_tokens, one batched ca
 Prints completion tokens, wall time and tokens/s for each side and the ratio llama.cpp / hf. The hf side
 runs in this process with torch threads = --threads; the server uses its own threads (THREADS= in
 serve-llamacpp.sh): give both the same number. Completion tokens are counted by each backend's own
-tokenizer (the same vocabulary here). With --repeats R the two sides take turns R times (hf, server,
-server, hf, ...) so that a change in the machine's load hits both; the median of each side is reported,
-with the 1-minute load average before and after (on a shared machine, read the ratio with it).
+tokenizer (the same vocabulary here). hf decodes the prompts as one batch; llama-cpp-python's server
+decodes one request at a time, so the ratio depends on --prompts (--prompts 1: one stream against one).
+With --repeats R the two sides take turns R times (hf, server, server, hf, ...) so that a change in the
+machine's load hits both; the median of each side is reported, with the 1-minute load average before and
+after (on a shared machine, read the ratio with it).
 """
 
 from __future__ import annotations

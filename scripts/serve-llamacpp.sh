@@ -3,6 +3,7 @@
 # server (llama-cpp-python), for `llm=openai`:
 #
 #   bash scripts/serve-llamacpp.sh                 # builds .venv-llamacpp once (10-17 min of CPU), then serves
+#   THREADS=1 bash scripts/serve-llamacpp.sh       # on a machine busier than its cores (OpenMP threads spin)
 #   PORT=8081 MODEL_FILE=path/to/x.gguf bash scripts/serve-llamacpp.sh
 #   synth pipeline=generate llm=openai llm.base_url=http://127.0.0.1:8080/v1 model.name_or_path=smollm2-135m ...
 #   LLAMACPP_URL=http://127.0.0.1:8080/v1 python -m pytest -q -m llamacpp     # the opt-in tests
