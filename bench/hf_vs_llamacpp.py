@@ -7,12 +7,18 @@ on the same prompts, in one run. Greedy, the same max_new_tokens, one batched ca
 Prints completion tokens, wall time and tokens/s for each side and the ratio llama.cpp / hf. The hf side
 runs in this process with torch threads = --threads; the server uses its own threads (THREADS= in
 serve-llamacpp.sh): give both the same number. Completion tokens are counted by each backend's own
-tokenizer (the same vocabulary here).
+tokenizer (the same vocabulary here). hf decodes the prompts as one batch; llama-cpp-python's server
+decodes one request at a time, so the ratio depends on --prompts (--prompts 1: one stream against one).
+With --repeats R the two sides take turns R times (hf, server, server, hf, ...) so that a change in the
+machine's load hits both; the median of each side is reported, with the 1-minute load average before and
+after (on a shared machine, read the ratio with it).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import time
 from pathlib import Path
 
@@ -41,6 +47,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=2, help="turns per side, alternating the order")
     args = ap.parse_args()
 
     import torch
@@ -59,14 +66,24 @@ def main() -> None:
         {"name_or_path": "smollm2-135m"},
     )
     server.generate(reqs[:1], params.replace(max_new_tokens=2))
-    rows = []
-    for name, llm in (("hf (in-process)", hf), ("llama.cpp server", server)):
-        tokens, wall = timed(llm, reqs, params)
-        rows.append((name, tokens, wall, tokens / wall))
-    print(f"{len(reqs)} prompts, greedy, max_new_tokens={args.max_new_tokens}, threads={args.threads}")
-    for name, tokens, wall, tps in rows:
-        print(f"  {name:<18} {tokens:>6} tokens  {wall:7.1f} s  {tps:7.1f} tok/s")
-    print(f"  ratio llama.cpp / hf: {rows[1][3] / rows[0][3]:.2f}x")
+    sides = {"hf (in-process)": hf, "llama.cpp server": server}
+    runs: dict[str, list[tuple[int, float]]] = {name: [] for name in sides}
+    load_before = os.getloadavg()[0]
+    for r in range(args.repeats):
+        for name in sides if r % 2 == 0 else reversed(list(sides)):
+            runs[name].append(timed(sides[name], reqs, params))
+    load_after = os.getloadavg()[0]
+    print(
+        f"{len(reqs)} prompts, greedy, max_new_tokens={args.max_new_tokens}, threads={args.threads}, "
+        f"repeats={args.repeats}; load average (1 min) {load_before:.1f} before, {load_after:.1f} after"
+    )
+    tps = {}
+    for name, rs in runs.items():
+        tps[name] = statistics.median(t / w for t, w in rs)
+        each = ", ".join(f"{t} tok / {w:.1f} s" for t, w in rs)
+        print(f"  {name:<18} median {tps[name]:7.1f} tok/s   ({each})")
+    hf_tps, server_tps = tps.values()
+    print(f"  ratio llama.cpp / hf: {server_tps / hf_tps:.2f}x")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 # server (llama-cpp-python), for `llm=openai`:
 #
 #   bash scripts/serve-llamacpp.sh                 # builds .venv-llamacpp once (10-17 min of CPU), then serves
+#   THREADS=1 bash scripts/serve-llamacpp.sh       # on a machine busier than its cores (OpenMP threads spin)
 #   PORT=8081 MODEL_FILE=path/to/x.gguf bash scripts/serve-llamacpp.sh
 #   synth pipeline=generate llm=openai llm.base_url=http://127.0.0.1:8080/v1 model.name_or_path=smollm2-135m ...
 #   LLAMACPP_URL=http://127.0.0.1:8080/v1 python -m pytest -q -m llamacpp     # the opt-in tests
@@ -13,7 +14,9 @@
 #     request per sample;
 #   - it ignores vLLM's continue_final_message (assistant prefill): the backend's probe finds that out and
 #     refuses the log-prob / vote labels of ai_feedback and pairwise logprobs=true in one line.
-#   - it rejects response_format {type: json_schema} (HTTP 500 in 0.3.36), so JSON-verdict steps fail for now.
+#   - it rejects response_format {type: json_schema} (HTTP 500 in 0.3.36): llm.structured_output=auto (the
+#     default) finds that on the first JSON request and sends {type: json_object, schema: ...} instead.
+#     The prefill refusal comes at start-up, before any other request.
 # Prints "READY <url>" once the server answers, then stays in the foreground (Ctrl-C stops it).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -145,6 +145,24 @@ def check_roles(cfg: SynthConfig) -> None:
             check_llm(rc.llm or cfg.llm, (rc.model or cfg.model).model_dump(), f"{name}.llm")
 
 
+def check_prefill(cfg: SynthConfig, pipeline) -> None:
+    """For each role the pipeline reads labels from after an assistant prefill (`prefill_roles`) and that
+    is a server (llm=openai): probe it now, before any folder is touched, so that a server without
+    prefill (llama.cpp) is refused in one line before any work. In-process backends always continue."""
+    from synth.llm import build_llm, require_prefill
+
+    for role in pipeline.prefill_roles():
+        rc = getattr(cfg, role, None)
+        llm = (rc.llm if isinstance(rc, RoleConfig) else None) or cfg.llm
+        model = (rc.model if isinstance(rc, RoleConfig) else None) or cfg.model
+        if llm.get("kind") == "openai":
+            backend = build_llm(llm, model.model_dump())  # no call cache: nothing is written
+            try:
+                require_prefill(backend)
+            finally:
+                backend.close()
+
+
 def make_context(cfg: SynthConfig, out_dir: Path, build_llm=None):
     """`build_llm(llm, model, cache_path=...)` defaults to synth.llm.build_llm (the Ray launcher passes one
     that reuses an actor's loaded backends across shards)."""
@@ -187,6 +205,7 @@ def run_config(cfg: SynthConfig, resolved_yaml: str | None = None, build_llm=Non
     # a bad name or file, or one that lacks what the pipeline needs, fails here, before any model loads
     pipeline.check_constitution(load_constitution(cfg.constitution))
     check_roles(cfg)
+    check_prefill(cfg, pipeline)  # a server behind a label role: one probe request
     out_dir = Path(cfg.output_dir).expanduser()
     if cfg.launcher is not None:
         from synth.launch import launch

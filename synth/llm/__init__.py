@@ -65,6 +65,16 @@ def build_llm(llm_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], *, cache
     return CachedLLM(backend, cache_path)
 
 
+def require_prefill(llm: Any) -> None:
+    """For a pipeline that reads labels after an assistant prefill: check at start-up, before any other
+    request, that `llm` continues an assistant message (the openai backend probes its server once and
+    raises a one-line BackendError when it does not; hf and vllm always do)."""
+    inner = getattr(llm, "inner", llm)  # the call cache wraps the backend
+    check = getattr(inner, "check_prefill", None)
+    if check is not None:
+        check()
+
+
 def _plain(cfg: Mapping[str, Any] | Any) -> dict[str, Any]:
     """A DictConfig (resolved) or any mapping -> a plain dict."""
     if cfg is None:
@@ -88,4 +98,5 @@ __all__ = [
     "build_llm",
     "check_llm",
     "is_prefill",
+    "require_prefill",
 ]

@@ -66,6 +66,12 @@ _MAX_RETRY_AFTER_S = 600.0
 # Prefill probe results, per (base URL, model) for the whole process: one probe per server.
 _PREFILL_OK: dict[tuple[str, str], bool] = {}
 _PREFILL_LOCK = threading.Lock()
+# Structured-output form each (base URL, model) accepts, found on the first JSON-schema request (see
+# OpenAIBackend._post): "json_schema" (OpenAI, vLLM, SGLang), "json_object" (json_object with a "schema"
+# key: llama-cpp-python, which answers json_schema with HTTP 500) or "none" (no response_format: the
+# JSON is asked for in the prompt only, and the step's parser checks it).
+_STRUCTURED: dict[tuple[str, str], str] = {}
+_STRUCTURED_FORMS = ("json_schema", "json_object", "none")
 _PROBE_MESSAGES = [
     Message(role="user", content="Count from one to ten in words, separated by commas."),
     Message(role="assistant", content="one, two, three, four, five, six, seven,"),
@@ -92,6 +98,11 @@ class OpenAISettings(BaseModel):
     # server checks that it continues the assistant message (cached per server and model); a server that
     # does not is refused with one line. trust: skip the probe.
     prefill: Literal["probe", "trust"] = "probe"
+    # How a step's JSON schema is sent: auto (default) sends response_format json_schema and, when a server
+    # rejects it (HTTP 400/422/500), tries json_object with the schema, then no response_format (the prompt
+    # asks for JSON and the step parses it); the form that works is kept per server and model and logged
+    # once. json_schema / json_object / none: that form, without detection.
+    structured_output: Literal["auto", "json_schema", "json_object", "none"] = "auto"
     transport: Literal["auto", "lean", "openai"] = "auto"
     max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
     progress: bool = True  # tqdm over finished requests for large calls
@@ -151,6 +162,7 @@ class OpenAIBackend:
         self._loop_thread: _LoopThread | None = None
         self._stats_lock = threading.Lock()
         self._n_ignored = False  # send_n auto: a server answered n=k with fewer choices
+        self._structured_locks: dict[str, asyncio.Lock] = {}  # per base URL, used on the loop thread only
 
     def __repr__(self) -> str:  # no key here, ever
         urls = [strip_url_credentials(u) for u in self._urls]
@@ -193,6 +205,7 @@ class OpenAIBackend:
         with self._stats_lock:
             if self._loop_thread is None or not self._loop_thread.alive():
                 self._loop_thread = _LoopThread(self.settings.max_concurrency)
+                self._structured_locks = {}  # asyncio locks belong to the old loop
             return self._loop_thread
 
     def close(self) -> None:
@@ -209,11 +222,16 @@ class OpenAIBackend:
 
     # ---- assistant prefill (vLLM's continue_final_message) ---------------------------------------
     def _check_prefill(self, requests: Sequence[Request]) -> None:
-        """Before the first prefill request: probe each server once (cached per server and model) and
-        refuse, in one line, a server that does not continue an assistant message. Such a server answers
-        a new turn instead, so a label read "at the answer stem" (log-probs of (A)/(B), votes) would be
-        read at the wrong position and still parse."""
-        if self.settings.prefill == "trust" or not any(is_prefill(r) for r in requests):
+        if any(is_prefill(r) for r in requests):
+            self.check_prefill()
+
+    def check_prefill(self) -> None:
+        """Probe each server once (cached per server and model) and refuse, in one line, a server that
+        does not continue an assistant message. Such a server answers a new turn instead, so a label read
+        "at the answer stem" (log-probs of (A)/(B), votes) would be read at the wrong position and still
+        parse. Called before the first prefill request, and by pipelines that read labels after a prefill
+        at start-up (`synth.llm.require_prefill`), so that the refusal comes before any other work."""
+        if self.settings.prefill == "trust":
             return
         with _PREFILL_LOCK:
             unknown = [u for u in self._urls if (u, self.model) not in _PREFILL_OK]
@@ -276,10 +294,11 @@ class OpenAIBackend:
             body["logprobs"] = True
             body["top_logprobs"] = p.top_logprobs
         if p.json_schema is not None:
-            schema = for_openai_strict(p.json_schema)  # strict mode rejects maxLength / minLength
+            # the step's own schema; _post sends it in the form the server takes (strict json_schema
+            # without maxLength / minLength, or json_object with the length caps kept)
             body["response_format"] = {
                 "type": "json_schema",
-                "json_schema": {"name": "answer", "schema": schema, "strict": True},
+                "json_schema": {"name": "answer", "schema": p.json_schema, "strict": True},
             }
         elif p.regex is not None and self.settings.regex_field != "none":  # a server extension: opt-in
             body.update(_regex_body(self.settings.regex_field, p.regex))
@@ -333,7 +352,7 @@ class OpenAIBackend:
             async with sem:  # the backoff sleep below does not hold a slot
                 ep = _pick(endpoints, avoid)
                 try:
-                    comps = _parse(await ep.post_chat(body), n, fewer_ok=self.settings.send_n == "auto")
+                    comps = _parse(await self._post(ep, body), n, fewer_ok=self.settings.send_n == "auto")
                     if bar is not None:
                         bar.update(1)
                     if len(comps) == n:
@@ -355,6 +374,60 @@ class OpenAIBackend:
         raise BackendError(
             f"openai backend: {avoid.url} failed for model {self.model!r} after "
             f"{self.settings.max_retries + 1} attempts; last failure: {last}"
+        )
+
+    # ---- structured output: which response_format the server accepts -----------------------------
+    async def _post(self, ep: Any, body: dict) -> Any:
+        """POST `body`, its JSON schema (if any) in the form this server accepts. The first JSON-schema
+        request to a server whose form is unknown finds the form (one request at a time per server; the
+        others wait for the answer) and is answered on the way."""
+        setting = self.settings.structured_output
+        if not _asks_json_schema(body):
+            return await ep.post_chat(body)
+        if setting != "auto":
+            return await ep.post_chat(_with_structured(body, setting))
+        key = (ep.url, self.model)
+        if key not in _STRUCTURED:
+            lock = self._structured_locks.setdefault(ep.url, asyncio.Lock())
+            async with lock:
+                if key not in _STRUCTURED:
+                    return await self._detect_structured(ep, body, key)
+        return await ep.post_chat(_with_structured(body, _STRUCTURED[key]))
+
+    async def _detect_structured(self, ep: Any, body: dict, key: tuple[str, str]) -> Any:
+        """Send `body` as json_schema, then json_object with the schema, then without response_format,
+        until the server takes one; remember that form for (server, model) and log it in one line. Only
+        a refusal that can be about the field (HTTP 400/422, or 500 twice running for json_schema) moves
+        to the next form; anything else (429, 503, a timeout), or a plain request failing too, is raised
+        for the retry loop with nothing remembered."""
+        rejected: list[str] = []
+        for form in _STRUCTURED_FORMS:
+            for attempt in range(2 if form == "json_schema" else 1):  # a one-off 500 is not a rejection
+                try:
+                    data = await ep.post_chat(_with_structured(body, form))
+                except (Retryable, FatalHTTP) as exc:
+                    if form == "none" or not _may_reject_format(exc):
+                        raise
+                    if attempt == 0 and form == "json_schema" and isinstance(exc, Retryable):
+                        continue
+                    rejected.append(f"{form} ({' '.join(str(exc).split())[:160]})")  # one line
+                    break
+                _STRUCTURED[key] = form
+                self._log_structured(ep.url, form, rejected)
+                return data
+        raise AssertionError("unreachable: form 'none' returns or raises")
+
+    def _log_structured(self, url: str, form: str, rejected: list[str]) -> None:
+        where = f"openai backend: {strip_url_credentials(url)} (model {self.model!r})"
+        if form == "json_schema":
+            log.info("%s takes response_format json_schema for JSON answers", where)
+            return
+        how = {
+            "json_object": "sending response_format json_object with the schema from now on",
+            "none": "sending no response_format from now on: the prompt asks for JSON and the step parses it",
+        }[form]
+        log.warning(
+            "%s rejected %s; %s (llm.structured_output=%s skips this check)", where, "; ".join(rejected), how, form
         )
 
     def _note_n_ignored(self, url: str, n: int, got: int) -> None:
@@ -469,6 +542,44 @@ async def _gather_or_cancel(tasks: list[asyncio.Future]) -> list[Any]:
         await asyncio.gather(*pending, return_exceptions=True)
         raise errors[0]
     return [t.result() for t in tasks]
+
+
+def _asks_json_schema(body: dict) -> bool:
+    rf = body.get("response_format")
+    return isinstance(rf, dict) and rf.get("type") == "json_schema"
+
+
+def _with_structured(body: dict, form: str) -> dict:
+    """`body` (built with response_format json_schema and the step's schema) as sent in `form`:
+    json_schema with the schema OpenAI's strict mode accepts (no maxLength / minLength); json_object with
+    the schema as is (llama-cpp-python turns it into a grammar, length caps included); or no
+    response_format at all."""
+    if not _asks_json_schema(body):
+        return body
+    rest = {k: v for k, v in body.items() if k != "response_format"}
+    if form == "json_schema":
+        spec = body["response_format"]["json_schema"]
+        return {
+            **rest,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {**spec, "schema": for_openai_strict(spec["schema"])},
+            },
+        }
+    if form == "json_object":
+        return {
+            **rest,
+            "response_format": {"type": "json_object", "schema": body["response_format"]["json_schema"]["schema"]},
+        }
+    return rest
+
+
+def _may_reject_format(exc: Exception) -> bool:
+    """Could this failure be the server refusing a response_format? A 400 / 422, or a 500 (llama-cpp-python
+    answers an unknown response_format type with 500); not 429, 502-504, timeouts, resets or bad keys."""
+    if isinstance(exc, FatalHTTP):
+        return not exc.abort and exc.status in (400, 422)
+    return isinstance(exc, Retryable) and exc.reason == "5xx" and "HTTP 500" in str(exc)
 
 
 def _regex_body(field: str, regex: str) -> dict[str, Any]:

@@ -96,6 +96,9 @@ class AIFeedbackPipeline(Pipeline):
                 f"constitution={name} has none; add `judge:` to its principles or use constitution=hhh_en"
             )
 
+    def prefill_roles(self) -> tuple[str, ...]:
+        return ("judge",)  # every label mode (log-probs, votes, CoT) reads after a prefilled answer stem
+
     def items(self, ctx: Context, source: Iterable[SourceItem] | None) -> Iterable[SourceItem]:
         self.check_constitution(ctx.constitution)
         return super().items(ctx, source)

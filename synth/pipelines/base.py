@@ -69,6 +69,12 @@ class Pipeline:
         """Raise a one-line ConstitutionError when `constitution` lacks what this pipeline needs. Called
         at start-up, before any output folder is touched or any model loads."""
 
+    def prefill_roles(self) -> tuple[str, ...]:
+        """The roles whose answers this run reads after an assistant prefill (a label at an answer stem).
+        `synth` checks at start-up, before any output folder is touched, that a server behind such a role
+        continues an assistant message (`synth.llm.require_prefill`)."""
+        return ()
+
     def estimate(self, n_items: int) -> dict[str, int] | None:
         """Upper bounds on this run's backend work for `n_items` inputs: {"requests": .., "new_tokens": ..}
         (printed before the run starts), or None when the pipeline cannot say."""

@@ -114,6 +114,10 @@ class JudgePipeline(Pipeline):
         if cfg.mode == "joint":
             self.outputs = ("joint_preferences", "battles")
 
+    def prefill_roles(self) -> tuple[str, ...]:
+        logprobs = self.cfg.pairwise.logprobs and self.cfg.mode in ("pairwise", "joint")
+        return ("judge",) if logprobs else ()  # A/B log-probs are read after a prefilled "[["
+
     def setup(self, ctx: Context, writer: ChunkWriter) -> None:
         register_candidates(ctx, self.cfg.candidates, writer.out_dir)
 

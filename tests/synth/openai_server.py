@@ -30,6 +30,10 @@ Assistant prefill: `prefill="continue"` (default, like vLLM's continue_final_mes
 backend's prefill probe by continuing it; `prefill="ignore"` (like llama.cpp) starts a new reply. Other
 prefill requests go to the responder either way. `chat_requests()` leaves the probes out.
 
+Structured output: `structured="json_schema"` (default) takes every response_format; "json_object" answers
+`{type: json_schema}` with HTTP 500 and takes `{type: json_object, schema}`, like llama-cpp-python 0.3.36;
+"none" answers any response_format with HTTP 400. Rejected requests are recorded with fault "rejected_format".
+
 CLI: `python tests/synth/openai_server.py --port 8000 --latency-ms 200` prints `READY <url>` and serves
 until interrupted.
 """
@@ -53,6 +57,7 @@ FAULTS = ("429", "500", "503", "reset", "slow", "malformed", "truncated", "empty
 # Not transient: only by schedule / fault_fn. Their bodies quote the Authorization header back, as some
 # hosted APIs quote part of a wrong key, so tests can check that clients never surface it.
 FATAL_FAULTS = ("400", "401", "404")
+STRUCTURED = ("json_schema", "json_object", "none")  # the response_format types a server takes, see the docstring
 Responder = Callable[[dict], "str | list | dict"]
 
 _REASONS = {
@@ -165,6 +170,7 @@ class LoopbackServer:
         port: int = 0,
         record_bodies: bool = True,
         prefill: str = "continue",
+        structured: str = "json_schema",
     ) -> None:
         unknown = set(fault_kinds) - set(FAULTS) | set((schedule or {}).values()) - set(FAULTS + FATAL_FAULTS)
         if unknown:
@@ -180,6 +186,9 @@ class LoopbackServer:
                 f"prefill must be 'continue' (vLLM's continue_final_message) or 'ignore' (llama.cpp), got {prefill!r}"
             )
         self.prefill = prefill
+        if structured not in STRUCTURED:
+            raise ValueError(f"structured must be one of {STRUCTURED}, got {structured!r}")
+        self.structured = structured
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
@@ -269,6 +278,8 @@ class LoopbackServer:
             self.in_flight -= 1
 
     def _pick_fault(self, seq: int, body: dict | None) -> str | None:
+        if self._rejects_format(body):
+            return "rejected_format"
         if seq in self.schedule:
             return self.schedule[seq]
         if self.fault_fn is not None:
@@ -276,6 +287,12 @@ class LoopbackServer:
         if self.fault_rate and self._rng.random() < self.fault_rate:
             return self._rng.choice(self.fault_kinds)
         return None
+
+    def _rejects_format(self, body: dict | None) -> bool:
+        kind = ((body or {}).get("response_format") or {}).get("type")
+        return kind is not None and (
+            self.structured == "none" or (self.structured, kind) == ("json_object", "json_schema")
+        )
 
     def _answer(self, rec: RecordedRequest, body: dict | None) -> tuple[int, bytes, dict, str]:
         """(status, body bytes, extra headers, action) where action is "send", "reset" or "truncate"."""
@@ -285,6 +302,13 @@ class LoopbackServer:
         if rec.method != "POST" or not rec.path.rstrip("/").endswith("/chat/completions"):
             return 404, json.dumps({"error": {"message": f"no route {rec.path}"}}).encode(), {}, "send"
         kind = rec.fault
+        if kind == "rejected_format":  # llama-cpp-python 0.3.36 answers json_schema like this (a 500)
+            status = 500 if self.structured == "json_object" else 400
+            msg = (  # several lines, a traceback's start included, as llama-cpp-python sends it
+                "1 validation error:\n  {'loc': ('body', 'response_format', 'type'), "
+                "'msg': \"Input should be 'text' or 'json_object'\"}\n\n  File \"app.py\""
+            )
+            return status, json.dumps({"error": {"message": msg}}).encode(), {}, "send"
         if kind is None and is_probe(body):  # the openai backend's prefill probe (synth/llm/openai.py)
             text = "eight, nine" if self.prefill == "continue" else "Sure! One, two, three"
             return 200, json.dumps(build_body(body, text)).encode(), {}, "send"
@@ -403,6 +427,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--faults", default=",".join(FAULTS), help="comma-separated subset of " + ",".join(FAULTS))
     ap.add_argument("--retry-after-s", type=float, default=1.0)
     ap.add_argument("--model", default="test-model")
+    ap.add_argument("--structured", choices=STRUCTURED, default="json_schema", help="response_format types taken")
+    ap.add_argument("--prefill", choices=("continue", "ignore"), default="continue")
     args = ap.parse_args(argv)
     responder = None
     if args.responder:
@@ -419,6 +445,8 @@ def main(argv: list[str] | None = None) -> None:
         host=args.host,
         port=args.port,
         record_bodies=False,
+        structured=args.structured,
+        prefill=args.prefill,
     ).start()
     print(f"READY {server.url}", flush=True)
     try:
