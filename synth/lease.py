@@ -160,8 +160,10 @@ class Lease:
         rec = _read(self.dir / CURRENT)
         return rec.get("epoch") if isinstance(rec, dict) else None
 
-    def _latest(self) -> _Holder:
-        e = self._current() or 0
+    def _latest(self, known: int = 0) -> _Holder:
+        """The latest owner; `known`: an epoch we know exists (our O_EXCL create of it failed), in case a
+        cached lookup on NFS does not show it yet."""
+        e = max(self._current() or 0, known)
         while self._path(e + 1).exists():  # an owner that died between its claim and `current`
             e += 1
         if e == 0:
@@ -170,7 +172,7 @@ class Lease:
         try:
             mtime = path.stat().st_mtime
         except OSError:
-            mtime = 0.0
+            mtime = time.time()  # it exists but is not visible here yet: count it as fresh
         return _Holder(e, _read(path), mtime)
 
     def _record(self, **extra: Any) -> dict[str, Any]:
@@ -235,13 +237,14 @@ class Lease:
         return True
 
     def acquire(self) -> Lease:
-        deadline = time.monotonic() + self.cfg.wait_s
+        deadline, known = time.monotonic() + self.cfg.wait_s, 0
         while True:
-            h = self._latest()
+            h = self._latest(known)
             if self._replaceable(h):
                 if self._claim(h.epoch + 1):
                     break
-                continue  # another process took epoch e+1 just now: look at it
+                known = h.epoch + 1  # another process took epoch e+1 just now: look at it
+                continue
             if time.monotonic() >= deadline:
                 raise OutputError(self._refusal(h))
             time.sleep(min(1.0, self.cfg.ttl_s / 10, max(0.01, deadline - time.monotonic())))
@@ -265,7 +268,7 @@ class Lease:
         if nxt.exists():
             return f"taken over by {describe(_read(nxt))} (lease epoch {self.epoch + 1} > ours {self.epoch})"
         cur = self._current()
-        if cur != self.epoch:
+        if cur is not None and cur != self.epoch:
             return f"taken over (the lease names epoch {cur}, ours is {self.epoch})"
         return None
 
@@ -276,6 +279,8 @@ class Lease:
         self.lost = self.lost or self._taken_over()
         if self.lost:
             raise LeaseLost(f"{self.folder} was {self.lost}; this run stops here without writing (the other continues)")
+        if self._current() is None:  # unreadable: ownership cannot be shown now (not a takeover by itself)
+            raise LeaseLost(f"{self.folder}: {self.dir / CURRENT} cannot be read; this run stops without writing")
         stale = time.monotonic() - self._beat_at
         if stale > self.cfg.ttl_s / 2:
             raise LeaseLost(
@@ -292,6 +297,8 @@ class Lease:
                 self.lost = self.lost or self._taken_over()
                 if self.lost:
                     return  # never touch a folder another run owns; the next check() raises
+                if self._current() is None:
+                    continue  # `current` unreadable: no heartbeat (check() refuses once it is ttl_s/2 old)
                 started = time.monotonic()
                 try:
                     self._write_own()

@@ -100,6 +100,18 @@ def test_a_writer_whose_heartbeat_stalled_stops_before_anyone_may_take_over(tmp_
         a.check()
 
 
+def test_an_unreadable_lease_stops_commits_until_it_reads_again(tmp_path):
+    a = Lease(tmp_path, LeaseConfig(ttl_s=60)).acquire()
+    current = tmp_path / DIR / "current"
+    good = current.read_bytes()
+    current.write_bytes(b'{"epo')  # a torn or unreadable pointer proves nobody's ownership
+    with pytest.raises(LeaseLost, match="cannot be read"):
+        a.check()
+    current.write_bytes(good)
+    a.check()  # not a takeover: the owner goes on once it reads again
+    a.release()
+
+
 def test_racing_takers_one_wins(tmp_path):
     """O_EXCL on the next epoch: of 8 processes' worth of takers released at once, exactly one owns it."""
     n, barrier, won, refused = 8, threading.Barrier(8), [], []
