@@ -47,6 +47,7 @@ from synth.errors import OutputError
 DIR = ".lease"
 CURRENT = "current"
 WIDTH = 512  # bytes of every lease file: one pwrite, never a stale tail
+UNREADABLE = "unreadable"
 
 
 class LeaseConfig(BaseModel):
@@ -263,12 +264,15 @@ class Lease:
 
     # ------------------------------------------------------------------------------------------ fencing
 
-    def _taken_over(self) -> str | None:
+    def _ownership(self) -> str | None:
+        """None while we own the lease; else why not: "unreadable" (cannot tell now), or a takeover."""
         nxt = self._path(self.epoch + 1)
         if nxt.exists():
             return f"taken over by {describe(_read(nxt))} (lease epoch {self.epoch + 1} > ours {self.epoch})"
         cur = self._current()
-        if cur is not None and cur != self.epoch:
+        if cur is None:
+            return UNREADABLE
+        if cur != self.epoch:
             return f"taken over (the lease names epoch {cur}, ours is {self.epoch})"
         return None
 
@@ -276,11 +280,12 @@ class Lease:
         """The fence: raise LeaseLost unless this process still owns the folder (call before every write)."""
         if self.epoch == 0:
             raise RuntimeError("Lease.check() before acquire()")
-        self.lost = self.lost or self._taken_over()
-        if self.lost:
-            raise LeaseLost(f"{self.folder} was {self.lost}; this run stops here without writing (the other continues)")
-        if self._current() is None:  # unreadable: ownership cannot be shown now (not a takeover by itself)
+        why = self.lost or self._ownership()
+        if why == UNREADABLE:  # ownership cannot be shown now (not a takeover by itself)
             raise LeaseLost(f"{self.folder}: {self.dir / CURRENT} cannot be read; this run stops without writing")
+        if why:
+            self.lost = why
+            raise LeaseLost(f"{self.folder} was {why}; this run stops here without writing (the other continues)")
         stale = time.monotonic() - self._beat_at
         if stale > self.cfg.ttl_s / 2:
             raise LeaseLost(
@@ -294,11 +299,12 @@ class Lease:
             with self._io:
                 if self._stop.is_set():
                     return
-                self.lost = self.lost or self._taken_over()
-                if self.lost:
+                why = self.lost or self._ownership()
+                if why == UNREADABLE:
+                    continue  # no heartbeat this time (check() refuses once the last one is ttl_s/2 old)
+                if why:
+                    self.lost = why
                     return  # never touch a folder another run owns; the next check() raises
-                if self._current() is None:
-                    continue  # `current` unreadable: no heartbeat (check() refuses once it is ttl_s/2 old)
                 started = time.monotonic()
                 try:
                     self._write_own()
@@ -310,7 +316,7 @@ class Lease:
         """Stop the heartbeat and mark the lease released (so the next run takes over at once)."""
         self._stop.set()
         with self._io:
-            if self.epoch and not self.lost and self._taken_over() is None:
+            if self.epoch and not self.lost and self._ownership() is None:
                 with contextlib.suppress(OSError):
                     self._write_own(released=True)
         if self._thread is not None:

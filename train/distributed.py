@@ -21,9 +21,8 @@ parameters are sharded (FSDP, ZeRO-3): each rank would see only its own shard.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable
 
 from synth.errors import ConfigError
 
@@ -98,22 +97,17 @@ def check_sharded_reference(accelerator, tr_dpo: bool, recompute: bool) -> None:
         )
 
 
-@contextlib.contextmanager
-def load_whole(accelerator) -> Iterator[None]:
-    """Models built inside are whole on every rank even under DeepSpeed ZeRO-3 (no `zero.Init` at load);
-    `accelerator.prepare` partitions them afterwards. Elsewhere a no-op. The model must then fit whole on
-    one device while it loads and before `prepare`."""
+def load_whole(accelerator) -> Callable[[], None]:
+    """From now on models load whole on every rank even under DeepSpeed ZeRO-3 (no `zero.Init` inside
+    `from_pretrained`), until the returned function is called (just before `accelerator.prepare`, which
+    partitions what it is given). Elsewhere both are no-ops. Such a model must fit whole on one device."""
     plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
     if not params_sharded(accelerator) or plugin is None:
-        yield
-        return
+        return lambda: None
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        plugin.set_deepspeed_weakref()  # accelerate's own way of registering its config with transformers
+    return plugin.set_deepspeed_weakref  # accelerate's own way of registering its config with transformers
 
 
 def set_deepspeed_batch(accelerator, micro_batch: int, grad_accum: int) -> None:

@@ -123,15 +123,16 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         )
 
     # ---------------------------------------------------------------- 3. policy
-    with load_whole(accelerator):  # ZeRO-3: whole until prepare(), which the packing check and reference need
-        policy = load_policy(
-            str(ckpt) if ckpt is not None and not cfg.lora.enabled else cfg.model.name_or_path,
-            revision=None if ckpt is not None and not cfg.lora.enabled else cfg.model.revision,
-            dtype=cfg.optim.dtype,
-            lora=cfg.lora,
-            gradient_checkpointing=cfg.optim.gradient_checkpointing,
-            adapter_path=ckpt if ckpt is not None and cfg.lora.enabled else None,
-        )
+    # ZeRO-3: models load whole until prepare() (the packing check and the reference run them before it)
+    stop_loading_whole = load_whole(accelerator)
+    policy = load_policy(
+        str(ckpt) if ckpt is not None and not cfg.lora.enabled else cfg.model.name_or_path,
+        revision=None if ckpt is not None and not cfg.lora.enabled else cfg.model.revision,
+        dtype=cfg.optim.dtype,
+        lora=cfg.lora,
+        gradient_checkpointing=cfg.optim.gradient_checkpointing,
+        adapter_path=ckpt if ckpt is not None and cfg.lora.enabled else None,
+    )
     policy.to(accelerator.device)
     collate = make_collator(kind, tokenizer.pad_token_id, **({"kl": spec.needs_kl_pairs} if kind == "unpaired" else {}))
     packed = cfg.optim.packing and not spec.needs_logits and packing_ok(policy, stages[0], collate, cfg, accelerator)
@@ -186,6 +187,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     optimizer = build_optimizer(trainable_parameters(policy), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
     set_deepspeed_batch(accelerator, B, cfg.optim.grad_accum)  # DeepSpeed: no DataLoader to read them from
+    stop_loading_whole()
     model, optimizer = accelerator.prepare(policy, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     running_mean = _running_mean(spec)
