@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from synth.errors import ConfigError
 from synth.io import check_output_dir, write_text_atomic
+from synth.lease import LeaseConfig
 from synth.llm import check_llm
 from synth.secrets import redact_config
 from synth.sources import SkipLog, SourceConfig, SourceStream
@@ -56,6 +57,7 @@ class SynthConfig(BaseModel):
     shard: str | None = None  # "i/n": run only the items whose id hashes to i (synth/shard.py)
     merge: bool = False  # merge output_dir/shards/* into output_dir (synth/merge.py)
     launcher: dict[str, Any] | None = None  # launcher=local|ray|slurm: run every shard, then merge (synth/launch/)
+    lease: LeaseConfig = LeaseConfig()  # one writer per run folder, fenced, also on NFS/Lustre (synth/lease.py)
 
 
 def redact(obj: Any) -> Any:
@@ -239,6 +241,7 @@ def run_config(cfg: SynthConfig, resolved_yaml: str | None = None, build_llm=Non
         on_start=lambda: [f() for f in on_start],
         source_report=skipped.report,
         chunks_in_flight=chunks_in_flight(cfg, pipeline.roles),
+        lease=cfg.lease,
     )
 
 

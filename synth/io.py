@@ -24,13 +24,14 @@ import os
 import shutil
 import sqlite3
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
 from synth.errors import OutputError
+from synth.lease import Lease, LeaseConfig
 
 LEDGER = ".progress.jsonl"
 
@@ -79,11 +80,17 @@ class OutputLock:
     The kernel drops the lock when its holder exits, however it exits (kill -9 included), so a stale
     lock file never blocks the next run. A second process on the same folder gets `OutputError` naming
     the holder's pid.
+
+    With `lease` (a `synth.lease.LeaseConfig`) it also holds the folder's lease with fencing, for shared
+    storage where a `flock` may not reach across hosts; `check()` is then the fence to call before every
+    write (it raises `synth.lease.LeaseLost` once another run took the folder over).
     """
 
-    def __init__(self, out_dir: str | Path) -> None:
+    def __init__(self, out_dir: str | Path, lease: LeaseConfig | None = None) -> None:
         self.out_dir = Path(out_dir)
         self._fd: int | None = None
+        self._lease_cfg = lease
+        self.lease: Lease | None = None
 
     def __enter__(self) -> OutputLock:
         check_output_dir(self.out_dir)
@@ -101,9 +108,23 @@ class OutputLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        if self._lease_cfg is not None:
+            try:
+                self.lease = Lease(self.out_dir, self._lease_cfg).acquire()
+            except BaseException:
+                self.__exit__()
+                raise
         return self
 
+    def check(self) -> None:
+        """The fence (a no-op without a lease): raise LeaseLost once another run owns the folder."""
+        if self.lease is not None:
+            self.lease.check()
+
     def __exit__(self, *exc: object) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
@@ -143,8 +164,13 @@ def _mib(n: int) -> str:
 class ChunkWriter:
     """Appends committed chunks to `<out_dir>/<name>.jsonl` files; see the module docstring."""
 
-    def __init__(self, out_dir: str | Path, files: Iterable[str], resume: bool = True):
+    def __init__(
+        self, out_dir: str | Path, files: Iterable[str], resume: bool = True, fence: Callable[[], None] | None = None
+    ):
+        """`fence` (e.g. `OutputLock.check`) runs before every commit and raises when this process no longer
+        owns the folder; the chunk is then not written at all."""
         self.out_dir = Path(out_dir)
+        self.fence = fence
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.files = list(dict.fromkeys([*files, "trace"]))
         self.ledger = self.out_dir / LEDGER
@@ -204,6 +230,8 @@ class ChunkWriter:
 
     def commit(self, ids: Iterable[str], rows: Mapping[str, Iterable[Any]], counters: Mapping[str, int]) -> None:
         """Append one finished chunk: outputs first, then the ledger line (the commit point)."""
+        if self.fence is not None:
+            self.fence()
         ids = list(ids)
         unknown = set(rows) - set(self.files)
         if unknown:

@@ -9,7 +9,11 @@ Measured on CPU with accelerate 1.15 and DeepSpeed 0.19 (2 processes, tiny Llama
 - DeepSpeed ZeRO-3 through accelerate on CPU: DeepSpeed falls back to gloo with world size 2, but
   accelerate reports `num_processes=1`, so anything sharded by `num_processes` (our batches) is wrong.
 
-`check_launch(accelerator)` refuses each of these with one line. `check_sharded_reference` refuses the
+`check_launch(accelerator)` refuses each of these with one line. Under ZeRO-3, transformers partitions a
+model while `from_pretrained` builds it (`deepspeed.zero.Init`) as soon as accelerate registered its
+DeepSpeed config; the preference loop runs the policy before `prepare` (the packing check, the reference
+log-probs), which then fails (`'weight' must be 2-D`, measured on CPU), so `load_whole` loads it whole and
+`prepare` partitions it. `check_sharded_reference` refuses the
 reference updates that read the policy's parameters one by one (TR-DPO's soft/hard mixing) or run the
 policy outside the prepared model (the sDPO / Curry-DPO recompute of reference log-probs) while the
 parameters are sharded (FSDP, ZeRO-3): each rank would see only its own shard.
@@ -18,6 +22,7 @@ parameters are sharded (FSDP, ZeRO-3): each rank would see only its own shard.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from synth.errors import ConfigError
 
@@ -90,3 +95,36 @@ def check_sharded_reference(accelerator, tr_dpo: bool, recompute: bool) -> None:
             "parameters FSDP / ZeRO-3 shard across ranks; use the DDP or ZeRO-2 launch config for "
             "staged training"
         )
+
+
+def load_whole(accelerator) -> Callable[[], None]:
+    """From now on models load whole on every rank even under DeepSpeed ZeRO-3 (no `zero.Init` inside
+    `from_pretrained`), until the returned function is called (just before `accelerator.prepare`, which
+    partitions what it is given). Elsewhere both are no-ops. Such a model must fit whole on one device."""
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    if not params_sharded(accelerator) or plugin is None:
+        return lambda: None
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    return plugin.set_deepspeed_weakref  # accelerate's own way of registering its config with transformers
+
+
+def set_deepspeed_batch(accelerator, micro_batch: int, grad_accum: int) -> None:
+    """DeepSpeed reads its batch sizes from its config, which accelerate fills from a prepared DataLoader;
+    our loops shard each batch themselves (no DataLoader), so they are set here before `prepare`: the
+    micro batch per process, and the global batch = micro batch x grad_accum x processes. A launch config
+    whose gradient_accumulation_steps differs from optim.grad_accum is refused."""
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    conf = plugin.deepspeed_config
+    steps = conf.get("gradient_accumulation_steps", "auto")
+    if steps != "auto" and int(steps) != grad_accum:
+        raise ConfigError(
+            f"the DeepSpeed config has gradient_accumulation_steps={steps} but optim.grad_accum={grad_accum}; "
+            "make them equal (the loop accumulates, DeepSpeed steps)"
+        )
+    conf["gradient_accumulation_steps"] = grad_accum
+    conf["train_micro_batch_size_per_gpu"] = micro_batch
+    conf["train_batch_size"] = micro_batch * grad_accum * accelerator.num_processes

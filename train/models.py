@@ -142,14 +142,16 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied weights are counted once."""
+    """(trainable, total) parameter counts; tied weights are counted once. Under DeepSpeed ZeRO-3 a rank's
+    tensor is empty and `ds_numel` holds the full size."""
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        n = getattr(p, "ds_numel", None) or p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
     return trainable, total
 
 

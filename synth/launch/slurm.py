@@ -95,8 +95,9 @@ def render(lc: SlurmLauncher, overrides: list[str], todo: list[int], script_dir:
         "set -euo pipefail",
         'cd "$(dirname "$0")"',
         "mkdir -p logs",
-        "array=$(sbatch --parsable shards.sbatch)",
-        "sbatch --parsable --dependency=afterany:${array%%;*} merge.sbatch",
+        "array=$(sbatch --parsable shards.sbatch)",  # --parsable prints <job id>[;<cluster>]
+        'merge=$(sbatch --parsable "--dependency=afterany:${array%%;*}" merge.sbatch)',
+        'echo "${array%%;*} ${merge%%;*}"',
     ]
     return {
         "shards.sbatch": "\n".join(array) + "\n",
@@ -138,5 +139,15 @@ def run_slurm(cfg, lc: SlurmLauncher, overrides: list[str] | None) -> dict[str, 
         raise BackendError(
             f"sbatch failed: {jobs.stderr.strip().splitlines()[-1] if jobs.stderr.strip() else jobs.returncode}"
         )
-    print(f"submitted shards + merge: jobs {' '.join(jobs.stdout.split())}", flush=True)
-    return {"status": "submitted", "jobs": jobs.stdout.split(), "script_dir": str(script_dir), "shards_to_run": todo}
+    ids = jobs.stdout.split()
+    if len(ids) != 2:
+        raise BackendError(
+            f"submit.sh printed {jobs.stdout.strip()!r}, not '<array job> <merge job>'; see {script_dir}"
+        )
+    print(f"submitted {len(todo)} shards as array job {ids[0]}, merge as job {ids[1]} (after the array)", flush=True)
+    return {
+        "status": "submitted",
+        "jobs": {"array": ids[0], "merge": ids[1]},
+        "script_dir": str(script_dir),
+        "shards_to_run": todo,
+    }

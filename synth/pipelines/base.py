@@ -38,6 +38,8 @@ from synth.io import (
     is_disk_full,
     write_json_atomic,
 )
+from synth.lease import DEFAULT as DEFAULT_LEASE
+from synth.lease import LeaseConfig
 from synth.records import SourceItem
 from synth.runtime import ChunkState, Context  # noqa: F401 - re-exported for pipelines
 from synth.secrets import scrub
@@ -107,6 +109,7 @@ def run_pipeline(
     on_start: Callable[[], None] | None = None,
     source_report: Callable[[], dict[str, Any]] | None = None,
     chunks_in_flight: int = 1,
+    lease: LeaseConfig | None = DEFAULT_LEASE,
 ) -> dict[str, Any]:
     """Run `pipeline` over its inputs in committed chunks; return the manifest (also written).
 
@@ -120,6 +123,9 @@ def run_pipeline(
     chunk waits at a stage for its slowest request, the others keep the backend's concurrency full (a
     chunk's stages still run in order, one batched call each). Chunks are committed in input order, so
     the output files are the same as with one chunk at a time; resume granularity stays one chunk.
+
+    `lease` (synth/lease.py) fences the folder on shared storage: every commit and manifest write first
+    checks that no other run took the folder over; a run that lost it stops and writes nothing more.
     """
     from tqdm.auto import tqdm
 
@@ -127,14 +133,14 @@ def run_pipeline(
         raise ConfigError(f"chunk_size must be >= 1 (got {chunk_size})")
     start = time.time()
     out_dir = Path(out_dir)
-    with OutputLock(out_dir):
+    with OutputLock(out_dir, lease) as lock:
         if isinstance(source, Iterator):  # a one-shot iterator (a generator): keep what it yields
             source = list(source)
         ids, duplicates = _scan(pipeline.items(ctx, source))  # a bad input fails here, before any reset
         n_items = len(ids)
         if on_start is not None:
             on_start()
-        writer = ChunkWriter(out_dir, pipeline.outputs, resume=resume)
+        writer = ChunkWriter(out_dir, pipeline.outputs, resume=resume, fence=lock.check)
         writer.touch_outputs()
         done_before = set(writer.done_ids)
         resumed = len(ids & done_before)
@@ -160,6 +166,7 @@ def run_pipeline(
                 {**(source_report() if source_report else {}), **(extra or {})},
             )
             try:
+                lock.check()  # a run that lost the folder's lease raises here (LeaseLost), writing nothing
                 write_json_atomic(out_dir / "manifest.json", m)
             except OSError:
                 if must_write:

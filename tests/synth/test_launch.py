@@ -57,6 +57,123 @@ def test_rendered_sbatch_scripts_snapshot():
     assert_snapshot("slurm_launcher", "sh", text)
 
 
+FAKE_SBATCH = """#!PYTHON
+# a stand-in for Slurm's sbatch: records its argv, cwd and the script's #SBATCH lines, answers like sbatch
+import json, os, sys
+log = os.environ["FAKE_SBATCH_LOG"]
+calls = open(log).read().count("\\n") if os.path.exists(log) else 0
+script = sys.argv[-1]
+if os.environ.get("FAKE_SBATCH_FAIL"):
+    print("sbatch: error: Batch job submission failed: Invalid account or account/partition", file=sys.stderr)
+    sys.exit(1)
+header = [x.strip() for x in open(script) if x.startswith("#SBATCH")]
+with open(log, "a") as fh:
+    fh.write(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "sbatch": header}) + "\\n")
+job = 1001 + calls
+print(f"{job};testcluster" if "--parsable" in sys.argv else f"Submitted batch job {job}")
+"""
+
+
+@pytest.fixture
+def fake_sbatch(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH.replace("PYTHON", sys.executable, 1))
+    (bin_dir / "sbatch").chmod(0o755)
+    log = tmp_path / "sbatch.jsonl"
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SBATCH_LOG", str(log))
+    return lambda: [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+
+
+def slurm_cfg(out: Path):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(output_dir=str(out))
+
+
+def test_submit_runs_sbatch_for_the_array_then_the_merge_that_depends_on_it(tmp_path, fake_sbatch, capsys):
+    from synth.launch.slurm import run_slurm
+
+    out = tmp_path / "out"
+    done = Shard(2, 4).folder(out)  # a finished shard is left out of the array
+    done.mkdir(parents=True)
+    (done / "manifest.json").write_text(json.dumps({"status": "finished"}))
+    lc = SlurmLauncher(shards=4, concurrent=2, submit=True)
+    result = run_slurm(slurm_cfg(out), lc, ["pipeline=generate", f"output_dir={out}"])
+
+    script_dir = str(out / "slurm")
+    array, merge = fake_sbatch()
+    assert array["argv"] == ["--parsable", "shards.sbatch"] and array["cwd"] == script_dir
+    assert "#SBATCH --array=0-1,3%2" in array["sbatch"]
+    assert merge["argv"] == ["--parsable", "--dependency=afterany:1001", "merge.sbatch"] and merge["cwd"] == script_dir
+    assert not any(x.startswith("#SBATCH --array") for x in merge["sbatch"])
+    assert result["jobs"] == {"array": "1001", "merge": "1002"} and result["shards_to_run"] == [0, 1, 3]
+    assert "submitted 3 shards as array job 1001, merge as job 1002 (after the array)" in capsys.readouterr().out
+
+
+def test_submit_reports_sbatch_refusals_and_a_missing_sbatch_in_one_line(tmp_path, fake_sbatch, monkeypatch):
+    from synth.errors import BackendError
+    from synth.launch.slurm import run_slurm
+
+    lc = SlurmLauncher(shards=2, submit=True)
+    monkeypatch.setenv("FAKE_SBATCH_FAIL", "1")
+    with pytest.raises(
+        BackendError, match="^sbatch failed: sbatch: error: Batch job submission failed: Invalid account"
+    ):
+        run_slurm(slurm_cfg(tmp_path / "out"), lc, ["pipeline=generate"])
+    assert fake_sbatch() == []  # the merge was never submitted without its array
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(BackendError, match="sbatch is not on PATH"):
+        run_slurm(slurm_cfg(tmp_path / "out"), lc, ["pipeline=generate"])
+
+
+@pytest.mark.slow
+def test_rendered_scripts_run_as_slurm_would_run_them(tmp_path, fake_sbatch):
+    """Each array task runs shards.sbatch with its SLURM_ARRAY_TASK_ID in --chdir, then merge.sbatch:
+    the rendered command lines work (quoting, relative paths) and the merge is exact-once."""
+    from synth.launch.slurm import run_slurm
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(12)))
+    reply = lambda body: "answer to " + body["messages"][-1]["content"]  # noqa: E731
+    with LoopbackServer(responder=reply) as server:
+        overrides = [
+            "pipeline=generate",
+            "llm=openai",
+            f"llm.base_url=[{server.url}]",
+            "model.name_or_path=scripted",
+            "source=jsonl",
+            "source.path=prompts.jsonl",  # relative: the jobs start in --chdir
+            "output_dir=out",
+        ]
+        repo = Path(__file__).resolve().parents[2]
+        lc = SlurmLauncher(
+            shards=2, submit=True, command=f"{sys.executable} -m synth", setup=[f"export PYTHONPATH={repo}"]
+        )
+        old = Path.cwd()
+        os.chdir(work)
+        try:
+            run_slurm(slurm_cfg(work / "out"), lc, overrides)
+        finally:
+            os.chdir(old)
+        array, merge = fake_sbatch()
+        script_dir = Path(array["cwd"])
+        chdir = next(x.split("=", 1)[1] for x in array["sbatch"] if x.startswith("#SBATCH --chdir="))
+        for task in (0, 1):  # what Slurm does with --array=0-1
+            env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(task)}
+            job = subprocess.run(
+                ["bash", str(script_dir / "shards.sbatch")], cwd=chdir, env=env, capture_output=True, text=True
+            )
+            assert job.returncode == 0, job.stderr[-2000:]
+        job = subprocess.run(["bash", str(script_dir / "merge.sbatch")], cwd=chdir, capture_output=True, text=True)
+        assert job.returncode == 0, job.stderr[-2000:]
+    rows = [json.loads(x) for x in (work / "out" / "completions.jsonl").read_text().splitlines()]
+    assert len(rows) == len({r["id"] for r in rows}) == 12
+    assert json.loads((work / "out" / "manifest.json").read_text())["merged"] is True
+
+
 def start_synth(out, src, url, cwd, *extra):
     cmd = [
         sys.executable,

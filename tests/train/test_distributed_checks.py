@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from synth.errors import ConfigError
-from train.distributed import check_launch, check_sharded_reference, params_sharded
+from train.distributed import check_launch, check_sharded_reference, params_sharded, set_deepspeed_batch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -68,6 +68,20 @@ def test_reference_updates_refused_under_sharded_parameters():
         check_sharded_reference(fake("DEEPSPEED", 2, 3), tr_dpo=False, recompute=True)
     check_sharded_reference(fake("DEEPSPEED", 2, 2), tr_dpo=True, recompute=True)  # ZeRO-2: parameters whole
     check_sharded_reference(fake("MULTI_GPU", 2), tr_dpo=True, recompute=True)
+
+
+def test_deepspeed_batch_sizes_are_set_from_the_loop():
+    """Our loops prepare no DataLoader, so DeepSpeed's batch keys come from optim.batch_size / grad_accum."""
+    acc = fake("DEEPSPEED", 4, zero_stage=3)
+    acc.state.deepspeed_plugin.deepspeed_config = {"gradient_accumulation_steps": "auto", "zero_optimization": {}}
+    set_deepspeed_batch(acc, micro_batch=2, grad_accum=3)
+    conf = acc.state.deepspeed_plugin.deepspeed_config
+    assert conf["train_micro_batch_size_per_gpu"] == 2 and conf["gradient_accumulation_steps"] == 3
+    assert conf["train_batch_size"] == 2 * 3 * 4
+    conf["gradient_accumulation_steps"] = 1
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps=1 but optim.grad_accum=3"):
+        set_deepspeed_batch(acc, micro_batch=2, grad_accum=3)
+    set_deepspeed_batch(fake("MULTI_GPU", 2), micro_batch=2, grad_accum=3)  # no DeepSpeed: nothing to set
 
 
 @pytest.mark.parametrize("name", ["ddp_multinode", "fsdp2", "zero2", "zero3"])
@@ -135,3 +149,42 @@ def test_real_accelerate_fsdp_launch_on_cpu_is_refused(tmp_path, use_cpu):
         out, err = proc.communicate()
     assert "TRAINED AS" not in out, out
     assert "asked for FSDP" in err, err[-2000:]
+
+
+@pytest.fixture(scope="module")
+def loop_files(tmp_path_factory):
+    from tests.train.test_loops import toy_pairs, toy_ranked, write_records
+
+    d = tmp_path_factory.mktemp("zero3_refusals")
+    return {
+        "pairs": write_records(d / "preferences.jsonl", toy_pairs(24)),
+        "ranked": write_records(d / "ranked.jsonl", toy_ranked(16)),
+    }
+
+
+@pytest.mark.parametrize(
+    "name,overrides,message",
+    [
+        ("tr_dpo", ["loop.reference.update=tr_dpo_soft"], "TR-DPO"),
+        ("sdpo", ["loop.sdpo_stages=2"], "sDPO / Curry-DPO"),
+        ("curry", ["loop.curriculum=curry"], "sDPO / Curry-DPO"),
+        ("dpo", [], None),
+    ],
+)
+def test_the_preference_loop_refuses_reference_updates_when_parameters_are_sharded(
+    loop_files, tmp_path, monkeypatch, name, overrides, message
+):
+    """The real loop under a launch that shards the parameters (FSDP / ZeRO-3, made to look so here):
+    TR-DPO, sDPO and Curry-DPO refuse before the first step; plain DPO (one precomputed reference) trains."""
+    import train.distributed
+    from tests.train.test_loops import train as run_train
+
+    monkeypatch.setattr(train.distributed, "params_sharded", lambda accelerator: True)
+    data = loop_files["ranked" if name == "curry" else "pairs"]
+    args = [f"data.path={data}", "optim.batch_size=4", "optim.max_steps=1", *overrides]
+    if message is None:
+        assert run_train(tmp_path, *args)["steps"] == 1
+        return
+    with pytest.raises(ConfigError, match=message):
+        run_train(tmp_path, *args)
+    assert not (tmp_path / "metrics.jsonl").exists() or "loss" not in (tmp_path / "metrics.jsonl").read_text()

@@ -32,7 +32,7 @@ from datasets import Dataset
 
 from synth.app import ConfigError
 from train.data import DataError, detect_kind, has_distinct_prompts, make_collator
-from train.distributed import check_sharded_reference
+from train.distributed import check_sharded_reference, load_whole, set_deepspeed_batch
 from train.loops.checkpoints import checkpoint_progress, find_last_checkpoint, resume_from
 from train.loops.common import (
     Progress,
@@ -114,6 +114,8 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         )
 
     # ---------------------------------------------------------------- 3. policy
+    # ZeRO-3: models load whole until prepare() (the packing check and the reference run them before it)
+    stop_loading_whole = load_whole(accelerator)
     policy = load_policy(
         str(ckpt) if ckpt is not None and not cfg.lora.enabled else cfg.model.name_or_path,
         revision=None if ckpt is not None and not cfg.lora.enabled else cfg.model.revision,
@@ -175,6 +177,8 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         total = cfg.optim.max_steps if len(stages) == 1 else min(total, cfg.optim.max_steps)
     optimizer = build_optimizer(trainable_parameters(policy), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
+    set_deepspeed_batch(accelerator, B, cfg.optim.grad_accum)  # DeepSpeed: no DataLoader to read them from
+    stop_loading_whole()
     model, optimizer = accelerator.prepare(policy, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     running_mean = _running_mean(spec)
