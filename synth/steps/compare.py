@@ -198,7 +198,12 @@ def judge_both_orders(
     ctx, state, comps: Sequence[Comparison], s: JudgeSettings
 ) -> list[tuple[OrderVerdict, OrderVerdict]]:
     """(order 1, order 2) verdicts per comparison. Every stage is ONE backend call over all
-    comparisons x both orders."""
+    comparisons x both orders.
+
+    This is RLAIF's soft-label reader (Lee et al. 2023, §2.1): each order gets its own chain-of-thought, and
+    p(A) is read from log-probs (or votes) after a prefilled stem, then averaged over orders and principles
+    (`combine`). The hard-verdict judge of `pipeline=judge` is `steps.judge.ask_both_orders` (MT-Bench's
+    conservative both-orders rule)."""
     tasks = [(c, order) for c in comps for order in (1, 2)]
     reasons = _reason(ctx, state, tasks, s.reason_params) if s.cot else [None] * len(tasks)
     live = [i for i, r in enumerate(reasons) if r is not None or not s.cot]

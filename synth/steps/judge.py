@@ -139,7 +139,9 @@ def ask_both_orders(
     tie_band: float,
 ) -> list[tuple[tuple[str | None, str | None], str | None, float | None]]:
     """Calls come in (i, j), (j, i) twos; ONE judge call for all. Per two: the slot verdicts, the
-    winner ("i", "j", "tie" or None when either order failed) and p(i ≻ j) when read from log-probs."""
+    winner ("i", "j", "tie" or None when either order failed) and p(i ≻ j) when read from log-probs.
+
+    RLAIF's soft labels, with a chain-of-thought per order, are `steps.compare.judge_both_orders`."""
     if logprobs:
         samples = run_calls(ctx, state, step, "judge", calls, params, parse_completion=read_ab_logprobs)
     else:
