@@ -38,6 +38,7 @@ from synth.io import (
     is_disk_full,
     write_json_atomic,
 )
+from synth.llm.merge import CallMerger
 from synth.records import SourceItem
 from synth.runtime import ChunkState, Context  # noqa: F401 - re-exported for pipelines
 from synth.secrets import scrub
@@ -199,7 +200,10 @@ def _processed(pipeline: Pipeline, ctx: Context, chunks: Iterable[Sequence[Sourc
         for chunk in chunks:
             yield chunk, work(chunk)
         return
-    pool, pending, source = _DaemonPool(workers), deque(), iter(chunks)
+    # in-process engines (vLLM) get one merged call for the concurrent stage calls of the chunks in flight
+    merger, outer = CallMerger(workers), ctx.merger
+    ctx.merger = merger
+    pool, pending, source = _DaemonPool(workers, merger), deque(), iter(chunks)
     try:
         for chunk in itertools.islice(source, 2 * workers):
             pending.append((chunk, pool.submit(work, chunk)))
@@ -214,13 +218,15 @@ def _processed(pipeline: Pipeline, ctx: Context, chunks: Iterable[Sequence[Sourc
         for _, future in pending:
             future.cancel()
         pool.shutdown()
+        ctx.merger = outer
 
 
 class _DaemonPool:
     """A minimal thread pool of daemon threads: a Ctrl-C or a failed chunk never waits for the chunks
     still talking to a server (their answers still reach the call cache; nothing of theirs is committed)."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, merger: CallMerger) -> None:
+        self.merger = merger  # told how many chunks the workers hold, so it knows whom a merged call waits for
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.threads = [threading.Thread(target=self._serve, name=f"chunk-worker-{i}", daemon=True) for i in range(n)]
         for t in self.threads:
@@ -229,15 +235,19 @@ class _DaemonPool:
     def _serve(self) -> None:
         while (job := self.jobs.get()) is not None:
             future, fn, arg = job
-            if not future.set_running_or_notify_cancel():
-                continue
             try:
-                future.set_result(fn(arg))
-            except BaseException as e:  # handed to the committing thread
-                future.set_exception(e)
+                if not future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    future.set_result(fn(arg))
+                except BaseException as e:  # handed to the committing thread
+                    future.set_exception(e)
+            finally:
+                self.merger.chunk_finished()
 
     def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future:
         future: Future = Future()
+        self.merger.chunk_started()
         self.jobs.put((future, fn, arg))
         return future
 
