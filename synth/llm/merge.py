@@ -51,7 +51,7 @@ class CallMerger:
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self.engine_calls: list[int] = []  # requests per merged engine call, in order (the summary reads it)
+        self.engine_calls: list[int] = []  # requests per merged engine call, in order (for tests and benches)
         self._cond = threading.Condition()
         self._chunks = 0  # chunks handed to the workers and not finished
         self._waiting = 0  # callers whose call has not returned yet
