@@ -113,10 +113,8 @@ def run_pipeline(
 
     `chunks_in_flight` > 1 processes that many chunks at once, in worker threads, so that while one
     chunk waits at a stage for its slowest request, the others keep the backend's concurrency full (a
-    chunk's stages still run in order, one batched call each). For an in-process engine (vLLM) the calls
-    the chunks make at the same time are merged into one engine call instead (synth.llm.merge). Chunks
-    are committed in input order, so the output files are the same as with one chunk at a time; resume
-    granularity stays one chunk.
+    chunk's stages still run in order, one batched call each). Chunks are committed in input order, so
+    the output files are the same as with one chunk at a time; resume granularity stays one chunk.
     """
     from tqdm.auto import tqdm
 
@@ -191,8 +189,7 @@ def run_pipeline(
 def _processed(pipeline: Pipeline, ctx: Context, chunks: Iterable[Sequence[SourceItem]], workers: int):
     """(chunk, its ChunkState) in input order. One worker: each chunk is processed here, in turn. More:
     up to `2 * workers` chunks are queued for `workers` daemon threads, so a slow chunk at the head does
-    not leave the others idle; a failure is raised when its chunk's turn to commit comes. Up to `workers`
-    consecutive chunks that are already finished when their turn comes are yielded as one."""
+    not leave the others idle; a failure is raised when its chunk's turn to commit comes."""
 
     def work(chunk: Sequence[SourceItem]) -> ChunkState:
         state = ChunkState()
@@ -210,44 +207,18 @@ def _processed(pipeline: Pipeline, ctx: Context, chunks: Iterable[Sequence[Sourc
     try:
         for chunk in itertools.islice(source, 2 * workers):
             pending.append((chunk, pool.submit(work, chunk)))
-
-        def head() -> tuple[Sequence[SourceItem], ChunkState]:
+        while pending:
             chunk, future = pending.popleft()
             state = future.result()
             nxt = next(source, None)
             if nxt is not None:
                 pending.append((nxt, pool.submit(work, nxt)))
-            return chunk, state
-
-        while pending:
-            group = [head()]
-            # chunks behind it that have already finished are committed with it: one fsync per file for
-            # all of them (at the end of a run most chunks finish within the last answers' latency)
-            while len(group) < workers and pending and _succeeded(pending[0][1]):
-                group.append(head())
-            yield _joined(group)
+            yield chunk, state
     finally:
         for _, future in pending:
             future.cancel()
         pool.shutdown()
         ctx.merger = outer
-
-
-def _succeeded(future: Future) -> bool:
-    return future.done() and not future.cancelled() and future.exception() is None
-
-
-def _joined(group: list[tuple[Sequence[SourceItem], ChunkState]]) -> tuple[Sequence[SourceItem], ChunkState]:
-    """Consecutive finished chunks as one: items, rows and trace in input order, counters summed."""
-    if len(group) == 1:
-        return group[0]
-    state = ChunkState()
-    for _, part in group:
-        for output, rows in part.rows.items():
-            state.rows.setdefault(output, []).extend(rows)
-        state.trace.extend(part.trace)
-        state.counters.update(part.counters)
-    return [it for chunk, _ in group for it in chunk], state
 
 
 class _DaemonPool:

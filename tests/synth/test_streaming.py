@@ -259,37 +259,3 @@ def test_inputs_are_read_lazily_a_few_chunks_ahead_of_the_workers(tmp_path):
     )
     assert m["processed"] == 2_000 and src.passes == 2  # one validating pass, one lazy pass
     assert read_at_first_chunk[0] <= 10 * (2 * 2 + 1)  # not 2,000: only the queued chunks were read
-
-
-def test_chunks_finished_behind_a_slow_head_are_committed_together(tmp_path):
-    finished: list[str] = []  # first item id of every chunk whose process() returned
-
-    class Recording(GeneratePipeline):
-        def process(self, chunk, ctx, state):
-            super().process(chunk, ctx, state)
-            finished.append(chunk[0].id)
-
-    def respond(msgs, p, i):
-        k = int(msgs[-1].content.split()[-1])
-        if k < 2:  # the first chunk ends only after the three behind it have finished
-            deadline = time.time() + 10
-            while len(finished) < 3 and time.time() < deadline:
-                time.sleep(0.01)
-            time.sleep(0.2)  # and their results have been handed over
-        return f"answer {k}"
-
-    ctx = Context(factories={"policy": lambda: ScriptedLLM(respond)})
-    m = run_pipeline(
-        Recording(GenerateConfig(n=1)),
-        ctx,
-        tmp_path,
-        items(16),
-        chunk_size=2,
-        show_progress=False,
-        chunks_in_flight=4,
-    )
-    assert m["status"] == "finished" and m["processed"] == 16 and m["outputs"] == {"completions": 16}
-    ledger = [json.loads(line)["ids"] for line in (tmp_path / LEDGER).read_text().splitlines()]
-    assert [i for ids in ledger for i in ids] == [f"id{i:03d}" for i in range(16)]  # input order, each once
-    assert ledger[0] == [f"id{i:03d}" for i in range(8)]  # chunks 2-4 had finished: one commit with chunk 1
-    assert m["chunks"] == len(ledger) < 8
