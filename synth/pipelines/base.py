@@ -113,8 +113,10 @@ def run_pipeline(
 
     `chunks_in_flight` > 1 processes that many chunks at once, in worker threads, so that while one
     chunk waits at a stage for its slowest request, the others keep the backend's concurrency full (a
-    chunk's stages still run in order, one batched call each). Chunks are committed in input order, so
-    the output files are the same as with one chunk at a time; resume granularity stays one chunk.
+    chunk's stages still run in order, one batched call each). For an in-process engine (vLLM) the calls
+    the chunks make at the same time are merged into one engine call instead (synth.llm.merge). Chunks
+    are committed in input order, so the output files are the same as with one chunk at a time; resume
+    granularity stays one chunk.
     """
     from tqdm.auto import tqdm
 
