@@ -6,6 +6,12 @@ server (distilabel lives in its own virtual environment; give its python).
 
     python bench/streaming_throughput.py --rows 256 --latency-ms 200 --jitter-ms 400
     python bench/streaming_throughput.py --pipelines critique_revision --distilabel /tmp/dlv/bin/python
+    python bench/streaming_throughput.py --rows 2048 --concurrency 256 --no-baseline --ceiling
+
+`--ceiling` also measures a bare asyncio client (keep-alive connections, nothing but the HTTP exchange)
+with the same number of requests right after each run: on a shared machine the server's answers come
+later than its scripted latency, and "ours / bare" separates what the runner loses from what the load
+takes. Each row records the 1-minute load average at the start of its runs.
 
 The server runs in its own process (tests/synth/openai_server.py with a scripted responder from the
 other benches), so the client's CPU is measured apart: CPU seconds of the `synth` process per request
@@ -34,6 +40,11 @@ PIPELINES: dict[str, tuple[str, list[str]]] = {
     "self_rewarding": (RANKING, ["pipeline=self_rewarding"]),
     "rlrf": (RANKING, ["pipeline=rlrf"]),
     "red_team": ("scripts.demo_server:respond", ["pipeline=red_team", "constitution=safety_zh"]),
+    # seeds mode: the attack prompts are hh-rlhf prompts (as many as --rows), answered and judged
+    "red_team_seeds": (
+        "scripts.demo_server:respond",
+        ["pipeline=red_team", "constitution=safety_zh", "pipeline.seeds=true"],
+    ),
 }
 
 
@@ -95,8 +106,9 @@ def run_synth(url: str, out: Path, overrides: list[str], rows: int, conc: int, i
         "progress=false",
         f"output_dir={out}",
     ]
-    if not any(o == "pipeline=red_team" for o in overrides):
+    if "pipeline=red_team" not in overrides or "pipeline.seeds=true" in overrides:
         cmd += ["source=hh_rlhf", f"source.path={DATA}", f"source.limit={rows}"]
+    load = os.getloadavg()[0]  # the machine is shared: a figure means little without it
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -109,7 +121,41 @@ def run_synth(url: str, out: Path, overrides: list[str], rows: int, conc: int, i
         "requests": requests,
         "wall": m["wall_time_s_this_run"],
         "cpu_ms_per_request": 1000 * cpu / max(requests, 1),
+        "load": load,
     }
+
+
+def bare_client(url: str, requests: int, conc: int) -> float:
+    """req/s of the thinnest possible client: `conc` keep-alive connections, each sending a small body
+    as soon as its last answer is read, `requests` in all, nothing else (no prompts, parsing, cache or
+    commits). On a shared machine this is the ceiling the server and the load allow right now."""
+    import asyncio
+    import time
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    body = json.dumps({"model": "loopback", "messages": [{"role": "user", "content": "x" * 200}]}).encode()
+    head = f"POST {parts.path}/chat/completions HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Length: {len(body)}\r\n\r\n"
+    left = [requests]
+
+    async def connection() -> None:
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        while left[0] > 0:
+            left[0] -= 1
+            writer.write(head.encode() + body)
+            size = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    size = int(line.split(b":")[1])
+            await reader.readexactly(size)
+        writer.close()
+
+    async def main() -> float:
+        t = time.perf_counter()
+        await asyncio.gather(*(connection() for _ in range(conc)))
+        return requests / (time.perf_counter() - t)
+
+    return asyncio.run(main())
 
 
 DISTILABEL_CHAIN = r"""
@@ -158,6 +204,18 @@ def run_distilabel(python: str, url: str, rows: int, batch: int) -> dict:
     return {"requests": 3 * out["rows"], "wall": out["wall"]}
 
 
+def run_row(args, url: str, out: Path, name: str, overrides: list[str], conc: int) -> dict:
+    """One table row: chunks in flight (auto); optionally the bare-client ceiling, measured right after
+    with the same number of requests (the load changes by the minute), and one chunk at a time."""
+    par = run_synth(url, out / f"{name}-{conc}-par", overrides, args.rows, conc, 0)
+    bare = None
+    if args.ceiling:
+        with Server("bench.streaming_throughput:plain", args.latency_ms, args.jitter_ms) as plain_server:
+            bare = bare_client(plain_server.url, par["requests"], conc)
+    seq = None if args.no_baseline else run_synth(url, out / f"{name}-{conc}-seq", overrides, args.rows, conc, 1)
+    return {"par": par, "seq": seq, "bare": bare}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=256)
@@ -167,6 +225,11 @@ def main() -> None:
     ap.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=list(PIPELINES))
     ap.add_argument("--distilabel", default=None, help="python of a venv with distilabel[openai] installed")
     ap.add_argument("--no-baseline", action="store_true", help="skip the one-chunk-at-a-time runs (long inputs)")
+    ap.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="before each run, measure a bare client's req/s with the same requests and C (the machine's ceiling now)",
+    )
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     mean_latency = (args.latency_ms + args.jitter_ms / 2) / 1000
@@ -176,30 +239,27 @@ def main() -> None:
         f"U(0, {args.jitter_ms:g}) ms; ideal = C / {mean_latency:.2f} s\n"
     )
     print(
-        "| pipeline | C | requests | one chunk at a time: req/s (of ideal) | chunks in flight: req/s (of "
-        "ideal) | speed-up | client CPU ms/req before / after |"
+        "| pipeline | C | requests | one chunk at a time: req/s (of ideal) | chunks in flight: req/s (of ideal) | "
+        "speed-up | client CPU ms/req before / after | bare client: req/s (of ideal); ours / bare | load avg |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.pipelines:
         responder, overrides = PIPELINES[name]
         with Server(responder, args.latency_ms, args.jitter_ms) as server:
             for conc in args.concurrency:
                 ideal = conc / mean_latency
-                par = run_synth(server.url, out / f"{name}-{conc}-par", overrides, args.rows, conc, 0)
+                row = run_row(args, server.url, out, name, overrides, conc)
+                par, seq, bare = row["par"], row["seq"], row["bare"]
                 rp = par["requests"] / par["wall"]
-                if args.no_baseline:
-                    print(
-                        f"| {name} | {conc} | {par['requests']} | - | {rp:.0f} ({rp / ideal:.2f}) | - | "
-                        f"- / {par['cpu_ms_per_request']:.2f} |",
-                        flush=True,
-                    )
-                    continue
-                seq = run_synth(server.url, out / f"{name}-{conc}-seq", overrides, args.rows, conc, 1)
-                rs = seq["requests"] / seq["wall"]
+                rs = seq["requests"] / seq["wall"] if seq else None
+                before = f"{rs:.0f} ({rs / ideal:.2f})" if rs else "-"
+                speedup = f"{rp / rs:.2f}x" if rs else "-"
+                cpu = f"{seq['cpu_ms_per_request']:.2f}" if seq else "-"
+                ceiling = f"{bare:.0f} ({bare / ideal:.2f}); {rp / bare:.2f}" if bare else "-"
+                loads = "/".join(f"{r['load']:.1f}" for r in (seq, par) if r)
                 print(
-                    f"| {name} | {conc} | {par['requests']} | {rs:.0f} ({rs / ideal:.2f}) | {rp:.0f} "
-                    f"({rp / ideal:.2f}) | "
-                    f"{rp / rs:.2f}x | {seq['cpu_ms_per_request']:.2f} / {par['cpu_ms_per_request']:.2f} |",
+                    f"| {name} | {conc} | {par['requests']} | {before} | {rp:.0f} ({rp / ideal:.2f}) | {speedup} | "
+                    f"{cpu} / {par['cpu_ms_per_request']:.2f} | {ceiling} | {loads} |",
                     flush=True,
                 )
     if args.distilabel:

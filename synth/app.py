@@ -258,10 +258,11 @@ def merge_config(cfg: SynthConfig) -> dict[str, Any]:
 
 
 def chunks_in_flight(cfg: SynthConfig, roles: tuple[str, ...] = ("policy", "judge", "attacker")) -> int:
-    """0 (auto): 1 when any role the pipeline calls (`Pipeline.roles`) runs in-process (hf, vllm: one
-    batch at a time is all they can use, and they are not meant to be called from several threads at
-    once); when every such role is a server, enough chunks to keep twice the largest server concurrency
-    busy: ceil(2 * C / chunk_size), at most 64. A judge or attacker the pipeline never calls does not count."""
+    """0 (auto): 1 when any role the pipeline calls (`Pipeline.roles`) runs on hf (one batch at a time is
+    all it can use); with a vllm role, enough chunks for VLLM_ITEMS_IN_FLIGHT items, whose concurrent stage
+    calls become one engine call (synth.llm.merge); when every such role is a server, enough chunks to keep
+    twice the largest server concurrency busy: ceil(2 * C / chunk_size). At most 64. A judge or attacker
+    the pipeline never calls does not count."""
     own = [
         rc.llm
         for name, rc in (("judge", cfg.judge), ("attacker", cfg.attacker))
@@ -270,12 +271,21 @@ def chunks_in_flight(cfg: SynthConfig, roles: tuple[str, ...] = ("policy", "judg
     return auto_chunks_in_flight(cfg.chunks_in_flight, [cfg.llm, *own], cfg.chunk_size)
 
 
+# vLLM's offline engine: items whose stage calls are merged into one engine call (32 chunks of 32). vLLM's
+# default max_num_seqs for `LLM` is 1024 on GPUs with >= 70 GiB and 256 on smaller ones (EngineArgs batch
+# defaults); a stage has at least one request per item, so the engine's batch stays full on both.
+VLLM_ITEMS_IN_FLIGHT = 1024
+
+
 def auto_chunks_in_flight(setting: int, llms: list[dict[str, Any]], chunk_size: int) -> int:
     """`setting` when it is not 0 (auto), else the rule of `chunks_in_flight` over the roles' `llms`."""
     if setting:
         return setting
-    if any(llm.get("kind") != "openai" for llm in llms):
+    kinds = {llm.get("kind") for llm in llms}
+    if kinds - {"openai", "vllm"}:
         return 1
+    if "vllm" in kinds:
+        return max(1, min(64, -(-VLLM_ITEMS_IN_FLIGHT // chunk_size)))
     conc = [int(llm.get("max_concurrency", 64)) for llm in llms]
     return max(1, min(64, -(-2 * max(conc) // chunk_size)))
 

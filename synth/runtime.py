@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from synth.llm.base import LLM, SamplingParams
+from synth.llm.merge import CallMerger, unwrap
 
 
 @dataclass
@@ -26,6 +27,9 @@ class Context:
     factories: dict[str, Callable[[], LLM]]
     constitution: Any = None  # synth.constitution.Constitution | None
     seed: int = 0
+    # set by the runner while several chunks are in flight: in-process engines then get one merged call
+    # for the concurrent calls of all chunks (synth.llm.merge)
+    merger: CallMerger | None = None
     _built: dict[str, LLM] = field(default_factory=dict)
     _lock: threading.RLock = field(default_factory=threading.RLock)  # chunks in flight share the roles
 
@@ -34,8 +38,10 @@ class Context:
             if role not in self._built:
                 if role not in self.factories:
                     raise KeyError(f"no backend for role {role!r}; configured roles: {sorted(self.factories)}")
-                self._built[role] = self.factories[role]()
-            return self._built[role]
+                self._built[role] = unwrap(self.factories[role]())  # a role aliasing another gets its backend
+            llm = self._built[role]
+        merger = self.merger
+        return llm if merger is None else merger.wrap(llm)
 
     @property
     def language(self) -> str:

@@ -1,8 +1,11 @@
 """`llm=vllm`: the offline `vllm.LLM` engine.
 
 A `generate` call hands the WHOLE batch to `llm.chat(...)` in one call, so vLLM schedules it
-continuously: one list of conversations with one `vllm.SamplingParams` per conversation (`n`,
-temperature, top_p, top_k, max_tokens, seed, stop, logprobs=k, structured output for JSON schemas).
+continuously. With several chunks in flight (the default for vllm), the runner merges the calls the chunks
+make at the same time into one `generate` here (synth/llm/merge.py), so one engine call carries a stage of
+every chunk in flight. `LLM.chat` takes a list of conversations with one `vllm.SamplingParams` per
+conversation (`n`, temperature, top_p, top_k, max_tokens, seed, stop, logprobs=k, structured output for
+JSON schemas).
 The chat-template flags are per call, so assistant-prefill requests (`add_generation_prompt=False,
 continue_final_message=True`) go in a second `chat` call: at most two calls per stage, one per kind.
 Seeded requests with n > 1 are sent as n conversations with n=1 and seed `sample_seed(seed, i)`

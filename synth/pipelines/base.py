@@ -40,6 +40,7 @@ from synth.io import (
 )
 from synth.lease import DEFAULT as DEFAULT_LEASE
 from synth.lease import LeaseConfig
+from synth.llm.merge import CallMerger
 from synth.records import SourceItem
 from synth.runtime import ChunkState, Context  # noqa: F401 - re-exported for pipelines
 from synth.secrets import scrub
@@ -121,8 +122,10 @@ def run_pipeline(
 
     `chunks_in_flight` > 1 processes that many chunks at once, in worker threads, so that while one
     chunk waits at a stage for its slowest request, the others keep the backend's concurrency full (a
-    chunk's stages still run in order, one batched call each). Chunks are committed in input order, so
-    the output files are the same as with one chunk at a time; resume granularity stays one chunk.
+    chunk's stages still run in order, one batched call each). For an in-process engine (vLLM) the calls
+    the chunks make at the same time are merged into one engine call instead (synth.llm.merge). Chunks
+    are committed in input order, so the output files are the same as with one chunk at a time; resume
+    granularity stays one chunk.
 
     `lease` (synth/lease.py) fences the folder on shared storage: every commit and manifest write first
     checks that no other run took the folder over; a run that lost it stops and writes nothing more.
@@ -212,7 +215,10 @@ def _processed(pipeline: Pipeline, ctx: Context, chunks: Iterable[Sequence[Sourc
         for chunk in chunks:
             yield chunk, work(chunk)
         return
-    pool, pending, source = _DaemonPool(workers), deque(), iter(chunks)
+    # in-process engines (vLLM) get one merged call for the concurrent stage calls of the chunks in flight
+    merger, outer = CallMerger(workers), ctx.merger
+    ctx.merger = merger
+    pool, pending, source = _DaemonPool(workers, merger), deque(), iter(chunks)
     try:
         for chunk in itertools.islice(source, 2 * workers):
             pending.append((chunk, pool.submit(work, chunk)))
@@ -227,13 +233,15 @@ def _processed(pipeline: Pipeline, ctx: Context, chunks: Iterable[Sequence[Sourc
         for _, future in pending:
             future.cancel()
         pool.shutdown()
+        ctx.merger = outer
 
 
 class _DaemonPool:
     """A minimal thread pool of daemon threads: a Ctrl-C or a failed chunk never waits for the chunks
     still talking to a server (their answers still reach the call cache; nothing of theirs is committed)."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, merger: CallMerger) -> None:
+        self.merger = merger  # told how many chunks the workers hold, so it knows whom a merged call waits for
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.threads = [threading.Thread(target=self._serve, name=f"chunk-worker-{i}", daemon=True) for i in range(n)]
         for t in self.threads:
@@ -242,15 +250,19 @@ class _DaemonPool:
     def _serve(self) -> None:
         while (job := self.jobs.get()) is not None:
             future, fn, arg = job
-            if not future.set_running_or_notify_cancel():
-                continue
             try:
-                future.set_result(fn(arg))
-            except BaseException as e:  # handed to the committing thread
-                future.set_exception(e)
+                if not future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    future.set_result(fn(arg))
+                except BaseException as e:  # handed to the committing thread
+                    future.set_exception(e)
+            finally:
+                self.merger.chunk_finished()
 
     def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future:
         future: Future = Future()
+        self.merger.chunk_started()
         self.jobs.put((future, fn, arg))
         return future
 

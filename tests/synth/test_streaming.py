@@ -152,11 +152,20 @@ def test_auto_chunks_in_flight_follows_the_server_concurrency():
     assert chunks_in_flight(validate({**base, "llm": {"kind": "openai", "max_concurrency": 64}, "judge": judge})) == 8
     assert chunks_in_flight(validate({**base, "llm": {"kind": "hf"}, "judge": judge})) == 1  # hf is never shared
     assert chunks_in_flight(validate({**base, "llm": {"kind": "hf"}, "chunks_in_flight": 3})) == 3
+    # vllm: enough chunks for 1,024 items, whose stage calls are merged into one engine call
+    assert chunks_in_flight(validate({**base, "llm": {"kind": "vllm"}})) == 32
+    assert chunks_in_flight(validate({**base, "llm": {"kind": "vllm"}, "chunk_size": 8})) == 64  # at most 64
+    assert chunks_in_flight(validate({**base, "llm": {"kind": "vllm"}, "judge": judge})) == 32
+    assert chunks_in_flight(validate({**base, "llm": {"kind": "vllm"}, "judge": local_judge_hf()})) == 1
     # only the roles the pipeline calls count: generate never calls an in-process judge
     local_judge = {"llm": {"kind": "hf"}, "model": {"name_or_path": "j"}}
     served = {**base, "llm": {"kind": "openai", "max_concurrency": 64}, "judge": local_judge}
     assert chunks_in_flight(validate(served), roles=("policy",)) == 4
     assert chunks_in_flight(validate(served), roles=("policy", "judge")) == 1
+
+
+def local_judge_hf():
+    return {"llm": {"kind": "hf"}, "model": {"name_or_path": "j"}}
 
 
 def critique_responder(body):
