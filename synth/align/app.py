@@ -56,6 +56,8 @@ class AlignConfig(BaseModel):
     overrides: dict[str, list[str]] = Field(default_factory=lambda: {"synth": [], "train": [], "evaluate": []})
     # by stage name: extra overrides applied last (after the recipe's and `overrides.<tool>`)
     stage_overrides: dict[str, list[str]] = Field(default_factory=dict)
+    # by stage name: input references that replace / add to the recipe's `inputs` of that stage
+    stage_inputs: dict[str, dict[str, str]] = Field(default_factory=dict)
     preset: str = "default"  # settings by model size: passed as preset=<name> to every synth stage
 
 
@@ -231,16 +233,23 @@ def check_stage(cfg: AlignConfig, stage, raw: dict[str, Any] | None) -> None:
 def run_config(cfg: AlignConfig, resolved_yaml: str | None = None) -> dict[str, Any]:
     from synth.align import report, stages
 
-    recipe = load_recipe(cfg.recipe)
+    names = [s["name"] for s in cfg.recipe.get("stages") or [] if isinstance(s, dict)]
+    for field in ("stage_overrides", "stage_inputs"):
+        unknown = sorted(set(getattr(cfg, field)) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"{field}.{unknown[0]}: recipe {cfg.recipe.get('name')} has no such stage (valid: {', '.join(names)})"
+            )
+    raw_recipe = dict(cfg.recipe)
+    if cfg.stage_inputs:  # checked by load_recipe like the recipe's own references
+        raw_recipe["stages"] = [
+            {**s, "inputs": {**(s.get("inputs") or {}), **cfg.stage_inputs.get(s["name"], {})}}
+            for s in raw_recipe["stages"]
+        ]
+    recipe = load_recipe(raw_recipe)
     rounds = cfg.rounds or recipe.rounds
     out = Path(cfg.output_dir).expanduser()
     check_output_dir(out)
-    names = [s.name for s in recipe.stages]
-    unknown = sorted(set(cfg.stage_overrides) - set(names))
-    if unknown:
-        raise ConfigError(
-            f"stage_overrides.{unknown[0]}: recipe {recipe.name} has no such stage (valid: {', '.join(names)})"
-        )
     for s in recipe.stages:  # every stage composes (unknown pipelines, losses, suites fail now)
         check_stage(cfg, s, stages.compose_stage(cfg, s))
     started = time.perf_counter()
