@@ -3,7 +3,7 @@
 # (model=smollm2-135m) on CPU, no server and no network; every role runs in-process on the hf backend.
 # Round k red-teams round k-1's model (the previous round's LoRA adapter) with 16 HH red-team first turns
 # that no earlier round saw, critiques and revises its answers (constitution safety_en),
-# SFTs and then DPOs on the revisions, and evaluates on 40 XSTest prompts (string-match refusal rate on
+# SFTs and then DPOs on the revisions, and evaluates on 32 XSTest prompts (string-match refusal rate on
 # the unsafe ones, over-refusal on the safe ones, win rate vs the previous round, KL to the initial model).
 # The model judges itself here (judge=policy, allow_self_judge=true): plumbing, not evidence; pass
 # judge=openai judge.llm.base_url=... judge.model.name_or_path=... for a real judge.
