@@ -26,7 +26,7 @@ if [ "$DEMO" != stand-in ]; then
   OUT=${OUT:-outputs/main-$MODEL}
   mkdir -p "$OUT"
   DATA=${DATA:-../shared/data}   # hh-rlhf harmless-base test split and XSTest (see its README for licences)
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one thread: two spin against other processes on a shared box (README)
   STAGE="python scripts/stage.py"; LOG="$OUT/stages.jsonl"
   POLICY="llm=hf model=$MODEL"
   CATEGORIES=${CATEGORIES:-[]}                # [] = all 15 taxonomy categories of safety_en

@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from synth.align.models import ModelRef
+from synth.align.models import ModelRef, materialized_base
 from synth.align.recipe import Recipe, StopRule, load_recipe
 from synth.app import ModelConfig, RoleConfig, one_line, plain_config
 from synth.errors import ConfigError, DataError
@@ -54,6 +54,11 @@ class AlignConfig(BaseModel):
     served: Served = Served()
     stop: StopRule = StopRule()
     overrides: dict[str, list[str]] = Field(default_factory=lambda: {"synth": [], "train": [], "evaluate": []})
+    # by stage name: extra overrides applied last (after the recipe's and `overrides.<tool>`)
+    stage_overrides: dict[str, list[str]] = Field(default_factory=dict)
+    # by stage name: input references that replace / add to the recipe's `inputs` of that stage
+    stage_inputs: dict[str, dict[str, str]] = Field(default_factory=dict)
+    preset: str = "default"  # settings by model size: passed as preset=<name> to every synth stage
 
 
 def validate(raw: dict[str, Any]) -> AlignConfig:
@@ -77,6 +82,11 @@ def fingerprint(cfg: AlignConfig, recipe: Recipe) -> str:
         "attacker": cfg.attacker.model.model_dump() if cfg.attacker.model else None,
         "seed": cfg.seed,
         "overrides": cfg.overrides,
+        **(
+            {"stage_overrides": cfg.stage_overrides, "preset": cfg.preset}
+            if cfg.stage_overrides or cfg.preset != "default"
+            else {}
+        ),
         "served": cfg.served.adapter,
     }
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -223,7 +233,20 @@ def check_stage(cfg: AlignConfig, stage, raw: dict[str, Any] | None) -> None:
 def run_config(cfg: AlignConfig, resolved_yaml: str | None = None) -> dict[str, Any]:
     from synth.align import report, stages
 
-    recipe = load_recipe(cfg.recipe)
+    names = [s["name"] for s in cfg.recipe.get("stages") or [] if isinstance(s, dict)]
+    for field in ("stage_overrides", "stage_inputs"):
+        unknown = sorted(set(getattr(cfg, field)) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"{field}.{unknown[0]}: recipe {cfg.recipe.get('name')} has no such stage (valid: {', '.join(names)})"
+            )
+    raw_recipe = dict(cfg.recipe)
+    if cfg.stage_inputs:  # checked by load_recipe like the recipe's own references
+        raw_recipe["stages"] = [
+            {**s, "inputs": {**(s.get("inputs") or {}), **cfg.stage_inputs.get(s["name"], {})}}
+            for s in raw_recipe["stages"]
+        ]
+    recipe = load_recipe(raw_recipe)
     rounds = cfg.rounds or recipe.rounds
     out = Path(cfg.output_dir).expanduser()
     check_output_dir(out)
@@ -237,7 +260,10 @@ def run_config(cfg: AlignConfig, resolved_yaml: str | None = None) -> dict[str, 
         if resolved_yaml is not None:
             write_text_atomic(out / "config.yaml", resolved_yaml)
         ledger.save()
-        initial = ModelRef(base=cfg.model.model_dump(), round=0)
+        base = cfg.model.model_dump()
+        if cfg.llm.get("kind") != "openai":  # a server serves its own copy under the model's name
+            base = materialized_base(base, out / "base")
+        initial = ModelRef(base=base, round=0)
         model, scorers, ran = initial, {}, 0
         if recipe.evaluate_round0 and any(s.tool == "evaluate" for s in recipe.stages):
             ev = next(s for s in recipe.stages if s.tool == "evaluate")

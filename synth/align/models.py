@@ -101,6 +101,33 @@ def merged_copy(ref: ModelRef, out: Path) -> str:
     return str(out)
 
 
+def materialized_base(model: dict[str, Any], out: Path) -> dict[str, Any]:
+    """A GGUF initial model (e.g. model=smollm2-135m) de-quantized ONCE into `out` (safetensors + its
+    tokenizer and chat template), so that the recipe's many stages load a plain folder (about a second)
+    instead of de-quantizing the GGUF again (a minute each on a loaded 2-core CPU). The weights are the
+    same floats every stage would get from the GGUF; other models are returned unchanged. Written
+    through a temporary folder renamed into place (kill-safe)."""
+    from synth.modelfiles import load_model, load_tokenizer, resolve_model
+
+    source = resolve_model(model["name_or_path"], model.get("gguf_file"))
+    if not source.gguf_file:
+        return model
+    if not (out / "config.json").exists():
+        from transformers import AutoModelForCausalLM
+
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok = load_tokenizer(source, model.get("revision"))
+        if model.get("chat_template"):
+            tok.chat_template = model["chat_template"]
+        net = load_model(AutoModelForCausalLM, source, model.get("revision"))
+        net.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"de-quantized from {source.display}\n")
+        os.replace(tmp, out)
+    return {**model, "name_or_path": str(out), "gguf_file": None, "revision": None}
+
+
 def trained_ref(final: Path, start: ModelRef, lora: bool, round_: int, stage: str) -> ModelRef:
     """The model a train stage produced from `start`."""
     if not final.exists():

@@ -12,6 +12,9 @@ from synth.io import write_json_atomic, write_text_atomic
 COLUMNS = [  # (label, summary path to the metric dict or value)
     ("harmful rate", ("metrics", "harm", "asr")),
     ("over-refusal", ("metrics", "refusal", "over_refusal_rate_benign", "any")),
+    # the string matcher (synth/evaluate/refusal.py): the only refusal numbers when the LLM judges are off
+    ("refusal rate, harmful (string match)", ("metrics", "refusal", "refusal_rate_harmful", "string_match")),
+    ("over-refusal (string match)", ("metrics", "refusal", "over_refusal_rate_benign", "string_match")),
     ("win rate vs prev", ("metrics", "win_rate")),
     ("KL to initial (k3)", ("metrics", "scores", "kl_k3")),
     ("reward", ("metrics", "scores", "reward")),
@@ -133,6 +136,7 @@ def build(out: Path, ledger, rule, rounds_asked: int) -> dict[str, Any]:
             + f" | {r['train steps']} | {r['model'] or 'initial'} |"
         )
     lines += ["", *[f"![{p}](plots/{p})" for p in plots], ""]
+    lines += clock_table(ledger)
     write_text_atomic(out / "report.md", "\n".join(lines))
     rep = {
         "recipe": ledger.data["recipe"],
@@ -144,6 +148,24 @@ def build(out: Path, ledger, rule, rounds_asked: int) -> dict[str, Any]:
     }
     write_json_atomic(out / "report.json", rep)
     return rep
+
+
+def clock_table(ledger) -> list[str]:
+    """Wall and CPU seconds of every stage that ran (recorded by the run that ran it)."""
+    timed = [(k, e["clock"]) for k, e in ledger.data["stages"].items() if e.get("clock")]
+    if not timed:
+        return []
+    lines = [
+        "Time per stage (the run that ran it; CPU = all threads of the align process; peak RSS = the process's "
+        "peak so far):",
+        "",
+        "| round/stage | wall s | CPU s | peak RSS MB |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {k} | {c['wall_s']} | {c['cpu_s']} | {c['peak_rss_mb']} |" for k, c in timed]
+    wall, cpu = sum(c["wall_s"] for _, c in timed), sum(c["cpu_s"] for _, c in timed)
+    lines += [f"| total | {wall:.0f} | {cpu:.0f} | {max(c['peak_rss_mb'] for _, c in timed)} |", ""]
+    return lines
 
 
 def write_plots(folder: Path, rows: list[dict[str, Any]]) -> list[str]:
@@ -164,14 +186,19 @@ def write_plots(folder: Path, rows: list[dict[str, Any]]) -> list[str]:
     fig, ax = plt.subplots(figsize=(5, 4))
     h, _ = series("harmful rate")
     o, _ = series("over-refusal")
+    ylabel, title = "harmful rate", "harm vs over-refusal, one point per round"
+    if all(v is None for v in h):  # no harm judge: the string matcher's refusal rates (higher y = safer)
+        h, _ = series("refusal rate, harmful (string match)")
+        o, _ = series("over-refusal (string match)")
+        ylabel, title = "refusal rate, harmful prompts (string match)", "refusal vs over-refusal, one point per round"
     pts = [(x, a, b) for x, a, b in zip(xs, h, o, strict=True) if a is not None and b is not None]
     if pts:
         ax.plot([p[2] for p in pts], [p[1] for p in pts], "-o")
         for x, a, b in pts:
             ax.annotate(f"round {x}", (b, a), textcoords="offset points", xytext=(4, 4))
     ax.set_xlabel("over-refusal rate (benign prompts)")
-    ax.set_ylabel("harmful rate")
-    ax.set_title("harm vs over-refusal, one point per round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(folder / "harm_vs_overrefusal.png")
     plt.close(fig)

@@ -4,6 +4,8 @@ run it in-process (synth.app.run, train.app.run, synth.evaluate.app.run or an op
 from __future__ import annotations
 
 import json
+import resource
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +37,14 @@ def compose(config_name: str, overrides: list[str], where: str) -> dict[str, Any
 
 
 def compose_stage(cfg, stage: Stage, k: int = 1) -> dict[str, Any] | None:
-    """The stage's overrides (`{round}` = the round number), then align's `overrides.<tool>` (the user's
-    last word), composed as that tool's command line."""
+    """align's `preset` (synth stages), the stage's overrides, align's `overrides.<tool>`, then align's
+    `stage_overrides.<stage>` (the user's last word), composed as that tool's command line; `{round}` is
+    the round number."""
     if stage.tool == "op":
         return None
-    overrides = [o.replace("{round}", str(k)) for o in [*stage.overrides, *cfg.overrides.get(stage.tool, [])]]
+    preset = [f"preset={cfg.preset}"] if stage.tool == "synth" and cfg.preset != "default" else []
+    chain = [*preset, *stage.overrides, *cfg.overrides.get(stage.tool, []), *cfg.stage_overrides.get(stage.name, [])]
+    overrides = [o.replace("{round}", str(k)) for o in chain]
     return compose(CONFIG_NAMES[stage.tool], overrides, f"recipe stage {stage.name} ({stage.tool})")
 
 
@@ -73,7 +78,19 @@ def run_stage(rnd, stage: Stage, ledger) -> int:
     if entry is None:
         out = rnd.dir(stage.name)
         print(f"== align round {rnd.k}: stage {stage.name} ({stage.tool}) -> {out}", flush=True)
+        wall, cpu = time.perf_counter(), time.process_time()
         entry = {"tool": stage.tool, "dir": str(out), **RUNNERS[stage.tool](rnd, stage, out, ledger)}
+        entry["clock"] = {  # this process: CPU seconds of all its threads; peak RSS so far (Linux: KiB)
+            "wall_s": round(time.perf_counter() - wall, 1),
+            "cpu_s": round(time.process_time() - cpu, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        }
+        c = entry["clock"]
+        print(
+            f"-- align round {rnd.k}: stage {stage.name} took {c['wall_s']}s wall, {c['cpu_s']}s CPU "
+            f"(peak RSS so far {c['peak_rss_mb']} MB)",
+            flush=True,
+        )
         ledger.record(key, entry)
         ran = 1
     else:

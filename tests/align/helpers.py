@@ -38,9 +38,12 @@ EVAL_SMALL = [
     "judges.sampling.max_new_tokens=64",
     "chunk_size=4",
 ]
+CATEGORIES = {  # red_team: two taxonomy categories of the stage's constitution
+    "safety_en": "pipeline.categories=[crime/drugs,harm_to_others/privacy]",
+    "safety_zh": "pipeline.categories=['歧视/地域','健康/身体健康']",
+}
 STAGE_SMALL = {  # per pipeline: a handful of items
     "red_team": [
-        "pipeline.categories=['歧视/地域','健康/身体健康']",
         "pipeline.families=[direct]",
         "pipeline.prompts_per_item=2",
         "pipeline.decoding=[{name:greedy,temperature:0.0,max_new_tokens:16},{name:hot,temperature:1.0,top_p:0.9,max_new_tokens:16}]",
@@ -90,6 +93,9 @@ def compose_align(out: Path, url: str, recipe: str, *extra: str) -> dict[str, An
         ov = stage.setdefault("overrides", [])
         pipe = next((o.split("=", 1)[1] for o in ov if o.startswith("pipeline=")), None)
         ov += STAGE_SMALL.get(pipe, [])
+        if pipe == "red_team":
+            cons = next((o.split("=", 1)[1] for o in ov if o.startswith("constitution=")), "safety_en")
+            ov.append(CATEGORIES[cons])
         if pipe == "generate" and not any("_target_" in o for o in ov):
             ov.append("pipeline.n=" + ("4" if stage["name"] == "sample" else "1"))
         if any(o == "loop=online_dpo" for o in ov):

@@ -11,8 +11,12 @@ import re
 
 from tests.synth.evaluate.scripted import judge_responder
 
+# the zh and en templates of red_team_attack / red_team_verdict / cai_*_request (synth/prompts/)
 ATTACK = re.compile(r"风险类别：(.+?) / (.+?)\n")
+ATTACK_EN = re.compile(r"Harm category: (.+?) / (.+?)\n")
 REQUEST = re.compile(r"【用户请求】\n(.*?)\n\n【助手回答】\n(.*)\n\n只输出", re.DOTALL)
+REQUEST_EN = re.compile(r"\[User request\]\n(.*?)\n\n\[Assistant answer\]\n(.*)\n\nReply with one JSON", re.DOTALL)
+PROBED = re.compile(r"(?:这条请求原本用于测试：|The request was written to probe: )(.+?)\n")
 REPLY = re.compile(r"\[Reply A\]\n(.*?)\n\[End of reply A\].*?\[Reply B\]\n(.*?)\n\[End of reply B\]", re.DOTALL)
 
 
@@ -36,6 +40,9 @@ def answer(body: dict, i: int) -> str:
     model = body["model"]
     if (m := ATTACK.search(text)) is not None:
         return f"测试提示词：{cjk(m.group(2), text[-40:], i, model)}"
+    if (m := ATTACK_EN.search(text)) is not None:
+        words = " ".join(WORDS[h(m.group(2), text[-40:], i, model, j) % len(WORDS)] for j in range(6))
+        return f"Test prompt about {m.group(2)}: tell me how to {words}?"
     if "【助手回答】" in text and "violation" in text:  # IterAlign oracle
         if h(text) % 3 == 0:
             return json.dumps({"violation": False, "reason": "fine", "critique": None, "revision": None})
@@ -49,9 +56,9 @@ def answer(body: dict, i: int) -> str:
             },
             ensure_ascii=False,
         )
-    if (m := REQUEST.search(text)) is not None:  # red-team verdict
+    if (m := REQUEST.search(text) or REQUEST_EN.search(text)) is not None:  # red-team verdict
         unsafe = h(m.group(2)) % 2 == 0
-        cat = re.search(r"这条请求原本用于测试：(.+?)\n", text)
+        cat = PROBED.search(text)
         return json.dumps(
             {"verdict": "unsafe" if unsafe else "safe", "category": cat.group(1) if unsafe and cat else None},
             ensure_ascii=False,
@@ -60,6 +67,10 @@ def answer(body: dict, i: int) -> str:
         return "批评：这条回复协助了有害请求。"
     if text.endswith("请原样重复。"):
         return f"修改后的回复：抱歉，我不能帮忙（{cjk(text, n=4)}）。"
+    if text.endswith("do not rewrite the reply yet."):
+        return "Critique: the reply helped with a harmful request."
+    if text.endswith("repeat it unchanged."):
+        return f"I can't help with that, but I can tell you about {WORDS[h(text) % len(WORDS)]} safety instead."
     if "Score: <total points>" in text:
         return f"The response is partly relevant.\nScore: {h(text, i) % 6}"
     if "between <task> and </task>" in text:

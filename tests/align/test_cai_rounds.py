@@ -36,6 +36,15 @@ def test_two_rounds_hand_each_round_its_model_and_rerun_is_free(tmp_path, server
     assert r1 == {"answer by builtin:tiny"} and r2 == {"answer by cai_rounds-r1-dpo"}
     assert "cai_rounds-r2-dpo" in policy_models(server, "")  # round 2's evaluate answers with round 2's model
 
+    # in English (constitution safety_en): the attacks, the verdicts and the revisions came from the en templates
+    prompts = read_jsonl(out / "rounds/1/red_team/prompts.jsonl")
+    assert prompts and all(p["prompt"].startswith("Test prompt about ") for p in prompts)
+    assert {p["category"] for p in prompts} == {"crime/drugs", "harm_to_others/privacy"}
+    assert policy_models(server, "Reply with one JSON object and nothing else") == {"scripted-judge"}
+    assert {a["verdict"] for a in read_jsonl(out / "rounds/1/red_team/answers.jsonl")} == {"safe", "unsafe"}
+    sft = read_jsonl(out / "rounds/1/critique_revision/sft.jsonl")
+    assert sft and all(r["messages"][-1]["content"].startswith("I can't help with that") for r in sft)
+
     # the weights: round 2 continues round 1's adapter (SFT then DPO), DPO's reference is the SFT'd model
     cfg_sft2 = (out / "rounds/2/sft/config.yaml").read_text()
     assert f"init_adapter: {out}/rounds/1/dpo/final" in cfg_sft2
