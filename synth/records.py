@@ -58,9 +58,10 @@ class Completion(Record):
 ParseStatus = Literal["ok", "failed", "skipped"]
 
 
-class Judgement(Record):
-    """A judge or parse result. A failure keeps the raw text and sets `parsed` to None; it never
-    becomes a default value (a default score would silently enter preference pairs)."""
+class ParseResult(Record):
+    """What a step's parser made of one completion: a judge's verdict, a score, a revised text, a rewritten
+    prompt. A failure keeps the raw text and sets `parsed` to None; it never becomes a default value (a
+    default score would silently enter preference pairs)."""
 
     raw: str
     parsed: Any = None

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from synth.pipelines.base import Pipeline, PipelineConfig
 from synth.prompts import render, template_ref
-from synth.records import Judgement, SourceItem
+from synth.records import ParseResult, SourceItem
 from synth.runtime import ChunkState, Context, Sampling
 from synth.steps.base import Call, run_calls, user
 
@@ -32,7 +32,7 @@ class DiscoverConfig(PipelineConfig):
     max_principles_shown: int = Field(30, ge=0)  # existing principles quoted to the oracle (dedup by the model)
 
 
-def parse(text: str) -> Judgement:
+def parse(text: str) -> ParseResult:
     """The last JSON object with a boolean `violation`; a violation needs both requests."""
     for blob in reversed(_OBJECT.findall(text)):
         try:
@@ -42,10 +42,10 @@ def parse(text: str) -> Judgement:
         if not isinstance(obj, dict) or not isinstance(obj.get("violation"), bool):
             continue
         if not obj["violation"]:
-            return Judgement(raw=text, parsed={"violation": False, "reason": obj.get("reason")}, parse_status="ok")
+            return ParseResult(raw=text, parsed={"violation": False, "reason": obj.get("reason")}, parse_status="ok")
         crit, rev = obj.get("critique"), obj.get("revision")
         if isinstance(crit, str) and crit.strip() and isinstance(rev, str) and rev.strip():
-            return Judgement(
+            return ParseResult(
                 raw=text,
                 parsed={
                     "violation": True,
@@ -55,10 +55,10 @@ def parse(text: str) -> Judgement:
                 },
                 parse_status="ok",
             )
-        return Judgement(
+        return ParseResult(
             raw=text, parse_status="failed", error="violation without both a critique and a revision request"
         )
-    return Judgement(raw=text, parse_status="failed", error="no JSON object with a boolean violation")
+    return ParseResult(raw=text, parse_status="failed", error="no JSON object with a boolean violation")
 
 
 class DiscoverPipeline(Pipeline):
@@ -83,9 +83,9 @@ class DiscoverPipeline(Pipeline):
         for (it, answer), samples in zip(kept, results, strict=True):
             s = samples[0]
             if not s.ok:
-                state.drop("verdict_unparsed" if s.judgement and not s.judgement.ok else "verdict_truncated")
+                state.drop("verdict_unparsed" if s.result and not s.result.ok else "verdict_truncated")
                 continue
-            v = s.judgement.parsed
+            v = s.parsed
             state.emit(
                 "proposals",
                 {

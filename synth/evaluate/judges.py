@@ -21,7 +21,7 @@ import re
 from collections.abc import Sequence
 
 from synth.prompts import render, template_ref
-from synth.records import Judgement, Message
+from synth.records import Message, ParseResult
 from synth.steps import safety_verdict
 from synth.steps.base import user
 
@@ -85,7 +85,7 @@ def harm_prompt(prompt: str, answer: str, categories: Sequence[str], language: s
     return [user(render("eval_harm", language, prompt=prompt, answer=answer, categories=list(categories)))]
 
 
-def parse_harm(text: str, categories: Sequence[str]) -> Judgement:
+def parse_harm(text: str, categories: Sequence[str]) -> ParseResult:
     return safety_verdict.parse(text, categories)
 
 
@@ -106,16 +106,16 @@ def refusal_prompt(prompt: str, answer: str, language: str) -> list[Message]:
     return [user(render("eval_refusal", language, prompt=prompt, answer=answer))]
 
 
-def parse_refusal(text: str) -> Judgement:
+def parse_refusal(text: str) -> ParseResult:
     """-> parsed "none" | "full" | "partial" (XSTest's 3 classes)."""
     for obj in _objects(text):
         cls = _CLASSES.get(str(obj.get("class", "")).strip().lower())
         if cls is not None:
-            return Judgement(raw=text, parsed=cls, parse_status="ok")
+            return ParseResult(raw=text, parsed=cls, parse_status="ok")
     words = _CLASS_WORD.findall(text)
     if words:
-        return Judgement(raw=text, parsed=_CLASSES[words[-1].lower()], parse_status="ok")
-    return Judgement(raw=text, parse_status="failed", error="no refusal class")
+        return ParseResult(raw=text, parsed=_CLASSES[words[-1].lower()], parse_status="ok")
+    return ParseResult(raw=text, parse_status="failed", error="no refusal class")
 
 
 # ----------------------------------------------------------------------------------- strongreject
@@ -131,7 +131,7 @@ def _sr_valid(refused, convincing, specific) -> bool:
     return refused in (0, 1) and convincing in range(1, 6) and specific in range(1, 6)
 
 
-def parse_strongreject(text: str) -> Judgement:
+def parse_strongreject(text: str) -> ParseResult:
     """-> parsed {"refused", "convincing", "specific"}; also reads the official "1.b / 2.b / 3.b" lines."""
     for obj in _objects(text):
         try:
@@ -139,15 +139,15 @@ def parse_strongreject(text: str) -> Judgement:
         except (KeyError, TypeError, ValueError):
             continue
         if _sr_valid(*vals):
-            return Judgement(
+            return ParseResult(
                 raw=text, parsed=dict(zip(("refused", "convincing", "specific"), vals, strict=True)), parse_status="ok"
             )
     lines = {int(k): int(v) for k, v in _SR_LINE.findall(text)}
     if len(lines) == 3 and _sr_valid(lines[1], lines[2], lines[3]):
-        return Judgement(
+        return ParseResult(
             raw=text, parsed={"refused": lines[1], "convincing": lines[2], "specific": lines[3]}, parse_status="ok"
         )
-    return Judgement(raw=text, parse_status="failed", error="no refused/convincing/specific scores")
+    return ParseResult(raw=text, parse_status="failed", error="no refused/convincing/specific scores")
 
 
 # --------------------------------------------------------------------------------------- pairwise
@@ -159,15 +159,15 @@ def pairwise_prompt(prompt: str, answer_a: str, answer_b: str, language: str) ->
     return [user(render("eval_pairwise", language, prompt=prompt, answer_a=answer_a, answer_b=answer_b))]
 
 
-def parse_pairwise(text: str) -> Judgement:
+def parse_pairwise(text: str) -> ParseResult:
     """-> parsed "A" | "B" | "tie" (MT-Bench's [[A]] / [[B]] / [[C]] accepted too)."""
     for obj in _objects(text):
         v = str(obj.get("verdict", "")).strip()
         norm = {"a": "A", "b": "B", "tie": "tie", "c": "tie"}.get(v.lower())
         if norm is not None:
-            return Judgement(raw=text, parsed=norm, parse_status="ok")
+            return ParseResult(raw=text, parsed=norm, parse_status="ok")
     found = _BRACKET.findall(text)
     if found:
         v = found[-1].upper()
-        return Judgement(raw=text, parsed={"A": "A", "B": "B"}.get(v, "tie"), parse_status="ok")
-    return Judgement(raw=text, parse_status="failed", error="no A/B/tie verdict")
+        return ParseResult(raw=text, parsed={"A": "A", "B": "B"}.get(v, "tie"), parse_status="ok")
+    return ParseResult(raw=text, parse_status="failed", error="no A/B/tie verdict")

@@ -199,7 +199,7 @@ class EvaluatePipeline(Pipeline):
         model = ctx.llm("judge").model
         for r, (s,) in zip(rows, results, strict=True):
             r["judge_model"] = model
-            apply(r, s.judgement)
+            apply(r, s.result)
 
     @staticmethod
     def set_harm(r, jd) -> None:
@@ -246,7 +246,7 @@ class EvaluatePipeline(Pipeline):
         params = self.cfg.judges.sampling.params(n=1, json_schema=judges.PAIRWISE_SCHEMA)
         results = run_calls(ctx, state, "pairwise", "judge", calls, params, judges.parse_pairwise)
         for k, (r, old) in enumerate(todo):
-            first, second = results[2 * k][0].judgement, results[2 * k + 1][0].judgement
+            first, second = results[2 * k][0].result, results[2 * k + 1][0].result
             v1 = first.parsed if first.ok else None
             v2 = second.parsed if second.ok else None
             r["judge_model"] = ctx.llm("judge").model

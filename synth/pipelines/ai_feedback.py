@@ -147,10 +147,10 @@ class AIFeedbackPipeline(Pipeline):
             bad = next((s for s in (a, b) if not s.ok), None)
             if bad is not None:
                 state.drop("response_truncated" if bad.completion.truncated else "response_empty")
-            elif near_identical(a.judgement.parsed, b.judgement.parsed, self.cfg.near_identical):  # type: ignore[union-attr]
+            elif near_identical(a.parsed_text, b.parsed_text, self.cfg.near_identical):
                 state.drop("responses_near_identical")
             else:
-                out.append((it, a.judgement.parsed, b.judgement.parsed))  # type: ignore[union-attr]
+                out.append((it, a.parsed_text, b.parsed_text))
         return out
 
     def comparisons(self, it: SourceItem, y1: str, y2: str, ctx: Context) -> list[compare.Comparison]:

@@ -95,7 +95,7 @@ class BpoPipeline(Pipeline):
         for it, (smp,) in zip(usable, results, strict=True):
             if not smp.ok:
                 continue  # counted as parse_failed/bpo_construct or truncated/bpo_construct
-            original, optimized = it.prompt_text, smp.judgement.parsed["optimized"]
+            original, optimized = it.prompt_text, smp.parsed["optimized"]
             context = self._context(it)
             # the repo applies the length ratios to no-context data only; `[protected` always
             limits = (math.inf, math.inf) if context else (cfg.max_shrink_ratio, cfg.max_growth_ratio)
@@ -103,7 +103,7 @@ class BpoPipeline(Pipeline):
             if reason:
                 state.drop(reason)
                 continue
-            state.emit("sft", self._row(it, ctx, original, optimized, context, smp.judgement.parsed["comparison"]))
+            state.emit("sft", self._row(it, ctx, original, optimized, context, smp.parsed["comparison"]))
 
     def _context(self, it: SourceItem) -> str:
         value = it.meta.get(self.cfg.context_field)
@@ -183,7 +183,7 @@ class BpoRewritePipeline(Pipeline):
         for it, (smp,) in zip(items, results, strict=True):
             if not smp.ok:
                 continue  # counted as parse_failed/bpo_rewrite or truncated/bpo_rewrite
-            rewritten = smp.judgement.parsed["optimized"] if cfg.safety else smp.judgement.parsed
+            rewritten = smp.parsed["optimized"] if cfg.safety else smp.parsed
             reason = ratio_filter(it.prompt_text, rewritten, cfg.max_shrink_ratio, cfg.max_growth_ratio)
             if reason:
                 state.drop(reason)

@@ -184,7 +184,7 @@ class CritiqueRevisionPipeline(Pipeline):
             elif not samples[0].ok:
                 state.drop(drop_reason("initial", samples[0]))
             else:
-                r0 = samples[0].judgement.parsed  # type: ignore[union-attr]
+                r0 = samples[0].parsed_text
                 convs.append(Conversation(it, [*call.messages, assistant(r0)], r0, r0))
         order = {it.id: i for i, it in enumerate(items)}
         return sorted(convs, key=lambda c: order[c.item.id])  # input order, given or generated
@@ -208,14 +208,14 @@ class CritiqueRevisionPipeline(Pipeline):
                 state.drop(drop_reason("critique", s))
                 continue
             alive.append(c)
-            rev_in.append(revision_step.RevisionInput(c.item.id, s.call.messages, s.judgement.parsed, x.principle))  # type: ignore[union-attr]
+            rev_in.append(revision_step.RevisionInput(c.item.id, s.call.messages, s.parsed_text, x.principle))
         revs = revision_step.revise(ctx, state, rev_in, params, k)
         out = []
         for c, x, s in zip(alive, rev_in, revs, strict=True):
             if not s.ok:
                 state.drop(drop_reason("revision", s))
                 continue
-            c.reply = s.judgement.parsed  # type: ignore[union-attr]
+            c.reply = s.parsed_text
             c.history = [*s.call.messages, assistant(c.reply)]
             c.rounds.append({"round": k, "principle_id": x.principle.id, "critique": x.critique, "revision": c.reply})
             out.append(c)
@@ -283,7 +283,7 @@ class CritiqueRevisionPipeline(Pipeline):
             if not s.ok:
                 state.drop_part("helpful_sample", drop_reason("helpful", s))
                 continue
-            text = s.judgement.parsed  # type: ignore[union-attr]
+            text = s.parsed_text
             if text in seen:
                 state.drop_part("helpful_sample", "helpful_duplicate")
                 continue

@@ -242,7 +242,7 @@ class RedTeamPipeline(Pipeline):
                 if not s.ok:
                     state.drop_part("attack_prompt", "attack_truncated" if s.completion.truncated else "attack_empty")
                     continue
-                text, pid = s.judgement.parsed, stable_id(it.id, s.index, s.judgement.parsed)  # type: ignore[union-attr]
+                text, pid = s.parsed_text, stable_id(it.id, s.index, s.parsed_text)
                 dup = self.index.add_unless_duplicate(pid, text)
                 if dup is not None:
                     state.drop_part("attack_prompt", f"prompt_duplicate_{dup[0]}")
@@ -307,7 +307,7 @@ class RedTeamPipeline(Pipeline):
         verdicts = safety_verdict.judge(ctx, state, [x for _, x in inputs], cats, self.cfg.judge_sampling.params())
         for (row, _), v in zip(inputs, verdicts, strict=True):
             if v.ok:  # parsed AND not cut off at max_new_tokens (a cut-off verdict is not trusted)
-                row["verdict"], row["judge_category"] = v.judgement.parsed["verdict"], v.judgement.parsed["category"]
+                row["verdict"], row["judge_category"] = v.parsed["verdict"], v.parsed["category"]
         for row in rows:
             state.emit("answers", row)
         self.emit_unsafe(prompts, rows, state)

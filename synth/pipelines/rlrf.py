@@ -120,7 +120,7 @@ class RlrfPipeline(Pipeline):
         for (it, r), (smp,) in zip(
             todo, run_calls(ctx, state, step, "judge", calls, params, parse=parse_feedback), strict=True
         ):
-            parsed = smp.judgement.parsed if smp.ok else None
+            parsed = smp.parsed if smp.ok else None
             r.score = aspect_score(parsed, aspects[it.id])
             if parsed is not None and r.score is None:
                 state.drop_part("candidate", "feedback_missing_aspects")  # parsed, but not every selected aspect rated

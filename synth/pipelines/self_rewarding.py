@@ -148,14 +148,14 @@ class SelfRewardingPipeline(Pipeline):
             for smp in samples:
                 if not smp.ok:
                     continue  # counted as parse_failed/self_instruct (or truncated/self_instruct)
-                text = smp.judgement.parsed
+                text = smp.parsed
                 new = SourceItem(
                     id=stable_id(it.id, "self_instruct", smp.index),
                     prompt=[Message(role="user", content=text)],
                     category=it.category,
                     meta={"generated_from": it.id},
                 )
-                dup = self._dedup.add_unless_duplicate(new.id, smp.judgement.parsed)
+                dup = self._dedup.add_unless_duplicate(new.id, smp.parsed)
                 if dup is not None:
                     state.drop_part("new_prompt", f"new_prompt_{dup[0]}_duplicate")
                     continue

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from synth.llm.base import SamplingParams
 from synth.prompts import render
-from synth.records import Judgement, Message
+from synth.records import Message, ParseResult
 from synth.steps.base import Call, Sample, run_calls, user
 
 # Common jailbreak families (role-play, goal hijacking, prompt leaking, in-context examples); each has a block
@@ -28,14 +28,14 @@ _NUMBERING = re.compile(r"^\s*(?:\d{1,2}\s*[.)、]|[-*•])\s+")
 _QUOTES = [('"', '"'), ("“", "”"), ("「", "」"), ("'", "'")]
 
 
-def parse(text: str) -> Judgement:
+def parse(text: str) -> ParseResult:
     body = _NUMBERING.sub("", _LABEL.sub("", text.strip(), count=1), count=1).strip()
     for left, right in _QUOTES:
         if len(body) > 1 and body.startswith(left) and body.endswith(right):
             body = body[1:-1].strip()
     if not body:
-        return Judgement(raw=text, parse_status="failed", error="empty prompt")
-    return Judgement(raw=text, parsed=body, parse_status="ok")
+        return ParseResult(raw=text, parse_status="failed", error="empty prompt")
+    return ParseResult(raw=text, parsed=body, parse_status="ok")
 
 
 @dataclass

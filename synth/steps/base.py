@@ -3,7 +3,7 @@
 A step module has three parts, so prompt building and parsing stay pure and testable and the one
 model call is batched:
 - `build_prompt(...) -> list[Message]`: pure; renders a template from synth/prompts;
-- `parse(text) -> Judgement`: pure; a failure returns parse_status "failed" and parsed None;
+- `parse(text) -> ParseResult`: pure; a failure returns parse_status "failed" and parsed None;
 - a small batched function that builds all `Call`s of the chunk and hands them to `run_calls`, which
   makes exactly ONE `llm.generate` call for the whole stage.
 
@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from synth.llm.base import SamplingParams
-from synth.records import Completion, Judgement, Message
+from synth.records import Completion, Message, ParseResult
 
 if TYPE_CHECKING:
     from synth.runtime import ChunkState, Context
 
-Parser = Callable[[str], Judgement]
+Parser = Callable[[str], ParseResult]
 # Parses the whole completion, for judgements read from token log-probs rather than from the text.
-CompletionParser = Callable[[Completion], Judgement]
+CompletionParser = Callable[[Completion], ParseResult]
 
 
 @dataclass
@@ -45,16 +45,30 @@ class Sample:
     call: Call
     index: int
     completion: Completion
-    judgement: Judgement | None = None
+    result: ParseResult | None = None
 
     @property
     def text(self) -> str:
         return self.completion.text
 
     @property
+    def parsed(self) -> Any:
+        """The parser's value (a verdict dict, a score, a revised text...); None when unparsed or not parsed."""
+        return self.result.parsed if self.result is not None else None
+
+    @property
+    def parsed_text(self) -> str:
+        """The parsed value of a step whose parser returns text (a revision, a critique, a rewritten prompt)."""
+        value = self.parsed
+        if not isinstance(value, str):
+            kind = type(value).__name__
+            raise TypeError(f"sample {self.call.item_id}#{self.index}: the parsed value is {kind}, not text")
+        return value
+
+    @property
     def ok(self) -> bool:
         """Usable: parsed fine (when parsed) and not truncated at max_new_tokens."""
-        parsed_ok = self.judgement is None or self.judgement.ok
+        parsed_ok = self.result is None or self.result.ok
         return parsed_ok and not self.completion.truncated
 
 
@@ -80,11 +94,9 @@ def run_calls(
     for call, completions in zip(calls, results, strict=True):
         samples = []
         for i, comp in enumerate(completions):
-            judgement = (
-                parse(comp.text) if parse is not None else (parse_completion(comp) if parse_completion else None)
-            )
-            samples.append(Sample(call, i, comp, judgement))
-            _trace(state, step, role, llm.model, call, i, comp, judgement)
+            result = parse(comp.text) if parse is not None else (parse_completion(comp) if parse_completion else None)
+            samples.append(Sample(call, i, comp, result))
+            _trace(state, step, role, llm.model, call, i, comp, result)
         if completions:
             state.count("tokens/prompt", completions[0].prompt_tokens)
         state.count("tokens/completion", sum(c.completion_tokens for c in completions))
@@ -93,9 +105,9 @@ def run_calls(
     return out
 
 
-def _trace(state, step, role, model, call: Call, index: int, comp: Completion, judgement: Judgement | None) -> None:
-    status = judgement.parse_status if judgement is not None else "skipped"
-    if judgement is not None and not judgement.ok:
+def _trace(state, step, role, model, call: Call, index: int, comp: Completion, result: ParseResult | None) -> None:
+    status = result.parse_status if result is not None else "skipped"
+    if result is not None and not result.ok:
         state.count(f"parse_failed/{step}")
     if comp.truncated:
         state.count(f"truncated/{step}")
@@ -110,8 +122,8 @@ def _trace(state, step, role, model, call: Call, index: int, comp: Completion, j
             "output": comp.text,
             "finish_reason": comp.finish_reason,
             "parse_status": status,
-            "parsed": judgement.parsed if judgement is not None else None,
-            "parse_error": judgement.error if judgement is not None else None,
+            "parsed": result.parsed if result is not None else None,
+            "parse_error": result.error if result is not None else None,
             **call.meta,
         }
     )

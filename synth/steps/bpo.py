@@ -15,7 +15,7 @@ import re
 from collections.abc import Sequence
 
 from synth.prompts import render
-from synth.records import Judgement, Message
+from synth.records import Message, ParseResult
 from synth.steps.base import user
 from synth.steps.judge import conversation
 
@@ -68,28 +68,28 @@ def strip_quotes(text: str) -> str:
     return text
 
 
-def parse_optimized(text: str, require_end: bool = True) -> Judgement:
+def parse_optimized(text: str, require_end: bool = True) -> ParseResult:
     """{"comparison", "optimized"} from `...Optimized Instruction: <x> [END]`: the text is cut at the
     first [END]; the optimised instruction follows the LAST marker before it."""
     head, found_end, _ = text.partition(END)
     if require_end and not found_end:
-        return Judgement(raw=text, error="no [END] marker")
+        return ParseResult(raw=text, error="no [END] marker")
     cut = max(((head.rfind(m), m) for m in _MARKERS), key=lambda t: t[0])
     if cut[0] < 0:
-        return Judgement(raw=text, error="no 'Optimized Instruction:' marker")
+        return ParseResult(raw=text, error="no 'Optimized Instruction:' marker")
     optimized = strip_quotes(head[cut[0] + len(cut[1]) :])
     if not optimized:
-        return Judgement(raw=text, error="empty optimized instruction")
+        return ParseResult(raw=text, error="empty optimized instruction")
     comparison = _COMPARISON.sub("", head[: cut[0]]).strip()
-    return Judgement(raw=text, parsed={"comparison": comparison, "optimized": optimized}, parse_status="ok")
+    return ParseResult(raw=text, parsed={"comparison": comparison, "optimized": optimized}, parse_status="ok")
 
 
-def parse_rewrite(text: str) -> Judgement:
+def parse_rewrite(text: str) -> ParseResult:
     """A trained rewriter's output is the optimised prompt itself (its training target)."""
     rewritten = strip_quotes(text.partition(END)[0])
     if not rewritten:
-        return Judgement(raw=text, error="empty rewrite")
-    return Judgement(raw=text, parsed=rewritten, parse_status="ok")
+        return ParseResult(raw=text, error="empty rewrite")
+    return ParseResult(raw=text, parsed=rewritten, parse_status="ok")
 
 
 def count_words(text: str) -> int:

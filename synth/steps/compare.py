@@ -28,7 +28,7 @@ from typing import Literal
 from synth.constitution import Principle
 from synth.llm.base import SamplingParams
 from synth.prompts import render
-from synth.records import Completion, Judgement, Message
+from synth.records import Completion, Message, ParseResult
 from synth.steps import structure
 from synth.steps.base import Call, assistant, run_calls, user
 from synth.steps.critique import TURN_MARKERS, cut_at
@@ -86,47 +86,47 @@ def _logaddexp(a: float, b: float) -> float:
     return hi + math.log(math.exp(a - hi) + math.exp(b - hi))
 
 
-def parse_logprobs(comp: Completion) -> Judgement:
+def parse_logprobs(comp: Completion) -> ParseResult:
     """p(A) from the first generated position's top log-probs. When only one option is in the top-k,
     the other gets the smallest listed log-prob (an upper bound on its true value), so p is a
     conservative estimate, flagged `bounded`. Neither option listed: parse failure."""
     if not comp.logprobs:
-        return Judgement(raw=comp.text, parse_status="failed", error="backend returned no logprobs")
+        return ParseResult(raw=comp.text, parse_status="failed", error="backend returned no logprobs")
     first = comp.logprobs[0]
     top = {**first.top, first.token: first.logprob}
     found = option_logprobs(top)
     if not found:
         shown = sorted(top, key=top.get, reverse=True)[:10]  # type: ignore[arg-type]
-        return Judgement(
+        return ParseResult(
             raw=comp.text, parse_status="failed", error=f"neither option in the top-{len(top)} tokens: {shown}"
         )
     floor = min(top.values())
     la, lb = found.get("A", floor), found.get("B", floor)
     p_a = 1.0 / (1.0 + math.exp(lb - la))
-    return Judgement(
+    return ParseResult(
         raw=comp.text,
         parsed={"p_a": p_a, "logprob_a": la, "logprob_b": lb, "bounded": len(found) < 2},
         parse_status="ok",
     )
 
 
-def parse_vote(text: str) -> Judgement:
+def parse_vote(text: str) -> ParseResult:
     """ "A" / "B" from a sampled answer: the letter right after the stem, else the last "answer is (X)"."""
     m = _VOTE_START.match(text)
     if m is None:
         hits = _VOTE_ANYWHERE.findall(text)
         if not hits:
-            return Judgement(raw=text, parse_status="failed", error="no (A)/(B) answer")
-        return Judgement(raw=text, parsed=hits[-1], parse_status="ok")
-    return Judgement(raw=text, parsed=m.group(1), parse_status="ok")
+            return ParseResult(raw=text, parse_status="failed", error="no (A)/(B) answer")
+        return ParseResult(raw=text, parsed=hits[-1], parse_status="ok")
+    return ParseResult(raw=text, parsed=m.group(1), parse_status="ok")
 
 
-def parse_reasoning(text: str) -> Judgement:
+def parse_reasoning(text: str) -> ParseResult:
     """The CoT reasoning, cut before any answer it already wrote (the answer is read in step two)."""
     body = cut_at(text, TURN_MARKERS + _ANSWER_MARKERS).strip()
     if not body:
-        return Judgement(raw=text, parse_status="failed", error="empty reasoning")
-    return Judgement(raw=text, parsed=body, parse_status="ok")
+        return ParseResult(raw=text, parse_status="failed", error="empty reasoning")
+    return ParseResult(raw=text, parsed=body, parse_status="ok")
 
 
 # --------------------------------------------------------------------------- soft-label math (pure)
@@ -243,7 +243,7 @@ def _reason(ctx, state, tasks: Sequence[Task], params: SamplingParams) -> list[s
     calls = [_call(t, ctx.language, "reason") for t in tasks]
     samples = run_calls(ctx, state, "compare_reason", "judge", calls, params.replace(n=1), parse_reasoning)
     # A truncated reasoning is not used (counted as truncated/compare_reason): its order fails.
-    return [s[0].judgement.parsed if s[0].ok else None for s in samples]  # type: ignore[union-attr]
+    return [s[0].parsed_text if s[0].ok else None for s in samples]
 
 
 def _by_logprobs(ctx, state, tasks, reasons, idx: list[int], top_logprobs: int) -> tuple[dict[int, float], list[int]]:
@@ -254,8 +254,8 @@ def _by_logprobs(ctx, state, tasks, reasons, idx: list[int], top_logprobs: int) 
     samples = run_calls(ctx, state, "compare", "judge", calls, params, parse_completion=parse_logprobs)
     got, missing = {}, []
     for i, (smp,) in zip(idx, samples, strict=True):
-        if smp.judgement is not None and smp.judgement.ok:
-            got[i] = smp.judgement.parsed["p_a"]
+        if smp.result is not None and smp.result.ok:
+            got[i] = smp.parsed["p_a"]
         elif not smp.completion.logprobs:
             missing.append(i)
     return got, missing
@@ -267,7 +267,7 @@ def _by_votes(ctx, state, tasks, reasons, idx: list[int], params: SamplingParams
     samples = run_calls(ctx, state, "compare_vote", "judge", calls, params.replace(regex=structure.VOTE), parse_vote)
     out = {}
     for i, group in zip(idx, samples, strict=True):
-        votes = [s.judgement.parsed for s in group if s.judgement is not None and s.judgement.ok]
+        votes = [s.parsed for s in group if s.result is not None and s.result.ok]
         if votes:
             out[i] = votes.count("A") / len(votes)
     return out

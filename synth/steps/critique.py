@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from synth.constitution import Principle
 from synth.llm.base import SamplingParams
 from synth.prompts import render
-from synth.records import Judgement, Message
+from synth.records import Message, ParseResult
 from synth.steps.base import Call, Sample, run_calls, user
 
 # Where an invented next turn begins (the model starts writing the human's part).
@@ -69,14 +69,14 @@ def clean(text: str, echo: re.Pattern[str] | None) -> str:
     return text.strip()
 
 
-def parse(text: str) -> Judgement:
+def parse(text: str) -> ParseResult:
     """The critique text; empty after cleaning is a failure (it cannot feed a revision)."""
     body = clean(text, _CRITIQUE_ECHO)
     m = _REVISION_LABEL.search(body)
     body = body[: m.start()].strip() if m else body
     if not body:
-        return Judgement(raw=text, parse_status="failed", error="empty critique")
-    return Judgement(raw=text, parsed=body, parse_status="ok")
+        return ParseResult(raw=text, parse_status="failed", error="empty critique")
+    return ParseResult(raw=text, parsed=body, parse_status="ok")
 
 
 def request(principle: Principle, language: str) -> str:

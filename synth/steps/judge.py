@@ -18,7 +18,7 @@ from typing import Any
 
 from synth.llm.base import SamplingParams
 from synth.prompts import render
-from synth.records import Completion, Judgement, Message, SourceItem
+from synth.records import Completion, Message, ParseResult, SourceItem
 from synth.runtime import ChunkState, Context
 from synth.steps import structure
 from synth.steps.base import Call, Sample, assistant, run_calls, user
@@ -45,15 +45,15 @@ def build_pairwise(language: str, prompt: Sequence[Message], a: str, b: str, dir
 _VERDICT = re.compile(r"\[\[([ABC])\]\]")
 
 
-def parse_pairwise(text: str) -> Judgement:
+def parse_pairwise(text: str) -> ParseResult:
     """The LAST `[[A]]` / `[[B]]` / `[[C]]` (an explanation may quote the format before the verdict)."""
     found = _VERDICT.findall(text)
     if not found:
-        return Judgement(raw=text, error="no [[A]], [[B]] or [[C]] verdict")
-    return Judgement(raw=text, parsed=found[-1], parse_status="ok")
+        return ParseResult(raw=text, error="no [[A]], [[B]] or [[C]] verdict")
+    return ParseResult(raw=text, parsed=found[-1], parse_status="ok")
 
 
-def read_ab_logprobs(comp: Completion) -> Judgement:
+def read_ab_logprobs(comp: Completion) -> ParseResult:
     """P(A) vs P(B) from the first generated token's top log-probs, read exactly as RL-CAI's
     comparisons read them (`compare.parse_logprobs`: " A", "A", "A]]" all count as A; one letter
     missing from the top-k gets the smallest listed log-prob, flagged `bounded`; neither letter is a
@@ -62,7 +62,7 @@ def read_ab_logprobs(comp: Completion) -> Judgement:
     if not j.ok:
         return j
     p_a = j.parsed["p_a"]
-    return Judgement(
+    return ParseResult(
         raw=comp.text, parsed={"A": p_a, "B": 1.0 - p_a, "bounded": j.parsed["bounded"]}, parse_status="ok"
     )
 
@@ -95,7 +95,7 @@ def combine_probs(p_ij: float, p_ji: float, tie_band: float) -> tuple[float, str
     return p, ("i" if p > 0.5 + tie_band else "j" if p < 0.5 - tie_band else "tie")
 
 
-def _slot_verdict(j: Judgement) -> str | None:
+def _slot_verdict(j: ParseResult) -> str | None:
     if not j.ok:
         return None
     if isinstance(j.parsed, dict):
@@ -103,12 +103,12 @@ def _slot_verdict(j: Judgement) -> str | None:
     return j.parsed
 
 
-def _usable(s: Sample, logprobs: bool) -> Judgement:
+def _usable(s: Sample, logprobs: bool) -> ParseResult:
     """A truncated text verdict is not trusted (a cut-off explanation may quote the format); a log-prob
     read stops after one token by design, so its "length" finish is expected."""
     if logprobs or not s.completion.truncated:
-        return s.judgement
-    return Judgement(raw=s.text, error="truncated")
+        return s.result
+    return ParseResult(raw=s.text, error="truncated")
 
 
 def judge_pairs(
@@ -189,16 +189,16 @@ def build_listwise(language: str, prompt: Sequence[Message], texts: Sequence[str
 _RANKING = re.compile(r"(?:Ranking|排序)\s*[:：]\s*([^\n]*)")
 
 
-def parse_listwise(text: str) -> Judgement:
+def parse_listwise(text: str) -> ParseResult:
     """The last `Ranking: [3] > [1] > [2]` line -> [3, 1, 2] (1-based slots, best first). It must be
     a permutation of 1..n; whether n is the number of responses shown is checked by the caller."""
     lines = _RANKING.findall(text)
     if not lines:
-        return Judgement(raw=text, error="no 'Ranking:' line")
+        return ParseResult(raw=text, error="no 'Ranking:' line")
     labels = [int(x) for x in re.findall(r"\[(\d+)\]", lines[-1])]
     if len(labels) < 2 or sorted(labels) != list(range(1, len(labels) + 1)):
-        return Judgement(raw=text, error=f"ranking {labels} is not a permutation of 1..n")
-    return Judgement(raw=text, parsed=labels, parse_status="ok")
+        return ParseResult(raw=text, error=f"ranking {labels} is not a permutation of 1..n")
+    return ParseResult(raw=text, parsed=labels, parse_status="ok")
 
 
 def listwise_orders(ctx: Context, item_id: str, k: int, samples: int) -> list[list[int]]:
@@ -234,11 +234,11 @@ def judge_listwise(
             smp = next(results)[0]
             if not smp.ok:
                 continue
-            if len(smp.judgement.parsed) != k:
+            if len(smp.parsed) != k:
                 state.drop_part("judge_sample", "listwise_incomplete_ranking")
                 continue
             perm = smp.call.meta["order"]
-            rankings.append([perm[label - 1] for label in smp.judgement.parsed])
+            rankings.append([perm[label - 1] for label in smp.parsed])
         out.append({"rankings": rankings, "scores": _borda(rankings, k)})
     return out
 
@@ -263,15 +263,15 @@ def build_rubric(language: str, prompt: Sequence[Message], response: str) -> lis
 _RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
 
 
-def parse_rating(text: str) -> Judgement:
+def parse_rating(text: str) -> ParseResult:
     """The last `[[n]]` with 1 <= n <= 10 (MT-Bench single-answer grading)."""
     found = _RATING.findall(text)
     if not found:
-        return Judgement(raw=text, error="no [[rating]]")
+        return ParseResult(raw=text, error="no [[rating]]")
     value = float(found[-1])
     if not 1 <= value <= 10:
-        return Judgement(raw=text, error=f"rating {value} outside 1-10")
-    return Judgement(raw=text, parsed=value, parse_status="ok")
+        return ParseResult(raw=text, error=f"rating {value} outside 1-10")
+    return ParseResult(raw=text, parsed=value, parse_status="ok")
 
 
 def judge_rubric(
@@ -295,7 +295,7 @@ def judge_rubric(
     for _, cands in groups:
         per = []
         for _ in cands:
-            vals = [s.judgement.parsed if s.ok else None for s in next(results)]
+            vals = [s.parsed if s.ok else None for s in next(results)]
             ok = [v for v in vals if v is not None]
             per.append({"ratings": vals, "mean": sum(ok) / len(ok) if len(ok) >= max(min_valid, 1) else None})
         out.append(per)

@@ -30,7 +30,7 @@ import numpy as np
 from synth.llm.base import SamplingParams
 from synth.prompts import render
 from synth.ranking import INIT, SCALE, fit_bt
-from synth.records import Judgement, Message, SourceItem
+from synth.records import Message, ParseResult, SourceItem
 from synth.runtime import ChunkState, Context
 from synth.steps import structure
 from synth.steps.base import Call, run_calls, user
@@ -38,7 +38,7 @@ from synth.steps.judge import conversation
 from synth.steps.self_reward import Scored
 
 _SCORE_LINE = re.compile(r"^\s*(?:Score|得分)\s*[:：].*$", re.MULTILINE)
-_WINNER = re.compile(r"(?:Winner\s*:\s*(?:Judgement|Judgment)|胜者\s*[:：]\s*评审)\s*([AB])", re.IGNORECASE)
+_WINNER = re.compile(r"(?:Winner\s*:\s*(?:ParseResult|Judgment)|胜者\s*[:：]\s*评审)\s*([AB])", re.IGNORECASE)
 
 
 def pick_response(cands: Sequence[Scored]) -> Scored | None:
@@ -92,12 +92,12 @@ def build_meta_judge(language: str, prompt: Sequence[Message], response: str, a:
     ]
 
 
-def parse_winner(text: str) -> Judgement:
-    """The last `Winner: Judgement A|B` (or `胜者：评审 A|B`) -> "A" / "B"."""
+def parse_winner(text: str) -> ParseResult:
+    """The last `Winner: ParseResult A|B` (or `胜者：评审 A|B`) -> "A" / "B"."""
     found = _WINNER.findall(text)
     if not found:
-        return Judgement(raw=text, error="no 'Winner: Judgement A|B' line")
-    return Judgement(raw=text, parsed=found[-1].upper(), parse_status="ok")
+        return ParseResult(raw=text, error="no 'Winner: ParseResult A|B' line")
+    return ParseResult(raw=text, parsed=found[-1].upper(), parse_status="ok")
 
 
 def combine(v_ab: str | None, v_ba: str | None) -> str | None:
@@ -138,7 +138,7 @@ def battles(
         mine = []
         for _ in range(len(judged) * (len(judged) - 1) // 2):
             ji, jj = pairs[k]
-            v = tuple(s[0].judgement.parsed if s[0].ok else None for s in (results[2 * k], results[2 * k + 1]))
+            v = tuple(s[0].parsed if s[0].ok else None for s in (results[2 * k], results[2 * k + 1]))
             mine.append(Battle(ji, jj, v, combine(*v)))
             k += 1
         out.append(mine)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from synth.constitution import Principle
 from synth.llm.base import SamplingParams
 from synth.prompts import render
-from synth.records import Judgement, Message
+from synth.records import Message, ParseResult
 from synth.steps.base import Call, Sample, assistant, run_calls, user
 from synth.steps.critique import clean
 
@@ -28,20 +28,20 @@ _REVISION_ECHO = re.compile(
 _REPLY_ECHO = re.compile(r"^\s*(?:assistant|助手)\s*[:：]\s*", re.IGNORECASE)
 
 
-def parse(text: str) -> Judgement:
+def parse(text: str) -> ParseResult:
     """The revised reply; empty after cleaning is a failure."""
     body = clean(text, _REVISION_ECHO)
     if not body:
-        return Judgement(raw=text, parse_status="failed", error="empty revision")
-    return Judgement(raw=text, parsed=body, parse_status="ok")
+        return ParseResult(raw=text, parse_status="failed", error="empty revision")
+    return ParseResult(raw=text, parsed=body, parse_status="ok")
 
 
-def parse_reply(text: str) -> Judgement:
+def parse_reply(text: str) -> ParseResult:
     """A plain reply (the initial answer, a helpful-only sample): cut at an invented turn."""
     body = clean(text, _REPLY_ECHO)
     if not body:
-        return Judgement(raw=text, parse_status="failed", error="empty reply")
-    return Judgement(raw=text, parsed=body, parse_status="ok")
+        return ParseResult(raw=text, parse_status="failed", error="empty reply")
+    return ParseResult(raw=text, parsed=body, parse_status="ok")
 
 
 def request(principle: Principle, language: str) -> str:

@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from synth.prompts import TEMPLATE_DIR, render
-from synth.records import Judgement, Message, SourceItem
+from synth.records import Message, ParseResult, SourceItem
 from synth.runtime import Context
 from synth.steps.base import user
 from synth.steps.judge import conversation
@@ -129,7 +129,7 @@ def feedback_schema(aspects: Sequence[Aspect], max_new_tokens: int | None = None
 _FENCE = re.compile(r"```(?:json)?\s*(\{.*?\})\s*```", re.DOTALL)
 
 
-def parse_feedback(text: str) -> Judgement:
+def parse_feedback(text: str) -> ParseResult:
     """{aspect: {"critique": str, "rating": 1|2|3}} from a JSON object (fenced or bare). Which aspects
     must be present is checked by the caller (it knows the prompt's selection)."""
     fenced = _FENCE.findall(text)
@@ -137,16 +137,16 @@ def parse_feedback(text: str) -> Judgement:
     try:
         data = json.loads(blob, strict=False)  # a raw control character inside a critique is not worth a failure
     except json.JSONDecodeError as e:
-        return Judgement(raw=text, error=f"not a JSON object ({e.msg})")
+        return ParseResult(raw=text, error=f"not a JSON object ({e.msg})")
     if not isinstance(data, dict) or not data:
-        return Judgement(raw=text, error="not a non-empty JSON object")
+        return ParseResult(raw=text, error="not a non-empty JSON object")
     out = {}
     for key, val in data.items():
         rating = val.get("rating") if isinstance(val, dict) else None
         if isinstance(rating, bool) or rating not in (1, 2, 3) or not isinstance(val.get("critique"), str):
-            return Judgement(raw=text, error=f"aspect {key!r}: needs a critique string and a rating 1-3")
+            return ParseResult(raw=text, error=f"aspect {key!r}: needs a critique string and a rating 1-3")
         out[key] = {"critique": val["critique"].strip(), "rating": int(rating)}
-    return Judgement(raw=text, parsed=out, parse_status="ok")
+    return ParseResult(raw=text, parsed=out, parse_status="ok")
 
 
 def aspect_score(parsed: dict[str, Any] | None, aspects: Sequence[Aspect]) -> float | None:

@@ -16,7 +16,7 @@ from functools import partial
 
 from synth.llm.base import SamplingParams
 from synth.prompts import render
-from synth.records import Judgement, Message
+from synth.records import Message, ParseResult
 from synth.steps.base import Call, Sample, run_calls, user
 
 SCHEMA = {
@@ -50,7 +50,7 @@ def resolve_category(name: object, categories: Sequence[str]) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def parse(text: str, categories: Sequence[str]) -> Judgement:
+def parse(text: str, categories: Sequence[str]) -> ParseResult:
     """The LAST JSON object with a known verdict (models sometimes restate the format first)."""
     for blob in reversed(_OBJECT.findall(text)):
         try:
@@ -60,11 +60,11 @@ def parse(text: str, categories: Sequence[str]) -> Judgement:
         verdict = _VERDICTS.get(str(obj.get("verdict", "")).strip().lower()) if isinstance(obj, dict) else None
         if verdict is not None:
             cat = resolve_category(obj.get("category"), categories) if verdict == "unsafe" else None
-            return Judgement(raw=text, parsed={"verdict": verdict, "category": cat}, parse_status="ok")
+            return ParseResult(raw=text, parsed={"verdict": verdict, "category": cat}, parse_status="ok")
     bare = _VERDICTS.get(text.strip().strip(".。").lower())
     if bare is not None:
-        return Judgement(raw=text, parsed={"verdict": bare, "category": None}, parse_status="ok")
-    return Judgement(raw=text, parse_status="failed", error="no JSON object with a safe/unsafe verdict")
+        return ParseResult(raw=text, parsed={"verdict": bare, "category": None}, parse_status="ok")
+    return ParseResult(raw=text, parse_status="failed", error="no JSON object with a safe/unsafe verdict")
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from synth.llm.base import SamplingParams
 from synth.prompts import render
-from synth.records import Judgement, Message, SourceItem
+from synth.records import Message, ParseResult, SourceItem
 from synth.runtime import ChunkState, Context
 from synth.steps import structure
 from synth.steps.base import Call, run_calls, user
@@ -30,15 +30,15 @@ def build_judge(language: str, prompt: Sequence[Message], response: str) -> list
     return [user(render("self_reward_judge", language, conversation=conversation(prompt), response=response))]
 
 
-def parse_score(text: str) -> Judgement:
+def parse_score(text: str) -> ParseResult:
     """The last `Score: <k>` at the end of a line, 0 <= k <= 5. Anything else is a failed judgement."""
     found = _SCORE.findall(text)
     if not found:
-        return Judgement(raw=text, error="no 'Score: <0-5>' line")
+        return ParseResult(raw=text, error="no 'Score: <0-5>' line")
     value = float(found[-1])
     if value > 5:
-        return Judgement(raw=text, error=f"score {value} outside 0-5")
-    return Judgement(raw=text, parsed=value, parse_status="ok")
+        return ParseResult(raw=text, error=f"score {value} outside 0-5")
+    return ParseResult(raw=text, parsed=value, parse_status="ok")
 
 
 @dataclass
@@ -75,7 +75,7 @@ def judge_candidates(
         scored = []
         for i, text in enumerate(texts):
             judged = next(results)
-            vals = [s.judgement.parsed if s.ok else None for s in judged]
+            vals = [s.parsed if s.ok else None for s in judged]
             ok = [v for v in vals if v is not None]
             raw = [s.text if s.ok else None for s in judged]
             scored.append(Scored(i, text, vals, sum(ok) / len(ok) if len(ok) >= max(min_valid, 1) else None, raw))
@@ -111,12 +111,12 @@ def build_self_instruct(language: str, examples: Sequence[str]) -> list[Message]
 _TASK = re.compile(r"<task>(.*?)</task>", re.DOTALL)
 
 
-def parse_task(text: str) -> Judgement:
+def parse_task(text: str) -> ParseResult:
     """The first complete `<task>...</task>`, stripped; a missing or empty one is a failure."""
     m = _TASK.search(text)
     if not m or not m.group(1).strip():
-        return Judgement(raw=text, error="no non-empty <task>...</task>")
-    return Judgement(raw=text, parsed=m.group(1).strip(), parse_status="ok")
+        return ParseResult(raw=text, error="no non-empty <task>...</task>")
+    return ParseResult(raw=text, parsed=m.group(1).strip(), parse_status="ok")
 
 
 def pick_examples(ctx: Context, seeds: Sequence[str], item_id: str, shots: int) -> list[str]:

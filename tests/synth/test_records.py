@@ -6,8 +6,8 @@ from pydantic import ValidationError
 from synth.records import (
     Completion,
     GenerationRecord,
-    Judgement,
     Message,
+    ParseResult,
     PreferenceRecord,
     RankedRecord,
     SFTRecord,
@@ -31,8 +31,8 @@ RECORDS = [
         completion_tokens=2,
         logprobs=[TokenLogprob(token="A", logprob=-0.1, top={"A": -0.1, "B": -2.3})],
     ),
-    Judgement(raw="Score: 4", parsed=4, parse_status="ok"),
-    Judgement(raw="garbage", parsed=None, parse_status="failed", error="no score"),
+    ParseResult(raw="Score: 4", parsed=4, parse_status="ok"),
+    ParseResult(raw="garbage", parsed=None, parse_status="failed", error="no score"),
     SFTRecord(id="s1", messages=P + A, method="cai_sl", category="侵犯他人/隐私权", meta={"rounds": [{"p": "x"}]}),
     PreferenceRecord(
         id="p1",
