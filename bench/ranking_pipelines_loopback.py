@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.synth.openai_server import LoopbackServer  # noqa: E402
+from synth.testing.loopback import LoopbackServer  # noqa: E402
 
 DATA = Path("/work/shared/data/hh-rlhf-harmless-base-test.jsonl.gz")
 ASPECTS = ["factuality", "logical_correctness", "completeness", "insightfulness", "readability", "harmlessness"]

@@ -1,5 +1,5 @@
 """Run `critique_revision` and `ai_feedback` end to end against the loopback OpenAI-compatible server
-(tests/synth/openai_server.py) with a scripted responder that writes plausible answers, critiques,
+(synth/testing/loopback.py) with a scripted responder that writes plausible answers, critiques,
 revisions and option log-probs, and breaks a fixed share of them on purpose (empty, truncated,
 unparseable, slot-biased), plus injected HTTP faults (429/5xx/malformed/reset) that the client must
 retry. Prints each run's manifest: rows out, drops by reason, parse failures, retries.
@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.synth.openai_server import LoopbackServer  # noqa: E402
+from synth.testing.loopback import LoopbackServer  # noqa: E402
 
 CRIT_TAIL = "do not rewrite the reply yet."
 REV_TAIL = "repeat it unchanged."

@@ -3,7 +3,7 @@
 
     python bench/shards_ray.py --items 400 --latency-ms 50 --actors 2      # needs `pip install 'rlaif-forge[ray]'`
 
-Two loopback OpenAI-compatible servers (tests/synth/openai_server.py) answer after `--latency-ms`;
+Two loopback OpenAI-compatible servers (synth/testing/loopback.py) answer after `--latency-ms`;
 `pipeline=generate pipeline.n=2`. Every mode writes to a fresh folder (no cache hits) and must end with
 the same sorted completions; the baseline is the single process, measured in the same run.
 """
@@ -46,7 +46,7 @@ def cfg(urls, src, out, *extra):
 
 def main() -> None:
     from synth.app import run
-    from tests.synth.openai_server import LoopbackServer
+    from synth.testing.loopback import LoopbackServer
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--items", type=int, default=400)

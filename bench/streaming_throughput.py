@@ -13,7 +13,7 @@ with the same number of requests right after each run: on a shared machine the s
 later than its scripted latency, and "ours / bare" separates what the runner loses from what the load
 takes. Each row records the 1-minute load average at the start of its runs.
 
-The server runs in its own process (tests/synth/openai_server.py with a scripted responder from the
+The server runs in its own process (synth/testing/loopback.py with a scripted responder from the
 other benches), so the client's CPU is measured apart: CPU seconds of the `synth` process per request
 (Python start-up and imports included, the same in both modes).
 """
@@ -55,14 +55,15 @@ def plain(body: dict) -> str:
 
 
 class Server:
-    """tests/synth/openai_server.py in a subprocess, answering with a bench's scripted responder."""
+    """synth/testing/loopback.py in a subprocess, answering with a bench's scripted responder."""
 
     def __init__(self, responder: str, latency_ms: float, jitter_ms: float) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
             [
                 sys.executable,
-                str(ROOT / "tests" / "synth" / "openai_server.py"),
+                "-m",
+                "synth.testing.loopback",
                 "--latency-ms",
                 str(latency_ms),
                 "--jitter-ms",

@@ -1,6 +1,6 @@
 """Generation-backend throughput (a script, not a test):
 
-1. llm=openai against the loopback server (tests/synth/openai_server.py) in a SUBPROCESS with a fixed
+1. llm=openai against the loopback server (synth/testing/loopback.py) in a SUBPROCESS with a fixed
    latency, so the CPU figure is the client's alone. For each concurrency c, one `generate` call with
    R requests; prints requests/s, the ideal c / latency, their ratio and the client's CPU time per
    request (process CPU time / R). Both transports: `lean` (what transport=auto picks for a plain-http
@@ -34,7 +34,8 @@ def start_server(latency_ms: float) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [
             sys.executable,
-            str(REPO / "tests" / "synth" / "openai_server.py"),
+            "-m",
+            "synth.testing.loopback",
             "--port",
             "0",
             "--latency-ms",

@@ -1,6 +1,6 @@
 """A scripted stand-in for a served chat model, used by scripts/demo.sh.
 
-It speaks the OpenAI chat-completions API on 127.0.0.1 (tests/synth/openai_server.py) and answers
+It speaks the OpenAI chat-completions API on 127.0.0.1 (synth/testing/loopback.py) and answers
 the prompts of the safety recipe (red-team attacker, target, safety judge, CAI critique and revision,
 and the `evaluate` judges)
 with fixed Chinese or English text chosen by a hash of the request. It is not a language model: it lets
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.synth.openai_server import LoopbackServer  # noqa: E402
+from synth.testing.loopback import LoopbackServer  # noqa: E402
 
 CATEGORY = re.compile(r"风险类别：(.+?) / (.+)")
 TESTED = re.compile(r"这条请求原本用于测试：(.+)")

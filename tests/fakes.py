@@ -1,5 +1,5 @@
 """In-process scripted backend for unit tests of steps and pipelines (the loopback HTTP server in
-tests/synth/openai_server.py covers the real network path)."""
+synth/testing/loopback.py covers the real network path)."""
 
 from __future__ import annotations
 

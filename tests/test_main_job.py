@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from synth.testing.loopback import LoopbackServer
 from tests.conftest import SHARED_DATA
-from tests.synth.openai_server import LoopbackServer
 
 REPO = Path(__file__).resolve().parents[1]
 

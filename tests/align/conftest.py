@@ -7,8 +7,8 @@ import pytest
 
 @pytest.fixture
 def server():
+    from synth.testing.loopback import LoopbackServer
     from tests.align.scripted import responder
-    from tests.synth.openai_server import LoopbackServer
 
     with LoopbackServer(responder=responder) as s:
         yield s
@@ -39,7 +39,7 @@ def data_dir(tmp_path_factory):
 @pytest.fixture
 def make_server():
     """`make_server(responder)` -> a started loopback server, stopped after the test."""
-    from tests.synth.openai_server import LoopbackServer
+    from synth.testing.loopback import LoopbackServer
 
     servers = []
 

@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture
 def openai_server():
     """A loopback OpenAI-compatible server with the default echo responder, stopped after the test."""
-    from tests.synth.openai_server import LoopbackServer
+    from synth.testing.loopback import LoopbackServer
 
     with LoopbackServer() as server:
         yield server
@@ -20,7 +20,7 @@ def openai_server():
 def make_openai_server():
     """`make_openai_server(responder=..., latency_s=..., fault_rate=..., schedule=...)` -> a started
     LoopbackServer; every server made is stopped after the test."""
-    from tests.synth.openai_server import LoopbackServer
+    from synth.testing.loopback import LoopbackServer
 
     servers = []
 

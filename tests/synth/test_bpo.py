@@ -12,8 +12,8 @@ from synth.pipelines.bpo import BpoConfig, BpoPipeline, BpoRewriteConfig, BpoRew
 from synth.records import Completion, SourceItem, messages
 from synth.sources import SourceConfig, iter_source
 from synth.steps.bpo import attach_context, count_words, parse_optimized, ratio_filter, rewriter_messages, strip_quotes
+from synth.testing.loopback import LoopbackServer
 from tests.fakes import ScriptedLLM
-from tests.synth.openai_server import LoopbackServer
 from tests.synth.ranking_helpers import check_outputs, loopback, run_synth
 
 ANSWER = (

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from synth.io import LEDGER
-from tests.synth.openai_server import LoopbackServer
+from synth.testing.loopback import LoopbackServer
 
 N = 60
 

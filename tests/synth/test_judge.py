@@ -17,8 +17,8 @@ from synth.steps.judge import (
     parse_rating,
     read_ab_logprobs,
 )
+from synth.testing.loopback import LoopbackServer
 from tests.fakes import ScriptedLLM
-from tests.synth.openai_server import LoopbackServer
 from tests.synth.ranking_helpers import check_outputs, loopback, run_synth
 
 

@@ -6,8 +6,8 @@ from synth.io import read_jsonl
 from synth.pipelines.base import Context, run_pipeline
 from synth.pipelines.judge import JudgeConfig, JudgePipeline
 from synth.records import JointPreferenceRecord, SourceItem, messages
+from synth.testing.loopback import LoopbackServer
 from tests.fakes import ScriptedLLM
-from tests.synth.openai_server import LoopbackServer
 from tests.synth.ranking_helpers import check_outputs, loopback, run_synth
 
 

@@ -17,7 +17,7 @@ from synth.io import LEDGER
 from synth.launch import SlurmLauncher
 from synth.launch.slurm import _array_spec, render
 from synth.shard import Shard
-from tests.synth.openai_server import LoopbackServer
+from synth.testing.loopback import LoopbackServer
 from tests.synth.snapshot_check import assert_snapshot
 
 N = 48

@@ -19,8 +19,8 @@ from synth.steps.meta_judge import (
     strip_score,
 )
 from synth.steps.self_reward import Scored, build_judge
+from synth.testing.loopback import LoopbackServer
 from tests.fakes import ScriptedLLM
-from tests.synth.openai_server import LoopbackServer
 from tests.synth.ranking_helpers import check_outputs, loopback, run_synth
 
 

@@ -10,8 +10,8 @@ from synth.pipelines.base import Context, run_pipeline
 from synth.pipelines.r_tuning import RTuningConfig, RTuningPipeline
 from synth.records import Completion, SourceItem, messages
 from synth.steps.knowledge import matches, normalize_answer, probe_answer, with_period
+from synth.testing.loopback import LoopbackServer
 from tests.fakes import ScriptedLLM
-from tests.synth.openai_server import LoopbackServer
 from tests.synth.ranking_helpers import check_outputs
 
 SUFFIX = "Are you sure you accurately answered the question based on your internal knowledge?"

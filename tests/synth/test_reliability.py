@@ -27,8 +27,8 @@ from synth.pipelines.generate import GenerateConfig, GeneratePipeline
 from synth.records import SourceItem, messages
 from synth.secrets import redact_config, scrub
 from synth.sources import SkipLog, SourceConfig, iter_source
+from synth.testing.loopback import LoopbackServer
 from tests.fakes import ScriptedLLM
-from tests.synth.openai_server import LoopbackServer
 
 HH = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 KEY = "sk-live-0123456789abcdefghijklmnopqrstuvwxyzABCDEF"

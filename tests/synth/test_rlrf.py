@@ -11,7 +11,7 @@ from synth.pipelines.base import Context, run_pipeline
 from synth.pipelines.rlrf import RlrfConfig, RlrfPipeline
 from synth.records import SourceItem, messages
 from synth.steps.rlrf import Aspect, aspect_score, load_aspects, parse_feedback, select_aspects
-from tests.synth.openai_server import LoopbackServer
+from synth.testing.loopback import LoopbackServer
 from tests.synth.ranking_helpers import check_outputs, loopback, run_synth
 
 ASPECTS = ["factuality", "logical_correctness", "completeness", "insightfulness", "readability", "harmlessness"]

@@ -10,8 +10,8 @@ from synth.pipelines.base import Context, run_pipeline
 from synth.pipelines.rs_dpo import RsDpoConfig, RsDpoPipeline
 from synth.records import Completion, SourceItem, messages
 from synth.steps.rejection import gap_pairs, normalize, unique_texts
+from synth.testing.loopback import LoopbackServer
 from tests.fakes import ScriptedLLM
-from tests.synth.openai_server import LoopbackServer
 from tests.synth.ranking_helpers import check_outputs, loopback, run_synth
 
 

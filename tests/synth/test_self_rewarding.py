@@ -7,8 +7,8 @@ from synth.pipelines.base import Context, run_pipeline
 from synth.pipelines.self_rewarding import SelfRewardingConfig, SelfRewardingPipeline
 from synth.records import Completion, SourceItem, messages
 from synth.steps.self_reward import Scored, parse_score, parse_task, select_pair
+from synth.testing.loopback import LoopbackServer
 from tests.fakes import ScriptedLLM
-from tests.synth.openai_server import LoopbackServer
 from tests.synth.ranking_helpers import check_outputs, loopback, run_synth
 
 

@@ -20,7 +20,7 @@ from synth.errors import OutputError
 from synth.io import LEDGER, ChunkWriter
 from synth.lease import DIR, Lease, LeaseConfig, LeaseLost
 from synth.shard import Shard
-from tests.synth.openai_server import LoopbackServer
+from synth.testing.loopback import LoopbackServer
 
 TTL = 0.6
 

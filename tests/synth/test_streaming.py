@@ -21,8 +21,8 @@ from synth.llm.base import SamplingParams
 from synth.pipelines.base import Context, run_pipeline
 from synth.pipelines.generate import GenerateConfig, GeneratePipeline
 from synth.records import SourceItem, messages
+from synth.testing.loopback import LoopbackServer
 from tests.fakes import ScriptedLLM
-from tests.synth.openai_server import LoopbackServer
 
 
 def openai_llm(url: str, cache=None, **settings):

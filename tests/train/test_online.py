@@ -246,7 +246,7 @@ def test_exact_resume(prompts, tmp_path, loop, extra):
 def test_ai_judge_through_a_synth_openai_backend(prompts, tmp_path):
     """online_dpo labelled by a judge behind an OpenAI-compatible server (the loopback test server):
     both orders asked, a tie or an unparsable answer drops the pair; grpo scored by a rubric judge."""
-    from tests.synth.openai_server import LoopbackServer
+    from synth.testing.loopback import LoopbackServer
 
     def responder(body):
         text = body["messages"][-1]["content"]

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from synth.io import LEDGER
+from synth.testing.loopback import LoopbackServer
 from tests.synth.evaluate.scripted import judge_responder
-from tests.synth.openai_server import LoopbackServer
 
 N = 40
 

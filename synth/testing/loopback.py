@@ -34,7 +34,7 @@ Structured output: `structured="json_schema"` (default) takes every response_for
 `{type: json_schema}` with HTTP 500 and takes `{type: json_object, schema}`, like llama-cpp-python 0.3.36;
 "none" answers any response_format with HTTP 400. Rejected requests are recorded with fault "rejected_format".
 
-CLI: `python tests/synth/openai_server.py --port 8000 --latency-ms 200` prints `READY <url>` and serves
+CLI: `python -m synth.testing.loopback --port 8000 --latency-ms 200` prints `READY <url>` and serves
 until interrupted.
 """
 
