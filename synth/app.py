@@ -13,11 +13,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from synth.constitution import load_constitution
 from synth.errors import ConfigError
 from synth.io import check_output_dir, write_text_atomic
 from synth.lease import LeaseConfig
-from synth.llm import check_llm
+from synth.llm import build_llm, check_llm, require_prefill
+from synth.merge import find_shards, merge_shards
+from synth.pipelines.base import Context, run_pipeline
 from synth.secrets import redact_config
+from synth.shard import Shard, ShardedPipeline, check_shard_count
 from synth.sources import SkipLog, SourceConfig, SourceStream
 
 
@@ -151,7 +155,6 @@ def check_prefill(cfg: SynthConfig, pipeline) -> None:
     """For each role the pipeline reads labels from after an assistant prefill (`prefill_roles`) and that
     is a server (llm=openai): probe it now, before any folder is touched, so that a server without
     prefill (llama.cpp) is refused in one line before any work. In-process backends always continue."""
-    from synth.llm import build_llm, require_prefill
 
     for role in pipeline.prefill_roles():
         rc = getattr(cfg, role, None)
@@ -168,8 +171,6 @@ def check_prefill(cfg: SynthConfig, pipeline) -> None:
 def make_context(cfg: SynthConfig, out_dir: Path, build_llm=None):
     """`build_llm(llm, model, cache_path=...)` defaults to synth.llm.build_llm (the Ray launcher passes one
     that reuses an actor's loaded backends across shards)."""
-    from synth.constitution import load_constitution
-    from synth.pipelines.base import Context
 
     if build_llm is None:
         from synth.llm import build_llm
@@ -200,8 +201,6 @@ def run_config(cfg: SynthConfig, resolved_yaml: str | None = None, build_llm=Non
     folder), then let the runner lock the folder and read the whole source before anything already in
     the folder is reset or rewritten."""
     from synth.constitution import load_constitution
-    from synth.pipelines.base import run_pipeline
-    from synth.shard import Shard, ShardedPipeline, check_shard_count
 
     pipeline = build_pipeline(cfg.pipeline)  # validates pipeline settings before any model loads
     # a bad name or file, or one that lacks what the pipeline needs, fails here, before any model loads
@@ -247,7 +246,6 @@ def run_config(cfg: SynthConfig, resolved_yaml: str | None = None, build_llm=Non
 
 def merge_config(cfg: SynthConfig) -> dict[str, Any]:
     """`synth ... merge=true`: merge output_dir/shards/* after checking they ran with these settings."""
-    from synth.merge import find_shards, merge_shards
 
     if cfg.shard is not None:
         raise ConfigError("merge=true merges every shard of output_dir; drop shard=")

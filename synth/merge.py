@@ -28,9 +28,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from synth.cli import guarded_call
+from synth.constitution import load_constitution
 from synth.errors import ConfigError, DataError, OutputError
 from synth.io import LEDGER, OutputLock, write_json_atomic, write_text_atomic
+from synth.pipelines.base import build_manifest, print_summary
+from synth.pipelines.red_team import RedTeamPipeline
+from synth.records import stable_id
+from synth.runtime import Context
 from synth.shard import Shard, shard_folders, shard_of
+from synth.steps.filters import NearDuplicateIndex
 
 SHARD_INFO = "shard.json"  # written in each shard folder when it starts: what merge needs to finalize
 _BLOCK = 1 << 20
@@ -177,10 +184,7 @@ def cross_shard_duplicates(pipeline, folders: list[Path]) -> dict[str, dict[str,
     kept. Only pipelines with cross-item dedup inside a run need it: red_team (attack prompts) and
     self_rewarding (self-instruct prompts). The index holds every prompt once (a global dedup cannot do
     with less); the rows themselves are streamed."""
-    from synth.pipelines.red_team import RedTeamPipeline
-    from synth.pipelines.self_rewarding import SelfRewardingPipeline
-    from synth.records import stable_id
-    from synth.steps.filters import NearDuplicateIndex
+    from synth.pipelines.self_rewarding import SelfRewardingPipeline  # lazy: keeps numpy out of synth.merge's import
 
     if isinstance(pipeline, RedTeamPipeline):
         threshold, text = pipeline.cfg.near_duplicate, (lambda r: r["prompt"])
@@ -304,10 +308,7 @@ def merge_shards(out_dir: str | Path, fingerprint: str | None = None, show_progr
     """Merge `out_dir/shards/*` into `out_dir`; return the top-level manifest (also written)."""
     from tqdm.auto import tqdm
 
-    from synth.app import build_pipeline
-    from synth.constitution import load_constitution
-    from synth.pipelines.base import build_manifest, print_summary
-    from synth.runtime import Context
+    from synth.app import build_pipeline  # lazy: synth.app imports this module (cycle)
 
     start = time.time()
     out_dir = Path(out_dir).expanduser()
@@ -386,8 +387,6 @@ class _Totals:
 def main(argv: list[str] | None = None) -> None:
     """`synth-merge output_dir=DIR [progress=false]`: one line and exit 2 on a user error."""
     import sys
-
-    from synth.cli import guarded_call
 
     args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv) if "=" in a)
     bad = [a for a in (sys.argv[1:] if argv is None else argv) if "=" not in a] + sorted(

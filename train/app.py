@@ -521,7 +521,7 @@ def run_config(cfg: TrainConfig, resolved_yaml: str | None = None) -> dict[str, 
     `accelerate launch` only the global rank 0 takes the lock: the other ranks share that run."""
     module = "online" if cfg.loop.name in ONLINE_LOOPS else cfg.loop.name
     loop = importlib.import_module(f"train.loops.{module}")
-    from train.loops.common import return_freed_memory
+    from train.loops.common import return_freed_memory  # lazy: keeps torch out of train.app's import
 
     if cfg.optim.release_memory:
         return_freed_memory()  # freed activations leave the resident set (glibc; see its docstring)

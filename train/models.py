@@ -16,6 +16,7 @@ import torch
 from synth.app import ConfigError
 from synth.modelfiles import load_model, resolve_model
 from synth.modelfiles import load_tokenizer as _load_hf_tokenizer
+from train.data import require_chat_template
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -28,7 +29,6 @@ def model_path(name_or_path: str) -> str:
 
 def load_tokenizer(name_or_path: str, revision: str | None = None, chat_template: str | None = None):
     """The tokenizer with a chat template (a DataError naming the fix when there is none) and a pad id."""
-    from train.data import require_chat_template
 
     try:
         tok = _load_hf_tokenizer(resolve_model(name_or_path), revision)

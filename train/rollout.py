@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from train.logprobs import selective_log_softmax
+from train.loops.packing import pack_rows
 
 
 @dataclass
@@ -215,7 +216,6 @@ def head_only_matches(model, rollout: Rollout, device, tol: float = 1e-4) -> boo
 def _packed_logits(model, rollout: Rollout, device, head_only: bool = False) -> tuple[Tensor, Tensor]:
     """One forward over the rows packed end to end -> (logits [M, V] of the positions that predict the
     M real completion tokens, in row-major order of completion_mask; the packed positions)."""
-    from train.loops.packing import pack_rows
 
     plen = rollout.prompt_mask.sum(1)
     clen = rollout.completion_mask.sum(1)

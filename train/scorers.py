@@ -28,6 +28,11 @@ import torch
 from torch import Tensor
 
 from synth.errors import ConfigError
+from synth.llm import build_llm
+from synth.llm.base import SamplingParams
+from synth.records import Message
+from synth.steps.judge import build_pairwise, build_rubric, combine_verdicts, parse_pairwise, parse_rating
+from train.models import model_path
 
 Messages = list[dict[str, str]]
 
@@ -73,8 +78,6 @@ class ModelScorer:
     def __init__(self, path: str, batch_size: int, device, where: str):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from train.models import model_path
-
         p = Path(model_path(path))
         try:
             if (p / "adapter_config.json").exists():
@@ -112,14 +115,11 @@ def build_judge_llm(judge) -> Any:
     """A synth backend for the judge (synth.llm.build_llm), or the object a `factory` returns."""
     if judge.factory is not None:
         return resolve_function(judge.factory, "judge.factory")()
-    from synth.llm import build_llm
 
     return build_llm(judge.llm, judge.model, cache_path=judge.cache_path)
 
 
 def _messages(prompt: Messages):
-    from synth.records import Message
-
     return [Message(role=m["role"], content=m["content"]) for m in prompt]
 
 
@@ -128,14 +128,10 @@ class RubricJudge:
     backend call for all completions; a parse failure or a cut-off verdict is NaN."""
 
     def __init__(self, judge):
-        from synth.llm.base import SamplingParams
-
         self.llm, self.language = build_judge_llm(judge), judge.language
         self.params = SamplingParams(temperature=judge.temperature, max_new_tokens=judge.max_new_tokens)
 
     def __call__(self, prompts: list[Messages], completions: list[str], completion_ids: list[list[int]]) -> Tensor:
-        from synth.steps.judge import build_rubric, parse_rating
-
         requests = [build_rubric(self.language, _messages(p), c) for p, c in zip(prompts, completions, strict=True)]
         results = self.llm.generate(requests, self.params) if requests else []
         scores = []
@@ -158,8 +154,6 @@ class PairwiseJudge:
         self.params = SamplingParams(temperature=judge.temperature, max_new_tokens=judge.max_new_tokens)
 
     def __call__(self, prompts: list[Messages], a: list[str], b: list[str]) -> list[int | None]:
-        from synth.steps.judge import build_pairwise, combine_verdicts, parse_pairwise
-
         requests = []
         for p, x, y in zip(prompts, a, b, strict=True):
             msgs = _messages(p)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from train.models import is_peft
 from train.rollout import Rollout, eos_mask, eos_token_ids, left_pad, token_logps
 
 
@@ -176,7 +177,6 @@ def merged_parameters(model):
     """(name, tensor) pairs in the base model's naming. PEFT: the adapter is merged for the read and
     unmerged after (TRL colocate); `base_model.model.` and `.base_layer` are dropped, `lora_` skipped,
     `modules_to_save` copies replace their originals."""
-    from train.models import is_peft
 
     if not is_peft(model):
         for name, p in model.named_parameters():

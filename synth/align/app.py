@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from synth.align import report, stages
 from synth.align.models import ModelRef, materialized_base
 from synth.align.recipe import Recipe, StopRule, load_recipe
 from synth.app import ModelConfig, RoleConfig, one_line, plain_config
@@ -231,8 +232,6 @@ def check_stage(cfg: AlignConfig, stage, raw: dict[str, Any] | None) -> None:
 
 
 def run_config(cfg: AlignConfig, resolved_yaml: str | None = None) -> dict[str, Any]:
-    from synth.align import report, stages
-
     names = [s["name"] for s in cfg.recipe.get("stages") or [] if isinstance(s, dict)]
     for field in ("stage_overrides", "stage_inputs"):
         unknown = sorted(set(getattr(cfg, field)) - set(names))

@@ -44,6 +44,8 @@ import torch
 from synth.errors import ConfigError, DataError
 from synth.io import read_jsonl, write_json_atomic
 from synth.records import PreferenceRecord, Provenance, stable_id
+from train.losses.constrained import dual_ascent_step, lagrangian_preference
+from train.scorers import FunctionScorer, ModelScorer
 
 if TYPE_CHECKING:  # synth.align.ops registers these ops, so it is imported lazily here
     from synth.align.ops import OpContext
@@ -54,7 +56,6 @@ Scorer = Callable[[list[list[dict[str, str]]], list[str]], list[float]]
 
 def build_scorer(ctx: OpContext, spec: str, role: str, batch_size: int) -> Scorer:
     """A stage name (a model trained earlier in the recipe), a model folder, or `module:function`."""
-    from train.scorers import FunctionScorer, ModelScorer
 
     where = f"op {ctx.recipe}: args.{role}"
     if spec in ctx.scorers or Path(spec).exists():
@@ -107,8 +108,7 @@ def c_dpo_relabel(
     """preferences.jsonl: the pairs of `inputs.pairs` labelled by r_λ = r − λc for this round's λ
     (`inputs.dual`: the previous round's dual/lambda.json; round 1: `lambda_init`). lambda.json: that λ
     and the cost scale the dual step must use."""
-    from synth.align.ops import manifest, write_rows
-    from train.losses.constrained import lagrangian_preference
+    from synth.align.ops import manifest, write_rows  # lazy: synth.align.ops imports this module (cycle)
 
     if lambda_init < 0:
         raise ConfigError(f"op c_dpo_relabel: args.lambda_init must be >= 0 (got {lambda_init})")
@@ -187,7 +187,7 @@ def scored_pairs(
 ) -> tuple[list, dict[str, list[float]], Counter, str]:
     """The usable pairs of a source and their four score columns (precomputed, or from the scorers);
     pairs without both sides, with identical sides or with a NaN score are dropped and counted."""
-    from synth.align.ops import source_items
+    from synth.align.ops import source_items  # lazy: synth.align.ops imports this module (cycle)
 
     drops: Counter = Counter()
     items = []
@@ -249,8 +249,7 @@ def c_dpo_dual(
 ) -> dict[str, Any]:
     """lambda.json: the next round's λ from the mean cost of this round's policy samples
     (`inputs.samples`: generate's completions.jsonl; `inputs.relabel`: this round's relabel/lambda.json)."""
-    from synth.align.ops import manifest
-    from train.losses.constrained import dual_ascent_step
+    from synth.align.ops import manifest  # lazy: synth.align.ops imports this module (cycle)
 
     if lr <= 0:
         raise ConfigError(f"op c_dpo_dual: args.lr (the dual step size) must be > 0 (got {lr})")

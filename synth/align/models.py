@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from synth.errors import BackendError, ConfigError
+from synth.modelfiles import load_model, load_tokenizer, resolve_model
 
 
 class ModelRef(BaseModel):
@@ -89,7 +90,7 @@ def merged_copy(ref: ModelRef, out: Path) -> str:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from train.models import load_frozen
+    from train.models import load_frozen  # lazy: keeps torch out of synth.align.models's import
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -107,7 +108,6 @@ def materialized_base(model: dict[str, Any], out: Path) -> dict[str, Any]:
     instead of de-quantizing the GGUF again (a minute each on a loaded 2-core CPU). The weights are the
     same floats every stage would get from the GGUF; other models are returned unchanged. Written
     through a temporary folder renamed into place (kill-safe)."""
-    from synth.modelfiles import load_model, load_tokenizer, resolve_model
 
     source = resolve_model(model["name_or_path"], model.get("gguf_file"))
     if not source.gguf_file:

@@ -25,9 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from synth.constitution import load_constitution
 from synth.errors import ConfigError
 from synth.io import read_jsonl, write_text_atomic
 from synth.records import Message, PreferenceRecord, Provenance, SFTRecord, stable_id
+from synth.sources import SourceConfig, iter_source
+from synth.steps.filters import NearDuplicateIndex
+from train.scorers import ModelScorer
 
 
 @dataclass
@@ -52,8 +56,6 @@ def manifest(name: str, inputs: int, outputs: dict[str, int], drops: Counter, **
 
 
 def source_items(src: dict[str, Any] | Path) -> list:
-    from synth.sources import SourceConfig, iter_source
-
     cfg = src if isinstance(src, dict) else {"kind": "jsonl", "path": str(src)}
     return list(iter_source(SourceConfig.model_validate(cfg)))
 
@@ -113,7 +115,6 @@ def score_completions(
 ) -> tuple[list[list[tuple[str, float]]], Counter]:
     """Per prompt, its (text, reward) candidates. Empty and truncated samples are dropped before
     scoring (RAFT's lesson: an artefact the reward model ignores spreads, so filter first)."""
-    from train.scorers import ModelScorer
 
     drops: Counter = Counter()
     flat, owner = [], []
@@ -288,9 +289,6 @@ def grow_constitution(
     3-gram Jaccard >= `near_duplicate`) of a principle already in the pool. The file is validated by
     the constitution loader before it is written; new_principles.jsonl lists what was added."""
     import yaml
-
-    from synth.constitution import load_constitution
-    from synth.steps.filters import NearDuplicateIndex
 
     base = load_constitution(str(inputs["previous"]) if inputs.get("previous") is not None else initial)
     pool = base.model_dump(exclude_defaults=False)

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from synth.app import one_line
 from synth.errors import ConfigError
 
 TOOLS = ("synth", "train", "evaluate", "op")
@@ -89,7 +90,6 @@ def conf_names(group: str) -> list[str]:
 def load_recipe(raw: dict[str, Any]) -> Recipe:
     """The `recipe:` group -> a checked Recipe: unknown tools, ops, config names and references are
     refused with one line listing the valid names, before any stage runs."""
-    from synth.app import one_line
 
     try:
         recipe = Recipe.model_validate(raw)

@@ -9,9 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from synth import app as synth_app
 from synth.align.models import ModelRef, merged_copy, policy_blocks, trained_ref
 from synth.align.recipe import Stage
 from synth.errors import ConfigError
+from synth.io import write_json_atomic
+from train import app as train_app
 
 CONFIG_NAMES = {"synth": "synth", "train": "train", "evaluate": "evaluate"}
 
@@ -115,8 +118,6 @@ def wire(rnd, stage: Stage, raw: dict[str, Any], ledger) -> None:
 
 
 def run_synth(rnd, stage: Stage, out: Path, ledger) -> dict[str, Any]:
-    from synth.app import run
-
     cfg = rnd.cfg
     raw = compose_stage(cfg, stage, rnd.k)
     raw["llm"], raw["model"] = policy_blocks(rnd.model, cfg.llm, cfg.served.model_dump(), rnd.recipe.name)
@@ -125,12 +126,12 @@ def run_synth(rnd, stage: Stage, out: Path, ledger) -> dict[str, Any]:
         raw["judge"] = {"llm": None, "model": None}
     raw.update(output_dir=str(out), progress=cfg.progress, seed=cfg.seed + rnd.k, resume=True)
     wire(rnd, stage, raw, ledger)
-    manifest = run(raw)
+    manifest = synth_app.run(raw)
     return {"outputs": manifest["outputs"], "drops": manifest["drops"]}
 
 
 def run_evaluate(rnd, stage: Stage, out: Path, ledger) -> dict[str, Any]:
-    from synth.evaluate.app import run
+    from synth.evaluate.app import run  # lazy: keeps numpy out of synth.align's import
 
     cfg = rnd.cfg
     raw = compose_stage(cfg, stage, rnd.k)
@@ -178,9 +179,7 @@ def run_train(rnd, stage: Stage, out: Path, ledger) -> dict[str, Any]:
     reference(rnd, stage, raw, lora, out)
     wire(rnd, stage, raw, ledger)
     if not (out / "summary.json").exists():  # a run killed after its summary needs no more steps
-        from train.app import run
-
-        run(raw)
+        train_app.run(raw)
     summary = json.loads((out / "summary.json").read_text())
     entry: dict[str, Any] = {"steps": summary.get("steps"), "final_train": summary.get("final_train"), "loop": loop}
     if produces == "policy":
@@ -231,7 +230,7 @@ def reference(rnd, stage: Stage, raw: dict[str, Any], lora: bool, out: Path) -> 
 
 
 def run_op(rnd, stage: Stage, out: Path, ledger) -> dict[str, Any]:
-    from synth.align.ops import OPS, OpContext
+    from synth.align.ops import OPS, OpContext  # lazy: keeps torch out of synth.align.stages's import
 
     inputs = {key: rnd.resolve(ref, ledger) for key, ref in stage.inputs.items()}
     out.mkdir(parents=True, exist_ok=True)
@@ -244,7 +243,6 @@ def run_op(rnd, stage: Stage, out: Path, ledger) -> dict[str, Any]:
         recipe=rnd.recipe.name,
     )
     manifest = OPS[stage.op](ctx, inputs, **stage.args)
-    from synth.io import write_json_atomic
 
     write_json_atomic(out / "manifest.json", manifest)
     entry = {"outputs": manifest.get("outputs", {}), "drops": manifest.get("drops", {})}

@@ -16,7 +16,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from synth.app import ModelConfig, RoleConfig, auto_chunks_in_flight, one_line, plain_config
+from synth.constitution import load_constitution
 from synth.errors import ConfigError
+from synth.evaluate.judges import template_refs
 from synth.evaluate.pipeline import (
     EvaluatePipeline,
     EvaluatePipelineConfig,
@@ -26,8 +28,9 @@ from synth.evaluate.pipeline import (
 )
 from synth.evaluate.suites import SuiteConfig, load_suite
 from synth.io import check_output_dir, write_text_atomic
-from synth.llm import check_llm
-from synth.runtime import Sampling
+from synth.llm import build_llm, check_llm
+from synth.pipelines.base import run_pipeline
+from synth.runtime import Context, Sampling
 
 
 class EvaluateConfig(BaseModel):
@@ -104,15 +107,11 @@ def mark_run(out_dir: Path, cfg: EvaluateConfig, resolved_yaml: str | None) -> N
 def taxonomy_categories(name: str | None) -> list[str]:
     if not name:
         return []
-    from synth.constitution import load_constitution
 
     return [f"{a}/{b}" for a, b in load_constitution(name).categories()]
 
 
 def make_context(cfg: EvaluateConfig, out_dir: Path):
-    from synth.llm import build_llm
-    from synth.runtime import Context
-
     cache = out_dir / "cache.sqlite" if cfg.cache else None
     ctx = Context(factories={}, seed=cfg.seed)
     policy_model = cfg.model.model_dump()
@@ -126,9 +125,6 @@ def make_context(cfg: EvaluateConfig, out_dir: Path):
 
 
 def run_config(cfg: EvaluateConfig, resolved_yaml: str | None = None) -> dict[str, Any]:
-    from synth.evaluate.judges import template_refs
-    from synth.pipelines.base import run_pipeline
-
     warnings: list[str] = []
     judge_is_policy = cfg.judge.llm is None and cfg.judge.model is None
     any_judge = (

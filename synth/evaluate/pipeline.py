@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from synth.evaluate import judges
 from synth.evaluate.refusal import is_refusal, prefixes
+from synth.evaluate.report import write_outputs
 from synth.evaluate.stats import pairwise_outcome, strongreject_score
 from synth.io import read_jsonl
 from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
@@ -293,8 +294,6 @@ class EvaluatePipeline(Pipeline):
             state.count("kl_skipped_not_t1")
 
     def finalize(self, ctx: Context, out_dir: Path) -> dict[str, Any]:
-        from synth.evaluate.report import write_outputs
-
         summary = write_outputs(out_dir, self.cfg)
         return {"evaluate": {"headline": summary.get("headline", {}), "warnings": summary.get("warnings", [])}}
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from synth.evaluate import metrics as M
 from synth.evaluate.compare import compare
+from synth.evaluate.markdown import render_report
 from synth.io import read_jsonl, write_json_atomic, write_text_atomic
 
 SMALL_CELL = 20
@@ -122,7 +123,6 @@ def write_outputs(out_dir: Path, cfg) -> dict[str, Any]:
     summary["headline"] = headline(m)
     write_json_atomic(out_dir / "summary.json", summary)
     plots = write_plots(out_dir / "plots", summary, rows)
-    from synth.evaluate.markdown import render_report
 
     write_text_atomic(out_dir / "report.md", render_report(summary, plots))
     return summary

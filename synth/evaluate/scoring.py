@@ -22,7 +22,10 @@ from synth.records import Message
 
 
 def _encoder(tokenizer):
-    from train.data.tokenize import ChatEncoder, TokenizeConfig
+    from train.data.tokenize import (  # lazy: keeps datasets, torch out of synth.evaluate.scoring's import
+        ChatEncoder,
+        TokenizeConfig,
+    )
 
     return ChatEncoder(tokenizer, TokenizeConfig(max_length=None, max_prompt_length=None))
 
@@ -53,7 +56,7 @@ class ScalarScorer:
     def __init__(self, path: str, device: str = "auto", batch_size: int = 8):
         from transformers import AutoModelForSequenceClassification
 
-        from train.models import load_tokenizer, model_path
+        from train.models import load_tokenizer, model_path  # lazy: keeps torch out of synth.evaluate.scoring's import
 
         self.path, self.batch_size, self.device = path, batch_size, _device(device)
         folder = Path(model_path(path))
@@ -95,7 +98,7 @@ class LogprobScorer:
     def __init__(
         self, policy: str, reference: str, adapter: str | None = None, device: str = "auto", batch_size: int = 4
     ):
-        from train.models import load_frozen, load_tokenizer
+        from train.models import load_frozen, load_tokenizer  # lazy: keeps torch out of synth.evaluate.scoring's import
 
         self.batch_size, self.device = batch_size, _device(device)
         self.tok = load_tokenizer(policy)
@@ -110,7 +113,7 @@ class LogprobScorer:
     def token_logps(self, model, pairs) -> list[list[float]]:
         import torch
 
-        from train.logprobs import IGNORE_INDEX, token_logps
+        from train.logprobs import IGNORE_INDEX, token_logps  # lazy: keeps torch out of synth.evaluate.scoring's import
 
         out: list[list[float]] = []
         with torch.no_grad():
@@ -135,7 +138,7 @@ class LogprobScorer:
         return out
 
     def __call__(self, prompts: Sequence[Sequence[Message]], answers: Sequence[str]) -> list[dict[str, float | int]]:
-        from synth.evaluate.stats import kl_estimates
+        from synth.evaluate.stats import kl_estimates  # lazy: keeps numpy out of synth.evaluate.scoring's import
 
         pairs = _pairs(self.enc, prompts, answers)
         lp_pol, lp_ref = self.token_logps(self.policy, pairs), self.token_logps(self.reference, pairs)

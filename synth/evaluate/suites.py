@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from synth.errors import ConfigError, SourceError
 from synth.records import Message, SourceItem, stable_id
+from synth.sources import iter_json_rows, parse_hh_dialogue
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -185,7 +186,6 @@ def _hh(cfg: SuiteConfig, info: dict) -> Iterator[SourceItem]:
     """hh-rlhf harmless-base test: the first human turn of each red-team dialogue (held out from the
     train split that preference training reads). Only the first turn is used, so rows whose chosen and
     rejected histories differ later on are fine here."""
-    from synth.sources import iter_json_rows, parse_hh_dialogue
 
     raw = [cfg.path] if isinstance(cfg.path, str) else list(cfg.path)
     seen: set[str] = set()
@@ -217,7 +217,6 @@ def _hh(cfg: SuiteConfig, info: dict) -> Iterator[SourceItem]:
 
 def _jsonl(cfg: SuiteConfig, info: dict) -> Iterator[SourceItem]:
     """Any .jsonl file; `exclude` names training files whose ids are held out (redteam_heldout)."""
-    from synth.sources import iter_json_rows
 
     held: set[str] = set()
     for ex in cfg.exclude:

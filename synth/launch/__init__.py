@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from synth.errors import ConfigError
+from synth.shard import Shard
 
 
 class LocalLauncher(BaseModel):
@@ -90,7 +91,7 @@ def launch(cfg, resolved_yaml: str | None = None, overrides: list[str] | None = 
         from synth.launch.slurm import run_slurm
 
         return run_slurm(base, lc, overrides)
-    from synth.launch.ray import run_ray
+    from synth.launch.ray import run_ray  # lazy: synth.launch.ray imports this module (cycle)
 
     return run_ray(base, lc, resolved_yaml)
 
@@ -104,8 +105,6 @@ def unfinished(out_dir, n: int) -> list[int]:
     """Shards of n whose manifest does not say finished (all of them before the first run)."""
     import json
     from pathlib import Path
-
-    from synth.shard import Shard
 
     todo = []
     for i in range(n):

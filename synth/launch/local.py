@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from synth.app import merge_config, run_config
 from synth.launch import LocalLauncher, shard_config
 
 
 def run_local(cfg, lc: LocalLauncher, resolved_yaml: str | None) -> dict[str, Any]:
-    from synth.app import merge_config, run_config
-
     n = lc.shards
     for i in range(n):
         print(f"== shard {i}/{n}", flush=True)

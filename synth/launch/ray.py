@@ -19,16 +19,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from synth.app import SynthConfig, merge_config, run_config
 from synth.errors import ConfigError, UserError
 from synth.launch import RayLauncher, shard_config, unfinished
+from synth.launch.local import _shard_yaml
+from synth.llm import build_llm
+from synth.llm.base import CallStats
+from synth.llm.cache import CachedLLM
 
 
 class ShardRunner:
     """One Ray actor: runs shards of one synth config, building each role's backend once."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
-        from synth.app import SynthConfig
-
         self.cfg = SynthConfig.model_validate(cfg)
         self.backends: dict[str, Any] = {}
 
@@ -39,8 +42,6 @@ class ShardRunner:
 
     def build(self, llm_cfg, model_cfg, cache_path=None):
         """synth.llm.build_llm with the backend itself kept across shards (the cache is per shard)."""
-        from synth.llm import build_llm
-        from synth.llm.cache import CachedLLM
 
         key = json.dumps([llm_cfg, model_cfg], sort_keys=True, default=str)
         if key not in self.backends:
@@ -50,8 +51,6 @@ class ShardRunner:
 
     def run(self, i: int, n: int, resolved_yaml: str | None) -> dict[str, Any]:
         """Run shard i/n; a user error comes back as a value (Ray would otherwise wrap and retry it)."""
-        from synth.app import run_config
-        from synth.llm.base import CallStats
 
         for backend in self.backends.values():  # retries/cache hits are counted per shard
             if isinstance(getattr(backend, "stats", None), CallStats):
@@ -77,7 +76,6 @@ def run_ray(cfg, lc: RayLauncher, resolved_yaml: str | None) -> dict[str, Any]:
         raise ConfigError(
             "launcher=ray needs ray: pip install 'rlaif-forge[ray]' (or use launcher=local|slurm)"
         ) from None
-    from synth.launch.local import _shard_yaml
 
     out_dir = Path(cfg.output_dir).expanduser()
     n = lc.shards
@@ -117,7 +115,6 @@ def run_ray(cfg, lc: RayLauncher, resolved_yaml: str | None) -> dict[str, Any]:
     print(f"ray: {len(todo)} shards run in {time.time() - t0:.1f}s (cluster start-up {startup:.1f}s)", flush=True)
     if not lc.merge:
         return {"status": "shards finished", "shards": n, "ray_startup_s": startup}
-    from synth.app import merge_config
 
     m = merge_config(cfg.model_copy(update={"merge": True}))
     return {**m, "ray": {"startup_s": round(startup, 3), "shards_run": len(todo)}}

@@ -60,7 +60,7 @@ def build_llm(llm_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], *, cache
     backend = getattr(importlib.import_module(module_name), backend_name)(settings, model)
     if cache_path is None:
         return backend
-    from synth.llm.cache import CachedLLM
+    from synth.llm.cache import CachedLLM  # lazy: synth.llm.cache imports this module (cycle)
 
     return CachedLLM(backend, cache_path)
 

@@ -45,6 +45,7 @@ from synth.llm.base import (
     is_prefill,
     sample_seed,
 )
+from synth.modelfiles import load_model, load_tokenizer, resolve_model
 
 _PROGRESS_MIN_ROWS = 8
 _NUCLEUS_CANDIDATES = 1024  # top-p looks for the nucleus among these first (synth/llm/hf.py _top_p)
@@ -78,8 +79,6 @@ class HFBackend:
     def __init__(self, settings: HFSettings, model: ModelSettings) -> None:
         import torch
         from transformers import AutoModelForCausalLM
-
-        from synth.modelfiles import load_model, load_tokenizer, resolve_model
 
         self.settings, self.model = settings, model.name_or_path
         self.stats = CallStats()

@@ -56,6 +56,7 @@ from synth.llm.base import (
     is_prefill,
     split_seeded,
 )
+from synth.modelfiles import require_gguf, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 def model_files(settings: VLLMSettings, model: ModelSettings) -> tuple[str, str, str | None]:
     """(model, tokenizer, revision) for `vllm.LLM`: a folder / hub id as it is, a GGUF as its file path
     (downloaded from the hub when it is not local; the revision then went into the download)."""
-    from synth.modelfiles import require_gguf, resolve_model
 
     source = resolve_model(model.name_or_path, model.gguf_file)
     if not source.gguf_file:

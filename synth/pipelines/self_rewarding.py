@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from synth.io import ChunkWriter, read_jsonl
 from synth.pipelines.base import ChunkState, Context, Pipeline, PipelineConfig
 from synth.prompts import template_ref
+from synth.ranking import position_bias
 from synth.records import Message, PreferenceRecord, Provenance, SourceItem, stable_id
 from synth.runtime import Sampling
 from synth.steps.base import Call, run_calls
@@ -295,7 +296,6 @@ def meta_judge_report(out_dir: Path) -> dict[str, Any]:
     """Judge-preference pairs and the meta-judge's known biases (arXiv 2407.19594 §4: it favours the
     higher-scored judgement and the first slot): the share of pairs whose chosen judgement has the
     higher score, the slot-A win rate of single-order verdicts, and the judgement lengths."""
-    from synth.ranking import position_bias
 
     rows = read_jsonl(out_dir / "judge_preferences.jsonl")
     verdicts = [

@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from synth.llm import build_llm
 from synth.records import SourceItem
 from synth.runtime import ChunkState, Context, Sampling
 from synth.steps.base import Call, run_calls
@@ -70,8 +71,6 @@ def _factory(spec: CandidateSpec, cache_dir: Path | None):
     cache = cache_dir / "cache.sqlite" if cache_dir is not None else None
 
     def build():
-        from synth.llm import build_llm
-
         return build_llm(spec.llm, model, cache_path=cache)
 
     return build

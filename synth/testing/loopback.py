@@ -53,6 +53,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from synth.llm.openai import _PROBE_MESSAGES
+
 FAULTS = ("429", "500", "503", "reset", "slow", "malformed", "truncated", "empty_choices")
 # Not transient: only by schedule / fault_fn. Their bodies quote the Authorization header back, as some
 # hosted APIs quote part of a wrong key, so tests can check that clients never surface it.
@@ -88,7 +90,6 @@ class RecordedRequest:
 
 def is_probe(body: dict | None) -> bool:
     """The openai backend's prefill probe: its fixed assistant prefill, sent with continue_final_message."""
-    from synth.llm.openai import _PROBE_MESSAGES
 
     msgs = (body or {}).get("messages") or []
     return bool(

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from train.models import save_model
+
 if TYPE_CHECKING:
     from train.loops.common import Progress
 
@@ -80,7 +82,6 @@ def save_checkpoint(
     """A checkpoint folder: the `save_pretrained` model (adapter or full) + tokenizer, then
     optimizer.pt / scheduler.pt / rng_<rank>.pt / tensors.pt (loss state, reference log-probs) and
     trainer_state.json written last, so a folder without it is an interrupted save and is ignored."""
-    from train.models import save_model
 
     ckpt = checkpoint_dir(out_dir, step)
     save_model(model, tokenizer, ckpt, accelerator)

@@ -18,8 +18,12 @@ from typing import Any
 
 import torch
 
+from synth.app import ConfigError
+from train.data import DataError, TokenizeConfig, load_records, tokenize_dataset
+from train.distributed import check_launch
 from train.loops.checkpoints import find_last_checkpoint
 from train.loops.metrics import StepMetrics
+from train.losses import DATA_ARGS
 
 # ------------------------------------------------------------------------------------ setup
 
@@ -54,8 +58,6 @@ def make_accelerator(cfg):
     """An Accelerator whose settings come from the config; `accelerate launch` adds DDP/FSDP/DeepSpeed."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
-
-    from train.distributed import check_launch
 
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.optim.grad_accum,
@@ -100,7 +102,6 @@ def seed_everything(seed: int) -> None:
 def prepare_output_dir(output_dir: str | Path, resume: bool, is_main: bool) -> Path:
     """The output folder. A folder holding a previous run's checkpoints needs resume=true (continue) or
     another output_dir: silently mixing two runs' metrics and checkpoints helps nobody."""
-    from synth.app import ConfigError
 
     out = Path(output_dir).expanduser()
     if not resume and find_last_checkpoint(out) is not None:
@@ -139,7 +140,6 @@ def instantiate_loss(spec):
     from hydra.utils import get_object, instantiate
 
     from synth.app import ConfigError
-    from train.losses import DATA_ARGS
 
     fn_cfg = dict(spec.fn)
     target = fn_cfg.get("_target_")
@@ -168,15 +168,12 @@ class TrainData:
 
 def load_rows(path: str, cfg, convert: Callable | None = None, limit: int | None = None):
     """Canonical rows of a data file (train/data.py), optionally converted to the kind a loss needs."""
-    from train.data import load_records
 
     rows = load_records(path, split=cfg.data.split, limit=limit)
     return convert(rows, path) if convert is not None else rows
 
 
 def tokenize_config(cfg):
-    from train.data import TokenizeConfig
-
     d = cfg.data
     return TokenizeConfig(
         max_length=d.max_length,
@@ -192,7 +189,6 @@ def tokenize_config(cfg):
 def tokenize_checked(rows, tokenizer, cfg, kind: str, source: str):
     """Tokenise with the configured truncation policy. Rows whose prompt alone leaves no room are an
     error naming the file, the rows and the settings (unless data.drop_overlong); no rows left is too."""
-    from train.data import DataError, tokenize_dataset
 
     tok, report = tokenize_dataset(rows, tokenizer, tokenize_config(cfg), kind=kind)
     if report.dropped_prompt_too_long and not cfg.data.drop_overlong:
@@ -229,8 +225,6 @@ def load_data(cfg, tokenizer, kind: str, convert: Callable | None = None) -> Tra
 
 
 def check_enough_rows(n_rows: int, cfg, world_size: int, source: str) -> None:
-    from train.data import DataError
-
     need = cfg.optim.batch_size * cfg.optim.grad_accum * world_size
     if n_rows < need:
         raise DataError(

@@ -63,6 +63,7 @@ from train.loops.online_update import (
     policy_update,
     update_cost_window,
 )
+from train.loops.packing import packing_agreed, packing_matches
 from train.models import (
     count_parameters,
     is_peft,
@@ -424,7 +425,6 @@ def packing_check(model, prompt_ids: list[list[int]], cfg, accelerator) -> bool:
     """optim.packing: the trainer's forwards run on rows laid end to end (no compute on the prompts'
     left padding or the completions' right padding) when this model keeps packed rows apart (checked
     once on two prompts, agreed by every process; train/loops/packing.py)."""
-    from train.loops.packing import packing_agreed, packing_matches
 
     rows = prompt_ids[:2]
     width = max(len(r) for r in rows)

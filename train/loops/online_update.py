@@ -14,6 +14,7 @@ from train.loops.common import (
     call_loss,
     epoch_order,
 )
+from train.loops.metrics import StepMetrics
 from train.losses.policy import value_loss
 from train.rollout import (
     Rollout,
@@ -270,7 +271,6 @@ def policy_update(
     micro-batch). epochs_per_rollout × mini_batches optimizer steps over this process's rows. Each mini-batch's
     token and sequence counts are summed over processes first, so the token-mean is global and the
     gradient-accumulation normalisation is applied once."""
-    from train.loops.metrics import StepMetrics
 
     device, world = accelerator.device, accelerator.num_processes
     n_rows = len(rollout)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from train.logprobs import model_token_logps
 from train.loops.common import to_device
 
 
@@ -72,7 +73,6 @@ def packed_token_logps(
 ):
     """Like `train.logprobs.token_logps(model(...).logits, labels)` -> (logps [N, T], mask [N, T]) in the
     padded layout, but the forward runs on packed rows (no compute on padding)."""
-    from train.logprobs import model_token_logps
 
     if not bool((attention_mask[:, :-1] >= attention_mask[:, 1:]).all()):
         raise ValueError("sequence packing needs right-padded rows")

@@ -31,8 +31,10 @@ import torch
 from datasets import Dataset
 
 from synth.app import ConfigError
-from train.data import DataError, detect_kind, has_distinct_prompts, make_collator
+from train.data import DataError, add_kl_completions, detect_kind, has_distinct_prompts, make_collator
 from train.distributed import check_sharded_reference, load_whole, set_deepspeed_batch
+from train.embeddings import with_prompt_embeddings
+from train.logprobs import concatenated_forward, listwise_forward, unpaired_forward
 from train.loops.checkpoints import checkpoint_progress, find_last_checkpoint, resume_from
 from train.loops.common import (
     Progress,
@@ -57,6 +59,7 @@ from train.loops.common import (
 )
 from train.loops.metrics import MetricsLogger, StepMetrics, Throughput, finish_run, loss_metrics, postfix
 from train.loops.packing import PackedLogits, packed_sequence_logps, packing_ok
+from train.losses import RunningMean
 from train.models import (
     count_parameters,
     is_peft,
@@ -65,6 +68,14 @@ from train.models import (
     load_tokenizer,
     save_model,
     trainable_parameters,
+)
+from train.reference import (
+    ReferenceLogps,
+    TRDPOSchedule,
+    curry_iterations,
+    model_identity,
+    precompute_reference_logps,
+    sdpo_stages,
 )
 
 
@@ -352,7 +363,6 @@ class LossContext:
 
 def policy_forward(kind: str, kl: bool, packed: bool):
     """The forward of a row kind (train.logprobs), or the same outputs computed on packed rows."""
-    from train.logprobs import concatenated_forward, listwise_forward, unpaired_forward
 
     if not packed:
         return {
@@ -531,7 +541,6 @@ def with_embeddings(rows: Dataset, spec) -> Dataset:
     """Relative PO: each row's frozen prompt embedding, computed once before training (train.embeddings)."""
     if not spec.needs_prompt_embeddings:
         return rows
-    from train.embeddings import with_prompt_embeddings
 
     return with_prompt_embeddings(rows, spec.embedding_model)
 
@@ -640,7 +649,6 @@ def to_kind(rows: Dataset, want: str, source: str, loss_name: str) -> Dataset:
 def make_stages(cfg, train: Dataset, tokenizer) -> list[Dataset]:
     """sDPO chunks (in the data's order, or easiest first by score gap when the data has scores) or
     Curry-DPO difficulty levels; one stage otherwise."""
-    from train.reference import curry_iterations, sdpo_stages
 
     loop = cfg.loop
     if loop.curriculum == "curry":
@@ -673,7 +681,6 @@ def _gaps(ds: Dataset, setting: str) -> list[float]:
 
 def with_kl_pairs(ds: Dataset, batch_size: int, seed: int) -> Dataset:
     """KTO with precomputed reference: shuffle once, then fix each chunk's mismatched pairs (data.py)."""
-    from train.data import add_kl_completions
 
     return add_kl_completions(ds.shuffle(seed=seed).flatten_indices(), batch_size)
 
@@ -706,8 +713,6 @@ def reference_mode(cfg) -> str:
 
 
 def tr_dpo_schedule(ref):
-    from train.reference import TRDPOSchedule
-
     if ref.update == "none":
         return None
     if ref.update == "tr_dpo_hard":
@@ -718,7 +723,6 @@ def tr_dpo_schedule(ref):
 def precompute(model, ds: Dataset, kind: str, tokenizer, cfg, cache_dir, settings, accelerator, packed: bool = False):
     """Reference log-probs of every row (main process first: the others read its cache file). With
     packing the pass runs on packed rows too; the cache key is the model's own identity either way."""
-    from train.reference import model_identity, precompute_reference_logps
 
     bs = cfg.loop.reference.batch_size or 2 * cfg.optim.batch_size
     identity = model_identity(
@@ -741,8 +745,6 @@ def precompute(model, ds: Dataset, kind: str, tokenizer, cfg, cache_dir, setting
 
 
 def attach(ds: Dataset | None, tensors: dict[str, torch.Tensor] | None) -> Dataset | None:
-    from train.reference import ReferenceLogps
-
     if ds is None or tensors is None:
         return ds
     return ReferenceLogps(tensors, "", None, True).attach(ds)  # type: ignore[arg-type]
@@ -759,8 +761,6 @@ def _adapter_off(model):
 
 
 def _running_mean(spec):
-    from train.losses import RunningMean
-
     return RunningMean() if spec.stateful == "running_mean" else None
 
 

@@ -24,7 +24,8 @@ import torch
 from datasets import Dataset
 
 from synth.errors import ConfigError
-from train.data import DataError, make_collator, read_rows
+from train.data import DataError, detect_kind, make_collator, read_rows
+from train.logprobs import sequence_logps
 from train.loops.checkpoints import checkpoint_progress, resume_from
 from train.loops.common import (
     Progress,
@@ -43,6 +44,7 @@ from train.loops.common import (
     truncation_counts,
 )
 from train.loops.metrics import MetricsLogger, StepMetrics, Throughput, finish_run, loss_metrics, postfix
+from train.loops.preference import to_kind
 from train.models import count_parameters, load_policy, load_tokenizer, save_model, trainable_parameters
 
 
@@ -213,7 +215,6 @@ def scores_and_lm_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     the score head reads the last token as usual; the LM head (the tied input embeddings, trained with the
     backbone) scores the chosen completion from the same final hidden states (GRM's text-generation
     regulariser)."""
-    from train.logprobs import sequence_logps
 
     out = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, output_hidden_states=True
@@ -305,8 +306,6 @@ class PairsWithLabels:
 
 def to_pairs(rows: Dataset, source: str, cfg, safety: bool) -> Dataset:
     """Pairs for the reward model (ranked lists: best vs worst), with safety labels for the cost model."""
-    from train.data import detect_kind
-    from train.loops.preference import to_kind
 
     pairs = to_kind(rows, "pairwise", source, "bradley_terry")
     if not safety:

@@ -16,6 +16,7 @@ import torch
 from datasets import Dataset
 
 from train.data import DataError, detect_kind, make_collator
+from train.logprobs import model_token_logps
 from train.loops.checkpoints import checkpoint_progress, resume_from
 from train.loops.common import (
     Progress,
@@ -166,7 +167,6 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
 
 def sft_loss(model, batch: dict[str, torch.Tensor], loss_fn, packed: bool = False):
     """Token log-probs of the labelled tokens (float32, train.logprobs; packed rows when `packed`) -> the loss."""
-    from train.logprobs import model_token_logps
 
     if packed:
         logps, mask = packed_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
