@@ -31,7 +31,8 @@ from synth.errors import ConfigError
 from synth.llm import build_llm
 from synth.llm.base import SamplingParams
 from synth.records import Message
-from synth.steps.judge import build_pairwise, build_rubric, combine_verdicts, parse_pairwise, parse_rating
+from synth.steps.judge import build_pairwise, build_rubric, parse_pairwise, parse_rating
+from synth.steps.orders import combine_verdicts
 from train.models import model_path
 
 Messages = list[dict[str, str]]
@@ -144,7 +145,7 @@ class RubricJudge:
 
 class PairwiseJudge:
     """OAIF labels (Guo et al. 2024, arXiv 2402.04792): every pair asked as (a, b) and (b, a) in ONE
-    backend call; a wins only when both orders say so (synth.steps.judge.combine_verdicts). Returns per
+    backend call; a wins only when both orders say so (synth.steps.orders.combine_verdicts). Returns per
     pair 1 (a preferred), 0 (b preferred) or None (tie, disagreement, parse failure: the pair is dropped)."""
 
     def __init__(self, judge):

@@ -28,6 +28,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from synth.steps.orders import combine_verdicts
+
 Z95 = 1.959963984540054
 
 
@@ -122,16 +124,9 @@ def benjamini_hochberg(pvalues: Sequence[float | None], q: float = 0.1) -> list[
 
 def pairwise_outcome(first: str | None, second: str | None) -> str | None:
     """first = the verdict with the candidate in slot A, second = with the candidate in slot B; each is
-    "A", "B", "tie" or None (unparsed). Returns "win" | "loss" | "tie" | None (dropped, counted)."""
-    if first is None or second is None:
-        return None
-    cand_first = {"A": "new", "B": "old", "tie": "tie"}[first]
-    cand_second = {"A": "old", "B": "new", "tie": "tie"}[second]
-    if cand_first == cand_second == "new":
-        return "win"
-    if cand_first == cand_second == "old":
-        return "loss"
-    return "tie"
+    "A", "B", "tie" or None (unparsed). Returns "win" | "loss" | "tie" | None (dropped, counted): the
+    project's one both-orders rule (synth.steps.orders.combine_verdicts), read for the candidate."""
+    return {"i": "win", "j": "loss", "tie": "tie", None: None}[combine_verdicts(first, second)]
 
 
 def win_rate(outcomes: Sequence[str | None]) -> dict[str, float | int | None]:

@@ -24,6 +24,7 @@ from synth.steps import structure
 from synth.steps.base import Call, Sample, assistant, run_calls, user
 from synth.steps.candidates import Candidate
 from synth.steps.compare import parse_logprobs
+from synth.steps.orders import combine_verdicts
 
 PREFILL = "[["  # answer stem for log-prob verdicts; the next token is A or B
 
@@ -78,15 +79,6 @@ class PairResult:
     verdicts: tuple[str | None, str | None]
     winner: str | None
     p_i: float | None = None
-
-
-def combine_verdicts(v_ij: str | None, v_ji: str | None) -> str | None:
-    """Conservative rule: a win only when both orders name the same candidate; otherwise a tie."""
-    if v_ij is None or v_ji is None:
-        return None
-    w1 = {"A": "i", "B": "j", "C": "tie"}[v_ij]
-    w2 = {"A": "j", "B": "i", "C": "tie"}[v_ji]
-    return w1 if w1 == w2 else "tie"
 
 
 def combine_probs(p_ij: float, p_ji: float, tie_band: float) -> tuple[float, str]:

@@ -35,10 +35,11 @@ from synth.runtime import ChunkState, Context
 from synth.steps import structure
 from synth.steps.base import Call, run_calls, user
 from synth.steps.judge import conversation
+from synth.steps.orders import combine_verdicts
 from synth.steps.self_reward import Scored
 
 _SCORE_LINE = re.compile(r"^\s*(?:Score|得分)\s*[:：].*$", re.MULTILINE)
-_WINNER = re.compile(r"(?:Winner\s*:\s*(?:ParseResult|Judgment)|胜者\s*[:：]\s*评审)\s*([AB])", re.IGNORECASE)
+_WINNER = re.compile(r"(?:Winner\s*:\s*(?:Judgement|Judgment)|胜者\s*[:：]\s*评审)\s*([AB])", re.IGNORECASE)
 
 
 def pick_response(cands: Sequence[Scored]) -> Scored | None:
@@ -93,20 +94,11 @@ def build_meta_judge(language: str, prompt: Sequence[Message], response: str, a:
 
 
 def parse_winner(text: str) -> ParseResult:
-    """The last `Winner: ParseResult A|B` (or `胜者：评审 A|B`) -> "A" / "B"."""
+    """The last `Winner: Judgement A|B` (or `胜者：评审 A|B`) -> "A" / "B"."""
     found = _WINNER.findall(text)
     if not found:
-        return ParseResult(raw=text, error="no 'Winner: ParseResult A|B' line")
+        return ParseResult(raw=text, error="no 'Winner: Judgement A|B' line")
     return ParseResult(raw=text, parsed=found[-1].upper(), parse_status="ok")
-
-
-def combine(v_ab: str | None, v_ba: str | None) -> str | None:
-    """(verdict with i in slot A, verdict with j in slot A) -> "i", "j", "tie", or None (unresolved)."""
-    if v_ab is None or v_ba is None:
-        return None
-    first = "i" if v_ab == "A" else "j"
-    second = "j" if v_ba == "A" else "i"
-    return first if first == second else "tie"
 
 
 @dataclass
@@ -139,7 +131,7 @@ def battles(
         for _ in range(len(judged) * (len(judged) - 1) // 2):
             ji, jj = pairs[k]
             v = tuple(s[0].parsed if s[0].ok else None for s in (results[2 * k], results[2 * k + 1]))
-            mine.append(Battle(ji, jj, v, combine(*v)))
+            mine.append(Battle(ji, jj, v, combine_verdicts(*v)))
             k += 1
         out.append(mine)
     return out

@@ -8,7 +8,7 @@ the request and the same parser reads its free text. Each regex is the text form
     rubric        <explanation>[[n]], n in 1..10                   (MT-Bench single-answer grading)
     listwise      <explanation>Ranking: [i] > [j] > ...            (a permutation of 1..k when k <= 5)
     self-reward   <justification>Score: n, n in 0..5               (Self-Rewarding's additive prompt)
-    meta-judge    <reasoning>Winner: ParseResult A | B               (Meta-Rewarding's meta-judge)
+    meta-judge    <reasoning>Winner: Judgement A | B               (Meta-Rewarding's meta-judge)
     vote          (A) | (B) after the answer stem                  (RLAIF / CAI multiple choice)
     bpo           Detailed Comparison Result: ...\nOptimized Instruction: ... [END]
 
@@ -54,8 +54,8 @@ def score(max_new_tokens: int) -> str:
 
 
 def meta_winner(max_new_tokens: int) -> str:
-    """The verdict is 19 characters ("Winner: ParseResult A"), more than the usual reserve: keep twice it."""
-    return rf"[^:：]{{0,{budget(max_new_tokens - _RESERVE)}}}(Winner: ParseResult [AB]|胜者[:：] ?评审 [AB])"
+    """The verdict is 19 characters ("Winner: Judgement A"), more than the usual reserve: keep twice it."""
+    return rf"[^:：]{{0,{budget(max_new_tokens - _RESERVE)}}}(Winner: Judgement [AB]|胜者[:：] ?评审 [AB])"
 
 
 VOTE = r" ?[\(（]?[AB][\)）]?"

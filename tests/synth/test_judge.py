@@ -11,12 +11,12 @@ from synth.pipelines.judge import JudgeConfig, JudgePipeline
 from synth.records import Completion, SourceItem, TokenLogprob, messages
 from synth.steps.judge import (
     combine_probs,
-    combine_verdicts,
     parse_listwise,
     parse_pairwise,
     parse_rating,
     read_ab_logprobs,
 )
+from synth.steps.orders import combine_verdicts
 from synth.testing.loopback import LoopbackServer
 from tests.fakes import ScriptedLLM
 from tests.synth.ranking_helpers import check_outputs, loopback, run_synth

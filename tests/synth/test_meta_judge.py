@@ -10,7 +10,6 @@ from synth.steps import structure
 from synth.steps.meta_judge import (
     Battle,
     JudgementText,
-    combine,
     distinct_judgements,
     elo,
     meta_pair,
@@ -18,6 +17,7 @@ from synth.steps.meta_judge import (
     pick_response,
     strip_score,
 )
+from synth.steps.orders import combine_verdicts
 from synth.steps.self_reward import Scored, build_judge
 from synth.testing.loopback import LoopbackServer
 from tests.fakes import ScriptedLLM
@@ -47,16 +47,20 @@ def test_distinct_judgements_and_strip_score():
 
 
 def test_parse_winner_and_combine():
-    assert parse_winner("A is wrong.\nWinner: ParseResult B").parsed == "B"
+    assert parse_winner("A is wrong.\nWinner: Judgement B").parsed == "B"
     assert parse_winner("winner: judgment a").parsed == "A"
-    assert parse_winner("Winner: ParseResult A ... Winner: ParseResult B").parsed == "B"  # the last one
+    assert parse_winner("Winner: Judgement A ... Winner: Judgement B").parsed == "B"  # the last one
     assert parse_winner("胜者：评审 A").parsed == "A"
-    assert not parse_winner("ParseResult B is better").ok
-    assert combine("A", "B") == "i" and combine("B", "A") == "j"  # both orders name the same judgement
-    assert combine("A", "A") == "tie" and combine("B", "B") == "tie"  # the same slot both times: position bias
-    assert combine(None, "A") is None
-    assert structure.matches(structure.meta_winner(64), "The first is right.\nWinner: ParseResult A")
-    assert not structure.matches(structure.meta_winner(64), "Winner: ParseResult C")
+    assert not parse_winner("Judgement B is better").ok
+    assert (
+        combine_verdicts("A", "B") == "i" and combine_verdicts("B", "A") == "j"
+    )  # both orders name the same judgement
+    assert (
+        combine_verdicts("A", "A") == "tie" and combine_verdicts("B", "B") == "tie"
+    )  # the same slot both times: position bias
+    assert combine_verdicts(None, "A") is None
+    assert structure.matches(structure.meta_winner(64), "The first is right.\nWinner: Judgement A")
+    assert not structure.matches(structure.meta_winner(64), "Winner: Judgement C")
 
 
 def test_elo_ranking_and_meta_pair_rules():
@@ -110,12 +114,12 @@ def judge_text(i):
 
 def meta_verdict(text, biased=False):
     if biased:
-        return "Winner: ParseResult A"
+        return "Winner: Judgement A"
     a = text.split("<judgement_a>")[1].split("</judgement_a>")[0]
     b = text.split("<judgement_b>")[1].split("</judgement_b>")[0]
     assert "Score:" not in a and "Score:" not in b  # the score lines are stripped inside the meta prompt
     rank = {"Careful: checks every criterion.": 3, "Quick look.": 2, "Generous.": 1}
-    return f"Reasoning.\nWinner: ParseResult {'A' if rank[a] > rank[b] else 'B'}"
+    return f"Reasoning.\nWinner: Judgement {'A' if rank[a] > rank[b] else 'B'}"
 
 
 def run(tmp_path, biased=False, cfg=None):
@@ -207,7 +211,7 @@ def test_end_to_end_tiny_hf_with_meta_judge(tmp_path):
     check_outputs(tmp_path / "out", m)
     assert m["calls"]["meta_judge"] > 0  # with these seeds the tiny judge's scores disagree, so battles run
     assert "judge_preferences" in m["outputs"] and "meta_judge" in m["self_rewarding"]
-    # the meta-judge's `...Winner: ParseResult X` is enforced by constrained decoding, like the judge's score
+    # the meta-judge's `...Winner: Judgement X` is enforced by constrained decoding, like the judge's score
     assert m["parse_failures"].get("meta_judge", 0) == 0
 
 
