@@ -12,13 +12,13 @@ def run_local(cfg, lc: LocalLauncher, resolved_yaml: str | None) -> dict[str, An
     n = lc.shards
     for i in range(n):
         print(f"== shard {i}/{n}", flush=True)
-        run_config(shard_config(cfg, i, n), _shard_yaml(resolved_yaml, i, n))
+        run_config(shard_config(cfg, i, n), shard_yaml(resolved_yaml, i, n))
     if not lc.merge:
         return {"status": "shards finished", "shards": n}
     return merge_config(cfg.model_copy(update={"merge": True}))
 
 
-def _shard_yaml(resolved_yaml: str | None, i: int, n: int) -> str | None:
+def shard_yaml(resolved_yaml: str | None, i: int, n: int) -> str | None:
     """The saved config.yaml of a shard: the launcher's config with its own shard setting."""
     if resolved_yaml is None:
         return None

@@ -22,7 +22,7 @@ from typing import Any
 from synth.app import SynthConfig, merge_config, run_config
 from synth.errors import ConfigError, UserError
 from synth.launch import RayLauncher, shard_config, unfinished
-from synth.launch.local import _shard_yaml
+from synth.launch.local import shard_yaml
 from synth.llm import build_llm
 from synth.llm.base import CallStats
 from synth.llm.cache import CachedLLM
@@ -101,7 +101,7 @@ def run_ray(cfg, lc: RayLauncher, resolved_yaml: str | None) -> dict[str, Any]:
             )(ShardRunner)
             actors = [remote.remote(cfg.model_dump()) for _ in range(min(lc.actors, len(todo)))]
             pool = ActorPool(actors)
-            yamls = {i: _shard_yaml(resolved_yaml, i, n) for i in todo}
+            yamls = {i: shard_yaml(resolved_yaml, i, n) for i in todo}
             for r in pool.map_unordered(lambda a, i: a.run.remote(i, n, yamls[i]), todo):
                 results.append(r)
                 print(f"== shard {r['shard']}/{n}: {r.get('status') or r['kind'] + ': ' + r['error']}", flush=True)

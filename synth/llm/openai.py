@@ -72,7 +72,7 @@ _PREFILL_LOCK = threading.Lock()
 # JSON is asked for in the prompt only, and the step's parser checks it).
 _STRUCTURED: dict[tuple[str, str], str] = {}
 _STRUCTURED_FORMS = ("json_schema", "json_object", "none")
-_PROBE_MESSAGES = [
+PREFILL_PROBE_MESSAGES = [
     Message(role="user", content="Count from one to ten in words, separated by commas."),
     Message(role="assistant", content="one, two, three, four, five, six, seven,"),
 ]
@@ -252,7 +252,7 @@ class OpenAIBackend:
     async def _probe_prefill(self, urls: list[str]) -> list[bool]:
         """One greedy request per server: a counting sequence left open in the assistant turn. A server
         that continues it answers "eight"; one that ignores the prefill starts a new reply."""
-        body = self._body(_PROBE_MESSAGES, SamplingParams(temperature=0.0, max_new_tokens=3))
+        body = self._body(PREFILL_PROBE_MESSAGES, SamplingParams(temperature=0.0, max_new_tokens=3))
         out = []
         for u in urls:
             key = os.environ.get(self.settings.api_key_env) or "EMPTY"

@@ -2,8 +2,9 @@
 
 Every hard pairwise verdict in the project (the judge pipeline, the meta-judge of self_rewarding,
 evaluate's win rate, the online_dpo AI judge) asks twice, candidate i in slot A then in slot B, and
-resolves the two verdicts with the one conservative rule below. RLAIF's soft labels
-(`steps.compare`) average p(A) over the two orders instead.
+resolves the two verdicts with the one conservative rule below. Where p(A) is read from log-probs
+instead, it is averaged over the two orders (`steps.judge.combine_probs`; RLAIF's soft labels in
+`steps.compare`).
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from synth.llm.openai import _PROBE_MESSAGES
+from synth.llm.openai import PREFILL_PROBE_MESSAGES
 
 FAULTS = ("429", "500", "503", "reset", "slow", "malformed", "truncated", "empty_choices")
 # Not transient: only by schedule / fault_fn. Their bodies quote the Authorization header back, as some
@@ -93,7 +93,10 @@ def is_probe(body: dict | None) -> bool:
 
     msgs = (body or {}).get("messages") or []
     return bool(
-        body and body.get("continue_final_message") and msgs and msgs[-1].get("content") == _PROBE_MESSAGES[-1].content
+        body
+        and body.get("continue_final_message")
+        and msgs
+        and msgs[-1].get("content") == PREFILL_PROBE_MESSAGES[-1].content
     )
 
 
