@@ -228,6 +228,24 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     last_train: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     stopped = False
+
+    def save_checkpoint_now() -> None:  # reads the loop's current state (stage references, running mean)
+        _checkpoint(
+            out_dir,
+            progress,
+            accelerator,
+            model,
+            tokenizer,
+            optimizer,
+            scheduler,
+            cfg,
+            running_mean,
+            stage_refs,
+            eval_refs,
+            ref_model,
+            ref_mode,
+        )
+
     model.train()
     while progress.step < total and progress.stage < len(stages):
         batches = epoch_batches(_order(stage_ds, fixed_kl, B, cfg.seed, progress), B, world, rank)
@@ -264,21 +282,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
                 logger.log(progress.step, last_eval)
             due, stopped = progress.checkpoint_due(cfg.checkpoint)
             if due:
-                _checkpoint(
-                    out_dir,
-                    progress,
-                    accelerator,
-                    model,
-                    tokenizer,
-                    optimizer,
-                    scheduler,
-                    cfg,
-                    running_mean,
-                    stage_refs,
-                    eval_refs,
-                    ref_model,
-                    ref_mode,
-                )
+                save_checkpoint_now()
             if stopped or progress.step >= total:
                 break
         if stopped or progress.step >= total:
@@ -315,21 +319,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     logger.close()
     final = save_model(model, tokenizer, out_dir / "final", accelerator)
     if progress.final_checkpoint_due(cfg.checkpoint):
-        _checkpoint(
-            out_dir,
-            progress,
-            accelerator,
-            model,
-            tokenizer,
-            optimizer,
-            scheduler,
-            cfg,
-            running_mean,
-            stage_refs,
-            eval_refs,
-            ref_model,
-            ref_mode,
-        )
+        save_checkpoint_now()
     summary = {
         "loop": "preference",
         "loss": spec.name,
