@@ -119,8 +119,14 @@ def load_training_state(ckpt: Path, *, accelerator, optimizer, scheduler) -> tup
     rng_file = ckpt / f"rng_{accelerator.process_index}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))
-    tensors = torch.load(ckpt / "tensors.pt", weights_only=False) if (ckpt / "tensors.pt").exists() else {}
-    return json.loads((ckpt / STATE_FILE).read_text()), tensors
+    return json.loads((ckpt / STATE_FILE).read_text()), saved_tensors(ckpt)
+
+
+def saved_tensors(ckpt: Path | None) -> dict[str, Any]:
+    """A checkpoint's extra tensors (tensors.pt: precomputed references, running statistics); {} if none."""
+    if ckpt is None or not (ckpt / "tensors.pt").exists():
+        return {}
+    return torch.load(ckpt / "tensors.pt", weights_only=False)
 
 
 def resume_from(ckpt: Path | None, progress: Progress, *, accelerator, optimizer, scheduler) -> dict[str, Any]:

@@ -22,8 +22,9 @@ from synth.app import ConfigError
 from train.data import DataError, TokenizeConfig, load_records, tokenize_dataset
 from train.distributed import check_launch
 from train.loops.checkpoints import find_last_checkpoint
-from train.loops.metrics import StepMetrics
+from train.loops.metrics import MetricsLogger, StepMetrics, Throughput, postfix
 from train.losses import DATA_ARGS
+from train.models import load_policy, save_model
 
 # ------------------------------------------------------------------------------------ setup
 
@@ -343,12 +344,6 @@ def call_loss(fn: Callable, available: dict[str, Any]):
     return fn(**kwargs)
 
 
-# ------------------------------------------------------------------------------------ metrics
-
-
-# ------------------------------------------------------------------------------------ checkpoints
-
-
 # ------------------------------------------------------------------------------------ progress, step, checkpoint
 
 
@@ -419,6 +414,144 @@ def accumulate_step(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
     return accelerator.sync_gradients
+
+
+def report_data(data, main: bool) -> None:
+    """The data report (rows kept, dropped by reason, truncation) of the train and eval splits."""
+    if main:
+        print(data.report.summary(), flush=True)
+        if data.eval_report is not None:
+            print("eval split, " + data.eval_report.summary(), flush=True)
+
+
+def load_trained_model(cfg, ckpt: Path | None, **kwargs):
+    """The model a run trains: the configured one, or on resume the checkpoint's (its full weights, or the
+    configured base plus the checkpoint's LoRA adapter). `kwargs` go to train.models.load_policy."""
+    full = ckpt is not None and not cfg.lora.enabled
+    return load_policy(
+        str(ckpt) if full else cfg.model.name_or_path,
+        revision=None if full else cfg.model.revision,
+        dtype=cfg.optim.dtype,
+        lora=cfg.lora,
+        gradient_checkpointing=cfg.optim.gradient_checkpointing,
+        adapter_path=ckpt if ckpt is not None and cfg.lora.enabled else None,
+        **kwargs,
+    )
+
+
+@dataclass
+class Recorder:
+    """What an offline loop records as it goes, held in one place the loop owns: metrics.jsonl and
+    TensorBoard (`logger`), the progress bar, the running step metrics and throughput, and the last train
+    and eval metrics (they go into summary.json)."""
+
+    logger: MetricsLogger
+    bar: Any
+    postfix_keys: Sequence[str] | None = None  # the bar's short metrics (None: train.loops.metrics.postfix's)
+    metrics: StepMetrics = field(default_factory=StepMetrics)
+    speed: Throughput = field(default_factory=Throughput)
+    last_train: dict[str, float] = field(default_factory=dict)
+    last_eval: dict[str, float] = field(default_factory=dict)
+
+
+def open_recorder(out_dir: Path, cfg, main: bool, total: int, progress: Progress, desc: str, postfix_keys=None):
+    from tqdm.auto import tqdm  # lazy: tqdm.auto probes for notebooks at import
+
+    return Recorder(
+        logger=MetricsLogger(out_dir, main, cfg.log.tensorboard, resume_step=progress.step),
+        bar=tqdm(
+            total=total, initial=progress.step, disable=not (cfg.progress and main), desc=desc, dynamic_ncols=True
+        ),
+        postfix_keys=postfix_keys,
+    )
+
+
+def end_of_step(
+    rec: Recorder,
+    progress: Progress,
+    cfg,
+    total: int,
+    *,
+    accelerator,
+    scheduler,
+    save: Callable[[], None],
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> bool:
+    """What every offline loop does after an optimizer step, in this order: log the step's metrics
+    (averaged over micro-batches and processes), throughput, lr, time, epoch and `extra` every
+    `log.every_steps` and at the last step; advance the bar; evaluate every `eval.every_steps` when
+    `evaluate` is given; checkpoint every `checkpoint.every_steps` and at `stop_after_steps`.
+    Returns whether the run stops here (a planned stop after its checkpoint)."""
+    if progress.log_due(cfg.log.every_steps, total):
+        rec.last_train = {
+            **rec.metrics.reduce(accelerator),
+            **rec.speed.read(accelerator.num_processes),
+            "lr": scheduler.get_last_lr()[0],
+            "time_s": progress.time_s(),
+            "epoch": progress.epoch,
+            **(extra or {}),
+        }
+        rec.logger.log(progress.step, rec.last_train)
+        rec.bar.set_postfix(postfix(rec.last_train, *([rec.postfix_keys] if rec.postfix_keys else [])))
+    rec.bar.update(1)
+    if evaluate is not None and cfg.eval.every_steps and progress.step % cfg.eval.every_steps == 0:
+        rec.last_eval = evaluate()
+        rec.logger.log(progress.step, rec.last_eval)
+    due, stopped = progress.checkpoint_due(cfg.checkpoint)
+    if due:
+        save()
+    return stopped
+
+
+def end_of_run(
+    rec: Recorder,
+    progress: Progress,
+    cfg,
+    *,
+    model,
+    tokenizer,
+    out_dir: Path,
+    accelerator,
+    save: Callable[[], None],
+    evaluate: Callable[[], dict[str, float]] | None = None,
+) -> Path:
+    """The end of a finished run: a last evaluation (when `evaluate` is given), the final model in
+    `final/`, and a last checkpoint unless the last step wrote one. Returns the final folder."""
+    rec.bar.close()
+    if evaluate is not None:
+        rec.last_eval = evaluate()
+        rec.logger.log(progress.step, rec.last_eval)
+    rec.logger.close()
+    final = save_model(model, tokenizer, out_dir / "final", accelerator)
+    if progress.final_checkpoint_due(cfg.checkpoint):
+        save()
+    return final
+
+
+def stopped_early(rec: Recorder, progress: Progress, out_dir: Path) -> dict[str, Any]:
+    """The result of a planned stop (`checkpoint.stop_after_steps`): its checkpoint is already written."""
+    rec.bar.close()
+    rec.logger.close()
+    return {"stopped": True, "steps": progress.step, "output_dir": str(out_dir)}
+
+
+def run_summary(name: str, cfg, progress: Progress, final: Path, rec: Recorder, data, out_dir: Path, **extra):
+    """summary.json's fields every offline loop shares, then the loop's own (`extra`)."""
+    return {
+        "loop": name,
+        "loss": cfg.loss.name,
+        "steps": progress.step,
+        "samples": progress.samples,
+        "time_s": progress.time_s(),
+        "final_dir": str(final),
+        "final_train": rec.last_train,
+        "final_eval": rec.last_eval,
+        "truncation": truncation_counts(data.report),
+        "eval_truncation": truncation_counts(data.eval_report),  # the held-out rows' cuts, beside the training ones
+        "output_dir": str(out_dir),
+        **extra,
+    }
 
 
 # ------------------------------------------------------------------------------------ run record

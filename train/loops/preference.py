@@ -24,7 +24,10 @@ averaged over processes, KTO's KL estimate and BCO's reward mean are all-reduced
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,38 +38,37 @@ from train.data import DataError, add_kl_completions, detect_kind, has_distinct_
 from train.distributed import check_sharded_reference, load_whole, set_deepspeed_batch
 from train.embeddings import with_prompt_embeddings
 from train.logprobs import concatenated_forward, listwise_forward, unpaired_forward
-from train.loops.checkpoints import checkpoint_progress, find_last_checkpoint, resume_from
+from train.loops.checkpoints import checkpoint_progress, resume_from, saved_tensors
 from train.loops.common import (
     Progress,
     accumulate_step,
+    begin_run,
     build_optimizer,
     build_scheduler,
     call_loss,
     check_enough_rows,
+    end_of_run,
+    end_of_step,
     epoch_batches,
     epoch_order,
-    instantiate_loss,
-    library_progress_bars,
     load_data,
     load_rows,
-    make_accelerator,
-    prepare_output_dir,
-    seed_everything,
+    load_trained_model,
+    open_recorder,
+    report_data,
+    run_summary,
+    stopped_early,
     to_device,
     tokenize_checked,
-    truncation_counts,
-    write_config,
 )
-from train.loops.metrics import MetricsLogger, StepMetrics, Throughput, finish_run, loss_metrics, postfix
+from train.loops.metrics import StepMetrics, finish_run, loss_metrics
 from train.loops.packing import PackedLogits, packed_sequence_logps, packing_ok
 from train.losses import RunningMean
 from train.models import (
     count_parameters,
     is_peft,
     load_frozen,
-    load_policy,
     load_tokenizer,
-    save_model,
     trainable_parameters,
 )
 from train.reference import (
@@ -82,16 +84,10 @@ from train.reference import (
 def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     # ---------------------------------------------------------------- 1. process, output folder, loss
-    library_progress_bars(cfg.progress)
-    accelerator = make_accelerator(cfg)
-    seed_everything(cfg.seed)
-    out_dir = prepare_output_dir(cfg.output_dir, cfg.resume, accelerator.is_main_process)
-    write_config(out_dir, resolved_yaml, accelerator)
+    accelerator, out_dir, loss_fn, ckpt = begin_run(cfg, resolved_yaml)
     spec, loop = cfg.loss, cfg.loop
-    loss_fn = instantiate_loss(spec)
     kind = spec.kind  # pairwise | ranked | unpaired: the rows the loss trains on
     ref_mode = reference_mode(cfg)
-    ckpt = find_last_checkpoint(out_dir) if cfg.resume else None
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     B = cfg.optim.batch_size
 
@@ -103,103 +99,47 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     check_sharded_reference(accelerator, loop.reference.update != "none", len(stages) > 1 and ref_mode == "precomputed")
     fixed_kl = spec.needs_kl_pairs and ref_mode == "precomputed"
     if fixed_kl:  # precomputed reference KL log-probs need the mismatched pairs fixed in the data
-        stages = [with_kl_pairs(s, B, cfg.seed) for s in stages]
-        if data.eval is not None and len(data.eval) < 2:
-            raise DataError(
-                f"{cfg.data.path}: the eval split has {len(data.eval)} row; loss={spec.name} estimates its KL "
-                "term from pairs of rows: raise data.eval_split or give data.eval_path"
-            )
-        data.eval = with_kl_pairs(data.eval, B, cfg.seed) if data.eval is not None else None
-    for i, s in enumerate(stages):
-        check_enough_rows(len(s), cfg, world, f"{cfg.data.path}" + (f" (stage {i + 1})" if len(stages) > 1 else ""))
-    if main:
-        print(data.report.summary(), flush=True)
-        if data.eval_report is not None:
-            print("eval split, " + data.eval_report.summary(), flush=True)
-    soft_rows = soft_label_rows(data.train, loss_fn)
-    if main and soft_rows:
-        print(
-            f"loss={spec.name}: {soft_rows} of {len(data.train)} pairs carry p_chosen, so they train on the "
-            "soft-label loss (the rest as hard labels, p=1)",
-            flush=True,
-        )
+        stages, data.eval = fix_kl_pairs(stages, data.eval, B, cfg)
+    for i, rows in enumerate(stages):
+        check_enough_rows(len(rows), cfg, world, f"{cfg.data.path}" + (f" (stage {i + 1})" if len(stages) > 1 else ""))
+    report_data(data, main)
+    soft_rows = soft_label_rows(data.train, loss_fn, spec.name, main)
 
     # ---------------------------------------------------------------- 3. policy
     # ZeRO-3: models load whole until prepare() (the packing check and the reference run them before it)
     stop_loading_whole = load_whole(accelerator)
-    policy = load_policy(
-        str(ckpt) if ckpt is not None and not cfg.lora.enabled else cfg.model.name_or_path,
-        revision=None if ckpt is not None and not cfg.lora.enabled else cfg.model.revision,
-        dtype=cfg.optim.dtype,
-        lora=cfg.lora,
-        gradient_checkpointing=cfg.optim.gradient_checkpointing,
-        adapter_path=ckpt if ckpt is not None and cfg.lora.enabled else None,
-    )
+    policy = load_trained_model(cfg, ckpt)
     policy.to(accelerator.device)
     collate = make_collator(kind, tokenizer.pad_token_id, **({"kl": spec.needs_kl_pairs} if kind == "unpaired" else {}))
     packed = cfg.optim.packing and not spec.needs_logits and packing_ok(policy, stages[0], collate, cfg, accelerator)
 
     # ---------------------------------------------------------------- 4. reference
-    saved = (
-        torch.load(ckpt / "tensors.pt", weights_only=False)
-        if ckpt is not None and (ckpt / "tensors.pt").exists()
-        else {}
+    saved = saved_tensors(ckpt)  # a resumed run keeps its precomputed references
+    refs = References(
+        mode=ref_mode,
+        cache_dir=loop.reference.cache_dir or out_dir / "reference_cache",
+        settings={"tokenize": data.report.settings, "dtype": cfg.optim.dtype, "fixed_kl": B if fixed_kl else None},
+        train=saved.get("reference_train"),
+        eval=saved.get("reference_eval"),
     )
-    ref_model = None
-    cache_dir = loop.reference.cache_dir or out_dir / "reference_cache"
-    settings = {"tokenize": data.report.settings, "dtype": cfg.optim.dtype, "fixed_kl": B if fixed_kl else None}
-    stage_refs = saved.get("reference_train")
-    eval_refs = saved.get("reference_eval")
-    if ref_mode == "precomputed" and (stage_refs is None or (data.eval is not None and eval_refs is None)):
-        # the initial policy is the reference (or reference.name_or_path when it differs)
-        source = (
-            policy
-            if loop.reference.name_or_path is None and ckpt is None
-            else load_frozen(loop.reference.name_or_path or cfg.model.name_or_path, dtype=cfg.optim.dtype).to(
-                accelerator.device
-            )
-        )
-        with _adapter_off(source):
-            if stage_refs is None:
-                stage_refs = precompute(
-                    source, stages[0], kind, tokenizer, cfg, cache_dir, settings, accelerator, packed
-                )
-            if data.eval is not None and eval_refs is None:
-                eval_refs = precompute(
-                    source, data.eval, kind, tokenizer, cfg, cache_dir, settings, accelerator, packed
-                )
-        del source
-    if ref_mode == "model":
-        ref_path = (
-            ckpt / "reference"
-            if ckpt is not None and (ckpt / "reference").exists()
-            else (loop.reference.name_or_path or cfg.model.name_or_path)
-        )
-        ref_model = load_frozen(str(ref_path), dtype=cfg.optim.dtype).to(accelerator.device)
-    if ref_mode == "model" and data.eval is not None and eval_refs is None and not spec.needs_kl_pairs:
-        # TR-DPO moves the reference: evaluate against the initial one so eval curves stay comparable
-        eval_refs = precompute(ref_model, data.eval, kind, tokenizer, cfg, cache_dir, settings, accelerator, packed)
+    prepare_references(refs, policy, stages[0], data.eval, kind, tokenizer, cfg, ckpt, accelerator, packed)
+    ref_model = refs.model
     schedule = tr_dpo_schedule(loop.reference)
 
     # ---------------------------------------------------------------- 5. optimiser, schedule, state
-    # max_steps overrides epochs; with stages every stage runs its epochs and max_steps only caps the total
-    total = sum(len(s) // (B * world) // cfg.optim.grad_accum * cfg.optim.epochs for s in stages)
-    if cfg.optim.max_steps is not None:
-        total = cfg.optim.max_steps if len(stages) == 1 else min(total, cfg.optim.max_steps)
+    total = staged_total_steps([len(s) for s in stages], cfg.optim, world)
     optimizer = build_optimizer(trainable_parameters(policy), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
     set_deepspeed_batch(accelerator, B, cfg.optim.grad_accum)  # DeepSpeed: no DataLoader to read them from
     stop_loading_whole()
     model, optimizer = accelerator.prepare(policy, optimizer)
     unwrapped = accelerator.unwrap_model(model)
-    running_mean = _running_mean(spec)
     reduce = (lambda t: accelerator.reduce(t, "mean")) if world > 1 else None  # noqa: E731
     progress = Progress(started=started)
     tensors = resume_from(ckpt, progress, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler)
-    if running_mean is not None and "running_mean" in tensors:
-        running_mean.load_state_dict(tensors["running_mean"])
-    stage_ds = attach(stages[progress.stage], stage_refs)
-    eval_ds = attach(data.eval, eval_refs) if data.eval is not None else None
+    running_mean = _running_mean(spec, tensors)
+    stage_ds = attach(stages[progress.stage], refs.train)
+    eval_ds = attach(data.eval, refs.eval)
     n_train, n_total = count_parameters(unwrapped)
     if main:
         print(
@@ -209,42 +149,21 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         )
 
     # ---------------------------------------------------------------- 6. the step loop
-    logger = MetricsLogger(out_dir, main, cfg.log.tensorboard, resume_step=progress.step)
-    bar = _progress(cfg, main, total, progress.step)
-    metrics, speed = StepMetrics(), Throughput()
+    rec = open_recorder(out_dir, cfg, main, total, progress, "train")
     ctx = LossContext(spec, loss_fn, ref_mode, ref_model, running_mean, reduce, cfg.seed, packed)
     # evaluation always compares with the initial reference (precomputed columns) when there are any; its
     # KL estimate stays per process (processes may hold different numbers of eval batches: no collectives)
-    eval_ctx = LossContext(
-        spec,
-        loss_fn,
-        "precomputed" if eval_refs is not None else ref_mode,
-        ref_model,
-        running_mean,
-        None,
-        cfg.seed,
-        packed,
+    eval_mode = "precomputed" if refs.eval is not None else ref_mode
+    eval_ctx = LossContext(spec, loss_fn, eval_mode, ref_model, running_mean, None, cfg.seed, packed)
+    held_out = (
+        functools.partial(evaluate, model, unwrapped, eval_ds, collate, eval_ctx, kind, cfg, accelerator, fixed_kl)
+        if eval_ds is not None
+        else None
     )
-    last_train: dict[str, float] = {}
-    last_eval: dict[str, float] = {}
     stopped = False
 
-    def save_checkpoint_now() -> None:  # reads the loop's current state (stage references, running mean)
-        _checkpoint(
-            out_dir,
-            progress,
-            accelerator,
-            model,
-            tokenizer,
-            optimizer,
-            scheduler,
-            cfg,
-            running_mean,
-            stage_refs,
-            eval_refs,
-            ref_model,
-            ref_mode,
-        )
+    def save() -> None:  # reads the loop's current state (the stage's references, the running mean)
+        _checkpoint(out_dir, progress, accelerator, model, tokenizer, optimizer, scheduler, cfg, running_mean, refs)
 
     model.train()
     while progress.step < total and progress.stage < len(stages):
@@ -252,37 +171,32 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         batches = batches[: len(batches) // cfg.optim.grad_accum * cfg.optim.grad_accum]
         for i in range(progress.micro, len(batches)):
             batch = to_device(collate(stage_ds.select(batches[i]).to_list()), accelerator.device)
-            speed.add(int(batch["attention_mask"].sum()), len(batches[i]))
+            rec.speed.add(int(batch["attention_mask"].sum()), len(batches[i]))
 
             def loss(batch=batch):
                 out, extra = forward_loss(model, unwrapped, batch, ctx, kind, step=progress.step)
                 return out.losses.mean(), {**loss_metrics(out, paired=kind != "unpaired"), **extra}
 
-            if not accumulate_step(accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm, metrics, loss):
+            if not accumulate_step(
+                accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm, rec.metrics, loss
+            ):
                 continue
             progress.update(
                 step=progress.step + 1, micro=i + 1, samples=progress.samples + B * world * cfg.optim.grad_accum
             )
             if schedule is not None:
                 schedule.apply(progress.step, ref_model, unwrapped)
-            if progress.log_due(cfg.log.every_steps, total):
-                last_train = {
-                    **metrics.reduce(accelerator),
-                    **speed.read(world),
-                    "lr": scheduler.get_last_lr()[0],
-                    "time_s": progress.time_s(),
-                    "epoch": progress.epoch,
-                    "stage": progress.stage,
-                }
-                logger.log(progress.step, last_train)
-                bar.set_postfix(postfix(last_train))
-            bar.update(1)
-            if eval_ds is not None and cfg.eval.every_steps and progress.step % cfg.eval.every_steps == 0:
-                last_eval = evaluate(model, unwrapped, eval_ds, collate, eval_ctx, kind, cfg, accelerator, fixed_kl)
-                logger.log(progress.step, last_eval)
-            due, stopped = progress.checkpoint_due(cfg.checkpoint)
-            if due:
-                save_checkpoint_now()
+            stopped = end_of_step(
+                rec,
+                progress,
+                cfg,
+                total,
+                accelerator=accelerator,
+                scheduler=scheduler,
+                save=save,
+                evaluate=held_out,
+                extra={"stage": progress.stage},
+            )
             if stopped or progress.step >= total:
                 break
         if stopped or progress.step >= total:
@@ -290,53 +204,36 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         progress.update(epoch=progress.epoch + 1, micro=0)
         if progress.epoch >= cfg.optim.epochs and len(stages) > 1:  # next sDPO / Curry stage
             progress.update(stage=progress.stage + 1, epoch=0)
-            if progress.stage < len(stages):
-                stage_refs = None
-                if ref_mode == "precomputed":  # the reference becomes the current policy (sDPO, Curry-DPO)
-                    stage_refs = precompute(
-                        unwrapped,
-                        stages[progress.stage],
-                        kind,
-                        tokenizer,
-                        cfg,
-                        cache_dir,
-                        settings,
-                        accelerator,
-                        packed,
-                    )
-                stage_ds = attach(stages[progress.stage], stage_refs)
+            stage_ds = next_stage(refs, unwrapped, stages, progress.stage, kind, tokenizer, cfg, accelerator, packed)
         elif cfg.optim.max_steps is None and progress.epoch >= cfg.optim.epochs:
             break
-    bar.close()
 
     # ---------------------------------------------------------------- 7. the end
     if stopped:
-        logger.close()
-        return {"stopped": True, "steps": progress.step, "output_dir": str(out_dir)}
-    if eval_ds is not None:
-        last_eval = evaluate(model, unwrapped, eval_ds, collate, eval_ctx, kind, cfg, accelerator, fixed_kl)
-        logger.log(progress.step, last_eval)
-    logger.close()
-    final = save_model(model, tokenizer, out_dir / "final", accelerator)
-    if progress.final_checkpoint_due(cfg.checkpoint):
-        save_checkpoint_now()
-    summary = {
-        "loop": "preference",
-        "loss": spec.name,
-        "steps": progress.step,
-        "samples": progress.samples,
-        "time_s": progress.time_s(),
-        "final_dir": str(final),
-        "final_train": last_train,
-        "final_eval": last_eval,
-        "reference": ref_mode,
-        "stages": len(stages),
-        "truncation": truncation_counts(data.report),
-        "output_dir": str(out_dir),
-        "eval_truncation": truncation_counts(data.eval_report),  # the held-out rows' cuts, beside the training ones
-    }
-    if soft_rows:
-        summary["soft_labels"] = soft_rows
+        return stopped_early(rec, progress, out_dir)
+    final = end_of_run(
+        rec,
+        progress,
+        cfg,
+        model=model,
+        tokenizer=tokenizer,
+        out_dir=out_dir,
+        accelerator=accelerator,
+        save=save,
+        evaluate=held_out,
+    )
+    summary = run_summary(
+        "preference",
+        cfg,
+        progress,
+        final,
+        rec,
+        data,
+        out_dir,
+        reference=ref_mode,
+        stages=len(stages),
+        **({"soft_labels": soft_rows} if soft_rows else {}),
+    )
     return finish_run(summary, out_dir, cfg, accelerator)
 
 
@@ -535,13 +432,20 @@ def with_embeddings(rows: Dataset, spec) -> Dataset:
     return with_prompt_embeddings(rows, spec.embedding_model)
 
 
-def soft_label_rows(rows, loss_fn) -> int:
-    """Pairs with a p_chosen that the loss reads (its signature takes p_chosen); 0 otherwise."""
+def soft_label_rows(rows, loss_fn, loss_name: str, main: bool) -> int:
+    """Pairs with a p_chosen that the loss reads (its signature takes p_chosen), said once; 0 otherwise."""
     import inspect
 
     if "p_chosen" not in inspect.signature(loss_fn).parameters or "p_chosen" not in (rows.column_names or []):
         return 0
-    return sum(p is not None and p == p for p in rows["p_chosen"])
+    n = sum(p is not None and p == p for p in rows["p_chosen"])
+    if main and n:
+        print(
+            f"loss={loss_name}: {n} of {len(rows)} pairs carry p_chosen, so they train on the "
+            "soft-label loss (the rest as hard labels, p=1)",
+            flush=True,
+        )
+    return n
 
 
 def _soft_labels(batch):
@@ -702,6 +606,76 @@ def reference_mode(cfg) -> str:
     return ref.mode
 
 
+@dataclass
+class References:
+    """The run's reference: its mode, the precomputed log-prob columns of the current stage's rows and of
+    the eval rows, and the frozen model (mode=model). The one place the loop, the stage change and the
+    checkpoint read them from."""
+
+    mode: str  # none | precomputed | adapter_disabled | model (reference_mode)
+    cache_dir: Path
+    settings: dict[str, Any]  # what the precomputed cache is keyed on besides the model and the tokens
+    train: dict[str, torch.Tensor] | None = None
+    eval: dict[str, torch.Tensor] | None = None
+    model: Any = None
+
+
+def prepare_references(refs: References, policy, train, eval_rows, kind, tokenizer, cfg, ckpt, accelerator, packed):
+    """Fill `refs` before training (what a resumed checkpoint already holds is kept):
+    precomputed: one no-grad pass over the first stage's rows and the eval rows with the initial policy
+    (adapter off), or with `reference.name_or_path` (also after a resume, when the policy has moved);
+    model: the frozen copy (a resumed TR-DPO reference from the checkpoint), and the eval rows' log-probs
+    under the initial reference so eval curves stay comparable while TR-DPO moves it."""
+    ref = cfg.loop.reference
+    if refs.mode == "precomputed" and (refs.train is None or (eval_rows is not None and refs.eval is None)):
+        source = policy
+        if ref.name_or_path is not None or ckpt is not None:
+            source = load_frozen(ref.name_or_path or cfg.model.name_or_path, dtype=cfg.optim.dtype)
+            source = source.to(accelerator.device)
+        with _adapter_off(source):
+            if refs.train is None:
+                refs.train = precompute(
+                    source, train, kind, tokenizer, cfg, refs.cache_dir, refs.settings, accelerator, packed
+                )
+            if eval_rows is not None and refs.eval is None:
+                refs.eval = precompute(
+                    source, eval_rows, kind, tokenizer, cfg, refs.cache_dir, refs.settings, accelerator, packed
+                )
+        del source
+    if refs.mode == "model":
+        saved = ckpt / "reference" if ckpt is not None and (ckpt / "reference").exists() else None
+        path = saved or (ref.name_or_path or cfg.model.name_or_path)
+        refs.model = load_frozen(str(path), dtype=cfg.optim.dtype).to(accelerator.device)
+        if eval_rows is not None and refs.eval is None and not cfg.loss.needs_kl_pairs:
+            refs.eval = precompute(
+                refs.model, eval_rows, kind, tokenizer, cfg, refs.cache_dir, refs.settings, accelerator, packed
+            )
+
+
+def next_stage(refs: References, policy, stages, stage: int, kind, tokenizer, cfg, accelerator, packed):
+    """sDPO / Curry-DPO: stage `stage`'s rows (None after the last stage); with precomputed references
+    the reference becomes the current policy (its log-probs on these rows)."""
+    if stage >= len(stages):
+        return None
+    rows = stages[stage]
+    refs.train = None
+    if refs.mode == "precomputed":
+        refs.train = precompute(policy, rows, kind, tokenizer, cfg, refs.cache_dir, refs.settings, accelerator, packed)
+    return attach(rows, refs.train)
+
+
+def fix_kl_pairs(stages: list[Dataset], eval_rows: Dataset | None, B: int, cfg):
+    """KTO-style KL estimates from mismatched pairs, with a precomputed reference: the pairs are fixed in
+    the data (the reference pass must see the same pairs the step will), for every stage and the eval rows."""
+    if eval_rows is not None and len(eval_rows) < 2:
+        raise DataError(
+            f"{cfg.data.path}: the eval split has {len(eval_rows)} row; loss={cfg.loss.name} estimates its KL "
+            "term from pairs of rows: raise data.eval_split or give data.eval_path"
+        )
+    stages = [with_kl_pairs(s, B, cfg.seed) for s in stages]
+    return stages, with_kl_pairs(eval_rows, B, cfg.seed) if eval_rows is not None else None
+
+
 def tr_dpo_schedule(ref):
     if ref.update == "none":
         return None
@@ -750,32 +724,34 @@ def _adapter_off(model):
         yield
 
 
-def _running_mean(spec):
-    return RunningMean() if spec.stateful == "running_mean" else None
+def _running_mean(spec, saved: dict[str, Any]):
+    """The loss's running reward mean (BCO), restored from a checkpoint's tensors when resuming."""
+    if spec.stateful != "running_mean":
+        return None
+    mean = RunningMean()
+    if "running_mean" in saved:
+        mean.load_state_dict(saved["running_mean"])
+    return mean
 
 
-def _checkpoint(
-    out_dir,
-    progress,
-    accelerator,
-    model,
-    tokenizer,
-    optimizer,
-    scheduler,
-    cfg,
-    running_mean,
-    stage_refs,
-    eval_refs,
-    ref_model,
-    ref_mode,
-):
+def staged_total_steps(stage_rows: list[int], optim, world: int) -> int:
+    """Optimizer steps of the run: every stage runs its epochs; max_steps overrides that for one stage
+    and only caps the total with sDPO / Curry stages."""
+    total = sum(n // (optim.batch_size * world) // optim.grad_accum * optim.epochs for n in stage_rows)
+    if optim.max_steps is not None:
+        total = optim.max_steps if len(stage_rows) == 1 else min(total, optim.max_steps)
+    return total
+
+
+def _checkpoint(out_dir, progress, accelerator, model, tokenizer, optimizer, scheduler, cfg, running_mean, refs):
     tensors: dict[str, Any] = {}
     if running_mean is not None:
         tensors["running_mean"] = running_mean.state_dict()
-    if ref_mode == "precomputed":
-        tensors["reference_train"] = stage_refs
-    if eval_refs is not None:
-        tensors["reference_eval"] = eval_refs
+    if refs.mode == "precomputed":
+        tensors["reference_train"] = refs.train
+    if refs.eval is not None:
+        tensors["reference_eval"] = refs.eval
+    moving = refs.model is not None and cfg.loop.reference.update != "none"  # TR-DPO's reference is trained state
     checkpoint_progress(
         out_dir,
         progress,
@@ -786,13 +762,5 @@ def _checkpoint(
         optimizer=optimizer,
         scheduler=scheduler,
         tensors=tensors,
-        extra_models={"reference": ref_model}
-        if ref_model is not None and cfg.loop.reference.update != "none"
-        else None,
+        extra_models={"reference": refs.model} if moving else None,
     )
-
-
-def _progress(cfg, main: bool, total: int, initial: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not (cfg.progress and main), desc="train", dynamic_ncols=True)

@@ -26,17 +26,23 @@ from train.loops.common import (
     build_scheduler,
     call_loss,
     check_enough_rows,
+    end_of_run,
+    end_of_step,
     epoch_batches,
     epoch_order,
     load_data,
+    load_trained_model,
+    open_recorder,
+    report_data,
+    run_summary,
     steps_per_epoch,
+    stopped_early,
     to_device,
     total_steps,
-    truncation_counts,
 )
-from train.loops.metrics import MetricsLogger, StepMetrics, Throughput, finish_run, postfix
+from train.loops.metrics import StepMetrics, finish_run
 from train.loops.packing import packed_token_logps, packing_ok
-from train.models import count_parameters, load_policy, load_tokenizer, save_model, trainable_parameters
+from train.models import count_parameters, load_tokenizer, trainable_parameters
 
 
 def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
@@ -50,20 +56,10 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.chat_template)
     data = load_data(cfg, tokenizer, "sft", to_sft)
     check_enough_rows(len(data.train), cfg, world, cfg.data.path)
-    if main:
-        print(data.report.summary(), flush=True)
-        if data.eval_report is not None:
-            print("eval split, " + data.eval_report.summary(), flush=True)
+    report_data(data, main)
 
     # ---------------------------------------------------------------- 3. model, optimiser, resume
-    policy = load_policy(
-        str(ckpt) if ckpt is not None and not cfg.lora.enabled else cfg.model.name_or_path,
-        revision=None if ckpt is not None and not cfg.lora.enabled else cfg.model.revision,
-        dtype=cfg.optim.dtype,
-        lora=cfg.lora,
-        gradient_checkpointing=cfg.optim.gradient_checkpointing,
-        adapter_path=ckpt if ckpt is not None and cfg.lora.enabled else None,
-    )
+    policy = load_trained_model(cfg, ckpt)
     total = total_steps(cfg.optim, steps_per_epoch(len(data.train), B, world, accum))
     optimizer = build_optimizer(trainable_parameters(policy), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
@@ -80,13 +76,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     # ---------------------------------------------------------------- 4. the step loop
     collate = make_collator("sft", tokenizer.pad_token_id)
     packed = cfg.optim.packing and packing_ok(model, data.train, collate, cfg, accelerator)
-    logger = MetricsLogger(out_dir, main, cfg.log.tensorboard, resume_step=progress.step)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, initial=progress.step, disable=not (cfg.progress and main), desc="sft", dynamic_ncols=True)
-    metrics, speed = StepMetrics(), Throughput()
-    last_train: dict[str, float] = {}
-    last_eval: dict[str, float] = {}
+    rec = open_recorder(out_dir, cfg, main, total, progress, "sft", ("loss", "tokens_per_s", "lr"))
     stopped = False
     save = functools.partial(
         checkpoint_progress,
@@ -99,69 +89,52 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         optimizer=optimizer,
         scheduler=scheduler,
     )
+    held_out = (
+        functools.partial(evaluate, model, data.eval, collate, loss_fn, cfg, accelerator, packed)
+        if data.eval is not None
+        else None
+    )
     model.train()
     while progress.step < total:
         batches = epoch_batches(epoch_order(len(data.train), cfg.seed, progress.epoch), B, world, rank)
         batches = batches[: len(batches) // accum * accum]
         for i in range(progress.micro, len(batches)):
             batch = to_device(collate(data.train.select(batches[i]).to_list()), accelerator.device)
-            speed.add(int(batch["attention_mask"].sum()), len(batches[i]))
+            rec.speed.add(int(batch["attention_mask"].sum()), len(batches[i]))
 
             def loss(batch=batch):
                 out = sft_loss(model, batch, loss_fn, packed)
                 return out.losses.mean(), {"loss": out.losses.detach().mean(), **out.metrics}
 
-            if not accumulate_step(accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm, metrics, loss):
+            if not accumulate_step(
+                accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm, rec.metrics, loss
+            ):
                 continue
             progress.update(step=progress.step + 1, micro=i + 1, samples=progress.samples + B * world * accum)
-            if progress.log_due(cfg.log.every_steps, total):
-                last_train = {
-                    **metrics.reduce(accelerator),
-                    **speed.read(world),
-                    "lr": scheduler.get_last_lr()[0],
-                    "time_s": progress.time_s(),
-                    "epoch": progress.epoch,
-                }
-                logger.log(progress.step, last_train)
-                bar.set_postfix(postfix(last_train, ("loss", "tokens_per_s", "lr")))
-            bar.update(1)
-            if data.eval is not None and cfg.eval.every_steps and progress.step % cfg.eval.every_steps == 0:
-                last_eval = evaluate(model, data.eval, collate, loss_fn, cfg, accelerator, packed)
-                logger.log(progress.step, last_eval)
-            due, stopped = progress.checkpoint_due(cfg.checkpoint)
-            if due:
-                save()
+            stopped = end_of_step(
+                rec, progress, cfg, total, accelerator=accelerator, scheduler=scheduler, save=save, evaluate=held_out
+            )
             if stopped or progress.step >= total:
                 break
         if stopped or progress.step >= total:
             break
         progress.update(epoch=progress.epoch + 1, micro=0)
-    bar.close()
 
     # ---------------------------------------------------------------- 5. the end
     if stopped:
-        logger.close()
-        return {"stopped": True, "steps": progress.step, "output_dir": str(out_dir)}
-    if data.eval is not None:
-        last_eval = evaluate(model, data.eval, collate, loss_fn, cfg, accelerator, packed)
-        logger.log(progress.step, last_eval)
-    logger.close()
-    final = save_model(model, tokenizer, out_dir / "final", accelerator)
-    if progress.final_checkpoint_due(cfg.checkpoint):
-        save()
-    summary = {
-        "loop": "sft",
-        "loss": cfg.loss.name,
-        "steps": progress.step,
-        "samples": progress.samples,
-        "time_s": progress.time_s(),
-        "final_dir": str(final),
-        "final_train": last_train,
-        "final_eval": last_eval,
-        "truncation": truncation_counts(data.report),
-        "eval_truncation": truncation_counts(data.eval_report),  # the held-out rows' cuts, beside the training ones
-        "output_dir": str(out_dir),
-    }
+        return stopped_early(rec, progress, out_dir)
+    final = end_of_run(
+        rec,
+        progress,
+        cfg,
+        model=model,
+        tokenizer=tokenizer,
+        out_dir=out_dir,
+        accelerator=accelerator,
+        save=save,
+        evaluate=held_out,
+    )
+    summary = run_summary("sft", cfg, progress, final, rec, data, out_dir)
     return finish_run(summary, out_dir, cfg, accelerator)
 
 
