@@ -182,21 +182,6 @@ def _sequence_weights(w: Tensor, mask: Tensor) -> Tensor:
     return torch.where(has, hi, torch.zeros_like(hi))
 
 
-_DATA = (
-    "logps",
-    "old_logps",
-    "advantages",
-    "mask",
-    "ref_logps",
-    "total_tokens",
-    "total_sequences",
-    "kl_coef",
-    "kl_estimator",
-    "kl_clamp",
-    "is_weights",
-)
-
-
 def ppo_loss(
     *,
     logps: Tensor,
