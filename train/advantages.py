@@ -21,6 +21,7 @@ Group estimators take the N samples as N/n contiguous groups of n (what the samp
     mix_lagrangian(adv_r, adv_c, lam)                   tensor   (A_R − λ A_C) / (1 + λ)
     running_moments(stats, scores)                      stats    running mean / variance (Chan et al. parallel update)
     normalize_scores(scores, stats, function, eps)      [N]      affine | scale | translate (safe-rlhf Normalizer)
+    sampler_is_weights(old, sampler, mask, mode, cap)   [N, T]   train/inference mismatch: TIS | sequence MIS
 """
 
 from __future__ import annotations
@@ -261,3 +262,50 @@ def normalize_scores(scores: Tensor, stats: tuple[int, float, float], function: 
     if function == "none":
         return scores
     raise ValueError(f"normalize function {function!r}: affine | scale | translate | none")
+
+
+# ------------------------------------------------------------------------------------------------ sampler mismatch
+
+IS_CORRECTIONS = ("none", "tis", "seq_mask")
+
+
+def sampler_is_weights(
+    old_logps: Tensor, sampler_logps: Tensor, mask: Tensor, mode: str = "seq_mask", cap: float = 3.0
+) -> Tensor:
+    """Importance weights that correct a rollout sampled by another engine (vLLM) than the trainer.
+
+    The rollout's tokens were drawn from π_sampler (vLLM's kernels, dtype, sampler), while the update
+    treats them as drawn from π_old (the trainer's recomputed log-probs); the two differ (Yao et al. 2025,
+    "Your efficient RL framework secretly brings you off-policy RL training"; verl PR#2953; trl#4772).
+    With Δ_t = log π_old(y_t) − log π_sampler(y_t) on the real tokens (NaN sampler log-probs: Δ = 0):
+
+        tis        w_t = min(exp(Δ_t), cap)                      truncated IS per token (TRL token_truncate,
+                                                                verl TIS)
+        seq_mask   w_i = exp(Σ_t Δ_t) if exp(Σ_t Δ_t) ≤ cap else 0   one weight per sequence, sequences
+                                                                past the cap dropped (TRL 1.16 default
+                                                                ``sequence_mask``, C_max = 3, no lower bound)
+        none       w = 1
+
+    [N, T] in, [N, T] float32 out (detached, 0 off the mask); the policy loss multiplies its per-token
+    loss by w before aggregation (the KL term is not weighted, as TRL)."""
+    m = mask.bool()
+    if mode == "none":
+        return m.float()
+    delta = torch.where(m, old_logps.detach().float() - sampler_logps.detach().float(), torch.zeros(()))
+    delta = torch.nan_to_num(delta, nan=0.0)
+    if mode == "tis":
+        w = torch.exp(delta).clamp(max=cap)
+    elif mode == "seq_mask":
+        seq = torch.exp(delta.sum(-1, keepdim=True))
+        w = torch.where(seq <= cap, seq, torch.zeros_like(seq)).expand_as(delta)
+    else:
+        raise ValueError(f"is_correction must be one of {IS_CORRECTIONS}, got {mode!r}")
+    return torch.where(m, w, torch.zeros_like(w))
+
+
+def abs_logp_diff(old_logps: Tensor, sampler_logps: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ |log π_sampler − log π_trainer| over the real tokens, their count): the monitor of the
+    train/inference mismatch (TRL ``sampling/sampling_logp_difference/mean``); NaN entries left out."""
+    d = (sampler_logps.detach().float() - old_logps.detach().float()).abs()
+    ok = mask.bool() & ~torch.isnan(d)
+    return torch.where(ok, d, torch.zeros_like(d)).sum(), ok.sum()

@@ -237,6 +237,13 @@ class GenerationSettings(_Strict):
     gpu_memory_utilization: float = Field(0.3, gt=0, lt=1)  # vllm
     sleep_level: Literal[0, 1, 2] = 2  # vllm: 0 keeps the engine awake
     lora_sync: Literal["merged", "adapter"] = "merged"  # vllm under LoRA
+    # vllm: tolerance of the probe after each sync (mean |Δ log p| vLLM vs trainer); None: 1e-3 in float32, 0.05
+    # in bfloat16 (not measured on a GPU)
+    probe_tol: float | None = Field(None, gt=0)
+    # vllm rollouts: train/inference mismatch correction (train.advantages.sampler_is_weights); TRL 1.16's
+    # default is the sequence mask at 3.0. Inert with backend=hf (the trainer samples: no mismatch)
+    is_correction: Literal["none", "tis", "seq_mask"] = "seq_mask"
+    is_cap: float = Field(3.0, gt=0)
 
 
 class CriticSettings(_Strict):
@@ -437,6 +444,7 @@ def check_online(cfg: TrainConfig) -> None:
             f"loop=online_dpo samples two responses per prompt: set loop.samples_per_prompt=2 "
             f"(got {loop.samples_per_prompt})"
         )
+    check_vllm(cfg)
     rollout = loop.prompts_per_step * loop.samples_per_prompt
     if rollout % loop.mini_batches:
         raise ConfigError(
@@ -502,6 +510,30 @@ def check_online(cfg: TrainConfig) -> None:
     if name == "remax" and (loop.epochs_per_rollout > 1 or loop.mini_batches > 1):
         raise ConfigError(
             "loop=remax is REINFORCE (strictly on-policy): loop.epochs_per_rollout and loop.mini_batches must be 1"
+        )
+
+
+def check_vllm(cfg: TrainConfig) -> None:
+    """loop.generation.backend=vllm: settings that do not fit the colocated engine (train/vllm_colocate.py)."""
+    gen, fn = cfg.loop.generation, cfg.loss.fn
+    if gen.backend != "vllm":
+        return
+    if cfg.lora.enabled and gen.lora_sync == "adapter" and gen.sleep_level == 2:
+        raise ConfigError(
+            "loop.generation.lora_sync=adapter keeps the base weights inside vLLM, and sleep_level=2 discards "
+            "them between steps: set loop.generation.sleep_level=1 (or 0)"
+        )
+    if cfg.loop.name == "online_dpo":  # a DPO loss has no ratio: the correction does not apply (inert)
+        return
+    if gen.is_correction != "none" and not _takes(fn.get("_target_"), "is_weights"):
+        raise ConfigError(
+            f"loop.generation.is_correction={gen.is_correction}: loss={cfg.loss.name} takes no is_weights; "
+            "set loop.generation.is_correction=none or use a policy loss of train/losses/policy.py"
+        )
+    if gen.is_correction == "tis" and not _takes(fn.get("_target_"), "ref_logps"):
+        raise ConfigError(
+            f"loop.generation.is_correction=tis weights tokens; loss={cfg.loss.name} has one ratio per sequence: "
+            "use loop.generation.is_correction=seq_mask"
         )
 
 

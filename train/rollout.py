@@ -7,6 +7,9 @@ each a left-padded prompt followed by a right-padded completion:
     completion_ids [N, Lc], completion_mask [N, Lc]  real tokens up to and including the first EOS
     truncated [N] bool                                 no EOS within max_new_tokens
     group [N] long                                     the prompt's index in this rollout (groups are contiguous)
+    sampler_logps [N, Lc] float32 | None               the sampling engine's log-probs of the completion
+                                                       tokens (vLLM; None when the trainer sampled): used
+                                                       only for the mismatch correction and its monitor
 
 Log-probs are computed by the trainer in float32 from logits / T at the sampling temperature T (TRL,
 OpenRLHF, verl), with only the completion positions through the LM head (`logits_to_keep`).
@@ -34,13 +37,16 @@ class Rollout:
     completion_mask: Tensor
     truncated: Tensor
     group: Tensor
+    sampler_logps: Tensor | None = None
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
 
     def select(self, idx: Sequence[int] | Tensor) -> Rollout:
         idx = torch.as_tensor(idx, dtype=torch.long)
-        return Rollout(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        return Rollout(
+            **{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[idx] for f in fields(self)}
+        )
 
     def forward_inputs(self) -> dict[str, Tensor]:
         """input_ids / attention_mask / position_ids of prompt + completion (positions count real tokens

@@ -1,4 +1,6 @@
-"""loop.generation.backend=vllm (colocated engine): opt-in, needs CUDA and the vllm package."""
+"""loop.generation.backend=vllm (colocated engine): opt-in, needs CUDA and the vllm package. Never run so far
+(no GPU with vllm has been available to this project); the same code path runs on CPU against a recording
+fake engine in tests/train/test_vllm_colocate_fake.py."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ def need_vllm_and_gpu():
     "lora",
     [
         [],
-        ["lora.enabled=true", "lora.r=8", "loop.generation.lora_sync=adapter"],
+        ["lora.enabled=true", "lora.r=8", "loop.generation.lora_sync=adapter", "loop.generation.sleep_level=1"],
         ["lora.enabled=true", "lora.r=8", "loop.generation.lora_sync=merged"],
     ],
     ids=["full", "lora-adapter", "lora-merged"],
@@ -54,5 +56,6 @@ def test_grpo_with_colocated_vllm_syncs_and_learns(tmp_path, lora):
         )
     )
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["vllm/probe_abs_diff"] < 1e-3 for r in rows)  # every sync was proven by the probe
+    assert all(r["vllm/probe_mean_abs_diff"] < 1e-3 for r in rows)  # every sync was proven by the probe
+    assert all(r["rollout/abs_logp_diff"] < 0.05 for r in rows)  # float32 engine vs trainer (guess: unmeasured)
     assert sum(r["reward/mean"] for r in rows[-3:]) / 3 > sum(r["reward/mean"] for r in rows[:3]) / 3 + 0.1

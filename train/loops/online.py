@@ -152,10 +152,12 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         else build_scorer(L.reward, device, "loop.reward")
     )
     cost_scorer = build_scorer(L.cost, device, "loop.cost") if L.name == "ppo_lag" else None
-    generator = None
+    generator = probe = None
     if L.generation.backend == "vllm":  # colocated engine (GPU, opt-in): synced and probed every step
         from train.models import model_path
-        from train.vllm_colocate import VLLMColocate
+        from train.vllm_colocate import VLLMColocate, probe_sequence
+
+        probe = probe_sequence(prompt_ids)
 
         generator = VLLMColocate(
             model_path(cfg.model.name_or_path),
@@ -214,7 +216,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         mine = step_prompts(state.step, len(prompts), L.prompts_per_step, cfg.seed)[
             rank * per_process : (rank + 1) * per_process
         ]
-        sync = {} if generator is None else {"vllm/probe_abs_diff": generator.sync(model, prompt_ids[0], device)}
+        sync = {} if generator is None else generator.sync(model, probe, device)  # weights in, probe checked
         rollout = sample(
             model,
             tokenizer,
@@ -238,6 +240,8 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
             if L.estimator == "remax"
             else None
         )
+        if generator is not None:
+            generator.sleep()  # the step's generations are done: the memory goes to the update
         raw_scores, raw_costs = scores, costs  # logged, and the cost window keeps the threshold's unit
         if L.normalize_reward != "none":
             scores, baseline = normalize(

@@ -324,6 +324,8 @@ def policy_update(
                                 model, mb, L.generation.temperature, device, with_entropy=on_policy, packed=packed
                             )
                         data["old_logps"] = data["logps"].detach() if on_policy else batch["old_logps"][idx].to(device)
+                        if mb.sampler_logps is not None:  # vLLM sampled: mismatch monitor and correction
+                            sampler_correction(data, mb, L.generation, metrics, device)
                         if on_policy:
                             mask = data["mask"]
                             if mask.any():  # (none under mask_truncated_completions when every row is truncated)
@@ -370,6 +372,26 @@ def policy_update(
                 critic_opts[k].zero_grad(set_to_none=True)
             state.optimizer_steps += 1
     return metrics.reduce(accelerator)
+
+
+def sampler_correction(data: dict, mb: Rollout, gen, metrics: StepMetrics, device) -> None:
+    """A rollout sampled by vLLM: log the mean |log p_vllm − log p_trainer| over its completion tokens
+    (`rollout/abs_logp_diff`, π_old as the trainer's) and, unless loop.generation.is_correction=none, pass the
+    importance weights π_old / π_vllm (train.advantages.sampler_is_weights) to the policy loss."""
+    sampler, cmask = mb.sampler_logps.to(device), mb.completion_mask.to(device)
+    total, count = A.abs_logp_diff(data["old_logps"], sampler, cmask)
+    if count > 0:
+        metrics.add({"rollout/abs_logp_diff": total / count}, weight=float(count))
+    if gen.is_correction == "none":
+        return
+    w = A.sampler_is_weights(data["old_logps"], sampler, cmask, gen.is_correction, gen.is_cap)
+    data["is_weights"] = w
+    if count > 0:
+        metrics.add({"rollout/is_weight_mean": (w * cmask).sum() / count}, weight=float(count))
+    rows = cmask.any(1)
+    if gen.is_correction == "seq_mask" and rows.any():
+        dropped = (w.amax(1) == 0) & rows
+        metrics.add({"rollout/is_masked_frac": dropped.sum() / rows.sum()}, weight=float(rows.sum()))
 
 
 def loss_mask(rollout: Rollout, L) -> torch.Tensor:

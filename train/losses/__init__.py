@@ -44,7 +44,8 @@ listwise reward models ([B, K] each)
 policy (online loops, train/losses/policy.py; [B, T] per completion position)
     logps, old_logps, ref_logps, advantages ([B, T] or [B]), mask (bool), total_tokens /
     total_sequences (counts of the whole optimizer step, per process), kl_coef / kl_estimator /
-    kl_clamp (loop.kl, KL in the loss)
+    kl_clamp (loop.kl, KL in the loss), is_weights ([B, T] importance weights of a vLLM-sampled
+    rollout, loop.generation.is_correction; None when the trainer sampled)
 reduce
     optional ``Callable[[Tensor], Tensor]`` that mean-all-reduces a 0-dim tensor across processes
     (e.g. ``lambda t: accelerator.reduce(t, "mean")``). Used by KTO (z0) and BCO (δ); the default
@@ -156,5 +157,6 @@ DATA_ARGS: dict[str, tuple[str, ...]] = {
         "kl_coef",
         "kl_estimator",
         "kl_clamp",
+        "is_weights",
     ),
 }

@@ -9,6 +9,9 @@ Keyword vocabulary (kind ``policy``): [B, T] per completion position, T right-pa
     mask         bool, the real completion tokens
     ref_logps    log π_ref, constant; only for KL in the loss (kl_coef > 0)
     kl_coef, kl_estimator, kl_clamp   the loop's KL-in-loss settings (loop.kl; β may be adaptive)
+    is_weights   [B, T] constant importance weights of a rollout sampled by vLLM (train/inference
+                 mismatch, ``train.advantages.sampler_is_weights``); they multiply the per-token loss
+                 before aggregation (not the KL term). None: the trainer sampled, no correction
     total_tokens, total_sequences   the counts of the whole optimizer step (all micro-batches; already
                  divided by the number of processes), so that Σ over micro-batches of
                  ``losses.sum() / total_sequences`` is the step loss and the token-mean is global
@@ -121,6 +124,7 @@ def policy_gradient_loss(
     dual_clip: float | None = None,
     ratio_level: str = "token",
     aggregation: str = "token_mean",
+    is_weights: Tensor | None = None,
 ) -> LossOutput:
     """PPO-clip policy loss; GRPO/Dr. GRPO/RLOO/ReMax/REINFORCE++ differ in advantages and aggregation.
 
@@ -142,6 +146,8 @@ def policy_gradient_loss(
         seq_adv = adv if adv.dim() == 1 else adv[:, 0]
         ratio = torch.exp(log_ratio.sum(-1).clamp(-RATIO_CLAMP, RATIO_CLAMP))
         losses, clipped = clipped_surrogate(ratio, seq_adv, clip_eps, clip_eps_high, dual_clip)
+        if is_weights is not None:
+            losses = losses * _sequence_weights(as_float(is_weights).detach(), mask)
         metrics["clip_frac"] = batch_mean(clipped)
         metrics["ratio"] = batch_mean(ratio)
         return LossOutput(losses, metrics=metrics)
@@ -149,6 +155,8 @@ def policy_gradient_loss(
         raise ValueError(f"ratio_level must be token or sequence, got {ratio_level!r}")
     ratio = torch.exp(log_ratio.clamp(-RATIO_CLAMP, RATIO_CLAMP))
     token_loss, clipped = clipped_surrogate(ratio, _per_token(adv, logps), clip_eps, clip_eps_high, dual_clip)
+    if is_weights is not None:
+        token_loss = token_loss * as_float(is_weights).detach()
     if kl_coef:
         if ref_logps is None:
             raise ValueError("kl_coef > 0 needs ref_logps")
@@ -162,18 +170,16 @@ def policy_gradient_loss(
     return LossOutput(losses, metrics=metrics)
 
 
-_DATA = (
-    "logps",
-    "old_logps",
-    "advantages",
-    "mask",
-    "ref_logps",
-    "total_tokens",
-    "total_sequences",
-    "kl_coef",
-    "kl_estimator",
-    "kl_clamp",
-)
+def _sequence_weights(w: Tensor, mask: Tensor) -> Tensor:
+    """[B, T] weights that are constant over each sequence's real tokens -> [B] (a sequence-level ratio
+    has no per-token terms, so a per-token correction has nothing to multiply)."""
+    m = mask.bool()
+    hi = torch.where(m, w, torch.full_like(w, -torch.inf)).amax(-1)
+    lo = torch.where(m, w, torch.full_like(w, torch.inf)).amin(-1)
+    has = m.any(-1)
+    if bool((has & (hi != lo)).any()):
+        raise ValueError("a sequence-level ratio takes one importance weight per sequence (is_correction=seq_mask)")
+    return torch.where(has, hi, torch.zeros_like(hi))
 
 
 def ppo_loss(
@@ -192,6 +198,7 @@ def ppo_loss(
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
     aggregation: str = "token_mean",
+    is_weights: Tensor | None = None,
 ) -> LossOutput:
     """PPO-clip (Schulman et al. 2017, Eq. 7) with token ratios, token-mean over the optimizer step
     (OpenRLHF / verl); dual_clip c = 3 is verl's choice, None is OpenRLHF's default."""
@@ -210,6 +217,7 @@ def ppo_loss(
         clip_eps_high=clip_eps_high,
         dual_clip=dual_clip,
         aggregation=aggregation,
+        is_weights=is_weights,
     )
 
 
@@ -228,6 +236,7 @@ def grpo_loss(
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
     aggregation: str = "seq_mean_token_mean",
+    is_weights: Tensor | None = None,
 ) -> LossOutput:
     """GRPO (Shao et al. 2024, arXiv 2402.03300, Eq. 3): PPO-clip, per-sequence token mean, mean over
     the group's sequences; KL in the loss. ``aggregation=token_mean`` is TRL's default ``dapo``."""
@@ -245,6 +254,7 @@ def grpo_loss(
         clip_eps=clip_eps,
         clip_eps_high=clip_eps_high,
         aggregation=aggregation,
+        is_weights=is_weights,
     )
 
 
@@ -262,6 +272,7 @@ def dr_grpo_loss(
     kl_clamp: float | None = 10.0,
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
+    is_weights: Tensor | None = None,
 ) -> LossOutput:
     """Dr. GRPO (Liu et al. 2025, arXiv 2503.20783, Eq. 2): the token sum of each sequence over a
     constant L_max (the padded completion length), mean over sequences: no length bias."""
@@ -279,6 +290,7 @@ def dr_grpo_loss(
         clip_eps=clip_eps,
         clip_eps_high=clip_eps_high,
         aggregation="seq_sum_norm",
+        is_weights=is_weights,
     )
 
 
@@ -291,6 +303,7 @@ def rloo_loss(
     total_sequences: float | None = None,
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
+    is_weights: Tensor | None = None,
 ) -> LossOutput:
     """RLOO as TRL 1.16 trains it (Ahmadian et al. 2024 + PPO clipping): one **sequence-level** ratio
     exp(Σ_t log π_θ − Σ_t log π_old), clipped, mean over sequences; the KL is in the reward (k1)."""
@@ -304,6 +317,7 @@ def rloo_loss(
         clip_eps_high=clip_eps_high,
         ratio_level="sequence",
         aggregation="seq_mean",
+        is_weights=is_weights,
     )
 
 
@@ -319,6 +333,7 @@ def remax_loss(
     kl_coef: float = 0.0,
     kl_estimator: str = "k3_ratio",
     kl_clamp: float | None = 10.0,
+    is_weights: Tensor | None = None,
 ) -> LossOutput:
     """ReMax (Li et al. 2023, arXiv 2310.10505, Alg. 1) as a surrogate: Σ_t −ρ_t A_t per sequence, mean
     over sequences. On-policy (ρ = 1) its gradient is REINFORCE's −A ∇Σ_t log π (see
@@ -336,6 +351,7 @@ def remax_loss(
         kl_clamp=kl_clamp,
         clip_eps=1e9,
         aggregation="seq_sum",
+        is_weights=is_weights,
     )
 
 
