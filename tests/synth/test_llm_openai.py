@@ -91,10 +91,21 @@ def test_send_n_false_splits_samples(openai_server):
     assert len(openai_server.chat_requests()) == 8 and {r.body["n"] for r in openai_server.chat_requests()} == {1}
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_mixed_faults_every_request_completes_exactly_once(make_openai_server, transport):
+@pytest.mark.parametrize(("transport", "stall"), [("lean", False), ("openai", False), ("lean", True)])
+def test_mixed_faults_every_request_completes_exactly_once(make_openai_server, transport, stall):
+    """stall: the server's event loop stops for 1.5 s once, as a loaded machine can stop it: the answers in
+    flight then come after the client's timeout, and the accounting below must still hold."""
+    from synth.testing.loopback import default_responder
+
+    def responder(body):
+        if stall and body["messages"][0]["content"] == "q30" and not stalled:
+            stalled.append(time.monotonic())
+            time.sleep(1.5)
+        return default_responder(body)
+
+    stalled: list[float] = []
     # "slow" answers after 30 s: a client timeout (1 s) always comes first, however loaded the machine
-    server = make_openai_server(fault_rate=0.2, retry_after_s=0.02, slow_s=30.0, seed=3)
+    server = make_openai_server(responder=responder, fault_rate=0.2, retry_after_s=0.02, slow_s=30.0, seed=3)
     llm = backend(server.url, transport, timeout_s=1.0, max_retries=10, max_concurrency=32)
     k = 120 if transport == "lean" else 60
     out = llm.generate(reqs(k), SamplingParams(n=2))
@@ -124,7 +135,8 @@ def test_mixed_faults_every_request_completes_exactly_once(make_openai_server, t
     unseen_attempts = k + llm.stats.retries - len(seen)  # timed out before the server read them
     assert 0 <= extra_answers <= late and 0 <= unseen_attempts <= late
     assert sum(faults.values()) <= llm.stats.retries  # no fault was taken as an answer
-    assert late <= k // 4, f"{late} answers given up on"  # wholesale: a client bug, not load
+    if stall:  # the stall really made the client give up on answers (so the case above was exercised)
+        assert stalled and late > 0 and extra_answers > 0
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
