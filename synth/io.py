@@ -3,7 +3,8 @@
 A pipeline processes its inputs in chunks. `ChunkWriter.commit` appends each finished chunk to the
 output files (`sft.jsonl`, `preferences.jsonl`, `trace.jsonl`, ...) with flush + fsync, and only THEN
 appends one line to the ledger `.progress.jsonl`: the chunk's input ids, every output file's size after
-the chunk, and the chunk's counters. The ledger line is the commit point:
+the chunk, and the chunk's counters. A file the chunk wrote nothing to is neither written nor fsynced:
+its size is the one an earlier ledger line already made durable. The ledger line is the commit point:
 
 - a crash before it leaves bytes past the last committed size; on restart every output file is cut
   back to its committed size (this also removes a torn last line), so the chunk is redone once;
@@ -241,8 +242,11 @@ class ChunkWriter:
         try:
             for name in self.files:
                 lines = [_dumps(r) for r in rows.get(name, ())]
-                # every declared file exists after the first commit, even when empty
-                sizes[name] = _fsync_append(self.path(name), lines)
+                if lines:
+                    sizes[name] = _fsync_append(self.path(name), lines)
+                else:  # untouched: its committed size is already durable, so no write and no fsync
+                    self.path(name).touch(exist_ok=True)  # every declared file exists after the first commit
+                    sizes[name] = self._sizes[name]
             entry = {"chunk": self.chunks, "ids": ids, "sizes": sizes, "counters": dict(counters)}
             _fsync_append(self.ledger, [json.dumps(entry, ensure_ascii=False)])
         except OSError:  # e.g. a full disk: leave every file at its last commit now, not at the next start

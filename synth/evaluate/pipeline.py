@@ -10,6 +10,7 @@ chunk by the synth runner (exact-once across kill -9; a finished rerun makes no 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,7 @@ class EvaluatePipeline(Pipeline):
         self._items = items or []
         self.baseline: dict[tuple[str, int], dict] = {}
         self._scorers: dict[str, Any] = {}
+        self._scorers_lock = threading.Lock()
 
     def items(self, ctx: Context, source) -> list[SourceItem]:
         return self._items
@@ -80,6 +82,24 @@ class EvaluatePipeline(Pipeline):
         if self.cfg.baseline and self.cfg.judges.pairwise:
             for r in read_jsonl(Path(self.cfg.baseline) / "results.jsonl"):
                 self.baseline[(r["prompt_id"], r["sample"])] = r
+        # The score models are built here, on the runner's thread, before any chunk worker starts: built
+        # lazily in the workers, two of them could import transformers at once, which can fail
+        # ("cannot import name 'GenerationConfig'"). A finished rerun has nothing to score: none is loaded.
+        if any(it.id not in writer.done_ids for it in self._items):
+            for name in self.scorer_names():
+                self.scorer(name)
+
+    def scorer_names(self) -> list[str]:
+        """The score models this run uses: reward, cost, and KL when the answers are sampled at t = 1."""
+        s = self.cfg.scores
+        names = [name for name, path in (("reward", s.reward_model), ("cost", s.cost_model)) if path]
+        if s.reference and self.kl_applies():
+            names.append("kl")
+        return names
+
+    def kl_applies(self) -> bool:
+        sp = self.cfg.sampling
+        return sp.temperature == 1.0 and sp.top_p == 1.0 and sp.top_k is None
 
     # ---------------------------------------------------------------------------------------- chunk
     def process(self, items: Sequence[SourceItem], ctx: Context, state: ChunkState) -> None:
@@ -262,17 +282,19 @@ class EvaluatePipeline(Pipeline):
             }
 
     def scorer(self, name: str):
-        if name not in self._scorers:
-            from synth.evaluate import scoring
+        """The score model `name`, built once (by `setup`; the lock guards a `process` called without it)."""
+        with self._scorers_lock:
+            if name not in self._scorers:
+                from synth.evaluate import scoring
 
-            s = self.cfg.scores
-            if name == "kl":
-                policy = s.policy or self.cfg.run_info.get("policy_path")
-                self._scorers[name] = scoring.LogprobScorer(policy, s.reference, s.adapter, s.device, s.batch_size)
-            else:
-                path = s.reward_model if name == "reward" else s.cost_model
-                self._scorers[name] = scoring.ScalarScorer(path, s.device, s.batch_size)
-        return self._scorers[name]
+                s = self.cfg.scores
+                if name == "kl":
+                    policy = s.policy or self.cfg.run_info.get("policy_path")
+                    self._scorers[name] = scoring.LogprobScorer(policy, s.reference, s.adapter, s.device, s.batch_size)
+                else:
+                    path = s.reward_model if name == "reward" else s.cost_model
+                    self._scorers[name] = scoring.ScalarScorer(path, s.device, s.batch_size)
+            return self._scorers[name]
 
     def model_scores(self, rows, items, state) -> None:
         s = self.cfg.scores
@@ -286,8 +308,7 @@ class EvaluatePipeline(Pipeline):
             if path:
                 for r, v in zip(live, self.scorer(name)(P, A), strict=True):
                     r[name] = v
-        sp = self.cfg.sampling
-        if s.reference and sp.temperature == 1.0 and sp.top_p == 1.0 and sp.top_k is None:
+        if s.reference and self.kl_applies():
             for r, v in zip(live, self.scorer("kl")(P, A), strict=True):
                 r.update(v)
         elif s.reference:

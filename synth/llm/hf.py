@@ -90,9 +90,7 @@ class HFBackend:
             self.tokenizer.chat_template = model.chat_template
         net = load_model(AutoModelForCausalLM, source, model.revision, dtype=_dtype(settings.dtype, self.device))
         if settings.adapter:
-            from peft import PeftModel
-
-            net = PeftModel.from_pretrained(net, settings.adapter)
+            net = _with_adapter(net, settings.adapter)
         self.net = net.to(self.device).eval()
         self.pad_id = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -422,6 +420,35 @@ class _RowStop:
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits) if hits else None
+
+
+def _with_adapter(net: Any, adapter: str) -> Any:
+    """The model with the peft adapter at `adapter`, merged into the base weights when that is exact up to
+    float rounding (LoRA: W + s·BA; the layer then runs one matmul instead of three): nothing trains this
+    model, so the adapter never needs to stay apart. Left unmerged when merging would change the model: a
+    quantised base (the merged weights would be re-quantised), a target weight shared with another module
+    (tied embeddings: the delta would reach both), or an adapter without weights to merge (prompt tuning)."""
+    from peft import PeftModel
+
+    net = PeftModel.from_pretrained(net, adapter)
+    return net.merge_and_unload() if _mergeable(net) else net
+
+
+def _mergeable(net: Any) -> bool:
+    from collections import Counter
+
+    from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+
+    base = net.get_base_model()
+    if not isinstance(net.base_model, BaseTuner) or getattr(base, "is_quantized", False):
+        return False
+    uses = Counter(p.data_ptr() for _, p in base.named_parameters(remove_duplicate=False))
+    for layer in net.modules():
+        if isinstance(layer, BaseTunerLayer):
+            weight = getattr(layer.get_base_layer(), "weight", None)
+            if weight is None or uses[weight.data_ptr()] > 1:
+                return False
+    return True
 
 
 def _device(setting: str) -> str:

@@ -152,7 +152,6 @@ def run_pipeline(
         todo = (it for it in _unique(pipeline.items(ctx, source)) if it.id not in done_before)
         if show_progress and n_items > resumed:
             print_estimate(pipeline, n_items - resumed)
-        pipeline.setup(ctx, writer)
 
         def manifest(
             status: str, error: str | None = None, extra: dict[str, Any] | None = None, must_write: bool = True
@@ -179,6 +178,7 @@ def run_pipeline(
         bar = tqdm(total=n_items, initial=resumed, desc=pipeline.cfg.name, unit="item", disable=not show_progress)
         try:
             manifest("running")
+            pipeline.setup(ctx, writer)  # inside: a failure here ends the run like any other (failed manifest)
             seen = ctx.backend_counters()
             for chunk, state in _processed(pipeline, ctx, _chunks(todo, chunk_size), chunks_in_flight):
                 now = ctx.backend_counters()  # retries etc. since the last commit (chunks overlap)

@@ -127,24 +127,44 @@ def test_max_input_tokens_marks_prompt_too_long():
     assert out[0][0].finish_reason in ("stop", "length")
 
 
-def test_lora_adapter_loads_and_changes_outputs(tmp_path, tiny_hf_llm, tiny_model_dir):
+def _adapter(tmp_path, tiny_model_dir, targets, name="adapter"):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    cfg = LoraConfig(
-        r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"
-    )
-    get_peft_model(base, cfg).save_pretrained(tmp_path / "adapter")
+    cfg = LoraConfig(r=4, lora_alpha=64, target_modules=targets, init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(base, cfg).save_pretrained(tmp_path / name)
+    return str(tmp_path / name)
 
-    llm = build_llm(
-        {"kind": "hf", "device": "cpu", "adapter": str(tmp_path / "adapter")}, {"name_or_path": "builtin:tiny"}
-    )
+
+def test_lora_adapter_is_merged_for_inference_with_the_same_outputs(tmp_path, tiny_hf_llm, tiny_model_dir, monkeypatch):
+    import torch
+
+    from synth.llm import hf
+
+    adapter = _adapter(tmp_path, tiny_model_dir, ["q_proj", "v_proj", "down_proj"])
+    merged = build_llm({"kind": "hf", "device": "cpu", "adapter": adapter}, {"name_or_path": "builtin:tiny"})
+    assert type(merged.net).__name__ == "LlamaForCausalLM"  # merged: plain layers, no LoRA matmuls left
+    assert not any("lora" in name for name, _ in merged.net.named_parameters())
+    monkeypatch.setattr(hf, "_mergeable", lambda net: False)
+    unmerged = build_llm({"kind": "hf", "device": "cpu", "adapter": adapter}, {"name_or_path": "builtin:tiny"})
+    assert type(unmerged.net).__name__ == "PeftModelForCausalLM"
+    assert merged.identity == unmerged.identity and merged.identity["adapter"] and not tiny_hf_llm.identity["adapter"]
+    ids = torch.tensor([merged._encode(p) for p in PROMPTS[:1]])
+    with torch.no_grad():  # exact up to float rounding
+        torch.testing.assert_close(merged.net(ids).logits, unmerged.net(ids).logits, rtol=1e-4, atol=1e-4)
+    greedy = texts(merged.generate(PROMPTS, GREEDY.replace(n=2)))
+    assert greedy == texts(unmerged.generate(PROMPTS, GREEDY.replace(n=2)))
+    assert texts(merged.generate(PROMPTS, SAMPLED)) != texts(tiny_hf_llm.generate(PROMPTS, SAMPLED))  # it matters
+
+
+def test_lora_on_a_tied_weight_is_left_unmerged(tmp_path, tiny_model_dir):
+    # the tiny model ties lm_head to embed_tokens: merging a delta into lm_head would change the embeddings too
+    adapter = _adapter(tmp_path, tiny_model_dir, ["lm_head", "q_proj"])
+    llm = build_llm({"kind": "hf", "device": "cpu", "adapter": adapter}, {"name_or_path": "builtin:tiny"})
     assert type(llm.net).__name__ == "PeftModelForCausalLM"
-    assert llm.identity["adapter"] and tiny_hf_llm.identity["adapter"] is None
-    assert texts(llm.generate(PROMPTS, SAMPLED)) != texts(tiny_hf_llm.generate(PROMPTS, SAMPLED))
 
 
 def test_stats_count_tokens(tiny_hf_llm):

@@ -104,3 +104,72 @@ def test_undeclared_output_is_an_error(tmp_path):
     w = ChunkWriter(tmp_path, ["sft"])
     with pytest.raises(KeyError, match="undeclared"):
         w.commit(["a"], {"preferences": [{}]}, {})
+
+
+class _SetupFails(GeneratePipeline):
+    """setup() raises what a user can fix (a real pipeline's setup reads a baseline, builds a judge...)."""
+
+    def setup(self, ctx, writer):
+        from synth.errors import DataError
+
+        raise DataError("baseline /x/results.jsonl: line 3 is not JSON; fix or remove that line")
+
+
+def test_setup_failure_ends_like_any_failure_and_keeps_committed_rows(tmp_path, capsys):
+    from synth.errors import DataError
+
+    llm = ScriptedLLM(lambda msgs, p, i: "ok")
+    run_pipeline(
+        GeneratePipeline(GenerateConfig()), ctx_with(llm), tmp_path, items(4), chunk_size=2, show_progress=False
+    )
+    ledger = (tmp_path / LEDGER).read_text()
+    capsys.readouterr()
+    with pytest.raises(DataError) as e:  # resumed into the same folder with 4 more inputs
+        run_pipeline(
+            _SetupFails(GenerateConfig()), ctx_with(llm), tmp_path, items(8), chunk_size=2, show_progress=False
+        )
+    assert "\n" not in str(e.value)  # the CLI prints it as its one line
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert m["status"] == "failed" and m["error"] == f"DataError: {e.value}"
+    assert m["processed"] == 4 and m["resumed_from_previous_runs"] == 4 and m["outputs"] == {"completions": 4}
+    assert [r["id"] for r in read_jsonl(tmp_path / "completions.jsonl")] == [f"id{i}" for i in range(4)]
+    assert (tmp_path / LEDGER).read_text() == ledger and len(llm.calls) == 2  # nothing of the failed run was run
+    out = capsys.readouterr().out
+    assert "generate: failed" in out and "line 3 is not JSON" in out  # the one-screen summary, as for any failure
+    fresh = tmp_path / "fresh"  # a first run gets its manifest too
+    with pytest.raises(DataError):
+        run_pipeline(_SetupFails(GenerateConfig()), ctx_with(llm), fresh, items(2), show_progress=False)
+    assert json.loads((fresh / "manifest.json").read_text())["status"] == "failed"
+
+
+def test_commit_fsyncs_only_the_files_the_chunk_wrote_and_the_ledger_last(tmp_path, monkeypatch):
+    import os
+
+    import synth.io
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(
+        synth.io.os, "fsync", lambda fd: (synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))), real(fd))
+    )
+    w = ChunkWriter(tmp_path, ["sft", "preferences"])
+    w.commit(["a"], {"sft": [{"id": "a"}], "trace": [{"t": 1}]}, {"out/sft": 1})
+    assert synced == ["sft.jsonl", "trace.jsonl", LEDGER]  # preferences: nothing written, nothing to sync
+    assert (tmp_path / "preferences.jsonl").read_text() == ""  # every declared file exists all the same
+    synced.clear()
+    w.commit(["b"], {"preferences": [{"id": "b"}]}, {"out/preferences": 1})
+    assert synced == ["preferences.jsonl", LEDGER]
+    synced.clear()
+    w.commit(["c"], {}, {})  # a chunk that dropped everything: the ledger line alone
+    assert synced == [LEDGER]
+    entries = [json.loads(x) for x in (tmp_path / LEDGER).read_text().splitlines()]
+    sft, pref, trace = (tmp_path / f"{n}.jsonl" for n in ("sft", "preferences", "trace"))
+    assert [e["sizes"] for e in entries] == [
+        {"sft": sft.stat().st_size, "preferences": 0, "trace": trace.stat().st_size},
+        {"sft": sft.stat().st_size, "preferences": pref.stat().st_size, "trace": trace.stat().st_size},
+    ] + [entries[1]["sizes"]]
+    # recovery after uncommitted bytes in an untouched file cuts it back to the size the ledger names
+    with pref.open("a") as fh:
+        fh.write('{"id": "z", "tor')
+    w2 = ChunkWriter(tmp_path, ["sft", "preferences"])
+    assert w2.done_ids == {"a", "b", "c"} and [r["id"] for r in read_jsonl(pref)] == ["b"]

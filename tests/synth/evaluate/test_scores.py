@@ -73,3 +73,59 @@ def test_kl_is_skipped_off_temperature_1(tmp_path, tiny_score_model):
     assert rows[0]["kl_k1"] is None
     assert json.loads((out / ".progress.jsonl").read_text().splitlines()[0])["counters"]["kl_skipped_not_t1"] == 1
     assert any("KL" in w for w in json.loads((out / "summary.json").read_text())["warnings"])
+
+
+def test_score_models_are_built_once_on_the_runner_thread_before_any_chunk(tmp_path, monkeypatch):
+    """With chunks in flight, a score model built lazily in a chunk worker let two workers import
+    transformers at once (ImportError: GenerationConfig). They are built by setup, on the runner's thread."""
+    import threading
+    import time
+
+    from synth.evaluate import scoring
+    from synth.evaluate.pipeline import EvaluatePipeline, EvaluatePipelineConfig
+    from synth.pipelines.base import Context, run_pipeline
+    from synth.records import SourceItem, messages
+    from tests.fakes import ScriptedLLM
+
+    llm = ScriptedLLM(lambda msgs, p, i: f"answer to {msgs[-1].content}")
+    built = []
+
+    class FakeScorer:
+        def __init__(self, *args):
+            built.append((args[0], threading.current_thread(), len(llm.calls)))
+            time.sleep(0.05)  # a slow load: a second builder would overlap it
+
+        def __call__(self, prompts, answers):
+            return [0.5 for _ in answers]
+
+    class FakeKL(FakeScorer):
+        def __call__(self, prompts, answers):
+            return [{"kl_k1": 0.0, "kl_k3": 0.0, "kl_tokens": 1} for _ in answers]
+
+    monkeypatch.setattr(scoring, "ScalarScorer", FakeScorer)
+    monkeypatch.setattr(scoring, "LogprobScorer", FakeKL)
+    cfg = EvaluatePipelineConfig(
+        suite={"name": "t"},
+        sampling={"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8},
+        judges={"harm": False, "refusal": False, "strongreject": False, "pairwise": False},
+        scores={"reward_model": "rm", "cost_model": "cm", "reference": "ref", "policy": "pol"},
+        run_info={},
+    )
+    items = [SourceItem(id=f"p{i}", prompt=messages(("user", f"q{i}")), meta={"kind": "benign"}) for i in range(12)]
+
+    def run(out):
+        ctx = Context(factories={"policy": lambda: llm, "judge": lambda: llm})
+        return run_pipeline(
+            EvaluatePipeline(cfg, items), ctx, out, None, chunk_size=2, show_progress=False, chunks_in_flight=4
+        )
+
+    m = run(tmp_path / "ev")
+    assert m["status"] == "finished" and m["processed"] == 12
+    main = threading.main_thread()
+    assert sorted(name for name, _, _ in built) == ["cm", "pol", "rm"]  # each once
+    assert all(thread is main and calls == 0 for _, thread, calls in built)  # before any chunk called the policy
+    rows = [json.loads(x) for x in (tmp_path / "ev" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(r["reward"] == 0.5 and r["kl_k1"] == 0.0 for r in rows)
+    built.clear()
+    run(tmp_path / "ev")  # a finished rerun scores nothing, so it loads no model
+    assert built == []
