@@ -106,6 +106,27 @@ def test_critic_and_policy_steps_touch_disjoint_weights(tiny_path, tiny_tokenize
     assert not torch.allclose(token_logps(policy, rollout, 1.0, "cpu")[0], plain, atol=1e-4)
 
 
+def test_adapter_critic_head_starts_from_the_reward_model(tiny_path, tmp_path):
+    """init_from=reward: the head is the reward model's score head (a `train loop=reward` folder, full
+    weights); a head of another width is refused in one line."""
+    from transformers import AutoModelForSequenceClassification
+
+    from train.loops.online import adapter_critic
+
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_path, num_labels=1)
+    torch.nn.init.normal_(rm.score.weight)
+    rm.save_pretrained(tmp_path / "rm")
+    cfg = _cfg(*LORA, "loop=ppo", f"loop.reward.path={tmp_path / 'rm'}")
+    critic = adapter_critic(cfg, _lora_policy(tiny_path), "reward", None, str(tmp_path / "rm"))
+    assert torch.equal(critic.head.weight, rm.score.weight) and float(critic.head.bias) == 0.0
+    small = torch.nn.Linear(3, 1)
+    from train.loops.online import score_head
+
+    with pytest.raises(ConfigError, match=r"no score head of shape \(1, 3\).*init_from=policy"):
+        score_head(str(tmp_path / "rm"), small)
+
+
 def test_auto_and_the_refusal():
     from train.loops.online import critic_kind
 
@@ -117,6 +138,12 @@ def test_auto_and_the_refusal():
     assert critic_kind(cfg(*LORA, "loop.critic.kind=separate")) == "separate"
     with pytest.raises(ConfigError, match=r"critic.kind=adapter .* lora.enabled=true"):
         cfg("loop.critic.kind=adapter")
+    from train.loops.online import check_critic_processes
+
+    check_critic_processes(cfg(*LORA), 1)
+    check_critic_processes(cfg(*LORA, "loop.critic.kind=separate"), 2)
+    with pytest.raises(ConfigError, match="critic.kind=adapter runs in one process.*kind=separate"):
+        check_critic_processes(cfg(*LORA), 2)
     with pytest.raises(ConfigError, match="entropy_coef"):
         _cfg("loop=online_dpo", "loop.reward.kind=function", EVEN, "+loop.entropy_coef=0.01")
 

@@ -118,11 +118,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         accelerator.device,
     )
     check_shapes(L, world, cfg.optim.batch_size)
-    if critic_kind(cfg) == "adapter" and L.name in ("ppo", "ppo_lag") and world > 1:
-        raise ConfigError(
-            "loop.critic.kind=adapter runs in one process (its LoRA adapter shares the DDP-wrapped policy's "
-            f"base; {world} processes here): use loop.critic.kind=separate for multi-process runs"
-        )
+    check_critic_processes(cfg, world)
 
     # ---------------------------------------------------------------- 2. prompts
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.chat_template)
@@ -411,6 +407,18 @@ def critic_kind(cfg) -> str:
     return ("adapter" if cfg.lora.enabled else "separate") if kind == "auto" else kind
 
 
+def check_critic_processes(cfg, world: int) -> None:
+    """critic.kind=adapter is one-process only. Under DDP the policy's PeftModel is wrapped once with the
+    trainable weights of every adapter in its reducer, while each forward uses one adapter (DDP would need
+    find_unused_parameters), and the critic's forward bypasses the wrapper (its gradients would not be
+    all-reduced). Reasoned from DDP's contract; a two-process run was not attempted."""
+    if critic_kind(cfg) == "adapter" and cfg.loop.name in ("ppo", "ppo_lag") and world > 1:
+        raise ConfigError(
+            "loop.critic.kind=adapter runs in one process (its LoRA adapter shares the DDP-wrapped policy's "
+            f"base; {world} processes here): use loop.critic.kind=separate for multi-process runs"
+        )
+
+
 def build_critics(cfg, ckpt, device, policy=None) -> dict[str, torch.nn.Module]:
     """PPO critics: a scalar head on every token. ppo has `reward`, ppo_lag `reward` and `cost`.
     separate: a model initialised from the reward (cost) model, or from the policy's weights (LoRA critics
@@ -432,7 +440,8 @@ def build_critics(cfg, ckpt, device, policy=None) -> dict[str, torch.nn.Module]:
                 "(peft merge_and_unload + save_pretrained) or set loop.critic.init_from=policy"
             )
         if critic_kind(cfg) == "adapter":
-            out[name] = adapter_critic(cfg, policy, name, ckpt, init if init == scorer.path else None).to(device)
+            head_from = scorer.path if L.critic.init_from == "reward" else None
+            out[name] = adapter_critic(cfg, policy, name, ckpt, head_from).to(device)
             continue
         saved = Path(ckpt) / f"critic_{name}" if ckpt is not None else None
         model = load_policy(
