@@ -42,7 +42,7 @@ def run_side(args, work: Path) -> dict:
 
     torch.set_num_threads(args.threads)
     baseline = rss_mb()
-    out = work / f"out-{args.side}"
+    out = work / f"out-{args.side}-{time.time_ns()}"  # a fresh folder per repeat
     overrides = [
         "loop=ppo",
         f"loop.critic.kind={args.side}",
