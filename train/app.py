@@ -247,10 +247,16 @@ class GenerationSettings(_Strict):
 
 
 class CriticSettings(_Strict):
-    """PPO value function: a separate critic with a scalar head on every token, initialised from the
-    reward model (`init_from: reward`) or from the policy's weights (`policy`), own optimizer."""
+    """PPO value function: a scalar head on every token with its own optimizer. kind `separate`: a separate
+    model initialised from the reward model (`init_from: reward`) or the policy's weights (`policy`);
+    `adapter`: a second LoRA adapter (+ head) on the policy's own frozen base (LoRA only; its head starts
+    from the reward model's score head under `init_from: reward`, else from zero); `auto`: adapter under
+    LoRA, separate for full fine-tuning."""
 
+    kind: Literal["auto", "separate", "adapter"] = "auto"
     init_from: Literal["reward", "policy"] = "reward"
+    lora_r: int | None = Field(None, ge=1)  # kind adapter: the critic adapter's rank (None: lora.r)
+    lora_alpha: float | None = Field(None, gt=0)  # (None: lora.alpha)
     lr: float = Field(5e-6, gt=0)
     value_clip: float | None = Field(0.2, gt=0)
     gamma: float = Field(1.0, ge=0, le=1)
@@ -295,6 +301,8 @@ class OnlineLoop(_Strict):
     )
     normalize_cost: Literal["none", "affine", "scale", "translate"] = "none"  # ppo_lag cost scorer, same normaliser
     normalize_eps: float = Field(1e-8, gt=0, le=1.0)  # (x - mean) / (std + eps)
+    entropy_coef: float = Field(0.0, ge=0)  # entropy bonus, aggregated as the policy loss (off: verl PR#781)
+    reference: Literal["auto", "adapter_disabled", "model"] = "auto"
 
     @model_validator(mode="after")
     def _buffer_fits(self):
@@ -304,8 +312,6 @@ class OnlineLoop(_Strict):
                 f"({self.generation.max_new_tokens})"
             )
         return self
-
-    reference: Literal["auto", "adapter_disabled", "model"] = "auto"
 
 
 LOOP_KINDS = {
@@ -477,6 +483,8 @@ def check_online(cfg: TrainConfig) -> None:
                 f"loop=online_dpo (OAIF) trains against the fixed SFT reference: loss={cfg.loss.name} "
                 "uses none; use loss=dpo or loss=ipo"
             )
+        if loop.entropy_coef:
+            raise ConfigError("loop.entropy_coef is a policy-gradient bonus; loop=online_dpo has none (set it to 0)")
         return
     if kl.coef == 0 and kl.adaptive:
         raise ConfigError("loop.kl.adaptive=true needs an initial loop.kl.coef > 0")
@@ -502,6 +510,11 @@ def check_online(cfg: TrainConfig) -> None:
             )
     elif loop.cost is not None:
         raise ConfigError(f"loop.cost is used by loop=ppo_lag only, not loop={name}")
+    if loop.critic.kind == "adapter" and not cfg.lora.enabled:
+        raise ConfigError(
+            "loop.critic.kind=adapter puts the critic on the policy's frozen base as a second LoRA adapter: "
+            "set lora.enabled=true, or use loop.critic.kind=separate (or auto) for full fine-tuning"
+        )
     if kl.coef and kl.placement == "loss" and not _takes(fn.get("_target_"), "ref_logps"):
         raise ConfigError(
             f"loss={cfg.loss.name} has no per-token KL term (sequence-level ratio): put the KL in the "

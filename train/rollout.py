@@ -147,10 +147,17 @@ def _logits(model, rollout: Rollout, device) -> Tensor:
 
 
 def token_logps(
-    model, rollout: Rollout, temperature: float, device, with_entropy: bool = False, packed: bool = False
+    model,
+    rollout: Rollout,
+    temperature: float,
+    device,
+    with_entropy: bool = False,
+    packed: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """log π(y_t | x, y_<t) of the completion tokens from logits / T, float32 [N, Lc] (0 off mask), and
-    with_entropy the per-token entropy of the same distribution (no grad). packed: the rows (real prompt
+    with_entropy the per-token entropy of the same distribution (no grad unless entropy_grad: the entropy
+    bonus differentiates it). packed: the rows (real prompt
     + completion tokens only) are laid end to end (train/loops/packing.py), so no compute is spent on the
     prompts' left padding or the completions' right padding; same values. A `Packed(head_only=True)` also
     runs the LM head on the M positions that predict completion tokens only, not on the prompts'
@@ -171,8 +178,8 @@ def token_logps(
         logps = selective_log_softmax(logits, target, mask)
     entropy = None
     if with_entropy:
-        with torch.no_grad():
-            lf = logits.detach().float()
+        with torch.no_grad() if not entropy_grad else contextlib.nullcontext():
+            lf = logits.float() if entropy_grad else logits.detach().float()
             p = lf.softmax(-1)
             ent = lf.logsumexp(-1) - (p * lf).sum(-1)
             entropy = (
@@ -273,6 +280,58 @@ class TokenValues(torch.nn.Module):
         ).last_hidden_state
         h = h[:, -(n_completion + 1) : -1]
         return m.score(h).squeeze(-1).float()
+
+
+@contextlib.contextmanager
+def adapter_active(peft_model, name: str):
+    """Run the block with LoRA adapter `name` active (PEFT `set_adapter`), then make the previous one active
+    again. PEFT's set_adapter also freezes the adapters it deactivates; `name`'s weights are made trainable
+    again on the way out, because a leaf whose requires_grad is switched off between the forward and the
+    backward receives no gradient. Both adapters stay trainable: an inactive adapter takes no part in a
+    forward, so it gets no gradient from it, and each optimizer keeps its own parameter set."""
+    previous = peft_model.active_adapter
+    peft_model.set_adapter(name)
+    try:
+        yield
+    finally:
+        peft_model.set_adapter(previous)
+        for n, p in peft_model.named_parameters():
+            if f".{name}." in n and "lora_" in n:
+                p.requires_grad_(True)
+
+
+class AdapterValues(torch.nn.Module):
+    """A critic on the policy's own frozen base (PPO critic option (b); TRL "multi-adapter RL"): the LoRA
+    adapter `name` of the policy's PeftModel, active only inside this forward, plus a scalar head on every
+    token. Forward -> values [N, Lc] float32 of the states before each completion token, like TokenValues.
+
+    The PeftModel is held outside the module tree: the policy owns it. `parameters()` yields this
+    adapter's LoRA weights and the head, the critic optimizer's set, disjoint from the policy adapter's."""
+
+    def __init__(self, peft_model, name: str, hidden_size: int):
+        super().__init__()
+        self.name = name
+        self.head = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.head.weight)  # V = 0 until the critic has learnt something
+        torch.nn.init.zeros_(self.head.bias)
+        self.__dict__["peft"] = peft_model  # not registered: a second owner would save and move the policy
+
+    def adapter_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.peft.named_parameters() if f".{self.name}." in n and "lora_" in n]
+
+    def parameters(self, recurse: bool = True):
+        yield from self.adapter_parameters()
+        yield from self.head.parameters()
+
+    def forward(self, input_ids, attention_mask, position_ids, n_completion: int) -> Tensor:
+        m = self.peft.get_base_model()
+        trunk = getattr(m, m.base_model_prefix)
+        with adapter_active(self.peft, self.name):
+            h = trunk(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
+        h = h[:, -(n_completion + 1) : -1]
+        return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
 
 
 def token_values(critic, rollout: Rollout, device) -> Tensor:

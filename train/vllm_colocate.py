@@ -145,7 +145,7 @@ class VLLMColocate:
         previous = self.lora_request
         self.version += 1
         folder = self.lora_dir / f"policy-v{self.version}"
-        model.save_pretrained(str(folder))
+        model.save_pretrained(str(folder), selected_adapters=[model.active_adapter])  # not an adapter critic's
         self.lora_request = LoRARequest(f"policy-v{self.version}", self.version, str(folder))
         if previous is not None:
             self.llm.llm_engine.remove_lora(previous.lora_int_id)
@@ -309,15 +309,20 @@ def merged_parameters(model):
             yield clean(name), p.data
         return
     deltas = _lora_deltas(model)
+    active = model.active_adapter  # the policy's; an adapter critic (loop.critic.kind=adapter) is not pushed
     for name, p in model.named_parameters():
         if "lora_" in name or "original_module" in name:
             continue
+        if ".modules_to_save." in name and f".modules_to_save.{active}." not in name:
+            continue  # another adapter's copy of a modules_to_save module
         t = p.data
         if name in deltas:
             layer, adapters = deltas[name]
             for a in adapters:
                 t = t + layer.get_delta_weight(a).to(t.dtype)
-        name = name.removeprefix("base_model.model.").replace(".base_layer", "").replace("modules_to_save.default.", "")
+        name = (
+            name.removeprefix("base_model.model.").replace(".base_layer", "").replace(f"modules_to_save.{active}.", "")
+        )
         yield clean(name), t
 
 

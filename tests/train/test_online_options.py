@@ -22,6 +22,7 @@ def settings(mask: bool, name: str = "grpo"):
         name=name,
         mask_truncated_completions=mask,
         epochs_per_rollout=1,
+        entropy_coef=0.0,
         mini_batches=1,
         critic=SimpleNamespace(warmup_steps=0),
         kl=SimpleNamespace(placement="loss"),

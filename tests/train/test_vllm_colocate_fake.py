@@ -117,6 +117,30 @@ def test_merged_lora_sync_clean_names_and_unmerged_policy(fake, tiny_path, promp
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
+def test_an_adapter_critic_on_the_policy_is_never_pushed(fake, tiny_path, prompt_ids):
+    """loop.critic.kind=adapter puts a second LoRA adapter (with its own modules_to_save copy) on the policy's
+    PeftModel: the merged push is the policy adapter's alone, and the adapter sync saves only that adapter."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    policy = lora_policy(tiny_path)
+    solo = {n: t.clone() for n, t in merged_parameters(policy)}
+    policy.add_adapter(
+        "critic_reward",
+        PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+    )
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if ".critic_reward." in n:
+                p.add_(0.5)  # a critic that has learnt something: it must not leak into the push
+    assert policy.active_adapter == "default"
+    both = dict(merged_parameters(policy))
+    assert both.keys() == solo.keys() and all(torch.equal(both[k], solo[k]) for k in solo)
+    eng = engine(tiny_path, lora_rank=4, lora_sync="adapter", sleep_level=1)
+    eng.sync(policy, probe_sequence(prompt_ids), "cpu")
+    saved = sorted(p.name for p in (eng.lora_dir / "policy-v1").rglob("*") if p.is_dir())
+    assert not any("critic" in name for name in saved)
+
+
 def test_merged_parameters_of_a_full_model_are_its_own(fresh_tiny_model):
     got = dict(merged_parameters(fresh_tiny_model))
     assert list(got) == [n for n, _ in fresh_tiny_model.named_parameters()]

@@ -58,6 +58,7 @@ from train.loops.online_update import (
     gather_all,
     greedy_scores,
     label_pairs,
+    loss_aggregation,
     no_grad_passes,
     normalize,
     policy_update,
@@ -74,6 +75,7 @@ from train.models import (
     trainable_parameters,
 )
 from train.rollout import (
+    AdapterValues,
     Packed,
     Rollout,
     TokenValues,
@@ -107,6 +109,8 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     L = cfg.loop
     # ---------------------------------------------------------------- 1. process, output folder, loss
     accelerator, out_dir, loss_fn, ckpt = begin_run(cfg, resolved_yaml)
+    if L.entropy_coef:
+        loss_aggregation(loss_fn)  # refuses a loss whose aggregation is unknown, before any model loads
     world, rank, main, device = (
         accelerator.num_processes,
         accelerator.process_index,
@@ -114,6 +118,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         accelerator.device,
     )
     check_shapes(L, world, cfg.optim.batch_size)
+    check_critic_processes(cfg, world)
 
     # ---------------------------------------------------------------- 2. prompts
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.chat_template)
@@ -145,7 +150,8 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     reference = build_reference(cfg, policy) if needs_ref else None
     if reference is not None and reference != "adapter":
         reference.to(device)
-    critics = build_critics(cfg, ckpt, device)
+    policy_params = trainable_parameters(policy)  # before any critic adapter joins the PeftModel
+    critics = build_critics(cfg, ckpt, device, policy)
     reward_scorer = (
         PairwiseJudge(L.reward.judge)
         if L.name == "online_dpo" and L.reward.kind == "judge"
@@ -171,7 +177,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
 
     # ---------------------------------------------------------------- 4. optimisers, resume
     updates_per_rollout = L.epochs_per_rollout * L.mini_batches
-    optimizer = build_optimizer(trainable_parameters(policy), cfg.optim)
+    optimizer = build_optimizer(policy_params, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total * updates_per_rollout)
     critic_opts = {
         k: build_optimizer(trainable_parameters(c), cfg.optim.model_copy(update={"lr": L.critic.lr}))
@@ -185,6 +191,8 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     for k, opt in critic_opts.items():
         if f"critic_{k}_optimizer" in tensors:
             opt.load_state_dict(tensors[f"critic_{k}_optimizer"])
+        if f"critic_{k}_head" in tensors:  # critic.kind=adapter: the adapter came back with the policy's
+            accelerator.unwrap_model(critics[k]).head.load_state_dict(tensors[f"critic_{k}_head"])
     packed = cfg.optim.packing and packing_check(model, prompt_ids, cfg, accelerator)
     if packed:  # and the LM head only on completion positions, when this model's forward allows it
         packed = Packed(head_only=head_check(model, prompt_ids, accelerator))
@@ -195,6 +203,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
             f"{len(prompts)} prompts "
             f"({n_truncated} truncated); {total} rollouts of {L.prompts_per_step}x{L.samples_per_prompt}; forwards: "
             f"{'packed' if packed else 'padded'}"
+            f"{f'; critic: {critic_kind(cfg)}' if critics else ''}"
             f"{', LM head on completions only' if getattr(packed, 'head_only', False) else ''}",
             flush=True,
         )
@@ -264,6 +273,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
                 token_logps(model, rollout, L.generation.temperature, device, with_entropy=True, packed=packed)
                 if fused_old_pass(L, reference, critics, len(rollout), cfg.optim.batch_size)
                 and (reference != "adapter" or world == 1)
+                and not L.entropy_coef  # (the bonus needs the entropy's graph)
                 else None
             )  # (no DDP forward between forward and backward)
             batch = no_grad_passes(
@@ -342,6 +352,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     if stopped:
         return {"stopped": True, "steps": state.step, "output_dir": str(out_dir)}
     final = save_model(model, tokenizer, out_dir / "final", accelerator)
+    save_adapter_heads(critics, final, accelerator)
     if state.final_checkpoint_due(cfg.checkpoint):
         checkpoint(out_dir, state, accelerator, model, tokenizer, optimizer, scheduler, critics, critic_opts, cfg)
     summary = {
@@ -394,9 +405,28 @@ def build_reference(cfg, policy):
     return load_frozen(cfg.model.name_or_path, revision=cfg.model.revision, dtype=cfg.optim.dtype)
 
 
-def build_critics(cfg, ckpt, device) -> dict[str, torch.nn.Module]:
-    """PPO critics: a scalar head on every token, initialised from the reward (cost) model, or from the
-    policy's weights; LoRA critics when lora.enabled. ppo has `reward`, ppo_lag `reward` and `cost`."""
+def critic_kind(cfg) -> str:
+    """loop.critic.kind with auto resolved: adapter under LoRA, separate for full fine-tuning."""
+    kind = cfg.loop.critic.kind
+    return ("adapter" if cfg.lora.enabled else "separate") if kind == "auto" else kind
+
+
+def check_critic_processes(cfg, world: int) -> None:
+    """critic.kind=adapter is one-process only. Under DDP the policy's PeftModel is wrapped once with the
+    trainable weights of every adapter in its reducer, while each forward uses one adapter (DDP would need
+    find_unused_parameters), and the critic's forward bypasses the wrapper (its gradients would not be
+    all-reduced). Reasoned from DDP's contract; a two-process run was not attempted."""
+    if critic_kind(cfg) == "adapter" and cfg.loop.name in ("ppo", "ppo_lag") and world > 1:
+        raise ConfigError(
+            "loop.critic.kind=adapter runs in one process (its LoRA adapter shares the DDP-wrapped policy's "
+            f"base; {world} processes here): use loop.critic.kind=separate for multi-process runs"
+        )
+
+
+def build_critics(cfg, ckpt, device, policy=None) -> dict[str, torch.nn.Module]:
+    """PPO critics: a scalar head on every token. ppo has `reward`, ppo_lag `reward` and `cost`.
+    separate: a model initialised from the reward (cost) model, or from the policy's weights (LoRA critics
+    when lora.enabled). adapter: a LoRA adapter `critic_<name>` on the policy's own base (`adapter_critic`)."""
     L = cfg.loop
     names = {"ppo": ("reward",), "ppo_lag": ("reward", "cost")}.get(L.name, ())
     out = {}
@@ -413,6 +443,10 @@ def build_critics(cfg, ckpt, device) -> dict[str, torch.nn.Module]:
                 f"loop.{name}.path={init} is a LoRA adapter; a critic starts from full weights: merge it "
                 "(peft merge_and_unload + save_pretrained) or set loop.critic.init_from=policy"
             )
+        if critic_kind(cfg) == "adapter":
+            head_from = scorer.path if L.critic.init_from == "reward" else None
+            out[name] = adapter_critic(cfg, policy, name, ckpt, head_from).to(device)
+            continue
         saved = Path(ckpt) / f"critic_{name}" if ckpt is not None else None
         model = load_policy(
             str(saved) if saved is not None and not cfg.lora.enabled else init,
@@ -423,6 +457,69 @@ def build_critics(cfg, ckpt, device) -> dict[str, torch.nn.Module]:
         )
         out[name] = TokenValues(model).to(device)
     return out
+
+
+def adapter_critic(cfg, policy, name: str, ckpt, reward_path: str | None) -> AdapterValues:
+    """PPO critic option (b): adapter `critic_<name>` on the policy's PeftModel, the policy's LoRA shape
+    unless loop.critic.lora_r / lora_alpha say otherwise, and a scalar head. The head starts from the
+    reward (cost) model's score head when `reward_path` is given (init_from=reward: a warm start when the
+    scorer was trained from the policy's base), else from zero. A resumed run reloads the adapter from the
+    checkpoint (PEFT saves every adapter of the policy, this one in `critic_<name>/`); the head comes back
+    from tensors.pt."""
+    from peft import LoraConfig
+
+    if not is_peft(policy):
+        raise ConfigError("loop.critic.kind=adapter needs a LoRA policy (lora.enabled=true)")
+    adapter = f"critic_{name}"
+    saved = Path(ckpt) / adapter if ckpt is not None else None
+    if saved is not None and (saved / "adapter_config.json").exists():
+        policy.load_adapter(str(saved), adapter_name=adapter, is_trainable=True)
+    else:
+        base = policy.peft_config[policy.active_adapter]
+        policy.add_adapter(
+            adapter,
+            LoraConfig(
+                r=cfg.loop.critic.lora_r or cfg.lora.r,
+                lora_alpha=cfg.loop.critic.lora_alpha or cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                target_modules=base.target_modules,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    critic = AdapterValues(policy, adapter, policy.get_base_model().config.hidden_size)
+    for p in critic.adapter_parameters():
+        p.requires_grad_(True)
+    if reward_path is not None and saved is None:
+        critic.head.load_state_dict(score_head(reward_path, critic.head))
+    return critic
+
+
+def score_head(path: str, head: torch.nn.Linear) -> dict[str, torch.Tensor]:
+    """The `score` head of a `train loop=reward` model folder (full weights), shaped for `head`."""
+    from safetensors import safe_open
+
+    found = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():  # noqa: SIM118 - safe_open has keys(), not __iter__
+                if key.split(".")[-2:-1] == ["score"]:
+                    found[key.rsplit(".", 1)[1]] = st.get_tensor(key)
+    weight = found.get("weight")
+    if weight is None or tuple(weight.shape) != tuple(head.weight.shape):
+        raise ConfigError(
+            f"{path}: no score head of shape {tuple(head.weight.shape)} for the adapter critic (a reward model "
+            "from another base?); set loop.critic.init_from=policy or loop.critic.kind=separate"
+        )
+    return {"weight": weight.float(), "bias": found.get("bias", torch.zeros(1)).float().reshape(1)}
+
+
+def save_adapter_heads(critics, folder: Path, accelerator) -> None:
+    """critic.kind=adapter: next to the critic adapter PEFT saved in `folder/critic_<name>/`, its head."""
+    for k, c in critics.items():
+        c = accelerator.unwrap_model(c)
+        if isinstance(c, AdapterValues) and accelerator.is_main_process:
+            (folder / f"critic_{k}").mkdir(parents=True, exist_ok=True)
+            torch.save(c.head.state_dict(), folder / f"critic_{k}" / "value_head.pt")
 
 
 def packing_check(model, prompt_ids: list[list[int]], cfg, accelerator) -> bool:
@@ -519,7 +616,13 @@ def checkpoint(
     out_dir, state: OnlineState, accelerator, model, tokenizer, optimizer, scheduler, critics, critic_opts, cfg
 ):
     tensors = {f"critic_{k}_optimizer": opt.state_dict() for k, opt in critic_opts.items()}
-    extra = {f"critic_{k}": accelerator.unwrap_model(c).model for k, c in critics.items()}
+    extra = {}  # separate critics; an adapter critic is saved with the policy (PEFT writes critic_<k>/)
+    for k, c in critics.items():
+        c = accelerator.unwrap_model(c)
+        if isinstance(c, AdapterValues):
+            tensors[f"critic_{k}_head"] = c.head.state_dict()
+        else:
+            extra[f"critic_{k}"] = c.model
     checkpoint_progress(
         out_dir,
         state,

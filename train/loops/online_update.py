@@ -4,19 +4,22 @@ micro-batches, the OAIF DPO update, and the Lagrange multiplier step."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import TYPE_CHECKING
 
 import torch
 
+from synth.errors import ConfigError
 from train import advantages as A
 from train.loops.common import (
     call_loss,
     epoch_order,
 )
 from train.loops.metrics import StepMetrics
-from train.losses.policy import value_loss
+from train.losses.policy import aggregate, value_loss
 from train.rollout import (
+    AdapterValues,
     Rollout,
     token_logps,
     token_values,
@@ -321,7 +324,13 @@ def policy_update(
                             data["logps"], entropy = live_logps[torch.as_tensor(idx, device=live_logps.device)], None
                         else:
                             data["logps"], entropy = token_logps(
-                                model, mb, L.generation.temperature, device, with_entropy=on_policy, packed=packed
+                                model,
+                                mb,
+                                L.generation.temperature,
+                                device,
+                                with_entropy=on_policy or bool(L.entropy_coef),
+                                packed=packed,
+                                entropy_grad=bool(L.entropy_coef),
                             )
                         data["old_logps"] = data["logps"].detach() if on_policy else batch["old_logps"][idx].to(device)
                         if mb.sampler_logps is not None:  # vLLM sampled: mismatch monitor and correction
@@ -330,7 +339,7 @@ def policy_update(
                             mask = data["mask"]
                             if mask.any():  # (none under mask_truncated_completions when every row is truncated)
                                 metrics.add(
-                                    {"entropy": (entropy * mask).sum() / mask.sum().clamp(min=1)},
+                                    {"entropy": (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)},
                                     weight=float(mask.sum()),
                                 )
                             if "ref_logps" in batch:  # the KL metric: sequence-summed k1, nats
@@ -338,6 +347,12 @@ def policy_update(
                                 metrics.add({"kl": k1.mean()}, weight=len(idx))
                         out = call_loss(loss_fn, data)
                         loss = out.losses.sum() / total_sequences
+                        if L.entropy_coef:  # − coef · entropy, aggregated as the policy loss (verl, OpenRLHF)
+                            bonus = entropy_bonus(
+                                entropy, data["mask"], loss_aggregation(loss_fn), total_tokens, total_sequences
+                            )
+                            loss = loss - L.entropy_coef * bonus
+                            metrics.add({"entropy_bonus": bonus.detach() * len(chunks)})
                         accelerator.backward(loss)
                         metrics.add({"loss": loss.detach() * len(chunks), **out.metrics})
                     for k, critic in critics.items():
@@ -361,7 +376,8 @@ def policy_update(
                         )
             if not critic_only:
                 if cfg.optim.max_grad_norm is not None:
-                    metrics.add({"grad_norm": accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)})
+                    params = policy_parameters(model, optimizer, critics)
+                    metrics.add({"grad_norm": accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)})
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -392,6 +408,40 @@ def sampler_correction(data: dict, mb: Rollout, gen, metrics: StepMetrics, devic
     if gen.is_correction == "seq_mask" and rows.any():
         dropped = (w.amax(1) == 0) & rows
         metrics.add({"rollout/is_masked_frac": dropped.sum() / rows.sum()}, weight=float(rows.sum()))
+
+
+def policy_parameters(model, optimizer, critics):
+    """The parameters the policy's grad norm is taken over: the model's, except when a critic adapter
+    (critic.kind=adapter) lives in the same PeftModel; then the policy optimizer's own set."""
+    if any(isinstance(getattr(c, "module", c), AdapterValues) for c in critics.values()):
+        return [p for group in optimizer.param_groups for p in group["params"]]
+    return model.parameters()
+
+
+AGGREGATION_OF = {"dr_grpo_loss": "seq_sum_norm", "rloo_loss": "seq_mean", "remax_loss": "seq_sum"}
+
+
+def loss_aggregation(loss_fn) -> str:
+    """The aggregation of a conf/loss policy loss: its `aggregation` setting, or the one its function fixes."""
+    param = inspect.signature(loss_fn).parameters.get("aggregation")
+    if param is not None:
+        return param.default
+    name = getattr(getattr(loss_fn, "func", loss_fn), "__name__", "")
+    if name not in AGGREGATION_OF:
+        raise ConfigError(f"loop.entropy_coef: the loss function {name} declares no aggregation; set entropy_coef=0")
+    return AGGREGATION_OF[name]
+
+
+def entropy_bonus(
+    entropy: torch.Tensor, mask: torch.Tensor, aggregation: str, total_tokens=None, total_sequences=None
+) -> torch.Tensor:
+    """The entropy term of the policy loss, loss − coef · bonus: the per-token entropy [B, T] aggregated like
+    the policy loss (`train.losses.policy.aggregate`, step-level token and sequence counts), so the bonus
+    scales with the loss it regularises. A sequence-ratio loss (seq_mean, RLOO) takes each sequence's
+    token-mean. Returns this micro-batch's share (a scalar; the shares sum to the step's value)."""
+    agg = "seq_mean_token_mean" if aggregation == "seq_mean" else aggregation
+    s = float(total_sequences) if total_sequences is not None else float(entropy.shape[0])
+    return aggregate(entropy, mask, agg, total_tokens, total_sequences).sum() / s
 
 
 def loss_mask(rollout: Rollout, L) -> torch.Tensor:
