@@ -47,6 +47,7 @@ from train.loops.common import (
     build_optimizer,
     build_scheduler,
     epoch_order,
+    load_trained_model,
     total_steps,
 )
 from train.loops.metrics import MetricsLogger, finish_run, postfix
@@ -109,47 +110,25 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     L = cfg.loop
     # ---------------------------------------------------------------- 1. process, output folder, loss
     accelerator, out_dir, loss_fn, ckpt = begin_run(cfg, resolved_yaml)
-    if L.entropy_coef:
-        loss_aggregation(loss_fn)  # refuses a loss whose aggregation is unknown, before any model loads
     world, rank, main, device = (
         accelerator.num_processes,
         accelerator.process_index,
         accelerator.is_main_process,
         accelerator.device,
     )
-    check_shapes(L, world, cfg.optim.batch_size)
-    check_critic_processes(cfg, world)
+    check_run_start(cfg, loss_fn, world)
 
     # ---------------------------------------------------------------- 2. prompts
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.chat_template)
-    prompts = load_prompts(cfg.data.path, cfg.data.split, cfg.data.limit)
-    prompt_ids, kept, n_truncated = encode_prompts(
-        prompts, tokenizer, cfg.model.chat_template, cfg.data.max_prompt_length, cfg.data.drop_overlong
-    )
-    prompts = [prompts[i] for i in kept]
-    if len(prompts) < L.prompts_per_step:
-        raise ConfigError(
-            f"data.path={cfg.data.path}: {len(prompts)} prompt(s), fewer than "
-            f"loop.prompts_per_step={L.prompts_per_step}"
-        )
+    prompts, prompt_ids, n_truncated = online_prompts(cfg, tokenizer)
     total = total_steps(
         cfg.optim, len(prompts) // L.prompts_per_step
     )  # rollouts: max_steps, else epochs over the prompts
     per_process = L.prompts_per_step // world
 
     # ---------------------------------------------------------------- 3. models and scorers
-    policy = load_policy(
-        str(ckpt) if ckpt is not None and not cfg.lora.enabled else cfg.model.name_or_path,
-        revision=None if ckpt is not None and not cfg.lora.enabled else cfg.model.revision,
-        dtype=cfg.optim.dtype,
-        lora=cfg.lora,
-        gradient_checkpointing=cfg.optim.gradient_checkpointing,
-        adapter_path=ckpt if ckpt is not None and cfg.lora.enabled else None,
-    )
-    needs_ref = L.name == "online_dpo" or L.kl.coef > 0
-    reference = build_reference(cfg, policy) if needs_ref else None
-    if reference is not None and reference != "adapter":
-        reference.to(device)
+    policy = load_trained_model(cfg, ckpt)
+    reference = build_reference(cfg, policy, device) if L.name == "online_dpo" or L.kl.coef > 0 else None
     policy_params = trainable_parameters(policy)  # before any critic adapter joins the PeftModel
     critics = build_critics(cfg, ckpt, device, policy)
     reward_scorer = (
@@ -158,44 +137,19 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         else build_scorer(L.reward, device, "loop.reward")
     )
     cost_scorer = build_scorer(L.cost, device, "loop.cost") if L.name == "ppo_lag" else None
-    generator = probe = None
-    if L.generation.backend == "vllm":  # colocated engine (GPU, opt-in): synced and probed every step
-        from train.models import model_path
-        from train.vllm_colocate import VLLMColocate, probe_sequence
-
-        probe = probe_sequence(prompt_ids)
-
-        generator = VLLMColocate(
-            model_path(cfg.model.name_or_path),
-            L.generation,
-            accelerator=accelerator,
-            dtype=cfg.optim.dtype,
-            seed=cfg.seed,
-            lora_rank=cfg.lora.r if cfg.lora.enabled else None,
-        )
+    generator, probe = build_generator(cfg, accelerator, prompt_ids)  # (None, None): the live policy samples
     sample = generator.generate if generator is not None else hf_generate
 
     # ---------------------------------------------------------------- 4. optimisers, resume
     updates_per_rollout = L.epochs_per_rollout * L.mini_batches
     optimizer = build_optimizer(policy_params, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total * updates_per_rollout)
-    critic_opts = {
-        k: build_optimizer(trainable_parameters(c), cfg.optim.model_copy(update={"lr": L.critic.lr}))
-        for k, c in critics.items()
-    }
     model, optimizer = accelerator.prepare(policy, optimizer)
-    for k in critics:
-        critics[k], critic_opts[k] = accelerator.prepare(critics[k], critic_opts[k])
+    critic_opts = prepare_critics(critics, cfg, accelerator)
     state = OnlineState(beta=L.kl.coef, log_lambda=math.log(L.lagrangian.lambda_init), started=started)
     tensors = resume_from(ckpt, state, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler)
-    for k, opt in critic_opts.items():
-        if f"critic_{k}_optimizer" in tensors:
-            opt.load_state_dict(tensors[f"critic_{k}_optimizer"])
-        if f"critic_{k}_head" in tensors:  # critic.kind=adapter: the adapter came back with the policy's
-            accelerator.unwrap_model(critics[k]).head.load_state_dict(tensors[f"critic_{k}_head"])
-    packed = cfg.optim.packing and packing_check(model, prompt_ids, cfg, accelerator)
-    if packed:  # and the LM head only on completion positions, when this model's forward allows it
-        packed = Packed(head_only=head_check(model, prompt_ids, accelerator))
+    restore_critics(tensors, critics, critic_opts, accelerator)
+    packed = forward_mode(model, prompt_ids, cfg, accelerator)
     n_train, n_total = count_parameters(accelerator.unwrap_model(model))
     if main:
         print(
@@ -216,9 +170,8 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     bar = tqdm(total=total, initial=state.step, disable=not (cfg.progress and main), desc=L.name, dynamic_ncols=True)
     last: dict[str, float] = {}
     stopped = False
-    model.eval()  # no dropout: π_old == π_θ on the first mini-batch
-    for c in critics.values():
-        c.eval()
+    for m in (model, *critics.values()):
+        m.eval()  # no dropout: π_old == π_θ on the first mini-batch
     while state.step < total:
         t0 = time.perf_counter()
         # 1. sample: this process's whole groups of this step's prompts
@@ -252,12 +205,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
         if generator is not None:
             generator.sleep()  # the step's generations are done: the memory goes to the update
         raw_scores, raw_costs = scores, costs  # logged, and the cost window keeps the threshold's unit
-        if L.normalize_reward != "none":
-            scores, baseline = normalize(
-                state, "reward_moments", scores, baseline, L.normalize_reward, L.normalize_eps, accelerator
-            )
-        if costs is not None and L.normalize_cost != "none":
-            costs, _ = normalize(state, "cost_moments", costs, None, L.normalize_cost, L.normalize_eps, accelerator)
+        scores, costs, baseline = normalize_step(state, scores, costs, baseline, L, accelerator)
         t_score = time.perf_counter()
         # 3-6
         if L.name == "online_dpo":
@@ -313,29 +261,12 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
             )
             | sync
         )
-        if L.normalize_reward != "none":
-            metrics |= {
-                "reward/running_mean": state.reward_moments[1],
-                "reward/running_std": math.sqrt(state.reward_moments[2]),
-            }
         if L.kl.adaptive and "kl" in metrics:
             n = L.prompts_per_step * L.samples_per_prompt
             state.beta = A.adaptive_kl_beta(state.beta, metrics["kl"], L.kl.target_per_sequence_nats, n, L.kl.horizon)
         state.step += 1
         state.samples += L.prompts_per_step * L.samples_per_prompt
-        last = {
-            **metrics,
-            "beta": state.beta,
-            "lr": scheduler.get_last_lr()[0],
-            "time/generate_s": t_gen - t0,
-            "time/score_s": t_score - t_gen,
-            "time/update_s": t_update - t_score,
-            "samples_per_s": L.prompts_per_step * L.samples_per_prompt / max(t_update - t0, 1e-9),
-            "time_s": state.time_s(),
-        }
-        if L.name == "ppo_lag":
-            last["lambda"] = math.exp(state.log_lambda)
-        last = {k: v for k, v in last.items() if not (isinstance(v, float) and math.isnan(v))}
+        last = step_record(metrics, state, L, scheduler, (t0, t_gen, t_score, t_update))
         if state.log_due(cfg.log.every_steps, total):
             logger.log(state.step, last)
             bar.set_postfix(postfix(last, ("reward/mean", "kl", "loss", "lambda")))
@@ -373,6 +304,30 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
 # ==================================================================================== set-up helpers
 
 
+def check_run_start(cfg, loss_fn, world: int) -> None:
+    """What can only be checked once the process count and the loss are known, before any model loads."""
+    check_shapes(cfg.loop, world, cfg.optim.batch_size)
+    check_critic_processes(cfg, world)
+    if cfg.loop.entropy_coef:
+        loss_aggregation(loss_fn)  # refuses a loss whose aggregation is unknown
+
+
+def online_prompts(cfg, tokenizer):
+    """The run's prompts (data.path), chat-encoded (data.max_prompt_length, drop_overlong) ->
+    (prompts kept, their token ids, how many were truncated); fewer than one rollout's is refused."""
+    prompts = load_prompts(cfg.data.path, cfg.data.split, cfg.data.limit)
+    prompt_ids, kept, n_truncated = encode_prompts(
+        prompts, tokenizer, cfg.model.chat_template, cfg.data.max_prompt_length, cfg.data.drop_overlong
+    )
+    prompts = [prompts[i] for i in kept]
+    if len(prompts) < cfg.loop.prompts_per_step:
+        raise ConfigError(
+            f"data.path={cfg.data.path}: {len(prompts)} prompt(s), fewer than "
+            f"loop.prompts_per_step={cfg.loop.prompts_per_step}"
+        )
+    return prompts, prompt_ids, n_truncated
+
+
 def check_shapes(L, world: int, micro: int) -> None:
     """Group integrity under data parallelism (a group split across processes would get a wrong
     baseline): each process holds whole groups, and its rollout share splits into equal mini-batches of
@@ -392,9 +347,9 @@ def check_shapes(L, world: int, micro: int) -> None:
         )
 
 
-def build_reference(cfg, policy):
+def build_reference(cfg, policy, device):
     """The KL / DPO reference: the base with the adapter disabled under LoRA (auto), else a frozen copy
-    of the initial weights (never a resumed checkpoint)."""
+    of the initial weights (never a resumed checkpoint) on `device`."""
     mode = cfg.loop.reference
     if mode == "auto":
         mode = "adapter_disabled" if cfg.lora.enabled else "model"
@@ -402,7 +357,87 @@ def build_reference(cfg, policy):
         if not is_peft(policy):
             raise ConfigError("loop.reference=adapter_disabled needs LoRA (lora.enabled=true)")
         return "adapter"
-    return load_frozen(cfg.model.name_or_path, revision=cfg.model.revision, dtype=cfg.optim.dtype)
+    return load_frozen(cfg.model.name_or_path, revision=cfg.model.revision, dtype=cfg.optim.dtype).to(device)
+
+
+def build_generator(cfg, accelerator, prompt_ids: list[list[int]]):
+    """generation.backend=vllm: the colocated engine (GPU, opt-in), synced and probed every step, and its
+    probe sequence; hf: (None, None), the live policy samples (train.rollout.hf_generate)."""
+    if cfg.loop.generation.backend != "vllm":
+        return None, None
+    from train.models import model_path  # lazy: with train.vllm_colocate, only for the vllm backend
+    from train.vllm_colocate import VLLMColocate, probe_sequence  # lazy: imports vllm
+
+    engine = VLLMColocate(
+        model_path(cfg.model.name_or_path),
+        cfg.loop.generation,
+        accelerator=accelerator,
+        dtype=cfg.optim.dtype,
+        seed=cfg.seed,
+        lora_rank=cfg.lora.r if cfg.lora.enabled else None,
+    )
+    return engine, probe_sequence(prompt_ids)
+
+
+def prepare_critics(critics: dict[str, Any], cfg, accelerator) -> dict[str, Any]:
+    """Each critic's own optimizer (lr loop.critic.lr), both prepared by accelerate (critics replaced in
+    place by their prepared modules). Returns the optimizers by critic name."""
+    opts = {}
+    for k, critic in critics.items():
+        opt = build_optimizer(trainable_parameters(critic), cfg.optim.model_copy(update={"lr": cfg.loop.critic.lr}))
+        critics[k], opts[k] = accelerator.prepare(critic, opt)
+    return opts
+
+
+def restore_critics(tensors: dict[str, Any], critics, critic_opts, accelerator) -> None:
+    """A resumed run's critic optimizers, and an adapter critic's head (its adapter came back with the policy)."""
+    for k, opt in critic_opts.items():
+        if f"critic_{k}_optimizer" in tensors:
+            opt.load_state_dict(tensors[f"critic_{k}_optimizer"])
+        if f"critic_{k}_head" in tensors:
+            accelerator.unwrap_model(critics[k]).head.load_state_dict(tensors[f"critic_{k}_head"])
+
+
+def forward_mode(model, prompt_ids: list[list[int]], cfg, accelerator):
+    """The trainer's forwards: padded (False), or packed rows (optim.packing, checked on this model) with the
+    LM head on completion positions only when this model's forward allows it (Packed.head_only)."""
+    if not (cfg.optim.packing and packing_check(model, prompt_ids, cfg, accelerator)):
+        return False
+    return Packed(head_only=head_check(model, prompt_ids, accelerator))
+
+
+def normalize_step(state: OnlineState, scores, costs, baseline, L, accelerator):
+    """loop.normalize_reward / normalize_cost: the running statistics take this step's raw scores (all
+    processes), then the scores (and ReMax's greedy baseline, with the same statistics) are normalised."""
+    if L.normalize_reward != "none":
+        scores, baseline = normalize(
+            state, "reward_moments", scores, baseline, L.normalize_reward, L.normalize_eps, accelerator
+        )
+    if costs is not None and L.normalize_cost != "none":
+        costs, _ = normalize(state, "cost_moments", costs, None, L.normalize_cost, L.normalize_eps, accelerator)
+    return scores, costs, baseline
+
+
+def step_record(metrics: dict[str, float], state: OnlineState, L, scheduler, times) -> dict[str, float]:
+    """One rollout's metrics.jsonl line: the update's metrics, β (and λ for ppo_lag), the running reward
+    statistics, lr, the phases' seconds (sample, score, update) and throughput; NaN values left out."""
+    t0, t_gen, t_score, t_update = times
+    last = {
+        **metrics,
+        "beta": state.beta,
+        "lr": scheduler.get_last_lr()[0],
+        "time/generate_s": t_gen - t0,
+        "time/score_s": t_score - t_gen,
+        "time/update_s": t_update - t_score,
+        "samples_per_s": L.prompts_per_step * L.samples_per_prompt / max(t_update - t0, 1e-9),
+        "time_s": state.time_s(),
+    }
+    if L.normalize_reward != "none":
+        last["reward/running_mean"] = state.reward_moments[1]
+        last["reward/running_std"] = math.sqrt(state.reward_moments[2])
+    if L.name == "ppo_lag":
+        last["lambda"] = math.exp(state.log_lambda)
+    return {k: v for k, v in last.items() if not (isinstance(v, float) and math.isnan(v))}
 
 
 def critic_kind(cfg) -> str:
