@@ -159,6 +159,10 @@ def run_ours(args, work: Path) -> dict:
     ]
     with initialize_config_module(config_module="rlaif_forge_conf", version_base=None):
         cfg = compose(config_name="train", overrides=overrides)
+    if args.phases:
+        from bench import _phases as ph
+
+        ph.probe("start")
     t0, c0 = time.perf_counter(), cpu_s()
     train.app.run(cfg)
     wall, cpu = time.perf_counter() - t0, cpu_s() - c0
@@ -188,8 +192,9 @@ def instrument_ours() -> None:
     import train.loops.online_update as update
     from bench import _phases as ph
 
-    for name in ("load_policy", "build_optimizer", "packing_check", "head_check", "hf_generate", "no_grad_passes"):
+    for name in ("load_policy", "build_optimizer", "packing_check", "head_check", "no_grad_passes"):
         ph.wrap(online, name)
+    ph.wrap(online, "hf_generate", "generate", before=True)
     ph.wrap(online, "token_logps", "fused forward")
     for name in ("estimate", "policy_update", "save_model", "checkpoint"):
         ph.wrap(online, name)
@@ -203,7 +208,7 @@ def instrument_trl(trainer) -> None:
     from bench import _phases as ph
 
     ph.probe("trainer built")
-    ph.wrap(trainer, "_generate_single_turn", "generate")
+    ph.wrap(trainer, "_generate_single_turn", "generate", before=True)
     ph.wrap(trainer, "_get_per_token_logps_and_entropies", "forward")
     ph.wrap(trainer, "save_model")
     ph.probe_backward()
@@ -215,6 +220,7 @@ def phase_summary(args) -> list[dict] | None:
         return None
     from bench import _phases as ph
 
+    ph.probe("end")
     return ph.summary()
 
 
@@ -234,6 +240,10 @@ def run_trl(args, work: Path) -> dict:
             self.times.append(time.perf_counter())
 
     clock = StepClock()
+    if args.phases:
+        from bench import _phases as ph
+
+        ph.probe("start")
     t0, c0 = time.perf_counter(), cpu_s()
     ds = load_dataset("json", data_files=str(work / "prompts.jsonl"), split="train")
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
@@ -435,7 +445,10 @@ def main(default_algo: str = "grpo") -> None:
                     sys.exit(f"{side} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
                 runs[side].append(json.loads(line[len("RESULT ") :]))
                 print(f"run {r + 1} {side}: {runs[side][-1]['wall_s']:.1f}s", flush=True)
-                for ph in runs[side][-1].get("phases") or []:
+                phases = runs[side][-1].get("phases") or {}
+                if phases:
+                    print(f"    CPU s: {phases['cpu_s']}")
+                for ph in phases.get("rises", []):
                     print(
                         f"    peak +{ph['rise_mb']:>5} MB -> {ph['peak_mb']:>5} MB "
                         f"(RSS {ph['rss_mb']:>5}) after {ph['after']}"
