@@ -2,17 +2,18 @@
 against TRL 1.16's GRPOTrainer / RLOOTrainer, with the same settings on both sides.
 
 Same random Llama (`MODEL_20M`: 6 layers, hidden 512; `--quick`: 2 layers) with the tiny tokenizer and
-ChatML template, the same prompts in the same order (hh-rlhf harmless-base first user turns from
-../shared/data, or `--data synthetic`), the same rule reward (fraction of even token ids in the
-completion: cheap, deterministic, ~0.5 for a random policy, so group statistics are exercised), the same
-shape (8 prompts x G=4 = 32 completions per step, max 64 new tokens, T=1, top_p 1, top_k off), AdamW
-(torch, lr 1e-5 constant, no warm-up, weight decay 0, clip 1.0), eps 0.2, one generation per optimizer
-step (mu = 1, no pi_old pass), float32, no gradient checkpointing, same torch threads. TRL's own defaults
-that would handicap it on a CPU (bf16, gradient checkpointing, adamw_torch_fused) are switched off.
-GRPO: TRL loss_type="grpo" and ours loss=grpo (per-sequence token mean), scale_rewards group, KL (beta
-> 0) as k3 x ratio in the loss on both sides. RLOO: TRL's sequence-level ratio and ours loss=rloo, the
-k1 KL in the reward before the leave-one-out baseline on both sides. Each side runs in its own fresh
-subprocess; sides alternate; medians over --repeats are reported.
+ChatML template (or, `--model smollm2`, the real SmolLM2-135M-Instruct weights and 49k tokenizer), the same
+prompts at each step on both sides (hh-rlhf harmless-base first user turns from ../shared/data, or
+`--data synthetic`; TRL's dataset is laid out in the order our loop draws them), the same rule reward
+(fraction of even token ids in the completion: cheap, deterministic, ~0.5 for a random policy, so group
+statistics are exercised), the same shape (8 prompts x G=4 = 32 completions per step, max 64 new tokens,
+T=1, top_p 1, top_k off), AdamW (torch, lr 1e-5 constant, no warm-up, weight decay 0, clip 1.0), eps 0.2,
+one generation per optimizer step (mu = 1, no pi_old pass), float32, no gradient checkpointing, same torch
+threads. TRL's own defaults that would handicap it on a CPU (bf16, gradient checkpointing,
+adamw_torch_fused) are switched off. GRPO: TRL loss_type="grpo" and ours loss=grpo (per-sequence token
+mean), scale_rewards group, KL (beta > 0) as k3 x ratio in the loss on both sides. RLOO: TRL's
+sequence-level ratio and ours loss=rloo, the k1 KL in the reward before the leave-one-out baseline on both
+sides. Each side runs in its own fresh subprocess; sides alternate; medians over --repeats are reported.
 
 Reported per side: end-to-end samples/s (model load to trained model), steps-only samples/s, generation
 vs update seconds per step (TRL's `_generate_single_turn` wrapped in a timer; ours from its metrics),
@@ -22,6 +23,12 @@ generated tokens/s, peak RSS, and the mean reward per step.
     python bench/grpo_vs_trl.py --beta 0.04                     # with the reference model
     python bench/grpo_vs_trl.py --quick --steps 6 --max-new-tokens 32
     python bench/rloo_vs_trl.py ...                             # the same with --algo rloo
+    python bench/grpo_vs_trl.py --model smollm2 --prompts 16 --prompts-per-step 4 --group 4 \
+        --max-new-tokens 32 --steps 4 --repeats 2                # real weights, 49k vocabulary (2-core CPU)
+    python bench/grpo_vs_trl.py --phases ...                    # + where each side's peak RSS and CPU go
+
+Peak RSS is the child's getrusage high-water mark; on Linux it starts at the parent's RSS at fork (the
+parent builds the model), about 650 MB here, the same floor for both sides.
     python bench/grpo_vs_trl.py --device cuda --size 135m --prompts-per-step 32 --group 8 --max-new-tokens 128
 
 On `--device cuda` both sides use bf16 autocast over float32 weights (ours optim.mixed_precision=bf16,
@@ -186,6 +193,15 @@ def run_ours(args, work: Path) -> dict:
     }
 
 
+def ours_prompt_order(n_prompts: int, args) -> list[int]:
+    """The prompt indices our loop draws, step after step (a seeded per-epoch permutation), so that TRL,
+    reading its dataset in order, sees the same prompts at every step: equal prompt lengths per step,
+    hence comparable step times and peak memory (a step's activations scale with its longest prompt)."""
+    from train.loops.online import step_prompts
+
+    return [i for s in range(args.steps) for i in step_prompts(s, n_prompts, args.prompts_per_step, args.seed)]
+
+
 def instrument_ours() -> None:
     """--phases: probe RSS after each phase of our loop (bench/_phases.py)."""
     import train.loops.online as online
@@ -246,6 +262,7 @@ def run_trl(args, work: Path) -> dict:
         ph.probe("start")
     t0, c0 = time.perf_counter(), cpu_s()
     ds = load_dataset("json", data_files=str(work / "prompts.jsonl"), split="train")
+    ds = ds.select(ours_prompt_order(len(ds), args))  # TRL reads in order (shuffle_dataset=False)
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(work / "model")
     common = dict(
