@@ -61,6 +61,13 @@ def test_hf_generate_samples_what_trl_generates(trainer_and_ids, temperature, to
     make, tok, ids = trainer_and_ids
     trainer = make(temperature, top_p, top_k)
     gen = GenerationSettings(max_new_tokens=12, temperature=temperature, top_p=top_p, top_k=top_k)
+    batch_sizes = []
+    hook = trainer.model.register_forward_pre_hook(
+        lambda _m, _a, kw: batch_sizes.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
+    r = hf_generate(trainer.model, tok, ids, G, gen, seed=0)
+    hook.remove()
+    assert batch_sizes[0] == len(PROMPTS) and set(batch_sizes[1:]) == {len(PROMPTS) * G}  # prompts prefilled once
     for seed in (0, 1):
         r = hf_generate(trainer.model, tok, ids, G, gen, seed=seed)
         ours = [c[m].tolist() for c, m in zip(r.completion_ids, r.completion_mask, strict=True)]
@@ -71,3 +78,23 @@ def test_hf_generate_samples_what_trl_generates(trainer_and_ids, temperature, to
         assert len({tuple(c) for c in ours}) > 1  # really sampled
     other = hf_generate(trainer.model, tok, ids, G, gen, seed=2)
     assert not torch.equal(other.completion_ids, r.completion_ids)  # the seed matters
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_prefilling_each_prompt_once_draws_the_same_tokens(trainer_and_ids, monkeypatch, greedy):
+    """hf_generate's shared prompt cache (one prefill per prompt, repeated G times) against `generate`
+    prefilling every row: the same completions for the same seed."""
+    import train.rollout as rollout
+    from train.app import GenerationSettings
+
+    make, tok, ids = trainer_and_ids
+    model = make(1.0, 1.0, 0).model
+    gen = GenerationSettings(max_new_tokens=16, temperature=0.8, top_p=0.95, top_k=0)
+    shared = [rollout.hf_generate(model, tok, ids, G, gen, seed=s, greedy=greedy) for s in (3, 4)]
+    monkeypatch.setattr(rollout, "_shared_prompt_cache", lambda *a, **k: None)
+    every_row = [rollout.hf_generate(model, tok, ids, G, gen, seed=s, greedy=greedy) for s in (3, 4)]
+    for a, b in zip(shared, every_row, strict=True):
+        assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.prompt_ids, b.prompt_ids)
+        assert torch.equal(a.completion_mask, b.completion_mask)
+    if not greedy:
+        assert not torch.equal(shared[0].completion_ids, shared[1].completion_ids)
