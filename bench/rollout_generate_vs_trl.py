@@ -5,9 +5,10 @@
     python bench/rollout_generate_vs_trl.py --profile        # + the top cProfile entries of one call each
 
 Both get the same prompt token ids (chat template, generation prompt), G copies of each prompt (TRL's
-sampler repeats prompts; we repeat rows), T=1, top_p 1, top_k off, and the global torch seed set to the
-same value before each call, so with the same sampling process the completions are token-for-token
-equal (checked and printed). Sides alternate per round; CPU seconds per call (the figure to trust on a
+sampler repeats prompts and `generate` prefills every row; ours prefills each prompt once and repeats
+its KV cache G times), T=1, top_p 1, top_k off, and the global torch seed set to the same value before
+each call, so with the same sampling process the completions are token-for-token equal (checked and
+printed). Sides alternate per round; CPU seconds per call (the figure to trust on a
 shared box), medians over --rounds. Also prints what each side passes to `generate` (the logits
 processors and the generation config fields that differ).
 """
