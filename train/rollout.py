@@ -124,7 +124,7 @@ def hf_generate(
     unwrapped.eval()
     cache = _shared_prompt_cache(unwrapped, uniq, uniq_mask, n, device)
     if cache is not None:
-        kwargs["past_key_values"] = cache
+        kwargs.update(cache)
     out = unwrapped.generate(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
@@ -144,11 +144,12 @@ def hf_generate(
     return Rollout(ids, mask, completion, cmask, truncated, group)
 
 
-def _shared_prompt_cache(model, ids: Tensor, mask: Tensor, n: int, device):
+def _shared_prompt_cache(model, ids: Tensor, mask: Tensor, n: int, device) -> dict[str, Any] | None:
     """The KV cache of each prompt's tokens but its last, computed once per prompt and repeated n times
-    along the batch, or None where that does not apply (n = 1, a prompt of one token, a model whose
-    forward takes no position ids or whose cache is not a DynamicCache): then `generate` prefills every row.
-    Positions are generate's own for left padding (cumsum of the mask − 1, 1 on padding)."""
+    along the batch, as the `generate` keyword that takes it; None where that does not apply (n = 1, a
+    prompt of one token, a model whose forward takes no position ids or whose cache is not a
+    DynamicCache): then `generate` prefills every row. Positions are generate's own for left padding
+    (cumsum of the mask − 1, 1 on padding)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if n < 2 or int(mask.sum(1).min()) < 2 or "position_ids" not in inspect.signature(base.forward).parameters:
         return None
@@ -160,11 +161,13 @@ def _shared_prompt_cache(model, ids: Tensor, mask: Tensor, n: int, device):
         use_cache=True,
         logits_to_keep=1,
     )
-    cache = out.past_key_values
+    # transformers 5.x renamed `past_key_values` to `cache` (the old name still works, with a warning)
+    name = "cache" if "cache" in getattr(out, "__dataclass_fields__", {}) else "past_key_values"
+    cache = getattr(out, name)
     if not isinstance(cache, DynamicCache):
         return None
     cache.batch_repeat_interleave(n)
-    return cache
+    return {name: cache}
 
 
 def _logits(model, rollout: Rollout, device) -> Tensor:
