@@ -120,7 +120,9 @@ def build_inputs(work: Path, args) -> None:
 
 
 def run_ours(args, work: Path) -> dict:
-    import torch  # noqa: F401 - imported before the clock, as on TRL's side
+    import accelerate  # noqa: F401 - imported before the clock, as `import trl` does on TRL's side
+    import safetensors.torch  # noqa: F401
+    import torch  # noqa: F401
     import transformers  # noqa: F401
     from hydra import compose, initialize_config_module
 
@@ -162,6 +164,7 @@ def run_ours(args, work: Path) -> dict:
         "log.plot=false",
         "log.tensorboard=false",
         "checkpoint.every_steps=0",
+        "checkpoint.final=false",  # final/ only, as TRL's save_strategy="no" + save_model
         f"optim.mixed_precision={'bf16' if args.device == 'cuda' else 'no'}",
     ]
     with initialize_config_module(config_module="rlaif_forge_conf", version_base=None):
@@ -208,7 +211,7 @@ def instrument_ours() -> None:
     import train.loops.online_update as update
     from bench import _phases as ph
 
-    for name in ("load_policy", "build_optimizer", "packing_check", "head_check", "no_grad_passes"):
+    for name in ("load_trained_model", "build_optimizer", "packing_check", "head_check", "no_grad_passes"):
         ph.wrap(online, name)
     ph.wrap(online, "hf_generate", "generate", before=True)
     ph.wrap(online, "token_logps", "fused forward")
@@ -340,7 +343,7 @@ def run_trl(args, work: Path) -> dict:
 
     trainer._generate_single_turn = timed
     trainer.train()
-    trainer.save_model(str(work / "out-trl" / "final"))  # ours writes final/ (and a resumable checkpoint) too
+    trainer.save_model(str(work / "out-trl" / "final"))  # ours writes final/ too (checkpoint.final=false)
     wall, cpu = time.perf_counter() - t0, cpu_s() - c0
     logs = [h for h in trainer.state.log_history if "reward" in h]
     steps = [b - a for a, b in zip([t0] + clock.times[:-1], clock.times, strict=True)]

@@ -89,6 +89,7 @@ class OptimConfig(_Strict):
 class CheckpointConfig(_Strict):
     every_steps: int = Field(500, ge=0)
     keep_last: int = Field(2, ge=1)
+    final: bool = True  # a resumable checkpoint (optimizer, scheduler, RNG) at the end too, beside final/
     stop_after_steps: int | None = Field(None, ge=1)
 
 

@@ -120,6 +120,21 @@ def test_keep_last_prunes_old_checkpoints(files, tmp_path):
     assert kept == ["step-00000003", "step-00000004"]
 
 
+@pytest.mark.parametrize("final", [True, False])
+def test_final_resumable_checkpoint_is_a_setting(final, files, tmp_path):
+    train(
+        tmp_path,
+        f"data.path={files['pairs']}",
+        "optim.max_steps=3",
+        "optim.batch_size=2",
+        "checkpoint.every_steps=2",
+        f"checkpoint.final={str(final).lower()}",
+    )
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == (["step-00000002", "step-00000003"] if final else ["step-00000002"])
+    assert (tmp_path / "final").is_dir()
+
+
 def test_existing_run_needs_resume_or_another_output_dir(files, tmp_path):
     from synth.app import ConfigError
 

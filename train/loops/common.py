@@ -387,8 +387,10 @@ class Progress:
         return stop or bool(ckpt_cfg.every_steps and self.step % ckpt_cfg.every_steps == 0), stop
 
     def final_checkpoint_due(self, ckpt_cfg) -> bool:
-        """At the end: unless the last step already wrote one."""
-        return bool(self.step) and (ckpt_cfg.every_steps == 0 or self.step % ckpt_cfg.every_steps != 0)
+        """At the end (checkpoint.final): unless the last step already wrote one."""
+        if not ckpt_cfg.final or not self.step:
+            return False
+        return ckpt_cfg.every_steps == 0 or self.step % ckpt_cfg.every_steps != 0
 
 
 def accumulate_step(
