@@ -170,25 +170,7 @@ def estimate(
         adjusted = gather_all(accelerator, scores)
         metrics["reward/adjusted_mean"] = float(adjusted[~torch.isnan(adjusted)].mean())
     if L.estimator == "gae":
-        rewards = A.shape_rewards(scores, mask, kl_tok if in_reward else None, beta)
-        if L.name == "ppo_lag":
-            c = (
-                costs.clamp(-L.score_clip, L.score_clip) if L.score_clip is not None else costs
-            )  # no EOS penalty on a cost
-            costs_t = A.shape_rewards(c, mask, -kl_tok if in_reward else None, beta)
-            clip = L.lagrangian.token_clip
-            if clip is not None:
-                rewards, costs_t = rewards.clamp(-clip, clip) * mask, costs_t.clamp(-clip, clip) * mask
-            batch["adv_reward"], batch["returns_reward"] = A.gae(
-                rewards, batch["values_reward"], mask, L.critic.gamma, L.critic.lam
-            )
-            batch["adv_cost"], batch["returns_cost"] = A.gae(
-                costs_t, batch["values_cost"], mask, L.critic.gamma, L.critic.lam
-            )
-            batch["advantages"] = None  # mixed per optimizer step with the current λ
-        else:
-            adv, batch["returns_reward"] = A.gae(rewards, batch["values_reward"], mask, L.critic.gamma, L.critic.lam)
-            batch["advantages"] = A.whiten(adv, mask, reduce=reduce) if L.whiten_advantages else adv
+        gae_advantages(batch, scores, costs, kl_tok if in_reward else None, beta, mask, L, reduce)
     elif L.estimator in ("reinforce_pp", "reinforce_pp_baseline"):
         base = (
             scores
@@ -219,16 +201,7 @@ def estimate(
             )
             adv = adv[_local(accelerator, len(seq))]
         batch["advantages"] = adv
-    unscorable = torch.isnan(scores) | (torch.isnan(costs) if costs is not None else False)
-    if unscorable.any():  # NaN gets zero advantage, never the value baseline's guess (and no value target)
-        for key in ("advantages", "adv_reward", "adv_cost"):
-            if batch.get(key) is not None:
-                batch[key] = torch.where(
-                    unscorable.view(-1, *[1] * (batch[key].dim() - 1)), torch.zeros_like(batch[key]), batch[key]
-                )
-        for k in ("reward", "cost"):
-            if f"returns_{k}" in batch:
-                batch[f"returns_{k}"] = torch.where(unscorable[:, None], batch[f"values_{k}"], batch[f"returns_{k}"])
+    zero_unscorable(batch, torch.isnan(scores) | (torch.isnan(costs) if costs is not None else False))
     if "entropy" in batch:  # else measured in the update (π_old pass skipped)
         ent = gather_all(accelerator, torch.stack([(batch["entropy"] * mask).sum(), mask.sum().float()])[None])
         metrics["entropy"] = float(ent[:, 0].sum() / ent[:, 1].sum().clamp(min=1))
@@ -236,6 +209,42 @@ def estimate(
         k1 = (batch["old_logps"] - batch["ref_logps"]).detach() * mask
         metrics["kl"] = float(gather_all(accelerator, k1.sum(1)).mean())  # sequence-summed k1, nats
     return metrics
+
+
+def gae_advantages(batch, scores, costs, kl_tok, beta: float, mask, L, reduce) -> None:
+    """PPO (GAE over the critic's values; `kl_tok` the per-token KL when it sits in the reward, else None):
+    batch["advantages"] (whitened with loop.whiten_advantages) and the critic's returns. ppo_lag: the
+    reward and the cost streams each get ±β·KL (λ-neutral), a per-token clip and their own GAE
+    (adv_reward / adv_cost, mixed with the current λ at each optimizer step, so "advantages" is None)."""
+    rewards = A.shape_rewards(scores, mask, kl_tok, beta)
+    gamma, lam = L.critic.gamma, L.critic.lam
+    if L.name != "ppo_lag":
+        adv, batch["returns_reward"] = A.gae(rewards, batch["values_reward"], mask, gamma, lam)
+        batch["advantages"] = A.whiten(adv, mask, reduce=reduce) if L.whiten_advantages else adv
+        return
+    c = costs.clamp(-L.score_clip, L.score_clip) if L.score_clip is not None else costs  # no EOS penalty on a cost
+    costs_t = A.shape_rewards(c, mask, -kl_tok if kl_tok is not None else None, beta)
+    clip = L.lagrangian.token_clip
+    if clip is not None:
+        rewards, costs_t = rewards.clamp(-clip, clip) * mask, costs_t.clamp(-clip, clip) * mask
+    batch["adv_reward"], batch["returns_reward"] = A.gae(rewards, batch["values_reward"], mask, gamma, lam)
+    batch["adv_cost"], batch["returns_cost"] = A.gae(costs_t, batch["values_cost"], mask, gamma, lam)
+    batch["advantages"] = None
+
+
+def zero_unscorable(batch, unscorable: torch.Tensor) -> None:
+    """An unscorable sample (NaN score or cost) gets zero advantage under every estimator, never the value
+    baseline's guess, and its value target is the critic's own value (no learning signal)."""
+    if not unscorable.any():
+        return
+    for key in ("advantages", "adv_reward", "adv_cost"):
+        if batch.get(key) is not None:
+            batch[key] = torch.where(
+                unscorable.view(-1, *[1] * (batch[key].dim() - 1)), torch.zeros_like(batch[key]), batch[key]
+            )
+    for k in ("reward", "cost"):
+        if f"returns_{k}" in batch:
+            batch[f"returns_{k}"] = torch.where(unscorable[:, None], batch[f"values_{k}"], batch[f"returns_{k}"])
 
 
 def gather_all(accelerator, t: torch.Tensor) -> torch.Tensor:
