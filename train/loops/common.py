@@ -495,7 +495,7 @@ def end_of_step(
             **(extra or {}),
         }
         rec.logger.log(progress.step, rec.last_train)
-        rec.bar.set_postfix(postfix(rec.last_train, *([rec.postfix_keys] if rec.postfix_keys else [])))
+        rec.bar.set_postfix(postfix(rec.last_train, rec.postfix_keys))
     rec.bar.update(1)
     if evaluate is not None and cfg.eval.every_steps and progress.step % cfg.eval.every_steps == 0:
         rec.last_eval = evaluate()

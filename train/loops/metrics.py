@@ -119,11 +119,12 @@ class MetricsLogger:
             self.tb.close()
 
 
-def postfix(
-    values: dict[str, float],
-    keys: Sequence[str] = ("loss", "rewards/accuracy", "rewards/margin", "kl", "lr", "tokens_per_s"),
-) -> dict[str, str]:
-    return {k.split("/")[-1]: f"{values[k]:.4g}" for k in keys if k in values}
+POSTFIX_KEYS = ("loss", "rewards/accuracy", "rewards/margin", "kl", "lr", "tokens_per_s")
+
+
+def postfix(values: dict[str, float], keys: Sequence[str] | None = None) -> dict[str, str]:
+    """The progress bar's short metrics: `keys` (default POSTFIX_KEYS) that `values` has."""
+    return {k.split("/")[-1]: f"{values[k]:.4g}" for k in keys or POSTFIX_KEYS if k in values}
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

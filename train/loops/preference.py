@@ -37,7 +37,6 @@ from synth.app import ConfigError
 from train.data import DataError, add_kl_completions, detect_kind, has_distinct_prompts, make_collator
 from train.distributed import check_sharded_reference, load_whole, set_deepspeed_batch
 from train.embeddings import with_prompt_embeddings
-from train.logprobs import concatenated_forward, listwise_forward, unpaired_forward
 from train.loops.checkpoints import checkpoint_progress, resume_from, saved_tensors
 from train.loops.common import (
     Progress,
@@ -45,7 +44,6 @@ from train.loops.common import (
     begin_run,
     build_optimizer,
     build_scheduler,
-    call_loss,
     check_enough_rows,
     end_of_run,
     end_of_step,
@@ -61,8 +59,9 @@ from train.loops.common import (
     to_device,
     tokenize_checked,
 )
-from train.loops.metrics import StepMetrics, finish_run, loss_metrics
-from train.loops.packing import PackedLogits, packed_sequence_logps, packing_ok
+from train.loops.metrics import finish_run, loss_metrics
+from train.loops.packing import PackedLogits, packing_ok
+from train.loops.preference_step import LossContext, evaluate, forward_loss
 from train.losses import RunningMean
 from train.models import (
     count_parameters,
@@ -237,191 +236,7 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     return finish_run(summary, out_dir, cfg, accelerator)
 
 
-# ==================================================================== the loss on one batch
-
-
-class LossContext:
-    """What a forward needs besides the batch: the loss, the reference, the loss state, the reducer."""
-
-    def __init__(self, spec, fn, ref_mode, ref_model, running_mean, reduce, seed, packed=False):
-        self.spec, self.fn, self.ref_mode, self.ref_model = spec, fn, ref_mode, ref_model
-        self.running_mean, self.reduce, self.seed, self.packed = running_mean, reduce, seed, packed
-
-
-def policy_forward(kind: str, kl: bool, packed: bool):
-    """The forward of a row kind (train.logprobs), or the same outputs computed on packed rows."""
-
-    if not packed:
-        return {
-            "pairwise": concatenated_forward,
-            "ranked": listwise_forward,
-            "unpaired": lambda m, b: unpaired_forward(m, b, kl=kl),
-        }[kind]
-    return lambda m, b: packed_forward(m, b, kind, kl)
-
-
-def packed_forward(model, batch, kind: str, kl: bool) -> dict[str, torch.Tensor]:
-    """train.logprobs' concatenated / listwise / unpaired outputs, with the forward on packed rows."""
-    total, mean, n = packed_sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    if kind == "pairwise":
-        b = total.shape[0] // 2
-        return {
-            "chosen_logps": total[:b],
-            "rejected_logps": total[b:],
-            "chosen_logps_mean": mean[:b],
-            "rejected_logps_mean": mean[b:],
-            "chosen_n_tokens": n[:b],
-            "rejected_n_tokens": n[b:],
-            "chosen_nll": -mean[:b],
-            "chosen_nll_token_mean": -total[:b].sum() / n[:b].sum().clamp(min=1),
-        }
-    if kind == "ranked":
-        index, mask = batch["list_index"], batch["list_mask"]
-        return {
-            "logps": total[index] * mask,
-            "logps_mean": mean[index] * mask,
-            "n_tokens": n[index] * mask,
-            "mask": mask,
-        }
-    out = {"logps": total, "logps_mean": mean, "n_tokens": n, "label": batch["label"]}
-    if kl:  # the KL estimate is a detached constant: no graph (as train.logprobs.unpaired_forward)
-        with torch.no_grad():
-            out["kl_logps"] = packed_sequence_logps(
-                model, batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_labels"]
-            )[0]
-    return out
-
-
-def forward_loss(model, unwrapped, batch: dict[str, Any], ctx: LossContext, kind: str, step: int, train: bool = True):
-    """(LossOutput, extra metrics) for one micro-batch: policy forward(s), reference, the loss call."""
-    if ctx.spec.needs_logits:
-        return _cringe(model, batch, ctx, step)
-    forward = policy_forward(kind, ctx.spec.needs_kl_pairs, ctx.packed)
-    pol = forward(model, batch)
-    ref = reference_outputs(model, unwrapped, batch, ctx, kind, forward)
-    mean = ctx.spec.length_normalised
-    if kind == "pairwise":
-        avail = {
-            "policy_chosen_logps": pol["chosen_logps_mean" if mean else "chosen_logps"],
-            "policy_rejected_logps": pol["rejected_logps_mean" if mean else "rejected_logps"],
-            "chosen_nll": pol["chosen_nll"],
-            "chosen_lengths": pol["chosen_n_tokens"],
-            "rejected_lengths": pol["rejected_n_tokens"],
-            "score_chosen": _scores(batch, "score_chosen", ctx),
-            "score_rejected": _scores(batch, "score_rejected", ctx),
-            "p_chosen": _soft_labels(batch),
-            "prompt_embeddings": batch.get("prompt_embeddings"),
-            **{k: _reward_cost(batch, k, ctx) for k in REWARD_COST},
-        }
-        if ref is not None:
-            avail["reference_chosen_logps"] = ref["chosen_mean" if mean else "chosen"]
-            avail["reference_rejected_logps"] = ref["rejected_mean" if mean else "rejected"]
-        extra = {
-            "logps/chosen": pol["chosen_logps"].detach().mean(),
-            "logps/rejected": pol["rejected_logps"].detach().mean(),
-        }
-    elif kind == "ranked":
-        avail = {
-            "policy_logps": pol["logps_mean" if mean else "logps"],
-            "lengths": pol["n_tokens"],
-            "scores": batch["scores"],
-            "mask": pol["mask"],
-        }
-        if ref is not None:
-            avail["reference_logps"] = ref["mean" if mean else "sum"]
-        extra = {}
-    else:
-        avail = {
-            "policy_logps": pol["logps_mean" if mean else "logps"],
-            "labels": pol["label"],
-            "prompt_embeddings": batch.get("prompt_embeddings"),
-        }
-        if ctx.spec.needs_kl_pairs:
-            avail["policy_kl_logps"] = pol["kl_logps"]
-        if ref is not None:
-            avail["reference_logps"] = ref["mean" if mean else "sum"]
-            if ctx.spec.needs_kl_pairs:
-                avail["reference_kl_logps"] = ref["kl"]
-        extra = {}
-    avail["reduce"] = ctx.reduce
-    if ctx.running_mean is not None:
-        if train:
-            avail["running_mean"] = ctx.running_mean
-        else:  # evaluation reads δ without folding the eval rewards into it
-            avail["fixed_delta"] = ctx.running_mean.mean
-    return call_loss(ctx.fn, avail), extra
-
-
-def reference_outputs(model, unwrapped, batch, ctx: LossContext, kind: str, forward) -> dict[str, Any] | None:
-    """Reference log-probs of this batch: from the precomputed columns, the adapter-disabled base model,
-    or the frozen reference model; None for reference-free objectives."""
-    if ctx.ref_mode == "none":
-        return None
-    if ctx.ref_mode == "precomputed":
-        if kind == "pairwise":
-            return {
-                "chosen": batch["ref_chosen_logps"],
-                "rejected": batch["ref_rejected_logps"],
-                "chosen_mean": batch["ref_chosen_logps_mean"],
-                "rejected_mean": batch["ref_rejected_logps_mean"],
-            }
-        return {"sum": batch["ref_logps"], "mean": batch["ref_logps_mean"], "kl": batch.get("ref_kl_logps")}
-    with torch.no_grad():
-        if ctx.ref_mode == "adapter_disabled":
-            with unwrapped.disable_adapter():
-                out = forward(model, batch)
-        else:
-            out = forward(ctx.ref_model, batch)
-    if kind == "pairwise":
-        return {
-            "chosen": out["chosen_logps"],
-            "rejected": out["rejected_logps"],
-            "chosen_mean": out["chosen_logps_mean"],
-            "rejected_mean": out["rejected_logps_mean"],
-        }
-    return {"sum": out["logps"], "mean": out["logps_mean"], "kl": out.get("kl_logps")}
-
-
-def _cringe(model, batch, ctx: LossContext, step: int):
-    """Token-level objectives (Cringe) see the shifted logits of the matched rows."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    targets = batch["labels"][:, 1:]
-    gen = torch.Generator(device=logits.device).manual_seed(ctx.seed * 1_000_003 + step)
-    avail = {
-        "logits": logits[:, :-1],
-        "target_ids": targets,
-        "token_mask": targets != -100,
-        "labels": batch["label"],
-        "generator": gen,
-    }
-    return call_loss(ctx.fn, avail), {}
-
-
-def _scores(batch, key: str, ctx: LossContext):
-    value = batch.get(key)
-    if value is not None and torch.isnan(value).any():
-        if ctx.spec.needs_scores:
-            raise DataError(f"loss={ctx.spec.name} needs {key} on every row; some rows lack it")
-        return None
-    if value is None and ctx.spec.needs_scores:
-        raise DataError(f"loss={ctx.spec.name} needs score_chosen and score_rejected columns in the data")
-    return value
-
-
-REWARD_COST = ("reward_chosen", "reward_rejected", "cost_chosen", "cost_rejected")
-
-
-def _reward_cost(batch, key: str, ctx: LossContext):
-    """Precomputed reward / cost scores (C-DPO): required on every row when the loss needs them."""
-    value = batch.get(key)
-    if not ctx.spec.needs_reward_cost:
-        return None
-    if value is None or torch.isnan(value).any():
-        raise DataError(
-            f"loss={ctx.spec.name} needs {', '.join(REWARD_COST)} (precomputed reward- and cost-model "
-            f"scores) on every pair; {key} is missing on some rows"
-        )
-    return value
+# ==================================================================== data shapes, stages, reference
 
 
 def with_embeddings(rows: Dataset, spec) -> Dataset:
@@ -446,50 +261,6 @@ def soft_label_rows(rows, loss_fn, loss_name: str, main: bool) -> int:
             flush=True,
         )
     return n
-
-
-def _soft_labels(batch):
-    """p_chosen where the data has it; rows without one count as hard labels (p = 1)."""
-    p = batch.get("p_chosen")
-    if p is None or torch.isnan(p).all():
-        return None
-    return torch.nan_to_num(p, nan=1.0)
-
-
-@torch.no_grad()
-def evaluate(model, unwrapped, eval_ds, collate, ctx, kind, cfg, accelerator, fixed_kl) -> dict[str, float]:
-    """Loss metrics on the held-out rows, averaged over rows and processes (prefix eval/)."""
-    model.eval()
-    B = cfg.eval.batch_size or cfg.optim.batch_size
-    order = list(range(len(eval_ds)))
-    if fixed_kl:  # KL pairs were fixed in chunks of optim.batch_size: keep the chunks
-        B = cfg.optim.batch_size
-    mine = (
-        order[accelerator.process_index :: accelerator.num_processes]
-        if not fixed_kl
-        else [
-            j
-            for c, start in enumerate(range(0, len(order), B))
-            if c % accelerator.num_processes == accelerator.process_index
-            for j in order[start : start + B]
-        ]
-    )
-    metrics = StepMetrics()
-    for start in range(0, len(mine), B):
-        idx = mine[start : start + B]
-        if ctx.spec.needs_kl_pairs and len(idx) < 2:
-            continue
-        batch = to_device(collate(eval_ds.select(idx).to_list()), accelerator.device)
-        out, extra = forward_loss(model, unwrapped, batch, ctx, kind, step=0, train=False)
-        metrics.add(
-            {**loss_metrics(out, "eval/", paired=kind != "unpaired"), **{f"eval/{k}": v for k, v in extra.items()}},
-            weight=len(idx),
-        )
-    model.train()
-    return metrics.reduce(accelerator)
-
-
-# ==================================================================== data shapes, stages, reference
 
 
 def to_kind(rows: Dataset, want: str, source: str, loss_name: str) -> Dataset:
