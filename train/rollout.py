@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from synth.llm.kv_cache import in_place, in_place_cache
 from train.logprobs import selective_log_softmax
 from train.loops.packing import pack_rows
 
@@ -128,9 +129,8 @@ def hf_generate(
     # that the trainer's full-softmax log-probs do not describe)
     was_training = unwrapped.training
     unwrapped.eval()
-    cache = _shared_prompt_cache(unwrapped, uniq, uniq_mask, n, device)
-    if cache is not None:
-        kwargs.update(cache)
+    cache = _shared_prompt_cache(unwrapped, uniq, uniq_mask, n, device, room=gen.max_new_tokens + 1)
+    kwargs.update(cache if cache is not None else in_place_cache(unwrapped, gen.max_new_tokens))
     out = unwrapped.generate(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
@@ -150,12 +150,13 @@ def hf_generate(
     return Rollout(ids, mask, completion, cmask, truncated, group)
 
 
-def _shared_prompt_cache(model, ids: Tensor, mask: Tensor, n: int, device) -> dict[str, Any] | None:
+def _shared_prompt_cache(model, ids: Tensor, mask: Tensor, n: int, device, room: int) -> dict[str, Any] | None:
     """The KV cache of each prompt's tokens but its last, computed once per prompt and repeated n times
     along the batch, as the `generate` keyword that takes it; None where that does not apply (n = 1, a
     prompt of one token, a model whose forward takes no position ids or whose cache is not a
     DynamicCache): then `generate` prefills every row. Positions are generate's own for left padding
-    (cumsum of the mask − 1, 1 on padding)."""
+    (cumsum of the mask − 1, 1 on padding). The cache is written in place for `room` more tokens
+    (synth/llm/kv_cache.py: no per-step concatenation)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if n < 2 or int(mask.sum(1).min()) < 2 or "position_ids" not in inspect.signature(base.forward).parameters:
         return None
@@ -173,7 +174,7 @@ def _shared_prompt_cache(model, ids: Tensor, mask: Tensor, n: int, device) -> di
     if not isinstance(cache, DynamicCache):
         return None
     cache.batch_repeat_interleave(n)
-    return {name: cache}
+    return {name: in_place(cache, room)}
 
 
 def _logits(model, rollout: Rollout, device) -> Tensor:
