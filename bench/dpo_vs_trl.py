@@ -92,20 +92,14 @@ def cpu_s() -> float:
 HH_RLHF = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 
 
-def build_inputs(
-    work: Path, n_pairs: int, seed: int, model_spec: dict, max_length: int, data: str
-) -> tuple[Path, Path]:
-    """A random ~20M-parameter Llama with the tiny model's tokenizer + chat template, and n pairs.
-
-    data=hh: the first n hh-rlhf (harmless-base test) pairs whose prompt + longer response fit max_length
-    tokens, so neither side truncates (real, long-tailed lengths); data=synthetic: random corpus words."""
+def random_llama(spec: dict, seed: int, folder: Path):
+    """A randomly initialised Llama of shape `spec` (MODEL_20M, MODEL_135M) with the tiny model's tokenizer
+    and ChatML template (synth/tiny.py), saved with the tokenizer to `folder` -> (model, tokenizer)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from synth.records import PreferenceRecord, messages
-    from synth.tiny import _CORPUS_EN, build_tokenizer
+    from synth.tiny import build_tokenizer
 
-    model_dir = work / "model"
     tok = build_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tok),
@@ -113,12 +107,27 @@ def build_inputs(
         bos_token_id=None,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        **model_spec,
+        **spec,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model, tok
+
+
+def build_inputs(
+    work: Path, n_pairs: int, seed: int, model_spec: dict, max_length: int, data: str
+) -> tuple[Path, Path]:
+    """A random ~20M-parameter Llama with the tiny model's tokenizer + chat template, and n pairs.
+
+    data=hh: the first n hh-rlhf (harmless-base test) pairs whose prompt + longer response fit max_length
+    tokens, so neither side truncates (real, long-tailed lengths); data=synthetic: random corpus words."""
+    from synth.records import PreferenceRecord, messages
+    from synth.tiny import _CORPUS_EN
+
+    model, tok = random_llama(model_spec, seed, work / "model")
     n_params = sum(p.numel() for p in model.parameters())
 
     rows = []
@@ -164,7 +173,7 @@ def build_inputs(
     path = work / "preferences.jsonl"
     path.write_text("".join(line + "\n" for line in lines))
     print(f"model: {n_params / 1e6:.1f}M parameters, vocab {len(tok)}; data: {n_pairs} pairs ({source})", flush=True)
-    return model_dir, path
+    return work / "model", path
 
 
 # ------------------------------------------------------------------------------------ the two sides

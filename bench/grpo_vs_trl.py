@@ -54,7 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 # the same model shapes, data file and clocks as bench/dpo_vs_trl.py
-from bench.dpo_vs_trl import HH_RLHF, MODEL_20M, MODEL_135M, cpu_s, peak_mb, rss_mb  # noqa: E402
+from bench.dpo_vs_trl import HH_RLHF, MODEL_20M, MODEL_135M, cpu_s, peak_mb, random_llama, rss_mb  # noqa: E402
 
 
 def even_reward(completion_ids, **_):
@@ -75,9 +75,9 @@ def smollm2_folder() -> Path:
 
 def build_inputs(work: Path, args) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from synth.tiny import _CORPUS_EN, build_tokenizer
+    from synth.tiny import _CORPUS_EN
 
     if args.model == "smollm2":
         folder = smollm2_folder()
@@ -85,22 +85,8 @@ def build_inputs(work: Path, args) -> None:
         tok = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     else:
-        tok = build_tokenizer()
         spec = MODEL_135M if args.size == "135m" else MODEL_20M
-        spec = dict(spec, num_hidden_layers=2) if args.quick else spec
-        config = LlamaConfig(
-            vocab_size=len(tok),
-            tie_word_embeddings=False,
-            bos_token_id=None,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            **spec,
-        )
-        torch.manual_seed(args.seed)
-        model = LlamaForCausalLM(config)
-        model.generation_config.eos_token_id = tok.eos_token_id
-        model.save_pretrained(work / "model")
-        tok.save_pretrained(work / "model")
+        model, tok = random_llama(dict(spec, num_hidden_layers=2) if args.quick else spec, args.seed, work / "model")
     n = args.prompts
     if args.data == "hh":
         from train.data.prompts import load_prompts

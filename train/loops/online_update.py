@@ -309,94 +309,131 @@ def policy_update(
             chunks = [rows[i : i + cfg.optim.batch_size] for i in range(0, len(rows), cfg.optim.batch_size)]
             for j, idx in enumerate(chunks):
                 mb = rollout.select(idx)
-                sync = j == len(chunks) - 1
-                with _maybe_no_sync(accelerator, [model, *critics.values()], sync):
-                    keep = loss_mask(mb, L)
-                    data = {
-                        "advantages": (
-                            batch["advantages"][idx] * keep.any(1).view(-1, *[1] * (batch["advantages"].dim() - 1))
-                        ).to(device),
-                        "mask": keep.to(device),
-                        "total_tokens": total_tokens,
-                        "total_sequences": total_sequences,
-                    }
-                    if "ref_logps" in batch and L.kl.placement == "loss":
-                        data.update(
-                            ref_logps=batch["ref_logps"][idx].to(device),
-                            kl_coef=state.beta,
-                            kl_estimator=L.kl.estimator,
-                            kl_clamp=L.kl.clamp,
-                        )
+                with _maybe_no_sync(accelerator, [model, *critics.values()], j == len(chunks) - 1):
                     if not critic_only:
-                        on_policy = "old_logps" not in batch
-                        if live_logps is not None and len(chunks) == 1 and len(idx) == n_rows:
-                            data["logps"], entropy = live_logps[torch.as_tensor(idx, device=live_logps.device)], None
-                        else:
-                            data["logps"], entropy = token_logps(
-                                model,
-                                mb,
-                                L.generation.temperature,
-                                device,
-                                with_entropy=on_policy or bool(L.entropy_coef),
-                                packed=packed,
-                                entropy_grad=bool(L.entropy_coef),
-                            )
-                        data["old_logps"] = data["logps"].detach() if on_policy else batch["old_logps"][idx].to(device)
-                        if mb.sampler_logps is not None:  # vLLM sampled: mismatch monitor and correction
-                            sampler_correction(data, mb, L.generation, metrics, device)
-                        if on_policy:
-                            mask = data["mask"]
-                            if mask.any():  # (none under mask_truncated_completions when every row is truncated)
-                                metrics.add(
-                                    {"entropy": (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)},
-                                    weight=float(mask.sum()),
-                                )
-                            if "ref_logps" in batch:  # the KL metric: sequence-summed k1, nats
-                                k1 = ((data["logps"].detach() - batch["ref_logps"][idx].to(device)) * mask).sum(1)
-                                metrics.add({"kl": k1.mean()}, weight=len(idx))
-                        out = call_loss(loss_fn, data)
-                        loss = out.losses.sum() / total_sequences
-                        if L.entropy_coef:  # − coef · entropy, aggregated as the policy loss (verl, OpenRLHF)
-                            bonus = entropy_bonus(
-                                entropy, data["mask"], loss_aggregation(loss_fn), total_tokens, total_sequences
-                            )
-                            loss = loss - L.entropy_coef * bonus
-                            metrics.add({"entropy_bonus": bonus.detach() * len(chunks)})
-                        accelerator.backward(loss)
-                        metrics.add({"loss": loss.detach() * len(chunks), **out.metrics})
+                        live = (
+                            live_logps if live_logps is not None and len(chunks) == 1 and len(idx) == n_rows else None
+                        )
+                        data = micro_batch_data(batch, mb, idx, L, state, device, total_tokens, total_sequences)
+                        policy_backward(
+                            model, data, batch, mb, idx, loss_fn, L, live, len(chunks), packed, metrics, accelerator
+                        )
                     for k, critic in critics.items():
-                        v = token_values(critic, mb, device)
-                        vout = value_loss(
-                            values=v,
-                            old_values=batch[f"values_{k}"][idx].to(device),
-                            returns=batch[f"returns_{k}"][idx].to(device),
-                            mask=mb.completion_mask.to(device),
-                            value_clip=L.critic.value_clip,
-                            total_tokens=value_tokens,
-                            total_sequences=total_sequences,
+                        critic_backward(
+                            k,
+                            critic,
+                            batch,
+                            mb,
+                            idx,
+                            value_tokens,
+                            total_sequences,
+                            L,
+                            len(chunks),
+                            metrics,
+                            accelerator,
                         )
-                        vloss = vout.losses.sum() / total_sequences
-                        accelerator.backward(vloss)
-                        metrics.add(
-                            {
-                                f"value_loss/{k}": vloss.detach() * len(chunks),
-                                f"value_error/{k}": vout.metrics["value_error"],
-                            }
-                        )
-            if not critic_only:
-                if cfg.optim.max_grad_norm is not None:
-                    params = policy_parameters(model, optimizer, critics)
-                    metrics.add({"grad_norm": accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)})
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            for k, critic in critics.items():
-                if cfg.optim.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(critic.parameters(), cfg.optim.max_grad_norm)
-                critic_opts[k].step()
-                critic_opts[k].zero_grad(set_to_none=True)
+            optimizer_steps(model, optimizer, scheduler, critics, critic_opts, critic_only, cfg, metrics, accelerator)
             state.optimizer_steps += 1
     return metrics.reduce(accelerator)
+
+
+def micro_batch_data(batch, mb: Rollout, idx, L, state: OnlineState, device, total_tokens, total_sequences) -> dict:
+    """The loss inputs of one micro-batch: advantages (zero for rows the loss mask drops), the token mask,
+    the global token and sequence counts, and π_ref with the KL settings when the KL sits in the loss."""
+    keep = loss_mask(mb, L)
+    adv = batch["advantages"][idx]
+    data = {
+        "advantages": (adv * keep.any(1).view(-1, *[1] * (adv.dim() - 1))).to(device),
+        "mask": keep.to(device),
+        "total_tokens": total_tokens,
+        "total_sequences": total_sequences,
+    }
+    if "ref_logps" in batch and L.kl.placement == "loss":
+        data.update(
+            ref_logps=batch["ref_logps"][idx].to(device),
+            kl_coef=state.beta,
+            kl_estimator=L.kl.estimator,
+            kl_clamp=L.kl.clamp,
+        )
+    return data
+
+
+def policy_backward(model, data, batch, mb: Rollout, idx, loss_fn, L, live, n_chunks, packed, metrics, accelerator):
+    """The policy loss of one micro-batch, backpropagated: log-probs with
+    their graph (or `live`, the fused pass's), π_old (this forward's, detached, when the π_old pass was
+    skipped), the vLLM sampler correction, the entropy bonus, and the step's entropy / KL / loss metrics."""
+    device = data["mask"].device
+    on_policy = "old_logps" not in batch
+    if live is not None:
+        data["logps"], entropy = live[torch.as_tensor(idx, device=live.device)], None
+    else:
+        data["logps"], entropy = token_logps(
+            model,
+            mb,
+            L.generation.temperature,
+            device,
+            with_entropy=on_policy or bool(L.entropy_coef),
+            packed=packed,
+            entropy_grad=bool(L.entropy_coef),
+        )
+    data["old_logps"] = data["logps"].detach() if on_policy else batch["old_logps"][idx].to(device)
+    if mb.sampler_logps is not None:  # vLLM sampled: mismatch monitor and correction
+        sampler_correction(data, mb, L.generation, metrics, device)
+    if on_policy:
+        mask = data["mask"]
+        if mask.any():  # (none under mask_truncated_completions when every row is truncated)
+            metrics.add(
+                {"entropy": (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)}, weight=float(mask.sum())
+            )
+        if "ref_logps" in batch:  # the KL metric: sequence-summed k1, nats
+            k1 = ((data["logps"].detach() - batch["ref_logps"][idx].to(device)) * mask).sum(1)
+            metrics.add({"kl": k1.mean()}, weight=len(idx))
+    out = call_loss(loss_fn, data)
+    loss = out.losses.sum() / data["total_sequences"]
+    if L.entropy_coef:  # − coef · entropy, aggregated as the policy loss (verl, OpenRLHF)
+        bonus = entropy_bonus(
+            entropy, data["mask"], loss_aggregation(loss_fn), data["total_tokens"], data["total_sequences"]
+        )
+        loss = loss - L.entropy_coef * bonus
+        metrics.add({"entropy_bonus": bonus.detach() * n_chunks})
+    accelerator.backward(loss)
+    metrics.add({"loss": loss.detach() * n_chunks, **out.metrics})
+
+
+def critic_backward(
+    k: str, critic, batch, mb: Rollout, idx, value_tokens, total_sequences, L, n_chunks, metrics, accelerator
+):
+    """Critic `k`'s clipped value loss on one micro-batch, backpropagated (its own optimizer steps it)."""
+    device = accelerator.device
+    vout = value_loss(
+        values=token_values(critic, mb, device),
+        old_values=batch[f"values_{k}"][idx].to(device),
+        returns=batch[f"returns_{k}"][idx].to(device),
+        mask=mb.completion_mask.to(device),
+        value_clip=L.critic.value_clip,
+        total_tokens=value_tokens,
+        total_sequences=total_sequences,
+    )
+    vloss = vout.losses.sum() / total_sequences
+    accelerator.backward(vloss)
+    metrics.add({f"value_loss/{k}": vloss.detach() * n_chunks, f"value_error/{k}": vout.metrics["value_error"]})
+
+
+def optimizer_steps(model, optimizer, scheduler, critics, critic_opts, critic_only: bool, cfg, metrics, accelerator):
+    """One optimizer step of the policy (after gradient clipping; not during the critic warm-up) and of
+    each critic, and one scheduler step."""
+    if not critic_only:
+        if cfg.optim.max_grad_norm is not None:
+            params = policy_parameters(model, optimizer, critics)
+            metrics.add({"grad_norm": accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)})
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    for k, critic in critics.items():
+        if cfg.optim.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(critic.parameters(), cfg.optim.max_grad_norm)
+        critic_opts[k].step()
+        critic_opts[k].zero_grad(set_to_none=True)
 
 
 def sampler_correction(data: dict, mb: Rollout, gen, metrics: StepMetrics, device) -> None:
