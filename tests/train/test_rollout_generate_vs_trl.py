@@ -98,3 +98,47 @@ def test_prefilling_each_prompt_once_draws_the_same_tokens(trainer_and_ids, monk
         assert torch.equal(a.completion_mask, b.completion_mask)
     if not greedy:
         assert not torch.equal(shared[0].completion_ids, shared[1].completion_ids)
+
+
+def test_top_k_zero_overrides_a_checkpoint_top_k(trainer_and_ids, monkeypatch):
+    """top_k=0 samples the full distribution even when the checkpoint's generation_config sets a top_k (as
+    many chat checkpoints do): the same tokens as with no top_k there at all."""
+    from train.app import GenerationSettings
+    from train.rollout import hf_generate
+
+    make, tok, ids = trainer_and_ids
+    model = make(1.0, 1.0, 0).model
+    gen = GenerationSettings(max_new_tokens=12, temperature=1.0, top_p=1.0, top_k=0)
+    plain = hf_generate(model, tok, ids, G, gen, seed=5)
+    monkeypatch.setattr(model.generation_config, "top_k", 1)  # would make sampling greedy
+    assert torch.equal(hf_generate(model, tok, ids, G, gen, seed=5).completion_ids, plain.completion_ids)
+    greedy = hf_generate(model, tok, ids, G, gen.model_copy(update={"top_k": 1}), seed=5)
+    assert not torch.equal(greedy.completion_ids, plain.completion_ids)
+
+
+@pytest.mark.parametrize("n", [1, G])
+def test_in_place_cache_draws_what_dynamic_cache_draws(trainer_and_ids, monkeypatch, n):
+    """hf_generate's KV cache written in place (synth/llm/kv_cache.py) against transformers' DynamicCache:
+    the same completions for the same seed, with the shared prompt cache (n > 1) and without (n = 1)."""
+    import synth.llm.kv_cache as kv
+    import train.rollout as rollout
+    from train.app import GenerationSettings
+
+    make, tok, ids = trainer_and_ids
+    model = make(1.0, 1.0, 0).model
+    gen = GenerationSettings(max_new_tokens=16, temperature=0.9, top_p=1.0, top_k=0)
+    in_place = rollout.hf_generate(model, tok, ids, n, gen, seed=9)
+    layers = []
+    real = kv.InPlaceLayer.update
+
+    def record(self, *a, **k):
+        layers.append(id(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(kv.InPlaceLayer, "update", record)
+    rollout.hf_generate(model, tok, ids, n, gen, seed=9)
+    assert layers  # the in-place layers were in use
+    monkeypatch.setattr(rollout, "in_place", lambda cache, room: cache)
+    monkeypatch.setattr(rollout, "in_place_cache", lambda model, room: {})
+    dynamic = rollout.hf_generate(model, tok, ids, n, gen, seed=9)
+    assert torch.equal(in_place.completion_ids, dynamic.completion_ids)
