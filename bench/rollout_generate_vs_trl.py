@@ -1,5 +1,6 @@
 """Generation only: our online loops' `hf_generate` (train/rollout.py) against TRL 1.16's GRPOTrainer
-`_generate_single_turn` (HF `generate` path), same model, prompts, rows and seeds, in one process.
+`_generate_single_turn` (HF `generate` path, `cache_implementation="static"`: its faster option on a CPU;
+`--trl-cache dynamic` for the default), same model, prompts, rows and seeds, in one process.
 
     python bench/rollout_generate_vs_trl.py --model smollm2 --prompts-per-step 4 --group 4 --max-new-tokens 32
     python bench/rollout_generate_vs_trl.py --profile        # + the top cProfile entries of one call each
@@ -42,6 +43,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--trl-cache", choices=["static", "dynamic"], default="static", help="TRL's cache_implementation")
     args = p.parse_args()
 
     import torch
@@ -82,6 +84,7 @@ def run(args, work: Path) -> None:
         temperature=1.0,
         top_p=1.0,
         top_k=0,
+        cache_implementation=None if args.trl_cache == "dynamic" else args.trl_cache,
         use_cpu=True,
         bf16=False,
         gradient_checkpointing=False,
