@@ -238,6 +238,7 @@ class GenerationSettings(_Strict):
     gpu_memory_utilization: float = Field(0.3, gt=0, lt=1)  # vllm
     sleep_level: Literal[0, 1, 2] = 2  # vllm: 0 keeps the engine awake
     lora_sync: Literal["merged", "adapter"] = "merged"  # vllm under LoRA
+    enforce_eager: bool = False  # vllm: no torch.compile / CUDA graphs (starts in seconds, decodes slower)
     # vllm: tolerance of the probe after each sync (mean |Δ log p| vLLM vs trainer); None: 1e-3 in float32, 0.05
     # in bfloat16 (not measured on a GPU)
     probe_tol: float | None = Field(None, gt=0)

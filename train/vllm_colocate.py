@@ -102,6 +102,7 @@ class VLLMColocate:
             # model's own maximum, whose KV cache may not fit gpu_memory_utilization
             max_model_len=None if max_model_len is None else max(max_model_len, PROBE_TOKENS[1] + 1),
             enable_sleep_mode=self.sleep_level > 0,
+            enforce_eager=gen.enforce_eager,
             distributed_executor_backend="external_launcher",
             seed=seed + accelerator.process_index,
             max_num_batched_tokens=4096,  # TRL: the V1 memory profiler is misled by the 32k default

@@ -97,6 +97,7 @@ def test_call_order_probe_and_sampler_logps(fake, tiny_path, fresh_tiny_model, t
     assert seeds == [(0, 3), (11, 14)]
     assert fake_engine.kwargs["logprobs_mode"] == "processed_logprobs"
     assert fake_engine.kwargs["distributed_executor_backend"] == "external_launcher"
+    assert fake_engine.kwargs["enforce_eager"] is False  # torch.compile + CUDA graphs unless asked
 
 
 def test_merged_lora_sync_clean_names_and_unmerged_policy(fake, tiny_path, prompt_ids):
