@@ -20,8 +20,9 @@
 # one call carries. Its CUDA kernels compress far better with xz than with the wheel's deflate (the
 # FlashAttention-3 library: 38.4 MB in the wheel, 10.7 MB with xz -6), so `prepare` stores each wheel
 # uncompressed and xz-compresses them together; the device unpacks with Python's lzma, no xz needed.
-# vLLM 0.25.1 is the newest release built for torch 2.11 (the device's; 0.26.0 too, 0.27+ need torch 2.13)
-# and the newest TRL allows. Parts left on a machine from earlier calls are kept only while it stays warm
+# vLLM 0.25.1 is the newest release built for torch 2.11 but one (the device's; 0.26.0 too, 0.27+ need torch
+# 2.13, 0.33 torch 2.14) and inside TRL 1.16's range (0.22-0.31); its source is what train/vllm_colocate.py
+# was checked against. Parts left on a machine from earlier calls are kept only while it stays warm
 # (about 30 s after each call), so the calls must follow one another at once:
 #   run(command="bash scripts/gpu-check.sh receive", carry=[".whl", ".whl-vllm/part-01", ".whl-vllm/SHA256SUMS"])
 #   ...   (one call per part but the last)

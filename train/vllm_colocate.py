@@ -1,9 +1,9 @@
 """`loop.generation.backend=vllm`: a vLLM engine colocated with the trainer on the same GPU (opt-in; needs
-the `vllm` extra and CUDA). NEVER RUN ON A GPU so far: every call below was checked against the source of vLLM
-0.25.1 (the newest release built for torch 2.11, the one TRL's vllm extra allows up to) and 0.33.0, and the
-call order against TRL's colocate mode (trl/generation/vllm_generation.py); it is tested on CPU through a
-recording fake engine (tests/train/fake_vllm.py) and on a GPU by tests/train/test_online_vllm.py (gpu + vllm
-markers; scripts/gpu-check.sh runs it).
+the `vllm` extra and CUDA). NEVER RUN ON A GPU so far: every call below was checked against the source of
+vLLM 0.25.1 (the newest release built for torch 2.11) and 0.33.0 (the newest), and the call order against
+TRL 1.16's colocate mode (trl/generation/vllm_generation.py; TRL 1.16 supports vllm 0.22-0.31). It is tested
+on CPU through a recording fake engine (tests/train/fake_vllm.py) and on a GPU by
+tests/train/test_online_vllm.py (gpu + vllm markers; scripts/gpu-check.sh runs it).
 
 Per step (TRL colocate, OpenRLHF and verl follow the same pattern):
     sync()      1. wake_up(tags=["weights"])   the weights only: the KV cache stays released during the
@@ -30,8 +30,9 @@ Per step (TRL colocate, OpenRLHF and verl follow the same pattern):
 Sleep level 2 discards the weights (they are re-pushed every step, as TRL; vLLM saves and restores the
 model's buffers, e.g. the rotary cache, itself); level 1 offloads them to host RAM. Adapter sync keeps the
 base weights inside vLLM, so it needs level 1 or 0 (refused at start-up). There is deliberately no
-`collective_rpc("reload_weights")` after the wake-up (TRL's workaround for vllm#29341): without arguments it
-reloads the checkpoint from disk, which after a push throws the pushed weights away (trl#5312).
+`collective_rpc("reload_weights")` after the wake-up: without arguments it reloads the checkpoint from disk,
+and TRL's colocate mode, which called it for vllm#29341, so generated from the initial weights (trl#5312;
+TRL 1.16 re-pushes instead, as here).
 Log-probs for the update still come from the trainer (train/rollout.py); vLLM's are used only for the
 importance-sampling correction and the |Δ log p| monitor. `vllm` is imported here only.
 """
