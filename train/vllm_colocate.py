@@ -160,7 +160,8 @@ class VLLMColocate:
             self._push_adapter(unwrapped)
         else:
             self._load_weights(merged_parameters(unwrapped))
-        self.llm.reset_prefix_cache()
+        if self.llm.reset_prefix_cache() is False:  # vLLM refuses while requests run (none should)
+            raise RuntimeError("vLLM did not reset its prefix cache after the weight sync (requests still running)")
         if self.sleep_level:
             self.llm.wake_up(tags=["kv_cache"])  # only now: a KV cache resident during the push doubles the peak
         return self.probe(unwrapped, probe_ids, device)
