@@ -193,7 +193,7 @@ vllm_checks() {
     return 1
   fi
   stage=$(mktemp -d)
-  cat .whl-vllm/part-* | $PY -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall(sys.argv[1])" \
+  cat .whl-vllm/part-* | $PY -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall(sys.argv[1], filter='data')" \
     "$stage" || return 1
   install_wheels "$stage"/*.whl || return 1
   rm -rf "$stage"
