@@ -177,7 +177,7 @@ keys = ["vllm/probe_mean_abs_diff", "vllm/probe_abs_diff", "rollout/abs_logp_dif
         "rollout/is_masked_frac", "reward/mean"]
 print(f"== {name}: {len(rows)} step(s); probe = |log p_vllm - log p_trainer| on the probe after each sync, "
       "abs_logp_diff = the same on the sampled tokens")
-print("step " + " ".join(f"{k.split('/')[1]:>22}" for k in keys))
+print("step " + " ".join(f"{k.split('/')[-1] if k.startswith(('vllm', 'rollout')) else k:>22}" for k in keys))
 for r in rows:
     print(f"{r['step']:>4} " + " ".join(f"{r.get(k, float('nan')):>22.3e}" for k in keys))
 EOF
