@@ -266,40 +266,57 @@ def normalize_scores(scores: Tensor, stats: tuple[int, float, float], function: 
 
 # ------------------------------------------------------------------------------------------------ sampler mismatch
 
-IS_CORRECTIONS = ("none", "tis", "seq_mask")
+# token level (one ratio per token) and sequence level (one ratio per sequence, on all its tokens); each bound
+# either truncates (clips the ratio into [is_min, is_cap]) or masks (ratios outside it become 0)
+IS_CORRECTIONS = ("none", "tis", "token_mask", "seq_truncate", "seq_mask")
+TOKEN_LEVEL_IS = ("tis", "token_mask")
 
 
 def sampler_is_weights(
-    old_logps: Tensor, sampler_logps: Tensor, mask: Tensor, mode: str = "seq_mask", cap: float = 3.0
+    old_logps: Tensor,
+    sampler_logps: Tensor,
+    mask: Tensor,
+    mode: str = "seq_mask",
+    cap: float | None = 3.0,
+    floor: float | None = None,
 ) -> Tensor:
     """Importance weights that correct a rollout sampled by another engine (vLLM) than the trainer.
 
-    The rollout's tokens were drawn from π_sampler (vLLM's kernels, dtype, sampler), while the update
-    treats them as drawn from π_old (the trainer's recomputed log-probs); the two differ (Yao et al. 2025,
-    "Your efficient RL framework secretly brings you off-policy RL training"; verl PR#2953; trl#4772).
-    With Δ_t = log π_old(y_t) − log π_sampler(y_t) on the real tokens (NaN sampler log-probs: Δ = 0):
+    The rollout's tokens were drawn from π_sampler (vLLM's kernels, dtype and sampler, incl. top-k/top-p),
+    while the update treats them as drawn from π_old (the trainer's recomputed log-probs); the two differ (Yao
+    et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training": truncated IS; TRL
+    ``vllm_importance_sampling_mode``, whose four modes these are). With Δ_t = log π_old(y_t) − log π_sampler(y_t)
+    on the real tokens (NaN sampler log-probs: Δ = 0), ρ_t = exp(Δ_t) and ρ_i = exp(Σ_t Δ_t):
 
-        tis        w_t = min(exp(Δ_t), cap)                      truncated IS per token (TRL token_truncate,
-                                                                verl TIS)
-        seq_mask   w_i = exp(Σ_t Δ_t) if exp(Σ_t Δ_t) ≤ cap else 0   one weight per sequence, sequences
-                                                                past the cap dropped (TRL 1.16 default
-                                                                ``sequence_mask``, C_max = 3, no lower bound)
-        none       w = 1
+        tis           w_t = clip(ρ_t, floor, cap)                 token-level truncated IS (TRL token_truncate)
+        token_mask    w_t = ρ_t if floor ≤ ρ_t ≤ cap else 0       token-level masked IS (TRL token_mask)
+        seq_truncate  w_i = clip(ρ_i, floor, cap)                 sequence-level truncated IS (TRL
+                                                                  sequence_truncate), on every token of i
+        seq_mask      w_i = ρ_i if floor ≤ ρ_i ≤ cap else 0       sequence-level masked IS (TRL sequence_mask,
+                                                                  its default: cap 3, no floor)
+        none          w = 1
 
-    [N, T] in, [N, T] float32 out (detached, 0 off the mask); the policy loss multiplies its per-token
-    loss by w before aggregation (the KL term is not weighted, as TRL)."""
+    A bound of None is no bound. [N, T] in, [N, T] float32 out (detached, 0 off the mask); the policy loss
+    multiplies its per-token loss by w before aggregation (the KL term is not weighted, as TRL)."""
     m = mask.bool()
     if mode == "none":
         return m.float()
+    if mode not in IS_CORRECTIONS:
+        raise ValueError(f"is_correction must be one of {IS_CORRECTIONS}, got {mode!r}")
     delta = torch.where(m, old_logps.detach().float() - sampler_logps.detach().float(), torch.zeros(()))
     delta = torch.nan_to_num(delta, nan=0.0)
-    if mode == "tis":
-        w = torch.exp(delta).clamp(max=cap)
-    elif mode == "seq_mask":
-        seq = torch.exp(delta.sum(-1, keepdim=True))
-        w = torch.where(seq <= cap, seq, torch.zeros_like(seq)).expand_as(delta)
+    log_ratio = delta if mode in TOKEN_LEVEL_IS else delta.sum(-1, keepdim=True)
+    ratio = torch.exp(log_ratio)
+    if mode in ("tis", "seq_truncate"):
+        w = ratio if cap is None and floor is None else ratio.clamp(min=floor, max=cap)
     else:
-        raise ValueError(f"is_correction must be one of {IS_CORRECTIONS}, got {mode!r}")
+        outside = torch.zeros_like(ratio, dtype=torch.bool)
+        if cap is not None:
+            outside |= ratio > cap
+        if floor is not None:
+            outside |= ratio < floor
+        w = ratio.masked_fill(outside, 0.0)
+    w = w.expand_as(delta)
     return torch.where(m, w, torch.zeros_like(w))
 
 

@@ -238,13 +238,22 @@ class GenerationSettings(_Strict):
     gpu_memory_utilization: float = Field(0.3, gt=0, lt=1)  # vllm
     sleep_level: Literal[0, 1, 2] = 2  # vllm: 0 keeps the engine awake
     lora_sync: Literal["merged", "adapter"] = "merged"  # vllm under LoRA
+    enforce_eager: bool = False  # vllm: no torch.compile / CUDA graphs (starts in seconds, decodes slower)
     # vllm: tolerance of the probe after each sync (mean |Δ log p| vLLM vs trainer); None: 1e-3 in float32, 0.05
     # in bfloat16 (not measured on a GPU)
     probe_tol: float | None = Field(None, gt=0)
-    # vllm rollouts: train/inference mismatch correction (train.advantages.sampler_is_weights); TRL 1.16's
-    # default is the sequence mask at 3.0. Inert with backend=hf (the trainer samples: no mismatch)
-    is_correction: Literal["none", "tis", "seq_mask"] = "seq_mask"
+    # vllm rollouts: train/inference mismatch correction (train.advantages.sampler_is_weights): token-level tis
+    # (truncate) / token_mask, sequence-level seq_truncate / seq_mask, each bounded by [is_min, is_cap]; TRL 1.16's
+    # default is seq_mask at 3.0 with no lower bound. Inert with backend=hf (the trainer samples: no mismatch)
+    is_correction: Literal["none", "tis", "token_mask", "seq_truncate", "seq_mask"] = "seq_mask"
     is_cap: float = Field(3.0, gt=0)
+    is_min: float | None = Field(None, ge=0)  # the lower bound (None: none)
+
+    @model_validator(mode="after")
+    def _is_bounds(self) -> GenerationSettings:
+        if self.is_min is not None and self.is_min >= self.is_cap:
+            raise ValueError(f"loop.generation.is_min={self.is_min:g} must be below is_cap={self.is_cap:g}")
+        return self
 
 
 class CriticSettings(_Strict):
@@ -544,10 +553,10 @@ def check_vllm(cfg: TrainConfig) -> None:
             f"loop.generation.is_correction={gen.is_correction}: loss={cfg.loss.name} takes no is_weights; "
             "set loop.generation.is_correction=none or use a policy loss of train/losses/policy.py"
         )
-    if gen.is_correction == "tis" and not _takes(fn.get("_target_"), "ref_logps"):
+    if gen.is_correction in ("tis", "token_mask") and not _takes(fn.get("_target_"), "ref_logps"):
         raise ConfigError(
-            f"loop.generation.is_correction=tis weights tokens; loss={cfg.loss.name} has one ratio per sequence: "
-            "use loop.generation.is_correction=seq_mask"
+            f"loop.generation.is_correction={gen.is_correction} weights tokens; loss={cfg.loss.name} has one ratio "
+            "per sequence: use loop.generation.is_correction=seq_mask (or seq_truncate)"
         )
 
 

@@ -1,29 +1,38 @@
 """`loop.generation.backend=vllm`: a vLLM engine colocated with the trainer on the same GPU (opt-in; needs
-the `vllm` extra and CUDA). NEVER RUN ON A GPU: it is written against the calls TRL 1.16's colocate mode
-makes (trl/generation/vllm_generation.py) and tested on CPU through a recording fake engine
-(tests/train/fake_vllm.py); the real-engine test (tests/train/test_online_vllm.py) is marked gpu + vllm.
+the `vllm` extra and CUDA). NEVER RUN ON A GPU so far: every call below was checked against the source of
+vLLM 0.25.1 (the newest release built for torch 2.11) and 0.33.0 (the newest), and the call order against
+TRL 1.16's colocate mode (trl/generation/vllm_generation.py; TRL 1.16 supports vllm 0.22-0.31). It is tested
+on CPU through a recording fake engine (tests/train/fake_vllm.py) and on a GPU by
+tests/train/test_online_vllm.py (gpu + vllm markers; scripts/gpu-check.sh runs it).
 
 Per step (TRL colocate, OpenRLHF and verl follow the same pattern):
     sync()      1. wake_up(tags=["weights"])   the weights only: the KV cache stays released during the
                                                 sync (waking it first doubles the peak memory)
-                2. push                         merged: every parameter through the driver worker model's
-                                                `load_weights` (PEFT: merge_adapter → names cleaned →
-                                                unmerge_adapter); adapter: the LoRA adapter saved to a
-                                                versioned folder, served as a new LoRARequest, the previous
-                                                version removed from the engine and the disk
+                2. push                         merged: every parameter, in one `load_weights` call of the
+                                                engine's own model, run through the public `LLM.apply_model`
+                                                (PEFT: W + ΔW computed out of place, names cleaned); every
+                                                parameter of the engine's model must come back as loaded.
+                                                adapter: the LoRA adapter saved to a versioned folder, served
+                                                as a new LoRARequest, the previous version removed from the
+                                                engine (LLMEngine.remove_lora) and the disk
                 3. reset_prefix_cache()         cached prefixes were computed with the old weights
-                4. wake_up(tags=["kv_cache"])
-                5. probe                        vLLM's prompt log-probs of a fixed token sequence against the
+                4. wake_up(tags=["kv_cache"])   vLLM resumes scheduling only once both are resident
+                5. probe                        vLLM's prompt log-probs of a fixed token sequence (raw log-softmax,
+                                                temperature 1; such requests skip the prefix cache) against the
                                                 trainer's (float32): the mean |Δ| must be ≤ probe_tol, and if
                                                 the trainer's probe moved since the last sync, vLLM's must
                                                 have moved too (a silent no-op sync samples the initial
-                                                policy forever, verl#7495)
+                                                policy forever, verl#7495, trl#5312)
     generate()  one `generate` over all prompts (token ids in; token ids and the sampled tokens' processed
                 log-probs out, for the mismatch correction)
     sleep()     sleep(level) once the step's generations (and ReMax's greedy baseline) are done
 
-Sleep level 2 discards the weights (they are re-pushed every step, as TRL); level 1 offloads them to host
-RAM. Adapter sync keeps the base weights inside vLLM, so it needs level 1 or 0 (refused at start-up).
+Sleep level 2 discards the weights (they are re-pushed every step, as TRL; vLLM saves and restores the
+model's buffers, e.g. the rotary cache, itself); level 1 offloads them to host RAM. Adapter sync keeps the
+base weights inside vLLM, so it needs level 1 or 0 (refused at start-up). There is deliberately no
+`collective_rpc("reload_weights")` after the wake-up: without arguments it reloads the checkpoint from disk,
+and TRL's colocate mode, which called it for vllm#29341, so generated from the initial weights (trl#5312;
+TRL 1.16 re-pushes instead, as here).
 Log-probs for the update still come from the trainer (train/rollout.py); vLLM's are used only for the
 importance-sampling correction and the |Δ log p| monitor. `vllm` is imported here only.
 """
@@ -36,6 +45,7 @@ import shutil
 import socket
 import tempfile
 import weakref
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -89,13 +99,19 @@ class VLLMColocate:
             model=model_path,
             dtype=dtype,
             gpu_memory_utilization=gen.gpu_memory_utilization,
-            max_model_len=max_model_len,
+            # prompt + completion, and the probe (PROBE_TOKENS[1] prompt tokens + 1 generated); None: the
+            # model's own maximum, whose KV cache may not fit gpu_memory_utilization
+            max_model_len=None if max_model_len is None else max(max_model_len, PROBE_TOKENS[1] + 1),
             enable_sleep_mode=self.sleep_level > 0,
+            enforce_eager=gen.enforce_eager,
             distributed_executor_backend="external_launcher",
             seed=seed + accelerator.process_index,
             max_num_batched_tokens=4096,  # TRL: the V1 memory profiler is misled by the 32k default
-            # the sampled tokens' log-probs after temperature (TRL: "so temperature scaling affects the IS
-            # log-probs"); note that top-k / top-p also change them, while the trainer's are full-softmax
+            # the sampled tokens' log-probs under the distribution vLLM samples from: log-softmax after the
+            # temperature and the top-k / top-p masks (vllm/v1/sample/ops/topk_topp_sampler.py), the behaviour
+            # policy of the importance-sampling correction (TRL passes the same). The trainer's π_old is the full
+            # softmax at that temperature, so with top_p < 1 or top_k > 0 the ratio also corrects the truncation
+            # and `rollout/abs_logp_diff` includes it (the default raw_logprobs would ignore the temperature)
             logprobs_mode="processed_logprobs",
             **kwargs,
         )
@@ -111,10 +127,25 @@ class VLLMColocate:
 
     # ------------------------------------------------------------------------------------------ sync
 
-    def _runner_model(self):
-        # the model inside this process's engine (external_launcher runs the engine core in-process); the
-        # attribute path TRL 1.16 colocate uses for load_weights (trl/generation/vllm_generation.py sync_weights)
-        return self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+    def _load_weights(self, weights) -> None:
+        """Write (HF name, tensor) pairs into the engine's model with the model's own `load_weights` (it maps
+        the names, e.g. q/k/v into qkv_proj, and casts to the engine's dtype), called through the public
+        `LLM.apply_model`, which hands the function the unwrapped model (no CUDA-graph wrapper) of each worker.
+        distributed_executor_backend="external_launcher" makes vLLM set VLLM_ENABLE_V1_MULTIPROCESSING=0
+        (vllm/config/parallel.py): the engine core and its one worker live in this process, so the function
+        and the tensors are passed by reference, not pickled. vLLM without `LLM.apply_model`: the same model
+        reached through the in-process driver worker (the attribute path TRL's colocate mode uses). Raises
+        when a parameter of the engine's model was not written (the check vLLM's own loader makes)."""
+        apply = getattr(self.llm, "apply_model", None)
+        if apply is not None:
+            missing = [name for per_worker in apply(partial(_load_into, weights=weights)) for name in per_worker]
+        else:
+            missing = _load_into(self.llm.llm_engine.model_executor.driver_worker.model_runner.model, weights)
+        if missing:
+            raise RuntimeError(
+                f"vLLM weight sync left {len(missing)} parameter(s) of the engine's model unwritten "
+                f"(e.g. {missing[:3]}): the policy's parameter names do not map onto this vLLM model"
+            )
 
     @torch.no_grad()
     def sync(self, model, probe_ids: list[int], device) -> dict[str, float]:
@@ -128,10 +159,9 @@ class VLLMColocate:
         if self.adapter:
             self._push_adapter(unwrapped)
         else:
-            target = self._runner_model()
-            for name, param in merged_parameters(unwrapped):
-                target.load_weights([(name, param)])
-        self.llm.reset_prefix_cache()
+            self._load_weights(merged_parameters(unwrapped))
+        if self.llm.reset_prefix_cache() is False:  # vLLM refuses while requests run (none should)
+            raise RuntimeError("vLLM did not reset its prefix cache after the weight sync (requests still running)")
         if self.sleep_level:
             self.llm.wake_up(tags=["kv_cache"])  # only now: a KV cache resident during the push doubles the peak
         return self.probe(unwrapped, probe_ids, device)
@@ -252,6 +282,15 @@ class VLLMColocate:
         """Release the engine's memory for the update (no-op at sleep_level 0)."""
         if self.sleep_level:
             self.llm.sleep(level=self.sleep_level)
+
+
+def _load_into(model, weights) -> list[str]:
+    """model.load_weights(weights) (vLLM models return the names of the parameters they wrote); the names of
+    the model's parameters left unwritten."""
+    loaded = model.load_weights(weights)
+    if loaded is None:  # a model that does not report what it loaded: nothing to check
+        return []
+    return sorted({name for name, _ in model.named_parameters()} - set(loaded))
 
 
 def _logprob(entry, token: int) -> float:

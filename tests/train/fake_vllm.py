@@ -1,24 +1,38 @@
 """A recording fake of the vLLM calls train/vllm_colocate.py makes, for CPU tests (no GPU, no vllm here).
 
-It implements exactly: `LLM(model=..., <the keyword arguments the module passes>)`, `llm.sleep(level=)`,
-`llm.wake_up(tags=)`, `llm.reset_prefix_cache()`, `llm.generate(prompts, params, use_tqdm=, lora_request=)`,
-`llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights([(name, tensor)])`,
-`llm.llm_engine.remove_lora(id)`, `SamplingParams(...)` and `vllm.lora.request.LoRARequest(name, id, path)`,
-with the behaviour of the real engine that the module relies on:
+Signatures and checks mirror vLLM 0.25.1 (vllm/entrypoints/llm.py, vllm/v1/engine/llm_engine.py,
+vllm/sampling_params.py, vllm/lora/request.py, vllm/config/{model,lora}.py; 0.33.0 has the same), so a call
+the real engine would refuse fails here too:
+- `LLM(model, **engine_args)`: only engine arguments that exist in vLLM (TypeError otherwise, as EngineArgs),
+  with vLLM's allowed values for dtype, logprobs_mode, max_lora_rank and distributed_executor_backend;
+- `llm.sleep(level=1, mode="abort")`, `llm.wake_up(tags=None)` (tags among weights / kv_cache /
+  scheduling), `llm.reset_prefix_cache(reset_running_requests=False, reset_connector=False) -> bool`;
+- `llm.generate(prompts, sampling_params=None, *, use_tqdm=True, lora_request=None, ...)` (a list of
+  SamplingParams must match the prompts one to one);
+- `llm.apply_model(func) -> [func(model)]`, the model exposing vLLM's `load_weights(weights: Iterable[(name,
+  tensor)]) -> set[str]` and `named_parameters()`; the older route `llm.llm_engine.model_executor.
+  driver_worker.model_runner.model` reaches the same model;
+- `llm.llm_engine.remove_lora(id) -> bool`; `SamplingParams(...)` keyword-only, with vLLM's defaults and
+  range checks; `LoRARequest(lora_name, lora_int_id, lora_path)` (id ≥ 1, path required).
 
+Behaviour of the real engine that the module relies on:
 - the engine holds its own copy of the weights (a real tiny model on CPU, loaded from `model`), so its
-  samples and log-probs are real; `load_weights` copies into it by vLLM/HF name (KeyError on an unknown
-  name, as vLLM's `params_dict[name]`), and fails while the weights sleep (unmapped memory);
+  samples and log-probs are real; `load_weights` copies into it by name (KeyError on an unknown name, as
+  vLLM's `params_dict[name]`), returns the names it wrote, and fails while the weights sleep;
 - sleep level 2 discards the weights (here: overwritten with noise, what a wake-up without a push
-  serves), level 1 keeps them; `generate` fails while the weights or the KV cache sleep;
+  serves), level 1 keeps them, level 0 only pauses scheduling; `generate` fails while anything sleeps
+  (the real engine resumes scheduling only once every tag is awake: its `generate` would wait forever);
 - n > 1 children of a seeded request use seeds seed + k (vllm/v1/engine/parallel_sampling.py);
-  `logprobs=0` returns {sampled token: Logprob} per generated token; `prompt_logprobs=0` returns
-  [None, {token: Logprob}, ...];
+  `logprobs=0` returns {sampled token: Logprob} per generated token (processed: after the temperature);
+  `prompt_logprobs=0` returns [None, {token: Logprob}, ...] (raw log-softmax);
 - a LoRA adapter is loaded from its folder the first time its lora_int_id is seen and cached by id (so
-  a reused id would serve a stale adapter, as the real engine does); max_lora_rank is checked.
+  a reused id would serve a stale adapter, as the real engine does without load_inplace); max_lora_rank is
+  checked.
 
-Knobs: `drop_weights` (load_weights accepts the tensors and ignores them: a silent no-op sync) and
-`logp_offset` (added to every sampled token's log-prob: a known train/inference mismatch). Every call is
+Knobs: `drop_weights` (load_weights accepts the tensors, ignores them and reports them loaded: a silent no-op
+sync), `unmapped` (a parameter name load_weights skips without a word and leaves out of the names it returns,
+as vLLM's loader does for a name it maps nowhere), `no_apply_model` (an older vLLM without LLM.apply_model)
+and `logp_offset` (added to every sampled token's log-prob: a known train/inference mismatch). Every call is
 appended to `engine.calls`; `ENGINES` holds the engines built since `install`.
 """
 
@@ -33,7 +47,10 @@ from types import SimpleNamespace
 import torch
 
 ENGINES: list[FakeLLM] = []
-KNOBS = {"drop_weights": False, "logp_offset": 0.0}
+DEFAULT_KNOBS = {"drop_weights": False, "unmapped": None, "no_apply_model": False, "logp_offset": 0.0}
+KNOBS = dict(DEFAULT_KNOBS)
+# engine arguments the module passes, each an EngineArgs field of vLLM 0.25.1 and 0.33.0 (vllm/engine/arg_utils.py);
+# any other name fails as EngineArgs(**kwargs) would
 LLM_KWARGS = {
     "dtype",
     "gpu_memory_utilization",
@@ -46,14 +63,24 @@ LLM_KWARGS = {
     "enable_lora",
     "max_lora_rank",
     "max_loras",
+    "enable_prefix_caching",
+    "enforce_eager",
 }
-MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+ALLOWED = {  # vllm/config/model.py ModelDType, LogprobsMode; vllm/config/lora.py MaxLoRARanks
+    "dtype": ("auto", "half", "float16", "bfloat16", "float", "float32"),
+    "logprobs_mode": ("raw_logits", "raw_logprobs", "processed_logits", "processed_logprobs"),
+    "max_lora_rank": (1, 8, 16, 32, 64, 128, 256, 320, 512),
+    "distributed_executor_backend": (None, "ray", "mp", "uni", "external_launcher"),
+}
+WAKE_TAGS = ("weights", "kv_cache", "scheduling")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SamplingParams:
+    """The fields the module sets, with vLLM's defaults and its range checks (SamplingParams._verify_args)."""
+
     n: int = 1
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -61,16 +88,33 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
 
+    def __post_init__(self):
+        checks = [
+            (isinstance(self.n, int) and self.n >= 1, "n must be at least 1"),
+            (self.temperature >= 0, "temperature must be non-negative"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k in (-1, 0) or self.top_k >= 1, "top_k must be 0 (disable), or at least 1"),
+            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1"),
+            (self.logprobs is None or self.logprobs >= -1, "logprobs must be non-negative or -1"),
+            (self.prompt_logprobs is None or self.prompt_logprobs >= -1, "prompt_logprobs must be >= -1"),
+            (self.seed is None or isinstance(self.seed, int), "seed must be an int"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{message}, got {self}")
+
 
 @dataclass
 class LoRARequest:
     lora_name: str
     lora_int_id: int
     lora_path: str = ""
+    load_inplace: bool = False
 
     def __post_init__(self):
         if self.lora_int_id < 1:
-            raise ValueError("lora_int_id must be > 0")
+            raise ValueError(f"id must be > 0, got {self.lora_int_id}")
+        assert self.lora_path, "lora_path cannot be empty"
 
 
 @dataclass
@@ -79,12 +123,17 @@ class Logprob:
     rank: int | None = None
 
 
-class _ModelRunnerModel:
+class _EngineModel:
+    """The engine's model as `apply_model` and the driver worker hand it out."""
+
     def __init__(self, engine: FakeLLM):
         self.engine = engine
 
-    def load_weights(self, weights):
+    def load_weights(self, weights) -> set[str]:
         return self.engine._load_weights(weights)
+
+    def named_parameters(self):
+        return self.engine.net.named_parameters()
 
 
 class FakeLLM:
@@ -93,9 +142,12 @@ class FakeLLM:
 
         unknown = set(kwargs) - LLM_KWARGS
         if unknown:
-            raise TypeError(f"LLM() got unexpected keyword arguments {sorted(unknown)}")
-        if kwargs.get("enable_lora") and kwargs.get("max_lora_rank") not in MAX_LORA_RANKS:
-            raise ValueError(f"max_lora_rank ({kwargs.get('max_lora_rank')}) must be one of {MAX_LORA_RANKS}")
+            raise TypeError(f"EngineArgs.__init__() got unexpected keyword arguments {sorted(unknown)}")
+        for key, allowed in ALLOWED.items():
+            if key in kwargs and kwargs[key] not in allowed:
+                raise ValueError(f"{key}={kwargs[key]!r} is not one of {allowed}")
+        if not 0 < kwargs.get("gpu_memory_utilization", 0.92) <= 1:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
         self.kwargs = kwargs
         self.net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
         eos = self.net.generation_config.eos_token_id
@@ -105,19 +157,28 @@ class FakeLLM:
         self.loras: dict[int, torch.nn.Module] = {}
         self.loaded_loras: list[tuple[str, int, str]] = []
         self.removed_loras: list[int] = []
-        self.drop_weights = KNOBS["drop_weights"]
+        self.drop_weights, self.unmapped = KNOBS["drop_weights"], KNOBS["unmapped"]
         self.logp_offset = KNOBS["logp_offset"]
         self.first_push: dict[str, torch.Tensor] | None = None  # the weights after the first complete push
-        runner = SimpleNamespace(model=_ModelRunnerModel(self))
+        self.model = _EngineModel(self)
+        runner = SimpleNamespace(model=self.model)
         self.llm_engine = SimpleNamespace(
             model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=runner)),
             remove_lora=self._remove_lora,
         )
+        if KNOBS["no_apply_model"]:
+            self.apply_model = None  # getattr(llm, "apply_model", None) is None: an older vLLM
         ENGINES.append(self)
 
+    def apply_model(self, func):
+        self.calls.append(("apply_model",))
+        return [func(self.model)]  # one worker (external_launcher: this process's)
+
     # ------------------------------------------------------------------------------ memory
-    def sleep(self, level: int = 1) -> None:
-        if not self.kwargs.get("enable_sleep_mode"):
+    def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        if level not in (0, 1, 2) or mode not in ("abort", "wait", "keep"):
+            raise ValueError(f"sleep(level={level}, mode={mode!r})")
+        if level and not self.kwargs.get("enable_sleep_mode"):
             raise RuntimeError("sleep() needs LLM(enable_sleep_mode=True)")
         self.calls.append(("sleep", level))
         if level == 2:  # weights discarded: what a later wake-up serves without a push is garbage
@@ -125,14 +186,19 @@ class FakeLLM:
             with torch.no_grad():
                 for p in self.net.parameters():
                     p.copy_(torch.randn(p.shape, generator=g))
-        self.sleeping = {"weights", "kv_cache"}
+        self.sleeping = {"weights", "kv_cache", "scheduling"} if level else {"scheduling"}
 
-    def wake_up(self, tags: list[str] | None = None) -> None:
-        tags = list(tags or ["weights", "kv_cache"])
+    def wake_up(self, tags: list[str] | None = None) -> bool:
+        if tags is not None and not set(tags) <= set(WAKE_TAGS):
+            raise ValueError(f"wake_up tags must be among {WAKE_TAGS}, got {tags}")
+        tags = list(WAKE_TAGS if tags is None else tags)
         self.calls.append(("wake_up", tuple(tags)))
         self.sleeping -= set(tags)
+        if not self.sleeping & {"weights", "kv_cache"}:
+            self.sleeping.discard("scheduling")  # vLLM resumes scheduling once all memory is resident
+        return not self.sleeping
 
-    def reset_prefix_cache(self) -> bool:
+    def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
         self.calls.append(("reset_prefix_cache",))
         if self.first_push is None and any(c[0] == "load_weights" for c in self.calls):
             self.first_push = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
@@ -146,6 +212,8 @@ class FakeLLM:
         done = set()
         for name, tensor in weights:
             self.calls.append(("load_weights", name))
+            if name == self.unmapped:
+                continue
             if name not in params:
                 raise KeyError(name)
             if not self.drop_weights:
@@ -174,12 +242,27 @@ class FakeLLM:
 
     # ------------------------------------------------------------------------------ generate
     @torch.no_grad()
-    def generate(self, prompts, sampling_params=None, use_tqdm=True, lora_request=None):
+    def generate(
+        self,
+        prompts,
+        sampling_params=None,
+        *,
+        use_tqdm=True,
+        lora_request=None,
+        priority=None,
+        tokenization_kwargs=None,
+        mm_processor_kwargs=None,
+    ):
         if self.sleeping:
             raise RuntimeError(f"generate() while {sorted(self.sleeping)} sleep")
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, list) and len(sampling_params) != len(prompts):
+            raise ValueError("The lengths of prompts and sampling_params must be the same.")
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         probe = any(p.prompt_logprobs is not None for p in params)
-        self.calls.append(("generate", "probe" if probe else "sample", getattr(lora_request, "lora_int_id", None)))
+        lora_id = getattr(lora_request, "lora_int_id", None)
+        self.calls.append(("generate", "probe" if probe else "sample", lora_id, tuple(p.seed for p in params)))
         net = self._net_for(lora_request)
         return [self._one(net, list(p["prompt_token_ids"]), sp) for p, sp in zip(prompts, params, strict=True)]
 
@@ -220,7 +303,10 @@ class FakeLLM:
 
 def install(monkeypatch, **knobs) -> None:
     """Make `import vllm` (and vllm.lora.request) resolve to this fake for one test."""
-    KNOBS.update({"drop_weights": False, "logp_offset": 0.0} | knobs)
+    unknown = set(knobs) - set(DEFAULT_KNOBS)
+    if unknown:
+        raise TypeError(f"unknown fake_vllm knobs {sorted(unknown)}")
+    KNOBS.update(DEFAULT_KNOBS | knobs)
     ENGINES.clear()
     vllm = types.ModuleType("vllm")
     vllm.LLM, vllm.SamplingParams = FakeLLM, SamplingParams
@@ -237,7 +323,9 @@ def call_names(engine: FakeLLM) -> list[str]:
     out: list[str] = []
     for c in engine.calls:
         name = (
-            c[0] if c[0] in ("load_weights", "init", "reset_prefix_cache") else f"{c[0]}:{c[1] if len(c) > 1 else ''}"
+            c[0]
+            if c[0] in ("load_weights", "init", "reset_prefix_cache", "apply_model")
+            else f"{c[0]}:{c[1] if len(c) > 1 else ''}"
         )
         if c[0] == "wake_up":
             name = "wake_up:" + "+".join(c[1])

@@ -1,6 +1,8 @@
 """loop.generation.backend=vllm (colocated engine): opt-in, needs CUDA and the vllm package. Never run so far
 (no GPU with vllm has been available to this project); the same code path runs on CPU against a recording
-fake engine in tests/train/test_vllm_colocate_fake.py."""
+fake engine in tests/train/test_vllm_colocate_fake.py. Run each case in its own process
+(`scripts/gpu-check.sh vllm` does): with enable_sleep_mode vLLM's CuMem allocator serves one engine per
+process (vllm/v1/worker/gpu_worker.py), and a finished case's engine may not be collected yet."""
 
 from __future__ import annotations
 
@@ -22,9 +24,15 @@ def need_vllm_and_gpu():
 @pytest.mark.parametrize(
     "lora",
     [
-        [],
-        ["lora.enabled=true", "lora.r=8", "loop.generation.lora_sync=adapter", "loop.generation.sleep_level=1"],
-        ["lora.enabled=true", "lora.r=8", "loop.generation.lora_sync=merged"],
+        [],  # the default engine: torch.compile and CUDA graphs (the pushed weights are copied in place)
+        [
+            "lora.enabled=true",
+            "lora.r=8",
+            "loop.generation.lora_sync=adapter",
+            "loop.generation.sleep_level=1",
+            "loop.generation.enforce_eager=true",
+        ],
+        ["lora.enabled=true", "lora.r=8", "loop.generation.lora_sync=merged", "loop.generation.enforce_eager=true"],
     ],
     ids=["full", "lora-adapter", "lora-merged"],
 )

@@ -7,6 +7,14 @@ losses: golden values worked by hand.
     seq_mask (cap 3): row 1 exp(−0.4) = 0.670320; row 2 exp(1.4) = 4.055200 > 3 → 0
     tis (cap 3):      row 1 [1.105171, 0.606531, 1.0]; row 2 [min(3.320117, 3) = 3.0, 1.221403]
     mean |Δ| = (0.1 + 0.5 + 0 + 1.2 + 0.2) / 5 = 0.4
+    the other two of TRL's modes, and the lower bound (ρ_t = exp Δ_t: row 1 [1.105171, 0.606531, 1], row 2
+    [3.320117, 1.221403]; ρ_i: 0.670320, 4.055200):
+    token_mask (cap 3):            row 1 [1.105171, 0.606531, 1.0]; row 2 [0 (3.32 > 3), 1.221403]
+    token_mask (floor 0.7, cap 3): row 1 [1.105171, 0 (0.61 < 0.7), 1.0]; row 2 as above
+    tis (floor 0.7, cap 3):        row 1 [1.105171, 0.7, 1.0]; row 2 [3.0, 1.221403]
+    seq_truncate (cap 3):          row 1 0.670320 on each token; row 2 min(4.055200, 3) = 3.0
+    seq_truncate (floor 0.8):      row 1 max(0.670320, 0.8) = 0.8; row 2 3.0
+    seq_mask (floor 0.8, cap 5):   row 1 0 (0.67 < 0.8); row 2 4.055200
 """
 
 from __future__ import annotations
@@ -97,3 +105,38 @@ def test_sequence_ratio_loss_takes_sequence_weights():
             mask=MASK,
             is_weights=A.sampler_is_weights(OLD, SAMPLER, MASK, "tis", 3.0),
         )
+
+
+def test_token_mask_and_lower_bounds_golden():
+    w = A.sampler_is_weights(OLD, SAMPLER, MASK, "token_mask", 3.0)
+    assert torch.allclose(w, torch.tensor([[1.105171, 0.606531, 1.0], [0.0, 1.221403, 0.0]]), atol=1e-6)
+    w = A.sampler_is_weights(OLD, SAMPLER, MASK, "token_mask", 3.0, floor=0.7)
+    assert torch.allclose(w, torch.tensor([[1.105171, 0.0, 1.0], [0.0, 1.221403, 0.0]]), atol=1e-6)
+    w = A.sampler_is_weights(OLD, SAMPLER, MASK, "tis", 3.0, floor=0.7)
+    assert torch.allclose(w, torch.tensor([[1.105171, 0.7, 1.0], [3.0, 1.221403, 0.0]]), atol=1e-6)
+
+
+def test_sequence_truncation_golden():
+    w = A.sampler_is_weights(OLD, SAMPLER, MASK, "seq_truncate", 3.0)
+    assert torch.allclose(w, torch.tensor([[0.670320] * 3, [3.0, 3.0, 0.0]]), atol=1e-6)
+    w = A.sampler_is_weights(OLD, SAMPLER, MASK, "seq_truncate", 3.0, floor=0.8)
+    assert torch.allclose(w, torch.tensor([[0.8] * 3, [3.0, 3.0, 0.0]]), atol=1e-6)
+    w = A.sampler_is_weights(OLD, SAMPLER, MASK, "seq_mask", 5.0, floor=0.8)
+    assert torch.allclose(w, torch.tensor([[0.0] * 3, [4.055200, 4.055200, 0.0]]), atol=1e-5)
+    # one weight per sequence, so a sequence-ratio loss takes it: losses −A_i·w_i = [−0.670320, 3.0]
+    out = rloo_loss(
+        logps=OLD,
+        old_logps=OLD,
+        advantages=ADV,
+        mask=MASK,
+        is_weights=A.sampler_is_weights(OLD, SAMPLER, MASK, "seq_truncate", 3.0),
+    )
+    assert out.losses.tolist() == pytest.approx([-0.670320, 3.0], abs=1e-6)
+
+
+def test_bounds_settings():
+    from train.app import GenerationSettings
+
+    assert GenerationSettings(is_correction="token_mask", is_min=0.5).is_min == 0.5
+    with pytest.raises(ValueError, match="is_min=3 must be below is_cap=3"):
+        GenerationSettings(is_min=3.0)

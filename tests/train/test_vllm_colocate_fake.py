@@ -22,7 +22,7 @@ from train.vllm_colocate import VLLMColocate, merged_parameters, probe_sequence
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/train/conftest.py
 ACC = SimpleNamespace(process_index=0, local_process_index=0, num_processes=1)
-STEP = ["wake_up:weights", "load_weights", "reset_prefix_cache", "wake_up:kv_cache", "generate:probe"]
+STEP = ["wake_up:weights", "apply_model", "load_weights", "reset_prefix_cache", "wake_up:kv_cache", "generate:probe"]
 
 
 @pytest.fixture
@@ -92,8 +92,12 @@ def test_call_order_probe_and_sampler_logps(fake, tiny_path, fresh_tiny_model, t
     pushed = [c[1] for c in fake_engine.calls if c[0] == "load_weights"]
     names = [n for n, _ in fresh_tiny_model.named_parameters()]
     assert pushed == names + names  # every parameter, every step (level 2 discarded them)
+    # one seeded request per prompt, seed + i·n (its n children get + k): no two rows share a stream
+    seeds = [c[3] for c in fake_engine.calls if c[:2] == ("generate", "sample")]
+    assert seeds == [(0, 3), (11, 14)]
     assert fake_engine.kwargs["logprobs_mode"] == "processed_logprobs"
     assert fake_engine.kwargs["distributed_executor_backend"] == "external_launcher"
+    assert fake_engine.kwargs["enforce_eager"] is False  # torch.compile + CUDA graphs unless asked
 
 
 def test_merged_lora_sync_clean_names_and_unmerged_policy(fake, tiny_path, prompt_ids):
@@ -193,6 +197,45 @@ def test_a_silent_no_op_sync_is_caught(fake, tiny_path, fresh_tiny_model, prompt
         engine(tiny_path, sleep_level=2).sync(fresh_tiny_model, probe, "cpu")
 
 
+def test_a_parameter_the_engine_never_received_is_caught(fake, tiny_path, fresh_tiny_model, prompt_ids):
+    """vLLM's load_weights skips a name it maps nowhere without a word; the sync compares the names it
+    reports loaded with the engine model's parameters (the check vLLM's own loader makes at start-up)."""
+    fake(unmapped="model.norm.weight")
+    eng = engine(tiny_path, sleep_level=1)
+    with pytest.raises(RuntimeError, match=r"1 parameter\(s\) of the engine's model unwritten") as err:
+        eng.sync(fresh_tiny_model, probe_sequence(prompt_ids), "cpu")
+    assert "model.norm.weight" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_older_vllm_without_apply_model(fake, tiny_path, fresh_tiny_model, prompt_ids):
+    """No LLM.apply_model: the same load_weights through the in-process driver worker's model."""
+    fake(no_apply_model=True)
+    eng = engine(tiny_path, sleep_level=2)
+    nudge(fresh_tiny_model)
+    m = eng.sync(fresh_tiny_model, probe_sequence(prompt_ids), "cpu")
+    assert m["vllm/probe_mean_abs_diff"] < 1e-4
+    assert call_names(ENGINES[0])[:4] == ["init", "sleep:2", "wake_up:weights", "load_weights"]
+
+
+def test_the_fake_refuses_what_vllm_refuses(fake, tiny_path):
+    """The fake mirrors vLLM's signatures, so a wrong call in train/vllm_colocate.py fails here too."""
+    from vllm import LLM, SamplingParams  # the fake
+
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        LLM(model=str(tiny_path), enable_sleep=True)
+    with pytest.raises(ValueError, match="logprobs_mode"):
+        LLM(model=str(tiny_path), logprobs_mode="processed")
+    with pytest.raises(TypeError):
+        SamplingParams(1)  # keyword-only, as vLLM's msgspec struct in practice
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingParams(top_k=-2)
+    llm = LLM(model=str(tiny_path), enable_sleep_mode=True)
+    with pytest.raises(ValueError, match="tags"):
+        llm.wake_up(tags=["weight"])
+    with pytest.raises(ValueError, match="same"):
+        llm.generate([{"prompt_token_ids": [1, 2]}], [SamplingParams(), SamplingParams()])
+
+
 # ---------------------------------------------------------------------------------------------- whole runs
 
 VLLM = ["loop.generation.backend=vllm", "loop.prompts_per_step=4", "loop.samples_per_prompt=2", EVEN]
@@ -205,6 +248,7 @@ def test_grpo_run_through_the_fake_and_resume_repushes(fake, prompts, tmp_path):
     assert stopped["stopped"]
     first = ENGINES[-1]
     assert call_names(first) == ["init", "sleep:2", *STEP, "generate:sample", "sleep:2"]
+    assert first.kwargs["max_model_len"] >= 65  # prompts + max_new_tokens, at least the probe's 64 + 1
     saved = [p for p in out.rglob("model.safetensors") if "final" not in p.parts]
     assert len(saved) == 1
     train(out, prompts, *common, "resume=true")
@@ -261,6 +305,8 @@ def test_token_truncation_weights_through_the_fake(fake, prompts, tmp_path):
     "extra,match",
     [
         (["loop=rloo", "loop.generation.is_correction=tis"], "one ratio per sequence"),
+        (["loop=rloo", "loop.generation.is_correction=token_mask"], "one ratio per sequence"),
+        (["loop=grpo", "loop.generation.is_min=4.0"], "must be below is_cap"),
         (
             ["loop=grpo", "lora.enabled=true", "loop.generation.lora_sync=adapter", "loop.generation.sleep_level=2"],
             "sleep_level=1",

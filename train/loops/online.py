@@ -374,6 +374,7 @@ def build_generator(cfg, accelerator, prompt_ids: list[list[int]]):
         accelerator=accelerator,
         dtype=cfg.optim.dtype,
         seed=cfg.seed,
+        max_model_len=max(map(len, prompt_ids)) + cfg.loop.generation.max_new_tokens,
         lora_rank=cfg.lora.r if cfg.lora.enabled else None,
     )
     return engine, probe_sequence(prompt_ids)

@@ -446,7 +446,7 @@ def sampler_correction(data: dict, mb: Rollout, gen, metrics: StepMetrics, devic
         metrics.add({"rollout/abs_logp_diff": total / count}, weight=float(count))
     if gen.is_correction == "none":
         return
-    w = A.sampler_is_weights(data["old_logps"], sampler, cmask, gen.is_correction, gen.is_cap)
+    w = A.sampler_is_weights(data["old_logps"], sampler, cmask, gen.is_correction, gen.is_cap, gen.is_min)
     data["is_weights"] = w
     if count > 0:
         metrics.add({"rollout/is_weight_mean": (w * cmask).sum() / count}, weight=float(count))
