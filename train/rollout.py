@@ -124,9 +124,9 @@ def hf_generate(
         {"do_sample": False}
         if greedy
         else {"do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p, "top_k": gen.top_k}
-    )  # top_k 0 = off. None would mean "the checkpoint's generation_config": its own top_k if it sets one
-    # (transformers 4.x also defaulted to 50), i.e. sampling from a truncated distribution that the trainer's
-    # full-softmax log-probs do not describe
+    )  # top_k 0 = off (as a generate() keyword None is off too, transformers 4.56-5.x). Never leave it out:
+    # the checkpoint's generation_config would supply its own top_k, i.e. sampling from a truncated
+    # distribution that the trainer's full-softmax log-probs do not describe
     was_training = unwrapped.training
     unwrapped.eval()
     cache = _shared_prompt_cache(unwrapped, uniq, uniq_mask, n, device, room=gen.max_new_tokens + 1)
