@@ -240,6 +240,7 @@ class ChunkWriter:
         # a commit knows which files it creates without a stat per file
         fsync_dir(self.out_dir)
         self._durable = {p.name for p in self.out_dir.iterdir()}
+        self._names = [LEDGER, *(self.path(name).name for name in self.files)]
 
     def path(self, name: str) -> Path:
         return self.out_dir / f"{name}.jsonl"
@@ -301,7 +302,7 @@ class ChunkWriter:
         ledger_size = self.ledger.stat().st_size if self.ledger.exists() else 0
         sizes = {}
         try:
-            new = [p.name for p in (self.ledger, *map(self.path, self.files)) if p.name not in self._durable]
+            new = [name for name in self._names if name not in self._durable]
             if LEDGER in new:
                 self.ledger.touch()  # empty until the line below; its name made durable with the others
             for name in self.files:
