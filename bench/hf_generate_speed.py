@@ -81,7 +81,8 @@ def main() -> None:
                 max_new_tokens=args.max_new_tokens,
                 temperature=params.temperature or 1.0,
                 top_p=params.top_p,
-                top_k=None,
+                # off when sampling, as ours (None would be the model's top_k or 50 on transformers 5, off on 4.x)
+                top_k=0 if params.temperature > 0 else None,
                 eos_token_id=llm.eos_ids,
                 pad_token_id=llm.pad_id,
             )

@@ -13,6 +13,12 @@ its size is the one an earlier ledger line already made durable. The ledger line
 
 So after a `kill -9` at any moment, rerunning the same command ends with every input id present
 exactly once. Counters are summed from the ledger, so the manifest is right across resumes.
+
+A power loss can also lose a directory entry: on POSIX a new file's name is durable only once its folder
+is fsynced (fsync(2)). So a commit that creates a file (the first commit, or the first rows of an output
+that had none) fsyncs the folder once, after the file's data and before the ledger line that names it;
+commits that only append do not touch the folder. `write_text_atomic` fsyncs the temporary file, renames
+it and fsyncs the folder, so the new name and its content are on disk when it returns.
 """
 
 from __future__ import annotations
@@ -53,21 +59,67 @@ def _fsync_append(path: Path, lines: Iterable[str]) -> int:
         return fh.tell()
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def fsync_dir(folder: str | Path) -> None:
+    """fsync a folder, so that the files created, renamed or replaced in it keep their names after a power
+    loss (POSIX fsync(2): the file's own fsync does not cover its directory entry). A file system that
+    cannot fsync a folder (EINVAL / ENOTSUP, e.g. some network mounts) gives no such guarantee anyway."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | Path) -> None:
+    """fsync every file under `folder`, then every folder in it (deepest first): before a folder written
+    in place is renamed into its final name, so the name never points at data still in the page cache."""
+    folder = Path(folder)
+    for p in sorted(folder.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+        if p.is_file():
+            with p.open("rb") as fh:
+                os.fsync(fh.fileno())
+        elif p.is_dir():
+            fsync_dir(p)
+    fsync_dir(folder)
+
+
+def mkdir_durable(folder: str | Path) -> None:
+    """`mkdir -p`, then fsync the parent of every folder it created (top-most first), so that the new
+    folders keep their names after a power loss."""
+    folder = Path(folder)
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in reversed(missing):
+        fsync_dir(p.parent)
+
+
+def write_json_atomic(path: Path, obj: Any, durable: bool = True) -> None:
     """Write a JSON file through a temporary file + rename, so readers never see half a file."""
-    write_text_atomic(path, json.dumps(obj, ensure_ascii=False, indent=2, default=str) + "\n")
+    write_text_atomic(path, json.dumps(obj, ensure_ascii=False, indent=2, default=str) + "\n", durable)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Temporary file + rename; on failure (a full disk) the temporary file is removed, never left."""
+def write_text_atomic(path: Path, text: str, durable: bool = True) -> None:
+    """Temporary file + rename; on failure (a full disk) the temporary file is removed, never left.
+    durable: the content is fsynced before the rename and the folder after it, so after a power loss the
+    file is the new one, whole (false: for a file rewritten often that nothing recovers from, such as
+    the running manifest)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with tmp.open("w", encoding="utf-8") as fh:
+            fh.write(text)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+    if durable:
+        fsync_dir(path.parent)
 
 
 # ------------------------------------------------------------------------------------- folder ownership
@@ -95,7 +147,7 @@ class OutputLock:
 
     def __enter__(self) -> OutputLock:
         check_output_dir(self.out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        mkdir_durable(self.out_dir)
         fd = os.open(self.out_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -172,7 +224,7 @@ class ChunkWriter:
         owns the folder; the chunk is then not written at all."""
         self.out_dir = Path(out_dir)
         self.fence = fence
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        mkdir_durable(self.out_dir)
         self.files = list(dict.fromkeys([*files, "trace"]))
         self.ledger = self.out_dir / LEDGER
         self.done_ids: set[str] = set()
@@ -183,6 +235,12 @@ class ChunkWriter:
         if not resume:
             self._reset()
         self._recover()
+        # files an earlier run created may not have durable names yet (it may have been killed before
+        # the kernel wrote its folder): one folder fsync now. `_durable` holds the names made durable, so
+        # a commit knows which files it creates without a stat per file
+        fsync_dir(self.out_dir)
+        self._durable = {p.name for p in self.out_dir.iterdir()}
+        self._names = [LEDGER, *(self.path(name).name for name in self.files)]
 
     def path(self, name: str) -> Path:
         return self.out_dir / f"{name}.jsonl"
@@ -190,8 +248,12 @@ class ChunkWriter:
     def touch_outputs(self) -> None:
         """Every declared output exists from the start, even when a run has no inputs, so that the next
         step of a recipe reads an empty dataset instead of failing on a missing file."""
-        for name in self.files:
-            self.path(name).touch(exist_ok=True)
+        missing = [name for name in self.files if not self.path(name).exists()]
+        for name in missing:
+            self.path(name).touch()
+        if missing:
+            fsync_dir(self.out_dir)
+        self._durable.update(self.path(name).name for name in self.files)
 
     def _reset(self) -> None:
         for name in self.files:
@@ -214,8 +276,8 @@ class ChunkWriter:
                 sizes.update(entry["sizes"])
                 self.counters.update(entry["counters"])
                 self.chunks += 1
-            if self.torn_ledger_lines:
-                self.ledger.write_text("".join(x + "\n" for x in good), encoding="utf-8")
+            if self.torn_ledger_lines:  # through a rename: a crash while rewriting must not lose the ledger
+                write_text_atomic(self.ledger, "".join(x + "\n" for x in good))
         self._sizes = {name: sizes.get(name, 0) for name in self.files}
         for name in self.files:
             p = self.path(name)
@@ -240,6 +302,9 @@ class ChunkWriter:
         ledger_size = self.ledger.stat().st_size if self.ledger.exists() else 0
         sizes = {}
         try:
+            new = [name for name in self._names if name not in self._durable]
+            if LEDGER in new:
+                self.ledger.touch()  # empty until the line below; its name made durable with the others
             for name in self.files:
                 lines = [_dumps(r) for r in rows.get(name, ())]
                 if lines:
@@ -247,6 +312,9 @@ class ChunkWriter:
                 else:  # untouched: its committed size is already durable, so no write and no fsync
                     self.path(name).touch(exist_ok=True)  # every declared file exists after the first commit
                     sizes[name] = self._sizes[name]
+            if new:  # a new name is durable only once its folder is fsynced: before the ledger names it
+                fsync_dir(self.out_dir)
+                self._durable.update(new)
             entry = {"chunk": self.chunks, "ids": ids, "sizes": sizes, "counters": dict(counters)}
             _fsync_append(self.ledger, [json.dumps(entry, ensure_ascii=False)])
         except OSError:  # e.g. a full disk: leave every file at its last commit now, not at the next start

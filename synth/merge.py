@@ -31,7 +31,7 @@ from typing import Any
 from synth.cli import guarded_call
 from synth.constitution import load_constitution
 from synth.errors import ConfigError, DataError, OutputError
-from synth.io import LEDGER, OutputLock, write_json_atomic, write_text_atomic
+from synth.io import LEDGER, OutputLock, fsync_dir, write_json_atomic, write_text_atomic
 from synth.pipelines.base import build_manifest, print_summary
 from synth.pipelines.red_team import RedTeamPipeline
 from synth.records import stable_id
@@ -299,6 +299,7 @@ def merge_files(
     else:
         tmp_drop.unlink()
         (out_dir / "dropped.jsonl").unlink(missing_ok=True)
+    fsync_dir(out_dir)  # the renamed outputs keep their new content's names after a power loss
 
 
 # ---------------------------------------------------------------------------------------------- merge

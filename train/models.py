@@ -8,6 +8,7 @@ adapter_model.safetensors, what vLLM's LoRARequest and PeftModel.from_pretrained
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -141,10 +142,12 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def count_parameters(model) -> tuple[int, int]:
+def count_parameters(model, exclude: Iterable[torch.nn.Parameter] = ()) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied weights are counted once. Under DeepSpeed ZeRO-3 a rank's
-    tensor is empty and `ds_numel` holds the full size."""
-    seen, trainable, total = set(), 0, 0
+    tensor is empty and `ds_numel` holds the full size. `exclude`: parameters held in `model` that belong
+    to another module and are counted there (the critic adapters of loop.critic.kind=adapter live in the
+    policy's PeftModel)."""
+    seen, trainable, total = {id(p) for p in exclude}, 0, 0
     for p in model.parameters():
         if id(p) in seen:
             continue

@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from synth.errors import BackendError, ConfigError
+from synth.io import fsync_dir, fsync_tree
 from synth.modelfiles import load_model, load_tokenizer, resolve_model
 
 
@@ -98,7 +99,9 @@ def merged_copy(ref: ModelRef, out: Path) -> str:
     merged = PeftModel.from_pretrained(base, ref.adapter).merge_and_unload()
     merged.save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(ref.adapter).save_pretrained(tmp)
+    fsync_tree(tmp)  # content first, then the name: a power loss never leaves `out` with unwritten weights
     os.replace(tmp, out)
+    fsync_dir(out.parent)
     return str(out)
 
 
@@ -124,7 +127,9 @@ def materialized_base(model: dict[str, Any], out: Path) -> dict[str, Any]:
         net.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "SOURCE").write_text(f"de-quantized from {source.display}\n")
+        fsync_tree(tmp)
         os.replace(tmp, out)
+        fsync_dir(out.parent)
     return {**model, "name_or_path": str(out), "gguf_file": None, "revision": None}
 
 

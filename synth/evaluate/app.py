@@ -40,7 +40,7 @@ class EvaluateConfig(BaseModel):
     suite: SuiteConfig
     judge: RoleConfig = RoleConfig()
     n: int = Field(1, ge=1)
-    sampling: Sampling = Sampling(temperature=0.7, top_p=0.95, max_new_tokens=512, seed=0)
+    sampling: Sampling = Sampling(temperature=0.7, top_p=0.95, max_new_tokens=512)  # seed null: per request
     judges: JudgeSettings = JudgeSettings()
     scores: ScoreSettings = ScoreSettings()
     baseline: str | None = None

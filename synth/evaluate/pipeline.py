@@ -1,7 +1,7 @@
 """`evaluate` as a synth Pipeline: one chunk of prompts -> answers -> every judge -> results rows.
 
 Per chunk, each stage is ONE batched backend call (synth.steps.base.run_calls):
-  generate (policy, n samples, fixed seed) -> harm judge -> 3-way refusal judge -> StrongREJECT (should-
+  generate (policy, n samples, seeded per prompt) -> harm judge -> 3-way refusal judge -> StrongREJECT (should-
   refuse prompts only) -> pairwise vs the baseline's answer (both orders)
 then the model scores (reward / cost model, KL to a reference) in-process. Rows are committed with the
 chunk by the synth runner (exact-once across kill -9; a finished rerun makes no backend calls), and
@@ -53,7 +53,8 @@ class EvaluatePipelineConfig(PipelineConfig):
     name: str = "evaluate"
     suite: dict[str, Any]
     n: int = 1
-    sampling: Sampling = Sampling(temperature=0.7, top_p=0.95, max_new_tokens=512, seed=0)
+    # seed null: each request's seed derives from the run's seed and the prompt (synth.steps.base.seed_requests)
+    sampling: Sampling = Sampling(temperature=0.7, top_p=0.95, max_new_tokens=512)
     judges: JudgeSettings = JudgeSettings()
     scores: ScoreSettings = ScoreSettings()
     categories: list[str] = []  # the taxonomy the harm judge names ("L1/L2")

@@ -12,7 +12,8 @@ Conventions every backend honours:
 - `params` is one SamplingParams for the whole batch or one per request;
 - the result has one list per request, each with exactly `n` Completions, in request order;
 - with a seed, sample i is drawn with seed `sample_seed(seed, i)` (see below), so results do not depend
-  on batching, on n, or on which samples the call cache already holds;
+  on batching, on n, or on which samples the call cache already holds; pipelines give every sampled
+  request a seed (`request_seed`, applied in synth.steps.base.run_calls), so a run is reproducible;
 - backends expose `stats: CallStats` (not part of the Protocol, so test fakes need not have it) and
   `identity: dict` (what the call cache keys on: kind, model, revision, adapter, template).
 """
@@ -20,6 +21,7 @@ Conventions every backend honours:
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -41,6 +43,7 @@ __all__ = [
     "BackendError",
     "CallStats",
     "sample_seed",
+    "request_seed",
     "split_seeded",
     "settings_from_config",
     "ModelSettings",
@@ -152,6 +155,16 @@ def sample_seed(seed: int, index: int) -> int:
     if index == 0:
         return seed
     digest = hashlib.sha256(f"rlaif-forge-sample:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def request_seed(run_seed: int, *key: Any) -> int:
+    """The seed of one request, derived from the run's seed and a stable key of the request (the item id,
+    the step and role, the call's metadata, ...; never its position in a batch or chunk), so the same run
+    draws the same samples whatever the chunking, the batching, a resume or the other items. A 31-bit
+    hash, as `sample_seed`: every backend and server takes it."""
+    blob = json.dumps([run_seed, *key], ensure_ascii=False, sort_keys=True, default=str, separators=(",", ":"))
+    digest = hashlib.sha256(f"rlaif-forge-request:{blob}".encode()).digest()
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 

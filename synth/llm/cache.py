@@ -13,7 +13,8 @@ backends' answers are stored when their call returns. How missing samples are as
 - no seed: one sub-request per request with n = number missing; sample indices are filled in order;
 - seed s: one n=1 sub-request per missing sample i, with seed `sample_seed(s, i)` (base.py). Every
   backend draws sample i of a seeded request with exactly that seed, so a cached sample and a freshly
-  drawn one are the same whatever the cache held before.
+  drawn one are the same whatever the cache held before. A backend whose `honours_seeds` is false
+  (openai with `send_seed: false`) gets the missing samples as one request, as without a seed.
 Identical (messages, params) in one call or across calls share their samples: ask for n > 1, not for
 the same request twice, to get distinct samples. With temperature > 0 and no seed a rerun still
 returns the stored samples: that is the point (a rerun is free and identical).
@@ -73,7 +74,8 @@ class CachedLLM:
         found = self._lookup([k for ks in keys for k in ks])
         with self._lock:
             self.stats.cache_hits += sum(k in found for ks in keys for k in ks)
-        sub_requests, sub_params, slots = _plan_missing(requests, plist, keys, found)
+        seeds = getattr(self.inner, "honours_seeds", True)
+        sub_requests, sub_params, slots = _plan_missing(requests, plist, keys, found, seeds)
         if sub_requests:
             stored: dict[str, Completion] = {}  # what arrived and was stored while the call ran
 
@@ -159,9 +161,15 @@ class CachedLLM:
 
 
 def _plan_missing(
-    requests: Sequence[Request], plist: list[SamplingParams], keys: list[list[str]], found: dict[str, Any]
+    requests: Sequence[Request],
+    plist: list[SamplingParams],
+    keys: list[list[str]],
+    found: dict[str, Any],
+    seeds: bool = True,
 ) -> tuple[list[Request], list[SamplingParams], list[list[str]]]:
-    """Sub-requests for the missing samples (see the module docstring), each key asked for once."""
+    """Sub-requests for the missing samples (see the module docstring), each key asked for once. With
+    `seeds` false (a backend that does not send seeds: openai with send_seed=false) a seeded request's
+    missing samples go as one request, as unseeded ones do."""
     sub_requests: list[Request] = []
     sub_params: list[SamplingParams] = []
     slots: list[list[str]] = []
@@ -171,7 +179,7 @@ def _plan_missing(
         planned.update(k for _, k in missing)
         if not missing:
             continue
-        if p.seed is None:
+        if p.seed is None or not seeds:
             sub_requests.append(req)
             sub_params.append(p.replace(n=len(missing)))
             slots.append([k for _, k in missing])

@@ -25,6 +25,7 @@ long run).
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from collections.abc import Sequence
@@ -184,6 +185,15 @@ class HFBackend:
             self.eos_ids[0] if self.eos_ids else None,
         )
         stopper = _RowStop(input_ids.shape[1], rows, self.tokenizer, self.device, progress)
+        # HF only runs the greedy step over our one-hot scores: no sampling warper of its own (those run only
+        # with do_sample), so top_k / top_p / temperature are the rows' own, applied by `sampler`, on every
+        # transformers version pyproject allows. top_k=None here is inert: transformers 5 fills an unset
+        # top_k from the model's generation_config or 50, 4.x leaves it off, and neither uses it without
+        # do_sample. What must not happen is the model's generation_config turning sampling or a
+        # repetition penalty on (a hub model such as Qwen2.5-Instruct ships do_sample, temperature, top_p,
+        # top_k and repetition_penalty): 4.50+ replaces every value of ours that equals the global default
+        # by the model's unless `use_model_defaults=False`; 5.x fills only unset values, and every one
+        # that matters is set here.
         config = GenerationConfig(
             do_sample=False,
             num_beams=1,
@@ -203,6 +213,7 @@ class HFBackend:
                 generation_config=config,
                 logits_processor=LogitsProcessorList([sampler]),
                 stopping_criteria=StoppingCriteriaList([stopper]),
+                **_no_model_defaults(),
             )
         generated = out.sequences[:, input_ids.shape[1] :].tolist()
         lps = sampler.logprobs()
@@ -415,6 +426,22 @@ class _RowStop:
                 tail = input_ids[i, max(self.prompt_width, input_ids.shape[1] - self.window[i]) :].tolist()
                 done[i] = _first_stop(self.tokenizer.decode(tail, skip_special_tokens=True), stops) is not None
         return done
+
+
+@functools.cache
+def _no_model_defaults() -> dict[str, Any]:
+    """`use_model_defaults=False` where the installed `generate` takes it (transformers 4.50 to 4.x: there a
+    passed GenerationConfig's default-valued fields are otherwise replaced by the model's generation_config,
+    do_sample and repetition_penalty included); 5.x has no such keyword and fills only unset fields."""
+    import inspect
+
+    from transformers.generation.utils import GenerationMixin
+
+    return (
+        {"use_model_defaults": False}
+        if "use_model_defaults" in inspect.signature(GenerationMixin.generate).parameters
+        else {}
+    )
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -110,6 +110,10 @@ class OpenAISettings(BaseModel):
     # hosted API never sees an unknown field: "structured_outputs" (vLLM >= 0.10.2 serve) or
     # "guided_regex" (older vLLM serve, SGLang's regex is "regex"). Off: the step parses free text.
     regex_field: Literal["none", "structured_outputs", "guided_regex", "regex"] = "none"
+    # Sampled requests carry a `seed` (the pipelines seed every one: synth.steps.base.seed_requests), one
+    # request per sample (base.py's seed contract). false: no `seed` field, for a server that rejects it
+    # (samples are then not reproducible), and n > 1 goes as one request again.
+    send_seed: bool = True
 
     @field_validator("base_url")
     @classmethod
@@ -156,6 +160,7 @@ class OpenAIBackend:
             "chat_template": model.chat_template,
         }
         self.chat_template = model.chat_template
+        self.honours_seeds = settings.send_seed  # the call cache splits seeded samples only when seeds are sent
         self.stats = CallStats()
         self._urls = settings.urls
         self._last_rejection = ""
@@ -216,6 +221,8 @@ class OpenAIBackend:
     def _units(self, p: SamplingParams) -> list[SamplingParams]:
         """Seeded samples go one per request (seed contract in base.py); else n in one request or k."""
         send_n = self.settings.send_n
+        if p.seed is not None and not self.settings.send_seed:
+            p = p.replace(seed=None)
         if p.seed is not None or send_n is True or (send_n == "auto" and not self._n_ignored):
             return split_seeded(p)
         return [p.replace(n=1)] * p.n
@@ -286,7 +293,7 @@ class OpenAIBackend:
         }
         if p.top_k is not None:
             body["top_k"] = p.top_k  # vLLM / SGLang extension
-        if p.seed is not None:
+        if p.seed is not None and self.settings.send_seed:
             body["seed"] = p.seed
         if p.stop:
             body["stop"] = list(p.stop)

@@ -169,7 +169,9 @@ def run_pipeline(
             )
             try:
                 lock.check()  # a run that lost the folder's lease raises here (LeaseLost), writing nothing
-                write_json_atomic(out_dir / "manifest.json", m)
+                # the running manifest is rewritten after every commit and nothing recovers from it: not
+                # fsynced; the final one (finished / failed) is
+                write_json_atomic(out_dir / "manifest.json", m, durable=status != "running")
             except OSError:
                 if must_write:
                     raise

@@ -80,7 +80,10 @@ class RedTeamConfig(PipelineConfig):
     attacker_sampling: Sampling = Sampling(temperature=1.0, top_p=0.95, max_new_tokens=256)  # nucleus p=0.95
     near_duplicate: float = Field(0.8, gt=0, le=1)  # Jaccard of character 3-grams
     decoding: list[Decoding] = DEFAULT_DECODING
-    target_seed: int | None = Field(0, ge=0)  # sampled settings are seeded so reruns reproduce the sweep
+    # null (default): every sampled target request gets its own seed from the run's `seed` and its (prompt,
+    # setting) key (synth.steps.base.seed_requests), so reruns reproduce the sweep; a number: that seed for
+    # every sampled target request
+    target_seed: int | None = Field(None, ge=0)
     judge_sampling: Sampling = Sampling(temperature=0.0, max_new_tokens=128)  # judge at T=0
     seeds: bool = False  # true: the attack prompts are the source's prompts (no attacker stage)
 

@@ -7,18 +7,21 @@ model call is batched:
 - a small batched function that builds all `Call`s of the chunk and hands them to `run_calls`, which
   makes exactly ONE `llm.generate` call for the whole stage.
 
-`run_calls` writes one trace row per (call, sample): the step, role, model, item id, the prompt, the raw
-output, finish reason, parse status and parsed value, plus the call's meta (principle id, order, ...),
-and counts parse failures as `parse_failed/<step>` in the chunk counters.
+`run_calls` gives every sampled request (temperature > 0) that has no seed of its own a seed derived from
+the run's seed and the request's stable key (`seed_requests`), so the same config and seed give the same
+data, also after a resume. It writes one trace row per (call, sample): the step, role, model, item id, the
+prompt, the raw output, finish reason, parse status and parsed value, plus the call's meta (principle id,
+order, ...), and counts parse failures as `parse_failed/<step>` in the chunk counters.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from synth.llm.base import SamplingParams
+from synth.llm.base import SamplingParams, as_params_list, request_seed
 from synth.records import Completion, Message, ParseResult
 
 if TYPE_CHECKING:
@@ -86,6 +89,7 @@ def run_calls(
     its n samples in order. `parse` reads the text; `parse_completion` (instead) the whole Completion."""
     if not calls:
         return []
+    params = seed_requests(getattr(ctx, "seed", 0), step, role, calls, params)
     llm = ctx.llm(role)
     results = llm.generate([c.messages for c in calls], params)
     if len(results) != len(calls):
@@ -102,6 +106,31 @@ def run_calls(
         state.count("tokens/completion", sum(c.completion_tokens for c in completions))
         out.append(samples)
     state.count(f"calls/{step}", len(calls))
+    return out
+
+
+def seed_requests(
+    run_seed: int, step: str, role: str, calls: Sequence[Call], params: SamplingParams | Sequence[SamplingParams]
+) -> list[SamplingParams]:
+    """Per call, its params; a sampled one (temperature > 0) without a seed gets
+    `request_seed(run_seed, role, step, item id, meta, messages)`: the key of the request, never its
+    position in the batch or chunk, so a resumed or re-chunked run draws what an uninterrupted one would.
+    The j-th repeat of an identical call in one stage (j >= 1) gets `request_seed(that seed, j)`: asking
+    twice still gives two samples, as n > 1 does through `sample_seed`. An explicit seed (the pipeline's
+    `sampling.seed`) is kept as it is; greedy requests stay unseeded (their call-cache keys do not change).
+    """
+    plist = as_params_list(params, len(calls))
+    repeats: Counter[int] = Counter()
+    out = []
+    for call, p in zip(calls, plist, strict=True):
+        if p.seed is not None or p.temperature == 0:
+            out.append(p)
+            continue
+        msgs = [m.model_dump() for m in call.messages]
+        seed = request_seed(run_seed, role, step, call.item_id, call.meta, msgs)
+        j = repeats[seed]
+        repeats[seed] += 1
+        out.append(p.replace(seed=seed if j == 0 else request_seed(seed, j)))
     return out
 
 

@@ -84,4 +84,7 @@ def answer(body: dict, i: int) -> str:
 
 
 def responder(body: dict):
-    return [answer(body, i) for i in range(int(body.get("n") or 1))]
+    """n answers; a seeded request (synth sends each sample of a sampled request alone, with its own seed)
+    is answered by its seed, as a seeded sampler would: same seed, same answer."""
+    seed = body.get("seed")
+    return [answer(body, i if seed is None else f"seed{seed}/{i}") for i in range(int(body.get("n") or 1))]

@@ -31,7 +31,9 @@ TINY = ("llm=hf", "model=tiny")
 
 
 def loopback(url: str) -> tuple[str, ...]:
-    return ("llm=openai", f"llm.base_url={url}", "model.name_or_path=scripted")
+    # send_seed=false: n samples in ONE request, which the scripted server answers with its list of choices
+    # (seeded samples go one request each, with no sample index the server could answer by)
+    return ("llm=openai", f"llm.base_url={url}", "model.name_or_path=scripted", "llm.send_seed=false")
 
 
 def run_synth(tmp_path: Path, pipeline: str, *overrides: str, backend: tuple[str, ...] = TINY, n: int = 3) -> dict:

@@ -18,7 +18,15 @@ RECORDS = {"sft": SFTRecord, "preferences": PreferenceRecord}
 
 
 def loopback(url: str) -> tuple[str, ...]:
-    return ("llm=openai", f"llm.base_url={url}", "model.name_or_path=scripted", "llm.progress=false")
+    # send_seed=false: n samples in ONE request, which the scripted server answers with its list of choices
+    # (seeded samples go one request each, with no sample index the server could answer by)
+    return (
+        "llm=openai",
+        f"llm.base_url={url}",
+        "model.name_or_path=scripted",
+        "llm.progress=false",
+        "llm.send_seed=false",
+    )
 
 
 def prompts_file(path: Path, prompts: list[str], **fields) -> Path:

@@ -271,7 +271,8 @@ def test_uncertain_over_the_loopback_server(tmp_path):
         m = compose_run(
             tmp_path,
             "pipeline.method=uncertain",
-            backend=("llm=openai", f"llm.base_url={server.url}", "model.name_or_path=scripted"),
+            # n=5 in one request (the scripted server answers with 5 choices): no per-sample seeded requests
+            backend=("llm=openai", f"llm.base_url={server.url}", "model.name_or_path=scripted", "llm.send_seed=false"),
         )
     check_outputs(tmp_path / "out", m)
     rows = read_jsonl(tmp_path / "out" / "sft.jsonl")

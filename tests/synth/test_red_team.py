@@ -125,7 +125,9 @@ def test_exact_rows_decoding_sweep_and_verdicts(tmp_path):
     assert [p.n for p in llm.calls[0][1]] == [2, 2] and llm.calls[0][1][0].top_p == 0.95
     target_params = llm.calls[1][1]
     assert [(p.temperature, p.top_p, p.max_new_tokens) for p in target_params[:2]] == [(0.0, 1.0, 100), (1.0, 0.9, 100)]
-    assert target_params[0].seed is None and target_params[1].seed == 0
+    # greedy unseeded; each sampled (prompt, setting) its own seed from the run seed (target_seed: null)
+    sampled = [p.seed for p in target_params if p.temperature > 0]
+    assert target_params[0].seed is None and len(sampled) == len(set(sampled)) == 4 and None not in sampled
     schema = llm.calls[2][1][0].json_schema
     assert schema["required"] == safety_verdict.SCHEMA["required"] and llm.calls[2][1][0].temperature == 0.0
     assert "歧视/地域" in schema["properties"]["category"]["enum"]

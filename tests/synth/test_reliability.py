@@ -265,14 +265,14 @@ def test_disk_full_while_committing_is_one_error_and_leaves_no_temp_files(tmp_pa
 
 
 def _failing_after_first(write, calls):
-    def wrapped(path, text):
+    def wrapped(path, text, *args, **kwargs):
         if calls["n"] > 4:  # the manifest write in the failure path hits the same full disk
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(text[: len(text) // 2])
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise OSError(errno.ENOSPC, "No space left on device")
-        return write(path, text)
+        return write(path, text, *args, **kwargs)
 
     return wrapped
 

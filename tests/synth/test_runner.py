@@ -153,8 +153,11 @@ def test_commit_fsyncs_only_the_files_the_chunk_wrote_and_the_ledger_last(tmp_pa
         synth.io.os, "fsync", lambda fd: (synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))), real(fd))
     )
     w = ChunkWriter(tmp_path, ["sft", "preferences"])
+    assert synced == [tmp_path.name]  # the folder, once at start (names an earlier run created)
+    synced.clear()
     w.commit(["a"], {"sft": [{"id": "a"}], "trace": [{"t": 1}]}, {"out/sft": 1})
-    assert synced == ["sft.jsonl", "trace.jsonl", LEDGER]  # preferences: nothing written, nothing to sync
+    # preferences: nothing written, nothing to sync; the files are new: the folder before the ledger line
+    assert synced == ["sft.jsonl", "trace.jsonl", tmp_path.name, LEDGER]
     assert (tmp_path / "preferences.jsonl").read_text() == ""  # every declared file exists all the same
     synced.clear()
     w.commit(["b"], {"preferences": [{"id": "b"}]}, {"out/preferences": 1})

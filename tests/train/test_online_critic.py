@@ -227,6 +227,34 @@ def test_rule_reward_rises_under_ppo_with_the_adapter_critic(prompts, tmp_path):
     assert (tmp_path / "final" / "critic_reward" / "adapter_config.json").exists()
 
 
+def test_start_up_line_counts_the_policy_and_each_adapter_critic_apart(prompts, tmp_path, tiny_path, capsys):
+    """The critic adapters live in the policy's PeftModel; the start-up line's policy count leaves them out
+    and each critic reports its own (its LoRA adapter + scalar head)."""
+    from train.models import count_parameters
+
+    train(
+        tmp_path,
+        prompts,
+        "loop=ppo_lag",
+        *LORA,
+        "loop.reward.kind=function",
+        EVEN,
+        "loop.cost.kind=function",
+        "loop.cost.function=train.scorers:quarter_token_fraction",
+        "loop.critic.init_from=policy",
+        "loop.critic.lora_r=2",
+        "optim.max_steps=1",
+        "loop.prompts_per_step=4",
+    )
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("loop=ppo_lag:"))
+    policy = _lora_policy(tiny_path)
+    lora, total = count_parameters(policy)
+    hidden = policy.get_base_model().config.hidden_size
+    critic = lora // 2 + hidden + 1  # r=2 instead of 4 on the same targets, plus the head
+    assert f"policy {lora:,} trainable of {total:,} parameters" in line, line
+    assert f"critic: adapter (reward {critic:,} trainable, cost {critic:,} trainable)" in line, line
+
+
 # ---------------------------------------------------------------------------------------------- entropy bonus
 
 

@@ -4,7 +4,6 @@ loop's progress; pruning to `keep_last`; restoring all of it."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from synth.io import fsync_dir, write_text_atomic
 from train.models import save_model
 
 if TYPE_CHECKING:
@@ -100,9 +100,11 @@ def save_checkpoint(
     torch.save(rng_state(), ckpt / f"rng_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        tmp = ckpt / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps({"step": step, **state}, indent=1))
-        os.replace(tmp, ckpt / STATE_FILE)
+        # fsynced, renamed, and the folders fsynced: after a power loss the checkpoint that resume finds
+        # keeps its trainer_state.json and its own name (POSIX: a name is durable once its folder is fsynced)
+        write_text_atomic(ckpt / STATE_FILE, json.dumps({"step": step, **state}, indent=1))
+        fsync_dir(ckpt.parent)  # checkpoints/: the new step-N folder
+        fsync_dir(ckpt.parent.parent)  # the output folder: checkpoints/ itself after the first save
         for old in list_checkpoints(out_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

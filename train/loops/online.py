@@ -150,14 +150,18 @@ def run(cfg, resolved_yaml: str | None = None) -> dict[str, Any]:
     tensors = resume_from(ckpt, state, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler)
     restore_critics(tensors, critics, critic_opts, accelerator)
     packed = forward_mode(model, prompt_ids, cfg, accelerator)
-    n_train, n_total = count_parameters(accelerator.unwrap_model(model))
+    # the policy's own count: critic adapters (kind=adapter) live in its PeftModel but are the critics'
+    n_train, n_total = count_parameters(
+        accelerator.unwrap_model(model), [p for c in critics.values() for p in c.parameters()]
+    )
+    critic_counts = ", ".join(f"{k} {count_parameters(c)[0]:,} trainable" for k, c in critics.items())
     if main:
         print(
-            f"loop={L.name}: {n_train:,} trainable of {n_total:,} parameters; loss={cfg.loss.name}; "
+            f"loop={L.name}: policy {n_train:,} trainable of {n_total:,} parameters; loss={cfg.loss.name}; "
             f"{len(prompts)} prompts "
             f"({n_truncated} truncated); {total} rollouts of {L.prompts_per_step}x{L.samples_per_prompt}; forwards: "
             f"{'packed' if packed else 'padded'}"
-            f"{f'; critic: {critic_kind(cfg)}' if critics else ''}"
+            f"{f'; critic: {critic_kind(cfg)} ({critic_counts})' if critics else ''}"
             f"{', LM head on completions only' if getattr(packed, 'head_only', False) else ''}",
             flush=True,
         )

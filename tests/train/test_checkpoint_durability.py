@@ -1,0 +1,58 @@
+"""A checkpoint's trainer_state.json (the mark of a complete save) is fsynced, renamed into place, and
+its folder, checkpoints/ and the output folder fsynced: after a power loss resume finds it by name."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import train.loops.checkpoints as ck
+
+
+@pytest.fixture
+def fsyncs(monkeypatch):
+    """Every os.fsync as (path, every file name in that folder at that moment)."""
+    seen: list[tuple[str, set[str]]] = []
+    real = os.fsync
+
+    def record(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        folder = Path(path) if Path(path).is_dir() else Path(path).parent
+        seen.append((path, {p.name for p in folder.iterdir()}))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    return seen
+
+
+def test_checkpoint_state_file_and_folders_are_fsynced_after_the_rename(tmp_path, fsyncs, monkeypatch):
+    monkeypatch.setattr(ck, "save_model", lambda model, tok, folder, acc: Path(folder).mkdir(parents=True))
+    param = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([param], lr=0.1)
+    accelerator = SimpleNamespace(
+        distributed_type=SimpleNamespace(value="NO"),
+        is_main_process=True,
+        process_index=0,
+        wait_for_everyone=lambda: None,
+    )
+    out = tmp_path / "train"
+    ckpt = ck.save_checkpoint(
+        out,
+        3,
+        accelerator=accelerator,
+        model=None,
+        tokenizer=None,
+        optimizer=opt,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+        state={"epoch": 0},
+        keep_last=2,
+    )
+    paths = [p for p, _ in fsyncs]
+    i = paths.index(str(ckpt / (ck.STATE_FILE + ".tmp")))
+    assert paths[i:] == [str(ckpt / (ck.STATE_FILE + ".tmp")), str(ckpt), str(ckpt.parent), str(out)]
+    assert ck.STATE_FILE in fsyncs[i + 1][1] and ck.STATE_FILE + ".tmp" not in fsyncs[i + 1][1]
+    assert ck.find_last_checkpoint(out) == ckpt
