@@ -171,6 +171,8 @@ class HFBackend:
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
+        from synth.llm.kv_cache import in_place_cache
+
         input_ids, attention = self._left_pad([r.ids for r in rows])
         top_k = max((r.params.top_logprobs for r in rows), default=0)
         want_lp = any(r.params.logprobs or r.params.top_logprobs for r in rows)
@@ -214,6 +216,7 @@ class HFBackend:
                 logits_processor=LogitsProcessorList([sampler]),
                 stopping_criteria=StoppingCriteriaList([stopper]),
                 **_no_model_defaults(),
+                **in_place_cache(self.net, config.max_new_tokens),  # KV written in place, no per-step concatenation
             )
         generated = out.sequences[:, input_ids.shape[1] :].tolist()
         lps = sampler.logprobs()

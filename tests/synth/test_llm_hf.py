@@ -184,3 +184,24 @@ def test_cuda_matches_cpu_greedy(tiny_hf_llm):
     out = gpu.generate(PROMPTS, SAMPLED.replace(n=2))
     assert [len(g) for g in out] == [2] * len(PROMPTS)
     assert texts(gpu.generate(PROMPTS, GREEDY)) == texts(tiny_hf_llm.generate(PROMPTS, GREEDY))
+
+
+def test_in_place_kv_cache_changes_no_token_or_logprob(tiny_hf_llm, monkeypatch):
+    """The backend hands `generate` a KV cache written in place (synth/llm/kv_cache.py); with transformers'
+    own DynamicCache instead, every text and log-prob is the same."""
+    import synth.llm.kv_cache as kv
+
+    params = [GREEDY.replace(logprobs=True), SAMPLED.replace(logprobs=True), SAMPLED.replace(n=2, seed=5)]
+    prompts = PROMPTS[:3]
+    allocated = []
+    real = kv.InPlaceLayer._allocate
+    monkeypatch.setattr(kv.InPlaceLayer, "_allocate", lambda self, *a: allocated.append(1) or real(self, *a))
+    in_place = tiny_hf_llm.generate(prompts, params)
+    assert allocated  # the in-place cache was in use
+    monkeypatch.setattr(kv, "in_place_cache", lambda model, room: {})
+    dynamic = tiny_hf_llm.generate(prompts, params)
+    assert texts(in_place) == texts(dynamic)
+    assert in_place[0][0].logprobs and in_place[1][0].logprobs
+    for a, b in zip(in_place, dynamic, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert [t.logprob for t in x.logprobs or []] == [t.logprob for t in y.logprobs or []]
