@@ -56,3 +56,38 @@ def test_checkpoint_state_file_and_folders_are_fsynced_after_the_rename(tmp_path
     assert paths[i:] == [str(ckpt / (ck.STATE_FILE + ".tmp")), str(ckpt), str(ckpt.parent), str(out)]
     assert ck.STATE_FILE in fsyncs[i + 1][1] and ck.STATE_FILE + ".tmp" not in fsyncs[i + 1][1]
     assert ck.find_last_checkpoint(out) == ckpt
+
+
+def test_every_checkpoint_file_is_fsynced_before_the_state_file(tmp_path, fsyncs, monkeypatch):
+    """Weights, optimizer, scheduler, tensors and RNG files reach the disk before trainer_state.json marks
+    the checkpoint complete, so a power loss never leaves a "complete" checkpoint with unwritten weights."""
+
+    def fake_save(model, tok, folder, acc):
+        Path(folder).mkdir(parents=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"weights")
+
+    monkeypatch.setattr(ck, "save_model", fake_save)
+    param = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([param], lr=0.1)
+    accelerator = SimpleNamespace(
+        distributed_type=SimpleNamespace(value="NO"),
+        is_main_process=True,
+        process_index=0,
+        wait_for_everyone=lambda: None,
+    )
+    ckpt = ck.save_checkpoint(
+        tmp_path / "train",
+        1,
+        accelerator=accelerator,
+        model=None,
+        tokenizer=None,
+        optimizer=opt,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+        state={"epoch": 0},
+        tensors={"ref": torch.zeros(1)},
+        keep_last=2,
+    )
+    paths = [p for p, _ in fsyncs]
+    state = paths.index(str(ckpt / (ck.STATE_FILE + ".tmp")))
+    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "tensors.pt", "rng_0.pt"):
+        assert str(ckpt / name) in paths[:state], name

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from synth.io import fsync_dir, write_text_atomic
+from synth.io import fsync_dir, fsync_tree, write_text_atomic
 from train.models import save_model
 
 if TYPE_CHECKING:
@@ -100,6 +100,9 @@ def save_checkpoint(
     torch.save(rng_state(), ckpt / f"rng_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        # every file of the checkpoint on disk before the mark that says it is complete: after a power loss a
+        # checkpoint with trainer_state.json never holds weights or optimizer state still in the page cache
+        fsync_tree(ckpt)
         # fsynced, renamed, and the folders fsynced: after a power loss the checkpoint that resume finds
         # keeps its trainer_state.json and its own name (POSIX: a name is durable once its folder is fsynced)
         write_text_atomic(ckpt / STATE_FILE, json.dumps({"step": step, **state}, indent=1))
