@@ -54,6 +54,7 @@ import pyarrow as pa
 import torch
 from datasets import Dataset
 
+from synth.io import fsync_dir, write_text_atomic
 from train.data import RowKind, make_collator
 from train.logprobs import concatenated_forward, listwise_forward, unpaired_forward
 
@@ -221,14 +222,18 @@ def _compute(
 
 
 def _save(tensors: dict[str, torch.Tensor], parts: Mapping[str, Any], path: Path) -> None:
-    """Write beside a temporary name and rename, so a reader never sees half a file."""
+    """Write beside a temporary name, fsync, rename and fsync the folder, so a reader never sees half a
+    file and, after a power loss, the cache and its .json (written after it) are whole or absent."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    with tmp.open("rb") as fh:
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
-    path.with_suffix(".json").write_text(json.dumps(parts, indent=2, sort_keys=True, default=str))
+    fsync_dir(path.parent)
+    write_text_atomic(path.with_suffix(".json"), json.dumps(parts, indent=2, sort_keys=True, default=str))
 
 
 # ------------------------------------------------------------------------------------------------ TR-DPO

@@ -91,3 +91,23 @@ def test_every_checkpoint_file_is_fsynced_before_the_state_file(tmp_path, fsyncs
     state = paths.index(str(ckpt / (ck.STATE_FILE + ".tmp")))
     for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "tensors.pt", "rng_0.pt"):
         assert str(ckpt / name) in paths[:state], name
+
+
+def test_reference_cache_is_durable_before_its_key_file(tmp_path, fsyncs):
+    """train/reference.py's cache of reference log-probs: the tensors are fsynced before the rename, the
+    folder after it, and the .json that names them is written (atomically, fsynced) only then."""
+    from train.reference import _save
+
+    path = tmp_path / "ref" / "cache.safetensors"
+    _save({"ref_logps": torch.zeros(3)}, {"model": "m"}, path)
+    paths = [p for p, _ in fsyncs]
+    tmp = paths.index(str(path.with_suffix(f".tmp{os.getpid()}")))  # the tensors, before the rename
+    assert paths[tmp + 1] == str(path.parent)  # the rename made durable
+    assert paths[tmp + 2] == str(path.with_suffix(".json")) + ".tmp" and paths[tmp + 3] == str(path.parent)
+
+
+def test_summary_json_is_written_durably(tmp_path, fsyncs):
+    from train.loops.metrics import write_json
+
+    write_json(tmp_path / "summary.json", {"steps": 3})
+    assert [p for p, _ in fsyncs] == [str(tmp_path / "summary.json.tmp"), str(tmp_path)]

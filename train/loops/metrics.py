@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from synth.io import write_text_atomic
 
 
 @dataclass
@@ -197,9 +198,8 @@ class Throughput:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    """Through a temporary file, fsynced, renamed, the folder fsynced (synth.io.write_text_atomic)."""
+    write_text_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
 def finish_run(summary: dict[str, Any], out_dir: Path, cfg: Any, accelerator: Any) -> dict[str, Any]:
