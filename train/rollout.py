@@ -29,7 +29,7 @@ from transformers import DynamicCache
 
 from synth.llm.kv_cache import in_place, in_place_cache
 from train.logprobs import selective_log_softmax
-from train.loops.packing import pack_rows
+from train.loops.packing import bin_capacity, pack_rows
 
 
 @dataclass
@@ -284,7 +284,7 @@ def _packed_logits(model, rollout: Rollout, device, head_only: bool = False) -> 
         )
         ids[i, : len(row)] = row
         attn[i, : len(row)] = 1
-    pk = pack_rows(ids, attn, ids)
+    pk = pack_rows(ids, attn, ids, capacity=bin_capacity(model, (plen + clen).tolist()))
     # padded position (i, t) sits at packed position where src == i*width + t; token j of row i's completion
     # is predicted at padded position plen_i + j - 1
     where = torch.full((n * width,), -1, dtype=torch.long)

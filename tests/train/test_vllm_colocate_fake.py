@@ -317,3 +317,15 @@ def test_vllm_settings_refused_at_start_up(fake, prompts, tmp_path, extra, match
     with pytest.raises(ConfigError, match=match):
         train(tmp_path / "x", prompts, *extra, "loop.generation.backend=vllm", EVEN)
     assert not ENGINES  # refused before any engine was built
+
+
+@pytest.mark.parametrize(("offset", "masked"), [(-2.0, 1.0), (-0.5, 0.0)])
+def test_token_mask_reports_the_share_of_masked_tokens(fake, prompts, tmp_path, offset, masked):
+    """token_mask: every token's ratio is exp(−offset); above the cap 3 (offset −2: 7.4) every real token
+    is masked, below it (offset −0.5: 1.65) none is; rollout/is_masked_token_frac says so."""
+    fake(logp_offset=offset)
+    out = tmp_path / "tm"
+    train(out, prompts, "loop=grpo", "optim.max_steps=1", *VLLM, "loop.generation.is_correction=token_mask")
+    row = metrics(out)[0]
+    assert row["rollout/is_masked_token_frac"] == pytest.approx(masked)
+    assert "rollout/is_masked_frac" not in row  # the sequence-level share belongs to seq_mask

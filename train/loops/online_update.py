@@ -454,6 +454,8 @@ def sampler_correction(data: dict, mb: Rollout, gen, metrics: StepMetrics, devic
     if gen.is_correction == "seq_mask" and rows.any():
         dropped = (w.amax(1) == 0) & rows
         metrics.add({"rollout/is_masked_frac": dropped.sum() / rows.sum()}, weight=float(rows.sum()))
+    if gen.is_correction == "token_mask" and count > 0:  # the share of real tokens whose weight is 0
+        metrics.add({"rollout/is_masked_token_frac": ((w == 0) & cmask.bool()).sum() / count}, weight=float(count))
 
 
 def policy_parameters(model, optimizer, critics):
