@@ -29,8 +29,8 @@ def fsyncs(monkeypatch):
     return seen
 
 
-def test_checkpoint_state_file_and_folders_are_fsynced_after_the_rename(tmp_path, fsyncs, monkeypatch):
-    monkeypatch.setattr(ck, "save_model", lambda model, tok, folder, acc: Path(folder).mkdir(parents=True))
+def save(out, step=3, tensors=None):
+    """save_checkpoint on one process (a stand-in accelerator) with a real optimizer and scheduler."""
     param = torch.nn.Parameter(torch.zeros(2))
     opt = torch.optim.SGD([param], lr=0.1)
     accelerator = SimpleNamespace(
@@ -39,18 +39,24 @@ def test_checkpoint_state_file_and_folders_are_fsynced_after_the_rename(tmp_path
         process_index=0,
         wait_for_everyone=lambda: None,
     )
-    out = tmp_path / "train"
-    ckpt = ck.save_checkpoint(
+    return ck.save_checkpoint(
         out,
-        3,
+        step,
         accelerator=accelerator,
         model=None,
         tokenizer=None,
         optimizer=opt,
         scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
         state={"epoch": 0},
+        tensors=tensors,
         keep_last=2,
     )
+
+
+def test_checkpoint_state_file_and_folders_are_fsynced_after_the_rename(tmp_path, fsyncs, monkeypatch):
+    monkeypatch.setattr(ck, "save_model", lambda model, tok, folder, acc: Path(folder).mkdir(parents=True))
+    out = tmp_path / "train"
+    ckpt = save(out)
     paths = [p for p, _ in fsyncs]
     i = paths.index(str(ckpt / (ck.STATE_FILE + ".tmp")))
     assert paths[i:] == [str(ckpt / (ck.STATE_FILE + ".tmp")), str(ckpt), str(ckpt.parent), str(out)]
@@ -67,26 +73,7 @@ def test_every_checkpoint_file_is_fsynced_before_the_state_file(tmp_path, fsyncs
         (Path(folder) / "model.safetensors").write_bytes(b"weights")
 
     monkeypatch.setattr(ck, "save_model", fake_save)
-    param = torch.nn.Parameter(torch.zeros(2))
-    opt = torch.optim.SGD([param], lr=0.1)
-    accelerator = SimpleNamespace(
-        distributed_type=SimpleNamespace(value="NO"),
-        is_main_process=True,
-        process_index=0,
-        wait_for_everyone=lambda: None,
-    )
-    ckpt = ck.save_checkpoint(
-        tmp_path / "train",
-        1,
-        accelerator=accelerator,
-        model=None,
-        tokenizer=None,
-        optimizer=opt,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
-        state={"epoch": 0},
-        tensors={"ref": torch.zeros(1)},
-        keep_last=2,
-    )
+    ckpt = save(tmp_path / "train", step=1, tensors={"ref": torch.zeros(1)})
     paths = [p for p, _ in fsyncs]
     state = paths.index(str(ckpt / (ck.STATE_FILE + ".tmp")))
     for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "tensors.pt", "rng_0.pt"):

@@ -16,6 +16,16 @@ from tests.train.online_helpers import EVEN, compose, metrics, train, weights
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 LORA = ["lora.enabled=true", "lora.r=4", "lora.dropout=0.0"]
+# ppo_lag under LoRA with rule reward and cost (even ids rewarded, ids ≡ 0 mod 4 costly), critics from the policy
+LAG_ADAPTERS = [
+    "loop=ppo_lag",
+    *LORA,
+    "loop.reward.kind=function",
+    EVEN,
+    "loop.cost.kind=function",
+    "loop.cost.function=train.scorers:quarter_token_fraction",
+    "loop.critic.init_from=policy",
+]
 
 
 def _lora_policy(tiny_path):
@@ -152,13 +162,7 @@ def test_exact_resume_with_two_adapter_critics(prompts, tmp_path):
     """ppo_lag under LoRA: reward and cost critics are adapters critic_reward / critic_cost (+ 2 heads); a run
     stopped after 2 rollouts and resumed equals the straight run (metrics, policy, both critics)."""
     common = [
-        "loop=ppo_lag",
-        *LORA,
-        "loop.reward.kind=function",
-        EVEN,
-        "loop.cost.kind=function",
-        "loop.cost.function=train.scorers:quarter_token_fraction",
-        "loop.critic.init_from=policy",
+        *LAG_ADAPTERS,
         "loop.critic.lr=1e-2",
         "loop.lagrangian.window=8",
         "optim.max_steps=4",
@@ -235,13 +239,7 @@ def test_start_up_line_counts_the_policy_and_each_adapter_critic_apart(prompts, 
     train(
         tmp_path,
         prompts,
-        "loop=ppo_lag",
-        *LORA,
-        "loop.reward.kind=function",
-        EVEN,
-        "loop.cost.kind=function",
-        "loop.cost.function=train.scorers:quarter_token_fraction",
-        "loop.critic.init_from=policy",
+        *LAG_ADAPTERS,
         "loop.critic.lora_r=2",
         "optim.max_steps=1",
         "loop.prompts_per_step=4",
