@@ -43,7 +43,7 @@ class InPlaceLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         n, s = self.keys.shape[-2] if self.keys.dim() == 4 else 0, key_states.shape[-2]
         if not self._holds(n + s, key_states):
-            self._allocate(n, n + s + self.room, key_states)
+            self._allocate(n, n + s + self.room, key_states, value_states)
         assert self._k is not None and self._v is not None
         self._k[:, :, n : n + s].copy_(key_states)
         self._v[:, :, n : n + s].copy_(value_states)
@@ -63,11 +63,10 @@ class InPlaceLayer(DynamicLayer):
             and new.device == k.device
         )
 
-    def _allocate(self, n: int, capacity: int, like: torch.Tensor) -> None:
-        b, h, _, d = like.shape
-        dv = self.values.shape[-1] if n else d
-        self._k = like.new_empty(b, h, capacity, d)
-        self._v = like.new_empty(b, h, capacity, dv)
+    def _allocate(self, n: int, capacity: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        # keys and values may differ in head dim (e.g. multi-head latent attention)
+        self._k = keys.new_empty(*keys.shape[:2], capacity, keys.shape[-1])
+        self._v = values.new_empty(*values.shape[:2], capacity, values.shape[-1])
         if n:
             self._k[:, :, :n].copy_(self.keys)
             self._v[:, :, :n].copy_(self.values)

@@ -49,9 +49,9 @@ def test_each_layer_allocates_once_per_generate(model, monkeypatch):
     calls = []
     original = InPlaceLayer._allocate
 
-    def counting(self, n, capacity, like):
+    def counting(self, n, capacity, keys, values):
         calls.append((id(self), capacity))
-        return original(self, n, capacity, like)
+        return original(self, n, capacity, keys, values)
 
     monkeypatch.setattr(InPlaceLayer, "_allocate", counting)
     kwargs = in_place_cache(model, 16)
@@ -117,3 +117,11 @@ def dynamic_layer_with(keys):
     layer = DynamicLayer()
     layer.update(keys, keys.clone())
     return layer
+
+
+def test_values_may_have_another_head_dim_than_keys():
+    layer = InPlaceLayer(room=3)
+    k, v = layer.update(torch.ones(1, 2, 2, 4), torch.ones(1, 2, 2, 6))
+    k, v = layer.update(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 6))
+    assert k.shape == (1, 2, 3, 4) and v.shape == (1, 2, 3, 6)
+    assert torch.equal(v[0, 0, :, 0], torch.tensor([1.0, 1.0, 0.0]))
