@@ -58,7 +58,7 @@ def bin_capacity(model, lengths: list[int]) -> int:
     the 20M Llama (bench/grpo_vs_trl.py shapes). A model whose shape is unknown keeps the longest row."""
     longest = max(lengths, default=0) or 1
     coef = cost_coefficients(model)
-    if coef is None:
+    if coef is None or sum(lengths) <= longest:  # unknown shape, or every row fits one bin of the longest
         return longest
     a, b = coef
     best = (math.inf, longest)
