@@ -68,3 +68,8 @@ def test_packing_at_the_chosen_capacity_keeps_every_token_once():
     assert pk.input_ids.shape[0] < 8
     got = sorted(pk.input_ids[pk.src >= 0].tolist())
     assert got == sorted(ids[mask.bool()].tolist())
+
+
+def test_an_empty_batch_or_a_single_row_keeps_the_longest_width():
+    model = llama()
+    assert bin_capacity(model, []) == 1 and bin_capacity(model, [0, 0]) == 1 and bin_capacity(model, [7]) == 7
