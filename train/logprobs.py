@@ -234,7 +234,12 @@ def forward_logps(
 
 def concatenated_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """ONE forward over the 2B rows of a PairCollator batch (first B chosen, then B rejected)."""
-    total, mean, n = forward_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    return pair_outputs(*forward_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"]))
+
+
+def pair_outputs(total: torch.Tensor, mean: torch.Tensor, n: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-row (sum, mean, n_tokens) of a PairCollator batch (first B chosen, then B rejected) -> the
+    chosen/rejected outputs the pairwise losses read."""
     b = total.shape[0] // 2
     return {
         "chosen_logps": total[:b],
@@ -250,7 +255,11 @@ def concatenated_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor])
 
 def listwise_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """One forward over the sum(k) flat rows of a RankedCollator batch, regrouped to [B, Kmax]."""
-    total, mean, n = forward_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    return list_outputs(*forward_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"]), batch)
+
+
+def list_outputs(total: torch.Tensor, mean: torch.Tensor, n: torch.Tensor, batch) -> dict[str, torch.Tensor]:
+    """Per-row (sum, mean, n_tokens) of a RankedCollator batch regrouped to [B, Kmax] (0 off the lists)."""
     index, mask = batch["list_index"], batch["list_mask"]
     return {"logps": total[index] * mask, "logps_mean": mean[index] * mask, "n_tokens": n[index] * mask, "mask": mask}
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from train.data import DataError
-from train.logprobs import concatenated_forward, listwise_forward, unpaired_forward
+from train.logprobs import concatenated_forward, list_outputs, listwise_forward, pair_outputs, unpaired_forward
 from train.loops.common import call_loss, to_device
 from train.loops.metrics import StepMetrics, loss_metrics
 from train.loops.packing import packed_sequence_logps
@@ -40,25 +40,9 @@ def packed_forward(model, batch, kind: str, kl: bool) -> dict[str, torch.Tensor]
     """train.logprobs' concatenated / listwise / unpaired outputs, with the forward on packed rows."""
     total, mean, n = packed_sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     if kind == "pairwise":
-        b = total.shape[0] // 2
-        return {
-            "chosen_logps": total[:b],
-            "rejected_logps": total[b:],
-            "chosen_logps_mean": mean[:b],
-            "rejected_logps_mean": mean[b:],
-            "chosen_n_tokens": n[:b],
-            "rejected_n_tokens": n[b:],
-            "chosen_nll": -mean[:b],
-            "chosen_nll_token_mean": -total[:b].sum() / n[:b].sum().clamp(min=1),
-        }
+        return pair_outputs(total, mean, n)
     if kind == "ranked":
-        index, mask = batch["list_index"], batch["list_mask"]
-        return {
-            "logps": total[index] * mask,
-            "logps_mean": mean[index] * mask,
-            "n_tokens": n[index] * mask,
-            "mask": mask,
-        }
+        return list_outputs(total, mean, n, batch)
     out = {"logps": total, "logps_mean": mean, "n_tokens": n, "label": batch["label"]}
     if kl:  # the KL estimate is a detached constant: no graph (as train.logprobs.unpaired_forward)
         with torch.no_grad():
@@ -134,28 +118,28 @@ def reference_outputs(model, unwrapped, batch, ctx: LossContext, kind: str, forw
     if ctx.ref_mode == "none":
         return None
     if ctx.ref_mode == "precomputed":
-        if kind == "pairwise":
-            return {
-                "chosen": batch["ref_chosen_logps"],
-                "rejected": batch["ref_rejected_logps"],
-                "chosen_mean": batch["ref_chosen_logps_mean"],
-                "rejected_mean": batch["ref_rejected_logps_mean"],
-            }
-        return {"sum": batch["ref_logps"], "mean": batch["ref_logps_mean"], "kl": batch.get("ref_kl_logps")}
+        return _reference_view(batch, kind, "ref_")
     with torch.no_grad():
         if ctx.ref_mode == "adapter_disabled":
             with unwrapped.disable_adapter():
                 out = forward(model, batch)
         else:
             out = forward(ctx.ref_model, batch)
+    return _reference_view(out, kind, "")
+
+
+def _reference_view(values, kind: str, prefix: str) -> dict[str, Any]:
+    """The reference log-probs the losses read, from a forward's outputs (prefix "") or the precomputed
+    columns (prefix "ref_"): pairwise chosen / rejected sums and means, else sum, mean and the KL pairs'."""
     if kind == "pairwise":
         return {
-            "chosen": out["chosen_logps"],
-            "rejected": out["rejected_logps"],
-            "chosen_mean": out["chosen_logps_mean"],
-            "rejected_mean": out["rejected_logps_mean"],
+            f"{side}{m}": values[f"{prefix}{side}_logps{m}"] for side in ("chosen", "rejected") for m in ("", "_mean")
         }
-    return {"sum": out["logps"], "mean": out["logps_mean"], "kl": out.get("kl_logps")}
+    return {
+        "sum": values[f"{prefix}logps"],
+        "mean": values[f"{prefix}logps_mean"],
+        "kl": values.get(f"{prefix}kl_logps"),
+    }
 
 
 def _cringe(model, batch, ctx: LossContext, step: int):
