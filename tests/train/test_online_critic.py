@@ -64,7 +64,7 @@ def _same(a, b) -> bool:
 
 
 def test_critic_and_policy_steps_touch_disjoint_weights(tiny_path, tiny_tokenizer, tiny_model):
-    from train.loops.online import adapter_critic
+    from train.loops.critics import adapter_critic
     from train.models import trainable_parameters
     from train.rollout import token_logps, token_values
 
@@ -121,7 +121,7 @@ def test_adapter_critic_head_starts_from_the_reward_model(tiny_path, tmp_path):
     weights); a head of another width is refused in one line."""
     from transformers import AutoModelForSequenceClassification
 
-    from train.loops.online import adapter_critic
+    from train.loops.critics import adapter_critic
 
     torch.manual_seed(0)
     rm = AutoModelForSequenceClassification.from_pretrained(tiny_path, num_labels=1)
@@ -131,14 +131,14 @@ def test_adapter_critic_head_starts_from_the_reward_model(tiny_path, tmp_path):
     critic = adapter_critic(cfg, _lora_policy(tiny_path), "reward", None, str(tmp_path / "rm"))
     assert torch.equal(critic.head.weight, rm.score.weight) and float(critic.head.bias) == 0.0
     small = torch.nn.Linear(3, 1)
-    from train.loops.online import score_head
+    from train.loops.critics import score_head
 
     with pytest.raises(ConfigError, match=r"no score head of shape \(1, 3\).*init_from=policy"):
         score_head(str(tmp_path / "rm"), small)
 
 
 def test_auto_and_the_refusal():
-    from train.loops.online import critic_kind
+    from train.loops.critics import critic_kind
 
     def cfg(*overrides):
         return _cfg("loop=ppo", "loop.reward.kind=function", EVEN, *overrides)
